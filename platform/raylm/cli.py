@@ -1,0 +1,170 @@
+"""`raylm <verb>`: one function per verb. Every verb loads and validates the config first, so a
+bad config exits 2 before Ray is started or any cluster resource is requested."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Callable, Optional
+
+from raylm.config import InputError, RaylmConfig, dump_config, load_config
+
+EXIT_BAD_INPUT = 2
+
+
+def _print_header(verb: str, cfg: RaylmConfig) -> None:
+    """nanoGPT-style: print the derived quantities a user wants to see before anything runs."""
+    t, d = cfg.train, cfg.data
+    print(f"raylm {verb}: data={d.source} seq_len={d.seq_len} model={cfg.model.name} "
+          f"workers={t.num_workers} ({'GPU' if t.use_gpu else 'CPU'}) zero={cfg.deepspeed.zero_stage} "
+          f"precision={cfg.precision} global_batch={t.effective_global_batch} "
+          f"(micro {t.micro_batch_size} x accum {t.grad_accum_steps} x workers {t.num_workers}) "
+          f"tokens/step={t.effective_global_batch * d.seq_len}", flush=True)
+
+
+def _quiet_ray_data(verbose: bool) -> None:
+    if not verbose:
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+# ------------------------------------------------------------------ verbs
+
+
+def cmd_config(cfg: RaylmConfig, args: argparse.Namespace) -> int:
+    """Print the fully resolved config (defaults, base files and --set overrides applied)."""
+    print(dump_config(cfg), end="")
+    return 0
+
+
+def cmd_data(cfg: RaylmConfig, args: argparse.Namespace) -> int:
+    """Prepare the corpus with Ray Data and print documents, tokens, blocks and time."""
+    from raylm.cluster import init_ray
+    from raylm.data import prepare_data, resolve_source
+
+    src = resolve_source(cfg.data)  # a missing path fails here, before Ray starts
+    _print_header("data", cfg)
+    print(f"source: {src.kind} {src.name or ''}{len(src.paths)} path(s)", flush=True)
+    init_ray(cfg, address=args.address)
+    _quiet_ray_data(args.verbose)
+    prepared = prepare_data(cfg.data, verbose=True)
+    print(prepared.stats.summary())
+    print(f"tokenizer: {prepared.tokenizer_dir}")
+    if args.json:
+        from raylm.data import stats_dict
+
+        print(json.dumps(stats_dict(prepared.stats)))
+    return 0
+
+
+def cmd_train(cfg: RaylmConfig, args: argparse.Namespace) -> int:
+    """Train with Ray Train + DeepSpeed; resumes the run of the same name from its newest checkpoint."""
+    from raylm.cluster import init_ray
+    from raylm.data import resolve_source
+    from raylm.train.driver import run_training
+
+    resolve_source(cfg.data)
+    _print_header("train", cfg)
+    init_ray(cfg, address=args.address)
+    _quiet_ray_data(args.verbose)
+    outcome = run_training(cfg)
+    print(outcome.summary())
+    return 0
+
+
+def cmd_tune(cfg: RaylmConfig, args: argparse.Namespace) -> int:
+    """Sweep the search space in `tune:` with Ray Tune (+ ASHA); writes best.json and a trials table."""
+    from raylm.cluster import init_ray
+    from raylm.data import resolve_source
+    from raylm.tune import run_sweep, validate_sweep
+
+    validate_sweep(cfg)
+    resolve_source(cfg.data)
+    _print_header("tune", cfg)
+    init_ray(cfg, address=args.address)
+    _quiet_ray_data(args.verbose)
+    outcome = run_sweep(cfg)
+    print(outcome.summary())
+    return 0
+
+
+def cmd_serve(cfg: RaylmConfig, args: argparse.Namespace) -> int:
+    """Serve a Hugging Face checkpoint (or a sweep's best.json) behind the OpenAI-compatible API."""
+    from raylm.cluster import init_ray
+    from raylm.serve.app import resolve_checkpoint, run_serve
+
+    if args.checkpoint:
+        cfg.serve.checkpoint = args.checkpoint
+    checkpoint = resolve_checkpoint(cfg.serve.checkpoint)  # fails before Ray on a bad path
+    init_ray(cfg, address=args.address)
+    return run_serve(cfg, checkpoint, blocking=not args.detach)
+
+
+def cmd_pipeline(cfg: RaylmConfig, args: argparse.Namespace) -> int:
+    """Data -> Tune sweep (DeepSpeed trials) -> serve the best checkpoint -> one real completion."""
+    from raylm.pipeline import run_pipeline
+
+    return run_pipeline(cfg, address=args.address, keep_serving=args.keep_serving)
+
+
+def cmd_status(cfg: RaylmConfig, args: argparse.Namespace) -> int:
+    """Runs, sweeps and their best trial under the storage path, and what Serve is serving."""
+    from raylm.status import show_status
+
+    return show_status(cfg, address=args.address)
+
+
+def cmd_k8s(cfg: RaylmConfig, args: argparse.Namespace) -> int:
+    """Render the KubeRay RayCluster / RayJob / RayService manifests from the config."""
+    from raylm.k8s import render_to_dir
+
+    written = render_to_dir(cfg, args.out)
+    for path in written:
+        print(path)
+    return 0
+
+
+VERBS: dict[str, Callable[[RaylmConfig, argparse.Namespace], int]] = {
+    "config": cmd_config, "data": cmd_data, "train": cmd_train, "tune": cmd_tune, "serve": cmd_serve,
+    "pipeline": cmd_pipeline, "status": cmd_status, "k8s": cmd_k8s,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raylm", description="Train, sweep and serve language models on Ray.")
+    sub = parser.add_subparsers(dest="verb", required=True)
+    for name, fn in VERBS.items():
+        p = sub.add_parser(name, help=(fn.__doc__ or "").split("\n")[0], description=fn.__doc__)
+        p.add_argument("--config", "-c", help="YAML config (may name a `base:` config to inherit from)")
+        p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a field by its dotted path, e.g. --set train.max_steps=20")
+        p.add_argument("--address", help="Ray address (default: cluster.address, RAY_ADDRESS, else local)")
+        p.add_argument("--verbose", "-v", action="store_true", help="show Ray Data's own logs")
+        if name == "data":
+            p.add_argument("--json", action="store_true", help="also print the stats as JSON")
+        if name == "serve":
+            p.add_argument("--checkpoint", help="HF checkpoint dir or a sweep's best.json")
+            p.add_argument("--detach", action="store_true", help="deploy and return instead of blocking")
+        if name == "pipeline":
+            p.add_argument("--keep-serving", action="store_true", help="keep the endpoint up after the demo request")
+        if name == "k8s":
+            p.add_argument("action", choices=["render"], help="render the manifests")
+            p.add_argument("--out", default="k8s", help="output folder (default: k8s/)")
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        cfg = load_config(args.config, args.set)
+        return VERBS[args.verb](cfg, args)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

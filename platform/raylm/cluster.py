@@ -1,0 +1,45 @@
+"""Connecting to Ray: one place decides the address, the runtime env and token authentication."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from raylm.config import RaylmConfig
+
+# Environment every raylm Ray process gets: DeepSpeed's CPU accelerator when there is no GPU,
+# quiet tokenizers (they fork inside Ray workers), and no network lookups for HF hub files.
+def worker_env(use_gpu: bool) -> dict[str, str]:
+    env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    if not use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "RAYLM_API_KEYS"):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    return env
+
+
+def init_ray(cfg: RaylmConfig, address: Optional[str] = None, num_cpus: Optional[int] = None) -> None:
+    """Connect to (or start) Ray with token authentication kept on.
+
+    Order: explicit address, `cluster.address`, `RAY_ADDRESS` (set by `ray job submit`), else a
+    new local cluster. Ray 2.60 turns token auth on for new local clusters; we set it explicitly
+    an inherited `RAY_AUTH_MODE=disabled` is refused rather than silently honoured. (We do not
+    set `RAY_AUTH_MODE=token` ourselves: with the variable set, Ray 2.60 expects a token to
+    exist already, while with it unset a new local cluster generates ~/.ray/auth_token.)
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() == "disabled" and not os.environ.get("RAYLM_ALLOW_NO_AUTH"):
+        raise RuntimeError("RAY_AUTH_MODE=disabled: raylm keeps Ray token authentication on "
+                           "(set RAYLM_ALLOW_NO_AUTH=1 to override for a cluster you secure otherwise)")
+    os.environ.update({k: v for k, v in worker_env(cfg.train.use_gpu).items() if k not in os.environ})
+    target = address or cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    kwargs: dict = {"namespace": cfg.cluster.namespace, "log_to_driver": True,
+                    "runtime_env": {"env_vars": worker_env(cfg.train.use_gpu)}}
+    if target:
+        ray.init(address=target, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)

@@ -1,0 +1,328 @@
+"""The one typed config of raylm.
+
+Every process (CLI, `ray job submit` entrypoint, Tune trial, Train worker, Serve replica)
+works from a `RaylmConfig`. It is validated once on the driver before Ray starts, travels
+as `model_dump()` and is re-validated wherever it lands, so a bad value fails early with
+the dotted name of the field that caused it.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+RAY_VERSION = "2.60.0"
+PYTHON_TAG = "py311"
+
+
+class InputError(ValueError):
+    """Bad user input (config, corpus, checkpoint, sweep file): the CLI prints it and exits 2.
+
+    Subclasses name the field, file or parameter that caused the error in their message."""
+
+
+class ConfigError(InputError):
+    """A config that cannot run. The message names the offending field (dotted path)."""
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors: a typo must never silently fall back to a default."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    source: str = Field(
+        "embedded",
+        description="What to read: 'embedded' (English help text shipped with every Python, no "
+        "download), a local file, folder or glob, a remote URI Ray Data reads (s3://, gs://), "
+        "or 'hf:<name>' / a saved Hugging Face datasets folder.",
+    )
+    format: Literal["auto", "text", "jsonl", "parquet", "hf"] = Field(
+        "auto", description="File format; 'auto' picks it from the file extension."
+    )
+    text_field: str = Field("text", description="Column / JSON key that holds the text.")
+    text_split: Literal["file", "paragraph", "line"] = Field(
+        "paragraph", description="How a .txt file is cut into documents (blank lines by default)."
+    )
+    hf_split: str = Field("train", description="Split of a Hugging Face dataset to read.")
+    tokenizer: str = Field(
+        "train",
+        description="'train' trains a byte-level BPE tokenizer on the corpus; anything else is a "
+        "Hugging Face tokenizer name or directory.",
+    )
+    vocab_size: int = Field(2048, ge=260, description="Vocabulary size of a trained tokenizer.")
+    seq_len: int = Field(128, ge=8, description="Tokens a training example predicts (blocks hold seq_len + 1).")
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Share of packed blocks held out for validation.")
+    seed: int = Field(0, description="Seed of the deterministic block shuffle.")
+    max_documents: Optional[int] = Field(None, ge=1, description="Read at most this many documents (smoke runs).")
+    cache_dir: str = Field(
+        "~/.cache/raylm", description="Where trained tokenizers are kept, keyed by corpus and settings."
+    )
+
+
+class ModelConfig(_Strict):
+    name: str = Field(
+        "tiny-llama",
+        description="A preset (tiny-llama, tiny-gpt2, small-llama, small-gpt2, base-llama, base-gpt2) "
+        "built with from_config, or a Hugging Face model name or local directory (from_pretrained).",
+    )
+    activation_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description="Extra fields for the preset's transformers config (e.g. num_hidden_layers)."
+    )
+
+
+class TrainConfig(_Strict):
+    num_workers: int = Field(2, ge=1, description="Ray Train worker actors (one DeepSpeed rank each).")
+    use_gpu: bool = Field(False, description="One GPU per worker, NCCL and bf16; otherwise CPU, gloo and fp32.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each worker actor reserves.")
+    micro_batch_size: int = Field(4, ge=1, description="Sequences per worker per forward pass.")
+    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    global_batch_size: Optional[int] = Field(
+        None, ge=1, description="If set, must equal micro_batch_size * grad_accum_steps * num_workers."
+    )
+    max_steps: int = Field(100, ge=1, description="Optimizer steps in the run.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine schedule floor, as a share of lr.")
+    warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps before the cosine decay.")
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, gt=0, lt=1)
+    beta2: float = Field(0.95, gt=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0, description="Gradient norm clipping; 0 turns it off.")
+    log_every_steps: int = Field(10, ge=1, description="Report training metrics every N steps.")
+    eval_every_steps: int = Field(50, ge=1, description="Validation loss / perplexity every N steps.")
+    eval_batches: int = Field(8, ge=1, description="Validation micro-batches per evaluation (per worker).")
+    checkpoint_every_steps: int = Field(50, ge=1, description="Save a resumable checkpoint every N steps.")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept (the newest K).")
+    max_failures: int = Field(2, ge=0, description="Worker-group restarts from the last checkpoint before giving up.")
+    seed: int = Field(0)
+    storage_path: str = Field("~/raylm_results", description="Root for runs, sweeps and checkpoints (local or s3://, gs://).")
+    run_name: str = Field("raylm-train", description="Runs with the same name resume each other.")
+
+    @property
+    def effective_global_batch(self) -> int:
+        return self.micro_batch_size * self.grad_accum_steps * self.num_workers
+
+
+class DeepSpeedConfig(_Strict):
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO stage: 0 (plain DDP) to 3 (params sharded).")
+    offload_optimizer: bool = Field(False, description="Keep optimizer state on CPU (ZeRO >= 1).")
+    offload_params: bool = Field(False, description="Keep parameters on CPU (ZeRO-3 only).")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="'auto': bf16 on GPU, fp32 on CPU."
+    )
+
+
+class AshaConfig(_Strict):
+    grace_period: int = Field(1, ge=1, description="Reports (evaluations) a trial always gets.")
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+class TuneConfig(_Strict):
+    search_space: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Dotted config path -> {loguniform: [lo, hi]} | {uniform: [lo, hi]} | "
+        "{choice: [...]} | {grid: [...]} | a constant.",
+    )
+    metric: str = Field("val_loss", description="Reported metric the sweep optimises.")
+    mode: Literal["min", "max"] = "min"
+    num_samples: int = Field(4, ge=1, description="Trials sampled from the search space.")
+    max_concurrent_trials: Optional[int] = Field(
+        None, ge=1, description="Upper bound on parallel trials; also bounded by the CPUs the workers need."
+    )
+    scheduler: Literal["asha", "fifo"] = "asha"
+    asha: AshaConfig = Field(default_factory=AshaConfig)
+    search_alg: Literal["random", "optuna", "hyperopt"] = "random"
+    seed: int = 0
+    sweep_name: str = Field("raylm-sweep", description="Sweeps with the same name resume each other.")
+
+
+class AutoscalingConfig(_Strict):
+    min_replicas: int = Field(1, ge=0)
+    initial_replicas: Optional[int] = Field(None, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(2.0, gt=0)
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(30.0, ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "AutoscalingConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas: must not exceed max_replicas")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError("initial_replicas: must lie between min_replicas and max_replicas")
+        return self
+
+
+class ServeConfig(_Strict):
+    checkpoint: Optional[str] = Field(None, description="HF checkpoint dir, or a sweep's best.json.")
+    model_id: str = Field("raylm", description="The model name the API reports and accepts.")
+    host: str = Field("127.0.0.1", description="HTTP bind address of the Serve proxy.")
+    port: int = Field(8000, ge=1, le=65535)
+    route_prefix: str = "/"
+    app_name: str = "raylm"
+    api_key_env: str = Field("RAYLM_API_KEYS", description="Env var holding comma-separated API keys.")
+    api_key_file: Optional[str] = Field(None, description="File with one API key per line.")
+    require_api_key: bool = Field(True, description="Refuse requests without a valid key (401).")
+    max_tokens_limit: int = Field(256, ge=1, description="Largest max_tokens a request may ask for.")
+    default_max_tokens: int = Field(16, ge=1)
+    max_batch_size: int = Field(8, ge=1, description="Requests that share one forward pass.")
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    max_ongoing_requests: int = Field(16, ge=1, description="Concurrent requests per replica.")
+    max_queued_requests: int = Field(64, ge=-1, description="Queued beyond that are refused with 503; -1 = no limit.")
+    num_cpus_per_replica: float = Field(1.0, ge=0)
+    num_gpus_per_replica: float = Field(0.0, ge=0)
+    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
+
+
+class ClusterConfig(_Strict):
+    address: Optional[str] = Field(
+        None, description="Ray address; None uses RAY_ADDRESS or starts a local cluster."
+    )
+    namespace: str = Field("raylm", description="Ray namespace and Kubernetes namespace.")
+    image: str = Field(f"rayproject/ray:{RAY_VERSION}-{PYTHON_TAG}", description="Base image of the KubeRay pods.")
+    head_cpus: int = Field(2, ge=1)
+    head_memory: str = "8Gi"
+    worker_cpus: int = Field(8, ge=1)
+    worker_memory: str = "32Gi"
+    worker_gpus: int = Field(1, ge=0)
+    worker_min_replicas: int = Field(0, ge=0)
+    worker_max_replicas: int = Field(4, ge=1)
+
+
+class RaylmConfig(_Strict):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "RaylmConfig":
+        t, ds = self.train, self.deepspeed
+        if t.global_batch_size is not None and t.global_batch_size != t.effective_global_batch:
+            raise ValueError(
+                f"train.global_batch_size: {t.global_batch_size} cannot be made from "
+                f"micro_batch_size={t.micro_batch_size} x grad_accum_steps={t.grad_accum_steps} x "
+                f"num_workers={t.num_workers} = {t.effective_global_batch}"
+            )
+        if ds.offload_params and ds.zero_stage != 3:
+            raise ValueError("deepspeed.offload_params: needs deepspeed.zero_stage=3")
+        if ds.offload_optimizer and ds.zero_stage == 0:
+            raise ValueError("deepspeed.offload_optimizer: needs deepspeed.zero_stage >= 1")
+        if ds.precision == "fp16" and not t.use_gpu:
+            raise ValueError("deepspeed.precision: fp16 needs train.use_gpu=true (CPU runs use fp32 or bf16)")
+        if self.serve.default_max_tokens > self.serve.max_tokens_limit:
+            raise ValueError("serve.default_max_tokens: must not exceed serve.max_tokens_limit")
+        return self
+
+    @property
+    def precision(self) -> str:
+        """The precision that runs: 'auto' resolves to bf16 on GPU and fp32 on CPU."""
+        if self.deepspeed.precision != "auto":
+            return self.deepspeed.precision
+        return "bf16" if self.train.use_gpu else "fp32"
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "search_space":
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def read_yaml_tree(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict:
+    """Read a YAML config, following `base:` (a path relative to the file) to inherit from."""
+    path = Path(path).expanduser().resolve()
+    if path in _seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to itself")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: 'base' must be a path string")
+    return _deep_merge(read_yaml_tree(path.parent / base, _seen + (path,)), raw)
+
+
+def apply_override(tree: dict, assignment: str) -> dict:
+    """Apply one `a.b.c=value` override; the value is parsed as YAML (so 3, true, [1,2] work)."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected dotted.key=value")
+    key, _, text = assignment.partition("=")
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"--set {assignment!r}: empty key")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    tree = copy.deepcopy(tree)
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+    return tree
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; `raylm config` prints every field)"
+        # Cross-field checks raise at their section; their message starts with the field name.
+        lines.append(f"  {field}.{msg}" if field and ": " in msg and not msg.startswith(" ") and "." not in msg.split(":")[0]
+                     else f"  {field}: {msg}" if field else f"  {msg}")
+    return "\n".join(lines)
+
+
+def validate_tree(tree: dict, source: str = "<dict>") -> RaylmConfig:
+    try:
+        return RaylmConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_config(path: Optional[str | os.PathLike] = None, overrides: list[str] | tuple[str, ...] = ()) -> RaylmConfig:
+    """Load a config from YAML (or the defaults when path is None) and apply `--set` overrides."""
+    tree = read_yaml_tree(path) if path else {}
+    for assignment in overrides:
+        tree = apply_override(tree, assignment)
+    return validate_tree(tree, str(path) if path else "defaults")
+
+
+def dump_config(cfg: RaylmConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def expand(path: str) -> str:
+    """Expand ~ in local paths; leave URIs (s3://, gs://, hf:) alone."""
+    if "://" in path or path.startswith("hf:"):
+        return path
+    return os.path.abspath(os.path.expanduser(path))

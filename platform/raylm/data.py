@@ -1,0 +1,479 @@
+"""Data stage: read a corpus with Ray Data, tokenize, pack into fixed blocks, split.
+
+    read (files | URI | HF datasets | embedded) -> documents {text, replaced, skipped}
+    tokenize (map_batches, parallel)             -> {ids: doc tokens + EOS}
+    pack (per block, carry-free)                 -> full blocks of seq_len + 1 tokens
+    remainders of every block, packed on driver  -> more full blocks; one final partial is dropped
+    deterministic shuffle + split                -> train / val datasets
+
+Workers get disjoint shards of the train set through `ShardedDataConfig` (no rows dropped,
+unlike `streaming_split(equal=True)`).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Optional
+
+import numpy as np
+
+from raylm.config import DataConfig, InputError, expand
+
+if TYPE_CHECKING:  # Ray is imported lazily: unit tests and config errors never start it.
+    import ray.data
+
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+TEXT_EXTS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "jsonl", ".json": "jsonl",
+             ".parquet": "parquet"}
+REMOTE_PREFIXES = ("s3://", "gs://", "gcs://", "abfss://", "az://", "hdfs://", "http://", "https://")
+
+
+class DataError(InputError):
+    """A corpus that cannot be read. The message names the file or setting."""
+
+
+# ------------------------------------------------------------------ sources
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str  # "embedded" | "text" | "jsonl" | "parquet" | "hf"
+    paths: tuple[str, ...] = ()
+    name: str = ""  # HF dataset name or the embedded corpus name
+
+    def fingerprint(self) -> str:
+        """Stable id of the corpus content (paths + sizes + mtimes), for caching tokenizers."""
+        h = hashlib.sha256(f"{self.kind}|{self.name}".encode())
+        for p in self.paths:
+            h.update(p.encode())
+            if os.path.exists(p):
+                st = os.stat(p)
+                h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+        return h.hexdigest()[:16]
+
+
+def _format_of(path: str, cfg: DataConfig) -> str:
+    if cfg.format != "auto":
+        return cfg.format
+    name = path[:-3] if path.endswith(".gz") else path
+    fmt = TEXT_EXTS.get(os.path.splitext(name)[1].lower())
+    if fmt is None:
+        raise DataError(f"{path}: cannot tell the format from the extension; set data.format")
+    return fmt
+
+
+def resolve_source(cfg: DataConfig) -> Source:
+    """Turn `data.source` into a concrete list of files (or a dataset name). Fails on a missing path."""
+    src = cfg.source.strip()
+    if src == "embedded":
+        return Source("embedded", name="python-help-topics")
+    if src.startswith("hf:") or cfg.format == "hf":
+        name = src.removeprefix("hf:")
+        return Source("hf", paths=(expand(name),) if os.path.isdir(os.path.expanduser(name)) else (), name=name)
+    if src.startswith(REMOTE_PREFIXES):  # Ray Data reads these itself (pyarrow filesystems)
+        return Source(_format_of(src, cfg), paths=(src,))
+    path = expand(src)
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, "dataset_info.json")) or os.path.exists(os.path.join(path, "dataset_dict.json")):
+            return Source("hf", paths=(path,), name=path)
+        files = sorted(p for p in glob.glob(os.path.join(path, "**", "*"), recursive=True)
+                       if os.path.isfile(p) and (cfg.format != "auto" or os.path.splitext(p.removesuffix(".gz"))[1].lower() in TEXT_EXTS))
+        if not files:
+            raise DataError(f"data.source={src}: folder has no .txt, .jsonl or .parquet files")
+    elif any(c in src for c in "*?["):
+        files = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
+        if not files:
+            raise DataError(f"data.source={src}: glob matches no files")
+    elif os.path.isfile(path):
+        files = [path]
+    else:
+        raise DataError(f"data.source={src}: no such file or folder")
+    kinds = {_format_of(p, cfg) for p in files}
+    if len(kinds) > 1:
+        raise DataError(f"data.source={src}: mixes formats {sorted(kinds)}; point it at one kind or set data.format")
+    return Source(kinds.pop(), paths=tuple(files))
+
+
+def embedded_documents() -> list[str]:
+    """The default corpus: Python's own English help topics (ships with CPython, ~460 KB)."""
+    from pydoc_data.topics import topics
+
+    return [topics[k].strip() for k in sorted(topics) if topics[k].strip()]
+
+
+# ------------------------------------------------------------------ parsing (pure, unit-tested)
+
+
+def decode_counting(raw: bytes) -> tuple[str, int]:
+    """Decode UTF-8, replacing undecodable byte sequences with U+FFFD; return text and how many."""
+    try:
+        return raw.decode("utf-8"), 0
+    except UnicodeDecodeError:
+        text = raw.decode("utf-8", errors="replace")
+        return text, text.count("\ufffd") - raw.count("\xef\xbf\xbd".encode("latin-1"))
+
+
+def split_text(text: str, mode: str) -> list[str]:
+    if mode == "file":
+        parts = [text]
+    elif mode == "line":
+        parts = text.splitlines()
+    else:
+        parts = text.replace("\r\n", "\n").split("\n\n")
+    return [p.strip() for p in parts if p.strip()]
+
+
+def parse_jsonl(text: str, field_name: str) -> tuple[list[str], int]:
+    """Documents from JSON lines; a line that is not JSON, or lacks the field, is skipped and counted."""
+    docs, skipped = [], 0
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError:
+            skipped += 1
+            continue
+        doc = value.get(field_name) if isinstance(value, dict) else None
+        if isinstance(doc, str) and doc.strip():
+            docs.append(doc)
+        else:
+            skipped += 1
+    return docs, skipped
+
+
+def _maybe_gunzip(raw: bytes, path: str) -> bytes:
+    if path.endswith(".gz"):
+        import gzip
+
+        try:
+            return gzip.decompress(raw)
+        except (EOFError, OSError):  # truncated archive: keep what decompresses
+            import zlib
+
+            return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(raw)
+    return raw
+
+
+def file_to_rows(row: dict, fmt: str, text_field: str, text_split: str) -> list[dict]:
+    """One file's bytes -> document rows. Counters ride on the first row so they are summed once."""
+    path = str(row.get("path", "?"))
+    text, replaced = decode_counting(_maybe_gunzip(row["bytes"], path))
+    if fmt == "jsonl":
+        docs, skipped = parse_jsonl(text, text_field)
+    else:
+        docs, skipped = split_text(text, text_split), 0
+    rows = [{"text": d, "replaced": 0, "skipped": 0, "files": 0} for d in docs]
+    stats = {"text": "", "replaced": replaced, "skipped": skipped, "files": 1}
+    return rows + [stats]
+
+
+# ------------------------------------------------------------------ tokenizer
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str) -> str:
+    """Train a byte-level BPE tokenizer and save it as a Hugging Face tokenizer directory."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[EOS_TOKEN, PAD_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN,
+                                   unk_token=None, pad_token=PAD_TOKEN)
+    tmp = out_dir + f".tmp{os.getpid()}"
+    fast.save_pretrained(tmp)
+    try:
+        os.rename(tmp, out_dir)  # atomic publish: a half-written tokenizer is never picked up
+    except OSError:  # another process published the same tokenizer first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def load_tokenizer(name_or_dir: str):
+    """A Hugging Face tokenizer with an EOS token (used as document separator) and a pad token."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(expand(name_or_dir) if os.path.exists(os.path.expanduser(name_or_dir)) else name_or_dir)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"data.tokenizer={name_or_dir}: cannot load tokenizer: {exc}") from None
+    if tok.eos_token_id is None:
+        raise DataError(f"data.tokenizer={name_or_dir}: has no EOS token to separate documents")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def tokenizer_files(tokenizer_dir: str) -> dict[str, bytes]:
+    """The tokenizer directory as bytes, so it travels to workers on other nodes with the config."""
+    return {p.name: p.read_bytes() for p in Path(tokenizer_dir).iterdir() if p.is_file()}
+
+
+def write_tokenizer_files(files: dict[str, bytes], out_dir: str) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    for name, blob in files.items():
+        Path(out_dir, name).write_bytes(blob)
+
+
+# ------------------------------------------------------------------ Ray Data stages
+
+
+def _read_documents(src: Source, cfg: DataConfig) -> "ray.data.Dataset":
+    import ray.data
+
+    if src.kind == "embedded":
+        docs = embedded_documents()
+        rows = [{"text": d, "replaced": 0, "skipped": 0, "files": 0} for d in docs]
+        rows.append({"text": "", "replaced": 0, "skipped": 0, "files": 1})
+        return ray.data.from_items(rows, override_num_blocks=8)
+    if src.kind == "hf":
+        import datasets
+
+        try:
+            hf = datasets.load_from_disk(src.paths[0]) if src.paths else datasets.load_dataset(src.name, split=cfg.hf_split)
+        except Exception as exc:  # noqa: BLE001 - any load failure is a data error naming the source
+            raise DataError(f"data.source={cfg.source}: cannot load Hugging Face dataset: {exc}") from None
+        if isinstance(hf, datasets.DatasetDict):
+            if cfg.hf_split not in hf:
+                raise DataError(f"data.hf_split={cfg.hf_split}: not in {list(hf)}")
+            hf = hf[cfg.hf_split]
+        if cfg.text_field not in hf.column_names:
+            raise DataError(f"data.text_field={cfg.text_field}: not a column of {cfg.source} ({hf.column_names})")
+        hf = hf.select_columns([cfg.text_field])
+        ds = ray.data.from_huggingface(hf).rename_columns({cfg.text_field: "text"})
+        return ds.map_batches(_add_zero_counters, batch_format="pandas")
+    if src.kind == "parquet":
+        _check_parquet_column(src.paths, cfg.text_field)
+        ds = ray.data.read_parquet(list(src.paths), columns=[cfg.text_field]).rename_columns({cfg.text_field: "text"})
+        return ds.map_batches(_add_zero_counters, batch_format="pandas")
+    ds = ray.data.read_binary_files(list(src.paths), include_paths=True)
+    return ds.flat_map(file_to_rows, fn_kwargs={"fmt": src.kind, "text_field": cfg.text_field,
+                                                 "text_split": cfg.text_split})
+
+
+def _check_parquet_column(paths: tuple[str, ...], column: str) -> None:
+    """Fail before execution, naming the file, when a local parquet file lacks the text column."""
+    import pyarrow.parquet as pq
+
+    for path in paths:
+        if "://" in path:
+            continue  # remote schemas are checked by Ray Data when it reads them
+        try:
+            names = pq.read_schema(path).names
+        except Exception as exc:  # noqa: BLE001 - a corrupt file is a data error naming it
+            raise DataError(f"{path}: not a readable parquet file: {exc}") from None
+        if column not in names:
+            raise DataError(f"{path}: no column data.text_field={column!r} (columns: {names})")
+
+
+def _add_zero_counters(df):
+    df = df[["text"]].copy()
+    df["text"] = df["text"].fillna("").astype(str)
+    df["replaced"] = 0
+    df["skipped"] = (df["text"].str.strip() == "").astype(int)
+    df["files"] = 0
+    return df
+
+
+class _Tokenize:
+    """map_batches UDF: tokenizes a batch of documents and appends EOS to each (the separator)."""
+
+    def __init__(self, tokenizer_json: str, eos_id: int):
+        from tokenizers import Tokenizer
+
+        self.tok = Tokenizer.from_str(tokenizer_json)
+        self.eos_id = eos_id
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        texts = [t for t in batch["text"].tolist() if t]
+        encs = self.tok.encode_batch(texts, add_special_tokens=False) if texts else []
+        ids = [np.asarray(e.ids + [self.eos_id], dtype=np.int32) for e in encs]
+        out = {"ids": ids, "tokens": np.array([len(x) for x in ids], dtype=np.int64)}
+        return out
+
+
+def pack_block(batch: dict[str, np.ndarray], block_len: int) -> dict[str, list]:
+    """Concatenate a batch's token lists into rows of exactly block_len; the leftover is one short row."""
+    if len(batch["ids"]) == 0:
+        return {"input_ids": [], "full": []}
+    flat = np.concatenate([np.asarray(x, dtype=np.int32) for x in batch["ids"]])
+    n_full = len(flat) // block_len
+    rows = [flat[i * block_len:(i + 1) * block_len] for i in range(n_full)]
+    full = [True] * n_full
+    if len(flat) % block_len:
+        rows.append(flat[n_full * block_len:])
+        full.append(False)
+    return {"input_ids": rows, "full": full}
+
+
+def pack_remainders(remainders: list[np.ndarray], block_len: int) -> tuple[list[np.ndarray], int]:
+    """Pack the short leftovers of all blocks; return full blocks and the tokens dropped (< block_len)."""
+    if not remainders:
+        return [], 0
+    flat = np.concatenate(remainders)
+    n_full = len(flat) // block_len
+    return [flat[i * block_len:(i + 1) * block_len] for i in range(n_full)], len(flat) - n_full * block_len
+
+
+@dataclass
+class DataStats:
+    files: int = 0
+    documents: int = 0
+    tokens: int = 0
+    blocks: int = 0
+    train_blocks: int = 0
+    val_blocks: int = 0
+    dropped_tokens: int = 0
+    replaced: int = 0
+    skipped_records: int = 0
+    vocab_size: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        return (f"{self.documents} documents in {self.files} file(s), {self.tokens} tokens -> {self.blocks} blocks "
+                f"({self.train_blocks} train / {self.val_blocks} val), {self.dropped_tokens} tokens dropped "
+                f"(final partial block), {self.replaced} undecodable byte sequences replaced, "
+                f"{self.skipped_records} records skipped, vocab {self.vocab_size}, {self.seconds:.1f}s")
+
+
+@dataclass
+class PreparedData:
+    train: Any  # ray.data.Dataset of {"input_ids": int32[seq_len + 1]}
+    val: Any
+    tokenizer_dir: str
+    stats: DataStats = field(default_factory=DataStats)
+
+
+def _tokenizer_for(src: Source, cfg: DataConfig, docs: "ray.data.Dataset") -> str:
+    """Return a local tokenizer directory: a trained one (cached by corpus + settings) or the named one."""
+    if cfg.tokenizer != "train":
+        tok = load_tokenizer(cfg.tokenizer)
+        out = os.path.join(expand(cfg.cache_dir), "tokenizers", hashlib.sha256(cfg.tokenizer.encode()).hexdigest()[:16])
+        if not os.path.isdir(out):
+            tok.save_pretrained(out)
+        return out
+    key = hashlib.sha256(f"{src.fingerprint()}|{cfg.vocab_size}|{cfg.text_field}|{cfg.text_split}|{cfg.max_documents}".encode()).hexdigest()[:16]
+    out = os.path.join(expand(cfg.cache_dir), "tokenizers", f"bpe-{key}")
+    if os.path.isdir(out):
+        return out
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    budget = 64 << 20  # train on at most 64 MB of text: enough for a small BPE vocab
+
+    def sample() -> Iterable[str]:
+        seen = 0
+        for batch in docs.iter_batches(batch_size=1024, batch_format="numpy"):
+            for t in batch["text"]:
+                if t:
+                    seen += len(t)
+                    yield str(t)
+            if seen > budget:
+                return
+
+    return train_tokenizer(sample(), cfg.vocab_size, out)
+
+
+def prepare_data(cfg: DataConfig, verbose: bool = True) -> PreparedData:
+    """Run the whole data stage on the connected Ray cluster. Ray must be initialised."""
+    import ray.data
+
+    t0 = time.perf_counter()
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # deterministic block order -> deterministic split
+    ctx.enable_progress_bars = verbose
+    src = resolve_source(cfg)
+    docs = _read_documents(src, cfg)
+    if cfg.max_documents:
+        docs = docs.filter(lambda r: bool(r["text"])).limit(cfg.max_documents)
+    docs = docs.materialize()
+    counters = docs.select_columns(["replaced", "skipped", "files"]).sum(["replaced", "skipped", "files"]) or {}
+    stats = DataStats(files=int(counters.get("sum(files)", 0) or 0),
+                      replaced=int(counters.get("sum(replaced)", 0) or 0),
+                      skipped_records=int(counters.get("sum(skipped)", 0) or 0))
+
+    tokenizer_dir = _tokenizer_for(src, cfg, docs)
+    hf_tok = load_tokenizer(tokenizer_dir)
+    stats.vocab_size = len(hf_tok)
+    tokenized = docs.map_batches(
+        _Tokenize, fn_constructor_kwargs={"tokenizer_json": hf_tok.backend_tokenizer.to_str(), "eos_id": hf_tok.eos_token_id},
+        batch_size=256, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(ray.available_resources().get("CPU", 1)))),
+    ).materialize()
+    stats.documents = tokenized.count()
+    if stats.documents == 0:
+        raise DataError(f"data.source={cfg.source}: the corpus is empty (no non-blank documents)")
+    stats.tokens = int(tokenized.sum("tokens"))
+
+    block_len = cfg.seq_len + 1
+    packed = tokenized.select_columns(["ids"]).map_batches(
+        pack_block, fn_kwargs={"block_len": block_len}, batch_size=None, batch_format="numpy").materialize()
+    full = packed.filter(lambda r: bool(r["full"])).select_columns(["input_ids"])
+    leftovers = [np.asarray(r["input_ids"], dtype=np.int32) for r in packed.filter(lambda r: not r["full"]).take_all()]
+    extra, stats.dropped_tokens = pack_remainders(leftovers, block_len)
+    blocks = full
+    if extra:
+        blocks = full.union(ray.data.from_items([{"input_ids": b} for b in extra]))
+    blocks = blocks.random_shuffle(seed=cfg.seed).materialize()
+    stats.blocks = blocks.count()
+    if stats.blocks == 0:
+        raise DataError(f"data.source={cfg.source}: {stats.tokens} tokens are fewer than one block of "
+                        f"data.seq_len+1={block_len}; lower data.seq_len or add text")
+    n_val = int(round(stats.blocks * cfg.val_fraction))
+    if cfg.val_fraction > 0 and stats.blocks >= 2:
+        n_val = max(1, n_val)
+    train, val = blocks.split_at_indices([stats.blocks - n_val])
+    stats.train_blocks, stats.val_blocks = stats.blocks - n_val, n_val
+    stats.seconds = time.perf_counter() - t0
+    return PreparedData(train=train, val=val, tokenizer_dir=tokenizer_dir, stats=stats)
+
+
+def stats_dict(stats: DataStats) -> dict:
+    return asdict(stats)
+
+
+# ------------------------------------------------------------------ sharding for Ray Train
+
+
+def make_data_config():
+    """A Ray Train DataConfig that splits every dataset into disjoint shards, dropping nothing.
+
+    Ray's default `streaming_split(equal=True)` may drop rows to equalise shards, and
+    `split(equal=False)` cuts at Ray block boundaries (one block -> one busy worker). Our blocks
+    are materialized, so we cut at row indices: shard sizes differ by at most one row. Each
+    worker then iterates its own shard, epoch after epoch, without a cross-worker barrier. A
+    dataset with fewer rows than workers (a tiny validation set) is given whole to every worker.
+    """
+    from ray.train import DataConfig as RayDataConfig
+
+    class ShardedDataConfig(RayDataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            out: list[dict] = [{} for _ in range(world_size)]
+            for name, ds in datasets.items():
+                shards = shard_indices(ds, world_size)
+                for rank, shard in enumerate(shards):
+                    out[rank][name] = shard.iterator()
+            return out
+
+    return ShardedDataConfig()
+
+
+def shard_indices(ds, world_size: int) -> list:
+    """Split a materialized dataset into `world_size` contiguous row ranges of near-equal size."""
+    n = ds.count()
+    if n < world_size:
+        return [ds] * world_size
+    cuts = [round(i * n / world_size) for i in range(1, world_size)]
+    return ds.split_at_indices(cuts)

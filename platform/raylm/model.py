@@ -1,0 +1,79 @@
+"""Models: presets built with `from_config` (random init) or a Hugging Face model by name/path."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from raylm.config import InputError, ModelConfig
+
+# Llama-style and GPT-2-style families. Sizes are approximate parameter counts at vocab 32k / 50k.
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "tiny-llama": ("llama", dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512)),
+    "small-llama": ("llama", dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12,  # ~125M
+                                  num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=2048)),
+    "base-llama": ("llama", dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,  # ~1.1B
+                                 num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)),
+    "tiny-gpt2": ("gpt2", dict(n_embd=64, n_layer=2, n_head=4, n_positions=512)),
+    "small-gpt2": ("gpt2", dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024)),  # ~124M
+    "base-gpt2": ("gpt2", dict(n_embd=1280, n_layer=36, n_head=20, n_positions=1024)),  # ~774M
+}
+
+
+class ModelError(InputError):
+    """A model that cannot be built or loaded; names model.name."""
+
+
+def preset_config(name: str, vocab_size: int, seq_len: int, tokenizer: Any = None, overrides: dict | None = None):
+    """The transformers config of a preset, sized for this vocabulary and sequence length."""
+    from transformers import GPT2Config, LlamaConfig
+
+    family, kwargs = PRESETS[name]
+    kwargs = dict(kwargs, **(overrides or {}))
+    ids = {}
+    if tokenizer is not None:
+        ids = dict(bos_token_id=tokenizer.bos_token_id or tokenizer.eos_token_id,
+                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if family == "llama":
+        kwargs["max_position_embeddings"] = max(kwargs["max_position_embeddings"], seq_len)
+        return LlamaConfig(vocab_size=vocab_size, tie_word_embeddings=True, **ids, **kwargs)
+    kwargs["n_positions"] = max(kwargs["n_positions"], seq_len)
+    return GPT2Config(vocab_size=vocab_size, **ids, **kwargs)
+
+
+def max_context(model_config: Any) -> int:
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(model_config, attr, None)
+        if isinstance(value, int):
+            return value
+    return 2048
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int, tokenizer: Any = None, dtype: Any = None):
+    """A causal LM: a preset with random weights, or `from_pretrained` of a name or directory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = dtype or torch.float32
+    if cfg.name in PRESETS:
+        torch_cfg = preset_config(cfg.name, vocab_size, seq_len, tokenizer, cfg.overrides)
+        model = AutoModelForCausalLM.from_config(torch_cfg, dtype=dtype)
+    else:
+        source = os.path.expanduser(cfg.name) if os.path.exists(os.path.expanduser(cfg.name)) else cfg.name
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **cfg.overrides)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"model.name={cfg.name}: not a preset ({', '.join(PRESETS)}) and not loadable: {exc}") from None
+        if model.get_input_embeddings().num_embeddings < vocab_size:
+            model.resize_token_embeddings(vocab_size)
+    if max_context(model.config) < seq_len:
+        raise ModelError(f"data.seq_len={seq_len} exceeds the context of model.name={cfg.name} ({max_context(model.config)})")
+    if cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    return model
+
+
+def count_params(model: Any) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,1 @@
+"""Training stage: Ray Train TorchTrainer workers running DeepSpeed ZeRO on a HF causal LM."""

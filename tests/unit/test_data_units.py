@@ -1,0 +1,89 @@
+import json
+
+import numpy as np
+import pytest
+
+from raylm.config import DataConfig
+from raylm.data import (DataError, decode_counting, embedded_documents, file_to_rows, load_tokenizer,
+                        pack_block, pack_remainders, parse_jsonl, resolve_source, split_text, train_tokenizer)
+
+
+def test_decode_counts_replacements_only_for_bad_bytes():
+    assert decode_counting("héllo".encode()) == ("héllo", 0)
+    text, n = decode_counting(b"ok \xff\xfe end \xc3")
+    assert n == 3 and text.startswith("ok ") and "end" in text  # \xff, \xfe, truncated \xc3
+    already = "a\ufffdb".encode()  # a real U+FFFD in the input is not a replacement
+    assert decode_counting(already + b"\xff")[1] == 1
+
+
+def test_jsonl_skips_and_counts_bad_lines():
+    lines = [json.dumps({"text": "one"}), "{not json", json.dumps({"other": 1}), "", json.dumps({"text": "two"}),
+             json.dumps([1, 2]), '{"text": "trunc']
+    docs, skipped = parse_jsonl("\n".join(lines), "text")
+    assert docs == ["one", "two"] and skipped == 4
+
+
+def test_split_modes():
+    text = "a b\nc\n\n\nd\n\n"
+    assert split_text(text, "paragraph") == ["a b\nc", "d"]
+    assert split_text(text, "line") == ["a b", "c", "d"]
+    assert split_text(text, "file") == ["a b\nc\n\n\nd"]
+
+
+def test_file_rows_carry_counters_once():
+    rows = file_to_rows({"bytes": b"x\n\ny\xff", "path": "f.txt"}, "text", "text", "paragraph")
+    assert [r["text"] for r in rows if r["text"]] == ["x", "y\ufffd"]
+    assert sum(r["replaced"] for r in rows) == 1 and sum(r["files"] for r in rows) == 1
+
+
+@pytest.mark.parametrize("block_len", [3, 5, 8])
+def test_packing_round_trips_tokens(block_len):
+    rng = np.random.default_rng(block_len)
+    batches = [[rng.integers(0, 100, rng.integers(1, 9)).astype(np.int32) for _ in range(7)] for _ in range(4)]
+    full, leftovers = [], []
+    for docs in batches:
+        out = pack_block({"ids": docs}, block_len)
+        for row, is_full in zip(out["input_ids"], out["full"]):
+            (full if is_full else leftovers).append(row)
+    extra, dropped = pack_remainders(leftovers, block_len)
+    assert all(len(b) == block_len for b in full + extra)
+    assert 0 <= dropped < block_len
+    total = sum(len(d) for docs in batches for d in docs)
+    assert (len(full) + len(extra)) * block_len + dropped == total
+    # order within a batch is preserved: the first block is the first tokens of the first batch
+    first = np.concatenate(batches[0])
+    if len(first) >= block_len:
+        assert np.array_equal(full[0], first[:block_len])
+
+
+def test_resolve_source_errors_name_the_path(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        resolve_source(DataConfig(source=str(tmp_path / "missing.txt")))
+    with pytest.raises(DataError, match="glob matches no files"):
+        resolve_source(DataConfig(source=str(tmp_path / "*.jsonl")))
+    (tmp_path / "a.txt").write_text("x")
+    (tmp_path / "b.jsonl").write_text("{}")
+    with pytest.raises(DataError, match="mixes formats"):
+        resolve_source(DataConfig(source=str(tmp_path)))
+    (tmp_path / "c.bin").write_text("x")
+    with pytest.raises(DataError, match="data.format"):
+        resolve_source(DataConfig(source=str(tmp_path / "c.bin")))
+    src = resolve_source(DataConfig(source=str(tmp_path / "*.txt")))
+    assert src.kind == "text" and src.paths == (str(tmp_path / "a.txt"),)
+    assert resolve_source(DataConfig(source="s3://bucket/corpus.parquet")).kind == "parquet"
+    assert resolve_source(DataConfig(source="hf:roneneldan/TinyStories")).kind == "hf"
+
+
+def test_embedded_corpus_is_offline_english():
+    docs = embedded_documents()
+    assert len(docs) > 50 and sum(map(len, docs)) > 200_000
+    assert any("for" in d and "statement" in d for d in docs)
+
+
+def test_trained_tokenizer_round_trips(tmp_path):
+    texts = ["To be, or not to be, that is the question."] * 50 + ["Whether 'tis nobler in the mind"] * 50
+    out = train_tokenizer(texts, 300, str(tmp_path / "tok"))
+    tok = load_tokenizer(out)
+    ids = tok.encode(texts[0], add_special_tokens=False)
+    assert tok.decode(ids) == texts[0]
+    assert tok.eos_token == "<|endoftext|>" and tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id
