@@ -120,7 +120,7 @@ def cmd_k8s(cfg: RaylmConfig, args: argparse.Namespace) -> int:
     """Render the KubeRay RayCluster / RayJob / RayService manifests from the config."""
     from raylm.k8s import render_to_dir
 
-    written = render_to_dir(cfg, args.out)
+    written = render_to_dir(cfg, args.out, config_path=args.config)
     for path in written:
         print(path)
     return 0
