@@ -186,14 +186,43 @@ class ClusterConfig(_Strict):
         None, description="Ray address; None uses RAY_ADDRESS or starts a local cluster."
     )
     namespace: str = Field("raylm", description="Ray namespace and Kubernetes namespace.")
-    image: str = Field(f"rayproject/ray:{RAY_VERSION}-{PYTHON_TAG}", description="Base image of the KubeRay pods.")
-    head_cpus: int = Field(2, ge=1)
-    head_memory: str = "8Gi"
-    worker_cpus: int = Field(8, ge=1)
-    worker_memory: str = "32Gi"
-    worker_gpus: int = Field(1, ge=0)
-    worker_min_replicas: int = Field(0, ge=0)
-    worker_max_replicas: int = Field(4, ge=1)
+    image: str = Field(
+        f"raylm:{RAY_VERSION}-{PYTHON_TAG}-gpu",
+        description="Project image every KubeRay pod runs, built from k8s/Dockerfile (FROM "
+        f"rayproject/ray:{RAY_VERSION}-{PYTHON_TAG}-gpu, tagged like it); prefix your registry.",
+    )
+    head_cpus: int = Field(2, ge=1, description="CPUs of the head pod (also its Ray num-cpus; it gets no GPU).")
+    head_memory: str = Field("8Gi", description="Memory request/limit of the head pod (Kubernetes quantity).")
+    worker_cpus: int = Field(8, ge=1, description="CPUs of each GPU worker pod (also its Ray num-cpus).")
+    worker_memory: str = Field("32Gi", description="Memory request/limit of each worker pod (Kubernetes quantity).")
+    worker_gpus: int = Field(1, ge=0, description="nvidia.com/gpu requested (and limited) per worker pod.")
+    worker_min_replicas: int = Field(0, ge=0, description="Fewest worker pods the autoscaler keeps.")
+    worker_max_replicas: int = Field(4, ge=1, description="Most worker pods the autoscaler starts.")
+    autoscaler_idle_timeout_s: int = Field(
+        300, ge=0, description="Seconds a worker pod stays idle before the autoscaler removes it (GPUs cost)."
+    )
+    storage_claim: Optional[str] = Field(
+        "raylm-results",
+        description="ReadWriteMany PVC mounted on every Ray pod at storage_mount_path, so a local "
+        "train.storage_path under it is shared by all nodes; None when storage is s3:// or gs://.",
+    )
+    storage_mount_path: str = Field("/mnt/shared", description="Where storage_claim is mounted in the pods.")
+    service_account: Optional[str] = Field(
+        None, description="Kubernetes ServiceAccount of the Ray pods (e.g. one with bucket access); None: default."
+    )
+    auth_secret: str = Field(
+        "raylm-ray-auth",
+        description="Kubernetes Secret (key auth_token) holding the Ray auth token; KubeRay's authOptions "
+        "uses it, so `ray job submit` clients can read the same token.",
+    )
+    api_keys_secret: str = Field(
+        "raylm-api-keys",
+        description="Kubernetes Secret (key api_keys) exposed to the RayService pods as serve.api_key_env.",
+    )
+    sweep_config: str = Field(
+        "tune_configs/small_sweep.yaml",
+        description="Repo-relative sweep file the rendered RayJob runs; the RayService serves its best.json.",
+    )
 
 
 class RaylmConfig(_Strict):

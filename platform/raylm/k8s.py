@@ -1,0 +1,328 @@
+"""KubeRay manifests rendered from the one `RaylmConfig`.
+
+`raylm k8s render` writes `k8s/raycluster.yaml`, `k8s/rayjob-train.yaml`,
+`k8s/rayjob-sweep.yaml` and `k8s/rayservice.yaml`. They are derived, never hand-edited, so a
+cluster runs exactly what a laptop runs: the RayJob entrypoints are the local commands
+(`raylm train --config configs/small.yaml`), the pods run the project image built from
+`k8s/Dockerfile`, and the sizes, storage, Serve autoscaling and secrets names all come from the
+config. Rendering is pure (config in, dicts out, a fixed key order) so a test can
+compare the committed files with a fresh render.
+
+Before anything is written the render refuses what could never run on the cluster: a config
+outside the image, results on pod-local disk, or a run that needs more workers than the
+autoscaler may start (Ray Train would wait for them forever).
+"""
+
+from __future__ import annotations
+
+import math
+import shlex
+from pathlib import Path, PurePosixPath
+from typing import Any, Optional
+
+import yaml
+
+from raylm.config import RAY_VERSION, ConfigError, RaylmConfig, ServeConfig, load_config
+
+API_VERSION = "ray.io/v1"
+DEFAULT_CONFIG = "configs/small.yaml"
+SERVE_IMPORT_PATH = "deployments.openai_app:app_builder"
+# The GPU model deployment inside that app, whose options serveConfigV2 sets. Serve rejects a
+# config naming a deployment the app lacks, so tests/unit/test_k8s.py checks it against the app.
+SERVE_MODEL_DEPLOYMENT = "LLMServer"
+WORKDIR = "/home/ray/raylm"  # the image's WORKDIR (k8s/Dockerfile): entrypoint paths are relative to it
+IMAGE_CONFIG_DIRS = ("configs", "tune_configs")  # the config folders k8s/Dockerfile copies into the image
+AUTH_TOKEN_KEY = "auth_token"  # the Secret key KubeRay's authOptions.secretName must hold
+API_KEYS_KEY = "api_keys"  # the Secret key holding the comma-separated Serve API keys
+RAY_GID = 100  # group `users` of the rayproject/ray images: fsGroup makes the shared volume writable
+HEAD_PORTS = (("gcs-server", 6379), ("dashboard", 8265), ("client", 10001))
+MANIFEST_FILES = ("raycluster.yaml", "rayjob-train.yaml", "rayjob-sweep.yaml", "rayservice.yaml")
+
+Manifest = dict[str, Any]
+
+
+# ------------------------------------------------------------------ inputs and checks
+
+
+def repo_relative(path: str | Path, root: Path) -> str:
+    """The path as the image sees it (relative to WORKDIR); refuse files the image lacks."""
+    full = (root / path).resolve()
+    try:
+        rel = PurePosixPath(full.relative_to(root.resolve()).as_posix())
+    except ValueError:
+        raise ConfigError(f"{path}: a KubeRay job can only use configs inside the project ({root})") from None
+    if rel.parts[0] not in IMAGE_CONFIG_DIRS or not full.is_file():
+        raise ConfigError(f"{path}: not a file under {' or '.join(IMAGE_CONFIG_DIRS)}/, which the image holds")
+    return str(rel)
+
+
+def check_shared_storage(cfg: RaylmConfig, source: str) -> None:
+    """Ray Train and Tune need one storage every node sees: a URI or the mounted claim."""
+    storage, cl = cfg.train.storage_path, cfg.cluster
+    if "://" in storage:
+        return
+    mount = PurePosixPath(cl.storage_mount_path)
+    if cl.storage_claim and PurePosixPath(storage).is_absolute() and PurePosixPath(storage).is_relative_to(mount):
+        return
+    raise ConfigError(f"{source}: train.storage_path={storage!r} would sit on one pod's local disk; use an "
+                      f"s3:// or gs:// URI, or a path under cluster.storage_mount_path={cl.storage_mount_path!r} "
+                      f"with cluster.storage_claim set")
+
+
+def worker_slots(cfg: RaylmConfig, run: RaylmConfig) -> int:
+    """Train workers of `run` the autoscaled worker group can hold at its largest."""
+    cl, t = cfg.cluster, run.train
+    per_pod = math.floor(cl.worker_cpus / t.cpus_per_worker)
+    if t.use_gpu:
+        per_pod = min(per_pod, cl.worker_gpus)
+    return per_pod * cl.worker_max_replicas
+
+
+def check_fits(cfg: RaylmConfig, run: RaylmConfig, source: str) -> None:
+    """A run needing more workers than the cluster may start would wait forever: refuse it now."""
+    slots, t, cl = worker_slots(cfg, run), run.train, cfg.cluster
+    if t.num_workers > slots:
+        need = f"{'1 GPU + ' if t.use_gpu else ''}{t.cpus_per_worker:g} CPU"
+        raise ConfigError(f"{source}: train.num_workers={t.num_workers} (each {need}) cannot fit: "
+                          f"cluster.worker_max_replicas={cl.worker_max_replicas} pods of {cl.worker_gpus} GPU / "
+                          f"{cl.worker_cpus} CPU hold {slots}; raise cluster.worker_max_replicas or lower "
+                          f"train.num_workers")
+    if cfg.serve.num_gpus_per_replica > cl.worker_gpus:
+        raise ConfigError(f"{source}: serve.num_gpus_per_replica={cfg.serve.num_gpus_per_replica:g} exceeds "
+                          f"cluster.worker_gpus={cl.worker_gpus}, so no pod can host a replica")
+
+
+def resolve_inputs(cfg: RaylmConfig, config_path: Optional[str], root: Path
+                   ) -> tuple[RaylmConfig, str, RaylmConfig, str]:
+    """(config, its image path, sweep config, its image path), all checked for the cluster.
+
+    With no config_path the GPU-cluster config is rendered; `cfg` is then the defaults plus any
+    `--set`, which would be silently lost, so overrides without `--config` are refused.
+    """
+    if config_path is None:
+        if cfg != RaylmConfig():
+            raise ConfigError(f"k8s render: --set needs --config (the default is {DEFAULT_CONFIG})")
+        config_path = DEFAULT_CONFIG
+        cfg = load_config(root / DEFAULT_CONFIG)
+    config_rel = repo_relative(config_path, root)
+    sweep_rel = repo_relative(cfg.cluster.sweep_config, root)
+    sweep = load_config(root / sweep_rel)
+    for run, source in ((cfg, config_rel), (sweep, sweep_rel)):
+        check_shared_storage(run, source)
+        check_fits(cfg, run, source)
+    return cfg, config_rel, sweep, sweep_rel
+
+
+# ------------------------------------------------------------------ pods
+
+
+def _metadata(cfg: RaylmConfig, name: str, component: str) -> dict:
+    return {"name": name, "namespace": cfg.cluster.namespace,
+            "labels": {"app.kubernetes.io/name": "raylm", "app.kubernetes.io/component": component}}
+
+
+def _resources(cpus: int | str, memory: str, gpus: int = 0) -> dict:
+    """Requests == limits: Ray sizes itself from the limits, and GPUs need both equal anyway."""
+    amounts = {"cpu": str(cpus), "memory": memory}
+    if gpus:
+        amounts["nvidia.com/gpu"] = str(gpus)
+    return {"requests": dict(amounts), "limits": dict(amounts)}
+
+
+def _secret_env(name: str, secret: str, key: str) -> dict:
+    """Secrets travel by reference only; a manifest never holds a secret value."""
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+
+
+def _volumes(cfg: RaylmConfig) -> tuple[list[dict], list[dict]]:
+    """(pod volumes, container mounts): a RAM /dev/shm for the object store and NCCL, plus the claim."""
+    volumes = [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]
+    mounts = [{"name": "dshm", "mountPath": "/dev/shm"}]
+    if cfg.cluster.storage_claim:
+        volumes.append({"name": "shared", "persistentVolumeClaim": {"claimName": cfg.cluster.storage_claim}})
+        mounts.append({"name": "shared", "mountPath": cfg.cluster.storage_mount_path})
+    return volumes, mounts
+
+
+def _container(cfg: RaylmConfig, name: str, resources: dict, serve: bool, ports: list[dict]) -> dict:
+    env = [_secret_env(cfg.serve.api_key_env, cfg.cluster.api_keys_secret, API_KEYS_KEY)] if serve else []
+    container: dict[str, Any] = {"name": name, "image": cfg.cluster.image, "imagePullPolicy": "IfNotPresent",
+                                 "workingDir": WORKDIR}
+    if env:
+        container["env"] = env
+    if ports:
+        container["ports"] = ports
+    container["resources"] = resources
+    container["volumeMounts"] = _volumes(cfg)[1]
+    return container
+
+
+def _pod_template(cfg: RaylmConfig, component: str, container: dict, gpu: bool) -> dict:
+    spec: dict[str, Any] = {}
+    if cfg.cluster.service_account:
+        spec["serviceAccountName"] = cfg.cluster.service_account
+    spec["securityContext"] = {"fsGroup": RAY_GID}
+    if gpu:  # GPU node pools are commonly tainted so that only GPU work lands there
+        spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    spec["containers"] = [container]
+    spec["volumes"] = _volumes(cfg)[0]
+    return {"metadata": {"labels": {"app.kubernetes.io/name": "raylm", "app.kubernetes.io/component": component}},
+            "spec": spec}
+
+
+def head_group(cfg: RaylmConfig, serve: bool = False) -> dict:
+    """CPU-only head: it runs drivers, GCS and the Serve proxy, never GPU work (num-gpus 0)."""
+    cl = cfg.cluster
+    ports = [{"name": n, "containerPort": p} for n, p in HEAD_PORTS]
+    if serve:
+        ports.append({"name": "serve", "containerPort": cfg.serve.port})
+    container = _container(cfg, "ray-head", _resources(cl.head_cpus, cl.head_memory), serve, ports)
+    return {"rayStartParams": {"num-cpus": str(cl.head_cpus), "num-gpus": "0", "dashboard-host": "0.0.0.0"},
+            "template": _pod_template(cfg, "head", container, gpu=False)}
+
+
+def worker_group(cfg: RaylmConfig, serve: bool = False) -> dict:
+    """The autoscaled GPU group: Train workers, Tune trials and Serve replicas all land here."""
+    cl = cfg.cluster
+    resources = _resources(cl.worker_cpus, cl.worker_memory, cl.worker_gpus)
+    container = _container(cfg, "ray-worker", resources, serve, [])
+    return {"groupName": "gpu" if cl.worker_gpus else "cpu",
+            "replicas": cl.worker_min_replicas, "minReplicas": cl.worker_min_replicas,
+            "maxReplicas": cl.worker_max_replicas,
+            "rayStartParams": {"num-cpus": str(cl.worker_cpus), "num-gpus": str(cl.worker_gpus)},
+            "template": _pod_template(cfg, "worker", container, gpu=cl.worker_gpus > 0)}
+
+
+def ray_cluster_spec(cfg: RaylmConfig, serve: bool = False) -> dict:
+    """One RayCluster spec for the standalone cluster, both RayJobs and the RayService.
+
+    Token auth via KubeRay's `authOptions` (this CRD has it): KubeRay sets RAY_AUTH_MODE=token
+    and RAY_AUTH_TOKEN from the named Secret on every Ray container, the autoscaler and the job
+    submitter, so no token appears here.
+    """
+    return {
+        "rayVersion": RAY_VERSION,
+        "authOptions": {"mode": "token", "secretName": cfg.cluster.auth_secret},
+        "enableInTreeAutoscaling": True,
+        "autoscalerOptions": {"upscalingMode": "Default",
+                              "idleTimeoutSeconds": cfg.cluster.autoscaler_idle_timeout_s,
+                              "imagePullPolicy": "IfNotPresent",
+                              "resources": _resources("500m", "512Mi")},
+        "headGroupSpec": head_group(cfg, serve),
+        "workerGroupSpecs": [worker_group(cfg, serve)],
+    }
+
+
+# ------------------------------------------------------------------ Serve
+
+
+def serve_autoscaling(serve: ServeConfig) -> dict:
+    """Ray Serve's `autoscaling_config` from `serve.autoscaling` (the one place it is derived)."""
+    a = serve.autoscaling
+    out: dict[str, Any] = {"min_replicas": a.min_replicas}
+    if a.initial_replicas is not None:
+        out["initial_replicas"] = a.initial_replicas
+    out.update({"max_replicas": a.max_replicas, "target_ongoing_requests": a.target_ongoing_requests,
+                "upscale_delay_s": a.upscale_delay_s, "downscale_delay_s": a.downscale_delay_s})
+    return out
+
+
+def best_json_path(sweep: RaylmConfig) -> str:
+    """Where `raylm tune` writes the sweep's best.json: <train.storage_path>/<tune.sweep_name>/."""
+    return f"{sweep.train.storage_path.rstrip('/')}/{sweep.tune.sweep_name}/best.json"
+
+
+def serve_config(cfg: RaylmConfig, config_rel: str, sweep: RaylmConfig) -> dict:
+    """The Serve config file KubeRay deploys: the app builder plus the model deployment's
+    options (they override the code's defaults, so the cluster follows `serve:` even if the
+    app's own defaults drift)."""
+    s = cfg.serve
+    deployment = {"name": SERVE_MODEL_DEPLOYMENT, "autoscaling_config": serve_autoscaling(s),
+                  "max_ongoing_requests": s.max_ongoing_requests, "max_queued_requests": s.max_queued_requests,
+                  "ray_actor_options": {"num_cpus": s.num_cpus_per_replica, "num_gpus": s.num_gpus_per_replica}}
+    app = {"name": s.app_name, "route_prefix": s.route_prefix, "import_path": SERVE_IMPORT_PATH,
+           "args": {"config": config_rel, "checkpoint": best_json_path(sweep)},
+           "deployments": [deployment]}
+    return {"http_options": {"host": "0.0.0.0", "port": s.port}, "applications": [app]}
+
+
+# ------------------------------------------------------------------ manifests
+
+
+def raycluster(cfg: RaylmConfig) -> Manifest:
+    """A long-lived cluster for `ray job submit` (the entrypoints also run as RayJobs below)."""
+    return {"apiVersion": API_VERSION, "kind": "RayCluster",
+            "metadata": _metadata(cfg, "raylm", "cluster"), "spec": ray_cluster_spec(cfg)}
+
+
+def rayjob(cfg: RaylmConfig, name: str, entrypoint: str) -> Manifest:
+    """A RayJob on its own cluster, deleted when the job ends (results live on shared storage)."""
+    spec = {"entrypoint": entrypoint, "submissionMode": "K8sJobMode", "shutdownAfterJobFinishes": True,
+            "ttlSecondsAfterFinished": 300, "rayClusterSpec": ray_cluster_spec(cfg)}
+    return {"apiVersion": API_VERSION, "kind": "RayJob", "metadata": _metadata(cfg, name, name.split("-")[-1]),
+            "spec": spec}
+
+
+def rayservice(cfg: RaylmConfig, config_rel: str, sweep: RaylmConfig) -> Manifest:
+    """The OpenAI-compatible endpoint over the sweep's best checkpoint, API keys from a Secret."""
+    text = yaml.dump(serve_config(cfg, config_rel, sweep), Dumper=_Dumper, sort_keys=False, width=120)
+    spec = {"serveConfigV2": text, "rayClusterConfig": ray_cluster_spec(cfg, serve=True)}
+    return {"apiVersion": API_VERSION, "kind": "RayService", "metadata": _metadata(cfg, "raylm-serve", "serve"),
+            "spec": spec}
+
+
+def entrypoint(verb: str, config_rel: str) -> str:
+    """The exact local command: a cluster job runs what `raylm <verb>` runs on a laptop."""
+    return shlex.join(["raylm", verb, "--config", config_rel])
+
+
+def render_manifests(cfg: RaylmConfig, config_path: Optional[str] = None,
+                     root: Optional[Path] = None) -> dict[str, Manifest]:
+    """File name -> manifest. `root` is the project checkout (default: the current directory);
+    config paths are taken relative to it, as the image's WORKDIR mirrors it."""
+    root = Path(root) if root is not None else Path.cwd()
+    cfg, config_rel, sweep, sweep_rel = resolve_inputs(cfg, config_path, root)
+    return {
+        "raycluster.yaml": raycluster(cfg),
+        "rayjob-train.yaml": rayjob(cfg, "raylm-train", entrypoint("train", config_rel)),
+        "rayjob-sweep.yaml": rayjob(cfg, "raylm-sweep", entrypoint("tune", sweep_rel)),
+        "rayservice.yaml": rayservice(cfg, config_rel, sweep),
+    }
+
+
+# ------------------------------------------------------------------ YAML
+
+
+class _Dumper(yaml.SafeDumper):
+    """Safe YAML with multi-line strings (serveConfigV2) as readable `|` blocks."""
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _str)
+
+
+def to_yaml(manifest: Manifest, config_rel: str) -> str:
+    """Deterministic text: insertion order (apiVersion, kind, metadata, spec) and a provenance line."""
+    header = f"# Rendered by `raylm k8s render --config {config_rel}` (platform/raylm/k8s.py). Do not edit.\n"
+    return header + yaml.dump(manifest, Dumper=_Dumper, sort_keys=False, width=120)
+
+
+def render_to_dir(cfg: RaylmConfig, out_dir: str, config_path: Optional[str] = None,
+                  root: Optional[Path] = None) -> list[str]:
+    """Render every manifest into `out_dir`; returns the written paths. Nothing is written if
+    the config cannot run on the cluster (all checks happen before the first file)."""
+    root = Path(root) if root is not None else Path.cwd()
+    manifests = render_manifests(cfg, config_path, root)
+    config_rel = repo_relative(config_path or DEFAULT_CONFIG, root)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, manifest in manifests.items():
+        path = out / name
+        path.write_text(to_yaml(manifest, config_rel))
+        written.append(str(path))
+    return written

@@ -1,0 +1,330 @@
+"""KubeRay manifests: valid against the real CRDs, in sync with the renderer, and pointing at
+things that exist (verbs, configs, the Serve module, the pinned Ray image). No Ray is started."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import re
+import shlex
+import tomllib
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from raylm import k8s
+from raylm.cli import VERBS, main
+from raylm.config import PYTHON_TAG, RAY_VERSION, ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+CRD_DIR = REPO.parent / "shared" / "kuberay-crds"
+K8S_DIR = REPO / "k8s"
+CRD_OF = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
+          "RayService": "ray.io_rayservices.yaml"}
+SECRETISH = re.compile(r"TOKEN|KEY|SECRET|PASSWORD", re.I)
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def committed() -> dict[str, dict]:
+    return {p.name: yaml.safe_load(p.read_text()) for p in sorted(K8S_DIR.glob("*.yaml"))}
+
+
+def strict_k8s_schema(node):
+    """OpenAPI v3 (Kubernetes flavour) -> JSON Schema, as strict as the API server.
+
+    int-or-string and nullable become type unions; objects that list their properties reject
+    unknown fields (the API server's strict field validation, kubectl's default) unless marked
+    x-kubernetes-preserve-unknown-fields. CEL rules (x-kubernetes-validations) are not evaluated.
+    """
+    if isinstance(node, list):
+        return [strict_k8s_schema(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: strict_k8s_schema(v) for k, v in node.items()}
+    if out.get("x-kubernetes-int-or-string") and "anyOf" not in out:
+        out.pop("type", None)
+        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    if out.get("nullable") and "type" in out:
+        out["type"] = [out["type"], "null"]
+    if "properties" in out and "additionalProperties" not in out and not out.get("x-kubernetes-preserve-unknown-fields"):
+        out["additionalProperties"] = False
+    return out
+
+
+@functools.cache
+def validator(kind: str, version: str = "v1") -> jsonschema.Draft7Validator:
+    path = CRD_DIR / CRD_OF[kind]
+    crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    (served,) = [v for v in crd["spec"]["versions"] if v["name"] == version and v["served"]]
+    schema = strict_k8s_schema(served["schema"]["openAPIV3Schema"])
+    jsonschema.Draft7Validator.check_schema(schema)
+    return jsonschema.Draft7Validator(schema)
+
+
+def errors(manifest: dict) -> list[str]:
+    kind = manifest["kind"]
+    version = manifest["apiVersion"].split("/")[1]
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator(kind, version).iter_errors(manifest)]
+
+
+def cluster_specs() -> list[tuple[str, dict]]:
+    out = []
+    for name, m in committed().items():
+        spec = m["spec"]
+        out.append((name, spec.get("rayClusterSpec") or spec.get("rayClusterConfig") or spec))
+    return out
+
+
+def containers(spec: dict) -> list[dict]:
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    return [c for g in groups for c in g["template"]["spec"]["containers"]]
+
+
+def pinned_ray() -> str:
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    (pin,) = [d for d in deps if re.match(r"ray\[", d)]
+    return pin.split("==")[1]
+
+
+def dockerfile_from() -> str:
+    (line,) = [ln for ln in (K8S_DIR / "Dockerfile").read_text().splitlines() if ln.startswith("FROM ")]
+    return line.split()[1]
+
+
+def small():
+    return load_config(REPO / "configs" / "small.yaml")
+
+
+# ------------------------------------------------------------------ sync with the renderer
+
+
+def test_committed_manifests_equal_a_fresh_render(tmp_path):
+    written = k8s.render_to_dir(small(), str(tmp_path), config_path="configs/small.yaml", root=REPO)
+    assert sorted(Path(p).name for p in written) == sorted(k8s.MANIFEST_FILES)
+    assert sorted(p.name for p in K8S_DIR.glob("*.yaml")) == sorted(k8s.MANIFEST_FILES)
+    for path in written:
+        assert (K8S_DIR / Path(path).name).read_text() == Path(path).read_text(), \
+            f"k8s/{Path(path).name} is stale: run `raylm k8s render`"
+
+
+def test_cli_default_renders_the_gpu_config(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    assert main(["k8s", "render", "--out", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.split() == [str(tmp_path / n) for n in k8s.MANIFEST_FILES]
+    for name in k8s.MANIFEST_FILES:
+        assert (tmp_path / name).read_text() == (K8S_DIR / name).read_text()
+
+
+def test_set_without_config_is_refused_not_dropped(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    assert main(["k8s", "render", "--out", str(tmp_path), "--set", "cluster.worker_max_replicas=8"]) == 2
+    assert "--set needs --config" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------ CRD validation
+
+
+@pytest.mark.parametrize("name", k8s.MANIFEST_FILES)
+def test_manifest_validates_against_its_crd(name):
+    manifest = yaml.safe_load((K8S_DIR / name).read_text())
+    assert manifest["apiVersion"] == "ray.io/v1"
+    assert errors(manifest) == []
+
+
+def _break_ray_version(m):
+    m["spec"]["rayVersion"] = 2.6
+
+
+def _unknown_field(m):
+    m["spec"]["enableInTreeAutoScaling"] = True  # typo of enableInTreeAutoscaling
+
+
+def _missing_group_name(m):
+    del m["spec"]["workerGroupSpecs"][0]["groupName"]
+
+
+def _bad_quantity(m):
+    m["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"] = "two"
+
+
+def _bad_auth_mode(m):
+    m["spec"]["authOptions"]["mode"] = "password"
+
+
+@pytest.mark.parametrize("breakage", [_break_ray_version, _unknown_field, _missing_group_name, _bad_quantity,
+                                      _bad_auth_mode])
+def test_validation_is_not_vacuous(breakage):
+    manifest = copy.deepcopy(committed()["raycluster.yaml"])
+    breakage(manifest)
+    assert errors(manifest), f"{breakage.__name__} should be rejected"
+
+
+def test_int_or_string_accepts_both_forms():
+    manifest = copy.deepcopy(committed()["raycluster.yaml"])
+    limits = manifest["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    limits["cpu"] = 2
+    assert errors(manifest) == []
+    limits["cpu"] = 2.5  # neither an integer nor a string
+    assert errors(manifest)
+
+
+def test_rayjob_and_rayservice_breakages_are_caught():
+    job = copy.deepcopy(committed()["rayjob-train.yaml"])
+    job["spec"]["shutdownAfterJobFinishes"] = "yes"
+    assert errors(job)
+    svc = copy.deepcopy(committed()["rayservice.yaml"])
+    del svc["spec"]["rayClusterConfig"]
+    assert errors(svc)
+
+
+# ------------------------------------------------------------------ pins and images
+
+
+def test_ray_version_and_images_match_the_pin():
+    assert pinned_ray() == RAY_VERSION
+    base = f"rayproject/ray:{RAY_VERSION}-{PYTHON_TAG}-gpu"
+    assert dockerfile_from() == base
+    image = small().cluster.image
+    assert image.rsplit(":", 1)[1] == base.rsplit(":", 1)[1]  # the project image is tagged like its base
+    for name, spec in cluster_specs():
+        assert spec["rayVersion"] == RAY_VERSION, name
+        assert {c["image"] for c in containers(spec)} == {image}, name
+        assert all(c["workingDir"] == k8s.WORKDIR for c in containers(spec)), name
+
+
+def test_dockerfile_installs_the_project_where_the_pods_run():
+    text = (K8S_DIR / "Dockerfile").read_text()
+    assert re.search(rf"^WORKDIR {re.escape(k8s.WORKDIR)}$", text, re.M)
+    for folder in ("platform", *k8s.IMAGE_CONFIG_DIRS, "deployments"):
+        assert re.search(rf"^COPY .*\b{folder}/ {folder}/$", text, re.M), folder
+    assert "pyproject.toml" in text and "pip install" in text
+
+
+def test_dockerignore_keeps_local_state_out():
+    lines = set((REPO / ".dockerignore").read_text().split())
+    assert {".venv", "results", ".git", "bench/out", "**/__pycache__", ".pytest_cache"} <= lines
+    assert not lines & {"platform", "configs", "tune_configs", "deployments", "pyproject.toml", "README.md"}
+
+
+# ------------------------------------------------------------------ what the manifests point at
+
+
+def test_entrypoints_are_the_local_commands():
+    jobs = {n: m["spec"]["entrypoint"] for n, m in committed().items() if m["kind"] == "RayJob"}
+    assert jobs == {"rayjob-train.yaml": "raylm train --config configs/small.yaml",
+                    "rayjob-sweep.yaml": "raylm tune --config tune_configs/small_sweep.yaml"}
+    for command in jobs.values():
+        prog, verb, flag, path = shlex.split(command)
+        assert (prog, flag) == ("raylm", "--config") and verb in VERBS
+        assert (REPO / path).is_file()
+        load_config(REPO / path)
+
+
+def test_jobs_run_on_their_own_cluster_and_shut_it_down():
+    for name in ("rayjob-train.yaml", "rayjob-sweep.yaml"):
+        spec = committed()[name]["spec"]
+        assert spec["shutdownAfterJobFinishes"] is True and "rayClusterSpec" in spec
+
+
+def test_rayservice_deploys_the_app_builder_over_the_sweeps_best():
+    spec = committed()["rayservice.yaml"]["spec"]
+    serve = yaml.safe_load(spec["serveConfigV2"])
+    (app,) = serve["applications"]
+    module, _, attr = app["import_path"].partition(":")
+    assert (module, attr) == ("deployments.openai_app", "app_builder")
+    app_file = REPO / (module.replace(".", "/") + ".py")
+    assert app_file.relative_to(REPO).as_posix() == "deployments/openai_app.py"
+    if app_file.exists():  # written concurrently by the Serve engineer; until then only the path is checked
+        source = app_file.read_text()
+        assert re.search(rf"^(def {attr}\(|{attr}\s*=)", source, re.M), f"no {attr} in {app_file}"
+        for dep in app["deployments"]:  # Serve refuses options for a deployment the app lacks
+            assert re.search(rf"class {dep['name']}\b|name=[\"']{dep['name']}[\"']", source), dep["name"]
+    cfg, sweep = small(), load_config(REPO / "tune_configs" / "small_sweep.yaml")
+    assert app["args"] == {"config": "configs/small.yaml",
+                           "checkpoint": f"{sweep.train.storage_path}/{sweep.tune.sweep_name}/best.json"}
+    load_config(REPO / app["args"]["config"])
+    assert serve["http_options"] == {"host": "0.0.0.0", "port": cfg.serve.port}
+    for dep in app["deployments"]:
+        assert dep["autoscaling_config"] == k8s.serve_autoscaling(cfg.serve)
+        assert dep["ray_actor_options"]["num_gpus"] == cfg.serve.num_gpus_per_replica == 1
+
+
+def test_serve_autoscaling_follows_the_config():
+    cfg = load_config(REPO / "configs" / "small.yaml", ["serve.autoscaling.initial_replicas=2",
+                                                        "serve.autoscaling.downscale_delay_s=90"])
+    assert k8s.serve_autoscaling(cfg.serve) == {"min_replicas": 1, "initial_replicas": 2, "max_replicas": 4,
+                                                "target_ongoing_requests": 2.0, "upscale_delay_s": 5.0,
+                                                "downscale_delay_s": 90.0}
+
+
+def test_api_keys_and_ray_token_come_from_secrets_only():
+    cfg = small()
+    for name, spec in cluster_specs():
+        assert spec["authOptions"] == {"mode": "token", "secretName": cfg.cluster.auth_secret}, name
+        for c in containers(spec):
+            for env in c.get("env", []):
+                if SECRETISH.search(env["name"]):
+                    assert "value" not in env and env["valueFrom"]["secretKeyRef"]["name"], (name, env)
+    serve_env = {e["name"]: e for c in containers(committed()["rayservice.yaml"]["spec"]["rayClusterConfig"])
+                 for e in c["env"]}
+    assert serve_env[cfg.serve.api_key_env]["valueFrom"]["secretKeyRef"] == {
+        "name": cfg.cluster.api_keys_secret, "key": k8s.API_KEYS_KEY}
+
+
+def test_cpu_head_and_autoscaled_gpu_workers():
+    cl = small().cluster
+    for name, spec in cluster_specs():
+        assert spec["enableInTreeAutoscaling"] is True and spec["autoscalerOptions"], name
+        head = spec["headGroupSpec"]
+        assert head["rayStartParams"]["num-cpus"] == str(cl.head_cpus)
+        assert head["rayStartParams"]["num-gpus"] == "0"
+        assert "nvidia.com/gpu" not in head["template"]["spec"]["containers"][0]["resources"]["limits"]
+        (group,) = spec["workerGroupSpecs"]
+        assert (group["minReplicas"], group["maxReplicas"]) == (cl.worker_min_replicas, cl.worker_max_replicas)
+        res = group["template"]["spec"]["containers"][0]["resources"]
+        assert res["requests"]["nvidia.com/gpu"] == res["limits"]["nvidia.com/gpu"] == str(cl.worker_gpus)
+
+
+def test_shared_storage_is_mounted_where_results_go():
+    cfg = small()
+    assert cfg.train.storage_path.startswith(cfg.cluster.storage_mount_path + "/")
+    for name, spec in cluster_specs():
+        for group in (spec["headGroupSpec"], *spec["workerGroupSpecs"]):
+            pod = group["template"]["spec"]
+            claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]
+                      if "persistentVolumeClaim" in v}
+            mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+            assert claims == {"shared": cfg.cluster.storage_claim}, name
+            assert mounts["shared"] == cfg.cluster.storage_mount_path, name
+
+
+# ------------------------------------------------------------------ refusals
+
+
+def test_results_on_pod_local_disk_are_refused():
+    with pytest.raises(ConfigError, match="train.storage_path='~/raylm_results'"):
+        k8s.render_manifests(load_config(REPO / "configs" / "tiny.yaml"), "configs/tiny.yaml", root=REPO)
+    uri = load_config(REPO / "configs" / "small.yaml", ["train.storage_path=s3://bucket/raylm"])
+    k8s.check_shared_storage(uri, "x")  # a URI needs no volume
+
+
+def test_a_run_that_cannot_fit_the_cluster_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="train.num_workers=8 .*cluster.worker_max_replicas=4"):
+        k8s.render_manifests(load_config(REPO / "configs" / "base.yaml"), "configs/base.yaml", root=REPO)
+    bigger = load_config(REPO / "configs" / "base.yaml", ["cluster.worker_max_replicas=8"])
+    assert k8s.render_manifests(bigger, "configs/base.yaml", root=REPO)["rayjob-train.yaml"]["spec"][
+        "entrypoint"] == "raylm train --config configs/base.yaml"
+
+
+def test_configs_outside_the_image_are_refused(tmp_path):
+    outside = tmp_path / "c.yaml"
+    outside.write_text("base: " + str(REPO / "configs" / "small.yaml") + "\n")
+    with pytest.raises(ConfigError, match="inside the project"):
+        k8s.render_manifests(load_config(outside), str(outside), root=REPO)
+    with pytest.raises(ConfigError, match="which the image holds"):
+        k8s.render_manifests(small(), "pyproject.toml", root=REPO)
