@@ -144,12 +144,16 @@ class TuneConfig(_Strict):
 
 
 class AutoscalingConfig(_Strict):
-    min_replicas: int = Field(1, ge=0)
-    initial_replicas: Optional[int] = Field(None, ge=0)
-    max_replicas: int = Field(2, ge=1)
-    target_ongoing_requests: float = Field(2.0, gt=0)
-    upscale_delay_s: float = Field(5.0, ge=0)
-    downscale_delay_s: float = Field(30.0, ge=0)
+    min_replicas: int = Field(1, ge=0, description="Fewest Serve replicas kept running (0 lets the app scale to zero).")
+    initial_replicas: Optional[int] = Field(
+        None, ge=0, description="Replicas started at deploy time; None starts min_replicas."
+    )
+    max_replicas: int = Field(2, ge=1, description="Most Serve replicas the autoscaler starts.")
+    target_ongoing_requests: float = Field(
+        2.0, gt=0, description="Ongoing requests per replica the autoscaler aims for (more -> scale up)."
+    )
+    upscale_delay_s: float = Field(5.0, ge=0, description="Seconds demand must stay high before adding replicas.")
+    downscale_delay_s: float = Field(30.0, ge=0, description="Seconds demand must stay low before removing replicas.")
 
     @model_validator(mode="after")
     def _ordered(self) -> "AutoscalingConfig":
@@ -164,21 +168,28 @@ class ServeConfig(_Strict):
     checkpoint: Optional[str] = Field(None, description="HF checkpoint dir, or a sweep's best.json.")
     model_id: str = Field("raylm", description="The model name the API reports and accepts.")
     host: str = Field("127.0.0.1", description="HTTP bind address of the Serve proxy.")
-    port: int = Field(8000, ge=1, le=65535)
-    route_prefix: str = "/"
-    app_name: str = "raylm"
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of the Serve proxy (fixed once per cluster).")
+    route_prefix: str = Field("/", description="URL prefix the app is mounted under (/v1/... lives below it).")
+    app_name: str = Field("raylm", description="Serve application name (serve status, serve.delete).")
     api_key_env: str = Field("RAYLM_API_KEYS", description="Env var holding comma-separated API keys.")
     api_key_file: Optional[str] = Field(None, description="File with one API key per line.")
     require_api_key: bool = Field(True, description="Refuse requests without a valid key (401).")
     max_tokens_limit: int = Field(256, ge=1, description="Largest max_tokens a request may ask for.")
-    default_max_tokens: int = Field(16, ge=1)
+    default_max_tokens: int = Field(16, ge=1, description="max_tokens of a request that does not set it.")
     max_batch_size: int = Field(8, ge=1, description="Requests that share one forward pass.")
-    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    batch_wait_timeout_s: float = Field(
+        0.01, ge=0, description="How long a partial batch waits for more requests before it runs."
+    )
     max_ongoing_requests: int = Field(16, ge=1, description="Concurrent requests per replica.")
     max_queued_requests: int = Field(64, ge=-1, description="Queued beyond that are refused with 503; -1 = no limit.")
-    num_cpus_per_replica: float = Field(1.0, ge=0)
-    num_gpus_per_replica: float = Field(0.0, ge=0)
-    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
+    retry_after_s: float = Field(
+        1.0, ge=0, description="Retry-After (seconds, rounded up) sent with the 503 of a refused, overloaded request."
+    )
+    num_cpus_per_replica: float = Field(1.0, ge=0, description="CPUs each replica reserves (also its torch threads).")
+    num_gpus_per_replica: float = Field(
+        0.0, ge=0, description="GPUs each replica reserves; > 0 runs the model on CUDA in bf16, else CPU fp32."
+    )
+    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="Replica autoscaling.")
 
 
 class ClusterConfig(_Strict):

@@ -1,0 +1,268 @@
+"""The OpenAI wire format: request schemas, their validation, and response/chunk builders.
+
+Requests are validated in two steps. Pydantic checks what a request says on its own (types,
+ranges, NaN, negative numbers) and `api_error_from_validation` turns its first error into the
+OpenAI error body naming the parameter. What depends on the served model (its name, context
+length, `serve.max_tokens_limit`) is checked by `check_limits` once the prompt is tokenized.
+Responses are plain dicts built here, in exactly the shape the official `openai` client parses;
+the unit tests validate them against the client's own types.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+
+MAX_STOP_SEQUENCES = 4  # OpenAI's own limit
+MAX_SEED = 2**63 - 1
+
+# Floats: ints are fine (temperature=1), strings, bools and NaN/inf are not.
+Temperature = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False, strict=True)
+TopP = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False, strict=True)
+
+
+class APIError(Exception):
+    """An error the API reports to the client in OpenAI's format (status, message, param, code)."""
+
+    def __init__(self, status: int, message: str, param: Optional[str] = None,
+                 code: Optional[str] = None, type_: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
+
+    def body(self) -> dict:
+        return error_body(self.message, self.param, self.code, self.type)
+
+
+def error_body(message: str, param: Optional[str] = None, code: Optional[str] = None,
+               type_: str = "invalid_request_error") -> dict:
+    """`{"error": {...}}` as OpenAI sends it; the client raises it as `openai.APIStatusError`."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: StrictBool = False
+
+
+class _Sampling(BaseModel):
+    """Fields shared by completions and chat completions. Unknown fields are kept aside (the app
+    refuses the few that would change the answer, like echo or logprobs) and otherwise ignored
+    like OpenAI's optional extras (user, logit_bias, ...); supported ones are checked strictly."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: StrictStr
+    max_tokens: Optional[StrictInt] = Field(None, ge=1)
+    temperature: float = Temperature
+    top_p: float = TopP
+    stop: Optional[Union[StrictStr, list[StrictStr]]] = None
+    seed: Optional[StrictInt] = Field(None, ge=0, le=MAX_SEED)
+    stream: StrictBool = False
+    stream_options: Optional[StreamOptions] = None
+    n: StrictInt = Field(1, ge=1, le=1, description="Only one choice per prompt is generated.")
+
+    def stop_list(self) -> list[str]:
+        """`stop` as a list; empty strings are rejected because they would match everywhere."""
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise APIError(400, f"stop: at most {MAX_STOP_SEQUENCES} sequences are allowed", "stop")
+        if any(s == "" for s in stops):
+            raise APIError(400, "stop: sequences must not be empty", "stop")
+        return stops
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_Sampling):
+    """POST /v1/completions: a prompt (text, a list of texts, or token ids)."""
+
+    prompt: Union[StrictStr, list[StrictStr], list[StrictInt]]
+
+    def prompts(self) -> list[Union[str, list[int]]]:
+        """One entry per choice: a text or a list of token ids."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if not self.prompt:
+            raise APIError(400, "prompt: must not be an empty list", "prompt")
+        if all(isinstance(p, int) for p in self.prompt):
+            return [list(self.prompt)]
+        return list(self.prompt)
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[StrictStr, list[TextPart], None] = None
+    name: Optional[StrictStr] = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(_Sampling):
+    """POST /v1/chat/completions: a conversation; `max_completion_tokens` is the newer max_tokens."""
+
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_completion_tokens: Optional[StrictInt] = Field(None, ge=1)
+
+    def requested_max_tokens(self) -> Optional[int]:
+        return self.max_tokens if self.max_tokens is not None else self.max_completion_tokens
+
+    def chat(self) -> list[dict[str, str]]:
+        return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+
+def requested_max_tokens(req: _Sampling) -> Optional[int]:
+    if isinstance(req, ChatCompletionRequest):
+        return req.requested_max_tokens()
+    return req.max_tokens
+
+
+# ------------------------------------------------------------------ errors
+
+
+# Pydantic puts the union branch it tried into an error's location ('str', 'list[int]', ...).
+_UNION_TAG = re.compile(r"^(str|int|float|bool|none)$|\[|^(function|constrained|lax|json)-")
+_MODEL_TAGS = {"TextPart", "ChatMessage", "StreamOptions"}
+
+
+def _param_name(loc: tuple) -> Optional[str]:
+    """('body', 'messages', 0, 'content') -> 'messages[0].content'; union branch tags are dropped."""
+    parts: list[str] = []
+    for item in loc:
+        if item == "body" and not parts:
+            continue
+        if isinstance(item, int):
+            if parts:
+                parts[-1] += f"[{item}]"
+            continue
+        if not isinstance(item, str) or _UNION_TAG.search(item) or item in _MODEL_TAGS:
+            continue
+        parts.append(item)
+    return ".".join(parts) or None
+
+
+def api_error_from_validation(errors: list[dict[str, Any]]) -> APIError:
+    """The first validation error as a 400 naming the parameter (the `openai` client shows it)."""
+    if not errors:
+        return APIError(400, "invalid request")
+    first = errors[0]
+    if first.get("type") in ("json_invalid", "json_type", "model_attributes_type", "model_type"):
+        return APIError(400, "We could not parse the JSON body of your request: it must be a JSON object "
+                        f"({first.get('msg', 'invalid JSON')}).", None, "invalid_json")
+    param = _param_name(tuple(first.get("loc", ())))
+    if first.get("type") == "missing":
+        return APIError(400, f"Missing required parameter: '{param}'.", param, "missing_required_parameter")
+    value = first.get("input")
+    shown = json.dumps(value)[:80] if isinstance(value, (int, float, str, bool, type(None))) else type(value).__name__
+    return APIError(400, f"Invalid value for '{param}': {first.get('msg', 'invalid')} (got {shown}).",
+                    param, "invalid_value")
+
+
+def parse_request(model: type[_Sampling], raw: bytes) -> Any:
+    """Validate a JSON body; any problem becomes an `APIError` (400) naming the parameter."""
+    try:
+        return model.model_validate_json(raw or b"")
+    except ValidationError as err:
+        raise api_error_from_validation(err.errors(include_url=False)) from None
+
+
+def check_limits(req: _Sampling, prompt_tokens: int, *, model_id: str, context_len: int,
+                 max_tokens_limit: int, default_max_tokens: int, prompt_param: str) -> int:
+    """Checks that need the served model; returns the max_tokens to generate."""
+    if req.model != model_id:
+        raise APIError(404, f"The model '{req.model}' does not exist; this server serves '{model_id}'.",
+                       "model", "model_not_found")
+    asked = requested_max_tokens(req)
+    max_tokens = asked if asked is not None else min(default_max_tokens, max(1, context_len - prompt_tokens))
+    if max_tokens > max_tokens_limit:
+        param = "max_tokens" if req.max_tokens is not None or not isinstance(req, ChatCompletionRequest) \
+            else "max_completion_tokens"
+        raise APIError(400, f"{param}={max_tokens} exceeds this server's limit of {max_tokens_limit}.",
+                       param, "invalid_value")
+    if prompt_tokens + max_tokens > context_len:
+        raise APIError(400, f"This model's maximum context length is {context_len} tokens. However, you "
+                       f"requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the {prompt_param}, "
+                       f"{max_tokens} for the completion). Please reduce the {prompt_param} or max_tokens.",
+                       prompt_param, "context_length_exceeded")
+    return max_tokens
+
+
+# ------------------------------------------------------------------ responses
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_response(rid: str, model: str, choices: list[tuple[str, str]], prompt_tokens: int,
+                        completion_tokens: int, created: Optional[int] = None) -> dict:
+    """A `text_completion`; `choices` holds (text, finish_reason) per prompt."""
+    return {"id": rid, "object": "text_completion", "created": created or int(time.time()), "model": model,
+            "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": finish}
+                        for i, (text, finish) in enumerate(choices)],
+            "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def chat_response(rid: str, model: str, text: str, finish: str, prompt_tokens: int, completion_tokens: int,
+                  created: Optional[int] = None) -> dict:
+    return {"id": rid, "object": "chat.completion", "created": created or int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                         "finish_reason": finish}],
+            "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def completion_chunk(rid: str, model: str, created: int, text: str, finish: Optional[str],
+                     index: int = 0) -> dict:
+    return {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]}
+
+
+def chat_chunk(rid: str, model: str, created: int, delta: dict, finish: Optional[str]) -> dict:
+    return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+
+def usage_chunk(rid: str, model: str, created: int, obj: str, prompt_tokens: int, completion_tokens: int) -> dict:
+    """The last chunk when stream_options.include_usage is set: no choices, only usage."""
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [],
+            "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def sse(payload: dict) -> str:
+    """One server-sent event as the OpenAI stream sends it."""
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def models_response(model_id: str, created: int) -> dict:
+    return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "raylm"}]}
+
+
+def render_chat_fallback(messages: list[dict[str, str]]) -> str:
+    """Plain 'role: content' lines ending with 'assistant:' for tokenizers without a chat template."""
+    lines = [f"{m['role']}: {m['content']}" for m in messages]
+    return "\n".join(lines + ["assistant:"])

@@ -1,0 +1,88 @@
+"""Shared pieces of the Serve integration tests: a tiny checkpoint, API keys in a file, and
+deploying an app on the session's Ray cluster with config overrides.
+
+Every Serve test module uses the same port (Serve fixes HTTP options once per cluster) and
+shuts Serve down when it ends, so other modules sharing the Ray cluster start clean.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from raylm.config import RaylmConfig, load_config
+
+PORT = 8123
+KEYS = ("sk-test-alpha", "sk-test-beta")
+MODEL_ID = "tiny-test"
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> str:
+    from raylm.serve.tiny import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(str(tmp_path_factory.mktemp("serve") / "ckpt"))
+
+
+@pytest.fixture(scope="session")
+def key_file(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("keys") / "api_keys"
+    path.write_text("# test keys\n" + "\n".join(KEYS) + "\n")
+    return str(path)
+
+
+def serve_config(key_file: str, *overrides: str) -> RaylmConfig:
+    """A config for tests: 127.0.0.1:PORT, keys from a file (the env var is left alone), small
+    CPU reservations so several replicas fit next to the other tests' actors."""
+    return load_config(None, [
+        f"serve.port={PORT}", "serve.host=127.0.0.1", f"serve.api_key_file={key_file}",
+        "serve.api_key_env=RAYLM_TEST_NO_SUCH_VAR", f"serve.model_id={MODEL_ID}",
+        "serve.num_cpus_per_replica=0.25", "serve.max_tokens_limit=64", *overrides])
+
+
+def deploy_app(cfg: RaylmConfig, checkpoint: str) -> str:
+    from raylm.serve.app import deploy
+
+    return deploy(cfg, checkpoint)
+
+
+def shutdown_serve() -> None:
+    from ray import serve
+
+    serve.shutdown()
+
+
+def auth(key: str = KEYS[0]) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def running_replicas(app: str) -> int:
+    """RUNNING replicas of the app's deployment, from `serve.status()`."""
+    from ray import serve
+
+    status = serve.status().applications.get(app)
+    if status is None:
+        return 0
+    return sum(d.replica_states.get("RUNNING", 0) for d in status.deployments.values())
+
+
+def wait_until(predicate, timeout_s: float, interval_s: float = 0.5) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return predicate()
+
+
+def stats(url: str) -> dict:
+    resp = httpx.get(f"{url}/v1/stats", headers=auth(), timeout=10)
+    resp.raise_for_status()
+    return resp.json()
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[2]
