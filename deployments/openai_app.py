@@ -43,7 +43,9 @@ def app_builder(args: dict) -> serve.Application:
     try:
         parsed = AppArgs.model_validate(args or {})
     except ValidationError as err:
-        raise ConfigError(f"deployments.openai_app:app_builder args: {err}") from None
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        raise ConfigError(f"deployments.openai_app:app_builder args ({', '.join(AppArgs.model_fields)}): "
+                          f"{problems}") from None
     cfg = load_config(parsed.config, parsed.overrides())
     checkpoint = resolve_checkpoint(parsed.checkpoint or cfg.serve.checkpoint)
     # The deployment name the Serve config files and the RayService set options on
