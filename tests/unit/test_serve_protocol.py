@@ -380,3 +380,36 @@ def test_serve_tiny_yaml_is_a_valid_serve_config_matching_configs_tiny():
     for key in ("autoscaling_config", "max_ongoing_requests", "max_queued_requests", "ray_actor_options"):
         assert dep[key] == expected[key], key
     assert raw["http_options"]["port"] == cfg.serve.port
+
+
+# ------------------------------------------------------------------ user-facing entry points
+
+
+def test_cli_serve_refuses_a_missing_checkpoint_before_ray(tmp_path, capsys):
+    from raylm.cli import main
+
+    assert main(["serve", "--checkpoint", str(tmp_path / "no-such-ckpt")]) == 2
+    assert "no-such-ckpt" in capsys.readouterr().err
+
+
+def test_banner_names_the_key_file_never_the_key(tmp_path):
+    from raylm.config import RaylmConfig
+    from raylm.serve.app import banner
+
+    path = tmp_path / "api_key"
+    cfg = RaylmConfig()
+    setup = setup_keys(cfg.serve, {}, generated_path=str(path))
+    text = banner("http://127.0.0.1:8000", setup, cfg)
+    assert str(path) in text and path.read_text().strip() not in text
+    assert "http://127.0.0.1:8000/v1/completions" in text and "openai.OpenAI(base_url='http://127.0.0.1:8000/v1'" in text
+    env_setup = setup_keys(cfg.serve, {"RAYLM_API_KEYS": "sk-secret-1,sk-secret-2"}, generated_path=str(path))
+    env_text = banner("http://h:1", env_setup, cfg)
+    assert "RAYLM_API_KEYS" in env_text and "sk-secret" not in env_text
+
+
+def test_unexpected_errors_become_openai_500s():
+    from raylm.serve.app import _server_error
+
+    resp = asyncio.run(_server_error(None, RuntimeError("boom")))
+    body = json.loads(resp.body)
+    assert resp.status_code == 500 and body["error"]["type"] == "server_error" and "boom" not in resp.body.decode()

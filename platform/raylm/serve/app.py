@@ -142,6 +142,14 @@ async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
                         status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 
+@api.exception_handler(Exception)
+async def _server_error(_: Request, exc: Exception) -> JSONResponse:
+    """A failed generation is a 500 in OpenAI's format (the client retries those), not a text page."""
+    logger.error("request failed: %s: %s", type(exc).__name__, exc)
+    return JSONResponse(error_body(f"The server failed to process the request ({type(exc).__name__}).",
+                                   None, "internal_error", "server_error"), status_code=500)
+
+
 def _unauthorized() -> APIError:
     return APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
                     None, "invalid_api_key", "invalid_request_error")
