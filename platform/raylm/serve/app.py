@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from raylm.config import InputError, RaylmConfig, ServeConfig
 from raylm.k8s import SERVE_MODEL_DEPLOYMENT, serve_autoscaling
 from raylm.serve.auth import KeyChecker, KeySetup, setup_keys
-from raylm.serve.engine import GenRequest, RowEvent, load_engine
+from raylm.serve.engine import GenRequest, load_engine
 from raylm.serve.protocol import (
     SSE_DONE,
     APIError,
@@ -162,8 +162,8 @@ def _reject_unsupported(req: Any, defaults: dict[str, tuple]) -> None:
         if name in extra and extra[name] not in allowed:
             raise APIError(400, f"{name}: not supported by this server", name, "unsupported_parameter")
 
-# Serve pickles the ingress class when it is defined: module-level helpers it uses must come first.
 
+# Serve pickles the ingress class when it is defined: module-level helpers it uses must come first.
 @serve.ingress(api)
 class LLMServer:
     """Ingress and model in one replica: routes, auth and batched generation."""
@@ -187,9 +187,9 @@ class LLMServer:
 
     @api.get("/health")
     async def health(self) -> Response:
-        """Liveness for load balancers (no key): 503 once the model hit a fatal error."""
+        """Liveness for load balancers (no key, so no details): 503 once the model hit a fatal error."""
         if self.engine.fatal_error:
-            return JSONResponse(error_body(self.engine.fatal_error, None, "unhealthy", "server_error"), 503)
+            return JSONResponse(error_body("model unavailable", None, "unhealthy", "server_error"), 503)
         return JSONResponse({"status": "ok"})
 
     @api.get("/v1/models")
