@@ -42,4 +42,6 @@ def init_ray(cfg: RaylmConfig, address: Optional[str] = None, num_cpus: Optional
     if target:
         ray.init(address=target, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        # the dashboard (bound to 127.0.0.1, behind the token) serves the state API that Ray Train
+        # V2 polls and `raylm status` reads; without it the controller logs failures forever
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)

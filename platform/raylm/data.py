@@ -447,7 +447,7 @@ def stats_dict(stats: DataStats) -> dict:
 # ------------------------------------------------------------------ sharding for Ray Train
 
 
-def make_data_config():
+def make_data_config(datasets: Optional[dict] = None, world_size: Optional[int] = None):
     """A Ray Train DataConfig that splits every dataset into disjoint shards, dropping nothing.
 
     Ray's default `streaming_split(equal=True)` may drop rows to equalise shards, and
@@ -455,14 +455,21 @@ def make_data_config():
     are materialized, so we cut at row indices: shard sizes differ by at most one row. Each
     worker then iterates its own shard, epoch after epoch, without a cross-worker barrier. A
     dataset with fewer rows than workers (a tiny validation set) is given whole to every worker.
+
+    Pass `datasets` and `world_size` to cut on the driver, before training starts: Ray Train V2
+    calls `configure` lazily from an actor once the workers hold every CPU, and the split tasks
+    would then wait forever on a small machine (seen on 2 cores with 2 workers).
     """
     from ray.train import DataConfig as RayDataConfig
+
+    pre_cut = {name: shard_indices(ds, world_size) for name, ds in (datasets or {}).items()}
 
     class ShardedDataConfig(RayDataConfig):
         def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
             out: list[dict] = [{} for _ in range(world_size)]
             for name, ds in datasets.items():
-                shards = shard_indices(ds, world_size)
+                cut = pre_cut.get(name)
+                shards = cut if cut is not None and len(cut) == world_size else shard_indices(ds, world_size)
                 for rank, shard in enumerate(shards):
                     out[rank][name] = shard.iterator()
             return out

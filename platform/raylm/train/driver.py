@@ -1,0 +1,90 @@
+"""The driver side of training: data stage, then one `TorchTrainer` running `train_fn_per_worker`."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from raylm.config import InputError, RaylmConfig, expand
+from raylm.data import PreparedData, make_data_config, prepare_data, tokenizer_files
+
+
+@dataclass
+class TrainOutcome:
+    run_dir: str
+    checkpoint: Optional[str]  # the newest checkpoint folder (DeepSpeed state + hf/)
+    hf_checkpoint: Optional[str]  # loadable with AutoModelForCausalLM.from_pretrained
+    metrics: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        m = self.metrics
+        parts = [f"step {m.get('step')}", f"val_loss {m.get('val_loss', float('nan')):.4f}",
+                 f"perplexity {m.get('perplexity', float('nan')):.2f}"]
+        if "resumed_from_step" in m and m["resumed_from_step"]:
+            parts.append(f"resumed from step {m['resumed_from_step']}")
+        return f"trained: {', '.join(parts)}\nrun: {self.run_dir}\nHF checkpoint: {self.hf_checkpoint}"
+
+
+def check_data_fits(cfg: RaylmConfig, prepared: PreparedData) -> None:
+    """Every worker's shard must hold at least one micro-batch; fail before asking for workers."""
+    per_worker = prepared.stats.train_blocks // cfg.train.num_workers
+    if per_worker < cfg.train.micro_batch_size:
+        raise InputError(f"train.micro_batch_size={cfg.train.micro_batch_size}: each of train.num_workers="
+                         f"{cfg.train.num_workers} workers gets only {per_worker} training blocks; lower the "
+                         f"micro-batch or data.seq_len, or add data")
+    if prepared.stats.val_blocks == 0 and cfg.data.val_fraction > 0:
+        raise InputError(f"data.val_fraction={cfg.data.val_fraction}: the corpus yields no validation block")
+
+
+def build_trainer(cfg: RaylmConfig, prepared: PreparedData, callbacks: Optional[list] = None,
+                  storage_path: Optional[str] = None) -> Any:
+    """A TorchTrainer for this config; `storage_path`/`callbacks` let Tune place and observe trials."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from raylm.cluster import worker_env
+    from raylm.train.loop import train_fn_per_worker
+
+    import ray.data
+
+    # The shards carry the driver's DataContext: with progress bars on, every worker would draw
+    # one per epoch into the driver's log. Data preparation (which shows them) is done by now.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    # the workers write metrics and find checkpoints under the storage actually used
+    storage = storage_path or expand(cfg.train.storage_path)
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"storage_path": storage})})
+    t = cfg.train
+    resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
+    return TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={"config": cfg.model_dump(mode="json"),
+                           "tokenizer_files": tokenizer_files(prepared.tokenizer_dir)},
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        datasets={"train": prepared.train, "val": prepared.val},
+        dataset_config=make_data_config({"train": prepared.train, "val": prepared.val}, t.num_workers),
+        run_config=RunConfig(
+            name=t.run_name,
+            storage_path=storage,
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            callbacks=callbacks or [],
+            worker_runtime_env={"env_vars": worker_env(t.use_gpu)},
+        ),
+    )
+
+
+def run_training(cfg: RaylmConfig, prepared: Optional[PreparedData] = None) -> TrainOutcome:
+    """Prepare data (unless given), train, and return where the result lives. Ray must be up."""
+    prepared = prepared or prepare_data(cfg.data)
+    print(prepared.stats.summary(), flush=True)
+    check_data_fits(cfg, prepared)
+    result = build_trainer(cfg, prepared).fit()
+    checkpoint = result.checkpoint.path if result.checkpoint else None
+    return TrainOutcome(
+        run_dir=os.path.join(expand(cfg.train.storage_path), cfg.train.run_name),
+        checkpoint=checkpoint,
+        hf_checkpoint=os.path.join(checkpoint, "hf") if checkpoint else None,
+        metrics=dict(result.metrics or {}),
+    )

@@ -1,0 +1,240 @@
+"""`train_fn_per_worker`: what every Ray Train worker runs (one DeepSpeed rank each)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from typing import Any, Iterator, Optional
+
+from raylm.config import RaylmConfig, expand
+
+# Ray Train V2 hands each report to the controller through a queue of one, which the controller
+# drains on its health-check poll (2 s by default): reporting more often than that blocks the
+# training loop. Metrics-only reports are therefore sent at most once per poll; every step's
+# numbers still go to metrics.jsonl, and eval/checkpoint reports are always sent.
+REPORT_MIN_INTERVAL_S = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0"))
+
+# Dense bf16 peak FLOP/s per GPU, for model FLOPs utilisation (MFU).
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+
+
+def micro_batches(shard: Any, batch_size: int, skip: int, device: Any) -> Iterator[Any]:
+    """Endless micro-batches from this worker's shard, epoch after epoch, in a fixed order.
+
+    `skip` micro-batches are passed over first: that is how a resumed run continues at the
+    data position it had reached instead of seeing the first batches again.
+    """
+    import torch
+
+    epoch = 0
+    while True:
+        seen = 0
+        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, dtypes=torch.long,
+                                              device=device, prefetch_batches=2):
+            seen += 1
+            if skip > 0:
+                skip -= 1
+                continue
+            yield batch["input_ids"]
+        if seen == 0:
+            raise RuntimeError(f"train shard holds fewer than micro_batch_size={batch_size} blocks")
+        skip %= seen  # later epochs: skip only within one epoch
+        epoch += 1
+
+
+def lm_loss(engine: Any, block: Any) -> Any:
+    """Next-token cross-entropy over all seq_len positions of a (B, seq_len + 1) block."""
+    import torch.nn.functional as F
+
+    logits = engine(input_ids=block[:, :-1]).logits
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), block[:, 1:].reshape(-1))
+
+
+def all_mean(values: list[float], device: Any) -> list[float]:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (t / dist.get_world_size()).tolist()
+
+
+def evaluate(engine: Any, shard: Any, cfg: RaylmConfig, device: Any) -> dict[str, float]:
+    """Validation loss and perplexity, averaged over all ranks (each reads its val shard)."""
+    import torch
+
+    engine.eval()
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for i, batch in enumerate(shard.iter_torch_batches(batch_size=cfg.train.micro_batch_size, dtypes=torch.long,
+                                                           device=device)):
+            if i >= cfg.train.eval_batches:
+                break
+            total += float(lm_loss(engine, batch["input_ids"])) * len(batch["input_ids"])
+            n += len(batch["input_ids"])
+    engine.train()
+    loss_sum, count = all_mean([total, float(n)], device)
+    val_loss = loss_sum / max(count, 1e-9)
+    return {"val_loss": val_loss, "perplexity": math.exp(min(val_loss, 50.0))}
+
+
+def flops_per_token(model: Any, seq_len: int) -> float:
+    """6N for the dense weights (forward + backward) plus attention: 12 * layers * hidden * seq_len."""
+    n_params = sum(p.numel() for p in model.parameters())
+    c = model.config
+    layers = getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer", 0)
+    hidden = getattr(c, "hidden_size", None) or getattr(c, "n_embd", 0)
+    return 6.0 * n_params + 12.0 * layers * hidden * seq_len
+
+
+def peak_flops(device: Any) -> Optional[float]:
+    import torch
+
+    if getattr(device, "type", "cpu") != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+class MetricsLog:
+    """Rank 0 appends one JSON line per report to <storage>/<run_name>/metrics.jsonl (local storage)."""
+
+    def __init__(self, cfg: RaylmConfig, rank: int):
+        root = expand(cfg.train.storage_path)
+        self.path = os.path.join(root, cfg.train.run_name, "metrics.jsonl") if rank == 0 and "://" not in root else None
+        if self.path:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+
+    def write(self, record: dict) -> None:
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def _setup(loop_config: dict) -> tuple[RaylmConfig, Any, Any]:
+    import torch
+
+    from raylm.data import load_tokenizer, write_tokenizer_files
+
+    cfg = RaylmConfig.model_validate(loop_config["config"])
+    tok_dir = tempfile.mkdtemp(prefix="raylm-tok-")
+    write_tokenizer_files(loop_config["tokenizer_files"], tok_dir)
+    if cfg.train.use_gpu:
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    return cfg, load_tokenizer(tok_dir), device
+
+
+def _engine(cfg: RaylmConfig, tokenizer: Any) -> Any:
+    import deepspeed
+    import torch
+
+    from raylm.model import build_model
+    from raylm.train.deepspeed import deepspeed_config
+
+    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
+    model = build_model(cfg.model, len(tokenizer), cfg.data.seq_len, tokenizer)
+    deepspeed.init_distributed(dist_backend="nccl" if cfg.train.use_gpu else "gloo")  # reuses Ray's group
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+                                           config=deepspeed_config(cfg))
+    return engine
+
+
+def _resume(cfg: RaylmConfig, engine: Any, log: MetricsLog) -> tuple[Any, Optional[str]]:
+    """Load the newest complete checkpoint of this run, if any.
+
+    Ray Train's latest checkpoint comes first. A checkpoint persisted just before a worker died
+    may not have reached the controller yet; for local storage the run folder's own `step_*`
+    checkpoints are therefore candidates too (each verified against its manifest).
+    """
+    import ray.train
+
+    from raylm.train.checkpoint import Position, load_checkpoint, pick_resume_checkpoint
+
+    latest = ray.train.get_checkpoint()
+    run_dir = os.path.join(expand(cfg.train.storage_path), cfg.train.run_name)
+    if latest is not None:
+        with latest.as_directory() as local:
+            picked = pick_resume_checkpoint(local, log=print, run_dir=run_dir)
+            if picked is None:
+                raise RuntimeError(f"no usable checkpoint at or before {latest.path}")
+    else:
+        picked = pick_resume_checkpoint(None, log=print, run_dir=run_dir)
+        if picked is None:
+            return Position(), None
+    path, _ = picked
+    pos = load_checkpoint(engine, path)
+    log.write({"event": "resume", "from": path, "step": pos.step, "time": time.time()})
+    return pos, path
+
+
+def train_fn_per_worker(loop_config: dict) -> None:
+    """Train until `train.max_steps`, reporting metrics and checkpoints to Ray Train."""
+    import ray.train
+    import torch.distributed as dist
+
+    from raylm.train.checkpoint import cleanup, save_checkpoint
+
+    cfg, tokenizer, device = _setup(loop_config)
+    t = cfg.train
+    engine = _engine(cfg, tokenizer)
+    rank = dist.get_rank()
+    log = MetricsLog(cfg, rank)
+    pos, resumed_from = _resume(cfg, engine, log)
+    resumed_step = pos.step
+    batches = micro_batches(ray.train.get_dataset_shard("train"), t.micro_batch_size, pos.step * t.grad_accum_steps, device)
+    val_shard = ray.train.get_dataset_shard("val")
+    tokens_per_step = t.effective_global_batch * cfg.data.seq_len
+    fpt, peak = flops_per_token(engine.module, cfg.data.seq_len), peak_flops(device)
+    window_loss, window_steps, window_t0 = 0.0, 0, time.perf_counter()
+    last_eval: dict[str, float] = {}
+    last_report_t = time.monotonic()
+    while pos.step < t.max_steps:
+        for _ in range(t.grad_accum_steps):
+            loss = lm_loss(engine, next(batches))
+            engine.backward(loss)
+            engine.step()
+            window_loss += float(loss) / t.grad_accum_steps
+        pos.step += 1
+        pos.tokens += tokens_per_step
+        window_steps += 1
+        is_last = pos.step == t.max_steps
+        do_log = pos.step % t.log_every_steps == 0 or is_last
+        do_eval = pos.step % t.eval_every_steps == 0 or is_last
+        do_ckpt = pos.step % t.checkpoint_every_steps == 0 or is_last
+        if not (do_log or do_eval or do_ckpt):
+            continue
+        metrics: dict[str, Any] = {"step": pos.step, "tokens": pos.tokens, "resumed_from_step": resumed_step}
+        if do_log:
+            elapsed = time.perf_counter() - window_t0
+            # one all-reduce: the mean loss, and rank-agreed time since the last Ray report
+            loss_mean, since_report_s = all_mean([window_loss / window_steps, time.monotonic() - last_report_t], device)
+            tps = window_steps * tokens_per_step / max(elapsed, 1e-9)
+            grad_norm = engine.get_global_grad_norm()
+            metrics.update(loss=loss_mean, lr=engine.get_lr()[0], tokens_per_s=tps,
+                           grad_norm=float(grad_norm) if grad_norm is not None else float("nan"))
+            if peak:
+                metrics["mfu"] = fpt * tps / (peak * dist.get_world_size())
+        if do_eval:
+            # `evals` counts evaluations by step, so it survives restarts: Tune forwards each once
+            last_eval = {**evaluate(engine, val_shard, cfg, device),
+                         "evals": pos.step // t.eval_every_steps + (1 if pos.step % t.eval_every_steps else 0)}
+        metrics.update(last_eval)
+        checkpoint_dir = save_checkpoint(engine, tokenizer, cfg, pos) if do_ckpt else None
+        if checkpoint_dir:
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
+                             checkpoint_dir_name=f"step_{pos.step:08d}")
+            cleanup(checkpoint_dir)
+            last_report_t = time.monotonic()
+        elif do_eval or since_report_s >= REPORT_MIN_INTERVAL_S:  # do_log holds when not do_eval
+            ray.train.report(metrics)
+            last_report_t = time.monotonic()
+        log.write({**metrics, "time": time.time(), "checkpoint": bool(checkpoint_dir)})  # after the report: persisted
+        window_loss, window_steps, window_t0 = 0.0, 0, time.perf_counter()
