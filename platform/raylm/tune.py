@@ -1,0 +1,412 @@
+"""The Tune stage: a Ray Tune sweep whose trials each build and fit one `TorchTrainer`.
+
+Ray 2.60 (Train V2) pattern: the Tuner runs `trial_fn`, a plain function holding a sliver of a
+CPU, which builds the trial's TorchTrainer (DeepSpeed workers with their own resources) and
+forwards its evaluation reports to Tune, so ASHA can stop a poor trial after any evaluation.
+
+Layout under `<train.storage_path>/<tune.sweep_name>/`:
+
+    tune/              Ray Tune's experiment (restorable: the same command resumes it)
+    trials/<trial>/    each trial's Train run: metrics.jsonl and step_* checkpoints
+    best.json          the best trial and its Hugging Face checkpoint (what `raylm serve` reads)
+    trials.md          the table of trials; val_loss.png: validation-loss curves of all trials
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from raylm.config import ConfigError, RaylmConfig, expand, validate_tree
+
+SPEC_KINDS = ("loguniform", "uniform", "choice", "grid")
+METRICS = ("val_loss", "perplexity", "loss")
+FIXED_BY_SWEEP = ("train.storage_path", "train.run_name")
+TRIAL_CPU = 0.01  # the trial function only drives its TorchTrainer; the workers hold the CPUs
+
+
+# ------------------------------------------------------------------ validation (before Ray)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> dict:
+    tree = copy.deepcopy(tree)
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+    return tree
+
+
+def _has_path(tree: dict, dotted: str) -> bool:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return not isinstance(node, dict)
+
+
+def _spec_values(key: str, spec: Any) -> tuple[str, list]:
+    """(kind, the values to check) for one search-space entry; raises naming the entry."""
+    where = f"tune.search_space.{key}"
+    if not isinstance(spec, dict):
+        return "constant", [spec]
+    if len(spec) != 1 or next(iter(spec)) not in SPEC_KINDS:
+        raise ConfigError(f"{where}: expected one of {{{' | '.join(k + ': ...' for k in SPEC_KINDS)}}}, got {spec}")
+    kind, values = next(iter(spec.items()))
+    if kind in ("loguniform", "uniform"):
+        if not (isinstance(values, list) and len(values) == 2 and all(isinstance(v, (int, float)) for v in values)
+                and values[0] < values[1]):
+            raise ConfigError(f"{where}: {kind} needs [low, high] with low < high, got {values}")
+        if kind == "loguniform" and values[0] <= 0:
+            raise ConfigError(f"{where}: loguniform needs low > 0, got {values[0]}")
+    elif not (isinstance(values, list) and values):
+        raise ConfigError(f"{where}: {kind} needs a non-empty list, got {values}")
+    return kind, list(values)
+
+
+def validate_sweep(cfg: RaylmConfig) -> None:
+    """Reject a sweep that cannot run, naming the field, before any cluster resource is asked for.
+
+    Every bound and choice is checked against the typed config, so a value no trial could use
+    (a negative learning rate, an unknown field) is an error now rather than N failed trials.
+    A value that is valid but fails at run time (a batch the data cannot fill) is left to its
+    trial, which is then recorded as failed while the others go on.
+    """
+    t = cfg.tune
+    if not t.search_space:
+        raise ConfigError("tune.search_space: empty; name at least one field, e.g. train.lr: {loguniform: [1e-4, 1e-2]}")
+    if t.metric not in METRICS:
+        raise ConfigError(f"tune.metric: {t.metric!r} is not reported by training; use one of {', '.join(METRICS)}")
+    base = cfg.model_dump(mode="json")
+    kinds = []
+    for key, spec in t.search_space.items():
+        if key.startswith("tune.") or key in FIXED_BY_SWEEP:
+            raise ConfigError(f"tune.search_space.{key}: cannot be swept (the sweep sets it per trial)")
+        if not _has_path(base, key):
+            raise ConfigError(f"tune.search_space.{key}: no such config field (`raylm config` lists them)")
+        kind, values = _spec_values(key, spec)
+        kinds.append(kind)
+        for value in values:
+            try:
+                validate_tree(_set_dotted(base, key, value), source=f"tune.search_space.{key}={value!r}")
+            except ConfigError as exc:
+                raise ConfigError(f"tune.search_space.{key}: value {value!r} is invalid:\n{exc}") from None
+    if t.search_alg != "random" and "grid" in kinds:
+        raise ConfigError(f"tune.search_alg={t.search_alg}: grid entries need search_alg: random")
+    if t.search_alg == "hyperopt":
+        try:
+            import hyperopt  # noqa: F401
+        except ImportError:
+            raise ConfigError("tune.search_alg=hyperopt: the hyperopt package is not installed "
+                              "(pip install hyperopt, or use optuna)") from None
+    if t.scheduler == "asha" and t.asha.grace_period > evals_per_trial(cfg):
+        raise ConfigError(f"tune.asha.grace_period={t.asha.grace_period}: a trial only evaluates "
+                          f"{evals_per_trial(cfg)} times (train.max_steps / train.eval_every_steps)")
+
+
+def evals_per_trial(cfg: RaylmConfig) -> int:
+    """Evaluations in a full trial: every eval_every_steps, plus one at the final step."""
+    t = cfg.train
+    return t.max_steps // t.eval_every_steps + (1 if t.max_steps % t.eval_every_steps else 0)
+
+
+# ------------------------------------------------------------------ search space and trials
+
+
+def param_space(cfg: RaylmConfig) -> dict[str, Any]:
+    from ray import tune
+
+    space: dict[str, Any] = {}
+    for key, spec in cfg.tune.search_space.items():
+        kind, values = _spec_values(key, spec)
+        space[key] = {"loguniform": lambda v: tune.loguniform(*v), "uniform": lambda v: tune.uniform(*v),
+                      "choice": tune.choice, "grid": tune.grid_search, "constant": lambda v: v[0]}[kind](values)
+    return space
+
+
+def trial_config(base_tree: dict, params: dict[str, Any], trials_dir: str, trial_id: str) -> RaylmConfig:
+    """The base config with this trial's sampled values, writing under trials/<trial_id>."""
+    tree = copy.deepcopy(base_tree)
+    for key, value in params.items():
+        tree = _set_dotted(tree, key, value)
+    tree["train"]["storage_path"], tree["train"]["run_name"] = trials_dir, trial_id
+    return validate_tree(tree, source=f"trial {trial_id}")
+
+
+def eval_forwarder():
+    """A Train callback that sends Tune one result per evaluation (what ASHA ranks trials by).
+
+    Metrics-only reports between evaluations would make Tune iterations depend on timing;
+    forwarding only reports with a new evaluation makes one Tune iteration = one evaluation.
+    """
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class EvalReportCallback(TuneReportCallback):
+        def __init__(self):
+            super().__init__()
+            self._evals = 0
+
+        def after_report(self, run_context, metrics, checkpoint):
+            evals = int(metrics[0].get("evals", 0))
+            if evals > self._evals:
+                self._evals = evals
+                super().after_report(run_context, metrics, checkpoint)
+
+    return EvalReportCallback()
+
+
+def trial_fn(params: dict, base_tree: dict, trials_dir: str, prepared: Any) -> None:
+    """One Tune trial: build the trial's config and fit one TorchTrainer on the shared data."""
+    from ray import tune
+
+    from raylm.train.driver import build_trainer, check_data_fits
+
+    trial_id = tune.get_context().get_trial_id()
+    cfg = trial_config(base_tree, params, trials_dir, trial_id)
+    check_data_fits(cfg, prepared)  # an impossible trial fails here: recorded, the sweep goes on
+    result = build_trainer(cfg, prepared, callbacks=[eval_forwarder()]).fit()
+    if result.error:
+        raise result.error
+
+
+def max_concurrency(cfg: RaylmConfig) -> int:
+    """Trials that fit at once: every trial's workers need their CPUs (and GPUs) to start."""
+    import ray
+
+    t = cfg.train
+    total = ray.cluster_resources()
+    fit = int(total.get("CPU", 1) // (t.num_workers * t.cpus_per_worker))
+    if t.use_gpu:
+        fit = min(fit, int(total.get("GPU", 0) // t.num_workers))
+    limit = max(1, fit)
+    return min(limit, cfg.tune.max_concurrent_trials) if cfg.tune.max_concurrent_trials else limit
+
+
+def build_tuner(cfg: RaylmConfig, prepared: Any) -> Any:
+    """A Tuner over `trial_fn`, or the restored one when this sweep ran before (resume)."""
+    from ray import tune
+
+    t = cfg.tune
+    sweep_dir = sweep_path(cfg)
+    trainable = tune.with_resources(
+        tune.with_parameters(trial_fn, base_tree=cfg.model_dump(mode="json"),
+                             trials_dir=os.path.join(sweep_dir, "trials"), prepared=prepared),
+        {"CPU": TRIAL_CPU})
+    tune_dir = os.path.join(sweep_dir, "tune")
+    if tune.Tuner.can_restore(tune_dir):
+        print(f"resuming sweep {t.sweep_name} from {tune_dir} (finished trials are not rerun)", flush=True)
+        return tune.Tuner.restore(tune_dir, trainable=trainable, resume_unfinished=True, resume_errored=False)
+    concurrency = max_concurrency(cfg)
+    print(f"sweep {t.sweep_name}: {t.num_samples} sample(s), up to {concurrency} trial(s) at once "
+          f"({cfg.train.num_workers} workers x {cfg.train.cpus_per_worker} CPU each), scheduler={t.scheduler}, "
+          f"search={t.search_alg}, {evals_per_trial(cfg)} evaluations per full trial", flush=True)
+    return tune.Tuner(
+        trainable,
+        param_space=param_space(cfg),
+        tune_config=tune.TuneConfig(metric=t.metric, mode=t.mode, num_samples=t.num_samples,
+                                    scheduler=_scheduler(cfg), search_alg=_search_alg(cfg, concurrency)),
+        run_config=tune.RunConfig(name="tune", storage_path=sweep_dir,
+                                  failure_config=tune.FailureConfig(max_failures=0)),
+    )
+
+
+def _scheduler(cfg: RaylmConfig) -> Any:
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    a = cfg.tune.asha
+    if cfg.tune.scheduler == "fifo":
+        return FIFOScheduler()
+    # time = Tune iterations = evaluations (see eval_forwarder)
+    return ASHAScheduler(time_attr="training_iteration", max_t=evals_per_trial(cfg),
+                         grace_period=a.grace_period, reduction_factor=a.reduction_factor)
+
+
+def _search_alg(cfg: RaylmConfig, concurrency: int) -> Any:
+    """The searcher, limited to `concurrency` live trials (Tune's max_concurrent_trials is not
+    applied to a searcher passed in explicitly, so the limit is set here)."""
+    from ray.tune.search import ConcurrencyLimiter
+
+    t = cfg.tune
+    if t.search_alg == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return ConcurrencyLimiter(OptunaSearch(seed=t.seed), max_concurrent=concurrency)
+    if t.search_alg == "hyperopt":
+        from ray.tune.search.hyperopt import HyperOptSearch
+
+        return ConcurrencyLimiter(HyperOptSearch(random_state_seed=t.seed), max_concurrent=concurrency)
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=t.seed, max_concurrent=concurrency)
+
+
+def sweep_path(cfg: RaylmConfig) -> str:
+    return os.path.join(expand(cfg.train.storage_path), cfg.tune.sweep_name)
+
+
+# ------------------------------------------------------------------ results
+
+
+@dataclass
+class TrialRow:
+    trial_id: str
+    params: dict
+    status: str  # finished | stopped early | failed
+    steps: int
+    best_value: Optional[float]
+    last_value: Optional[float]
+    checkpoint: Optional[str] = None  # newest complete checkpoint (DeepSpeed + hf/)
+    error: Optional[str] = None
+    curve: list = field(default_factory=list)  # (step, metric) per evaluation
+
+
+@dataclass
+class SweepOutcome:
+    sweep_dir: str
+    metric: str
+    mode: str
+    trials: list[TrialRow]
+    best: Optional[TrialRow]
+    best_json: Optional[str]
+    seconds: float
+
+    def table(self) -> str:
+        head = f"| trial | {' | '.join(self.param_names())} | best {self.metric} | last {self.metric} | steps | status |"
+        rows = [head, "|" + "---|" * (len(self.param_names()) + 5)]
+        for r in self.trials:
+            params = " | ".join(_fmt(r.params.get(k)) for k in self.param_names())
+            mark = " **best**" if self.best and r.trial_id == self.best.trial_id else ""
+            rows.append(f"| {r.trial_id}{mark} | {params} | {_fmt(r.best_value)} | {_fmt(r.last_value)} | {r.steps} | "
+                        f"{r.status}{': ' + r.error if r.error else ''} |")
+        return "\n".join(rows)
+
+    def param_names(self) -> list[str]:
+        return sorted({k for r in self.trials for k in r.params})
+
+    def summary(self) -> str:
+        lines = [self.table(), ""]
+        if self.best:
+            lines += [f"best trial: {self.best.trial_id} {self.metric}={_fmt(self.best.last_value)} "
+                      f"params={self.best.params}", f"best checkpoint: {self.best.checkpoint}/hf",
+                      f"best pointer: {self.best_json}"]
+        else:
+            lines.append("no trial produced a checkpoint")
+        lines.append(f"sweep: {self.sweep_dir} ({self.seconds:.0f}s)")
+        return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "-" if v is None else str(v)
+
+
+def _trial_row(result: Any, cfg: RaylmConfig, trials_dir: str) -> TrialRow:
+    from raylm.train.checkpoint import pick_resume_checkpoint
+
+    metric, full_steps = cfg.tune.metric, cfg.train.max_steps
+    df = result.metrics_dataframe
+    curve = [] if df is None or metric not in df else \
+        [(int(s), float(v)) for s, v in zip(df["step"], df[metric]) if v == v]
+    trial_id = (result.metrics or {}).get("trial_id") or os.path.basename(result.path).split("_")[1]
+    params = dict(result.config or {})
+    params_file = os.path.join(result.path, "params.json")
+    if not params and os.path.isfile(params_file):  # a restored sweep's errored trial carries no config
+        with open(params_file) as f:
+            params = json.load(f)
+    steps = curve[-1][0] if curve else 0
+    picked = pick_resume_checkpoint(None, log=lambda _: None, run_dir=os.path.join(trials_dir, trial_id))
+    values = [v for _, v in curve]
+    best = (min if cfg.tune.mode == "min" else max)(values) if values else None
+    if result.error:
+        status, error = "failed", str(result.error).strip().splitlines()[-1][:200]
+    else:
+        trial_steps = params.get("train.max_steps", full_steps)
+        status, error = ("finished" if steps >= trial_steps else "stopped early"), None
+    return TrialRow(trial_id=trial_id, params=params, status=status, steps=steps, best_value=best,
+                    last_value=values[-1] if values else None, checkpoint=picked[0] if picked else None,
+                    error=error, curve=curve)
+
+
+def _checkpoint_value(row: TrialRow) -> Optional[float]:
+    """The metric at the step of the trial's checkpoint (what serving it would give)."""
+    if not row.checkpoint:
+        return None
+    step = int(os.path.basename(row.checkpoint).split("_")[-1])
+    at = [v for s, v in row.curve if s == step]
+    return at[-1] if at else None
+
+
+def pick_best(rows: list[TrialRow], mode: str) -> Optional[TrialRow]:
+    """The trial whose checkpoint has the best metric (a trial without a checkpoint cannot be served)."""
+    scored = [(v, r) for r in rows if r.status != "failed" and (v := _checkpoint_value(r)) is not None]
+    if not scored:
+        return None
+    return (min if mode == "min" else max)(scored, key=lambda x: x[0])[1]
+
+
+def write_reports(outcome: SweepOutcome, cfg: RaylmConfig) -> None:
+    """best.json, trials.md and val_loss.png in the sweep folder."""
+    d = outcome.sweep_dir
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "trials.md"), "w") as f:
+        f.write(f"# sweep {cfg.tune.sweep_name}\n\n{outcome.table()}\n")
+    if outcome.best:
+        b = outcome.best
+        pointer = {"sweep": cfg.tune.sweep_name, "trial_id": b.trial_id, "params": b.params,
+                   "metric": outcome.metric, "mode": outcome.mode, "value": _checkpoint_value(b),
+                   "step": int(os.path.basename(b.checkpoint).split("_")[-1]),
+                   "checkpoint": os.path.join(b.checkpoint, "hf"), "train_checkpoint": b.checkpoint,
+                   "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        tmp = os.path.join(d, "best.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(pointer, f, indent=2)
+        os.replace(tmp, os.path.join(d, "best.json"))
+    plot_curves(outcome, os.path.join(d, f"{outcome.metric}.png"))
+
+
+def plot_curves(outcome: SweepOutcome, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in outcome.trials:
+        if r.curve:
+            steps, values = zip(*r.curve)
+            label = f"{r.trial_id} " + " ".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in sorted(r.params.items()))
+            ax.plot(steps, values, marker="o", lw=2.5 if outcome.best and r is outcome.best else 1, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel(outcome.metric)
+    ax.set_title(f"sweep {os.path.basename(outcome.sweep_dir)}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_sweep(cfg: RaylmConfig, prepared: Any = None) -> SweepOutcome:
+    """Prepare data (unless given), run (or resume) the sweep, write best.json and the reports."""
+    from raylm.data import prepare_data
+
+    validate_sweep(cfg)
+    t0 = time.perf_counter()
+    prepared = prepared or prepare_data(cfg.data)
+    print(prepared.stats.summary(), flush=True)
+    results = build_tuner(cfg, prepared).fit()
+    sweep_dir = sweep_path(cfg)
+    rows = sorted((_trial_row(r, cfg, os.path.join(sweep_dir, "trials")) for r in results), key=lambda r: r.trial_id)
+    outcome = SweepOutcome(sweep_dir=sweep_dir, metric=cfg.tune.metric, mode=cfg.tune.mode, trials=rows,
+                           best=pick_best(rows, cfg.tune.mode), best_json=None, seconds=time.perf_counter() - t0)
+    if outcome.best:
+        outcome.best_json = os.path.join(sweep_dir, "best.json")
+    write_reports(outcome, cfg)
+    return outcome
+

@@ -1,0 +1,79 @@
+"""The Tune stage on a real local Ray: trials are real TorchTrainers (DeepSpeed, 2 CPU workers)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from raylm.config import load_config
+from raylm.data import prepare_data
+from raylm.tune import run_sweep
+
+ROOT = Path(__file__).resolve().parents[2]
+GOOD_LRS, BAD_LRS = (3e-3, 1e-2), (1e-6, 3e-7)
+
+
+@pytest.fixture(scope="module")
+def embedded_prepared(ray_cluster, cache_dir):
+    cfg = load_config(ROOT / "tune_configs" / "tiny_sweep.yaml", [f"data.cache_dir={cache_dir}"])
+    return prepare_data(cfg.data, verbose=False)
+
+
+def sweep_config(tmp_path: Path, cache_dir: str, *overrides: str):
+    return load_config(ROOT / "tune_configs" / "tiny_sweep.yaml",
+                       [f"train.storage_path={tmp_path}", f"data.cache_dir={cache_dir}", *overrides])
+
+
+def test_asha_stops_bad_learning_rates_and_best_checkpoint_loads(tmp_path, cache_dir, embedded_prepared):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # good learning rates first (grid order), so ASHA has a rung to compare the bad ones against
+    cfg = sweep_config(tmp_path, cache_dir, "tune.search_space={train.lr: {grid: [3.0e-3, 1.0e-2, 1.0e-6, 3.0e-7]}}",
+                       "tune.num_samples=1", "tune.max_concurrent_trials=1", "tune.sweep_name=asha")
+    outcome = run_sweep(cfg, embedded_prepared)
+
+    assert len(outcome.trials) == 4 and all(r.status != "failed" for r in outcome.trials)
+    full = cfg.train.max_steps
+    stopped = [r for r in outcome.trials if r.steps < full]
+    assert stopped, f"ASHA stopped nothing: {[(r.params, r.steps) for r in outcome.trials]}"
+    assert all(r.status == "stopped early" and r.params["train.lr"] in BAD_LRS for r in stopped)
+    assert outcome.best.params["train.lr"] in GOOD_LRS
+    good_losses = [r.last_value for r in outcome.trials if r.params["train.lr"] in GOOD_LRS]
+    bad_losses = [r.last_value for r in outcome.trials if r.params["train.lr"] in BAD_LRS]
+    assert max(good_losses) < min(bad_losses)
+
+    # best.json points at a Hugging Face checkpoint that loads as-is
+    best = json.loads((tmp_path / "asha" / "best.json").read_text())
+    assert best["trial_id"] == outcome.best.trial_id and best["params"]["train.lr"] in GOOD_LRS
+    assert best["value"] == pytest.approx(min(r.last_value for r in outcome.trials if r.steps == full))
+    model = AutoModelForCausalLM.from_pretrained(best["checkpoint"])
+    tok = AutoTokenizer.from_pretrained(best["checkpoint"])
+    assert model.config.vocab_size >= len(tok) and best["step"] == full
+    # the reports: a table with every trial, a PNG of the curves
+    table = (tmp_path / "asha" / "trials.md").read_text()
+    assert all(r.trial_id in table for r in outcome.trials) and "stopped early" in table
+    assert (tmp_path / "asha" / "val_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_impossible_trial_fails_alone_and_a_rerun_resumes_without_retraining(tmp_path, cache_dir, embedded_prepared):
+    cfg = sweep_config(tmp_path, cache_dir, "tune.search_space={train.micro_batch_size: {grid: [4, 100000]}}",
+                       "tune.num_samples=1", "tune.scheduler=fifo", "tune.sweep_name=impossible",
+                       "train.max_steps=10", "train.eval_every_steps=5", "train.checkpoint_every_steps=5")
+    outcome = run_sweep(cfg, embedded_prepared)
+    by_batch = {r.params["train.micro_batch_size"]: r for r in outcome.trials}
+    assert by_batch[100000].status == "failed" and "micro_batch_size" in by_batch[100000].error
+    assert by_batch[4].status == "finished" and by_batch[4].steps == 10
+    assert outcome.best.trial_id == by_batch[4].trial_id
+    assert "failed" in (tmp_path / "impossible" / "trials.md").read_text()
+
+    # the same command again resumes the sweep: the finished trial is not trained again
+    log = Path(by_batch[4].checkpoint).parent / "metrics.jsonl"
+    before = log.read_text()
+    again = run_sweep(cfg, embedded_prepared)
+    assert log.read_text() == before
+    assert [(r.trial_id, r.status, r.params) for r in again.trials] == [(r.trial_id, r.status, r.params) for r in outcome.trials]
+    assert again.best.trial_id == outcome.best.trial_id
+    assert os.path.isdir(json.loads((tmp_path / "impossible" / "best.json").read_text())["checkpoint"])

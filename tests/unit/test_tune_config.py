@@ -1,0 +1,72 @@
+"""Sweep validation happens before Ray: every error names the search-space entry at fault."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from raylm.cli import main
+from raylm.config import ConfigError, load_config
+from raylm.tune import evals_per_trial, trial_config, validate_sweep
+
+ROOT = Path(__file__).resolve().parents[2]
+SWEEP = ROOT / "tune_configs" / "tiny_sweep.yaml"
+
+
+def sweep(*overrides: str):
+    return load_config(SWEEP, list(overrides))
+
+
+def test_committed_sweeps_validate():
+    for path in sorted((ROOT / "tune_configs").glob("*.yaml")):
+        validate_sweep(load_config(path))
+
+
+@pytest.mark.parametrize("space, fragment", [
+    ("{}", "tune.search_space: empty"),
+    ("{train.learning_rate: {loguniform: [1.0e-4, 1.0e-2]}}", "tune.search_space.train.learning_rate: no such config field"),
+    ("{train.lr: {loguniform: [0, 1.0e-2]}}", "tune.search_space.train.lr: loguniform needs low > 0"),
+    ("{train.lr: {uniform: [0.1, 0.01]}}", "tune.search_space.train.lr: uniform needs [low, high]"),
+    ("{train.lr: {normal: [0, 1]}}", "tune.search_space.train.lr: expected one of"),
+    ("{train.micro_batch_size: {choice: []}}", "tune.search_space.train.micro_batch_size: choice needs a non-empty list"),
+    ("{train.micro_batch_size: {choice: [4, 0]}}", "tune.search_space.train.micro_batch_size: value 0 is invalid"),
+    ("{deepspeed.zero_stage: {choice: [2, 5]}}", "tune.search_space.deepspeed.zero_stage: value 5 is invalid"),
+    ("{train.run_name: {choice: [a, b]}}", "tune.search_space.train.run_name: cannot be swept"),
+    ("{train: {choice: [1]}}", "tune.search_space.train: no such config field"),
+])
+def test_bad_search_space_names_the_entry(space, fragment):
+    with pytest.raises(ConfigError) as err:
+        validate_sweep(sweep(f"tune.search_space={space}"))
+    assert fragment in str(err.value)
+
+
+def test_other_sweep_errors_name_their_field():
+    with pytest.raises(ConfigError, match="tune.metric"):
+        validate_sweep(sweep("tune.metric=accuracy"))
+    with pytest.raises(ConfigError, match="tune.search_alg=optuna: grid"):
+        validate_sweep(sweep("tune.search_alg=optuna", "tune.search_space={train.lr: {grid: [0.1, 0.2]}}"))
+    cfg = sweep("tune.asha.grace_period=50")
+    with pytest.raises(ConfigError, match=rf"tune.asha.grace_period=50: a trial only evaluates {evals_per_trial(cfg)} times"):
+        validate_sweep(cfg)
+
+
+def test_evals_per_trial_counts_the_final_evaluation():
+    assert evals_per_trial(sweep("train.max_steps=40", "train.eval_every_steps=10")) == 4
+    assert evals_per_trial(sweep("train.max_steps=45", "train.eval_every_steps=10")) == 5
+
+
+def test_trial_config_applies_params_and_places_the_run(tmp_path):
+    cfg = sweep()
+    trial = trial_config(cfg.model_dump(mode="json"), {"train.lr": 0.005, "train.micro_batch_size": 4},
+                         str(tmp_path), "abc_00001")
+    assert (trial.train.lr, trial.train.micro_batch_size) == (0.005, 4)
+    assert (trial.train.storage_path, trial.train.run_name) == (str(tmp_path), "abc_00001")
+    assert trial.model == cfg.model and trial.data == cfg.data
+
+
+def test_cli_rejects_a_bad_sweep_before_ray(capsys):
+    # tests/unit/conftest.py makes ray.init fail: exit 2 proves nothing was started
+    code = main(["tune", "-c", str(SWEEP), "--set", "tune.search_space={train.lr: {loguniform: [-1, 1]}}"])
+    assert code == 2
+    assert "tune.search_space.train.lr" in capsys.readouterr().err
