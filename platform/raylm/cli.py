@@ -159,6 +159,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
+        if args.verb == "pipeline" and not args.config:
+            from raylm.pipeline import DEFAULT_SWEEP
+
+            args.config = str(DEFAULT_SWEEP)  # the embedded corpus, the tiny model, a 4-trial sweep
         cfg = load_config(args.config, args.set)
         return VERBS[args.verb](cfg, args)
     except InputError as exc:

@@ -1,0 +1,119 @@
+"""`raylm status`: what exists under the storage path (runs, sweeps, their best trial) and what
+a reachable Ray cluster is serving. It reads files and asks Serve; it never starts a cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+from raylm.config import RaylmConfig, expand
+from raylm.train.checkpoint import pick_resume_checkpoint
+
+
+@dataclass
+class RunInfo:
+    name: str
+    path: str
+    step: int
+    val_loss: Optional[float]
+    resumes: int
+    checkpoint: Optional[str]
+
+
+@dataclass
+class SweepInfo:
+    name: str
+    path: str
+    trials: int
+    best: Optional[dict]
+
+
+def read_run(path: str) -> RunInfo:
+    """The newest step, val_loss and resume count from metrics.jsonl, and the newest complete checkpoint."""
+    step, val_loss, resumes = 0, None, 0
+    with open(os.path.join(path, "metrics.jsonl")) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut off by a crash
+            if rec.get("event") == "resume":
+                resumes += 1
+            elif "step" in rec:
+                step, val_loss = rec["step"], rec.get("val_loss", val_loss)
+    picked = pick_resume_checkpoint(None, log=lambda _: None, run_dir=path)
+    return RunInfo(os.path.basename(path), path, step, val_loss, resumes, picked[0] if picked else None)
+
+
+def find(root: str) -> tuple[list[RunInfo], list[SweepInfo]]:
+    """Runs are folders with metrics.jsonl; sweeps are folders with a Tune experiment or best.json."""
+    runs, sweeps = [], []
+    if not os.path.isdir(root):
+        return runs, sweeps
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        if os.path.isfile(os.path.join(path, "metrics.jsonl")):
+            runs.append(read_run(path))
+        elif os.path.isdir(os.path.join(path, "tune")) or os.path.isfile(os.path.join(path, "best.json")):
+            trials_dir = os.path.join(path, "trials")
+            n = len(os.listdir(trials_dir)) if os.path.isdir(trials_dir) else 0
+            best = None
+            if os.path.isfile(os.path.join(path, "best.json")):
+                with open(os.path.join(path, "best.json")) as f:
+                    best = json.load(f)
+            sweeps.append(SweepInfo(name, path, n, best))
+    return runs, sweeps
+
+
+def serving(cfg: RaylmConfig, address: Optional[str]) -> list[str]:
+    """Lines describing Serve applications on a running cluster, or why there is none to ask."""
+    import ray
+
+    target = address or cfg.cluster.address or os.environ.get("RAY_ADDRESS") or "auto"
+    try:
+        ray.init(address=target, namespace=cfg.cluster.namespace, log_to_driver=False, logging_level="ERROR")
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        return [f"no running Ray cluster reachable ({target}): nothing is being served ({str(exc).splitlines()[0]})"]
+    try:
+        from ray import serve
+
+        apps = serve.status().applications
+        if not apps:
+            return ["Ray cluster up; no Serve application running"]
+        lines = []
+        for name, app in apps.items():
+            replicas = ", ".join(f"{d}: {sum(dep.replica_states.values())} replica(s) {dict(dep.replica_states)}"
+                                 for d, dep in app.deployments.items())
+            lines.append(f"{name}: {app.status} route {app.deployed_app_config.route_prefix if app.deployed_app_config else '?'}"
+                         f" — {replicas}")
+        return lines
+    except Exception as exc:  # noqa: BLE001 - status must report, not crash
+        return [f"Ray cluster up; Serve not running ({type(exc).__name__})"]
+    finally:
+        ray.shutdown()
+
+
+def show_status(cfg: RaylmConfig, address: Optional[str] = None) -> int:
+    root = expand(cfg.train.storage_path)
+    print(f"storage: {root}")
+    if "://" in root:
+        print("  (remote storage: list it with your cloud tools; status reads local storage)")
+    runs, sweeps = find(root) if "://" not in root else ([], [])
+    print(f"runs ({len(runs)}):")
+    for r in runs:
+        loss = f"{r.val_loss:.4f}" if r.val_loss is not None else "-"
+        print(f"  {r.name}: step {r.step}, val_loss {loss}, resumed {r.resumes}x, checkpoint {r.checkpoint or '-'}")
+    print(f"sweeps ({len(sweeps)}):")
+    for s in sweeps:
+        if s.best:
+            b = s.best
+            print(f"  {s.name}: {s.trials} trial(s), best {b['trial_id']} {b['metric']}={b['value']:.4f} "
+                  f"params={b['params']} -> {b['checkpoint']}")
+        else:
+            print(f"  {s.name}: {s.trials} trial(s), no best yet")
+    print("serving:")
+    for line in serving(cfg, address):
+        print(f"  {line}")
+    return 0

@@ -1,0 +1,122 @@
+"""`ray job submit --working-dir . -- raylm <verb>` against a real head started with `ray start`.
+
+The head is a separate Ray cluster (its own ports, token authentication on as Ray 2.60 sets it
+for a new cluster); jobs are submitted with the `ray` CLI exactly as the README shows, and the
+test waits for SUCCEEDED, then reads what the jobs left in storage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(*args: str, env: dict, timeout_s: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(list(args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """A Ray head on free ports; yields (env for the `ray` CLI, dashboard address)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # the job's shell finds `raylm` and `ray`
+    gcs, dash = free_port(), free_port()
+    temp_dir = tmp_path_factory.mktemp("ray-head")
+    run(str(BIN / "ray"), "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
+        "--include-dashboard=true", "--num-cpus=3", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+        f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}", f"--ray-client-server-port={free_port()}",
+        env=env, timeout_s=180)
+    address = f"http://127.0.0.1:{dash}"
+    # the `ray` CLI sends the cluster token (~/.ray/auth_token) only in token mode
+    env.update(RAY_ADDRESS=address, RAY_AUTH_MODE="token")
+    try:
+        yield env, address
+    finally:
+        run(str(BIN / "ray"), "stop", "--force", f"--address=127.0.0.1:{gcs}", env=env, check=False, timeout_s=120)
+
+
+def submit(env: dict, *entrypoint: str) -> str:
+    proc = run(str(BIN / "ray"), "job", "submit", "--no-wait", "--working-dir", ".", "--", *entrypoint, env=env,
+               timeout_s=300)
+    ids = [w.strip("'\"") for line in proc.stdout.splitlines() + proc.stderr.splitlines()
+           for w in line.split() if w.strip("'\"").startswith("raysubmit_")]
+    assert ids, f"no submission id in:\n{proc.stdout}\n{proc.stderr}"
+    return ids[0]
+
+
+def wait_job(env: dict, job_id: str, timeout_s: float) -> tuple[str, str]:
+    """Poll `ray job status` until the job ends; returns (status, `ray job logs`)."""
+    ray_cli = str(BIN / "ray")
+    deadline = time.monotonic() + timeout_s
+    status = "TIMEOUT"
+    while time.monotonic() < deadline:
+        proc = run(ray_cli, "job", "status", job_id, env=env, check=False)
+        out = proc.stdout + proc.stderr  # "Job '<id>' succeeded" | "... failed" | "... was stopped"
+        found = [s for word, s in (("succeeded", "SUCCEEDED"), ("failed", "FAILED"), ("was stopped", "STOPPED"))
+                 if f"'{job_id}' {word}" in out]
+        if found:
+            status = found[0]
+            break
+        time.sleep(3)
+    else:
+        run(ray_cli, "job", "stop", job_id, env=env, check=False)
+    return status, run(ray_cli, "job", "logs", job_id, env=env, check=False).stdout
+
+
+def test_token_auth_is_on_for_the_jobs_api(head):
+    import urllib.error
+    import urllib.request
+
+    _, address = head
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(f"{address}/api/jobs/", timeout=10)
+    assert err.value.code in (401, 403)
+
+
+def test_working_dir_upload_leaves_out_local_state(head):
+    env, _ = head
+    job = submit(env, "python", "-c", "import json, os; print('LISTING', json.dumps(sorted(os.listdir('.'))))")
+    status, logs = wait_job(env, job, timeout_s=120)
+    assert status == "SUCCEEDED", logs
+    listing = set(json.loads(next(line for line in logs.splitlines() if line.startswith("LISTING")).split(" ", 1)[1]))
+    assert {"platform", "configs", "tune_configs", "deployments", "pyproject.toml"} <= listing
+    assert not listing & {".venv", ".git", "results", "tests", ".pytest_cache"}
+
+
+def test_train_and_sweep_jobs_succeed(head, tmp_path):
+    env, _ = head
+    common = [f"--set=train.storage_path={tmp_path}", "--set=train.max_steps=10", "--set=train.eval_every_steps=5",
+              "--set=train.checkpoint_every_steps=5"]
+    train = submit(env, "raylm", "train", "--config", "configs/tiny.yaml", *common)
+    status, logs = wait_job(env, train, timeout_s=480)
+    assert status == "SUCCEEDED", logs[-5000:]
+    assert "trained: step 10" in logs
+    assert (tmp_path / "tiny" / "step_00000010" / "hf" / "model.safetensors").is_file()
+
+    sweep = submit(env, "raylm", "tune", "--config", "tune_configs/tiny_sweep.yaml", *common,
+                   "--set=tune.num_samples=2", "--set=tune.sweep_name=job-sweep")
+    status, logs = wait_job(env, sweep, timeout_s=600)
+    assert status == "SUCCEEDED", logs[-5000:]
+    best = json.loads((tmp_path / "job-sweep" / "best.json").read_text())
+    assert Path(best["checkpoint"], "config.json").is_file()
+    assert "best trial:" in logs
