@@ -94,6 +94,15 @@ class WorkerMemory:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
+    @staticmethod
+    def _ours(proc) -> bool:
+        """Only workers of the Ray cluster this process started (its raylet is our child): other
+        users' Ray Train workers on a shared machine carry the same process title."""
+        try:
+            return any(p.pid == os.getpid() for p in proc.parents())
+        except Exception:  # noqa: BLE001 - the process is gone
+            return False
+
     def _loop(self) -> None:
         import psutil
 
@@ -103,7 +112,7 @@ class WorkerMemory:
                     cmd = " ".join(proc.info["cmdline"] or [])
                 except Exception:  # noqa: BLE001
                     continue
-                if self.marker in cmd:
+                if self.marker in cmd and self._ours(proc):
                     peak = _peak_rss_kib(proc.info["pid"])
                     if peak:
                         self.peaks[proc.info["pid"]] = max(peak, self.peaks.get(proc.info["pid"], 0))
