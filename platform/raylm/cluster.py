@@ -41,7 +41,28 @@ def init_ray(cfg: RaylmConfig, address: Optional[str] = None, num_cpus: Optional
                     "runtime_env": {"env_vars": worker_env(cfg.train.use_gpu)}}
     if target:
         ray.init(address=target, **kwargs)
-    else:
-        # the dashboard (bound to 127.0.0.1, behind the token) serves the state API that Ray Train
-        # V2 polls and `raylm status` reads; without it the controller logs failures forever
-        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+        return
+    # The dashboard (bound to 127.0.0.1, behind the token) serves the state API that Ray Train V2
+    # uses: its PlacementGroupCleaner asks it whether a controller died, to free the workers'
+    # placement group. Ray processes find it by auto-detection, which fails as soon as a second
+    # Ray runs on the machine ("multiple active Ray instances"); a stopped Tune trial then keeps
+    # its CPUs forever. So the port is chosen here and named to every process of this cluster.
+    port = _free_port()
+    api = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
+    os.environ.update(api)  # inherited by the raylet and every worker it starts
+    kwargs["runtime_env"]["env_vars"].update(api)
+    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, **kwargs)
+
+
+def _free_port(preferred: int = 8265) -> int:
+    """Ray's usual dashboard port when it is free, else any free port."""
+    import socket
+
+    for candidate in (preferred, 0):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", candidate))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError("no free TCP port for the Ray dashboard")

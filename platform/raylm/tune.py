@@ -26,7 +26,7 @@ from raylm.config import ConfigError, RaylmConfig, expand, validate_tree
 SPEC_KINDS = ("loguniform", "uniform", "choice", "grid")
 METRICS = ("val_loss", "perplexity", "loss")
 FIXED_BY_SWEEP = ("train.storage_path", "train.run_name")
-TRIAL_CPU = 0.01  # the trial function only drives its TorchTrainer; the workers hold the CPUs
+TRIAL_CPU = 0.01  # the trial function only drives its TorchTrainer (carved out of its workers' CPUs)
 
 
 # ------------------------------------------------------------------ validation (before Ray)
@@ -105,6 +105,9 @@ def validate_sweep(cfg: RaylmConfig) -> None:
         except ImportError:
             raise ConfigError("tune.search_alg=hyperopt: the hyperopt package is not installed "
                               "(pip install hyperopt, or use optuna)") from None
+    if cfg.train.num_workers * cfg.train.cpus_per_worker <= TRIAL_CPU:
+        raise ConfigError(f"train.cpus_per_worker={cfg.train.cpus_per_worker}: a trial's workers must hold more "
+                          f"than the {TRIAL_CPU} CPU its trial function takes from them")
     if t.scheduler == "asha" and t.asha.grace_period > evals_per_trial(cfg):
         raise ConfigError(f"tune.asha.grace_period={t.asha.grace_period}: a trial only evaluates "
                           f"{evals_per_trial(cfg)} times (train.max_steps / train.eval_every_steps)")
@@ -170,7 +173,7 @@ def trial_fn(params: dict, base_tree: dict, trials_dir: str, prepared: Any) -> N
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(base_tree, params, trials_dir, trial_id)
     check_data_fits(cfg, prepared)  # an impossible trial fails here: recorded, the sweep goes on
-    result = build_trainer(cfg, prepared, callbacks=[eval_forwarder()]).fit()
+    result = build_trainer(cfg, prepared, callbacks=[eval_forwarder()], held_cpu=TRIAL_CPU).fit()
     if result.error:
         raise result.error
 
@@ -209,7 +212,9 @@ def build_tuner(cfg: RaylmConfig, prepared: Any) -> Any:
     return tune.Tuner(
         trainable,
         param_space=param_space(cfg),
-        tune_config=tune.TuneConfig(metric=t.metric, mode=t.mode, num_samples=t.num_samples,
+        # reuse_actors=False: a stopped trial's actor must die, taking its TorchTrainer (controller,
+        # workers, placement group) with it; a reused actor kept them and the next trial starved
+        tune_config=tune.TuneConfig(metric=t.metric, mode=t.mode, num_samples=t.num_samples, reuse_actors=False,
                                     scheduler=_scheduler(cfg), search_alg=_search_alg(cfg, concurrency)),
         run_config=tune.RunConfig(name="tune", storage_path=sweep_dir,
                                   failure_config=tune.FailureConfig(max_failures=0)),
@@ -222,8 +227,9 @@ def _scheduler(cfg: RaylmConfig) -> Any:
     a = cfg.tune.asha
     if cfg.tune.scheduler == "fifo":
         return FIFOScheduler()
-    # time = Tune iterations = evaluations (see eval_forwarder)
-    return ASHAScheduler(time_attr="training_iteration", max_t=evals_per_trial(cfg),
+    # time = Tune iterations = evaluations (see eval_forwarder); max_t one past the last evaluation,
+    # so a trial that reaches the end finishes by itself instead of being stopped at its last report
+    return ASHAScheduler(time_attr="training_iteration", max_t=evals_per_trial(cfg) + 1,
                          grace_period=a.grace_period, reduction_factor=a.reduction_factor)
 
 

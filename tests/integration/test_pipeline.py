@@ -27,7 +27,7 @@ def test_pipeline_end_to_end_then_status(tmp_path, cache_dir):
     settings = [f"train.storage_path={tmp_path / 'results'}", f"data.cache_dir={cache_dir}", "tune.num_samples=2",
                 "train.max_steps=10", "train.eval_every_steps=5", "train.checkpoint_every_steps=5",
                 f"serve.port={free_port()}", f"serve.api_key_file={key_file}"]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     proc = subprocess.run([RAYLM, "pipeline", *(a for s in settings for a in ("--set", s))], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     out = proc.stdout

@@ -38,8 +38,13 @@ def check_data_fits(cfg: RaylmConfig, prepared: PreparedData) -> None:
 
 
 def build_trainer(cfg: RaylmConfig, prepared: PreparedData, callbacks: Optional[list] = None,
-                  storage_path: Optional[str] = None) -> Any:
-    """A TorchTrainer for this config; `storage_path`/`callbacks` let Tune place and observe trials."""
+                  storage_path: Optional[str] = None, held_cpu: float = 0.0) -> Any:
+    """A TorchTrainer for this config; `storage_path`/`callbacks` let Tune place and observe trials.
+
+    `held_cpu` is what the caller itself holds (a Tune trial function's sliver): it is taken out
+    of the workers' request, so a trial needs exactly num_workers x cpus_per_worker CPUs. Without
+    this, 2 workers x 1 CPU plus a 0.01-CPU trial never fit on a 2-CPU machine (a silent hang).
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -55,7 +60,7 @@ def build_trainer(cfg: RaylmConfig, prepared: PreparedData, callbacks: Optional[
     storage = storage_path or expand(cfg.train.storage_path)
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"storage_path": storage})})
     t = cfg.train
-    resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
+    resources = {"CPU": t.cpus_per_worker - held_cpu / t.num_workers, **({"GPU": 1} if t.use_gpu else {})}
     return TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"),
