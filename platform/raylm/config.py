@@ -178,7 +178,8 @@ class ServeConfig(_Strict):
     default_max_tokens: int = Field(16, ge=1, description="max_tokens of a request that does not set it.")
     max_batch_size: int = Field(8, ge=1, description="Requests that share one forward pass.")
     batch_wait_timeout_s: float = Field(
-        0.01, ge=0, description="How long a partial batch waits for more requests before it runs."
+        0.01, ge=0, description="How long a partial batch waits for more requests before it runs, "
+        "while other requests are in flight (a request reaching an idle replica starts at once)."
     )
     max_ongoing_requests: int = Field(16, ge=1, description="Concurrent requests per replica.")
     max_queued_requests: int = Field(64, ge=-1, description="Queued beyond that are refused with 503; -1 = no limit.")

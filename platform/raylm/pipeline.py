@@ -48,7 +48,7 @@ def run_pipeline(cfg: RaylmConfig, address: Optional[str] = None, keep_serving: 
     from raylm.cli import _print_header
     from raylm.cluster import init_ray
     from raylm.data import prepare_data, resolve_source
-    from raylm.serve.app import _deploy, banner
+    from raylm.serve.app import _deploy, banner, serve_until_interrupted
     from raylm.tune import run_sweep, validate_sweep
 
     validate_sweep(cfg)  # bad config or sweep: exit 2 before Ray starts
@@ -83,10 +83,5 @@ def run_pipeline(cfg: RaylmConfig, address: Optional[str] = None, keep_serving: 
     if not keep_serving:
         print("(the endpoint stops when this command exits; pass --keep-serving to keep it up)", flush=True)
         return 0
-    print("Ctrl-C to stop", flush=True)
-    try:
-        while True:
-            time.sleep(1.0)
-    except KeyboardInterrupt:
-        pass
+    serve_until_interrupted(cfg)
     return 0

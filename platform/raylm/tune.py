@@ -268,6 +268,7 @@ class TrialRow:
     best_value: Optional[float]
     last_value: Optional[float]
     checkpoint: Optional[str] = None  # newest complete checkpoint (DeepSpeed + hf/)
+    checkpoint_step: Optional[int] = None  # its step, from its manifest
     error: Optional[str] = None
     curve: list = field(default_factory=list)  # (step, metric) per evaluation
 
@@ -337,15 +338,12 @@ def _trial_row(result: Any, cfg: RaylmConfig, trials_dir: str) -> TrialRow:
         status, error = ("finished" if steps >= trial_steps else "stopped early"), None
     return TrialRow(trial_id=trial_id, params=params, status=status, steps=steps, best_value=best,
                     last_value=values[-1] if values else None, checkpoint=picked[0] if picked else None,
-                    error=error, curve=curve)
+                    checkpoint_step=picked[1]["step"] if picked else None, error=error, curve=curve)
 
 
 def _checkpoint_value(row: TrialRow) -> Optional[float]:
     """The metric at the step of the trial's checkpoint (what serving it would give)."""
-    if not row.checkpoint:
-        return None
-    step = int(os.path.basename(row.checkpoint).split("_")[-1])
-    at = [v for s, v in row.curve if s == step]
+    at = [v for s, v in row.curve if s == row.checkpoint_step]
     return at[-1] if at else None
 
 
@@ -367,7 +365,7 @@ def write_reports(outcome: SweepOutcome, cfg: RaylmConfig) -> None:
         b = outcome.best
         pointer = {"sweep": cfg.tune.sweep_name, "trial_id": b.trial_id, "params": b.params,
                    "metric": outcome.metric, "mode": outcome.mode, "value": _checkpoint_value(b),
-                   "step": int(os.path.basename(b.checkpoint).split("_")[-1]),
+                   "step": b.checkpoint_step,
                    "checkpoint": os.path.join(b.checkpoint, "hf"), "train_checkpoint": b.checkpoint,
                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         tmp = os.path.join(d, "best.json.tmp")
