@@ -224,13 +224,11 @@ def run(args) -> dict:
         ],
         "goals": goals,
         "findings": [
-            f"raylm's default config waits serve.batch_wait_timeout_s=10 ms for a partial batch to fill: at "
-            f"concurrency 1 that wait is most of what raylm adds over bare Serve + FastAPI "
-            f"({results['raylm']['one_token_c1']['p50_ms']:.1f} ms vs "
-            f"{results['raylm, batch wait 0']['one_token_c1']['p50_ms']:.1f} ms with the wait at 0, bare "
-            f"{bare1:.1f} ms); under load the wait is what fills batches (c=32: "
+            f"raylm waits serve.batch_wait_timeout_s (10 ms) for a partial batch only while other requests are "
+            f"in flight: a lone request starts at once (1 token, c=1: {results['raylm']['one_token_c1']['p50_ms']:.1f} ms "
+            f"p50, bare {bare1:.1f} ms), while under load the wait fills batches (c=32: "
             f"{results['raylm']['c32']['req_per_s']:.1f} req/s with it, "
-            f"{results['raylm, batch wait 0']['c32']['req_per_s']:.1f} without).",
+            f"{results['raylm, batch wait 0']['c32']['req_per_s']:.1f} with the wait at 0).",
             f"Serve's HTTP proxy + FastAPI hop costs {bare1 - in1:.1f} ms p50 for a 1-token request on this machine "
             f"(bare minus in-process), the load generator sharing the same 2 cores.",
         ],
