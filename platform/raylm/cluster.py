@@ -9,11 +9,13 @@ from raylm.config import RaylmConfig
 
 # Environment every raylm Ray process gets: DeepSpeed's CPU accelerator when there is no GPU,
 # quiet tokenizers (they fork inside Ray workers), and no network lookups for HF hub files.
+# Never a secret: Ray writes runtime_env env_vars into its logs (runtime_env_agent.log), so API
+# keys stay out (replicas get only key hashes; see serve/auth.py). tests/reliability checks this.
 def worker_env(use_gpu: bool) -> dict[str, str]:
     env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     if not use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
-    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "RAYLM_API_KEYS"):
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME"):
         if key in os.environ:
             env[key] = os.environ[key]
     return env

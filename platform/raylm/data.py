@@ -149,29 +149,36 @@ def parse_jsonl(text: str, field_name: str) -> tuple[list[str], int]:
     return docs, skipped
 
 
-def _maybe_gunzip(raw: bytes, path: str) -> bytes:
-    if path.endswith(".gz"):
+def _maybe_gunzip(raw: bytes, path: str) -> tuple[bytes, bool]:
+    """(the file's bytes, whether it was cut off): a truncated or damaged .gz keeps what
+    decompresses and is reported (DataStats.truncated_files), not fatal."""
+    if path.endswith(".gz") and raw[:2] == b"\x1f\x8b":  # not yet decompressed (Arrow may have)
         import gzip
+        import zlib
 
         try:
-            return gzip.decompress(raw)
-        except (EOFError, OSError):  # truncated archive: keep what decompresses
-            import zlib
-
-            return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(raw)
-    return raw
+            return gzip.decompress(raw), False
+        except (EOFError, OSError, zlib.error):
+            try:
+                return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(raw), True
+            except zlib.error:
+                return b"", True
+    return raw, False
 
 
 def file_to_rows(row: dict, fmt: str, text_field: str, text_split: str) -> list[dict]:
     """One file's bytes -> document rows. Counters ride on the first row so they are summed once."""
     path = str(row.get("path", "?"))
-    text, replaced = decode_counting(_maybe_gunzip(row["bytes"], path))
+    raw, truncated = _maybe_gunzip(row["bytes"], path)
+    if truncated:
+        print(f"raylm: {path}: truncated or damaged archive; kept the {len(raw)} bytes that decompress", flush=True)
+    text, replaced = decode_counting(raw)
     if fmt == "jsonl":
         docs, skipped = parse_jsonl(text, text_field)
     else:
         docs, skipped = split_text(text, text_split), 0
-    rows = [{"text": d, "replaced": 0, "skipped": 0, "files": 0} for d in docs]
-    stats = {"text": "", "replaced": replaced, "skipped": skipped, "files": 1}
+    rows = [{"text": d, "replaced": 0, "skipped": 0, "files": 0, "truncated": 0} for d in docs]
+    stats = {"text": "", "replaced": replaced, "skipped": skipped, "files": 1, "truncated": int(truncated)}
     return rows + [stats]
 
 
@@ -238,8 +245,8 @@ def _read_documents(src: Source, cfg: DataConfig) -> "ray.data.Dataset":
 
     if src.kind == "embedded":
         docs = embedded_documents()
-        rows = [{"text": d, "replaced": 0, "skipped": 0, "files": 0} for d in docs]
-        rows.append({"text": "", "replaced": 0, "skipped": 0, "files": 1})
+        rows = [{"text": d, "replaced": 0, "skipped": 0, "files": 0, "truncated": 0} for d in docs]
+        rows.append({"text": "", "replaced": 0, "skipped": 0, "files": 1, "truncated": 0})
         return ray.data.from_items(rows, override_num_blocks=8)
     if src.kind == "hf":
         import datasets
@@ -261,9 +268,20 @@ def _read_documents(src: Source, cfg: DataConfig) -> "ray.data.Dataset":
         _check_parquet_column(src.paths, cfg.text_field)
         ds = ray.data.read_parquet(list(src.paths), columns=[cfg.text_field]).rename_columns({cfg.text_field: "text"})
         return ds.map_batches(_add_zero_counters, batch_format="pandas")
-    ds = ray.data.read_binary_files(list(src.paths), include_paths=True)
+    if any(p.endswith(".gz") for p in src.paths) and not any("://" in p for p in src.paths):
+        # Arrow gunzips .gz itself (by extension) and fails the whole read on a truncated
+        # archive; local files are read raw instead, so `_maybe_gunzip` keeps what it can.
+        ds = ray.data.from_items([{"path": p} for p in src.paths], override_num_blocks=min(len(src.paths), 64))
+        ds = ds.map(_read_raw)
+    else:
+        ds = ray.data.read_binary_files(list(src.paths), include_paths=True)
     return ds.flat_map(file_to_rows, fn_kwargs={"fmt": src.kind, "text_field": cfg.text_field,
                                                  "text_split": cfg.text_split})
+
+
+def _read_raw(row: dict) -> dict:
+    with open(row["path"], "rb") as f:
+        return {"path": row["path"], "bytes": f.read()}
 
 
 def _check_parquet_column(paths: tuple[str, ...], column: str) -> None:
@@ -287,6 +305,7 @@ def _add_zero_counters(df):
     df["replaced"] = 0
     df["skipped"] = (df["text"].str.strip() == "").astype(int)
     df["files"] = 0
+    df["truncated"] = 0
     return df
 
 
@@ -341,6 +360,7 @@ class DataStats:
     dropped_tokens: int = 0
     replaced: int = 0
     skipped_records: int = 0
+    truncated_files: int = 0  # cut-off archives: what decompressed was kept
     vocab_size: int = 0
     seconds: float = 0.0
 
@@ -348,7 +368,9 @@ class DataStats:
         return (f"{self.documents} documents in {self.files} file(s), {self.tokens} tokens -> {self.blocks} blocks "
                 f"({self.train_blocks} train / {self.val_blocks} val), {self.dropped_tokens} tokens dropped "
                 f"(final partial block), {self.replaced} undecodable byte sequences replaced, "
-                f"{self.skipped_records} records skipped, vocab {self.vocab_size}, {self.seconds:.1f}s")
+                f"{self.skipped_records} records skipped, "
+                + (f"{self.truncated_files} truncated file(s) read as far as they go, " if self.truncated_files else "")
+                + f"vocab {self.vocab_size}, {self.seconds:.1f}s")
 
 
 @dataclass
@@ -400,10 +422,12 @@ def prepare_data(cfg: DataConfig, verbose: bool = True) -> PreparedData:
     if cfg.max_documents:
         docs = docs.filter(lambda r: bool(r["text"])).limit(cfg.max_documents)
     docs = docs.materialize()
-    counters = docs.select_columns(["replaced", "skipped", "files"]).sum(["replaced", "skipped", "files"]) or {}
+    names = ["replaced", "skipped", "files", "truncated"]
+    counters = docs.select_columns(names).sum(names) or {}
     stats = DataStats(files=int(counters.get("sum(files)", 0) or 0),
                       replaced=int(counters.get("sum(replaced)", 0) or 0),
-                      skipped_records=int(counters.get("sum(skipped)", 0) or 0))
+                      skipped_records=int(counters.get("sum(skipped)", 0) or 0),
+                      truncated_files=int(counters.get("sum(truncated)", 0) or 0))
 
     tokenizer_dir = _tokenizer_for(src, cfg, docs)
     hf_tok = load_tokenizer(tokenizer_dir)

@@ -16,10 +16,17 @@ import time
 import uuid
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError,
+                      field_validator)
 
 MAX_STOP_SEQUENCES = 4  # OpenAI's own limit
 MAX_SEED = 2**63 - 1
+# Prompts in one completions request: each is a full generation, so an unbounded list lets one
+# request occupy a replica for minutes (10k prompts did, in tests/reliability).
+MAX_PROMPTS = 32
+# Sampling compares cumulative probabilities in float32: a top_p below float32's range would
+# round to 0 and keep no token at all. Any top_p this small keeps only the most likely token.
+MIN_TOP_P = 1e-6
 
 # Floats: ints are fine (temperature=1), strings, bools and NaN/inf are not.
 Temperature = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False, strict=True)
@@ -66,6 +73,11 @@ class _Sampling(BaseModel):
     stream_options: Optional[StreamOptions] = None
     n: StrictInt = Field(1, ge=1, le=1, description="Only one choice per prompt is generated.")
 
+    @field_validator("top_p")
+    @classmethod
+    def _top_p_floor(cls, value: float) -> float:
+        return max(value, MIN_TOP_P)
+
     def stop_list(self) -> list[str]:
         """`stop` as a list; empty strings are rejected because they would match everywhere."""
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -92,6 +104,9 @@ class CompletionRequest(_Sampling):
             raise APIError(400, "prompt: must not be an empty list", "prompt")
         if all(isinstance(p, int) for p in self.prompt):
             return [list(self.prompt)]
+        if len(self.prompt) > MAX_PROMPTS:
+            raise APIError(400, f"prompt: at most {MAX_PROMPTS} prompts per request (got {len(self.prompt)})",
+                           "prompt", "invalid_value")
         return list(self.prompt)
 
 
