@@ -1,0 +1,198 @@
+"""Hostile input against the running app (real Serve, loopback HTTP): schema-driven property
+fuzzing of every endpoint with hypothesis, plus the classic nasties (huge prompts and
+max_tokens, invalid UTF-8, deeply nested JSON, NaN and negative numbers).
+
+Every response must be < 500 (a bad request is the client's fault and says so), and afterwards
+the same replica is alive and healthy and answers a normal completion.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from reliability_helpers import KEYS, MODEL_ID, auth, completes, healthy, replica_actors
+
+from raylm.serve.protocol import ChatCompletionRequest, CompletionRequest
+
+pytestmark = pytest.mark.timeout(300)
+
+APP = "basic"
+FUZZ = settings(max_examples=60, deadline=None, derandomize=True, database=None,
+                suppress_health_check=list(HealthCheck))
+
+
+@pytest.fixture(scope="module")
+def url(basic_app):
+    return basic_app
+
+
+@pytest.fixture(scope="module")
+def http(url):
+    with httpx.Client(timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="module", autouse=True)
+def replica_survives(url):
+    """The module's check: the replica that took all this input is the one still serving."""
+    before = [a.actor_id for a in replica_actors(APP)]
+    yield
+    assert [a.actor_id for a in replica_actors(APP)] == before, "a replica died during the hostile input"
+    assert healthy(url) and completes(url)
+
+
+# ------------------------------------------------------------------ strategies
+
+SCALARS = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-2**70, max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=40),
+    st.sampled_from([MODEL_ID, "", "\x00", "\ud800"[:0] + "\u202e", "-1", "NaN", "9" * 40]))
+JSON = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                         max_size=4), max_leaves=12)
+
+
+def valid_value(name: str):
+    """A plausible value per field name, so fuzzed requests get past the first check often."""
+    return {
+        "model": st.just(MODEL_ID), "prompt": st.one_of(st.text(max_size=60), st.lists(st.text(max_size=10), max_size=3),
+                                                         st.lists(st.integers(-5, 400), max_size=8)),
+        "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool"]),
+                                                    "content": st.text(max_size=30)}), max_size=3),
+        "max_tokens": st.integers(-3, 70), "max_completion_tokens": st.integers(-3, 70),
+        "temperature": st.floats(-1, 3) | st.just(math.nan), "top_p": st.floats(-0.5, 1.5) | st.just(math.nan),
+        "seed": st.integers(-3, 2**64), "stop": st.one_of(st.text(max_size=3), st.lists(st.text(max_size=3), max_size=6)),
+        "stream": st.booleans(), "n": st.integers(-1, 3),
+        "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
+    }.get(name, JSON)
+
+
+def request_bodies(model) -> st.SearchStrategy[dict]:
+    """Bodies shaped by the request model's JSON schema: any subset of its fields (valid-looking
+    or arbitrary JSON values), plus unknown fields."""
+    fields = sorted(model.model_json_schema()["properties"])
+    value = lambda name: st.one_of(valid_value(name), JSON)  # noqa: E731
+    return st.builds(lambda present, extra: {**present, **extra},
+                     st.fixed_dictionaries({}, optional={name: value(name) for name in fields}),
+                     st.dictionaries(st.text(max_size=10), JSON, max_size=2))
+
+
+def encode(body) -> bytes:
+    return json.dumps(body, allow_nan=True).encode("utf-8", errors="surrogatepass")
+
+
+def check(resp: httpx.Response) -> None:
+    assert resp.status_code < 500, (resp.status_code, resp.text[:500])
+    if resp.content and resp.headers.get("content-type", "").startswith("application/json"):  # HEAD: no body
+        payload = resp.json()
+        if resp.status_code >= 400:
+            assert payload["error"]["message"], payload
+
+
+def post(http: httpx.Client, url: str, path: str, content: bytes, headers: dict | None = None) -> httpx.Response:
+    resp = http.post(f"{url}{path}", content=content,
+                     headers={"Content-Type": "application/json", **auth(), **(headers or {})})
+    resp.read()
+    return resp
+
+
+# ------------------------------------------------------------------ property-based fuzzing
+
+
+@FUZZ
+@given(body=request_bodies(CompletionRequest))
+def test_fuzzed_completions_never_5xx(url, http, body):
+    check(post(http, url, "/v1/completions", encode(body)))
+
+
+@FUZZ
+@given(body=request_bodies(ChatCompletionRequest))
+def test_fuzzed_chat_completions_never_5xx(url, http, body):
+    check(post(http, url, "/v1/chat/completions", encode(body)))
+
+
+@FUZZ
+@given(method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"]),
+       path=st.sampled_from(["/health", "/v1/models", "/v1/stats", "/v1/completions", "/v1/chat/completions",
+                             "/v1/embeddings", "/v1/../v1/models", "/%00", "/v1/models/" + "a" * 300]),
+       key=st.sampled_from([KEYS[0], KEYS[1], "", "sk-wrong"]), body=st.one_of(st.none(), st.binary(max_size=64), JSON))
+def test_fuzzed_methods_paths_and_keys_never_5xx(url, http, method, path, key, body):
+    content = body if isinstance(body, bytes) or body is None else encode(body)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    check(httpx.request(method, f"{url}{path}", content=content, headers=headers, timeout=60))  # a fresh connection
+
+
+@FUZZ
+@given(raw=st.binary(max_size=300))
+def test_fuzzed_raw_bytes_never_5xx(url, http, raw):
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        check(post(http, url, path, raw))
+
+
+# ------------------------------------------------------------------ the classic nasties
+
+LONG = "lorem ipsum " * 200_000  # ~2.4 MB of text
+NASTIES = {
+    "very long prompt": encode({"model": MODEL_ID, "prompt": LONG, "max_tokens": 4}),
+    "very long chat message": encode({"model": MODEL_ID, "messages": [{"role": "user", "content": LONG}]}),
+    "100k token ids": encode({"model": MODEL_ID, "prompt": [1] * 100_000}),
+    "10k prompts": encode({"model": MODEL_ID, "prompt": ["hi"] * 10_000, "max_tokens": 64}),
+    "huge max_tokens": encode({"model": MODEL_ID, "prompt": "hi", "max_tokens": 10**30}),
+    "int64 max_tokens": encode({"model": MODEL_ID, "prompt": "hi", "max_tokens": 2**63}),
+    "huge max_completion_tokens": encode({"model": MODEL_ID, "messages": [{"role": "user", "content": "x"}],
+                                          "max_completion_tokens": 10**12}),
+    "float max_tokens": encode({"model": MODEL_ID, "prompt": "hi", "max_tokens": 1e308}),
+    "negative max_tokens": encode({"model": MODEL_ID, "prompt": "hi", "max_tokens": -10**9}),
+    "NaN temperature": b'{"model": "tiny-rel", "prompt": "hi", "temperature": NaN}',
+    "-Infinity top_p": b'{"model": "tiny-rel", "prompt": "hi", "top_p": -Infinity}',
+    "Infinity seed": b'{"model": "tiny-rel", "prompt": "hi", "seed": Infinity}',
+    "negative seed": encode({"model": MODEL_ID, "prompt": "hi", "seed": -1}),
+    "huge seed": encode({"model": MODEL_ID, "prompt": "hi", "seed": 2**200}),
+    "negative token id": encode({"model": MODEL_ID, "prompt": [-1, 5]}),
+    "invalid UTF-8 body": b'{"model": "tiny-rel", "prompt": "\xff\xfe\xc3\x28 bad"}',
+    "invalid UTF-8 key": b'{"model": "tiny-rel", "\xff": 1, "prompt": "hi"}',
+    "lone surrogate escape": b'{"model": "tiny-rel", "prompt": "\\ud800\\udfff\\ud800", "max_tokens": 4}',
+    "NUL bytes": encode({"model": MODEL_ID, "prompt": "a\x00b\x00", "max_tokens": 4}),
+    "deeply nested list": b'{"model": "tiny-rel", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    "deeply nested object": b'{"a": ' * 50_000 + b"1" + b"}" * 50_000,
+    "deeply nested message content": encode({"model": MODEL_ID, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": {"x": [[[[[["deep"]]]]]]}}]}]}),
+    "stop list too long": encode({"model": MODEL_ID, "prompt": "hi", "stop": ["a"] * 10_000}),
+    "huge stop string": encode({"model": MODEL_ID, "prompt": "hi", "stop": "s" * 1_000_000, "max_tokens": 4}),
+    "truncated JSON": b'{"model": "tiny-rel", "prompt": "hi", "max_tokens": ',
+    "JSON array": b"[]",
+    "JSON string": b'"hello"',
+    "empty body": b"",
+    "8 MB of spaces": b" " * 8_000_000,
+}
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize("name", sorted(NASTIES))
+def test_nasty_requests_get_a_4xx(url, http, name, path):
+    resp = post(http, url, path, NASTIES[name])
+    check(resp)
+    assert resp.status_code >= 400 or name in ("NUL bytes", "lone surrogate escape", "huge stop string"), resp.text[:300]
+
+
+def test_streaming_with_hostile_values_ends_cleanly(url, http):
+    """A stream that cannot be served is refused before it starts; one that starts ends with [DONE]."""
+    for body in ({"model": MODEL_ID, "prompt": "hi", "stream": True, "max_tokens": 10**9},
+                 {"model": MODEL_ID, "prompt": "a\x00\ud800"[:3].replace("\ud800", ""), "stream": True, "max_tokens": 3,
+                  "stop": ["\x00"]},
+                 {"model": MODEL_ID, "messages": [{"role": "user", "content": "é" * 50}], "stream": True,
+                  "max_tokens": 64, "temperature": 2.0, "top_p": 1e-300}):
+        resp = post(http, url, "/v1/" + ("chat/completions" if "messages" in body else "completions"), encode(body))
+        check(resp)
+        if resp.status_code == 200:
+            assert resp.text.rstrip().endswith("data: [DONE]") and "error" not in resp.text, resp.text[-300:]
+
+
+def test_the_replica_is_still_the_same_and_serves_normally(url):
+    assert healthy(url) and completes(url, max_tokens=8)
+    assert len(replica_actors(APP)) == 1
+    assert math.isfinite(httpx.get(f"{url}/v1/stats", headers=auth(), timeout=10).json()["completion_tokens"])

@@ -1,0 +1,125 @@
+"""Security: no request without a valid API key reaches the model; the Ray cluster raylm starts
+keeps token authentication on (and raylm refuses to turn it off); no secret (API keys, a canary
+in RAYLM_API_KEYS, the Ray token) is written to the cluster's logs or to a checkpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import CANARY_KEY
+from reliability_helpers import KEYS, MODEL_ID, auth, dashboard_url, run_dir, session_logs_dir
+
+ROOT = Path(__file__).resolve().parents[2]
+ATTACKER_KEY = "sk-attacker-guess-5b0e11"
+pytestmark = pytest.mark.timeout(300)
+
+
+def model_counters(url: str) -> dict:
+    s = httpx.get(f"{url}/v1/stats", headers=auth(), timeout=10).json()
+    return {k: s[k] for k in ("requests", "prompt_tokens", "forward_passes", "batches")}
+
+
+UNAUTHORIZED_HEADERS = [
+    {}, {"Authorization": ""}, {"Authorization": "Bearer"}, {"Authorization": f"Bearer {ATTACKER_KEY}"},
+    {"Authorization": KEYS[0]}, {"Authorization": f"Basic {KEYS[0]}"}, {"Authorization": f"Token {KEYS[0]}"},
+    {"Authorization": f"Bearer {KEYS[0][:-1]}"}, {"Authorization": f"Bearer {KEYS[0]}x"},
+    {"Authorization": f"Bearer {KEYS[0].upper()}"}, {"Authorization": f"Bearer {hashlib.sha256(KEYS[0].encode()).hexdigest()}"},
+    {"X-API-Key": KEYS[0]}, {"api-key": KEYS[0]}, {"Cookie": f"api_key={KEYS[0]}"},
+]
+
+
+def test_no_request_without_a_valid_key_reaches_the_model(basic_app):
+    url = basic_app
+    before = model_counters(url)
+    bodies = {"/v1/completions": {"model": MODEL_ID, "prompt": "secret work", "max_tokens": 4},
+              "/v1/chat/completions": {"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}]}}
+    sent = 0
+    for headers in UNAUTHORIZED_HEADERS:
+        for path, body in bodies.items():
+            for stream in (False, True):
+                resp = httpx.post(f"{url}{path}", json={**body, "stream": stream}, headers=headers, timeout=30)
+                assert resp.status_code == 401, (headers, path, resp.status_code, resp.text[:200])
+                assert resp.json()["error"]["code"] == "invalid_api_key"
+                sent += 1
+        resp = httpx.post(f"{url}/v1/completions?api_key={KEYS[0]}", json=bodies["/v1/completions"], headers=headers,
+                          timeout=30)
+        assert resp.status_code == 401
+        for path in ("/v1/models", "/v1/stats"):
+            assert httpx.get(f"{url}{path}", headers=headers, timeout=30).status_code == 401
+    # nothing was tokenized, batched or run through the model for any of them
+    assert model_counters(url) == before, f"{sent} unauthorized requests changed the model's counters"
+    # ... while one valid request does reach it (the counters are live)
+    ok = httpx.post(f"{url}/v1/completions", json=bodies["/v1/completions"], headers=auth(KEYS[1]), timeout=30)
+    assert ok.status_code == 200
+    after = model_counters(url)
+    assert after["requests"] == before["requests"] + 1 and after["forward_passes"] > before["forward_passes"]
+
+
+def ray_token() -> str:
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser()
+    token = os.environ.get("RAY_AUTH_TOKEN") or (path.read_text().strip() if path.is_file() else "")
+    assert token, "no Ray auth token found: token authentication is not set up"
+    return token
+
+
+def test_the_ray_cluster_keeps_token_authentication_on(ray_cluster):
+    """The dashboard (jobs, state API) of the cluster raylm started refuses requests without the
+    token and serves them with it."""
+    dash = dashboard_url()
+    for path in ("/api/jobs/", "/api/v0/actors", "/api/version"):
+        anonymous = httpx.get(f"{dash}{path}", timeout=10)
+        assert anonymous.status_code in (401, 403), (path, anonymous.status_code, anonymous.text[:200])
+        wrong = httpx.get(f"{dash}{path}", headers={"Authorization": "Bearer not-the-token"}, timeout=10)
+        assert wrong.status_code in (401, 403), (path, wrong.status_code)
+    assert httpx.get(f"{dash}/api/jobs/", headers={"Authorization": f"Bearer {ray_token()}"}, timeout=10).status_code == 200
+
+
+def test_raylm_refuses_to_start_ray_with_authentication_disabled(tmp_path):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT / "platform")}
+    env.pop("RAYLM_ALLOW_NO_AUTH", None)
+    env.pop("RAY_ADDRESS", None)
+    code = ("import ray\nfrom raylm.cluster import init_ray\nfrom raylm.config import load_config\n"
+            "try:\n    init_ray(load_config(), num_cpus=1)\nexcept RuntimeError as exc:\n    print('REFUSED', exc)\n"
+            "print('STARTED' if ray.is_initialized() else 'NOT STARTED')\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert "REFUSED RAY_AUTH_MODE=disabled" in proc.stdout and "NOT STARTED" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+
+
+def files_containing(root: str | Path, secrets: dict[str, str], max_bytes: int = 64 << 20) -> list[str]:
+    hits = []
+    needles = {name: value.encode() for name, value in secrets.items()}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            try:
+                if os.path.islink(path) or os.path.getsize(path) > max_bytes:
+                    continue
+                with open(path, "rb") as f:
+                    data = f.read()
+            except OSError:
+                continue
+            hits += [f"{path}: {what}" for what, needle in needles.items() if needle in data]
+    return hits
+
+
+def test_no_secret_in_the_cluster_logs_or_in_checkpoints(reference_run, basic_app):
+    """After training with a canary in RAYLM_API_KEYS, serving with two keys and refusing an
+    attacker's guessed key, none of those, nor the Ray token, appears in any file of the
+    session's logs or of the run folder (checkpoints, manifests, metrics, configs)."""
+    url = basic_app
+    assert httpx.post(f"{url}/v1/completions", headers=auth(ATTACKER_KEY), timeout=30,
+                      json={"model": MODEL_ID, "prompt": "x"}).status_code == 401
+    for key in KEYS:
+        assert httpx.get(f"{url}/v1/models", headers=auth(key), timeout=30).status_code == 200
+    secrets = {"API key 0": KEYS[0], "API key 1": KEYS[1], "canary RAYLM_API_KEYS": CANARY_KEY,
+               "attacker key": ATTACKER_KEY, "Ray token": ray_token()}
+    cfg, result = reference_run
+    assert os.path.isdir(result.checkpoint.path)
+    leaks = files_containing(run_dir(cfg), secrets) + files_containing(session_logs_dir(), secrets)
+    assert not leaks, "secrets written to disk:\n" + "\n".join(leaks[:20])
