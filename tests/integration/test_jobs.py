@@ -115,7 +115,7 @@ def test_train_and_sweep_jobs_succeed(head, tmp_path):
     assert (tmp_path / "tiny" / "step_00000010" / "hf" / "model.safetensors").is_file()
 
     sweep = submit(env, "raylm", "tune", "--config", "tune_configs/tiny_sweep.yaml", *common,
-                   "--set=tune.num_samples=2", "--set=tune.sweep_name=job-sweep")
+                   "--set=tune.num_samples=1", "--set=tune.sweep_name=job-sweep")
     status, logs = wait_job(env, sweep, timeout_s=600)
     assert status == "SUCCEEDED", logs[-5000:]
     best = json.loads((tmp_path / "job-sweep" / "best.json").read_text())

@@ -119,7 +119,8 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generat
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
-        keep = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) < top_p  # the top token always stays
+        keep = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) < top_p
+        keep[..., 0] = True  # the top token always stays (0 < top_p fails once top_p rounds to 0 in float32)
         sorted_probs = sorted_probs * keep
         return int(order[torch.multinomial(sorted_probs, 1, generator=generator)])
     return int(torch.multinomial(probs, 1, generator=generator))
