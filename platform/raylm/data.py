@@ -1,9 +1,9 @@
 """Data stage: read a corpus with Ray Data, tokenize, pack into fixed blocks, split.
 
     read (files | URI | HF datasets | embedded) -> documents {text, replaced, skipped}
-    tokenize (map_batches, parallel)             -> {ids: doc tokens + EOS}
-    pack (per block, carry-free)                 -> full blocks of seq_len + 1 tokens
-    remainders of every block, packed on driver  -> more full blocks; one final partial is dropped
+    tokenize + pack (map_batches, parallel)      -> full blocks of seq_len + 1 tokens, one tail
+                                                    row per batch (leftover tokens + counters)
+    remainders of every batch, packed on driver  -> more full blocks; one final partial is dropped
     deterministic shuffle + split                -> train / val datasets
 
 Workers get disjoint shards of the train set through `ShardedDataConfig` (no rows dropped,
@@ -309,35 +309,53 @@ def _add_zero_counters(df):
     return df
 
 
-class _Tokenize:
-    """map_batches UDF: tokenizes a batch of documents and appends EOS to each (the separator)."""
-
-    def __init__(self, tokenizer_json: str, eos_id: int):
-        from tokenizers import Tokenizer
-
-        self.tok = Tokenizer.from_str(tokenizer_json)
-        self.eos_id = eos_id
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        texts = [t for t in batch["text"].tolist() if t]
-        encs = self.tok.encode_batch(texts, add_special_tokens=False) if texts else []
-        ids = [np.asarray(e.ids + [self.eos_id], dtype=np.int32) for e in encs]
-        out = {"ids": ids, "tokens": np.array([len(x) for x in ids], dtype=np.int64)}
-        return out
+COUNTERS = ("documents", "tokens", "replaced", "skipped", "files", "truncated")
+_TOKENIZERS: dict[str, Any] = {}  # per worker process: tokenizer JSON hash -> Tokenizer
 
 
-def pack_block(batch: dict[str, np.ndarray], block_len: int) -> dict[str, list]:
-    """Concatenate a batch's token lists into rows of exactly block_len; the leftover is one short row."""
-    if len(batch["ids"]) == 0:
-        return {"input_ids": [], "full": []}
-    flat = np.concatenate([np.asarray(x, dtype=np.int32) for x in batch["ids"]])
+def _cached_tokenizer(tokenizer_json: str):
+    """Parse a tokenizer once per Ray worker process (tasks reuse their process)."""
+    from tokenizers import Tokenizer
+
+    key = hashlib.sha256(tokenizer_json.encode()).hexdigest()
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = Tokenizer.from_str(tokenizer_json)
+    return _TOKENIZERS[key]
+
+
+def pack_batch(docs_ids: list[np.ndarray], block_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate documents' tokens; cut into full blocks [n, block_len] and a short tail (< block_len)."""
+    flat = np.concatenate(docs_ids) if docs_ids else np.zeros(0, dtype=np.int32)
     n_full = len(flat) // block_len
-    rows = [flat[i * block_len:(i + 1) * block_len] for i in range(n_full)]
-    full = [True] * n_full
-    if len(flat) % block_len:
-        rows.append(flat[n_full * block_len:])
-        full.append(False)
-    return {"input_ids": rows, "full": full}
+    return flat[: n_full * block_len].reshape(n_full, block_len), flat[n_full * block_len:]
+
+
+def tokenize_and_pack(batch: dict[str, np.ndarray], tokenizer_json: str, eos_id: int,
+                      block_len: int) -> dict[str, np.ndarray]:
+    """map_batches UDF: tokenize a batch of documents (each + EOS) and pack them into blocks.
+
+    Output rows are the batch's full blocks, then one tail row: the leftover tokens (< block_len,
+    zero-padded; `length` says how many are real) and the batch's counters (documents, tokens,
+    and the read stage's replaced/skipped/files/truncated). The driver takes only the tail rows,
+    so counting needs no aggregation pass, and full blocks are fixed-shape tensors (cheap in
+    Arrow, unlike ragged per-document token lists)."""
+    texts = [t for t in batch["text"].tolist() if t]
+    encs = _cached_tokenizer(tokenizer_json).encode_batch(texts, add_special_tokens=False) if texts else []
+    ids = [np.asarray(e.ids + [eos_id], dtype=np.int32) for e in encs]
+    full, tail = pack_batch(ids, block_len)
+    rows = len(full) + 1
+    input_ids = np.zeros((rows, block_len), dtype=np.int32)
+    input_ids[:-1] = full
+    input_ids[-1, : len(tail)] = tail
+    length = np.full(rows, block_len, dtype=np.int32)
+    length[-1] = len(tail)
+    counts = {"documents": len(ids), "tokens": sum(len(x) for x in ids),
+              **{name: int(np.asarray(batch[name]).sum()) for name in COUNTERS[2:]}}
+    out: dict[str, np.ndarray] = {"input_ids": input_ids, "length": length}
+    for name in COUNTERS:
+        out[name] = np.zeros(rows, dtype=np.int64)
+        out[name][-1] = counts[name]
+    return out
 
 
 def pack_remainders(remainders: list[np.ndarray], block_len: int) -> tuple[list[np.ndarray], int]:
@@ -410,8 +428,12 @@ def _tokenizer_for(src: Source, cfg: DataConfig, docs: "ray.data.Dataset") -> st
 
 
 def prepare_data(cfg: DataConfig, verbose: bool = True) -> PreparedData:
-    """Run the whole data stage on the connected Ray cluster. Ray must be initialised."""
+    """Run the whole data stage on the connected Ray cluster. Ray must be initialised.
+
+    One streaming pass (read -> tokenize + pack per batch) is materialized; a trained tokenizer
+    that is not cached yet reads a sample first. Counters ride on each batch's tail row."""
     import ray.data
+    from ray.data.expressions import col
 
     t0 = time.perf_counter()
     ctx = ray.data.DataContext.get_current()
@@ -421,35 +443,26 @@ def prepare_data(cfg: DataConfig, verbose: bool = True) -> PreparedData:
     docs = _read_documents(src, cfg)
     if cfg.max_documents:
         docs = docs.filter(lambda r: bool(r["text"])).limit(cfg.max_documents)
-    docs = docs.materialize()
-    names = ["replaced", "skipped", "files", "truncated"]
-    counters = docs.select_columns(names).sum(names) or {}
-    stats = DataStats(files=int(counters.get("sum(files)", 0) or 0),
-                      replaced=int(counters.get("sum(replaced)", 0) or 0),
-                      skipped_records=int(counters.get("sum(skipped)", 0) or 0),
-                      truncated_files=int(counters.get("sum(truncated)", 0) or 0))
 
     tokenizer_dir = _tokenizer_for(src, cfg, docs)
     hf_tok = load_tokenizer(tokenizer_dir)
-    stats.vocab_size = len(hf_tok)
-    tokenized = docs.map_batches(
-        _Tokenize, fn_constructor_kwargs={"tokenizer_json": hf_tok.backend_tokenizer.to_str(), "eos_id": hf_tok.eos_token_id},
-        batch_size=256, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(ray.available_resources().get("CPU", 1)))),
-    ).materialize()
-    stats.documents = tokenized.count()
+    block_len = cfg.seq_len + 1
+    packed = docs.map_batches(
+        tokenize_and_pack, batch_size=1024, batch_format="numpy",
+        fn_kwargs={"tokenizer_json": hf_tok.backend_tokenizer.to_str(), "eos_id": hf_tok.eos_token_id,
+                   "block_len": block_len}).materialize()
+    tails = packed.filter(expr=col("length") < block_len).take_all()
+    total = {name: sum(int(r[name]) for r in tails) for name in COUNTERS}
+    stats = DataStats(documents=total["documents"], tokens=total["tokens"], replaced=total["replaced"],
+                      skipped_records=total["skipped"], files=total["files"], truncated_files=total["truncated"],
+                      vocab_size=len(hf_tok))
     if stats.documents == 0:
         raise DataError(f"data.source={cfg.source}: the corpus is empty (no non-blank documents)")
-    stats.tokens = int(tokenized.sum("tokens"))
-
-    block_len = cfg.seq_len + 1
-    packed = tokenized.select_columns(["ids"]).map_batches(
-        pack_block, fn_kwargs={"block_len": block_len}, batch_size=None, batch_format="numpy").materialize()
-    full = packed.filter(lambda r: bool(r["full"])).select_columns(["input_ids"])
-    leftovers = [np.asarray(r["input_ids"], dtype=np.int32) for r in packed.filter(lambda r: not r["full"]).take_all()]
+    leftovers = [np.asarray(r["input_ids"][: int(r["length"])], dtype=np.int32) for r in tails]
     extra, stats.dropped_tokens = pack_remainders(leftovers, block_len)
-    blocks = full
+    blocks = packed.filter(expr=col("length") == block_len).select_columns(["input_ids"])
     if extra:
-        blocks = full.union(ray.data.from_items([{"input_ids": b} for b in extra]))
+        blocks = blocks.union(ray.data.from_items([{"input_ids": b} for b in extra]))
     blocks = blocks.random_shuffle(seed=cfg.seed).materialize()
     stats.blocks = blocks.count()
     if stats.blocks == 0:

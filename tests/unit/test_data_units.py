@@ -5,7 +5,8 @@ import pytest
 
 from raylm.config import DataConfig
 from raylm.data import (DataError, decode_counting, embedded_documents, file_to_rows, load_tokenizer,
-                        pack_block, pack_remainders, parse_jsonl, resolve_source, split_text, train_tokenizer)
+                        pack_batch, pack_remainders, parse_jsonl, resolve_source, split_text, tokenize_and_pack,
+                        train_tokenizer)
 
 
 def test_decode_counts_replacements_only_for_bad_bytes():
@@ -42,9 +43,10 @@ def test_packing_round_trips_tokens(block_len):
     batches = [[rng.integers(0, 100, rng.integers(1, 9)).astype(np.int32) for _ in range(7)] for _ in range(4)]
     full, leftovers = [], []
     for docs in batches:
-        out = pack_block({"ids": docs}, block_len)
-        for row, is_full in zip(out["input_ids"], out["full"]):
-            (full if is_full else leftovers).append(row)
+        blocks, tail = pack_batch(docs, block_len)
+        full += list(blocks)
+        leftovers.append(tail)
+        assert len(tail) < block_len
     extra, dropped = pack_remainders(leftovers, block_len)
     assert all(len(b) == block_len for b in full + extra)
     assert 0 <= dropped < block_len
@@ -54,6 +56,25 @@ def test_packing_round_trips_tokens(block_len):
     first = np.concatenate(batches[0])
     if len(first) >= block_len:
         assert np.array_equal(full[0], first[:block_len])
+
+
+def test_tokenize_and_pack_rows_and_counters(tmp_path):
+    out_dir = train_tokenizer(["the quick brown fox jumps over the lazy dog"] * 40, 300, str(tmp_path / "tok"))
+    tok = load_tokenizer(out_dir)
+    texts = ["the quick brown fox", "", "jumps over the lazy dog " * 3, "dog"]
+    batch = {"text": np.array(texts, dtype=object), "replaced": np.array([0, 0, 2, 0]),
+             "skipped": np.array([0, 1, 0, 0]), "files": np.array([0, 1, 0, 0]), "truncated": np.array([0, 0, 0, 1])}
+    out = tokenize_and_pack(batch, tok.backend_tokenizer.to_str(), tok.eos_token_id, block_len=5)
+    expected = np.concatenate([tok.encode(t, add_special_tokens=False) + [tok.eos_token_id] for t in texts if t])
+    n_full = len(expected) // 5
+    assert out["input_ids"].shape == (n_full + 1, 5) and list(out["length"][:-1]) == [5] * n_full
+    tail_len = int(out["length"][-1])
+    assert tail_len == len(expected) % 5
+    assert np.array_equal(np.concatenate([out["input_ids"][:-1].ravel(), out["input_ids"][-1, :tail_len]]), expected)
+    counts = {k: out[k].tolist() for k in ("documents", "tokens", "replaced", "skipped", "files", "truncated")}
+    assert counts == {"documents": [0] * n_full + [3], "tokens": [0] * n_full + [len(expected)],
+                      "replaced": [0] * n_full + [2], "skipped": [0] * n_full + [1],
+                      "files": [0] * n_full + [1], "truncated": [0] * n_full + [1]}
 
 
 def test_resolve_source_errors_name_the_path(tmp_path):
