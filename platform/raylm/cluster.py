@@ -51,6 +51,8 @@ def init_ray(cfg: RaylmConfig, address: Optional[str] = None, num_cpus: Optional
     # its CPUs forever. So the port is chosen here and named to every process of this cluster.
     port = _free_port()
     api = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
+    if cfg.serve.direct_ingress:  # read once by the Serve controller and replicas this cluster starts
+        os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
     os.environ.update(api)  # inherited by the raylet and every worker it starts
     kwargs["runtime_env"]["env_vars"].update(api)
     ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, **kwargs)

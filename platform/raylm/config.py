@@ -170,6 +170,12 @@ class ServeConfig(_Strict):
     host: str = Field("127.0.0.1", description="HTTP bind address of the Serve proxy.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of the Serve proxy (fixed once per cluster).")
     route_prefix: str = Field("/", description="URL prefix the app is mounted under (/v1/... lives below it).")
+    direct_ingress: bool = Field(
+        False, description="Also let every replica answer HTTP itself, on its own port from 30000 (Ray Serve's "
+        "direct ingress: no proxy hop, about 8 ms less per request on 2 cores). The proxy URL keeps working. "
+        "Takes effect on a cluster raylm starts (it sets RAY_SERVE_ENABLE_DIRECT_INGRESS=1); put a load "
+        "balancer in front of the replica ports when there are several.",
+    )
     app_name: str = Field("raylm", description="Serve application name (serve status, serve.delete).")
     api_key_env: str = Field("RAYLM_API_KEYS", description="Env var holding comma-separated API keys.")
     api_key_file: Optional[str] = Field(None, description="File with one API key per line.")

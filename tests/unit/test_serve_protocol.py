@@ -405,6 +405,11 @@ def test_banner_names_the_key_file_never_the_key(tmp_path):
     env_setup = setup_keys(cfg.serve, {"RAYLM_API_KEYS": "sk-secret-1,sk-secret-2"}, generated_path=str(path))
     env_text = banner("http://h:1", env_setup, cfg)
     assert "RAYLM_API_KEYS" in env_text and "sk-secret" not in env_text
+    assert "replicas directly" not in text and "direct_ingress" not in text
+    direct_cfg = RaylmConfig.model_validate({"serve": {"direct_ingress": True}})
+    direct_text = banner("http://h:1", setup, direct_cfg, ("http://h:30000", "http://h:30001"))
+    assert "replicas directly (no proxy hop): http://h:30000/v1, http://h:30001/v1" in direct_text
+    assert "not started with RAY_SERVE_ENABLE_DIRECT_INGRESS=1" in banner("http://h:1", setup, direct_cfg)
 
 
 def test_unexpected_errors_become_openai_500s():

@@ -385,6 +385,21 @@ def _base_url(s: ServeConfig) -> str:
     return f"http://{host}:{port}{s.route_prefix.rstrip('/')}"
 
 
+def direct_urls(s: ServeConfig) -> list[str]:
+    """Base URLs of the app's replicas under Serve's direct ingress (each replica serves HTTP on its
+    own port); empty when the cluster runs without it, where the proxy is the only way in."""
+    from ray.serve.context import _get_global_client
+
+    import ray
+
+    client = _get_global_client()
+    proxy_port = client.http_config.port
+    host = _base_url(s).split("://", 1)[1].split(":", 1)[0]  # replicas bind where the proxy does
+    groups = ray.get(client._controller.get_target_groups.remote(app_name=s.app_name))
+    return [f"http://{host}:{t.port}{g.route_prefix.rstrip('/')}" for g in groups
+            if g.protocol == "HTTP" for t in g.targets if t.port != proxy_port]
+
+
 def _deploy(cfg: RaylmConfig, checkpoint: str) -> tuple[str, KeySetup]:
     s = cfg.serve
     keys = setup_keys(s)
@@ -402,8 +417,9 @@ def deploy(cfg: RaylmConfig, checkpoint: str) -> str:
     return _deploy(cfg, checkpoint)[0]
 
 
-def banner(url: str, keys: KeySetup, cfg: RaylmConfig) -> str:
-    """What `raylm serve` prints: where to send requests and where the key is (never the key)."""
+def banner(url: str, keys: KeySetup, cfg: RaylmConfig, direct: tuple[str, ...] = ()) -> str:
+    """What `raylm serve` prints: where to send requests and where the key is (never the key).
+    `direct` lists the replicas' own URLs when the app runs with direct ingress."""
     s = cfg.serve
     if keys.generated_file:
         key_expr = f"$(cat {keys.generated_file})"
@@ -413,6 +429,9 @@ def banner(url: str, keys: KeySetup, cfg: RaylmConfig) -> str:
         key_expr = "<your key>"
     return "\n".join([
         f"serving {s.model_id} at {url}/v1  (app {s.app_name}, health: {url}/health)",
+        *([f"replicas directly (no proxy hop): {', '.join(u + '/v1' for u in direct)}"] if direct else []),
+        *([f"serve.direct_ingress: this cluster was not started with RAY_SERVE_ENABLE_DIRECT_INGRESS=1; "
+           f"serving through the proxy only"] if s.direct_ingress and not direct else []),
         f"API keys: {keys.source}",
         "try:",
         f"  curl {url}/v1/completions -H 'Content-Type: application/json' "
@@ -425,7 +444,8 @@ def banner(url: str, keys: KeySetup, cfg: RaylmConfig) -> str:
 def run_serve(cfg: RaylmConfig, checkpoint: str, blocking: bool) -> int:
     """`raylm serve`: deploy, print the URL/key location/examples; block until Ctrl-C if asked."""
     url, keys = _deploy(cfg, checkpoint)
-    print(banner(url, keys, cfg), flush=True)
+    direct = tuple(direct_urls(cfg.serve)) if cfg.serve.direct_ingress else ()
+    print(banner(url, keys, cfg, direct), flush=True)
     if blocking:
         serve_until_interrupted(cfg)
     return 0
