@@ -214,7 +214,11 @@ def _run_raylm(cfg, prepared) -> dict:
     # time inside the window spent on steps (the loop's own tokens_per_s covers only steps)
     step_s = sum(t.log_every_steps * t.effective_global_batch * cfg.data.seq_len / r["tokens_per_s"]
                  for r in records if r["step"] > WARMUP and r.get("tokens_per_s"))
+    # evaluation is work the plain loop and bare DeepSpeed do not do: timed by the loop, taken out
+    eval_s = sum(r.get("eval_s", 0.0) for r in records if r["step"] > WARMUP)
     return {"tokens_per_s": tokens / window, "window_s": window, "fit_s": fit_s,
+            "tokens_per_s_no_eval": tokens / (window - eval_s), "eval_s": eval_s,
+            "save_s": sum(r.get("save_s", 0.0) for r in records if r["step"] > WARMUP),
             "step_only_tokens_per_s": tokens / step_s if step_s else None,
             "non_step_s": window - step_s, "peak_rss_mib": mem.per_worker_mib(),
             "checkpoints": sum(1 for r in records if r.get("checkpoint")), "final_loss": last.get("loss"),
@@ -227,8 +231,9 @@ def _findings(runs: dict) -> list[str]:
         y, b = r["raylm"], r["bare"]
         line = (f"ZeRO-{zero}: raylm's training steps alone ran at {y['step_only_tokens_per_s']:.0f} tokens/s"
                 + (f" (bare DeepSpeed {b['tokens_per_s']:.0f})" if b else "")
-                + f"; {y['non_step_s']:.1f}s of its {y['window_s']:.1f}s window went to {y['checkpoints']} "
-                f"checkpoint(s) + evaluations + reports")
+                + f"; {y['non_step_s']:.1f}s of its {y['window_s']:.1f}s window went to evaluations "
+                f"({y['eval_s']:.1f}s), {y['checkpoints']} checkpoint save(s) ({y['save_s']:.1f}s: DeepSpeed state "
+                f"of every rank + HF export) and reports (the rest, checkpoint copies to storage included)")
         out.append(line)
     return out
 
@@ -279,12 +284,20 @@ def run(args) -> dict:
                      f"{ratio(y['tokens_per_s'], b['tokens_per_s']):.2f}x of bare" if b else "-",
                      f"fit {y['fit_s']:.0f}s; steps only {y['step_only_tokens_per_s']:.0f} tok/s; "
                      f"eval+ckpt+reports {y['non_step_s']:.1f}s of {y['window_s']:.1f}s"])
+        no_eval = y["tokens_per_s_no_eval"]
+        rows.append([f"raylm train, ZeRO-{zero}, evaluation time taken out", zero, no_eval, ratio(no_eval, plain_tps),
+                     f"{ratio(no_eval, b['tokens_per_s']):.2f}x of bare" if b else "-",
+                     f"Ray Data feed, metrics, {y['checkpoints']} checkpoints and reports kept"])
         mem_rows.append([f"ZeRO-{zero}", ", ".join(f"{m:.0f}" for m in y["peak_rss_mib"]),
                          ", ".join(f"{m:.0f}" for m in b["peak_rss_mib"]) if b else "-",
                          f"{plain[0]['peak_rss_mib']:.0f}"])
-        value = ratio(y["tokens_per_s"], plain_tps)
-        goals.append({"goal": f"raylm train ZeRO-{zero} >= {GOALS[zero]:.1f}x plain loop", "value": f"{value:.2f}x",
-                      "met": value >= GOALS[zero]})
+        value = ratio(y["tokens_per_s_no_eval"], plain_tps)
+        goals.append({"goal": f"raylm train ZeRO-{zero} (feed, metrics, checkpoints; no eval) >= {GOALS[zero]:.1f}x "
+                              f"plain loop", "value": f"{value:.2f}x", "met": value >= GOALS[zero]})
+        if b:
+            value = ratio(y["tokens_per_s_no_eval"], b["tokens_per_s"])
+            goals.append({"goal": f"raylm train ZeRO-{zero} (no eval) adds nothing to bare DeepSpeed (>= 0.95x of it; "
+                                  f"the checkpoints are the work it adds)", "value": f"{value:.2f}x", "met": value >= 0.95})
     t = base.train
     return {
         "title": "2. Training: raylm train vs plain PyTorch",
@@ -294,8 +307,10 @@ def run(args) -> dict:
                  f"{max_steps} steps, eval ({t.eval_batches} batches) and checkpoint (DeepSpeed state + HF export) "
                  f"every {every} steps in the raylm runs. tokens/s = global tokens from the end of step {WARMUP} to "
                  f"the end of step {max_steps} / wall time between them (raylm: metrics.jsonl timestamps, so evals, "
-                 f"checkpoints and reports inside the window count). Ratio = tokens/s / plain tokens/s (mean of the "
-                 f"plain runs before and after)."),
+                 f"checkpoints and reports inside the window count). The plain loop and bare DeepSpeed evaluate "
+                 f"nothing, so a second raylm row takes the evaluation time (timed by raylm's loop, `eval_s` in "
+                 f"metrics.jsonl) out of the window; the goals use that row. Ratio = tokens/s / plain tokens/s "
+                 f"(mean of the plain runs before and after)."),
         "tables": [
             {"columns": ["run", "ZeRO", "tokens/s", "x plain", "vs", "detail"], "rows": rows},
             {"name": "peak resident memory per worker (MiB, VmHWM of each Ray Train worker process)",

@@ -222,13 +222,17 @@ def train_fn_per_worker(loop_config: dict) -> None:
                            grad_norm=float(grad_norm) if grad_norm is not None else float("nan"))
             if peak:
                 metrics["mfu"] = fpt * tps / (peak * dist.get_world_size())
+        clock = time.perf_counter()
+        spent: dict[str, float] = {}  # seconds outside training steps, in the log: where time goes
         if do_eval:
             # `evals` counts evaluations by step, so it survives restarts: Tune forwards each once
             last_eval = {**evaluate(engine, val_shard, cfg, device),
                          "evals": pos.step // t.eval_every_steps + (1 if pos.step % t.eval_every_steps else 0)}
+            spent["eval_s"], clock = time.perf_counter() - clock, time.perf_counter()
         metrics.update(last_eval)
         checkpoint_dir = save_checkpoint(engine, tokenizer, cfg, pos) if do_ckpt else None
         if checkpoint_dir:
+            spent["save_s"], clock = time.perf_counter() - clock, time.perf_counter()
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
                              checkpoint_dir_name=f"step_{pos.step:08d}")
             cleanup(checkpoint_dir)
@@ -236,5 +240,6 @@ def train_fn_per_worker(loop_config: dict) -> None:
         elif do_eval or since_report_s >= REPORT_MIN_INTERVAL_S:  # do_log holds when not do_eval
             ray.train.report(metrics)
             last_report_t = time.monotonic()
-        log.write({**metrics, "time": time.time(), "checkpoint": bool(checkpoint_dir)})  # after the report: persisted
+        spent["report_s"] = time.perf_counter() - clock
+        log.write({**metrics, **spent, "time": time.time(), "checkpoint": bool(checkpoint_dir)})  # after the report: persisted
         window_loss, window_steps, window_t0 = 0.0, 0, time.perf_counter()
