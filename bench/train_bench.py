@@ -35,6 +35,7 @@ from report import ratio  # noqa: E402
 
 MODEL_OVERRIDES = {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
                    "num_attention_heads": 4, "num_key_value_heads": 4}
+ROUNDS = 2  # full mode: bare DeepSpeed and raylm alternate this many times per ZeRO stage (means compared)
 WARMUP = 5  # steps excluded from the measured window (== train.log_every_steps)
 REFERENCE_BARE = {1: 1.16, 2: 0.94, 3: 0.90}  # bare DeepSpeed vs plain loop, as measured before (issue 7)
 GOALS = {1: 1.0, 2: 1.0, 3: 0.9}
@@ -225,6 +226,20 @@ def _run_raylm(cfg, prepared) -> dict:
             "val_loss": last.get("val_loss")}
 
 
+def _mean_of(runs: list[dict]) -> dict:
+    """Repeated runs of one kind as one: float fields averaged, each run's tokens/s kept."""
+    out = dict(runs[-1])
+    for key, value in runs[-1].items():
+        if isinstance(value, float):
+            out[key] = sum(r[key] for r in runs) / len(runs)
+    out["rounds_tokens_per_s"] = [r["tokens_per_s"] for r in runs]
+    return out
+
+
+def _rounds(r: dict) -> str:
+    return " / ".join(f"{x:.0f}" for x in r["rounds_tokens_per_s"])
+
+
 def _findings(runs: dict) -> list[str]:
     out = []
     for zero, r in runs.items():
@@ -263,8 +278,15 @@ def run(args) -> dict:
     runs: dict[int, dict] = {}
     for zero in (1, 2, 3):
         cfg = bench_config(tokenizer_dir, storage, zero, max_steps, every)
-        # --quick skips bare DeepSpeed (it only explains the gap; the goals compare raylm with plain)
-        runs[zero] = {"bare": None if args.quick else _run_bare(cfg, vocab, blocks), "raylm": _run_raylm(cfg, prepared)}
+        # --quick: one raylm run, no bare DeepSpeed; full: bare and raylm alternate ROUNDS times
+        bare, mine = [], []
+        for i in range(1 if args.quick else ROUNDS):
+            # a fresh run name each round: the same name would resume the previous round's checkpoint
+            run = cfg.model_copy(update={"train": cfg.train.model_copy(update={"run_name": f"zero{zero}-{i}"})})
+            if not args.quick:
+                bare.append(_run_bare(run, vocab, blocks))
+            mine.append(_run_raylm(run, prepared))
+        runs[zero] = {"bare": _mean_of(bare) if bare else None, "raylm": _mean_of(mine)}
         print(f"zero{zero}:", runs[zero], flush=True)
     plain.append(_run_plain(base, vocab, blocks_path, threads=2))
     print("plain:", plain[-1], flush=True)
@@ -279,11 +301,11 @@ def run(args) -> dict:
         if b:
             rows.append([f"bare DeepSpeed under Ray Train, ZeRO-{zero}", zero, b["tokens_per_s"],
                          ratio(b["tokens_per_s"], plain_tps), f"{REFERENCE_BARE[zero]:.2f}x (issue)",
-                         f"fit {b['fit_s']:.0f}s"])
+                         f"fit {b['fit_s']:.0f}s; rounds {_rounds(b)}"])
         rows.append([f"raylm train, ZeRO-{zero}", zero, y["tokens_per_s"], ratio(y["tokens_per_s"], plain_tps),
                      f"{ratio(y['tokens_per_s'], b['tokens_per_s']):.2f}x of bare" if b else "-",
                      f"fit {y['fit_s']:.0f}s; steps only {y['step_only_tokens_per_s']:.0f} tok/s; "
-                     f"eval+ckpt+reports {y['non_step_s']:.1f}s of {y['window_s']:.1f}s"])
+                     f"eval+ckpt+reports {y['non_step_s']:.1f}s of {y['window_s']:.1f}s; rounds {_rounds(y)}"])
         no_eval = y["tokens_per_s_no_eval"]
         rows.append([f"raylm train, ZeRO-{zero}, evaluation time taken out", zero, no_eval, ratio(no_eval, plain_tps),
                      f"{ratio(no_eval, b['tokens_per_s']):.2f}x of bare" if b else "-",
@@ -305,7 +327,8 @@ def run(args) -> dict:
                  f"{MODEL_OVERRIDES['num_hidden_layers']} layers ({vocab} vocab, fp32); seq_len 128, global batch "
                  f"{t.effective_global_batch} (2 workers x 8, 1 thread each; plain: 16 in one process with 2 threads); "
                  f"{max_steps} steps, eval ({t.eval_batches} batches) and checkpoint (DeepSpeed state + HF export) "
-                 f"every {every} steps in the raylm runs. tokens/s = global tokens from the end of step {WARMUP} to "
+                 f"every {every} steps in the raylm runs. Full mode alternates bare and raylm {ROUNDS} times per "
+                 f"ZeRO stage and compares their means (this VM drifts by several % within minutes). tokens/s = global tokens from the end of step {WARMUP} to "
                  f"the end of step {max_steps} / wall time between them (raylm: metrics.jsonl timestamps, so evals, "
                  f"checkpoints and reports inside the window count). The plain loop and bare DeepSpeed evaluate "
                  f"nothing, so a second raylm row takes the evaluation time (timed by raylm's loop, `eval_s` in "
