@@ -82,7 +82,9 @@ def git_commit() -> str:
 
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=BENCH_DIR.parent, capture_output=True,
                              text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "platform", "bench"], cwd=BENCH_DIR.parent,
+        # the report's own outputs (written after every stage) do not make the measured code dirty
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "platform", "bench", ":!bench/results",
+                                ":!bench/RESULTS.md"], cwd=BENCH_DIR.parent,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return out.stdout.strip() + (" (+ uncommitted changes)" if dirty else "")
     except Exception:  # noqa: BLE001
