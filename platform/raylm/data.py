@@ -12,6 +12,7 @@ unlike `streaming_split(equal=True)`).
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import json
@@ -310,17 +311,14 @@ def _add_zero_counters(df):
 
 
 COUNTERS = ("documents", "tokens", "replaced", "skipped", "files", "truncated")
-_TOKENIZERS: dict[str, Any] = {}  # per worker process: tokenizer JSON hash -> Tokenizer
 
 
+@functools.lru_cache(maxsize=4)
 def _cached_tokenizer(tokenizer_json: str):
     """Parse a tokenizer once per Ray worker process (tasks reuse their process)."""
     from tokenizers import Tokenizer
 
-    key = hashlib.sha256(tokenizer_json.encode()).hexdigest()
-    if key not in _TOKENIZERS:
-        _TOKENIZERS[key] = Tokenizer.from_str(tokenizer_json)
-    return _TOKENIZERS[key]
+    return Tokenizer.from_str(tokenizer_json)
 
 
 def pack_batch(docs_ids: list[np.ndarray], block_len: int) -> tuple[np.ndarray, np.ndarray]:

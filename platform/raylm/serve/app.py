@@ -369,9 +369,9 @@ def build_app(cfg: RaylmConfig, checkpoint: str, keys: Optional[KeySetup] = None
     return deployment.bind(cfg.serve.model_dump(mode="json"), checkpoint, list(keys.hashes))
 
 
-def _base_url(s: ServeConfig) -> str:
-    """The URL clients use; the running proxy's host/port win over the config (Serve fixes them
-    once per cluster)."""
+def _proxy_address(s: ServeConfig) -> tuple[str, int]:
+    """Host and port clients reach the proxy at; the running proxy's win over the config (Serve
+    fixes them once per cluster)."""
     host, port = s.host, s.port
     try:
         from ray.serve.context import _get_global_client
@@ -380,8 +380,12 @@ def _base_url(s: ServeConfig) -> str:
         host, port = http.host, http.port
     except Exception:  # noqa: BLE001 - fall back to the configured address
         pass
-    if host in ("0.0.0.0", "::", ""):
-        host = "127.0.0.1"
+    return ("127.0.0.1" if host in ("0.0.0.0", "::", "") else host), port
+
+
+def _base_url(s: ServeConfig) -> str:
+    """The URL clients use (the proxy's)."""
+    host, port = _proxy_address(s)
     return f"http://{host}:{port}{s.route_prefix.rstrip('/')}"
 
 
@@ -392,10 +396,8 @@ def direct_urls(s: ServeConfig) -> list[str]:
 
     import ray
 
-    client = _get_global_client()
-    proxy_port = client.http_config.port
-    host = _base_url(s).split("://", 1)[1].split(":", 1)[0]  # replicas bind where the proxy does
-    groups = ray.get(client._controller.get_target_groups.remote(app_name=s.app_name))
+    host, proxy_port = _proxy_address(s)  # replicas bind where the proxy does
+    groups = ray.get(_get_global_client()._controller.get_target_groups.remote(app_name=s.app_name))
     return [f"http://{host}:{t.port}{g.route_prefix.rstrip('/')}" for g in groups
             if g.protocol == "HTTP" for t in g.targets if t.port != proxy_port]
 
