@@ -470,6 +470,8 @@ def prepare_data(cfg: DataConfig, verbose: bool = True) -> PreparedData:
     if cfg.val_fraction > 0 and stats.blocks >= 2:
         n_val = max(1, n_val)
     train, val = blocks.split_at_indices([stats.blocks - n_val])
+    for ds in (train, val):  # a Dataset keeps the context it was made with: Train workers iterating
+        ds.context.enable_progress_bars = False  # their shards would draw bars into the driver's log
     stats.train_blocks, stats.val_blocks = stats.blocks - n_val, n_val
     stats.seconds = time.perf_counter() - t0
     return PreparedData(train=train, val=val, tokenizer_dir=tokenizer_dir, stats=stats)

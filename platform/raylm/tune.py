@@ -404,10 +404,6 @@ def run_sweep(cfg: RaylmConfig, prepared: Any = None) -> SweepOutcome:
     t0 = time.perf_counter()
     prepared = prepared or prepare_data(cfg.data)
     print(prepared.stats.summary(), flush=True)
-    import ray.data
-
-    # trial workers iterate shards that carry this driver's DataContext: no per-epoch progress bars
-    ray.data.DataContext.get_current().enable_progress_bars = False
     results = build_tuner(cfg, prepared).fit()
     sweep_dir = sweep_path(cfg)
     rows = sorted((_trial_row(r, cfg, os.path.join(sweep_dir, "trials")) for r in results), key=lambda r: r.trial_id)

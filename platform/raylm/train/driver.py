@@ -51,11 +51,6 @@ def build_trainer(cfg: RaylmConfig, prepared: PreparedData, callbacks: Optional[
     from raylm.cluster import worker_env
     from raylm.train.loop import train_fn_per_worker
 
-    import ray.data
-
-    # The shards carry the driver's DataContext: with progress bars on, every worker would draw
-    # one per epoch into the driver's log. Data preparation (which shows them) is done by now.
-    ray.data.DataContext.get_current().enable_progress_bars = False
     # the workers write metrics and find checkpoints under the storage actually used
     storage = storage_path or expand(cfg.train.storage_path)
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"storage_path": storage})})
