@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional
 import numpy as np
 
 from raylm.config import DataConfig, InputError, expand
+from raylm.chat import ensure_chat_template
 
 if TYPE_CHECKING:  # Ray is imported lazily: unit tests and config errors never start it.
     import ray.data
@@ -224,7 +225,7 @@ def load_tokenizer(name_or_dir: str):
         raise DataError(f"data.tokenizer={name_or_dir}: has no EOS token to separate documents")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    return tok
+    return ensure_chat_template(tok)
 
 
 def tokenizer_files(tokenizer_dir: str) -> dict[str, bytes]:

@@ -9,13 +9,14 @@ from raylm.config import InputError, ModelConfig
 
 # Llama-style and GPT-2-style families. Sizes are approximate parameter counts at vocab 32k / 50k.
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    # head_dim = hidden / heads >= 32 in every preset: vLLM's CPU attention needs it to serve them.
     "tiny-llama": ("llama", dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512)),
+                                 num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512)),
     "small-llama": ("llama", dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12,  # ~125M
                                   num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=2048)),
     "base-llama": ("llama", dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,  # ~1.1B
                                  num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)),
-    "tiny-gpt2": ("gpt2", dict(n_embd=64, n_layer=2, n_head=4, n_positions=512)),
+    "tiny-gpt2": ("gpt2", dict(n_embd=64, n_layer=2, n_head=2, n_positions=512)),
     "small-gpt2": ("gpt2", dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024)),  # ~124M
     "base-gpt2": ("gpt2", dict(n_embd=1280, n_layer=36, n_head=20, n_positions=1024)),  # ~774M
 }
