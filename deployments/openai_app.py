@@ -6,7 +6,7 @@ or, in a Serve config file / RayService `serveConfigV2`:
 
     import_path: deployments.openai_app:app_builder
     args: {config: configs/small.yaml, checkpoint: /mnt/shared/raylm_results/<sweep>/best.json,
-           set: ["serve.max_batch_size=16"]}
+           set: ["serve.max_num_seqs=128"]}
 
 The args are validated (unknown keys are errors), the config is loaded exactly like the CLI
 does, and the app is the one `raylm serve` runs. API keys are read here, where the app is
@@ -48,6 +48,4 @@ def app_builder(args: dict) -> serve.Application:
                           f"{problems}") from None
     cfg = load_config(parsed.config, parsed.overrides())
     checkpoint = resolve_checkpoint(parsed.checkpoint or cfg.serve.checkpoint)
-    # The deployment name the Serve config files and the RayService set options on
-    # (raylm.k8s.SERVE_MODEL_DEPLOYMENT; tests/unit/test_k8s.py checks they agree).
-    return build_app(cfg, checkpoint, deployment_name="LLMServer")
+    return build_app(cfg, checkpoint)

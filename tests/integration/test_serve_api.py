@@ -1,16 +1,23 @@
-"""The OpenAI-compatible API on real Ray Serve over real HTTP: the official `openai` client,
-streaming, usage, seeds, stop strings, auth, every bad request, and batching."""
+"""The OpenAI-compatible API on real Ray Serve + vLLM over real HTTP: the official `openai` client,
+streaming, usage, seeds, stop strings, auth, every bad request, continuous batching (a short
+request is not held behind a long one) and vLLM's engine metrics. One app for the module: a
+vLLM engine takes ~45 s to start."""
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+from pathlib import Path
+import threading
+import time
 
 import httpx
 import openai
 import pytest
-from serve_fixtures import (KEYS, MODEL_ID, auth, deploy_app, key_file, serve_config, shutdown_serve, stats,
-                            tiny_checkpoint)
+
+from raylm.config import InputError
+from raylm.serve.auth import hash_key
+from serve_fixtures import KEYS, MODEL_ID, auth, deploy_app, key_file, serve_config, shutdown_serve, tiny_checkpoint
 
 __all__ = ["key_file", "tiny_checkpoint"]  # fixtures used by this module
 
@@ -19,9 +26,9 @@ pytestmark = pytest.mark.timeout(300)
 
 @pytest.fixture(scope="module")
 def url(ray_cluster, tiny_checkpoint, key_file):
-    # One replica so /v1/stats sees every request; a 50 ms batch window so a burst shares batches.
+    # One replica, so the long and the short request of the continuous-batching test share an engine.
     cfg = serve_config(key_file, "serve.autoscaling.min_replicas=1", "serve.autoscaling.max_replicas=1",
-                       "serve.max_batch_size=8", "serve.batch_wait_timeout_s=0.05", "serve.max_ongoing_requests=16")
+                       "serve.max_tokens_limit=128")
     yield deploy_app(cfg, tiny_checkpoint)
     shutdown_serve()
 
@@ -143,7 +150,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": MODEL_ID, "prompt": LONG_PROMPT, "max_tokens": 8}, 400, "prompt"),
     ("/v1/chat/completions", {"model": MODEL_ID, "messages": [{"role": "user", "content": LONG_PROMPT}]}, 400,
      "messages"),
-    ("/v1/completions", {"model": MODEL_ID, "prompt": "hi", "max_tokens": 65}, 400, "max_tokens"),
+    ("/v1/completions", {"model": MODEL_ID, "prompt": "hi", "max_tokens": 129}, 400, "max_tokens"),
     ("/v1/completions", {"model": MODEL_ID, "prompt": "hi", "max_tokens": -1}, 400, "max_tokens"),
     ("/v1/completions", {"model": MODEL_ID, "prompt": "hi", "max_tokens": "8"}, 400, "max_tokens"),
     ("/v1/completions", {"model": MODEL_ID, "prompt": "hi", "temperature": 2.5}, 400, "temperature"),
@@ -187,7 +194,7 @@ def test_the_openai_client_sees_bad_requests_as_errors(client):
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer sk-wrong"}, {"Authorization": KEYS[0]},
                                      {"Authorization": "Basic " + KEYS[0]}])
 def test_missing_or_wrong_key_is_401(url, headers):
-    for method, path in (("POST", "/v1/completions"), ("GET", "/v1/models"), ("GET", "/v1/stats")):
+    for method, path in (("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GET", "/v1/models")):
         resp = httpx.request(method, f"{url}{path}", headers=headers, timeout=10,
                              json={"model": MODEL_ID, "prompt": "hi"} if method == "POST" else None)
         assert resp.status_code == 401, (path, resp.text)
@@ -200,27 +207,89 @@ def test_wrong_key_with_the_openai_client(url):
         bad.completions.create(model=MODEL_ID, prompt="hi", max_tokens=1)
 
 
-# ------------------------------------------------------------------ batching
+def test_engine_internal_routes_are_not_reachable(url):
+    """vLLM's app has admin and internal routes; only the public API is let through."""
+    for method, path in (("POST", "/tokenize"), ("GET", "/metrics"), ("POST", "/scale_elastic_ep"),
+                         ("POST", "/inference/v1/generate"), ("GET", "/docs")):
+        resp = httpx.request(method, f"{url}{path}", headers=auth(), timeout=10)
+        assert resp.status_code == 404, (path, resp.status_code)
+        assert resp.json()["error"]["type"] == "invalid_request_error"
 
 
-def test_concurrent_requests_share_forward_passes(url):
-    n, max_tokens = 8, 8
-    before = stats(url)
+# ------------------------------------------------------------------ continuous batching and metrics
 
-    def one(i: int) -> httpx.Response:
-        return post(url, "/v1/completions", {"model": MODEL_ID, "prompt": f"request {i}", "max_tokens": max_tokens,
-                                             "temperature": 0})
 
-    with cf.ThreadPoolExecutor(n) as pool:
-        responses = list(pool.map(one, range(n)))
-    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
-    after = stats(url)
-    requests = after["requests"] - before["requests"]
-    forward_passes = after["forward_passes"] - before["forward_passes"]
-    batches = after["batches"] - before["batches"]
-    tokens = sum(r.json()["usage"]["completion_tokens"] for r in responses)
-    assert requests == n
-    assert after["completion_tokens"] - before["completion_tokens"] == tokens
-    # Unbatched, every request would need its own prefill and decode steps: `tokens` passes.
-    assert forward_passes < tokens and batches < n, (forward_passes, batches, tokens)
-    assert after["largest_batch"] >= 2
+def test_a_short_request_finishes_while_a_long_generation_runs(url):
+    """Continuous batching: a 1-token request sent after a 120-token generation has started joins the
+    running batch and completes before the long one does (a static batch would hold it back)."""
+    events: list[str] = []
+    long_started = threading.Event()
+
+    def long_generation() -> int:
+        body = {"model": MODEL_ID, "prompt": "Once upon a time", "max_tokens": 120, "temperature": 0,
+                "ignore_eos": True, "stream": True}
+        tokens = 0
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=auth(), timeout=120) as resp:
+            assert resp.status_code == 200
+            for line in resp.iter_lines():
+                if line.startswith("data: {"):
+                    tokens += 1
+                    long_started.set()
+        events.append("long done")
+        return tokens
+
+    with cf.ThreadPoolExecutor(1) as pool:
+        long_future = pool.submit(long_generation)
+        assert long_started.wait(60), "the long generation did not start streaming"
+        short = post(url, "/v1/completions", {"model": MODEL_ID, "prompt": "Hi", "max_tokens": 1, "temperature": 0})
+        events.append("short done")
+        assert long_future.result(timeout=120) >= 100
+    assert short.status_code == 200 and short.json()["usage"]["completion_tokens"] == 1
+    assert events == ["short done", "long done"], events
+
+
+def _metrics_text() -> str:
+    import ray
+
+    port = next(n["MetricsExportPort"] for n in ray.nodes() if n["Alive"])
+    return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+
+
+def test_engine_and_serve_metrics_reach_the_prometheus_endpoint(client):
+    """vLLM's engine metrics (TTFT, time per output token, running/waiting requests, KV-cache use)
+    and Serve's and raylm's request counters are on Ray's Prometheus endpoint."""
+    client.completions.create(model=MODEL_ID, prompt="metrics", max_tokens=4)
+    wanted = ("vllm:time_to_first_token_seconds", "vllm:num_requests_running", "vllm:num_requests_waiting",
+              "vllm:kv_cache_usage_perc", "serve_num_http_requests", "raylm_requests")
+    deadline, missing = time.monotonic() + 90, list(wanted)
+    while missing and time.monotonic() < deadline:
+        text = _metrics_text().replace("vllm_", "vllm:")
+        missing = [m for m in wanted if m not in text]
+        if missing:
+            time.sleep(3)
+    assert not missing, f"not exported: {missing}"
+    assert any(m in text for m in ("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds"))
+
+
+# ------------------------------------------------------------------ the app builder (serve run / deploy)
+
+
+def test_app_builder_builds_the_deployment_the_serve_configs_name(ray_cluster, tiny_checkpoint, monkeypatch):
+    """`serve run` / `serve deploy` / the RayService build the app with deployments.openai_app, which
+    must name the deployment the Serve config files set options on, and never pass a key on."""
+    from deployments.openai_app import app_builder
+    from raylm.serve.options import SERVE_MODEL_DEPLOYMENT
+
+    monkeypatch.setenv("RAYLM_API_KEYS", "k-builder")
+    config = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
+    app = app_builder({"config": str(config), "checkpoint": tiny_checkpoint,
+                       "set": ["serve.max_num_seqs=3", "serve.max_queued_requests=7"]})
+    dep = app._bound_deployment
+    assert dep.name == SERVE_MODEL_DEPLOYMENT and dep._deployment_config.max_queued_requests == 7
+    llm_config = dep.init_kwargs["llm_config"]
+    assert llm_config.engine_kwargs["max_num_seqs"] == 3
+    assert llm_config.model_loading_config.model_source == str(Path(tiny_checkpoint).resolve())
+    assert dep.init_kwargs["key_hashes"] == [hash_key("k-builder")] and "k-builder" not in json.dumps(
+        dep.init_kwargs["key_hashes"]) + json.dumps(dep.init_kwargs["serve_config"])
+    with pytest.raises(InputError, match="confg: Extra inputs are not permitted"):
+        app_builder({"checkpoint": tiny_checkpoint, "confg": "typo.yaml"})

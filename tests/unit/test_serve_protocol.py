@@ -1,6 +1,6 @@
-"""Serve pieces that need no Ray: request validation, response shapes (checked against the
-`openai` client's own types), API keys, checkpoint resolution, the engine's stop/stream logic
-and health probe, the app builder and the Serve config file."""
+"""Serve pieces that need no Ray: request validation, the gate in front of vLLM (routes, keys,
+limits, error shapes, as a real ASGI app), API keys, checkpoint resolution, the engine arguments
+and deployment options derived from the config, the app builder and the Serve config file."""
 
 from __future__ import annotations
 
@@ -10,12 +10,8 @@ import os
 import stat
 from pathlib import Path
 
-import openai.types as oai
-import openai.types.chat as oai_chat
 import pytest
 import yaml
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from raylm.config import InputError, ServeConfig, load_config
 from raylm.serve import protocol as p
@@ -29,13 +25,6 @@ def checkpoint(tmp_path_factory) -> str:
     from raylm.serve.tiny import make_tiny_checkpoint
 
     return make_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "tiny"))
-
-
-@pytest.fixture(scope="module")
-def engine(checkpoint):
-    from raylm.serve.engine import load_engine
-
-    return load_engine(checkpoint, num_gpus=0, num_threads=1)
 
 
 # ------------------------------------------------------------------ request validation
@@ -64,7 +53,7 @@ def parse_error(model, body) -> p.APIError:
     ({"model": "m", "prompt": "x", "seed": "7"}, "seed"),
     ({"model": "m", "prompt": "x", "stop": [1]}, "stop"),
     ({"model": "m", "prompt": "x", "stream": "true"}, "stream"),
-    ({"model": "m", "prompt": "x", "n": 2}, "n"),
+    ({"model": "m", "prompt": "x", "n": 9}, "n"),
     ({"model": "m", "prompt": "x", "stream_options": {"include_usage": 1}}, "stream_options.include_usage"),
 ])
 def test_completion_field_errors_name_the_parameter(body, param):
@@ -117,50 +106,17 @@ def test_stop_lists_are_bounded_and_non_empty():
     assert err.value.param == "stop"
 
 
-def limits(req, prompt_tokens, **kw):
-    args = dict(model_id="m", context_len=100, max_tokens_limit=50, default_max_tokens=16, prompt_param="prompt")
-    return p.check_limits(req, prompt_tokens, **{**args, **kw})
-
-
 def test_limits_need_the_served_model():
     def req(**kw):
         return p.CompletionRequest(model="m", prompt="x", **kw)
 
-    assert limits(req(), 10) == 16
-    assert limits(req(), 95) == 5  # the default shrinks to what the context leaves
-    assert limits(req(max_tokens=50), 50) == 50
-    for kwargs, tokens, param, status in [({"max_tokens": 51}, 1, "max_tokens", 400),
-                                          ({"max_tokens": 50}, 51, "prompt", 400),
-                                          ({"model": "other"}, 1, "model", 404)]:
+    assert p.check_limits(req(), model_id="m", max_tokens_limit=50) is None  # the server's default applies
+    assert p.check_limits(req(max_tokens=50), model_id="m", max_tokens_limit=50) == 50
+    for kwargs, model_id, param, status in [({"max_tokens": 51}, "m", "max_tokens", 400),
+                                            ({}, "served", "model", 404)]:
         with pytest.raises(p.APIError) as err:
-            limits(req(**{k: v for k, v in kwargs.items() if k != "model"}), tokens,
-                   **({"model_id": "served"} if "model" in kwargs else {}))
+            p.check_limits(req(**kwargs), model_id=model_id, max_tokens_limit=50)
         assert (err.value.param, err.value.status) == (param, status)
-
-
-# ------------------------------------------------------------------ response shapes
-
-
-def test_responses_parse_as_the_openai_clients_types():
-    c = oai.Completion.model_validate(p.completion_response("cmpl-1", "m", [("hi", "length")], 3, 2))
-    assert c.usage.total_tokens == 5 and c.choices[0].finish_reason == "length"
-    chat = oai_chat.ChatCompletion.model_validate(p.chat_response("c-1", "m", "yo", "stop", 4, 1))
-    assert chat.choices[0].message.content == "yo"
-    chunk = oai_chat.ChatCompletionChunk.model_validate(p.chat_chunk("c-1", "m", 1, {"content": "a"}, None))
-    assert chunk.choices[0].delta.content == "a"
-    oai.Completion.model_validate(p.completion_chunk("c", "m", 1, "t", "stop"))
-    usage = oai_chat.ChatCompletionChunk.model_validate(p.usage_chunk("c", "m", 1, "chat.completion.chunk", 2, 3))
-    assert usage.usage.completion_tokens == 3 and usage.choices == []
-    assert oai.Model.model_validate(p.models_response("m", 1)["data"][0]).id == "m"
-
-
-def test_sse_framing():
-    assert p.sse({"a": 1}) == 'data: {"a":1}\n\n' and p.SSE_DONE == "data: [DONE]\n\n"
-
-
-def test_chat_fallback_renders_roles():
-    assert p.render_chat_fallback([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]) == \
-        "system: s\nuser: u\nassistant:"
 
 
 # ------------------------------------------------------------------ API keys
@@ -245,130 +201,204 @@ def test_resolve_checkpoint_errors_name_the_path(tmp_path, checkpoint):
         assert isinstance(err.value, InputError)
 
 
-# ------------------------------------------------------------------ engine
+# ------------------------------------------------------------------ the gate (ASGI, in front of vLLM's app)
 
 
-def test_stop_holdback_and_find_stop():
-    from raylm.serve.engine import find_stop, stop_holdback
 
-    assert stop_holdback("hello wor", ("world",)) == 3
-    assert stop_holdback("hello", ("xyz",)) == 0
-    assert stop_holdback("ab", ("abc", "b!")) == 2
-    assert find_stop("one two three", ("three", "two")) == 4 and find_stop("abc", ("z",)) == -1
+def gate_settings(**kw):
+    from raylm.serve.gate import GateSettings
 
-
-def test_top_p_keeps_only_the_nucleus():
-    import torch
-
-    from raylm.serve.engine import row_generator, sample_token
-
-    logits = torch.log(torch.tensor([0.6, 0.3, 0.05, 0.05]))
-    picks = {sample_token(logits, 1.0, 0.5, row_generator(s)) for s in range(50)}
-    assert picks == {0}
-    picks = {sample_token(logits, 1.0, 0.85, row_generator(s)) for s in range(200)}
-    assert picks == {0, 1}
-    assert sample_token(logits, 0.0, 1.0, row_generator(0)) == 0
+    base = dict(model_id="m", key_hashes=(hash_key("k1"),), require_api_key=True, max_tokens_limit=32,
+                default_max_tokens=7, vocab_size=100)
+    return GateSettings(**{**base, **kw})
 
 
-def run_batch(engine, reqs):
-    from raylm.serve.engine import RowEvent
+class FakeEngineApp:
+    """Stands in for vLLM's app (an ASGI callable): records what reached it and answers as told."""
 
-    async def go():
-        outs = [[] for _ in reqs]
-        async for events in engine.generate_batch(reqs):
-            for i, ev in enumerate(events):
-                if isinstance(ev, RowEvent):
-                    outs[i].append(ev)
-        return outs
+    def __init__(self, status: int = 200, body: bytes = b'{"ok": true}'):
+        self.status, self.body, self.seen = status, body, []
 
-    return asyncio.run(go())
-
-
-def test_batched_rows_match_single_rows_and_stop_early(engine):
-    from raylm.serve.engine import GenRequest
-
-    prompts = [engine.encode(t) for t in ("short", "a considerably longer prompt than the first one")]
-    reqs = [GenRequest(tuple(ids), max_tokens=m, temperature=0) for ids, m in zip(prompts, (3, 9))]
-    before = engine.stats.forward_passes
-    together = run_batch(engine, reqs)
-    assert engine.stats.forward_passes - before == 9  # one prefill + 8 decode steps for both rows
-    alone = [run_batch(engine, [r])[0] for r in reqs]
-    for batched, single, req in zip(together, alone, reqs):
-        assert "".join(e.text for e in batched) == "".join(e.text for e in single)
-        assert batched[-1].completion_tokens == req.max_tokens and batched[-1].finish_reason == "length"
+    async def __call__(self, scope, receive, send):
+        message = await receive()
+        self.seen.append((scope["path"], message.get("body", b"")))
+        await send({"type": "http.response.start", "status": self.status,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": self.body})
 
 
-@settings(max_examples=40, deadline=None)
-@given(tokens=st.lists(st.integers(min_value=2, max_value=383), min_size=1, max_size=24),
-       stops=st.lists(st.text(alphabet="abcde \n", min_size=1, max_size=3), max_size=2))
-def test_streamed_deltas_reassemble_the_final_text(engine, tokens, stops):
-    """Whatever the tokens and stop strings: the deltas add up to the decoded text cut at the
-    first stop string, and no delta ever contains a stop string."""
-    from raylm.serve.engine import GenRequest, _Row, row_generator
+def call_gate(gate, method: str, path: str, body: bytes = b"", key: str | None = "k1", root: str = ""):
+    headers = [(b"authorization", f"Bearer {key}".encode())] if key else []
+    scope = {"type": "http", "method": method, "path": root + path, "root_path": root, "headers": headers}
+    sent = []
 
-    row = _Row(GenRequest((0,), max_tokens=len(tokens), stop=tuple(stops)), row_generator(0))
-    deltas = []
-    for tok in tokens:
-        ev = engine._row_event(row, tok)
-        deltas.append(ev.text)
-        if ev.finish_reason:
-            break
-    full = engine.decode(row.ids)
-    cut = min([i for i in (full.find(s) for s in stops) if i >= 0], default=len(full))
-    assert "".join(deltas) == full[:cut]
-    assert ev.finish_reason == ("stop" if cut < len(full) else "length")
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(gate(scope, receive, send))
+    status = sent[0]["status"]
+    payload = b"".join(m.get("body", b"") for m in sent[1:])
+    return status, json.loads(payload) if payload else None
 
 
-def test_health_probe_fails_on_a_broken_model(checkpoint):
-    import torch
+def make_gate(app=None, healthy=True, **kw):
+    from raylm.serve.gate import Gate
 
-    from raylm.serve.engine import ModelFault, load_engine
+    async def health():
+        if not healthy:
+            raise RuntimeError("engine dead")
 
-    eng = load_engine(checkpoint, num_gpus=0, num_threads=1)
-    asyncio.run(eng.check(timeout_s=10))  # healthy
-    with torch.no_grad():
-        next(eng.model.parameters()).fill_(float("nan"))
-    with pytest.raises(ModelFault):
-        asyncio.run(eng.check(timeout_s=10))
-    assert eng.fatal_error
-    with pytest.raises(ModelFault):  # remembered: Serve keeps seeing it until it replaces the replica
-        asyncio.run(eng.check(timeout_s=10))
+    counted = []
+    gate = Gate(app or FakeEngineApp(), settings=gate_settings(**kw), health=health,
+                on_response=lambda route, status: counted.append((route, status)))
+    gate.counted = counted
+    return gate
+
+
+def test_gate_lets_a_valid_request_through_and_fills_in_max_tokens():
+    app = FakeEngineApp()
+    gate = make_gate(app)
+    status, body = call_gate(gate, "POST", "/v1/completions", json.dumps({"model": "m", "prompt": "hi"}).encode())
+    assert status == 200 and body == {"ok": True}
+    (path, forwarded), = app.seen
+    assert path == "/v1/completions" and json.loads(forwarded) == {"model": "m", "prompt": "hi", "max_tokens": 7}
+    raw = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3}).encode()
+    assert call_gate(gate, "POST", "/v1/chat/completions", raw)[0] == 200 and app.seen[-1][1] == raw
+    assert gate.counted == [("completions", 200), ("chat", 200)]
+
+
+@pytest.mark.parametrize("method,path,body,key,status,param,code", [
+    ("POST", "/v1/completions", {"model": "m", "prompt": "hi"}, None, 401, None, "invalid_api_key"),
+    ("POST", "/v1/completions", {"model": "m", "prompt": "hi"}, "wrong", 401, None, "invalid_api_key"),
+    ("GET", "/v1/models", None, None, 401, None, "invalid_api_key"),
+    ("POST", "/v1/completions", {"model": "other", "prompt": "hi"}, "k1", 404, "model", "model_not_found"),
+    ("POST", "/v1/completions", {"model": "m", "prompt": "hi", "max_tokens": 33}, "k1", 400, "max_tokens", "invalid_value"),
+    ("POST", "/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "x"}],
+                                      "max_completion_tokens": 99}, "k1", 400, "max_completion_tokens", "invalid_value"),
+    ("POST", "/v1/completions", {"model": "m", "prompt": [5, 100]}, "k1", 400, "prompt", "invalid_value"),
+    ("POST", "/v1/completions", {"model": "m", "prompt": "hi", "echo": True}, "k1", 400, "echo", "unsupported_parameter"),
+    ("POST", "/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "x"}],
+                                      "tools": [{"type": "function"}]}, "k1", 400, "tools", "unsupported_parameter"),
+    ("POST", "/v1/completions", {"model": "m", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "k1", 400, "stop", None),
+    ("POST", "/tokenize", {"prompt": "x"}, "k1", 404, None, "not_found"),
+    ("GET", "/metrics", None, "k1", 404, None, "not_found"),
+    ("GET", "/v1/completions", None, "k1", 405, None, "method_not_allowed"),
+])
+def test_gate_refuses_by_name_and_nothing_reaches_the_engine(method, path, body, key, status, param, code):
+    app = FakeEngineApp()
+    got, err = call_gate(make_gate(app), method, path, json.dumps(body).encode() if body else b"", key)
+    assert got == status and err["error"]["param"] == param and err["error"]["code"] == code
+    assert err["error"]["type"] == "invalid_request_error" and err["error"]["message"]
+    assert app.seen == []
+
+
+def test_gate_health_needs_no_key_and_reports_a_dead_engine():
+    assert call_gate(make_gate(), "GET", "/health", key=None) == (200, {"status": "ok"})
+    status, body = call_gate(make_gate(healthy=False), "GET", "/health", key=None)
+    assert status == 503 and body["error"]["type"] == "server_error" and "dead" not in json.dumps(body)
+
+
+def test_gate_works_under_a_route_prefix_and_without_keys_when_not_required():
+    app = FakeEngineApp()
+    gate = make_gate(app, require_api_key=False)
+    assert call_gate(gate, "GET", "/v1/models", key=None, root="/myapp")[0] == 200
+    assert call_gate(gate, "GET", "/v1/models/m", key=None, root="/myapp")[0] == 200
+
+
+def test_engine_errors_are_put_in_openai_shape():
+    vllm_context = json.dumps({"error": {"message": "This model's maximum context length is 512 tokens. However, "
+                                         "your prompt contains at least 513 input tokens (parameter=input_tokens)",
+                                         "type": "BadRequestError", "param": "input_tokens", "code": 400}}).encode()
+    for path, param in (("/v1/completions", "prompt"), ("/v1/chat/completions", "messages")):
+        body = {"model": "m", "prompt": "x"} if "chat" not in path else {"model": "m", "messages": [
+            {"role": "user", "content": "x"}]}
+        status, err = call_gate(make_gate(FakeEngineApp(400, vllm_context)), "POST", path, json.dumps(body).encode())
+        assert status == 400 and err["error"] == {"message": json.loads(vllm_context)["error"]["message"],
+                                                  "type": "invalid_request_error", "param": param,
+                                                  "code": "context_length_exceeded"}
+    status, err = call_gate(make_gate(FakeEngineApp(500, b"Internal Server Error")), "POST", "/v1/completions",
+                            json.dumps({"model": "m", "prompt": "x"}).encode())
+    assert status == 500 and err["error"]["type"] == "server_error" and err["error"]["message"]
+
+
+def test_a_huge_body_is_refused_before_it_is_parsed():
+    from raylm.serve.gate import MAX_BODY_BYTES
+
+    status, err = call_gate(make_gate(), "POST", "/v1/completions", b"x" * (MAX_BODY_BYTES + 1))
+    assert status == 413 and err["error"]["code"] == "request_too_large"
+
+
+# ------------------------------------------------------------------ engine arguments and deployment options
+
+
+def test_engine_kwargs_follow_the_config():
+    from raylm.serve.options import engine_kwargs
+
+    cpu = engine_kwargs(ServeConfig(max_model_len=256, max_num_seqs=8, seed=3))
+    assert cpu == {"dtype": "bfloat16", "max_num_seqs": 8, "enable_prefix_caching": True, "seed": 3,
+                   "tensor_parallel_size": 1, "max_model_len": 256, "kv_cache_memory_bytes": 2**30}
+    gpu = engine_kwargs(ServeConfig(use_gpu=True, tensor_parallel_size=2, gpu_memory_utilization=0.8,
+                                    enable_prefix_caching=False, engine_kwargs={"enforce_eager": True}))
+    assert gpu["gpu_memory_utilization"] == 0.8 and "kv_cache_memory_bytes" not in gpu
+    assert gpu["tensor_parallel_size"] == 2 and gpu["enforce_eager"] and not gpu["enable_prefix_caching"]
+    assert engine_kwargs(ServeConfig(kv_cache_memory_gib=0.5))["kv_cache_memory_bytes"] == 2**29
+
+
+@pytest.mark.parametrize("overrides,field", [
+    (["serve.tensor_parallel_size=2"], "serve.tensor_parallel_size"),
+    (["serve.max_model_len=64", "serve.max_tokens_limit=64", "serve.default_max_tokens=16"], "serve.max_tokens_limit"),
+    (["serve.dtype=int4"], "serve.dtype"),
+    (["serve.max_num_seqs=0"], "serve.max_num_seqs"),
+    (["serve.kv_cache_memory_gib=0"], "serve.kv_cache_memory_gib"),
+    (["serve.gpu_memory_utilization=1.5"], "serve.gpu_memory_utilization"),
+])
+def test_bad_engine_settings_are_config_errors_naming_the_field(overrides, field):
+    from raylm.config import ConfigError
+
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(None, overrides)
+
+
+def test_a_checkpoint_the_cpu_engine_cannot_run_is_refused_naming_it(tmp_path):
+    from raylm.serve.app import CheckpointError, check_servable
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64,
+                                                      "num_attention_heads": 4}))
+    with pytest.raises(CheckpointError, match=f"{tmp_path}.*head_dim 16"):
+        check_servable(str(tmp_path), ServeConfig())
+    assert check_servable(str(tmp_path), ServeConfig(use_gpu=True))["hidden_size"] == 64
+
+
+def test_every_model_preset_can_be_served_on_cpu():
+    from raylm.model import PRESETS, preset_config
+    from raylm.serve.app import MIN_CPU_HEAD_DIM, _head_dim
+
+    for name in PRESETS:
+        assert _head_dim(preset_config(name, 256, 64).to_dict()) >= MIN_CPU_HEAD_DIM, name
 
 
 # ------------------------------------------------------------------ app building
 
 
 def test_deployment_options_follow_the_config():
-    from raylm.k8s import serve_autoscaling
-    from raylm.serve.app import deployment_options
+    from raylm.serve.options import backpressure, deployment_options, serve_autoscaling
 
     cfg = load_config(REPO / "configs" / "small.yaml", ["serve.max_queued_requests=5", "serve.retry_after_s=3"])
     opts = deployment_options(cfg.serve)
-    assert opts["autoscaling_config"] == serve_autoscaling(cfg.serve)
-    assert opts["ray_actor_options"] == {"num_cpus": cfg.serve.num_cpus_per_replica, "num_gpus": 1}
-    assert (opts["max_queued_requests"], opts["backpressure_config"]["retry_after_s"]) == (5, 3)
-
-
-def test_app_builder_builds_the_deployment_the_serve_configs_name(checkpoint, tmp_path, monkeypatch):
-    from deployments.openai_app import app_builder
-    from raylm.k8s import SERVE_MODEL_DEPLOYMENT
-
-    monkeypatch.setenv("RAYLM_API_KEYS", "k-builder")
-    app = app_builder({"config": str(REPO / "configs" / "tiny.yaml"), "checkpoint": checkpoint,
-                       "set": ["serve.max_batch_size=3"]})
-    dep = app._bound_deployment
-    assert dep.name == SERVE_MODEL_DEPLOYMENT
-    serve_cfg, ckpt, hashes = dep.init_args
-    assert serve_cfg["max_batch_size"] == 3 and ckpt == str(Path(checkpoint).resolve())
-    assert hashes == [hash_key("k-builder")] and "k-builder" not in json.dumps(dep.init_args)
-    with pytest.raises(InputError, match="confg: Extra inputs are not permitted"):
-        app_builder({"checkpoint": checkpoint, "confg": "typo.yaml"})
+    assert opts["autoscaling_config"] == serve_autoscaling(cfg.serve) == {
+        "min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16.0, "upscale_delay_s": 5.0,
+        "downscale_delay_s": 30.0}
+    assert opts["ray_actor_options"] == {"num_cpus": cfg.serve.num_cpus_per_replica}
+    assert (opts["max_queued_requests"], backpressure(cfg.serve)["retry_after_s"]) == (5, 3)
 
 
 def test_serve_tiny_yaml_is_a_valid_serve_config_matching_configs_tiny():
     from ray.serve.schema import ServeDeploySchema
 
-    from raylm.serve.app import deployment_options
+    from raylm.serve.options import deployment_options
 
     raw = yaml.safe_load((REPO / "deployments" / "serve_tiny.yaml").read_text())
     ServeDeploySchema.model_validate(raw)
@@ -410,11 +440,3 @@ def test_banner_names_the_key_file_never_the_key(tmp_path):
     direct_text = banner("http://h:1", setup, direct_cfg, ("http://h:30000", "http://h:30001"))
     assert "replicas directly (no proxy hop): http://h:30000/v1, http://h:30001/v1" in direct_text
     assert "not started with RAY_SERVE_ENABLE_DIRECT_INGRESS=1" in banner("http://h:1", setup, direct_cfg)
-
-
-def test_unexpected_errors_become_openai_500s():
-    from raylm.serve.app import _server_error
-
-    resp = asyncio.run(_server_error(None, RuntimeError("boom")))
-    body = json.loads(resp.body)
-    assert resp.status_code == 500 and body["error"]["type"] == "server_error" and "boom" not in resp.body.decode()

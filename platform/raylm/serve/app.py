@@ -1,63 +1,41 @@
-"""The OpenAI-compatible Serve application, built from the typed config.
+"""The OpenAI-compatible Serve application: vLLM through Ray Serve LLM, behind raylm's gate.
 
-One deployment, `LLMServer`: the FastAPI ingress and the model live in the same replica, so a
-request costs no extra actor hop. Concurrent requests meet in `@serve.batch` (sized from
-`serve.max_batch_size` / `serve.batch_wait_timeout_s`) and share forward passes (engine.py).
-Replica count, concurrency, queue limit and resources all come from `ServeConfig`
-(`deployment_options`), and the same options are what `raylm k8s` writes into the RayService.
+Each replica of one deployment, `RaylmServer` (Ray Serve LLM's `LLMServer` with a late-bound
+ASGI ingress), runs a vLLM engine (continuous batching, paged KV cache, prefix caching) and
+vLLM's own OpenAI server app in the same process, with `gate.Gate` in front of it for keys,
+validation and error shape. A request costs one hop: Serve's proxy (or none, with direct
+ingress) to the replica that generates it. Replica count, concurrency, queue limit, resources
+and engine arguments come from `ServeConfig` (serve/options.py), the same values `raylm k8s`
+writes into the RayService.
 
 Entry points: `resolve_checkpoint` (before Ray starts), `build_app` (an `Application`, used by
 deployments/openai_app.py for `serve run`/`serve deploy`/KubeRay), `deploy` (start Serve and run
 the app; returns the base URL) and `run_serve` (the `raylm serve` verb).
 """
 
-# No `from __future__ import annotations`: FastAPI must see the real `Request` type on the
-# route methods, which Serve re-wraps outside this module.
-import asyncio
+from __future__ import annotations
+
 import json
 import logging
-import math
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Optional
+from typing import Any, Optional
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve import metrics
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from ray.serve.llm import LLMConfig, LLMServer, build_llm_deployment
 
+from raylm.chat import DEFAULT_CHAT_TEMPLATE
 from raylm.config import InputError, RaylmConfig, ServeConfig
-from raylm.k8s import SERVE_MODEL_DEPLOYMENT, serve_autoscaling
-from raylm.serve.auth import KeyChecker, KeySetup, setup_keys
-from raylm.serve.engine import GenRequest, load_engine
-from raylm.serve.protocol import (
-    SSE_DONE,
-    APIError,
-    ChatCompletionRequest,
-    CompletionRequest,
-    api_error_from_validation,
-    chat_chunk,
-    chat_response,
-    check_limits,
-    completion_chunk,
-    completion_response,
-    error_body,
-    models_response,
-    new_id,
-    parse_request,
-    render_chat_fallback,
-    sse,
-    usage_chunk,
-)
+from raylm.serve.auth import KeySetup, setup_keys
+from raylm.serve.gate import Gate, GateSettings
+from raylm.serve.options import SERVE_MODEL_DEPLOYMENT, backpressure, deployment_options, engine_kwargs
 
 logger = logging.getLogger(__name__)
 
-HEALTH_PROBE_TIMEOUT_S = 10.0  # a one-token forward pass that takes longer means a stuck device
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+MIN_CPU_HEAD_DIM = 32  # vLLM's CPU attention kernels
 
 
 class CheckpointError(InputError):
@@ -98,6 +76,25 @@ def _check_hf_dir(path: Path, via: str) -> None:
         raise CheckpointError(f"{path}{via}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
 
 
+def _head_dim(config: dict) -> Optional[int]:
+    if isinstance(config.get("head_dim"), int):
+        return config["head_dim"]
+    hidden = config.get("hidden_size", config.get("n_embd"))
+    heads = config.get("num_attention_heads", config.get("n_head"))
+    return hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads else None
+
+
+def check_servable(checkpoint: str, s: ServeConfig) -> dict:
+    """The checkpoint's config.json, after the checks vLLM would otherwise fail on inside a replica
+    (where the error is buried in replica logs): the CPU attention needs head_dim >= 32."""
+    config = json.loads((Path(checkpoint) / "config.json").read_text())
+    head_dim = _head_dim(config)
+    if not s.use_gpu and head_dim is not None and head_dim < MIN_CPU_HEAD_DIM:
+        raise CheckpointError(f"{checkpoint}: head_dim {head_dim} < {MIN_CPU_HEAD_DIM}: vLLM's CPU attention cannot "
+                              "serve it (serve.use_gpu=false); train a model with fewer, wider heads")
+    return config
+
+
 def resolve_checkpoint(path: Optional[str]) -> str:
     """The absolute Hugging Face checkpoint directory to serve, from a directory or a sweep's
     best.json (`{"checkpoint": <dir>}`, relative paths are relative to the file). Raises
@@ -119,254 +116,78 @@ def resolve_checkpoint(path: Optional[str]) -> str:
     return str(given.resolve())
 
 
-# ------------------------------------------------------------------ FastAPI app
 
-api = FastAPI(title="raylm", description="OpenAI-compatible completions over a raylm checkpoint",
-              docs_url=None, redoc_url=None, openapi_url=None)
+# ------------------------------------------------------------------ the replica
 
 
-@api.exception_handler(APIError)
-async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+class RaylmServer(LLMServer):
+    """A Ray Serve LLM server whose HTTP app is vLLM's own OpenAI server behind raylm's gate.
 
+    Serve builds the app after the engine has started (`__serve_build_asgi_app__`), so no route
+    answers before the model can generate."""
 
-@api.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    err = api_error_from_validation(list(exc.errors()))
-    return JSONResponse(err.body(), status_code=err.status)
-
-
-@api.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return JSONResponse(error_body(str(exc.detail), None, None, "invalid_request_error"),
-                        status_code=exc.status_code, headers=getattr(exc, "headers", None))
-
-
-@api.exception_handler(Exception)
-async def _server_error(_: Request, exc: Exception) -> JSONResponse:
-    """A failed generation is a 500 in OpenAI's format (the client retries those), not a text page."""
-    logger.error("request failed: %s: %s", type(exc).__name__, exc)
-    return JSONResponse(error_body(f"The server failed to process the request ({type(exc).__name__}).",
-                                   None, "internal_error", "server_error"), status_code=500)
-
-
-def _unauthorized() -> APIError:
-    return APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
-                    None, "invalid_api_key", "invalid_request_error")
-
-
-def _reject_unsupported(req: Any, defaults: dict[str, tuple]) -> None:
-    """Options we do not implement are refused by name rather than silently ignored."""
-    extra = req.model_extra or {}
-    for name, allowed in defaults.items():
-        if name in extra and extra[name] not in allowed:
-            raise APIError(400, f"{name}: not supported by this server", name, "unsupported_parameter")
-
-
-# Serve pickles the ingress class when it is defined: module-level helpers it uses must come first.
-@serve.ingress(api)
-class LLMServer:
-    """Ingress and model in one replica: routes, auth and batched generation."""
-
-    def __init__(self, serve_config: dict, checkpoint: str, key_hashes: list[str]):
-        self.cfg = ServeConfig.model_validate(serve_config)
-        self.engine = load_engine(checkpoint, self.cfg.num_gpus_per_replica,
-                                  math.ceil(self.cfg.num_cpus_per_replica))
-        self.keys = KeyChecker(key_hashes, required=self.cfg.require_api_key)
-        # Built here (not as a decorator) so the batch size and wait come from the config.
-        self._batcher = serve.batch(max_batch_size=self.cfg.max_batch_size,
-                                    batch_wait_timeout_s=self.cfg.batch_wait_timeout_s)(self.engine.generate_batch)
-        self._in_flight = 0
-        self.created = int(time.time())
+    async def __init__(self, llm_config: LLMConfig, *, serve_config: dict, key_hashes: list[str]):
+        s = ServeConfig.model_validate(serve_config)
+        vocab = json.loads((Path(llm_config.model_loading_config.model_source) / "config.json").read_text())["vocab_size"]
+        self.gate_settings = GateSettings(model_id=s.model_id, key_hashes=tuple(key_hashes),
+                                          require_api_key=s.require_api_key, max_tokens_limit=s.max_tokens_limit,
+                                          default_max_tokens=s.default_max_tokens, vocab_size=vocab)
         self.requests_total = metrics.Counter(
-            "raylm_requests", description="Completion requests answered, by endpoint and HTTP status.",
+            "raylm_requests", description="Requests answered, by endpoint and HTTP status.",
             tag_keys=("endpoint", "status"))
-        self.tokens_total = metrics.Counter(
-            "raylm_generated_tokens", description="Tokens generated, by endpoint.", tag_keys=("endpoint",))
+        await super().__init__(llm_config)
 
-    # ---- routes
+    async def __serve_build_asgi_app__(self) -> Any:
+        app = await super().__serve_build_asgi_app__()
+        app.middleware_stack = None  # vLLM built its stack eagerly; let Starlette rebuild it with the gate
+        app.add_middleware(Gate, settings=self.gate_settings, health=self.check_health, on_response=self._count)
+        return app
 
-    @api.get("/health")
-    async def health(self) -> Response:
-        """Liveness for load balancers (no key, so no details): 503 once the model hit a fatal error."""
-        if self.engine.fatal_error:
-            return JSONResponse(error_body("model unavailable", None, "unhealthy", "server_error"), 503)
-        return JSONResponse({"status": "ok"})
-
-    @api.get("/v1/models")
-    async def models(self, request: Request) -> Response:
-        self._authorize(request)
-        return JSONResponse(models_response(self.cfg.model_id, self.created))
-
-    @api.get("/v1/stats")
-    async def stats(self, request: Request) -> Response:
-        """This replica's counters (forward passes vs requests shows the batching at work)."""
-        self._authorize(request)
-        replica = serve.get_replica_context().replica_tag
-        return JSONResponse({"replica": replica, "max_batch_size": self.cfg.max_batch_size,
-                             "fatal_error": self.engine.fatal_error, **self.engine.stats.as_dict()})
-
-    @api.post("/v1/completions")
-    async def completions(self, request: Request) -> Response:
-        try:
-            return await self._completions(request)
-        except APIError as exc:
-            self._count("completions", exc.status, 0)
-            raise
-
-    @api.post("/v1/chat/completions")
-    async def chat_completions(self, request: Request) -> Response:
-        try:
-            return await self._chat_completions(request)
-        except APIError as exc:
-            self._count("chat", exc.status, 0)
-            raise
-
-    async def _completions(self, request: Request) -> Response:
-        self._authorize(request)
-        req = parse_request(CompletionRequest, await request.body())
-        _reject_unsupported(req, {"echo": (False, None), "logprobs": (None,), "best_of": (None, 1), "suffix": (None,)})
-        prompts = req.prompts()
-        if req.stream and len(prompts) > 1:
-            raise APIError(400, "prompt: streaming supports a single prompt", "prompt")
-        gens = [self._gen_request(req, self._prompt_ids(p), "prompt") for p in prompts]
-        rid, created = new_id("cmpl"), int(time.time())
-        if req.stream:
-            return self._stream(self._completion_events(rid, created, gens[0], req.include_usage()), "completions")
-        results = await asyncio.gather(*(self._collect(g) for g in gens))
-        completion_tokens = sum(r[2] for r in results)
-        self._count("completions", 200, completion_tokens)
-        return JSONResponse(completion_response(rid, self.cfg.model_id, [(t, f) for t, f, _ in results],
-                                                sum(len(g.prompt_ids) for g in gens), completion_tokens, created))
-
-    async def _chat_completions(self, request: Request) -> Response:
-        self._authorize(request)
-        req = parse_request(ChatCompletionRequest, await request.body())
-        _reject_unsupported(req, {"logprobs": (None, False), "tools": (None, []), "functions": (None, []),
-                                  "top_logprobs": (None, 0)})
-        messages = req.chat()
-        text = self.engine.render_chat(messages)
-        gen = self._gen_request(req, self.engine.encode(text if text is not None else render_chat_fallback(messages)),
-                                "messages")
-        rid, created = new_id("chatcmpl"), int(time.time())
-        if req.stream:
-            return self._stream(self._chat_events(rid, created, gen, req.include_usage()), "chat")
-        out, finish, completion_tokens = await self._collect(gen)
-        self._count("chat", 200, completion_tokens)
-        return JSONResponse(chat_response(rid, self.cfg.model_id, out, finish, len(gen.prompt_ids),
-                                          completion_tokens, created))
-
-    # ---- Serve hooks
-
-    async def check_health(self) -> None:
-        """Serve calls this periodically; raising makes Serve replace the replica."""
-        await self.engine.check(HEALTH_PROBE_TIMEOUT_S)
-
-    # ---- helpers
-
-    def _authorize(self, request: Request) -> None:
-        if not self.keys.allows(request.headers.get("authorization")):
-            raise _unauthorized()
-
-    def _count(self, endpoint: str, status: int, tokens: int) -> None:
+    def _count(self, endpoint: str, status: int) -> None:
         self.requests_total.inc(tags={"endpoint": endpoint, "status": str(status)})
-        if tokens:
-            self.tokens_total.inc(tokens, tags={"endpoint": endpoint})
-
-    def _prompt_ids(self, prompt: Any) -> list[int]:
-        if isinstance(prompt, str):
-            return self.engine.encode(prompt)
-        vocab = len(self.engine.tokenizer)
-        if any(not 0 <= t < vocab for t in prompt):
-            raise APIError(400, f"prompt: token ids must lie in [0, {vocab})", "prompt", "invalid_value")
-        return list(prompt)
-
-    def _gen_request(self, req: Any, prompt_ids: list[int], prompt_param: str) -> GenRequest:
-        max_tokens = check_limits(req, len(prompt_ids), model_id=self.cfg.model_id,
-                                  context_len=self.engine.context_len, max_tokens_limit=self.cfg.max_tokens_limit,
-                                  default_max_tokens=self.cfg.default_max_tokens, prompt_param=prompt_param)
-        return GenRequest(tuple(prompt_ids), max_tokens, req.temperature, req.top_p, req.seed, tuple(req.stop_list()))
-
-    async def _generate(self, gen: GenRequest) -> AsyncIterator[Any]:
-        """Batched generation. The batch wait only applies while other requests are in flight
-        (then it fills the batch); a request that finds the replica idle starts at once, so a
-        lone request does not pay `batch_wait_timeout_s` (measured: +10 ms p50 at concurrency 1)."""
-        self._batcher.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s if self._in_flight else 0.0)
-        self._in_flight += 1
-        try:
-            async for event in self._batcher(gen):
-                yield event
-        finally:
-            self._in_flight -= 1
-
-    async def _collect(self, gen: GenRequest) -> tuple[str, str, int]:
-        """Run one request to the end: (text, finish_reason, completion_tokens)."""
-        parts, finish, tokens = [], "length", 0
-        async for event in self._generate(gen):
-            parts.append(event.text)
-            finish, tokens = event.finish_reason or finish, event.completion_tokens
-        return "".join(parts), finish, tokens
-
-    def _stream(self, events: AsyncIterator[str], endpoint: str) -> StreamingResponse:
-        self._count(endpoint, 200, 0)
-        return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
-
-    async def _completion_events(self, rid: str, created: int, gen: GenRequest, include_usage: bool) -> AsyncIterator[str]:
-        model, tokens = self.cfg.model_id, 0
-        try:
-            async for ev in self._generate(gen):
-                tokens = ev.completion_tokens
-                if ev.text or ev.finish_reason:
-                    yield sse(completion_chunk(rid, model, created, ev.text, ev.finish_reason))
-            if include_usage:
-                yield sse(usage_chunk(rid, model, created, "text_completion", len(gen.prompt_ids), tokens))
-        except Exception as exc:  # noqa: BLE001 - the stream has started: report in-band
-            yield sse(self._stream_error(exc))
-        if tokens:
-            self.tokens_total.inc(tokens, tags={"endpoint": "completions"})
-        yield SSE_DONE
-
-    async def _chat_events(self, rid: str, created: int, gen: GenRequest, include_usage: bool) -> AsyncIterator[str]:
-        model, tokens = self.cfg.model_id, 0
-        try:
-            yield sse(chat_chunk(rid, model, created, {"role": "assistant", "content": ""}, None))
-            async for ev in self._generate(gen):
-                tokens = ev.completion_tokens
-                if ev.text:
-                    yield sse(chat_chunk(rid, model, created, {"content": ev.text}, None))
-                if ev.finish_reason:
-                    yield sse(chat_chunk(rid, model, created, {}, ev.finish_reason))
-            if include_usage:
-                yield sse(usage_chunk(rid, model, created, "chat.completion.chunk", len(gen.prompt_ids), tokens))
-        except Exception as exc:  # noqa: BLE001
-            yield sse(self._stream_error(exc))
-        if tokens:
-            self.tokens_total.inc(tokens, tags={"endpoint": "chat"})
-        yield SSE_DONE
-
-    def _stream_error(self, exc: Exception) -> dict:
-        logger.exception("generation failed mid-stream")
-        return error_body(f"generation failed: {type(exc).__name__}", None, "generation_failed", "server_error")
 
 
 # ------------------------------------------------------------------ building and deploying
 
 
-def deployment_options(s: ServeConfig) -> dict:
-    """Serve deployment options from the config (the same values the RayService carries)."""
-    return {"autoscaling_config": serve_autoscaling(s), "max_ongoing_requests": s.max_ongoing_requests,
-            "max_queued_requests": s.max_queued_requests,
-            "backpressure_config": {"status_code": 503, "retry_after_s": s.retry_after_s},
-            "ray_actor_options": {"num_cpus": s.num_cpus_per_replica, "num_gpus": s.num_gpus_per_replica}}
+def llm_config(s: ServeConfig, checkpoint: str, has_chat_template: bool) -> LLMConfig:
+    """Ray Serve LLM's config for the checkpoint: vLLM engine arguments, CPU or GPU placement and
+    the Serve deployment options, all from `serve:`."""
+    kwargs = engine_kwargs(s)
+    if not has_chat_template:  # a checkpoint exported before raylm attached its default template
+        kwargs.setdefault("chat_template", DEFAULT_CHAT_TEMPLATE)
+    return LLMConfig(
+        model_loading_config={"model_id": s.model_id, "model_source": checkpoint},
+        accelerator_config={"kind": "gpu" if s.use_gpu else "cpu"},
+        engine_kwargs=kwargs,
+        deployment_config=deployment_options(s),
+        log_engine_metrics=True,  # TTFT, time per output token, running/waiting, KV-cache usage -> Ray's metrics
+    )
+
+
+def _has_chat_template(checkpoint: str) -> bool:
+    path = Path(checkpoint)
+    if (path / "chat_template.jinja").is_file():
+        return True
+    try:
+        return bool(json.loads((path / "tokenizer_config.json").read_text()).get("chat_template"))
+    except (OSError, ValueError):
+        return False
 
 
 def build_app(cfg: RaylmConfig, checkpoint: str, keys: Optional[KeySetup] = None,
               deployment_name: str = SERVE_MODEL_DEPLOYMENT) -> serve.Application:
-    """The Serve application: `LLMServer` with options from `cfg.serve`, bound to the checkpoint
-    and the API key hashes (never the keys: replicas may sit on other nodes)."""
-    keys = keys or setup_keys(cfg.serve)
-    deployment = serve.deployment(LLMServer, name=deployment_name, **deployment_options(cfg.serve))
-    return deployment.bind(cfg.serve.model_dump(mode="json"), checkpoint, list(keys.hashes))
+    """The Serve application: `RaylmServer` over the checkpoint with options from `cfg.serve`,
+    bound to the API key hashes (never the keys: replicas may sit on other nodes)."""
+    s = cfg.serve
+    check_servable(checkpoint, s)
+    keys = keys or setup_keys(s)
+    return build_llm_deployment(
+        llm_config(s, checkpoint, _has_chat_template(checkpoint)),
+        deployment_cls=serve.ingress()(RaylmServer),
+        bind_kwargs={"serve_config": s.model_dump(mode="json"), "key_hashes": list(keys.hashes)},
+        override_serve_options={"name": deployment_name, "backpressure_config": backpressure(s)},
+    )
 
 
 def _proxy_address(s: ServeConfig) -> tuple[str, int]:

@@ -1,32 +1,26 @@
-"""The OpenAI wire format: request schemas, their validation, and response/chunk builders.
+"""The OpenAI request format: request schemas and their validation.
 
-Requests are validated in two steps. Pydantic checks what a request says on its own (types,
-ranges, NaN, negative numbers) and `api_error_from_validation` turns its first error into the
-OpenAI error body naming the parameter. What depends on the served model (its name, context
-length, `serve.max_tokens_limit`) is checked by `check_limits` once the prompt is tokenized.
-Responses are plain dicts built here, in exactly the shape the official `openai` client parses;
-the unit tests validate them against the client's own types.
+Requests are validated in two steps before the engine sees them (serve/gate.py). Pydantic checks
+what a request says on its own (types, ranges, NaN, negative numbers) and
+`api_error_from_validation` turns its first error into the OpenAI error body naming the
+parameter. What depends on the served model (its name, `serve.max_tokens_limit`) is checked by
+`check_limits`. Responses are vLLM's own (its OpenAI server), so they are not built here.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import time
-import uuid
 from typing import Any, Literal, Optional, Union
 
-from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError,
-                      field_validator)
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
 MAX_STOP_SEQUENCES = 4  # OpenAI's own limit
 MAX_SEED = 2**63 - 1
 # Prompts in one completions request: each is a full generation, so an unbounded list lets one
 # request occupy a replica for minutes (10k prompts did, in tests/reliability).
 MAX_PROMPTS = 32
-# Sampling compares cumulative probabilities in float32: a top_p below float32's range would
-# round to 0 and keep no token at all. Any top_p this small keeps only the most likely token.
-MIN_TOP_P = 1e-6
+MAX_N = 8  # choices per prompt: each is a sequence in the engine's batch
 
 # Floats: ints are fine (temperature=1), strings, bools and NaN/inf are not.
 Temperature = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False, strict=True)
@@ -71,12 +65,7 @@ class _Sampling(BaseModel):
     seed: Optional[StrictInt] = Field(None, ge=0, le=MAX_SEED)
     stream: StrictBool = False
     stream_options: Optional[StreamOptions] = None
-    n: StrictInt = Field(1, ge=1, le=1, description="Only one choice per prompt is generated.")
-
-    @field_validator("top_p")
-    @classmethod
-    def _top_p_floor(cls, value: float) -> float:
-        return max(value, MIN_TOP_P)
+    n: StrictInt = Field(1, ge=1, le=MAX_N, description="Choices generated per prompt.")
 
     def stop_list(self) -> list[str]:
         """`stop` as a list; empty strings are rejected because they would match everywhere."""
@@ -198,86 +187,25 @@ def parse_request(model: type[_Sampling], raw: bytes) -> Any:
         raise api_error_from_validation(err.errors(include_url=False)) from None
 
 
-def check_limits(req: _Sampling, prompt_tokens: int, *, model_id: str, context_len: int,
-                 max_tokens_limit: int, default_max_tokens: int, prompt_param: str) -> int:
-    """Checks that need the served model; returns the max_tokens to generate."""
+def check_limits(req: _Sampling, *, model_id: str, max_tokens_limit: int) -> Optional[int]:
+    """Checks that need the served model: its name (404) and this server's max_tokens limit.
+    Returns the requested max_tokens (None when the request leaves it to the server). The
+    context length is checked by the engine, which tokenizes the prompt anyway."""
     if req.model != model_id:
         raise APIError(404, f"The model '{req.model}' does not exist; this server serves '{model_id}'.",
                        "model", "model_not_found")
     asked = requested_max_tokens(req)
-    max_tokens = asked if asked is not None else min(default_max_tokens, max(1, context_len - prompt_tokens))
-    if max_tokens > max_tokens_limit:
+    if asked is not None and asked > max_tokens_limit:
         param = "max_tokens" if req.max_tokens is not None or not isinstance(req, ChatCompletionRequest) \
             else "max_completion_tokens"
-        raise APIError(400, f"{param}={max_tokens} exceeds this server's limit of {max_tokens_limit}.",
+        raise APIError(400, f"{param}={asked} exceeds this server's limit of {max_tokens_limit}.",
                        param, "invalid_value")
-    if prompt_tokens + max_tokens > context_len:
-        raise APIError(400, f"This model's maximum context length is {context_len} tokens. However, you "
-                       f"requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the {prompt_param}, "
-                       f"{max_tokens} for the completion). Please reduce the {prompt_param} or max_tokens.",
-                       prompt_param, "context_length_exceeded")
-    return max_tokens
+    return asked
 
 
-# ------------------------------------------------------------------ responses
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def completion_response(rid: str, model: str, choices: list[tuple[str, str]], prompt_tokens: int,
-                        completion_tokens: int, created: Optional[int] = None) -> dict:
-    """A `text_completion`; `choices` holds (text, finish_reason) per prompt."""
-    return {"id": rid, "object": "text_completion", "created": created or int(time.time()), "model": model,
-            "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": finish}
-                        for i, (text, finish) in enumerate(choices)],
-            "usage": usage(prompt_tokens, completion_tokens)}
-
-
-def chat_response(rid: str, model: str, text: str, finish: str, prompt_tokens: int, completion_tokens: int,
-                  created: Optional[int] = None) -> dict:
-    return {"id": rid, "object": "chat.completion", "created": created or int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                         "finish_reason": finish}],
-            "usage": usage(prompt_tokens, completion_tokens)}
-
-
-def completion_chunk(rid: str, model: str, created: int, text: str, finish: Optional[str],
-                     index: int = 0) -> dict:
-    return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]}
-
-
-def chat_chunk(rid: str, model: str, created: int, delta: dict, finish: Optional[str]) -> dict:
-    return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
-
-
-def usage_chunk(rid: str, model: str, created: int, obj: str, prompt_tokens: int, completion_tokens: int) -> dict:
-    """The last chunk when stream_options.include_usage is set: no choices, only usage."""
-    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [],
-            "usage": usage(prompt_tokens, completion_tokens)}
-
-
-def sse(payload: dict) -> str:
-    """One server-sent event as the OpenAI stream sends it."""
-    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
-
-
-SSE_DONE = "data: [DONE]\n\n"
-
-
-def models_response(model_id: str, created: int) -> dict:
-    return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "raylm"}]}
-
-
-def render_chat_fallback(messages: list[dict[str, str]]) -> str:
-    """Plain 'role: content' lines ending with 'assistant:' for tokenizers without a chat template."""
-    lines = [f"{m['role']}: {m['content']}" for m in messages]
-    return "\n".join(lines + ["assistant:"])
+def reject_unsupported(req: _Sampling, defaults: dict[str, tuple]) -> None:
+    """Options this server does not offer are refused by name rather than silently ignored."""
+    extra = req.model_extra or {}
+    for name, allowed in defaults.items():
+        if name in extra and extra[name] not in allowed:
+            raise APIError(400, f"{name}: not supported by this server", name, "unsupported_parameter")

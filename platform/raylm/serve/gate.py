@@ -1,0 +1,211 @@
+"""The gate in front of vLLM's OpenAI server: what raylm adds to every request.
+
+vLLM's own FastAPI app (built by Ray Serve LLM inside each replica) serves the OpenAI routes,
+streaming and usage. This ASGI middleware sits in front of it, in the same process, and adds
+what an endpoint on the internet needs:
+
+- only the public routes (`/health`, `/v1/models`, `/v1/completions`, `/v1/chat/completions`)
+  are reachable; vLLM's admin and internal routes answer 404;
+- every route but `/health` needs `Authorization: Bearer <key>`, checked against key hashes (401);
+- a request body is validated before the engine sees it (`protocol.py`): every bad request is a
+  400/404 naming the parameter, with this server's limits (`serve.max_tokens_limit`, a default
+  max_tokens) applied;
+- error bodies vLLM itself produces (a prompt longer than the context, say) are put in OpenAI's
+  shape (`type`, `param`, `code`), so clients see one error format.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Optional
+
+from raylm.serve.auth import KeyChecker
+from raylm.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, check_limits,
+                                  error_body, parse_request, reject_unsupported)
+
+logger = logging.getLogger(__name__)
+
+ASGIApp = Callable[..., Awaitable[None]]
+MAX_BODY_BYTES = 4 * 2**20  # a request body larger than this is refused (413) before it is parsed
+ROUTES = {("POST", "/v1/completions"): "completions", ("POST", "/v1/chat/completions"): "chat",
+          ("GET", "/v1/models"): "models"}
+UNSUPPORTED = {
+    "completions": {"echo": (False, None), "logprobs": (None,), "best_of": (None, 1), "suffix": (None,)},
+    "chat": {"logprobs": (None, False), "tools": (None, []), "functions": (None, []), "top_logprobs": (None, 0)},
+}
+CONTEXT_MARKERS = ("maximum context length", "max_model_len", "context length")
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    """What the gate checks against; built from `serve:` and the checkpoint in the replica."""
+
+    model_id: str
+    key_hashes: tuple[str, ...]
+    require_api_key: bool
+    max_tokens_limit: int
+    default_max_tokens: int
+    vocab_size: int
+
+
+def route_of(method: str, path: str) -> Optional[str]:
+    """The public route a request is for, or None (404/405)."""
+    if method == "GET" and path.startswith("/v1/models/"):
+        return "models"
+    return ROUTES.get((method, path))
+
+
+def app_path(scope: dict) -> str:
+    """The path below the app's route prefix (Serve mounts the app under it)."""
+    path, root = scope.get("path", "/"), scope.get("root_path", "")
+    return path[len(root):] or "/" if root and path.startswith(root) else path
+
+
+def check_body(route: str, raw: bytes, s: GateSettings) -> bytes:
+    """Validate a completions/chat body and apply this server's limits; returns the body to hand to
+    the engine (with max_tokens filled in when the request left it out). Raises `APIError`."""
+    model = CompletionRequest if route == "completions" else ChatCompletionRequest
+    req = parse_request(model, raw)
+    reject_unsupported(req, UNSUPPORTED[route])
+    if route == "completions":
+        for prompt in req.prompts():
+            if not isinstance(prompt, str) and any(not 0 <= t < s.vocab_size for t in prompt):
+                raise APIError(400, f"prompt: token ids must lie in [0, {s.vocab_size})", "prompt", "invalid_value")
+    req.stop_list()
+    asked = check_limits(req, model_id=s.model_id, max_tokens_limit=s.max_tokens_limit)
+    if asked is not None:
+        return raw
+    body = json.loads(raw)
+    body["max_tokens"] = s.default_max_tokens
+    return json.dumps(body).encode()
+
+
+def normalize_error(status: int, raw: bytes, route: Optional[str]) -> bytes:
+    """An error body from the engine in OpenAI's shape: `type` is invalid_request_error (4xx) or
+    server_error (5xx), `code` a string, and a context-length error names the prompt parameter."""
+    try:
+        err = json.loads(raw)["error"]
+        message = str(err.get("message") or err)
+        param, code = err.get("param"), err.get("code")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        message, param, code = (raw.decode("utf-8", "replace").strip() or f"HTTP {status}"), None, None
+    if status < 500 and any(m in message for m in CONTEXT_MARKERS):  # vLLM's param is its own 'input_tokens'
+        param, code = ("messages" if route == "chat" else "prompt"), "context_length_exceeded"
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return json.dumps(error_body(message, param, code if isinstance(code, str) else None, kind)).encode()
+
+
+async def send_json(send: Callable, status: int, body: dict, headers: tuple = ()) -> None:
+    payload = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+async def read_body(receive: Callable) -> bytes:
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ConnectionError("client disconnected")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise APIError(413, f"request body larger than {MAX_BODY_BYTES} bytes", None, "request_too_large")
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+def replay(body: bytes, receive: Callable) -> Callable:
+    """A `receive` that hands the (checked) body over once, then waits on the client as usual."""
+    sent = False
+
+    async def _receive() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return _receive
+
+
+class Gate:
+    """ASGI middleware: routes, auth, validation and error shape in front of vLLM's app."""
+
+    def __init__(self, app: ASGIApp, *, settings: GateSettings, health: Callable[[], Awaitable[None]],
+                 on_response: Callable[[str, int], None] = lambda route, status: None):
+        self.app, self.settings, self.health, self.on_response = app, settings, health, on_response
+        self.keys = KeyChecker(settings.key_hashes, required=settings.require_api_key)
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        method, path = scope["method"], app_path(scope)
+        if path == "/health" and method in ("GET", "HEAD"):
+            return await self._health(send)
+        route = route_of(method, path)
+        try:
+            if route is None:
+                known = path in {p for _, p in ROUTES} or path == "/health"
+                raise APIError(405 if known else 404, f"{'Method not allowed' if known else 'Unknown route'}: "
+                               f"{method} {path}", None, "method_not_allowed" if known else "not_found")
+            if not self.keys.allows(_header(scope, b"authorization")):
+                raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
+                               None, "invalid_api_key")
+            if route != "models":
+                body = check_body(route, await read_body(receive), self.settings)
+                scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"content-length"]
+                         + [(b"content-length", str(len(body)).encode())]}
+                receive = replay(body, receive)
+        except APIError as exc:
+            self.on_response(route or "other", exc.status)
+            return await send_json(send, exc.status, exc.body())
+        except ConnectionError:
+            return None
+        await self.app(scope, receive, self._normalizing(send, route))
+
+    async def _health(self, send: Callable) -> None:
+        """Liveness for load balancers (no key, so no details): 503 when the engine is dead."""
+        try:
+            await self.health()
+        except Exception as exc:  # noqa: BLE001 - any failure means: do not send traffic here
+            logger.error("health check failed: %s: %s", type(exc).__name__, exc)
+            return await send_json(send, 503, error_body("model unavailable", None, "unhealthy", "server_error"))
+        await send_json(send, 200, {"status": "ok"})
+
+    def _normalizing(self, send: Callable, route: str) -> Callable:
+        """A `send` that counts responses and rewrites error bodies into OpenAI's shape."""
+        state: dict[str, Any] = {}
+
+        async def _send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                self.on_response(route, message["status"])
+                if message["status"] < 400:
+                    return await send(message)
+                state["start"], state["body"] = message, []
+                return None
+            if "start" not in state or message["type"] != "http.response.body":
+                return await send(message)
+            state["body"].append(message.get("body", b""))
+            if message.get("more_body"):
+                return None
+            start = state.pop("start")
+            payload = normalize_error(start["status"], b"".join(state.pop("body")), route)
+            headers = [(k, v) for k, v in start.get("headers", []) if k not in (b"content-length", b"content-type")]
+            await send({**start, "headers": headers + [(b"content-type", b"application/json"),
+                                                       (b"content-length", str(len(payload)).encode())]})
+            await send({"type": "http.response.body", "body": payload})
+
+        return _send
+
+
+def _header(scope: dict, name: bytes) -> Optional[str]:
+    for key, value in scope.get("headers", []):
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None

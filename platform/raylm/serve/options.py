@@ -1,0 +1,48 @@
+"""What a serving replica is, derived from `serve:` in one place: Ray Serve's deployment options
+and vLLM's engine arguments. `raylm serve`, `serve deploy` (deployments/openai_app.py) and the
+RayService renderer (raylm.k8s) all use these, so the three can never disagree.
+
+No Ray or vLLM import here: the config tests and the Kubernetes renderer use it without either.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from raylm.config import ServeConfig
+
+# The model deployment, whose options the Serve config files and the RayService set by this name.
+SERVE_MODEL_DEPLOYMENT = "LLMServer"
+CPU_KV_CACHE_GIB = 1.0  # vLLM's CPU backend otherwise reserves a share of the host's memory
+
+
+def serve_autoscaling(s: ServeConfig) -> dict[str, Any]:
+    """Ray Serve's `autoscaling_config` from `serve.autoscaling`."""
+    return s.autoscaling.model_dump(exclude_none=True)
+
+
+def deployment_options(s: ServeConfig) -> dict[str, Any]:
+    """Ray Serve options of the model deployment (replica count, concurrency, queue, CPUs). The
+    engine's own CPU/GPU bundle is added by Ray Serve LLM from the accelerator and parallelism."""
+    return {"autoscaling_config": serve_autoscaling(s), "max_ongoing_requests": s.max_ongoing_requests,
+            "max_queued_requests": s.max_queued_requests,
+            "ray_actor_options": {"num_cpus": s.num_cpus_per_replica}}
+
+
+def backpressure(s: ServeConfig) -> dict[str, Any]:
+    """A request beyond max_queued_requests gets a fast 503 with Retry-After (not Serve's default)."""
+    return {"status_code": 503, "retry_after_s": s.retry_after_s}
+
+
+def engine_kwargs(s: ServeConfig) -> dict[str, Any]:
+    """vLLM engine arguments (continuous batching, paged KV cache, prefix caching) from the config."""
+    kwargs: dict[str, Any] = {"dtype": s.dtype, "max_num_seqs": s.max_num_seqs,
+                              "enable_prefix_caching": s.enable_prefix_caching, "seed": s.seed,
+                              "tensor_parallel_size": s.tensor_parallel_size}
+    if s.max_model_len is not None:
+        kwargs["max_model_len"] = s.max_model_len
+    if s.kv_cache_memory_gib is not None or not s.use_gpu:
+        kwargs["kv_cache_memory_bytes"] = int((s.kv_cache_memory_gib or CPU_KV_CACHE_GIB) * 2**30)
+    else:
+        kwargs["gpu_memory_utilization"] = s.gpu_memory_utilization
+    return {**kwargs, **s.engine_kwargs}
