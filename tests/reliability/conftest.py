@@ -106,5 +106,5 @@ def basic_app(serve_up, tiny_checkpoint, key_file) -> str:
     from reliability_helpers import deploy, serve_config
 
     cfg = serve_config(key_file, "basic", "serve.autoscaling.min_replicas=1", "serve.autoscaling.max_replicas=1",
-                       "serve.max_batch_size=8", "serve.batch_wait_timeout_s=0.02", "serve.max_ongoing_requests=16")
+                       "serve.max_ongoing_requests=16")
     return deploy(cfg, tiny_checkpoint)

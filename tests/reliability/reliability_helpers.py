@@ -151,11 +151,15 @@ def worker_logs_containing(text: str, since: float = 0.0) -> list[str]:
 # ------------------------------------------------------------------ serving
 
 
+def serve_overrides(key_file: str, app: str, *overrides: str) -> list[str]:
+    """`--set` overrides for a test app at /<app> on PORT with keys from a file and a small KV cache."""
+    return [f"serve.port={PORT}", "serve.host=127.0.0.1", f"serve.api_key_file={key_file}",
+            "serve.api_key_env=RAYLM_REL_NO_SUCH_VAR", f"serve.model_id={MODEL_ID}", f"serve.app_name={app}",
+            f"serve.route_prefix=/{app}", "serve.kv_cache_memory_gib=0.25", "serve.max_tokens_limit=64", *overrides]
+
+
 def serve_config(key_file: str, app: str, *overrides: str) -> RaylmConfig:
-    return load_config(None, [
-        f"serve.port={PORT}", "serve.host=127.0.0.1", f"serve.api_key_file={key_file}",
-        "serve.api_key_env=RAYLM_REL_NO_SUCH_VAR", f"serve.model_id={MODEL_ID}", f"serve.app_name={app}",
-        f"serve.route_prefix=/{app}", "serve.num_cpus_per_replica=0.25", "serve.max_tokens_limit=64", *overrides])
+    return load_config(None, serve_overrides(key_file, app, *overrides))
 
 
 def deploy(cfg: RaylmConfig, checkpoint: str) -> str:

@@ -117,7 +117,7 @@ def test_fuzzed_chat_completions_never_5xx(url, http, body):
 
 @FUZZ
 @given(method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"]),
-       path=st.sampled_from(["/health", "/v1/models", "/v1/stats", "/v1/completions", "/v1/chat/completions",
+       path=st.sampled_from(["/health", "/v1/models", "/tokenize", "/v1/completions", "/v1/chat/completions",
                              "/v1/embeddings", "/v1/../v1/models", "/%00", "/v1/models/" + "a" * 300]),
        key=st.sampled_from([KEYS[0], KEYS[1], "", "sk-wrong"]), body=st.one_of(st.none(), st.binary(max_size=64), JSON))
 def test_fuzzed_methods_paths_and_keys_never_5xx(url, http, method, path, key, body):
@@ -195,4 +195,3 @@ def test_streaming_with_hostile_values_ends_cleanly(url, http):
 def test_the_replica_is_still_the_same_and_serves_normally(url):
     assert healthy(url) and completes(url, max_tokens=8)
     assert len(replica_actors(APP)) == 1
-    assert math.isfinite(httpx.get(f"{url}/v1/stats", headers=auth(), timeout=10).json()["completion_tokens"])
