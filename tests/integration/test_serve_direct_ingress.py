@@ -41,7 +41,8 @@ def test_replicas_answer_on_their_own_port(tiny_checkpoint, key_file):
     cmd = [sys.executable, "-m", "raylm", "serve", "--checkpoint", tiny_checkpoint,
            "--set", "serve.direct_ingress=true", "--set", f"serve.port={PROXY_PORT}",
            "--set", f"serve.api_key_file={key_file}", "--set", "serve.api_key_env=RAYLM_TEST_NO_SUCH_VAR",
-           "--set", f"serve.model_id={MODEL_ID}", "--set", "serve.autoscaling.max_replicas=1"]
+           "--set", f"serve.model_id={MODEL_ID}", "--set", "serve.autoscaling.max_replicas=1",
+           "--set", "serve.kv_cache_memory_gib=0.25"]
     proc = subprocess.Popen(cmd, cwd=repo_root(), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:
@@ -50,7 +51,7 @@ def test_replicas_answer_on_their_own_port(tiny_checkpoint, key_file):
         assert direct, "\n".join(lines[-40:])
         urls = re.findall(r"http://[\d.]+:\d+/v1", direct[0])
         assert len(urls) == 1 and not urls[0].endswith(f":{PROXY_PORT}/v1"), direct[0]
-        body = {"model": MODEL_ID, "prompt": "Hello", "max_tokens": 3, "temperature": 0}
+        body = {"model": MODEL_ID, "prompt": "Hello", "max_tokens": 3, "temperature": 0, "ignore_eos": True}
         for base in (urls[0], f"http://127.0.0.1:{PROXY_PORT}/v1"):
             ok = httpx.post(f"{base}/completions", json=body, headers=auth(KEYS[1]), timeout=60)
             assert ok.status_code == 200, (base, ok.text)
