@@ -279,6 +279,44 @@ class ClusterConfig(_Strict):
         "tune_configs/small_sweep.yaml",
         description="Repo-relative sweep file the rendered RayJob runs; the RayService serves its best.json.",
     )
+    storage_secret: Optional[str] = Field(
+        None, description="Kubernetes Secret whose keys become env vars of every Ray container: object-storage "
+        "credentials and endpoint (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, ...)."
+    )
+    autoscaler_version: Literal["v1", "v2"] = Field(
+        "v2", description="KubeRay autoscaler: v2 (Ray's newer autoscaler, KubeRay >= 1.4) or v1."
+    )
+    gpu_node_selector: dict[str, str] = Field(
+        default_factory=dict, description="nodeSelector of the GPU worker pods (e.g. a GPU node pool's label)."
+    )
+    # ---- RayJob (train and sweep)
+    job_submission_mode: Literal["K8sJobMode", "HTTPMode", "SidecarMode"] = Field(
+        "K8sJobMode", description="How KubeRay submits the job: a Kubernetes Job (retried, logs kept), the head's "
+        "HTTP API from the operator, or a sidecar in the head pod."
+    )
+    job_backoff_limit: int = Field(
+        1, ge=0, description="RayJob retries (each on a fresh cluster) before the job is marked failed; a "
+        "retried train run or sweep resumes from its last checkpoint in shared storage."
+    )
+    job_ttl_s: int = Field(
+        300, ge=0, description="Seconds after a job succeeds before its cluster is deleted (deletionStrategy)."
+    )
+    failed_job_keep_s: int = Field(
+        86400, ge=0, description="Seconds the head pod of a failed job is kept for debugging (logs, dashboard); "
+        "its GPU workers are deleted at once."
+    )
+    # ---- RayService
+    gcs_ft_redis_address: Optional[str] = Field(
+        None, description="External Redis (host:port) for GCS fault tolerance of the RayService: Serve keeps "
+        "serving while the head pod restarts. None: no GCS fault tolerance."
+    )
+    gcs_ft_redis_secret: str = Field(
+        "raylm-redis", description="Kubernetes Secret (key password) with the Redis password for GCS fault tolerance."
+    )
+    serve_upgrade_strategy: Literal["NewCluster", "None"] = Field(
+        "NewCluster", description="RayService upgrade on a cluster-level change: a new cluster is started and "
+        "traffic moves once it serves (zero downtime), or None (change in place)."
+    )
 
 
 class RaylmConfig(_Strict):

@@ -34,6 +34,7 @@ AUTH_TOKEN_KEY = "auth_token"  # the Secret key KubeRay's authOptions.secretName
 API_KEYS_KEY = "api_keys"  # the Secret key holding the comma-separated Serve API keys
 RAY_GID = 100  # group `users` of the rayproject/ray images: fsGroup makes the shared volume writable
 HEAD_PORTS = (("gcs-server", 6379), ("dashboard", 8265), ("client", 10001))
+DASHBOARD_PORT, DASHBOARD_AGENT_PORT = 8265, 52365
 MANIFEST_FILES = ("raycluster.yaml", "rayjob-train.yaml", "rayjob-sweep.yaml", "rayservice.yaml")
 
 Manifest = dict[str, Any]
@@ -142,16 +143,33 @@ def _volumes(cfg: RaylmConfig) -> tuple[list[dict], list[dict]]:
     return volumes, mounts
 
 
+def _probes(cfg: RaylmConfig, head: bool) -> dict:
+    """Readiness and liveness of a RayService pod: the raylet (and on the head the GCS) through the
+    dashboard agent, and on workers Serve's proxy too, so a pod takes traffic only once it serves."""
+    checks = [f"wget -T 2 -q -O- http://localhost:{DASHBOARD_AGENT_PORT}/api/local_raylet_healthz | grep success"]
+    if head:
+        checks.append(f"wget -T 2 -q -O- http://localhost:{DASHBOARD_PORT}/api/gcs_healthz | grep success")
+    else:
+        checks.append(f"wget -T 2 -q -O- http://localhost:{cfg.serve.port}/-/healthz | grep success")
+    probe = {"exec": {"command": ["bash", "-c", " && ".join(checks)]}, "periodSeconds": 5, "timeoutSeconds": 5,
+             "failureThreshold": 10, "initialDelaySeconds": 10}
+    return {"readinessProbe": probe, "livenessProbe": {**probe, "failureThreshold": 120, "initialDelaySeconds": 30}}
+
+
 def _container(cfg: RaylmConfig, name: str, resources: dict, serve: bool, ports: list[dict]) -> dict:
     env = [_secret_env(cfg.serve.api_key_env, cfg.cluster.api_keys_secret, API_KEYS_KEY)] if serve else []
     container: dict[str, Any] = {"name": name, "image": cfg.cluster.image, "imagePullPolicy": "IfNotPresent",
                                  "workingDir": WORKDIR}
     if env:
         container["env"] = env
+    if cfg.cluster.storage_secret:  # object-storage credentials by reference, never in the manifest
+        container["envFrom"] = [{"secretRef": {"name": cfg.cluster.storage_secret}}]
     if ports:
         container["ports"] = ports
     container["resources"] = resources
     container["volumeMounts"] = _volumes(cfg)[1]
+    if serve:
+        container.update(_probes(cfg, head=name == "ray-head"))
     return container
 
 
@@ -162,6 +180,8 @@ def _pod_template(cfg: RaylmConfig, component: str, container: dict, gpu: bool) 
     spec["securityContext"] = {"fsGroup": RAY_GID}
     if gpu:  # GPU node pools are commonly tainted so that only GPU work lands there
         spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+        if cfg.cluster.gpu_node_selector:
+            spec["nodeSelector"] = dict(cfg.cluster.gpu_node_selector)
     spec["containers"] = [container]
     spec["volumes"] = _volumes(cfg)[0]
     return {"metadata": {"labels": {"app.kubernetes.io/name": "raylm", "app.kubernetes.io/component": component}},
@@ -198,17 +218,23 @@ def ray_cluster_spec(cfg: RaylmConfig, serve: bool = False) -> dict:
     and RAY_AUTH_TOKEN from the named Secret on every Ray container, the autoscaler and the job
     submitter, so no token appears here.
     """
-    return {
+    cl = cfg.cluster
+    spec: dict[str, Any] = {
         "rayVersion": RAY_VERSION,
-        "authOptions": {"mode": "token", "secretName": cfg.cluster.auth_secret},
+        "authOptions": {"mode": "token", "secretName": cl.auth_secret},
         "enableInTreeAutoscaling": True,
-        "autoscalerOptions": {"upscalingMode": "Default",
-                              "idleTimeoutSeconds": cfg.cluster.autoscaler_idle_timeout_s,
+        "autoscalerOptions": {"version": cl.autoscaler_version, "upscalingMode": "Default",
+                              "idleTimeoutSeconds": cl.autoscaler_idle_timeout_s,
                               "imagePullPolicy": "IfNotPresent",
                               "resources": _resources("500m", "512Mi")},
-        "headGroupSpec": head_group(cfg, serve),
-        "workerGroupSpecs": [worker_group(cfg, serve)],
     }
+    if serve and cl.gcs_ft_redis_address:  # Serve keeps answering while the head restarts
+        spec["gcsFaultToleranceOptions"] = {
+            "redisAddress": cl.gcs_ft_redis_address,
+            "redisPassword": {"valueFrom": {"secretKeyRef": {"name": cl.gcs_ft_redis_secret, "key": "password"}}}}
+    spec["headGroupSpec"] = head_group(cfg, serve)
+    spec["workerGroupSpecs"] = [worker_group(cfg, serve)]
+    return spec
 
 
 # ------------------------------------------------------------------ Serve
@@ -240,10 +266,24 @@ def raycluster(cfg: RaylmConfig) -> Manifest:
             "metadata": _metadata(cfg, "raylm", "cluster"), "spec": ray_cluster_spec(cfg)}
 
 
+def deletion_strategy(cfg: RaylmConfig) -> dict:
+    """KubeRay's rules-based cleanup: a job that succeeded loses its cluster after job_ttl_s; a
+    failed one loses its (GPU) workers at once and keeps the head for failed_job_keep_s, for logs
+    and the dashboard, before the cluster goes too. Results live in shared storage either way."""
+    cl = cfg.cluster
+    return {"deletionRules": [
+        {"condition": {"jobStatus": "SUCCEEDED", "ttlSeconds": cl.job_ttl_s}, "policy": "DeleteCluster"},
+        {"condition": {"jobStatus": "FAILED", "ttlSeconds": 0}, "policy": "DeleteWorkers"},
+        {"condition": {"jobStatus": "FAILED", "ttlSeconds": cl.failed_job_keep_s}, "policy": "DeleteCluster"},
+        {"condition": {"jobDeploymentStatus": "Failed", "ttlSeconds": cl.failed_job_keep_s}, "policy": "DeleteCluster"},
+    ]}
+
+
 def rayjob(cfg: RaylmConfig, name: str, entrypoint: str) -> Manifest:
-    """A RayJob on its own cluster, deleted when the job ends (results live on shared storage)."""
-    spec = {"entrypoint": entrypoint, "submissionMode": "K8sJobMode", "shutdownAfterJobFinishes": True,
-            "ttlSecondsAfterFinished": 300, "rayClusterSpec": ray_cluster_spec(cfg)}
+    """A RayJob on its own cluster, cleaned up by `deletion_strategy` (results live on shared storage)."""
+    cl = cfg.cluster
+    spec = {"entrypoint": entrypoint, "submissionMode": cl.job_submission_mode, "backoffLimit": cl.job_backoff_limit,
+            "deletionStrategy": deletion_strategy(cfg), "rayClusterSpec": ray_cluster_spec(cfg)}
     return {"apiVersion": API_VERSION, "kind": "RayJob", "metadata": _metadata(cfg, name, name.split("-")[-1]),
             "spec": spec}
 
@@ -251,7 +291,8 @@ def rayjob(cfg: RaylmConfig, name: str, entrypoint: str) -> Manifest:
 def rayservice(cfg: RaylmConfig, config_rel: str, sweep: RaylmConfig) -> Manifest:
     """The OpenAI-compatible endpoint over the sweep's best checkpoint, API keys from a Secret."""
     text = yaml.dump(serve_config(cfg, config_rel, sweep), Dumper=_Dumper, sort_keys=False, width=120)
-    spec = {"serveConfigV2": text, "rayClusterConfig": ray_cluster_spec(cfg, serve=True)}
+    spec = {"serveConfigV2": text, "upgradeStrategy": {"type": cfg.cluster.serve_upgrade_strategy},
+            "rayClusterConfig": ray_cluster_spec(cfg, serve=True)}
     return {"apiVersion": API_VERSION, "kind": "RayService", "metadata": _metadata(cfg, "raylm-serve", "serve"),
             "spec": spec}
 

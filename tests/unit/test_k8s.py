@@ -226,10 +226,58 @@ def test_entrypoints_are_the_local_commands():
         load_config(REPO / path)
 
 
-def test_jobs_run_on_their_own_cluster_and_shut_it_down():
+def test_jobs_run_on_their_own_cluster_and_clean_it_up_by_rules():
+    cfg = small()
     for name in ("rayjob-train.yaml", "rayjob-sweep.yaml"):
         spec = committed()[name]["spec"]
-        assert spec["shutdownAfterJobFinishes"] is True and "rayClusterSpec" in spec
+        assert "rayClusterSpec" in spec and "shutdownAfterJobFinishes" not in spec  # rules replace the legacy switch
+        assert spec["submissionMode"] == "K8sJobMode" and spec["backoffLimit"] == cfg.cluster.job_backoff_limit
+        rules = {(tuple(r["condition"].items()), r["policy"]) for r in spec["deletionStrategy"]["deletionRules"]}
+        assert ((("jobStatus", "SUCCEEDED"), ("ttlSeconds", cfg.cluster.job_ttl_s)), "DeleteCluster") in rules
+        # a failed job frees its GPU workers at once and keeps the head a while for debugging
+        assert ((("jobStatus", "FAILED"), ("ttlSeconds", 0)), "DeleteWorkers") in rules
+        assert ((("jobStatus", "FAILED"), ("ttlSeconds", cfg.cluster.failed_job_keep_s)), "DeleteCluster") in rules
+
+
+def test_cleanup_submission_and_retries_follow_the_config(tmp_path):
+    cfg = load_config(REPO / "configs" / "small.yaml", ["cluster.job_submission_mode=SidecarMode",
+                                                         "cluster.job_backoff_limit=0", "cluster.job_ttl_s=60"])
+    job = k8s.rayjob(cfg, "raylm-train", "raylm train")
+    assert errors(job) == []
+    assert job["spec"]["submissionMode"] == "SidecarMode" and job["spec"]["backoffLimit"] == 0
+    assert job["spec"]["deletionStrategy"]["deletionRules"][0]["condition"]["ttlSeconds"] == 60
+    with pytest.raises(ConfigError, match="cluster.job_submission_mode"):
+        load_config(None, ["cluster.job_submission_mode=Batch"])
+
+
+def test_autoscaler_v2_gpu_pools_and_storage_credentials_from_a_secret():
+    cfg = load_config(REPO / "configs" / "small.yaml", ["cluster.storage_secret=raylm-s3",
+                                                         "cluster.gpu_node_selector={pool: a100}"])
+    spec = k8s.ray_cluster_spec(cfg)
+    assert errors({"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": {"name": "x"}, "spec": spec}) == []
+    assert spec["autoscalerOptions"]["version"] == "v2"
+    for c in containers(spec):
+        assert c["envFrom"] == [{"secretRef": {"name": "raylm-s3"}}]
+    gpu_pod = spec["workerGroupSpecs"][0]["template"]["spec"]
+    assert gpu_pod["nodeSelector"] == {"pool": "a100"} and gpu_pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert "nodeSelector" not in spec["headGroupSpec"]["template"]["spec"]
+    assert "envFrom" not in str(k8s.ray_cluster_spec(small()))  # no secret named, none referenced
+
+
+def test_rayservice_upgrades_on_a_new_cluster_with_probes_and_optional_gcs_fault_tolerance():
+    spec = committed()["rayservice.yaml"]["spec"]
+    assert spec["upgradeStrategy"] == {"type": "NewCluster"}
+    assert "gcsFaultToleranceOptions" not in spec["rayClusterConfig"]
+    head, worker = containers(spec["rayClusterConfig"])
+    assert "gcs_healthz" in head["readinessProbe"]["exec"]["command"][-1]
+    assert f":{small().serve.port}/-/healthz" in worker["readinessProbe"]["exec"]["command"][-1]
+    assert worker["livenessProbe"]["failureThreshold"] > worker["readinessProbe"]["failureThreshold"]
+    cfg = load_config(REPO / "configs" / "small.yaml", ["cluster.gcs_ft_redis_address=redis.raylm:6379"])
+    svc = k8s.rayservice(cfg, "configs/small.yaml", load_config(REPO / "tune_configs" / "small_sweep.yaml"))
+    assert errors(svc) == []
+    ft = svc["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]
+    assert ft["redisAddress"] == "redis.raylm:6379" and "value" not in ft["redisPassword"]
+    assert ft["redisPassword"]["valueFrom"]["secretKeyRef"] == {"name": "raylm-redis", "key": "password"}
 
 
 def test_rayservice_deploys_the_app_builder_over_the_sweeps_best():
