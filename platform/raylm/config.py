@@ -213,6 +213,14 @@ class ServeConfig(_Strict):
         1, ge=1, description="GPUs one replica's engine shards the model over (tensor parallelism; GPU only)."
     )
     seed: int = Field(0, ge=0, description="The engine's sampling seed (requests may set their own `seed`).")
+    lora_adapters: dict[str, str] = Field(
+        default_factory=dict, description="LoRA adapters served beside the base model: name -> peft adapter "
+        "directory (a raylm fine-tune's adapter/ export). A request's `model` picks the base (serve.model_id) or "
+        "an adapter by name; vLLM batches requests for different adapters together."
+    )
+    max_lora_rank: Literal[8, 16, 32, 64, 128, 256] = Field(
+        16, description="Largest LoRA rank among serve.lora_adapters (vLLM sizes its LoRA kernels by it)."
+    )
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Further vLLM engine arguments (e.g. {enforce_eager: true}), passed "
         "as they are; they win over the fields above."
@@ -349,6 +357,8 @@ class RaylmConfig(_Strict):
         if sv.tensor_parallel_size > 1 and not sv.use_gpu:
             raise ValueError("serve.tensor_parallel_size: > 1 needs serve.use_gpu=true (tensor parallelism shards "
                              "over GPUs)")
+        if sv.model_id in sv.lora_adapters:
+            raise ValueError(f"serve.lora_adapters: {sv.model_id!r} is serve.model_id, the base model's name")
         if sv.max_model_len is not None and sv.max_tokens_limit >= sv.max_model_len:
             raise ValueError(f"serve.max_tokens_limit: {sv.max_tokens_limit} leaves no room for a prompt in "
                              f"serve.max_model_len={sv.max_model_len}")

@@ -28,6 +28,26 @@ def tiny_checkpoint(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_adapter(tiny_checkpoint, tmp_path_factory) -> str:
+    """A peft LoRA adapter on the tiny checkpoint, its B matrices random (peft starts them at 0,
+    which would make the adapter's outputs equal the base model's)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_checkpoint),
+                           LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5)
+    out = tmp_path_factory.mktemp("adapter") / "lora"
+    model.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
 def key_file(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("keys") / "api_keys"
     path.write_text("# test keys\n" + "\n".join(KEYS) + "\n")

@@ -17,18 +17,23 @@ import pytest
 
 from raylm.config import InputError
 from raylm.serve.auth import hash_key
-from serve_fixtures import KEYS, MODEL_ID, auth, deploy_app, key_file, serve_config, shutdown_serve, tiny_checkpoint
+from serve_fixtures import (KEYS, MODEL_ID, auth, deploy_app, key_file, serve_config, shutdown_serve, tiny_adapter,
+                            tiny_checkpoint)
 
-__all__ = ["key_file", "tiny_checkpoint"]  # fixtures used by this module
+__all__ = ["key_file", "tiny_adapter", "tiny_checkpoint"]  # fixtures used by this module
+
+ADAPTER = "tiny-lora"
 
 pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")
-def url(ray_cluster, tiny_checkpoint, key_file):
-    # One replica, so the long and the short request of the continuous-batching test share an engine.
+def url(ray_cluster, tiny_checkpoint, tiny_adapter, key_file):
+    # One replica, so the long and the short request of the continuous-batching test share an engine;
+    # a LoRA adapter served beside the base model.
     cfg = serve_config(key_file, "serve.autoscaling.min_replicas=1", "serve.autoscaling.max_replicas=1",
-                       "serve.max_tokens_limit=128")
+                       "serve.max_tokens_limit=128", f"serve.lora_adapters={{{ADAPTER}: {tiny_adapter}}}",
+                       "serve.max_lora_rank=8")
     yield deploy_app(cfg, tiny_checkpoint)
     shutdown_serve()
 
@@ -56,7 +61,22 @@ def post(url: str, path: str, body, key: str | None = KEYS[0]) -> httpx.Response
 
 def test_health_needs_no_key_and_models_lists_the_served_model(url, client):
     assert httpx.get(f"{url}/health", timeout=10).json() == {"status": "ok"}
-    assert [m.id for m in client.models.list().data] == [MODEL_ID]
+    assert sorted(m.id for m in client.models.list().data) == sorted([MODEL_ID, ADAPTER])
+
+
+def test_a_request_picks_the_base_model_or_a_lora_adapter_by_name(client):
+    """vLLM serves the adapter beside the base (multi-LoRA batching); its answer differs from the base's."""
+    def greedy(model: str) -> str:
+        return client.completions.create(model=model, prompt="The quick brown fox", max_tokens=12, temperature=0,
+                                          extra_body={"ignore_eos": True}).choices[0].text
+
+    base, adapted = greedy(MODEL_ID), greedy(ADAPTER)
+    assert base != adapted and greedy(ADAPTER) == adapted
+    chat = client.chat.completions.create(model=ADAPTER, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    assert chat.model == ADAPTER and chat.usage.completion_tokens >= 1
+    with pytest.raises(openai.NotFoundError) as err:
+        client.completions.create(model="tiny-lora-2", prompt="x", max_tokens=1)
+    assert "tiny-lora-2" in err.value.message and err.value.body["param"] == "model"
 
 
 def test_completion_usage_and_finish_reason(client, tokenizer):

@@ -110,12 +110,14 @@ def test_limits_need_the_served_model():
     def req(**kw):
         return p.CompletionRequest(model="m", prompt="x", **kw)
 
-    assert p.check_limits(req(), model_id="m", max_tokens_limit=50) is None  # the server's default applies
-    assert p.check_limits(req(max_tokens=50), model_id="m", max_tokens_limit=50) == 50
+    assert p.check_limits(req(), models=("m",), max_tokens_limit=50) is None  # the server's default applies
+    assert p.check_limits(req(max_tokens=50), models=("m",), max_tokens_limit=50) == 50
+    assert p.check_limits(p.CompletionRequest(model="lora-a", prompt="x"), models=("m", "lora-a"),
+                          max_tokens_limit=50) is None
     for kwargs, model_id, param, status in [({"max_tokens": 51}, "m", "max_tokens", 400),
                                             ({}, "served", "model", 404)]:
         with pytest.raises(p.APIError) as err:
-            p.check_limits(req(**kwargs), model_id=model_id, max_tokens_limit=50)
+            p.check_limits(req(**kwargs), models=(model_id,), max_tokens_limit=50)
         assert (err.value.param, err.value.status) == (param, status)
 
 
@@ -208,7 +210,7 @@ def test_resolve_checkpoint_errors_name_the_path(tmp_path, checkpoint):
 def gate_settings(**kw):
     from raylm.serve.gate import GateSettings
 
-    base = dict(model_id="m", key_hashes=(hash_key("k1"),), require_api_key=True, max_tokens_limit=32,
+    base = dict(model_id="m", adapters=("m-lora",), key_hashes=(hash_key("k1"),), require_api_key=True, max_tokens_limit=32,
                 default_max_tokens=7, vocab_size=100)
     return GateSettings(**{**base, **kw})
 
@@ -267,7 +269,9 @@ def test_gate_lets_a_valid_request_through_and_fills_in_max_tokens():
     assert path == "/v1/completions" and json.loads(forwarded) == {"model": "m", "prompt": "hi", "max_tokens": 7}
     raw = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3}).encode()
     assert call_gate(gate, "POST", "/v1/chat/completions", raw)[0] == 200 and app.seen[-1][1] == raw
-    assert gate.counted == [("completions", 200), ("chat", 200)]
+    lora = json.dumps({"model": "m-lora", "prompt": "x", "max_tokens": 2}).encode()
+    assert call_gate(gate, "POST", "/v1/completions", lora)[0] == 200 and app.seen[-1][1] == lora
+    assert gate.counted == [("completions", 200), ("chat", 200), ("completions", 200)]
 
 
 @pytest.mark.parametrize("method,path,body,key,status,param,code", [
@@ -275,6 +279,7 @@ def test_gate_lets_a_valid_request_through_and_fills_in_max_tokens():
     ("POST", "/v1/completions", {"model": "m", "prompt": "hi"}, "wrong", 401, None, "invalid_api_key"),
     ("GET", "/v1/models", None, None, 401, None, "invalid_api_key"),
     ("POST", "/v1/completions", {"model": "other", "prompt": "hi"}, "k1", 404, "model", "model_not_found"),
+    ("POST", "/v1/completions", {"model": "m-lora2", "prompt": "hi"}, "k1", 404, "model", "model_not_found"),
     ("POST", "/v1/completions", {"model": "m", "prompt": "hi", "max_tokens": 33}, "k1", 400, "max_tokens", "invalid_value"),
     ("POST", "/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "x"}],
                                       "max_completion_tokens": 99}, "k1", 400, "max_completion_tokens", "invalid_value"),
@@ -345,6 +350,9 @@ def test_engine_kwargs_follow_the_config():
     assert gpu["gpu_memory_utilization"] == 0.8 and "kv_cache_memory_bytes" not in gpu
     assert gpu["tensor_parallel_size"] == 2 and gpu["enforce_eager"] and not gpu["enable_prefix_caching"]
     assert engine_kwargs(ServeConfig(kv_cache_memory_gib=0.5))["kv_cache_memory_bytes"] == 2**29
+    lora = engine_kwargs(ServeConfig(lora_adapters={"a": "/x", "b": "/y"}, max_lora_rank=8))
+    assert (lora["enable_lora"], lora["max_lora_rank"], lora["max_loras"]) == (True, 8, 2)
+    assert "enable_lora" not in cpu
 
 
 @pytest.mark.parametrize("overrides,field", [
@@ -354,6 +362,8 @@ def test_engine_kwargs_follow_the_config():
     (["serve.max_num_seqs=0"], "serve.max_num_seqs"),
     (["serve.kv_cache_memory_gib=0"], "serve.kv_cache_memory_gib"),
     (["serve.gpu_memory_utilization=1.5"], "serve.gpu_memory_utilization"),
+    (["serve.lora_adapters={raylm: /x}"], "serve.lora_adapters"),
+    (["serve.max_lora_rank=12"], "serve.max_lora_rank"),
 ])
 def test_bad_engine_settings_are_config_errors_naming_the_field(overrides, field):
     from raylm.config import ConfigError
@@ -370,6 +380,21 @@ def test_a_checkpoint_the_cpu_engine_cannot_run_is_refused_naming_it(tmp_path):
     with pytest.raises(CheckpointError, match=f"{tmp_path}.*head_dim 16"):
         check_servable(str(tmp_path), ServeConfig())
     assert check_servable(str(tmp_path), ServeConfig(use_gpu=True))["hidden_size"] == 64
+
+
+def test_a_lora_adapter_that_is_missing_or_too_wide_is_refused_naming_it(tmp_path):
+    from raylm.serve.app import CheckpointError, check_servable
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64,
+                                                      "num_attention_heads": 2}))
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    with pytest.raises(CheckpointError, match=r"serve\.lora_adapters\.sql=.*adapter_config\.json"):
+        check_servable(str(tmp_path), ServeConfig(lora_adapters={"sql": str(adapter)}))
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 32}))
+    with pytest.raises(CheckpointError, match=r"rank 32 > serve\.max_lora_rank=16"):
+        check_servable(str(tmp_path), ServeConfig(lora_adapters={"sql": str(adapter)}))
+    check_servable(str(tmp_path), ServeConfig(lora_adapters={"sql": str(adapter)}, max_lora_rank=32))
 
 
 def test_every_model_preset_can_be_served_on_cpu():

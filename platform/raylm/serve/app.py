@@ -86,7 +86,17 @@ def _head_dim(config: dict) -> Optional[int]:
 
 def check_servable(checkpoint: str, s: ServeConfig) -> dict:
     """The checkpoint's config.json, after the checks vLLM would otherwise fail on inside a replica
-    (where the error is buried in replica logs): the CPU attention needs head_dim >= 32."""
+    (where the error is buried in replica logs): the CPU attention needs head_dim >= 32, and every
+    LoRA adapter is a peft adapter directory with a rank the engine was sized for."""
+    for name, path in s.lora_adapters.items():
+        try:
+            rank = json.loads((Path(path).expanduser() / "adapter_config.json").read_text())["r"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"serve.lora_adapters.{name}={path}: not a peft adapter directory "
+                                  f"(adapter_config.json: {exc})") from None
+        if rank > s.max_lora_rank:
+            raise CheckpointError(f"serve.lora_adapters.{name}={path}: rank {rank} > serve.max_lora_rank="
+                                  f"{s.max_lora_rank}")
     config = json.loads((Path(checkpoint) / "config.json").read_text())
     head_dim = _head_dim(config)
     if not s.use_gpu and head_dim is not None and head_dim < MIN_CPU_HEAD_DIM:
@@ -129,7 +139,8 @@ class RaylmServer(LLMServer):
     async def __init__(self, llm_config: LLMConfig, *, serve_config: dict, key_hashes: list[str]):
         s = ServeConfig.model_validate(serve_config)
         vocab = json.loads((Path(llm_config.model_loading_config.model_source) / "config.json").read_text())["vocab_size"]
-        self.gate_settings = GateSettings(model_id=s.model_id, key_hashes=tuple(key_hashes),
+        self.gate_settings = GateSettings(model_id=s.model_id, adapters=tuple(s.lora_adapters),
+                                          key_hashes=tuple(key_hashes),
                                           require_api_key=s.require_api_key, max_tokens_limit=s.max_tokens_limit,
                                           default_max_tokens=s.default_max_tokens, vocab_size=vocab)
         self.requests_total = metrics.Counter(
@@ -154,6 +165,11 @@ def llm_config(s: ServeConfig, checkpoint: str, has_chat_template: bool) -> LLMC
     """Ray Serve LLM's config for the checkpoint: vLLM engine arguments, CPU or GPU placement and
     the Serve deployment options, all from `serve:`."""
     kwargs = engine_kwargs(s)
+    if s.lora_adapters:
+        from vllm.entrypoints.openai.models.protocol import LoRAModulePath
+
+        kwargs["lora_modules"] = [LoRAModulePath(name=name, path=path, base_model_name=s.model_id)
+                                  for name, path in s.lora_adapters.items()]
     if not has_chat_template:  # a checkpoint exported before raylm attached its default template
         kwargs.setdefault("chat_template", DEFAULT_CHAT_TEMPLATE)
     return LLMConfig(

@@ -43,6 +43,7 @@ class GateSettings:
     """What the gate checks against; built from `serve:` and the checkpoint in the replica."""
 
     model_id: str
+    adapters: tuple[str, ...]
     key_hashes: tuple[str, ...]
     require_api_key: bool
     max_tokens_limit: int
@@ -74,7 +75,7 @@ def check_body(route: str, raw: bytes, s: GateSettings) -> bytes:
             if not isinstance(prompt, str) and any(not 0 <= t < s.vocab_size for t in prompt):
                 raise APIError(400, f"prompt: token ids must lie in [0, {s.vocab_size})", "prompt", "invalid_value")
     req.stop_list()
-    asked = check_limits(req, model_id=s.model_id, max_tokens_limit=s.max_tokens_limit)
+    asked = check_limits(req, models=(s.model_id, *s.adapters), max_tokens_limit=s.max_tokens_limit)
     if asked is not None:
         return raw
     body = json.loads(raw)

@@ -41,6 +41,8 @@ def engine_kwargs(s: ServeConfig) -> dict[str, Any]:
                               "tensor_parallel_size": s.tensor_parallel_size}
     if s.max_model_len is not None:
         kwargs["max_model_len"] = s.max_model_len
+    if s.lora_adapters:  # the adapters themselves are named in app.py (vLLM's LoRAModulePath)
+        kwargs.update(enable_lora=True, max_lora_rank=s.max_lora_rank, max_loras=len(s.lora_adapters))
     if s.kv_cache_memory_gib is not None or not s.use_gpu:
         kwargs["kv_cache_memory_bytes"] = int((s.kv_cache_memory_gib or CPU_KV_CACHE_GIB) * 2**30)
     else:

@@ -187,13 +187,13 @@ def parse_request(model: type[_Sampling], raw: bytes) -> Any:
         raise api_error_from_validation(err.errors(include_url=False)) from None
 
 
-def check_limits(req: _Sampling, *, model_id: str, max_tokens_limit: int) -> Optional[int]:
-    """Checks that need the served model: its name (404) and this server's max_tokens limit.
+def check_limits(req: _Sampling, *, models: tuple[str, ...], max_tokens_limit: int) -> Optional[int]:
+    """Checks that need the served models: the name (404) and this server's max_tokens limit.
     Returns the requested max_tokens (None when the request leaves it to the server). The
     context length is checked by the engine, which tokenizes the prompt anyway."""
-    if req.model != model_id:
-        raise APIError(404, f"The model '{req.model}' does not exist; this server serves '{model_id}'.",
-                       "model", "model_not_found")
+    if req.model not in models:
+        raise APIError(404, f"The model '{req.model}' does not exist; this server serves "
+                       f"{', '.join(repr(m) for m in models)}.", "model", "model_not_found")
     asked = requested_max_tokens(req)
     if asked is not None and asked > max_tokens_limit:
         param = "max_tokens" if req.max_tokens is not None or not isinstance(req, ChatCompletionRequest) \
