@@ -93,11 +93,12 @@ def cmd_tune(cfg: RaylmConfig, args: argparse.Namespace) -> int:
 def cmd_serve(cfg: RaylmConfig, args: argparse.Namespace) -> int:
     """Serve a Hugging Face checkpoint (or a sweep's best.json) behind the OpenAI-compatible API."""
     from raylm.cluster import init_ray
-    from raylm.serve.app import resolve_checkpoint, run_serve
+    from raylm.serve.app import check_servable, resolve_checkpoint, run_serve
 
     if args.checkpoint:
         cfg.serve.checkpoint = args.checkpoint
-    checkpoint = resolve_checkpoint(cfg.serve.checkpoint)  # fails before Ray on a bad path
+    checkpoint = resolve_checkpoint(cfg.serve.checkpoint)  # fails before Ray on a bad path ...
+    check_servable(checkpoint, cfg.serve)  # ... or a model, adapter or engine argument vLLM would refuse
     init_ray(cfg, address=args.address)
     return run_serve(cfg, checkpoint, blocking=not args.detach)
 

@@ -397,6 +397,14 @@ def test_a_lora_adapter_that_is_missing_or_too_wide_is_refused_naming_it(tmp_pat
     check_servable(str(tmp_path), ServeConfig(lora_adapters={"sql": str(adapter)}, max_lora_rank=32))
 
 
+def test_unknown_engine_arguments_fail_before_ray_naming_the_field(tmp_path, capsys, checkpoint):
+    from raylm.cli import main
+
+    code = main(["serve", "--checkpoint", checkpoint,
+                 "--set", "serve.engine_kwargs={enforce_eager: true, max_num_sequences: 4}"])
+    assert code == 2 and "serve.engine_kwargs: max_num_sequences is not a vLLM engine argument" in capsys.readouterr().err
+
+
 def test_every_model_preset_can_be_served_on_cpu():
     from raylm.model import PRESETS, preset_config
     from raylm.serve.app import MIN_CPU_HEAD_DIM, _head_dim

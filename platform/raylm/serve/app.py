@@ -26,7 +26,7 @@ from ray.serve import metrics
 from ray.serve.llm import LLMConfig, LLMServer, build_llm_deployment
 
 from raylm.chat import DEFAULT_CHAT_TEMPLATE
-from raylm.config import InputError, RaylmConfig, ServeConfig
+from raylm.config import ConfigError, InputError, RaylmConfig, ServeConfig
 from raylm.serve.auth import KeySetup, setup_keys
 from raylm.serve.gate import Gate, GateSettings
 from raylm.serve.options import SERVE_MODEL_DEPLOYMENT, backpressure, deployment_options, engine_kwargs
@@ -84,6 +84,21 @@ def _head_dim(config: dict) -> Optional[int]:
     return hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads else None
 
 
+def check_engine_kwargs(s: ServeConfig) -> None:
+    """`serve.engine_kwargs` names only arguments vLLM has (its engine's or its OpenAI server's):
+    Ray Serve LLM would otherwise fail inside each replica as it starts."""
+    import dataclasses
+
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.launchers.cli_args import FrontendArgs
+
+    known = {f.name for cls in (AsyncEngineArgs, FrontendArgs) for f in dataclasses.fields(cls)}
+    unknown = sorted(set(s.engine_kwargs) - known)
+    if unknown:
+        raise ConfigError(f"serve.engine_kwargs: {', '.join(unknown)} {'is not a' if len(unknown) == 1 else 'are not'} "
+                          "vLLM engine argument(s) (see `vllm serve --help`, names with _ for -)")
+
+
 def check_servable(checkpoint: str, s: ServeConfig) -> dict:
     """The checkpoint's config.json, after the checks vLLM would otherwise fail on inside a replica
     (where the error is buried in replica logs): the CPU attention needs head_dim >= 32, and every
@@ -97,6 +112,7 @@ def check_servable(checkpoint: str, s: ServeConfig) -> dict:
         if rank > s.max_lora_rank:
             raise CheckpointError(f"serve.lora_adapters.{name}={path}: rank {rank} > serve.max_lora_rank="
                                   f"{s.max_lora_rank}")
+    check_engine_kwargs(s)
     config = json.loads((Path(checkpoint) / "config.json").read_text())
     head_dim = _head_dim(config)
     if not s.use_gpu and head_dim is not None and head_dim < MIN_CPU_HEAD_DIM:
