@@ -98,5 +98,12 @@ def wait_until(predicate, timeout_s: float, interval_s: float = 0.5) -> bool:
     return predicate()
 
 
+def upload_dir(client, local: str | Path, bucket: str, prefix: str) -> None:
+    """Copy a local folder under s3://bucket/prefix/ (client: boto3, from the s3_server fixture)."""
+    for path in Path(local).rglob("*"):
+        if path.is_file():
+            client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(local).as_posix()}")
+
+
 def repo_root() -> Path:
     return Path(__file__).resolve().parents[2]

@@ -1,6 +1,7 @@
-"""`raylm serve` with `serve.direct_ingress=true`, run as a user runs it: its own local Ray cluster
-(a subprocess), the banner names each replica's own URL, and both that URL and the proxy answer,
-behind the same API keys."""
+"""`raylm serve --checkpoint s3://.../best.json` with `serve.direct_ingress=true`, run as a user
+runs it: its own local Ray cluster (a subprocess), the checkpoint a sweep's best.json in object
+storage (moto's S3 API on loopback) that the replica downloads, the banner naming each replica's
+own URL, and both that URL and the proxy answering behind the same API keys."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import time
 
 import httpx
 
-from serve_fixtures import KEYS, MODEL_ID, auth, key_file, repo_root, tiny_checkpoint
+from serve_fixtures import KEYS, MODEL_ID, auth, key_file, repo_root, tiny_checkpoint, upload_dir
 
 __all__ = ["key_file", "tiny_checkpoint"]  # fixtures used by this module
 
@@ -36,9 +37,13 @@ def _wait_for_banner(proc: subprocess.Popen, timeout_s: float) -> list[str]:
     raise AssertionError("raylm serve did not come up:\n" + "\n".join(lines[-60:]))
 
 
-def test_replicas_answer_on_their_own_port(tiny_checkpoint, key_file):
+def test_serve_a_best_json_in_s3_and_replicas_answer_on_their_own_port(s3_server, tiny_checkpoint, key_file):
+    _, client = s3_server
+    client.create_bucket(Bucket="raylm-serve")
+    upload_dir(client, tiny_checkpoint, "raylm-serve", "sweeps/tiny/trials/t0/hf")
+    client.put_object(Bucket="raylm-serve", Key="sweeps/tiny/best.json", Body=b'{"checkpoint": "trials/t0/hf"}')
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # its own cluster, not the session's
-    cmd = [sys.executable, "-m", "raylm", "serve", "--checkpoint", tiny_checkpoint,
+    cmd = [sys.executable, "-m", "raylm", "serve", "--checkpoint", "s3://raylm-serve/sweeps/tiny/best.json",
            "--set", "serve.direct_ingress=true", "--set", f"serve.port={PROXY_PORT}",
            "--set", f"serve.api_key_file={key_file}", "--set", "serve.api_key_env=RAYLM_TEST_NO_SUCH_VAR",
            "--set", f"serve.model_id={MODEL_ID}", "--set", "serve.autoscaling.max_replicas=1",

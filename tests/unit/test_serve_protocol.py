@@ -196,7 +196,8 @@ def test_resolve_checkpoint_errors_name_the_path(tmp_path, checkpoint):
     (noweights / "config.json").write_text(Path(checkpoint, "config.json").read_text())
     cases = {None: "serve.checkpoint", str(tmp_path / "missing"): "missing", str(empty): "empty",
              str(tmp_path / "nokey.json"): "nokey.json", str(tmp_path / "broken.json"): "broken.json",
-             str(tmp_path / "gone.json"): "gone", str(noweights): "noweights", "s3://bucket/ckpt": "s3://bucket"}
+             str(tmp_path / "gone.json"): "gone", str(noweights): "noweights",
+             "unknownfs://bucket/ckpt": "unknownfs://bucket"}  # object storage: tests/integration/test_storage.py
     for path, named in cases.items():
         with pytest.raises(CheckpointError, match=named.replace(".", r"\.")) as err:
             resolve_checkpoint(path)

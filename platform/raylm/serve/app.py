@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -25,6 +26,7 @@ from ray import serve
 from ray.serve import metrics
 from ray.serve.llm import LLMConfig, LLMServer, build_llm_deployment
 
+from raylm import storage
 from raylm.chat import DEFAULT_CHAT_TEMPLATE
 from raylm.config import ConfigError, InputError, RaylmConfig, ServeConfig
 from raylm.serve.auth import KeySetup, setup_keys
@@ -49,31 +51,58 @@ class ServeDeployError(InputError):
 # ------------------------------------------------------------------ checkpoint
 
 
-def _checkpoint_from_best_json(path: Path) -> Path:
+def _checkpoint_from_best_json(path: str) -> str:
+    """The checkpoint a sweep's best.json points at: a URI, an absolute path, or a path relative to
+    the best.json's folder (local or remote)."""
     try:
-        best = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        best = storage.read_json(path)
+    except storage.StorageError as exc:
         raise CheckpointError(f"{path}: not a readable best.json: {exc}") from None
     target = best.get("checkpoint") if isinstance(best, dict) else None
     if not isinstance(target, str) or not target:
         raise CheckpointError(f"{path}: best.json has no \"checkpoint\" path")
-    target_path = Path(target).expanduser()
-    return target_path if target_path.is_absolute() else path.parent / target_path
+    if storage.is_remote(target):
+        return target
+    target = os.path.expanduser(target)
+    return target if os.path.isabs(target) else storage.join(storage.parent(path), target)
 
 
-def _check_hf_dir(path: Path, via: str) -> None:
-    if not path.is_dir():
+def _check_hf_dir(path: str, via: str) -> None:
+    if storage.kind(path) != "dir":
         raise CheckpointError(f"checkpoint not found: {path}{via}")
     try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}{via}: not a Hugging Face checkpoint (config.json: {exc})") from None
+        config = storage.read_json(storage.join(path, "config.json"))
+    except storage.StorageError as exc:
+        raise CheckpointError(f"{path}{via}: not a Hugging Face checkpoint ({exc})") from None
     if not isinstance(config, dict) or "model_type" not in config:
         raise CheckpointError(f"{path}{via}: config.json has no model_type")
-    if not any((path / name).is_file() for name in WEIGHT_FILES):
+    if not any(storage.kind(storage.join(path, name)) == "file" for name in WEIGHT_FILES):
         raise CheckpointError(f"{path}{via}: no weights ({', '.join(WEIGHT_FILES)})")
-    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+    if not any(storage.kind(storage.join(path, name)) == "file" for name in TOKENIZER_FILES):
         raise CheckpointError(f"{path}{via}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+
+
+def resolve_checkpoint(path: Optional[str]) -> str:
+    """The Hugging Face checkpoint directory to serve, from a directory or a sweep's best.json
+    (`{"checkpoint": <dir>}`), local or in object storage (s3://, gs://: each replica downloads it
+    to its node's cache). Raises `CheckpointError` naming the path when it is unset, missing or not
+    a servable checkpoint."""
+    if not path:
+        raise CheckpointError("serve.checkpoint is not set: pass --checkpoint <HF dir or best.json> "
+                              "or --set serve.checkpoint=<path>")
+    given = path if storage.is_remote(path) else str(Path(path).expanduser().absolute())
+    via = ""
+    try:
+        found = storage.kind(given)
+        if found == "file":
+            via = f" (from {given})"
+            given = _checkpoint_from_best_json(given)
+        elif found == "missing":
+            raise CheckpointError(f"checkpoint not found: {given}")
+        _check_hf_dir(given, via)
+    except storage.StorageError as exc:
+        raise CheckpointError(f"checkpoint {path}: {exc}") from None
+    return given if storage.is_remote(given) else str(Path(given).resolve())
 
 
 def _head_dim(config: dict) -> Optional[int]:
@@ -113,34 +142,12 @@ def check_servable(checkpoint: str, s: ServeConfig) -> dict:
             raise CheckpointError(f"serve.lora_adapters.{name}={path}: rank {rank} > serve.max_lora_rank="
                                   f"{s.max_lora_rank}")
     check_engine_kwargs(s)
-    config = json.loads((Path(checkpoint) / "config.json").read_text())
+    config = storage.read_json(storage.join(checkpoint, "config.json"))
     head_dim = _head_dim(config)
     if not s.use_gpu and head_dim is not None and head_dim < MIN_CPU_HEAD_DIM:
         raise CheckpointError(f"{checkpoint}: head_dim {head_dim} < {MIN_CPU_HEAD_DIM}: vLLM's CPU attention cannot "
                               "serve it (serve.use_gpu=false); train a model with fewer, wider heads")
     return config
-
-
-def resolve_checkpoint(path: Optional[str]) -> str:
-    """The absolute Hugging Face checkpoint directory to serve, from a directory or a sweep's
-    best.json (`{"checkpoint": <dir>}`, relative paths are relative to the file). Raises
-    `CheckpointError` naming the path when it is unset, missing or not a servable checkpoint."""
-    if not path:
-        raise CheckpointError("serve.checkpoint is not set: pass --checkpoint <HF dir or best.json> "
-                              "or --set serve.checkpoint=<path>")
-    if "://" in path:
-        raise CheckpointError(f"checkpoint {path}: remote URIs are not served directly; copy it to "
-                              "storage the replicas mount (e.g. the shared volume) and pass that path")
-    given = Path(path).expanduser().absolute()
-    via = ""
-    if given.is_file():
-        via = f" (from {given})"
-        given = _checkpoint_from_best_json(given)
-    elif not given.exists():
-        raise CheckpointError(f"checkpoint not found: {given}")
-    _check_hf_dir(given, via)
-    return str(given.resolve())
-
 
 
 # ------------------------------------------------------------------ the replica
@@ -152,13 +159,15 @@ class RaylmServer(LLMServer):
     Serve builds the app after the engine has started (`__serve_build_asgi_app__`), so no route
     answers before the model can generate."""
 
-    async def __init__(self, llm_config: LLMConfig, *, serve_config: dict, key_hashes: list[str]):
+    async def __init__(self, llm_config: LLMConfig, *, serve_config: dict, key_hashes: list[str], vocab_size: int):
         s = ServeConfig.model_validate(serve_config)
-        vocab = json.loads((Path(llm_config.model_loading_config.model_source) / "config.json").read_text())["vocab_size"]
+        source = llm_config.model_loading_config.model_source
+        if storage.is_remote(source):  # each replica brings the checkpoint to its own node's disk once
+            llm_config.model_loading_config.model_source = storage.cached_copy(source)
         self.gate_settings = GateSettings(model_id=s.model_id, adapters=tuple(s.lora_adapters),
                                           key_hashes=tuple(key_hashes),
                                           require_api_key=s.require_api_key, max_tokens_limit=s.max_tokens_limit,
-                                          default_max_tokens=s.default_max_tokens, vocab_size=vocab)
+                                          default_max_tokens=s.default_max_tokens, vocab_size=vocab_size)
         self.requests_total = metrics.Counter(
             "raylm_requests", description="Requests answered, by endpoint and HTTP status.",
             tag_keys=("endpoint", "status"))
@@ -198,12 +207,11 @@ def llm_config(s: ServeConfig, checkpoint: str, has_chat_template: bool) -> LLMC
 
 
 def _has_chat_template(checkpoint: str) -> bool:
-    path = Path(checkpoint)
-    if (path / "chat_template.jinja").is_file():
+    if storage.kind(storage.join(checkpoint, "chat_template.jinja")) == "file":
         return True
     try:
-        return bool(json.loads((path / "tokenizer_config.json").read_text()).get("chat_template"))
-    except (OSError, ValueError):
+        return bool(storage.read_json(storage.join(checkpoint, "tokenizer_config.json")).get("chat_template"))
+    except storage.StorageError:
         return False
 
 
@@ -212,12 +220,13 @@ def build_app(cfg: RaylmConfig, checkpoint: str, keys: Optional[KeySetup] = None
     """The Serve application: `RaylmServer` over the checkpoint with options from `cfg.serve`,
     bound to the API key hashes (never the keys: replicas may sit on other nodes)."""
     s = cfg.serve
-    check_servable(checkpoint, s)
+    model_config = check_servable(checkpoint, s)
     keys = keys or setup_keys(s)
     return build_llm_deployment(
         llm_config(s, checkpoint, _has_chat_template(checkpoint)),
         deployment_cls=serve.ingress()(RaylmServer),
-        bind_kwargs={"serve_config": s.model_dump(mode="json"), "key_hashes": list(keys.hashes)},
+        bind_kwargs={"serve_config": s.model_dump(mode="json"), "key_hashes": list(keys.hashes),
+                     "vocab_size": model_config["vocab_size"]},
         override_serve_options={"name": deployment_name, "backpressure_config": backpressure(s)},
     )
 
