@@ -148,6 +148,8 @@ def render_markdown(report: dict) -> str:
                                            [[name, g["goal"], g["value"], g["met"]] for name, g in goals]), ""]
     for name, st in report["stages"].items():
         lines += [f"## {st.get('title', name)}", ""]
+        if st.get("carried_from"):
+            lines += [f"_Not re-measured in this run: from {st['carried_from']}._", ""]
         if st.get("error"):
             lines += [f"**failed:** `{st['error']}`", ""]
         if st.get("skipped"):

@@ -59,6 +59,19 @@ def run_stage(name: str, quick: bool, workdir: str) -> dict:
     return result
 
 
+def earlier_stages(skip: list[str]) -> dict[str, dict]:
+    """Stages this run does not measure, from the newest earlier report that has each, marked with
+    where they come from: a partial run (`--only`) keeps the other sections of RESULTS.md."""
+    out: dict[str, dict] = {}
+    for path in sorted((BENCH_DIR / "results").glob("*.json"), reverse=True):
+        report = json.loads(path.read_text())
+        for name, stage in report.get("stages", {}).items():
+            if name not in skip and name not in out and not stage.get("error"):
+                out[name] = {**stage, "carried_from": f"{path.relative_to(BENCH_DIR.parent)} "
+                                                      f"(commit {report.get('commit')}, {report.get('date')})"}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=",".join(STAGES), help=f"comma-separated stages ({','.join(STAGES)})")
@@ -70,13 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--only: unknown stage(s) {unknown}; choose from {list(STAGES)}")
     started = time.time()
-    stages: dict[str, dict] = {}
+    measured: dict[str, dict] = {}
+    earlier = earlier_stages(skip=names)
     with tempfile.TemporaryDirectory(prefix="raylm-bench-") as workdir:
         for name in names:
-            stages[name] = run_stage(name, args.quick, workdir)
+            measured[name] = run_stage(name, args.quick, workdir)
+            stages = {n: measured.get(n) or earlier[n] for n in STAGES if n in measured or n in earlier}
             json_path, md_path = write_report(stages, started, md_path=Path(args.md))  # partial results survive
     print(f"wrote {json_path} and {md_path}", flush=True)
-    return 0 if not any(s.get("error") for s in stages.values()) else 1
+    return 0 if not any(s.get("error") for s in measured.values()) else 1
 
 
 if __name__ == "__main__":
