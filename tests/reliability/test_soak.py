@@ -23,7 +23,7 @@ from reliability_helpers import (Background, completes, deploy, fit, healthy, hf
                                  read_log, replica_actors, run_dir, running_replicas, serve_config, train_config,
                                  train_workers, wait_for)
 from test_hostile_input import check, encode, post, request_bodies
-from test_serve_faults import request
+from test_serve_faults import complete
 
 from raylm.serve.protocol import CompletionRequest
 
@@ -67,7 +67,7 @@ def test_soak_replica_kills_every_30s_under_load(serve_up, tiny_checkpoint, key_
     def loop():
         with httpx.Client() as client:
             while not stop.is_set():
-                statuses.append(request(client, url, max_tokens=8, retries_on_503=3)[0])
+                statuses.append(complete(client, url, max_tokens=8, retries_on_503=3)[0])
 
     with cf.ThreadPoolExecutor(6) as pool:
         futures = [pool.submit(loop) for _ in range(6)]
