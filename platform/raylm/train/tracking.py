@@ -35,7 +35,10 @@ class Trackers:
         if tr.mlflow:
             import mlflow
 
-            mlflow.set_tracking_uri(mlflow_uri(cfg, root))
+            uri = mlflow_uri(cfg, root)
+            if uri.startswith("file://"):  # MLflow 3 keeps the file store only on request
+                os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            mlflow.set_tracking_uri(uri)
             mlflow.set_experiment(tr.mlflow_experiment)
             mlflow.start_run(run_name=cfg.train.run_name, tags={"raylm.run_dir": run_dir})
             mlflow.log_params(flat_params(cfg))
