@@ -118,3 +118,22 @@ def test_packed_examples_do_not_see_each_other(preset):
         leaky = model(input_ids=torch.as_tensor(packed["input_ids"], dtype=torch.long),
                       position_ids=torch.as_tensor(packed["position_ids"], dtype=torch.long)).logits[0, 11:20]
     assert not torch.allclose(leaky, alone_logits, atol=1e-3)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_lora_trains_only_adapters(checkpointing):
+    """Only the adapters require grad and get one, with activation checkpointing too."""
+    from raylm.config import LoraConfig
+    from raylm.train.lora import apply_lora, param_counts
+
+    torch.manual_seed(0)
+    base = build_model(ModelConfig(name="tiny-llama", activation_checkpointing=checkpointing), 300, 32)
+    model = apply_lora(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model.train()
+    trainable, total = param_counts(model)
+    assert trainable == 2 * 2 * 4 * (64 + 64)  # 2 layers x (q, v) x r x (in + out)
+    ids = torch.randint(3, 300, (2, 16))
+    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert all(grads[n] is not None and grads[n].abs().sum() > 0 for n in grads if "lora_B" in n)
+    assert all(grads[n] is None for n, p in model.named_parameters() if not p.requires_grad)

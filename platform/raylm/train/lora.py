@@ -13,6 +13,10 @@ def apply_lora(model: Any, lora: LoraConfig) -> Any:
     so DeepSpeed keeps gradients and optimizer state for the adapters only."""
     import peft
 
+    if getattr(model, "is_gradient_checkpointing", False):
+        # reentrant checkpointing needs an input that requires grad, or no gradient reaches the
+        # adapters (the embedding that would provide it is frozen); harmless otherwise
+        model.enable_input_require_grads()
     return peft.get_peft_model(model, peft.LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
         task_type="CAUSAL_LM"))
