@@ -209,3 +209,25 @@ def test_lora_zero3_resumes_and_exports(base_model, chat_corpus, sft_root):
     ids = torch.tensor([list(range(5, 40))])
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, adapted(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_parquet_and_hf_dataset_read_like_jsonl(ray_cluster, sft_root, base_model):
+    """The same chat records from .jsonl, .parquet and a saved Hugging Face dataset (a nested
+    `conversation` column, field names set in data.sft) give the same examples."""
+    import datasets
+
+    rows = [{"conversation": [{"from": m["role"], "value": m["content"]} for m in r["messages"]]}
+            for r in records(120, "chat", seed=3)]
+    (sft_root / "conv.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    ds = datasets.Dataset.from_list(rows)
+    ds.to_parquet(str(sft_root / "conv.parquet"))
+    ds.save_to_disk(str(sft_root / "conv_hf"))
+    stats = {}
+    for name in ("conv.jsonl", "conv.parquet", "conv_hf"):
+        cfg = config(sft_root, "read", **{"data.format": "chat", "data.source": sft_root / name,
+                                          "data.tokenizer": base_model, "data.sft.messages_field": "conversation",
+                                          "data.sft.role_field": "from", "data.sft.content_field": "value"})
+        s = prepare_data(cfg.data, verbose=False).stats
+        stats[name] = (s.documents, s.tokens, s.trained_tokens, s.skipped_records)
+    assert stats["conv.jsonl"][0] == 120 and stats["conv.jsonl"][3] == 0
+    assert stats["conv.parquet"] == stats["conv.jsonl"] == stats["conv_hf"]
