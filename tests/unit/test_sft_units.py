@@ -137,3 +137,17 @@ def test_lora_trains_only_adapters(checkpointing):
     grads = {n: p.grad for n, p in model.named_parameters()}
     assert all(grads[n] is not None and grads[n].abs().sum() > 0 for n in grads if "lora_B" in n)
     assert all(grads[n] is None for n, p in model.named_parameters() if not p.requires_grad)
+
+
+def test_config_fine_tune_fields(tmp_path):
+    from raylm.config import ConfigError, load_config
+
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    cfg = load_config(overrides=[f"model.name={tmp_path}", "data.format=chat", "train.lora={r: 4}"])
+    assert cfg.data.tokenizer == str(tmp_path)  # a model dir's own tokenizer, not a newly trained one
+    assert cfg.data.is_sft and cfg.train.lora.r == 4 and cfg.train.lora.target_modules == "all-linear"
+    assert load_config(overrides=[f"model.name={tmp_path}", "data.tokenizer=gpt2"]).data.tokenizer == "gpt2"
+    with pytest.raises(ConfigError, match=r"train.lora.rank"):
+        load_config(overrides=["train.lora={rank: 4}"])
+    with pytest.raises(ConfigError, match=r"data.sft.too_long"):
+        load_config(overrides=["data.sft.too_long=drop"])
