@@ -36,6 +36,26 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class SFTConfig(_Strict):
+    """How chat / instruction records become supervised examples (data.format chat or instruction)."""
+
+    messages_field: str = Field("messages", description="Chat records: the key holding the list of messages.")
+    role_field: str = Field("role", description="Chat records: the key of a message's role (system, user, assistant).")
+    content_field: str = Field("content", description="Chat records: the key of a message's text.")
+    instruction_field: str = Field("instruction", description="Instruction records: the task (the user turn).")
+    input_field: str = Field("input", description="Instruction records: optional context appended to the task.")
+    output_field: str = Field("output", description="Instruction records: the answer (the assistant turn).")
+    system_prompt: Optional[str] = Field(None, description="Instruction records: a system turn put before each.")
+    train_on: Literal["assistant", "all"] = Field(
+        "assistant", description="Tokens the loss is computed on: the assistant's only (prompt masked), or all.")
+    packing: bool = Field(
+        True, description="Pack several examples per block of seq_len (each sees only itself: position_ids restart "
+        "per example); false: one example per row, batches padded to their longest.")
+    too_long: Literal["truncate", "skip"] = Field(
+        "truncate", description="A record longer than seq_len: cut to seq_len (skipped if no trained token is "
+        "left), or skipped. Either way it is counted.")
+
+
 class DataConfig(_Strict):
     source: str = Field(
         "embedded",
@@ -43,8 +63,10 @@ class DataConfig(_Strict):
         "download), a local file, folder or glob, a remote URI Ray Data reads (s3://, gs://), "
         "or 'hf:<name>' / a saved Hugging Face datasets folder.",
     )
-    format: Literal["auto", "text", "jsonl", "parquet", "hf"] = Field(
-        "auto", description="File format; 'auto' picks it from the file extension."
+    format: Literal["auto", "text", "jsonl", "parquet", "hf", "chat", "instruction"] = Field(
+        "auto", description="File format of raw text ('auto' picks it from the file extension), or a supervised "
+        "fine-tuning corpus: 'chat' (OpenAI-style messages records) or 'instruction' (Alpaca-style records), "
+        "read from .jsonl / .parquet files or a Hugging Face dataset; see data.sft.",
     )
     text_field: str = Field("text", description="Column / JSON key that holds the text.")
     text_split: Literal["file", "paragraph", "line"] = Field(
@@ -64,6 +86,11 @@ class DataConfig(_Strict):
     cache_dir: str = Field(
         "~/.cache/raylm", description="Where trained tokenizers are kept, keyed by corpus and settings."
     )
+    sft: SFTConfig = Field(default_factory=SFTConfig, description="Chat / instruction fine-tuning data.")
+
+    @property
+    def is_sft(self) -> bool:
+        return self.format in ("chat", "instruction")
 
 
 class ModelConfig(_Strict):
@@ -76,6 +103,27 @@ class ModelConfig(_Strict):
     overrides: dict[str, Any] = Field(
         default_factory=dict, description="Extra fields for the preset's transformers config (e.g. num_hidden_layers)."
     )
+
+
+class LoraConfig(_Strict):
+    """LoRA adapters through peft: only these low-rank matrices train; the base stays frozen."""
+
+    r: int = Field(8, ge=1, description="Rank of the adapter matrices.")
+    alpha: float = Field(16.0, gt=0, description="Scaling numerator (the update is scaled by alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input.")
+    target_modules: list[str] | str = Field(
+        "all-linear", description="Module names to adapt (e.g. [q_proj, v_proj]; GPT-2: [c_attn]) or "
+        "'all-linear' (every linear layer but the output head).")
+
+
+class TrackingConfig(_Strict):
+    """Experiment tracking, written by rank 0 beside metrics.jsonl."""
+
+    tensorboard: bool = Field(True, description="TensorBoard event files in <storage>/<run>/tensorboard/.")
+    mlflow: bool = Field(False, description="Also log params and metrics to MLflow.")
+    mlflow_uri: Optional[str] = Field(
+        None, description="MLflow tracking URI; None: a local file store <storage>/mlruns.")
+    mlflow_experiment: str = Field("raylm", description="MLflow experiment the runs go to.")
 
 
 class TrainConfig(_Strict):
@@ -104,6 +152,9 @@ class TrainConfig(_Strict):
     seed: int = Field(0)
     storage_path: str = Field("~/raylm_results", description="Root for runs, sweeps and checkpoints (local or s3://, gs://).")
     run_name: str = Field("raylm-train", description="Runs with the same name resume each other.")
+    lora: Optional[LoraConfig] = Field(
+        None, description="Train LoRA adapters (peft) instead of every weight; absent: full fine-tuning.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="TensorBoard / MLflow.")
 
     @property
     def effective_global_batch(self) -> int:
@@ -351,6 +402,7 @@ class RaylmConfig(_Strict):
             raise ValueError("deepspeed.offload_optimizer: needs deepspeed.zero_stage >= 1")
         if ds.precision == "fp16" and not t.use_gpu:
             raise ValueError("deepspeed.precision: fp16 needs train.use_gpu=true (CPU runs use fp32 or bf16)")
+        self._model_tokenizer()
         sv = self.serve
         if sv.default_max_tokens > sv.max_tokens_limit:
             raise ValueError("serve.default_max_tokens: must not exceed serve.max_tokens_limit")
@@ -363,6 +415,13 @@ class RaylmConfig(_Strict):
             raise ValueError(f"serve.max_tokens_limit: {sv.max_tokens_limit} leaves no room for a prompt in "
                              f"serve.max_model_len={sv.max_model_len}")
         return self
+
+    def _model_tokenizer(self) -> None:
+        """Fine-tuning a model dir that holds a tokenizer (a raylm hf/ export): the data stage must use
+        that tokenizer, not train a new one whose ids would not match the model's embeddings."""
+        name = os.path.expanduser(self.model.name)
+        if self.data.tokenizer == "train" and os.path.isfile(os.path.join(name, "tokenizer_config.json")):
+            self.data.tokenizer = os.path.abspath(name)
 
     @property
     def precision(self) -> str:

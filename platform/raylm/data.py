@@ -62,7 +62,8 @@ class Source:
 
 
 def _format_of(path: str, cfg: DataConfig) -> str:
-    if cfg.format != "auto":
+    """The file format: data.format when it names one, else (auto, chat, instruction) the extension."""
+    if cfg.format not in ("auto", "chat", "instruction"):
         return cfg.format
     name = path[:-3] if path.endswith(".gz") else path
     fmt = TEXT_EXTS.get(os.path.splitext(name)[1].lower())
@@ -86,7 +87,7 @@ def resolve_source(cfg: DataConfig) -> Source:
         if os.path.exists(os.path.join(path, "dataset_info.json")) or os.path.exists(os.path.join(path, "dataset_dict.json")):
             return Source("hf", paths=(path,), name=path)
         files = sorted(p for p in glob.glob(os.path.join(path, "**", "*"), recursive=True)
-                       if os.path.isfile(p) and (cfg.format != "auto" or os.path.splitext(p.removesuffix(".gz"))[1].lower() in TEXT_EXTS))
+                       if os.path.isfile(p) and (cfg.format not in ("auto", "chat", "instruction") or os.path.splitext(p.removesuffix(".gz"))[1].lower() in TEXT_EXTS))
         if not files:
             raise DataError(f"data.source={src}: folder has no .txt, .jsonl or .parquet files")
     elif any(c in src for c in "*?["):
@@ -378,6 +379,9 @@ class DataStats:
     replaced: int = 0
     skipped_records: int = 0
     truncated_files: int = 0  # cut-off archives: what decompressed was kept
+    trained_tokens: int = 0  # SFT: tokens the loss is computed on (assistant tokens by default)
+    truncated_records: int = 0  # SFT: examples cut to seq_len
+    skipped_reasons: str = ""  # SFT: "skipped N records: ..." by reason
     vocab_size: int = 0
     seconds: float = 0.0
 
@@ -387,6 +391,9 @@ class DataStats:
                 f"(final partial block), {self.replaced} undecodable byte sequences replaced, "
                 f"{self.skipped_records} records skipped, "
                 + (f"{self.truncated_files} truncated file(s) read as far as they go, " if self.truncated_files else "")
+                + (f"{self.trained_tokens} trained tokens, " if self.trained_tokens else "")
+                + (f"{self.truncated_records} records truncated to seq_len, " if self.truncated_records else "")
+                + (f"{self.skipped_reasons}, " if self.skipped_reasons else "")
                 + f"vocab {self.vocab_size}, {self.seconds:.1f}s")
 
 
@@ -406,7 +413,8 @@ def _tokenizer_for(src: Source, cfg: DataConfig, docs: "ray.data.Dataset") -> st
         if not os.path.isdir(out):
             tok.save_pretrained(out)
         return out
-    key = hashlib.sha256(f"{src.fingerprint()}|{cfg.vocab_size}|{cfg.text_field}|{cfg.text_split}|{cfg.max_documents}".encode()).hexdigest()[:16]
+    sft = f"|{cfg.format}" if cfg.is_sft else ""  # an SFT corpus trains on its records' strings
+    key = hashlib.sha256(f"{src.fingerprint()}|{cfg.vocab_size}|{cfg.text_field}|{cfg.text_split}|{cfg.max_documents}{sft}".encode()).hexdigest()[:16]
     out = os.path.join(expand(cfg.cache_dir), "tokenizers", f"bpe-{key}")
     if os.path.isdir(out):
         return out
@@ -430,7 +438,12 @@ def prepare_data(cfg: DataConfig, verbose: bool = True) -> PreparedData:
     """Run the whole data stage on the connected Ray cluster. Ray must be initialised.
 
     One streaming pass (read -> tokenize + pack per batch) is materialized; a trained tokenizer
-    that is not cached yet reads a sample first. Counters ride on each batch's tail row."""
+    that is not cached yet reads a sample first. Counters ride on each batch's tail row.
+    data.format chat / instruction goes to the SFT stage (raylm.sft) instead."""
+    if cfg.is_sft:
+        from raylm.sft import prepare_sft
+
+        return prepare_sft(cfg, verbose)
     import ray.data
     from ray.data.expressions import col
 
@@ -467,6 +480,14 @@ def prepare_data(cfg: DataConfig, verbose: bool = True) -> PreparedData:
     if stats.blocks == 0:
         raise DataError(f"data.source={cfg.source}: {stats.tokens} tokens are fewer than one block of "
                         f"data.seq_len+1={block_len}; lower data.seq_len or add text")
+    train, val = split_blocks(blocks, cfg, stats)
+    stats.seconds = time.perf_counter() - t0
+    return PreparedData(train=train, val=val, tokenizer_dir=tokenizer_dir, stats=stats)
+
+
+def split_blocks(blocks: "ray.data.Dataset", cfg: DataConfig, stats: DataStats) -> tuple:
+    """Cut shuffled, materialized blocks into train / val (at least one val block when asked for)."""
+    stats.blocks = blocks.count()
     n_val = int(round(stats.blocks * cfg.val_fraction))
     if cfg.val_fraction > 0 and stats.blocks >= 2:
         n_val = max(1, n_val)
@@ -474,8 +495,7 @@ def prepare_data(cfg: DataConfig, verbose: bool = True) -> PreparedData:
     for ds in (train, val):  # a Dataset keeps the context it was made with: Train workers iterating
         ds.context.enable_progress_bars = False  # their shards would draw bars into the driver's log
     stats.train_blocks, stats.val_blocks = stats.blocks - n_val, n_val
-    stats.seconds = time.perf_counter() - t0
-    return PreparedData(train=train, val=val, tokenizer_dir=tokenizer_dir, stats=stats)
+    return train, val
 
 
 def stats_dict(stats: DataStats) -> dict:

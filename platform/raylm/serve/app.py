@@ -15,7 +15,6 @@ the app; returns the base URL) and `run_serve` (the `raylm serve` verb).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -134,8 +133,8 @@ def check_servable(checkpoint: str, s: ServeConfig) -> dict:
     LoRA adapter is a peft adapter directory with a rank the engine was sized for."""
     for name, path in s.lora_adapters.items():
         try:
-            rank = json.loads((Path(path).expanduser() / "adapter_config.json").read_text())["r"]
-        except (OSError, ValueError, KeyError) as exc:
+            rank = storage.read_json(storage.join(os.path.expanduser(path), "adapter_config.json"))["r"]
+        except (storage.StorageError, KeyError, TypeError) as exc:
             raise CheckpointError(f"serve.lora_adapters.{name}={path}: not a peft adapter directory "
                                   f"(adapter_config.json: {exc})") from None
         if rank > s.max_lora_rank:
@@ -161,9 +160,10 @@ class RaylmServer(LLMServer):
 
     async def __init__(self, llm_config: LLMConfig, *, serve_config: dict, key_hashes: list[str], vocab_size: int):
         s = ServeConfig.model_validate(serve_config)
-        source = llm_config.model_loading_config.model_source
-        if storage.is_remote(source):  # each replica brings the checkpoint to its own node's disk once
-            llm_config.model_loading_config.model_source = storage.cached_copy(source)
+        # Each replica brings a checkpoint (and adapters) in object storage to its own node's disk once.
+        llm_config.model_loading_config.model_source = storage.cached_copy(llm_config.model_loading_config.model_source)
+        for lora in llm_config.engine_kwargs.get("lora_modules", []):
+            lora.path = storage.cached_copy(lora.path)
         self.gate_settings = GateSettings(model_id=s.model_id, adapters=tuple(s.lora_adapters),
                                           key_hashes=tuple(key_hashes),
                                           require_api_key=s.require_api_key, max_tokens_limit=s.max_tokens_limit,

@@ -5,6 +5,8 @@ Layout of one checkpoint (Ray Train merges the ranks' directories into one in st
     step_00000040/
       deepspeed/state/...        engine.save_checkpoint (each rank writes its ZeRO shard)
       hf/                        config.json, model.safetensors, tokenizer, raylm_config.yaml
+                                 (with train.lora: the base with the adapter merged in)
+      adapter/                   train.lora only: the peft adapter, tokenizer, raylm_config.yaml
       raylm_checkpoint.json      step, tokens, and the size of every file of every rank
 
 The manifest is written last, by rank 0, after all ranks have listed their files. A checkpoint
@@ -25,7 +27,7 @@ import yaml
 from raylm.config import InputError, RaylmConfig
 
 MANIFEST = "raylm_checkpoint.json"
-DS_DIR, DS_TAG, HF_DIR = "deepspeed", "state", "hf"
+DS_DIR, DS_TAG, HF_DIR, ADAPTER_DIR = "deepspeed", "state", "hf", "adapter"
 
 
 class CheckpointError(InputError):
@@ -72,10 +74,15 @@ def save_checkpoint(engine: Any, tokenizer: Any, cfg: RaylmConfig, pos: Position
 
     rank = dist.get_rank()
     local = tempfile.mkdtemp(prefix=f"raylm-ckpt-{pos.step}-r{rank}-")
-    engine.save_checkpoint(os.path.join(local, DS_DIR), tag=DS_TAG,
+    # LoRA: the frozen base is not saved (it is rebuilt from model.name on resume)
+    engine.save_checkpoint(os.path.join(local, DS_DIR), tag=DS_TAG, exclude_frozen_parameters=bool(cfg.train.lora),
                            client_state={"step": pos.step, "tokens": pos.tokens}, save_latest=False)
     state_dict = consolidated_state_dict(engine, cfg.deepspeed.zero_stage)
-    if rank == 0:
+    if rank == 0 and cfg.train.lora:
+        from raylm.train.lora import export_lora
+
+        export_lora(state_dict, tokenizer, cfg, os.path.join(local, ADAPTER_DIR), os.path.join(local, HF_DIR))
+    elif rank == 0:
         export_hf(engine.module, state_dict, tokenizer, cfg, os.path.join(local, HF_DIR))
     files_per_rank: list = [None] * dist.get_world_size()
     dist.all_gather_object(files_per_rank, list_files(local))
@@ -138,9 +145,13 @@ def pick_resume_checkpoint(latest_path: Optional[str], log: Any = print,
     return None
 
 
-def load_checkpoint(engine: Any, path: str) -> Position:
-    """Restore model, optimizer and LR schedule of this rank from a verified checkpoint."""
+def load_checkpoint(engine: Any, path: str, adapter_only: bool = False) -> Position:
+    """Restore model, optimizer and LR schedule of this rank from a verified checkpoint.
+
+    `adapter_only`: the checkpoint holds only the trainable (LoRA) weights; the frozen base the
+    engine was built with stays as it is."""
     load_path, client = engine.load_checkpoint(os.path.join(path, DS_DIR), tag=DS_TAG,
+                                               load_module_strict=not adapter_only,
                                                load_optimizer_states=True, load_lr_scheduler_states=True)
     if load_path is None:
         raise CheckpointError(f"{path}: DeepSpeed could not load {DS_DIR}/{DS_TAG}")

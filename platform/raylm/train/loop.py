@@ -21,11 +21,24 @@ REPORT_MIN_INTERVAL_S = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 
 
-def micro_batches(shard: Any, batch_size: int, skip: int, device: Any) -> Iterator[Any]:
+SFT_COLUMNS = ("input_ids", "labels", "position_ids")
+
+
+def trim(batch: dict) -> dict:
+    """An SFT batch cut to its longest row (rows are left-aligned, `tokens` real each): padding
+    beyond it is never computed, so unpacked batches cost what their longest example costs."""
+    if "tokens" not in batch:
+        return batch
+    n = max(int(batch["tokens"].max()), 1)
+    return {**{k: batch[k][:, :n] for k in SFT_COLUMNS}, "tokens": batch["tokens"]}
+
+
+def micro_batches(shard: Any, batch_size: int, skip: int, device: Any) -> Iterator[dict]:
     """Endless micro-batches from this worker's shard, epoch after epoch, in a fixed order.
 
     `skip` micro-batches are passed over first: that is how a resumed run continues at the
-    data position it had reached instead of seeing the first batches again.
+    data position it had reached instead of seeing the first batches again. A batch is a dict:
+    `input_ids` blocks of seq_len + 1 (raw text), or input_ids / labels / position_ids / tokens (SFT).
     """
     import torch
 
@@ -38,19 +51,41 @@ def micro_batches(shard: Any, batch_size: int, skip: int, device: Any) -> Iterat
             if skip > 0:
                 skip -= 1
                 continue
-            yield batch["input_ids"]
+            yield trim(batch)
         if seen == 0:
             raise RuntimeError(f"train shard holds fewer than micro_batch_size={batch_size} blocks")
         skip %= seen  # later epochs: skip only within one epoch
         epoch += 1
 
 
-def lm_loss(engine: Any, block: Any) -> Any:
-    """Next-token cross-entropy over all seq_len positions of a (B, seq_len + 1) block."""
+def token_losses(engine: Any, batch: dict) -> tuple[Any, Any]:
+    """(summed cross-entropy, number of trained tokens) of a micro-batch.
+
+    Raw text: a (B, seq_len + 1) block predicts every next token. SFT: each position predicts its
+    label; -100 (prompt, padding) is left out, and packed examples do not see each other."""
     import torch.nn.functional as F
 
-    logits = engine(input_ids=block[:, :-1]).logits
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), block[:, 1:].reshape(-1))
+    from raylm.sft import IGNORE, packed_logits
+
+    if "labels" in batch:
+        logits, labels = packed_logits(engine, batch["input_ids"], batch["position_ids"]), batch["labels"]
+    else:
+        block = batch["input_ids"]
+        logits, labels = engine(input_ids=block[:, :-1]).logits, block[:, 1:]
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
+                           ignore_index=IGNORE, reduction="sum")
+    return loss, (labels != IGNORE).sum()
+
+
+def lm_loss(engine: Any, batch: Any) -> Any:
+    """Mean next-token loss over the trained tokens of a micro-batch (a dict, or a raw-text block tensor)."""
+    total, count = token_losses(engine, batch if isinstance(batch, dict) else {"input_ids": batch})
+    return total / count.clamp(min=1)
+
+
+def real_tokens(batch: dict) -> int:
+    """Tokens actually computed (not padding): what tokens/s counts."""
+    return int(batch["tokens"].sum()) if "tokens" in batch else batch["input_ids"][:, :-1].numel()
 
 
 def all_mean(values: list[float], device: Any) -> list[float]:
@@ -63,7 +98,7 @@ def all_mean(values: list[float], device: Any) -> list[float]:
 
 
 def evaluate(engine: Any, shard: Any, cfg: RaylmConfig, device: Any) -> dict[str, float]:
-    """Validation loss and perplexity, averaged over all ranks (each reads its val shard)."""
+    """Validation loss and perplexity per trained token, over all ranks (each reads its val shard)."""
     import torch
 
     engine.eval()
@@ -73,8 +108,8 @@ def evaluate(engine: Any, shard: Any, cfg: RaylmConfig, device: Any) -> dict[str
                                                            device=device)):
             if i >= cfg.train.eval_batches:
                 break
-            total += float(lm_loss(engine, batch["input_ids"])) * len(batch["input_ids"])
-            n += len(batch["input_ids"])
+            loss_sum, count = token_losses(engine, trim(batch))  # SFT: the same (assistant) tokens as training
+            total, n = total + float(loss_sum), n + int(count)
     engine.train()
     loss_sum, count = all_mean([total, float(n)], device)
     val_loss = loss_sum / max(count, 1e-9)
@@ -100,18 +135,30 @@ def peak_flops(device: Any) -> Optional[float]:
 
 
 class MetricsLog:
-    """Rank 0 appends one JSON line per report to <storage>/<run_name>/metrics.jsonl (local storage)."""
+    """Rank 0 appends one JSON line per report to <storage>/<run_name>/metrics.jsonl (local storage)
+    and hands the same record to the trackers (TensorBoard, MLflow)."""
 
     def __init__(self, cfg: RaylmConfig, rank: int):
+        from raylm.train.tracking import Trackers
+
         root = expand(cfg.train.storage_path)
-        self.path = os.path.join(root, cfg.train.run_name, "metrics.jsonl") if rank == 0 and "://" not in root else None
+        local = rank == 0 and "://" not in root
+        run_dir = os.path.join(root, cfg.train.run_name)
+        self.path = os.path.join(run_dir, "metrics.jsonl") if local else None
         if self.path:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self.trackers = Trackers(cfg, root, run_dir) if local else None
 
     def write(self, record: dict) -> None:
         if self.path:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+        if self.trackers:
+            self.trackers.log(record)
+
+    def close(self) -> None:
+        if self.trackers:
+            self.trackers.close()
 
 
 def _setup(loop_config: dict) -> tuple[RaylmConfig, Any, Any]:
@@ -132,19 +179,28 @@ def _setup(loop_config: dict) -> tuple[RaylmConfig, Any, Any]:
     return cfg, load_tokenizer(tok_dir), device
 
 
-def _engine(cfg: RaylmConfig, tokenizer: Any) -> Any:
+def _engine(cfg: RaylmConfig, tokenizer: Any) -> tuple[Any, dict]:
+    """The DeepSpeed engine (LoRA-wrapped when train.lora is set) and its trainable/total params."""
     import deepspeed
     import torch
+    import torch.distributed as dist
 
     from raylm.model import build_model
     from raylm.train.deepspeed import deepspeed_config
+    from raylm.train.lora import apply_lora, param_counts
 
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
     model = build_model(cfg.model, len(tokenizer), cfg.data.seq_len, tokenizer)
+    if cfg.train.lora:
+        model = apply_lora(model, cfg.train.lora)
+    trainable, total = param_counts(model)
     deepspeed.init_distributed(dist_backend="nccl" if cfg.train.use_gpu else "gloo")  # reuses Ray's group
+    if dist.get_rank() == 0:
+        print(f"raylm: {cfg.model.name}{' + LoRA r=%d' % cfg.train.lora.r if cfg.train.lora else ''}: "
+              f"{trainable:,} trainable of {total:,} parameters ({100.0 * trainable / total:.2f}%)", flush=True)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                            config=deepspeed_config(cfg))
-    return engine
+    return engine, {"trainable_params": trainable, "total_params": total}
 
 
 def _resume(cfg: RaylmConfig, engine: Any, log: MetricsLog) -> tuple[Any, Optional[str]]:
@@ -170,7 +226,7 @@ def _resume(cfg: RaylmConfig, engine: Any, log: MetricsLog) -> tuple[Any, Option
         if picked is None:
             return Position(), None
     path, _ = picked
-    pos = load_checkpoint(engine, path)
+    pos = load_checkpoint(engine, path, adapter_only=bool(cfg.train.lora))
     log.write({"event": "resume", "from": path, "step": pos.step, "time": time.time()})
     return pos, path
 
@@ -184,21 +240,24 @@ def train_fn_per_worker(loop_config: dict) -> None:
 
     cfg, tokenizer, device = _setup(loop_config)
     t = cfg.train
-    engine = _engine(cfg, tokenizer)
+    engine, params = _engine(cfg, tokenizer)
     rank = dist.get_rank()
     log = MetricsLog(cfg, rank)
+    log.write({"event": "start", **params, "lora": bool(t.lora), "time": time.time()})
     pos, resumed_from = _resume(cfg, engine, log)
     resumed_step = pos.step
     batches = micro_batches(ray.train.get_dataset_shard("train"), t.micro_batch_size, pos.step * t.grad_accum_steps, device)
     val_shard = ray.train.get_dataset_shard("val")
     tokens_per_step = t.effective_global_batch * cfg.data.seq_len
     fpt, peak = flops_per_token(engine.module, cfg.data.seq_len), peak_flops(device)
-    window_loss, window_steps, window_t0 = 0.0, 0, time.perf_counter()
+    window_loss, window_steps, window_tokens, window_t0 = 0.0, 0, 0, time.perf_counter()
     last_eval: dict[str, float] = {}
     last_report_t = time.monotonic()
     while pos.step < t.max_steps:
         for _ in range(t.grad_accum_steps):
-            loss = lm_loss(engine, next(batches))
+            batch = next(batches)
+            loss = lm_loss(engine, batch)
+            window_tokens += real_tokens(batch)
             engine.backward(loss)
             engine.step()
             window_loss += float(loss) / t.grad_accum_steps
@@ -215,8 +274,9 @@ def train_fn_per_worker(loop_config: dict) -> None:
         if do_log:
             elapsed = time.perf_counter() - window_t0
             # one all-reduce: the mean loss, and rank-agreed time since the last Ray report
-            loss_mean, since_report_s = all_mean([window_loss / window_steps, time.monotonic() - last_report_t], device)
-            tps = window_steps * tokens_per_step / max(elapsed, 1e-9)
+            loss_mean, since_report_s, tokens_mean = all_mean(
+                [window_loss / window_steps, time.monotonic() - last_report_t, window_tokens], device)
+            tps = tokens_mean * dist.get_world_size() / max(elapsed, 1e-9)  # real tokens (SFT: no padding)
             grad_norm = engine.get_global_grad_norm()
             metrics.update(loss=loss_mean, lr=engine.get_lr()[0], tokens_per_s=tps,
                            grad_norm=float(grad_norm) if grad_norm is not None else float("nan"))
@@ -242,4 +302,5 @@ def train_fn_per_worker(loop_config: dict) -> None:
             last_report_t = time.monotonic()
         spent["report_s"] = time.perf_counter() - clock
         log.write({**metrics, **spent, "time": time.time(), "checkpoint": bool(checkpoint_dir)})  # after the report: persisted
-        window_loss, window_steps, window_t0 = 0.0, 0, time.perf_counter()
+        window_loss, window_steps, window_tokens, window_t0 = 0.0, 0, 0, time.perf_counter()
+    log.close()
