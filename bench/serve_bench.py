@@ -7,7 +7,7 @@ Engine settings are raylm's defaults (bf16, prefix caching, max_num_seqs 64, 1 G
 max_model_len 512) for both raylm and bare vLLM (`AsyncLLM` built from the same engine
 arguments, `raylm.serve.options.engine_kwargs`). The three run one after the other (bare vLLM,
 transformers, vLLM's own OpenAI server, raylm), each alone on the machine. raylm is measured through Serve's HTTP proxy
-and by direct ingress (each replica's own port), from an httpx client on the same machine.
+and by direct ingress (each replica's own port), from an aiohttp client on the same machine.
 
 - TTFT: time from sending a streamed request to its first generated token, concurrency 1.
   Everything else is sent unstreamed (the whole completion in one response).
