@@ -243,6 +243,21 @@ def write_tokenizer_files(files: dict[str, bytes], out_dir: str) -> None:
 # ------------------------------------------------------------------ Ray Data stages
 
 
+def load_hf_split(src: Source, cfg: DataConfig) -> Any:
+    """The `data.hf_split` split of a Hugging Face dataset (by name, or saved with save_to_disk)."""
+    import datasets
+
+    try:
+        hf = datasets.load_from_disk(src.paths[0]) if src.paths else datasets.load_dataset(src.name, split=cfg.hf_split)
+    except Exception as exc:  # noqa: BLE001 - any load failure is a data error naming the source
+        raise DataError(f"data.source={cfg.source}: cannot load Hugging Face dataset: {exc}") from None
+    if isinstance(hf, datasets.DatasetDict):
+        if cfg.hf_split not in hf:
+            raise DataError(f"data.hf_split={cfg.hf_split}: not in {list(hf)}")
+        hf = hf[cfg.hf_split]
+    return hf
+
+
 def _read_documents(src: Source, cfg: DataConfig) -> "ray.data.Dataset":
     import ray.data
 
@@ -252,16 +267,7 @@ def _read_documents(src: Source, cfg: DataConfig) -> "ray.data.Dataset":
         rows.append({"text": "", "replaced": 0, "skipped": 0, "files": 1, "truncated": 0})
         return ray.data.from_items(rows, override_num_blocks=8)
     if src.kind == "hf":
-        import datasets
-
-        try:
-            hf = datasets.load_from_disk(src.paths[0]) if src.paths else datasets.load_dataset(src.name, split=cfg.hf_split)
-        except Exception as exc:  # noqa: BLE001 - any load failure is a data error naming the source
-            raise DataError(f"data.source={cfg.source}: cannot load Hugging Face dataset: {exc}") from None
-        if isinstance(hf, datasets.DatasetDict):
-            if cfg.hf_split not in hf:
-                raise DataError(f"data.hf_split={cfg.hf_split}: not in {list(hf)}")
-            hf = hf[cfg.hf_split]
+        hf = load_hf_split(src, cfg)
         if cfg.text_field not in hf.column_names:
             raise DataError(f"data.text_field={cfg.text_field}: not a column of {cfg.source} ({hf.column_names})")
         hf = hf.select_columns([cfg.text_field])

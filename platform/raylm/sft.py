@@ -249,20 +249,10 @@ def rows_to_records(df) -> Any:
 def read_records(src: Any, cfg: DataConfig) -> "ray.data.Dataset":
     import ray.data
 
-    from raylm.data import DataError
+    from raylm.data import DataError, load_hf_split
 
     if src.kind == "hf":
-        import datasets
-
-        try:
-            hf = datasets.load_from_disk(src.paths[0]) if src.paths else datasets.load_dataset(src.name, split=cfg.hf_split)
-        except Exception as exc:  # noqa: BLE001 - any load failure is a data error naming the source
-            raise DataError(f"data.source={cfg.source}: cannot load Hugging Face dataset: {exc}") from None
-        if isinstance(hf, datasets.DatasetDict):
-            if cfg.hf_split not in hf:
-                raise DataError(f"data.hf_split={cfg.hf_split}: not in {list(hf)}")
-            hf = hf[cfg.hf_split]
-        return ray.data.from_huggingface(hf).map_batches(rows_to_records, batch_format="pandas")
+        return ray.data.from_huggingface(load_hf_split(src, cfg)).map_batches(rows_to_records, batch_format="pandas")
     if src.kind == "parquet":
         return ray.data.read_parquet(list(src.paths)).map_batches(rows_to_records, batch_format="pandas")
     if src.kind != "jsonl":
