@@ -98,11 +98,10 @@ def normalize_error(status: int, raw: bytes, route: Optional[str]) -> bytes:
     return json.dumps(error_body(message, param, code if isinstance(code, str) else None, kind)).encode()
 
 
-async def send_json(send: Callable, status: int, body: dict, headers: tuple = ()) -> None:
+async def send_json(send: Callable, status: int, body: dict) -> None:
     payload = json.dumps(body).encode()
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-                            *headers]})
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
     await send({"type": "http.response.body", "body": payload})
 
 
