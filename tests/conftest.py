@@ -49,10 +49,16 @@ def cache_dir(tmp_path_factory) -> str:
 # ------------------------------------------------------------------ object storage
 
 
+S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION")
+
+
 @pytest.fixture(scope="session")
 def s3_server():
-    """A real S3 API on loopback: moto in server mode, with the standard AWS_* environment pointing
-    at it (for this process and the processes it starts). Yields (endpoint URL, boto3 client)."""
+    """A real S3 API on loopback: moto in server mode with request signatures checked (an IAM user
+    and its access key are made first; a wrong secret is refused like AWS refuses it), and the
+    standard AWS_* environment pointing at it (for this process and the processes it starts).
+    Yields (endpoint URL, boto3 client)."""
+    import json
     import socket
     import subprocess
     import sys
@@ -64,13 +70,13 @@ def s3_server():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    # moto answers the first 4 requests unauthenticated: the readiness GET, create_user, put_user_policy,
+    # create_access_key; every later one must be signed with that key
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "4"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
-    env = {"AWS_ACCESS_KEY_ID": "raylm-test", "AWS_SECRET_ACCESS_KEY": "raylm-test-secret",
-           "AWS_ENDPOINT_URL": endpoint, "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+    saved = {k: os.environ.get(k) for k in S3_ENV}
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -81,6 +87,14 @@ def s3_server():
                 if time.monotonic() > deadline or proc.poll() is not None:
                     raise RuntimeError("moto server did not start")
                 time.sleep(0.2)
+        iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1",
+                           aws_access_key_id="bootstrap", aws_secret_access_key="bootstrap")
+        iam.create_user(UserName="raylm")
+        iam.put_user_policy(UserName="raylm", PolicyName="all", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+        key = iam.create_access_key(UserName="raylm")["AccessKey"]
+        os.environ.update({"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
+                           "AWS_ENDPOINT_URL": endpoint, "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"})
         yield endpoint, boto3.client("s3", endpoint_url=endpoint)
     finally:
         proc.kill()

@@ -10,19 +10,11 @@ import os
 import sys
 from typing import Callable, Optional
 
+from raylm import storage
 from raylm.config import InputError, RaylmConfig, dump_config, load_config
+from raylm.console import print_header
 
 EXIT_BAD_INPUT = 2
-
-
-def _print_header(verb: str, cfg: RaylmConfig) -> None:
-    """nanoGPT-style: print the derived quantities a user wants to see before anything runs."""
-    t, d = cfg.train, cfg.data
-    print(f"raylm {verb}: data={d.source} seq_len={d.seq_len} model={cfg.model.name} "
-          f"workers={t.num_workers} ({'GPU' if t.use_gpu else 'CPU'}) zero={cfg.deepspeed.zero_stage} "
-          f"precision={cfg.precision} global_batch={t.effective_global_batch} "
-          f"(micro {t.micro_batch_size} x accum {t.grad_accum_steps} x workers {t.num_workers}) "
-          f"tokens/step={t.effective_global_batch * d.seq_len}", flush=True)
 
 
 def _quiet_ray_data(verbose: bool) -> None:
@@ -45,7 +37,7 @@ def cmd_data(cfg: RaylmConfig, args: argparse.Namespace) -> int:
     from raylm.data import prepare_data, resolve_source
 
     src = resolve_source(cfg.data)  # a missing path fails here, before Ray starts
-    _print_header("data", cfg)
+    print_header("data", cfg)
     print(f"source: {src.kind} {src.name or ''}{len(src.paths)} path(s)", flush=True)
     init_ray(cfg, address=args.address)
     _quiet_ray_data(args.verbose)
@@ -66,7 +58,8 @@ def cmd_train(cfg: RaylmConfig, args: argparse.Namespace) -> int:
     from raylm.train.driver import run_training
 
     resolve_source(cfg.data)
-    _print_header("train", cfg)
+    storage.check_writable(storage.root(cfg.train.storage_path))  # bucket, credentials, endpoint: before Ray
+    print_header("train", cfg)
     init_ray(cfg, address=args.address)
     _quiet_ray_data(args.verbose)
     outcome = run_training(cfg)
@@ -82,7 +75,8 @@ def cmd_tune(cfg: RaylmConfig, args: argparse.Namespace) -> int:
 
     validate_sweep(cfg)
     resolve_source(cfg.data)
-    _print_header("tune", cfg)
+    storage.check_writable(storage.root(cfg.train.storage_path))
+    print_header("tune", cfg)
     init_ray(cfg, address=args.address)
     _quiet_ray_data(args.verbose)
     outcome = run_sweep(cfg)

@@ -16,18 +16,10 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from raylm.errors import ConfigError, InputError  # noqa: F401 - re-exported: raylm.config.InputError
+
 RAY_VERSION = "2.60.0"
 PYTHON_TAG = "py311"
-
-
-class InputError(ValueError):
-    """Bad user input (config, corpus, checkpoint, sweep file): the CLI prints it and exits 2.
-
-    Subclasses name the field, file or parameter that caused the error in their message."""
-
-
-class ConfigError(InputError):
-    """A config that cannot run. The message names the offending field (dotted path)."""
 
 
 class _Strict(BaseModel):
@@ -148,7 +140,22 @@ class TrainConfig(_Strict):
     eval_batches: int = Field(8, ge=1, description="Validation micro-batches per evaluation (per worker).")
     checkpoint_every_steps: int = Field(50, ge=1, description="Save a resumable checkpoint every N steps.")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept (the newest K).")
+    checkpoint_upload: Literal["async", "sync"] = Field(
+        "async", description="How Ray Train persists a checkpoint to train.storage_path: 'async' uploads it "
+        "in a background thread while training goes on (object storage: the upload no longer stalls the step), "
+        "'sync' waits for it inside the step. Either way a checkpoint counts only once its manifest and every "
+        "file it lists are in storage.")
     max_failures: int = Field(2, ge=0, description="Worker-group restarts from the last checkpoint before giving up.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="How the workers' placement group lays them on nodes (Ray Train's "
+        "ScalingConfig.placement_strategy). PACK fills as few nodes as it can (fast gloo/NCCL between ranks); "
+        "SPREAD puts workers on different nodes, so losing one node loses part of the group, not all of it, "
+        "and the restarted group fits on the nodes left. STRICT_* fail instead of falling back."
+    )
+    worker_node_labels: dict[str, str] = Field(
+        default_factory=dict, description="Ray node labels a worker's node must carry (Ray Train's "
+        "ScalingConfig.label_selector), e.g. {raylm.io/pool: train}; empty: any node."
+    )
     seed: int = Field(0)
     storage_path: str = Field("~/raylm_results", description="Root for runs, sweeps and checkpoints (local or s3://, gs://).")
     run_name: str = Field("raylm-train", description="Runs with the same name resume each other.")
@@ -505,7 +512,8 @@ def validate_tree(tree: dict, source: str = "<dict>") -> RaylmConfig:
     try:
         return RaylmConfig.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, source)) from None
+        fields = [".".join(str(p) for p in e["loc"]) for e in err.errors()]
+        raise ConfigError(_format_errors(err, source), fields=fields) from None
 
 
 def load_config(path: Optional[str | os.PathLike] = None, overrides: list[str] | tuple[str, ...] = ()) -> RaylmConfig:

@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 import yaml
 
+from raylm import storage
 from raylm.config import RAY_VERSION, ConfigError, RaylmConfig, load_config
 from raylm.serve.options import SERVE_MODEL_DEPLOYMENT, deployment_options
 
@@ -57,13 +58,13 @@ def repo_relative(path: str | Path, root: Path) -> str:
 
 def check_shared_storage(cfg: RaylmConfig, source: str) -> None:
     """Ray Train and Tune need one storage every node sees: a URI or the mounted claim."""
-    storage, cl = cfg.train.storage_path, cfg.cluster
-    if "://" in storage:
+    path, cl = cfg.train.storage_path, cfg.cluster
+    if storage.is_remote(path):
         return
     mount = PurePosixPath(cl.storage_mount_path)
-    if cl.storage_claim and PurePosixPath(storage).is_absolute() and PurePosixPath(storage).is_relative_to(mount):
+    if cl.storage_claim and PurePosixPath(path).is_absolute() and PurePosixPath(path).is_relative_to(mount):
         return
-    raise ConfigError(f"{source}: train.storage_path={storage!r} would sit on one pod's local disk; use an "
+    raise ConfigError(f"{source}: train.storage_path={path!r} would sit on one pod's local disk; use an "
                       f"s3:// or gs:// URI, or a path under cluster.storage_mount_path={cl.storage_mount_path!r} "
                       f"with cluster.storage_claim set")
 
@@ -242,7 +243,7 @@ def ray_cluster_spec(cfg: RaylmConfig, serve: bool = False) -> dict:
 
 def best_json_path(sweep: RaylmConfig) -> str:
     """Where `raylm tune` writes the sweep's best.json: <train.storage_path>/<tune.sweep_name>/."""
-    return f"{sweep.train.storage_path.rstrip('/')}/{sweep.tune.sweep_name}/best.json"
+    return storage.best_json(storage.join(sweep.train.storage_path, sweep.tune.sweep_name))
 
 
 def serve_config(cfg: RaylmConfig, config_rel: str, sweep: RaylmConfig) -> dict:

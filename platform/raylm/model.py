@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Optional
 
-from raylm.config import InputError, ModelConfig
+import yaml
+
+from raylm.config import ModelConfig, RaylmConfig
+from raylm.errors import ModelError
 
 # Llama-style and GPT-2-style families. Sizes are approximate parameter counts at vocab 32k / 50k.
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -20,10 +23,6 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "small-gpt2": ("gpt2", dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024)),  # ~124M
     "base-gpt2": ("gpt2", dict(n_embd=1280, n_layer=36, n_head=20, n_positions=1024)),  # ~774M
 }
-
-
-class ModelError(InputError):
-    """A model that cannot be built or loaded; names model.name."""
 
 
 def preset_config(name: str, vocab_size: int, seq_len: int, tokenizer: Any = None, overrides: dict | None = None):
@@ -78,3 +77,11 @@ def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int, tokenizer: Any 
 
 def count_params(model: Any) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def export_hf(model: Any, state_dict: Optional[dict], tokenizer: Any, cfg: RaylmConfig, out_dir: str) -> None:
+    """Write a directory `AutoModelForCausalLM.from_pretrained` loads, with its tokenizer and config."""
+    model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    with open(os.path.join(out_dir, "raylm_config.yaml"), "w") as f:
+        yaml.safe_dump(cfg.model_dump(mode="json"), f, sort_keys=False)

@@ -13,7 +13,9 @@ import urllib.request
 from pathlib import Path
 from typing import Optional
 
+from raylm import storage
 from raylm.config import RaylmConfig
+from raylm.console import print_header
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_SWEEP = ROOT / "tune_configs" / "tiny_sweep.yaml"
@@ -45,15 +47,16 @@ def demo_completion(url: str, cfg: RaylmConfig, timeout_s: float = 60.0) -> dict
 
 def run_pipeline(cfg: RaylmConfig, address: Optional[str] = None, keep_serving: bool = False) -> int:
     """Run the four stages in order and print where the endpoint is and how to call it."""
-    from raylm.cli import _print_header
     from raylm.cluster import init_ray
     from raylm.data import prepare_data, resolve_source
     from raylm.serve.app import _deploy, banner, serve_until_interrupted
+    from raylm.train.checkpoint import hf_dir
     from raylm.tune import run_sweep, validate_sweep
 
     validate_sweep(cfg)  # bad config or sweep: exit 2 before Ray starts
     resolve_source(cfg.data)
-    _print_header("pipeline", cfg)
+    storage.check_writable(storage.root(cfg.train.storage_path))  # ... and so does storage it cannot write
+    print_header("pipeline", cfg)
     t_start = time.perf_counter()
     init_ray(cfg, address=address)
 
@@ -69,7 +72,7 @@ def run_pipeline(cfg: RaylmConfig, address: Optional[str] = None, keep_serving: 
         return 1
 
     t0 = stage(3, "serve: the best checkpoint behind the OpenAI-compatible API")
-    checkpoint = str(Path(outcome.best.checkpoint) / "hf")
+    checkpoint = hf_dir(outcome.best.checkpoint)
     url, keys = _deploy(cfg, checkpoint)
     print(f"deployed {checkpoint} [{time.perf_counter() - t0:.0f}s]", flush=True)
 

@@ -8,7 +8,8 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from raylm.config import RaylmConfig, expand
+from raylm import storage
+from raylm.config import RaylmConfig
 from raylm.train.checkpoint import pick_resume_checkpoint
 
 
@@ -31,38 +32,39 @@ class SweepInfo:
 
 
 def read_run(path: str) -> RunInfo:
-    """The newest step, val_loss and resume count from metrics.jsonl, and the newest complete checkpoint."""
+    """The newest step, val_loss and resume count from metrics.jsonl (when there is one), and the
+    newest complete checkpoint (whose manifest gives the step when there is no log)."""
     step, val_loss, resumes = 0, None, 0
-    with open(os.path.join(path, "metrics.jsonl")) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut off by a crash
-            if rec.get("event") == "resume":
-                resumes += 1
-            elif "step" in rec:
-                step, val_loss = rec["step"], rec.get("val_loss", val_loss)
-    picked = pick_resume_checkpoint(None, log=lambda _: None, run_dir=path)
-    return RunInfo(os.path.basename(path), path, step, val_loss, resumes, picked[0] if picked else None)
+    names = storage.list_dir(path)
+    lines = storage.read_bytes(storage.join(path, storage.METRICS_FILE)).decode().splitlines() \
+        if storage.METRICS_FILE in names else []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut off by a crash
+        if rec.get("event") == "resume":
+            resumes += 1
+        elif "step" in rec:
+            step, val_loss = rec["step"], rec.get("val_loss", val_loss)
+    picked = pick_resume_checkpoint(path, log=lambda _: None)
+    if picked:
+        step = max(step, int(picked[1]["step"]))
+    return RunInfo(path.rstrip("/").rsplit("/", 1)[-1], path, step, val_loss, resumes, picked[0] if picked else None)
 
 
 def find(root: str) -> tuple[list[RunInfo], list[SweepInfo]]:
-    """Runs are folders with metrics.jsonl; sweeps are folders with a Tune experiment or best.json."""
+    """Runs are folders with metrics.jsonl or checkpoints; sweeps are folders with a Tune
+    experiment or best.json. Local folders and object storage alike."""
     runs, sweeps = [], []
-    if not os.path.isdir(root):
-        return runs, sweeps
-    for name in sorted(os.listdir(root)):
-        path = os.path.join(root, name)
-        if os.path.isfile(os.path.join(path, "metrics.jsonl")):
+    for name in storage.list_dir(root):
+        path = storage.join(root, name)
+        inside = storage.list_dir(path)
+        if storage.METRICS_FILE in inside or any(n.startswith(storage.STEP_PREFIX) for n in inside):
             runs.append(read_run(path))
-        elif os.path.isdir(os.path.join(path, "tune")) or os.path.isfile(os.path.join(path, "best.json")):
-            trials_dir = os.path.join(path, "trials")
-            n = len(os.listdir(trials_dir)) if os.path.isdir(trials_dir) else 0
-            best = None
-            if os.path.isfile(os.path.join(path, "best.json")):
-                with open(os.path.join(path, "best.json")) as f:
-                    best = json.load(f)
+        elif "tune" in inside or storage.BEST_JSON in inside:
+            n = len(storage.list_dir(storage.trials_dir(path)))
+            best = storage.read_json(storage.best_json(path)) if storage.BEST_JSON in inside else None
             sweeps.append(SweepInfo(name, path, n, best))
     return runs, sweeps
 
@@ -96,11 +98,9 @@ def serving(cfg: RaylmConfig, address: Optional[str]) -> list[str]:
 
 
 def show_status(cfg: RaylmConfig, address: Optional[str] = None) -> int:
-    root = expand(cfg.train.storage_path)
+    root = storage.root(cfg.train.storage_path)
     print(f"storage: {root}")
-    if "://" in root:
-        print("  (remote storage: list it with your cloud tools; status reads local storage)")
-    runs, sweeps = find(root) if "://" not in root else ([], [])
+    runs, sweeps = find(root)
     print(f"runs ({len(runs)}):")
     for r in runs:
         loss = f"{r.val_loss:.4f}" if r.val_loss is not None else "-"

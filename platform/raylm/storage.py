@@ -6,6 +6,9 @@ Credentials and endpoints come from the standard environment (`AWS_ACCESS_KEY_ID
 `AWS_SECRET_ACCESS_KEY`, `AWS_ENDPOINT_URL` for S3-compatible stores, `GOOGLE_APPLICATION_CREDENTIALS`
 for GCS). A missing bucket, object or credential is a `StorageError` naming the URI.
 
+This module owns the layout of runs, sweeps and checkpoints (below) and every read and write of
+it: train, tune, status, serve and the k8s renderer build their paths here.
+
 `cached_copy` brings a remote directory (a checkpoint) to a node-local cache once: it downloads
 into a temporary folder and renames it into place, so a half-downloaded copy is never used.
 """
@@ -16,15 +19,12 @@ import hashlib
 import json
 import os
 import shutil
+import uuid
 from typing import Any
 
-from raylm.config import InputError
+from raylm.errors import StorageError
 
 DEFAULT_CACHE = "~/.cache/raylm/remote"
-
-
-class StorageError(InputError):
-    """A storage URI that cannot be read (missing, unreachable, no credentials); names the URI."""
 
 
 def is_remote(uri: str) -> bool:
@@ -114,3 +114,155 @@ def cached_copy(uri: str, cache_dir: str = DEFAULT_CACHE) -> str:
             return dest
         raise StorageError(f"{uri}: cannot download it: {exc}") from None
     return dest
+
+
+# ------------------------------------------------------------------ the layout
+#
+#   <train.storage_path>/
+#     <train.run_name>/                 one training run (Ray Train's experiment folder)
+#       step_00000040/                  a checkpoint (see train/checkpoint.py), manifest last
+#       metrics.jsonl, tensorboard/     rank 0's log (object storage: uploaded at each checkpoint)
+#     <tune.sweep_name>/                one sweep
+#       tune/                           Ray Tune's experiment (restorable)
+#       trials/<trial_id>/              each trial's run, laid out as above
+#       best.json, trials.md, <metric>.png
+
+STEP_PREFIX = "step_"
+METRICS_FILE = "metrics.jsonl"
+BEST_JSON = "best.json"
+
+
+def root(storage_path: str) -> str:
+    """`train.storage_path` as a URI or an absolute local path (~ expanded)."""
+    return storage_path if is_remote(storage_path) else os.path.abspath(os.path.expanduser(storage_path.removeprefix("file://")))
+
+
+def run_dir(storage_path: str, run_name: str) -> str:
+    return join(root(storage_path), run_name)
+
+
+def sweep_dir(storage_path: str, sweep_name: str) -> str:
+    return join(root(storage_path), sweep_name)
+
+
+def trials_dir(sweep: str) -> str:
+    return join(sweep, "trials")
+
+
+def tune_dir(sweep: str) -> str:
+    return join(sweep, "tune")
+
+
+def best_json(sweep: str) -> str:
+    return join(sweep, BEST_JSON)
+
+
+def step_name(step: int) -> str:
+    return f"{STEP_PREFIX}{step:08d}"
+
+
+def step_dirs(run: str) -> list[str]:
+    """The run's `step_*` folders, newest step first (none when the run does not exist yet)."""
+    return [join(run, name) for name in sorted((n for n in list_dir(run) if n.startswith(STEP_PREFIX)), reverse=True)]
+
+
+def from_ray(path: str, fs: Any) -> str:
+    """A URI for a path Ray hands out with its pyarrow filesystem (`Checkpoint.path`,
+    `Result.path` lose the scheme: "bucket/runs/x" on S3)."""
+    name = getattr(fs, "type_name", "local")
+    if name in ("local", "mock") or path.startswith("/"):
+        return path
+    return f"{'gs' if name == 'gcs' else name}://{path}"
+
+
+# ------------------------------------------------------------------ reading and writing
+
+
+def list_dir(uri: str) -> list[str]:
+    """Names directly under `uri` (files and folders); [] when it does not exist."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(uri)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except OSError as exc:
+        raise StorageError(f"{uri}: cannot list it: {exc}") from None
+    return sorted(i.base_name for i in infos)
+
+
+def list_files(uri: str) -> dict[str, int]:
+    """Every file under `uri`, by path relative to it, with its size in bytes."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(uri)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    except OSError as exc:
+        raise StorageError(f"{uri}: cannot list it: {exc}") from None
+    base = path.rstrip("/") + "/"
+    return {i.path[len(base):]: i.size for i in infos if i.type == pafs.FileType.File}
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole file so no reader sees part of it: a local file is written beside and
+    renamed; an object store PUT is atomic already."""
+    fs, path = filesystem(uri)
+    try:
+        if not is_remote(uri):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp{os.getpid()}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+            return
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+    except OSError as exc:
+        raise StorageError(f"{uri}: cannot write it: {exc}") from None
+
+
+def write_json(uri: str, obj: Any) -> None:
+    write_bytes(uri, json.dumps(obj, indent=2).encode())
+
+
+def upload(local_path: str, uri: str) -> None:
+    """Copy a local file or folder to `uri` (object storage), or into place (local)."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(uri)
+    try:
+        if os.path.isdir(local_path):
+            fs.create_dir(path, recursive=True)
+            pafs.copy_files(local_path, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        else:
+            with open(local_path, "rb") as f:
+                write_bytes(uri, f.read())
+    except OSError as exc:
+        raise StorageError(f"{uri}: cannot upload {local_path} there: {exc}") from None
+
+
+def download(uri: str, local_dir: str) -> str:
+    """Copy the remote folder `uri` into `local_dir` (created) and return it."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(uri)
+    os.makedirs(local_dir, exist_ok=True)
+    try:
+        pafs.copy_files(path, local_dir, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    except OSError as exc:
+        raise StorageError(f"{uri}: cannot download it: {exc}") from None
+    return local_dir
+
+
+def check_writable(uri: str) -> None:
+    """Fail before any cluster resource is asked for when `uri` cannot be written: a missing
+    bucket, missing or wrong credentials, an unreachable endpoint. Writes and deletes a probe."""
+    fs, path = filesystem(uri)
+    probe = f"{path.rstrip('/')}/.raylm-probe-{uuid.uuid4().hex[:12]}"
+    try:
+        fs.create_dir(path, recursive=True)
+        with fs.open_output_stream(probe) as f:
+            f.write(b"raylm")
+        fs.delete_file(probe)
+    except OSError as exc:
+        raise StorageError(f"train.storage_path={uri}: cannot write there ({exc})") from None

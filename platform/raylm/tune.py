@@ -15,13 +15,14 @@ Layout under `<train.storage_path>/<tune.sweep_name>/`:
 from __future__ import annotations
 
 import copy
-import json
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from raylm.config import ConfigError, RaylmConfig, expand, validate_tree
+from raylm import storage
+from raylm.config import ConfigError, RaylmConfig, validate_tree
 
 SPEC_KINDS = ("loguniform", "uniform", "choice", "grid")
 METRICS = ("val_loss", "perplexity", "loss")
@@ -199,12 +200,12 @@ def build_tuner(cfg: RaylmConfig, prepared: Any) -> Any:
     sweep_dir = sweep_path(cfg)
     trainable = tune.with_resources(
         tune.with_parameters(trial_fn, base_tree=cfg.model_dump(mode="json"),
-                             trials_dir=os.path.join(sweep_dir, "trials"), prepared=prepared),
+                             trials_dir=storage.trials_dir(sweep_dir), prepared=prepared),
         {"CPU": TRIAL_CPU})
-    tune_dir = os.path.join(sweep_dir, "tune")
-    if tune.Tuner.can_restore(tune_dir):
-        print(f"resuming sweep {t.sweep_name} from {tune_dir} (finished trials are not rerun)", flush=True)
-        return tune.Tuner.restore(tune_dir, trainable=trainable, resume_unfinished=True, resume_errored=False)
+    experiment = storage.tune_dir(sweep_dir)
+    if tune.Tuner.can_restore(experiment):
+        print(f"resuming sweep {t.sweep_name} from {experiment} (finished trials are not rerun)", flush=True)
+        return tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=False)
     concurrency = max_concurrency(cfg)
     print(f"sweep {t.sweep_name}: {t.num_samples} sample(s), up to {concurrency} trial(s) at once "
           f"({cfg.train.num_workers} workers x {cfg.train.cpus_per_worker} CPU each), scheduler={t.scheduler}, "
@@ -253,7 +254,7 @@ def _search_alg(cfg: RaylmConfig, concurrency: int) -> Any:
 
 
 def sweep_path(cfg: RaylmConfig) -> str:
-    return os.path.join(expand(cfg.train.storage_path), cfg.tune.sweep_name)
+    return storage.sweep_dir(cfg.train.storage_path, cfg.tune.sweep_name)
 
 
 # ------------------------------------------------------------------ results
@@ -323,12 +324,11 @@ def _trial_row(result: Any, cfg: RaylmConfig, trials_dir: str) -> TrialRow:
         [(int(s), float(v)) for s, v in zip(df["step"], df[metric]) if v == v]
     trial_id = (result.metrics or {}).get("trial_id") or os.path.basename(result.path).split("_")[1]
     params = dict(result.config or {})
-    params_file = os.path.join(result.path, "params.json")
-    if not params and os.path.isfile(params_file):  # a restored sweep's errored trial carries no config
-        with open(params_file) as f:
-            params = json.load(f)
+    params_file = storage.join(storage.from_ray(result.path, result.filesystem), "params.json")
+    if not params and storage.kind(params_file) == "file":  # a restored sweep's errored trial carries no config
+        params = storage.read_json(params_file)
     steps = curve[-1][0] if curve else 0
-    picked = pick_resume_checkpoint(None, log=lambda _: None, run_dir=os.path.join(trials_dir, trial_id))
+    picked = pick_resume_checkpoint(storage.join(trials_dir, trial_id), log=lambda _: None)
     values = [v for _, v in curve]
     best = (min if cfg.tune.mode == "min" else max)(values) if values else None
     if result.error:
@@ -357,22 +357,22 @@ def pick_best(rows: list[TrialRow], mode: str) -> Optional[TrialRow]:
 
 def write_reports(outcome: SweepOutcome, cfg: RaylmConfig) -> None:
     """best.json, trials.md and val_loss.png in the sweep folder."""
+    from raylm.train.checkpoint import hf_dir
+
     d = outcome.sweep_dir
-    os.makedirs(d, exist_ok=True)
-    with open(os.path.join(d, "trials.md"), "w") as f:
-        f.write(f"# sweep {cfg.tune.sweep_name}\n\n{outcome.table()}\n")
+    storage.write_bytes(storage.join(d, "trials.md"), f"# sweep {cfg.tune.sweep_name}\n\n{outcome.table()}\n".encode())
     if outcome.best:
         b = outcome.best
         pointer = {"sweep": cfg.tune.sweep_name, "trial_id": b.trial_id, "params": b.params,
                    "metric": outcome.metric, "mode": outcome.mode, "value": _checkpoint_value(b),
                    "step": b.checkpoint_step,
-                   "checkpoint": os.path.join(b.checkpoint, "hf"), "train_checkpoint": b.checkpoint,
+                   "checkpoint": hf_dir(b.checkpoint), "train_checkpoint": b.checkpoint,
                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        tmp = os.path.join(d, "best.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(pointer, f, indent=2)
-        os.replace(tmp, os.path.join(d, "best.json"))
-    plot_curves(outcome, os.path.join(d, f"{outcome.metric}.png"))
+        storage.write_json(storage.best_json(d), pointer)  # one atomic write: never half a pointer
+    with tempfile.TemporaryDirectory() as tmp:
+        png = os.path.join(tmp, f"{outcome.metric}.png")
+        plot_curves(outcome, png)
+        storage.upload(png, storage.join(d, f"{outcome.metric}.png"))
 
 
 def plot_curves(outcome: SweepOutcome, path: str) -> None:
@@ -389,7 +389,7 @@ def plot_curves(outcome: SweepOutcome, path: str) -> None:
             ax.plot(steps, values, marker="o", lw=2.5 if outcome.best and r is outcome.best else 1, label=label)
     ax.set_xlabel("step")
     ax.set_ylabel(outcome.metric)
-    ax.set_title(f"sweep {os.path.basename(outcome.sweep_dir)}")
+    ax.set_title(f"sweep {outcome.sweep_dir.rstrip('/').rsplit('/', 1)[-1]}")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -406,11 +406,11 @@ def run_sweep(cfg: RaylmConfig, prepared: Any = None) -> SweepOutcome:
     print(prepared.stats.summary(), flush=True)
     results = build_tuner(cfg, prepared).fit()
     sweep_dir = sweep_path(cfg)
-    rows = sorted((_trial_row(r, cfg, os.path.join(sweep_dir, "trials")) for r in results), key=lambda r: r.trial_id)
+    rows = sorted((_trial_row(r, cfg, storage.trials_dir(sweep_dir)) for r in results), key=lambda r: r.trial_id)
     outcome = SweepOutcome(sweep_dir=sweep_dir, metric=cfg.tune.metric, mode=cfg.tune.mode, trials=rows,
                            best=pick_best(rows, cfg.tune.mode), best_json=None, seconds=time.perf_counter() - t0)
     if outcome.best:
-        outcome.best_json = os.path.join(sweep_dir, "best.json")
+        outcome.best_json = storage.best_json(sweep_dir)
     write_reports(outcome, cfg)
     return outcome
 

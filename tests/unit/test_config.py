@@ -92,3 +92,27 @@ def test_shipped_configs_validate():
     assert paths
     for path in paths:
         load_config(path)
+
+
+def test_placement_strategy_and_worker_labels():
+    assert load_config().train.placement_strategy == "PACK"
+    cfg = load_config(None, ["train.placement_strategy=SPREAD", "train.worker_node_labels={raylm.io/pool: train}"])
+    assert cfg.train.placement_strategy == "SPREAD" and cfg.train.worker_node_labels == {"raylm.io/pool": "train"}
+    assert "train.placement_strategy" in error_of(None, ["train.placement_strategy=spread-out"])
+    assert "train.worker_node_labels" in error_of(None, ["train.worker_node_labels=[a, b]"])
+
+
+def test_placement_reaches_ray_train_scaling_config(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from raylm.train import driver
+
+    monkeypatch.setattr(driver, "tokenizer_files", lambda _: {})
+    monkeypatch.setattr(driver, "make_data_config", lambda *_: None)
+    cfg = load_config(None, ["train.placement_strategy=STRICT_SPREAD", "train.worker_node_labels={raylm.io/pool: train}",
+                             f"train.storage_path={tmp_path}"])
+    trainer = driver.build_trainer(cfg, SimpleNamespace(tokenizer_dir=None, train=None, val=None))
+    scaling = trainer.scaling_config
+    assert scaling.placement_strategy == "STRICT_SPREAD" and scaling.label_selector == {"raylm.io/pool": "train"}
+    assert driver.build_trainer(load_config(None, [f"train.storage_path={tmp_path}"]),
+                                SimpleNamespace(tokenizer_dir=None, train=None, val=None)).scaling_config.label_selector is None

@@ -27,7 +27,8 @@ from ray.serve.llm import LLMConfig, LLMServer, build_llm_deployment
 
 from raylm import storage
 from raylm.chat import DEFAULT_CHAT_TEMPLATE
-from raylm.config import ConfigError, InputError, RaylmConfig, ServeConfig
+from raylm.config import RaylmConfig, ServeConfig
+from raylm.errors import CheckpointError, ConfigError, InputError, ServeDeployError
 from raylm.serve.auth import KeySetup, setup_keys
 from raylm.serve.gate import Gate, GateSettings
 from raylm.serve.options import SERVE_MODEL_DEPLOYMENT, backpressure, deployment_options, engine_kwargs
@@ -37,14 +38,6 @@ logger = logging.getLogger(__name__)
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 MIN_CPU_HEAD_DIM = 32  # vLLM's CPU attention kernels
-
-
-class CheckpointError(InputError):
-    """A checkpoint (or best.json) that is missing or cannot be served; names the path."""
-
-
-class ServeDeployError(InputError):
-    """The app could not be deployed (bad checkpoint contents, no resources); names the app."""
 
 
 # ------------------------------------------------------------------ checkpoint

@@ -16,14 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
 
-from raylm.config import InputError, ServeConfig
+from raylm.config import ServeConfig
+from raylm.errors import ApiKeyError
 
 GENERATED_KEY_FILE = "~/.raylm/api_key"
 KEY_PREFIX = "sk-raylm-"
-
-
-class ApiKeyError(InputError):
-    """An API key source that cannot be read; names the file or env var."""
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """Checkpoints: resumable DeepSpeed state of every rank + a consolidated Hugging Face model.
 
-Layout of one checkpoint (Ray Train merges the ranks' directories into one in storage):
+Layout of one checkpoint (Ray Train merges the ranks' directories into one in storage; where
+it sits: raylm.storage):
 
     step_00000040/
       deepspeed/state/...        engine.save_checkpoint (each rank writes its ZeRO shard)
@@ -19,19 +20,17 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
-import yaml
-
-from raylm.config import InputError, RaylmConfig
+from raylm import storage
+from raylm.config import RaylmConfig
+from raylm.errors import CheckpointError
+from raylm.model import export_hf
 
 MANIFEST = "raylm_checkpoint.json"
 DS_DIR, DS_TAG, HF_DIR, ADAPTER_DIR = "deepspeed", "state", "hf", "adapter"
-
-
-class CheckpointError(InputError):
-    """A checkpoint that cannot be used; the message names its path and what is wrong."""
 
 
 @dataclass
@@ -40,23 +39,6 @@ class Position:
 
     step: int = 0
     tokens: int = 0
-
-
-def list_files(root: str) -> dict[str, int]:
-    out = {}
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            path = os.path.join(dirpath, name)
-            out[os.path.relpath(path, root)] = os.path.getsize(path)
-    return out
-
-
-def export_hf(model: Any, state_dict: Optional[dict], tokenizer: Any, cfg: RaylmConfig, out_dir: str) -> None:
-    """Write a directory `AutoModelForCausalLM.from_pretrained` loads, with its tokenizer and config."""
-    model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    with open(os.path.join(out_dir, "raylm_config.yaml"), "w") as f:
-        yaml.safe_dump(cfg.model_dump(mode="json"), f, sort_keys=False)
 
 
 def consolidated_state_dict(engine: Any, zero_stage: int) -> Optional[dict]:
@@ -69,7 +51,8 @@ def consolidated_state_dict(engine: Any, zero_stage: int) -> Optional[dict]:
 
 
 def save_checkpoint(engine: Any, tokenizer: Any, cfg: RaylmConfig, pos: Position) -> str:
-    """Every rank writes its part into a fresh local folder and returns it (to report to Ray Train)."""
+    """Every rank writes its part into a fresh local folder and returns it; Ray Train's report
+    uploads the folders into one `step_*` checkpoint in storage."""
     import torch.distributed as dist
 
     rank = dist.get_rank()
@@ -85,7 +68,7 @@ def save_checkpoint(engine: Any, tokenizer: Any, cfg: RaylmConfig, pos: Position
     elif rank == 0:
         export_hf(engine.module, state_dict, tokenizer, cfg, os.path.join(local, HF_DIR))
     files_per_rank: list = [None] * dist.get_world_size()
-    dist.all_gather_object(files_per_rank, list_files(local))
+    dist.all_gather_object(files_per_rank, storage.list_files(local))
     if rank == 0:
         files: dict[str, int] = {}
         for part in files_per_rank:
@@ -100,44 +83,38 @@ def save_checkpoint(engine: Any, tokenizer: Any, cfg: RaylmConfig, pos: Position
 
 
 def verify_checkpoint(path: str) -> dict:
-    """Return the manifest of a complete checkpoint, or raise CheckpointError naming what is wrong."""
-    manifest_path = os.path.join(path, MANIFEST)
-    if not os.path.isfile(manifest_path):
-        raise CheckpointError(f"{path}: incomplete checkpoint (no {MANIFEST}; the write was cut off)")
+    """Return the manifest of a complete checkpoint (a local path or a URI), or raise
+    CheckpointError naming what is wrong.
+
+    In object storage every file is one atomic PUT, so a checkpoint whose upload was cut off lacks
+    files (or the manifest) but never holds a half-written one: the size check catches both."""
+    manifest_path = storage.join(path, MANIFEST)
     try:
-        with open(manifest_path) as f:
-            manifest = json.load(f)
+        found = storage.list_files(path)
+        if MANIFEST not in found:
+            raise CheckpointError(f"{path}: incomplete checkpoint (no {MANIFEST}; the write was cut off)")
+        manifest = json.loads(storage.read_bytes(manifest_path))
         files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        items = list(files.items())
+    except storage.StorageError as exc:
+        raise CheckpointError(f"{path}: cannot read it ({exc})") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"{manifest_path}: corrupted manifest ({exc})") from None
-    for rel, size in files.items():
-        full = os.path.join(path, rel)
-        if not os.path.isfile(full):
+    for rel, size in items:
+        if rel not in found:
             raise CheckpointError(f"{path}: missing file {rel}")
-        if os.path.getsize(full) != size:
-            raise CheckpointError(f"{full}: corrupted (size {os.path.getsize(full)}, expected {size})")
+        if found[rel] != size:
+            raise CheckpointError(f"{storage.join(path, rel)}: corrupted (size {found[rel]}, expected {size})")
     return manifest
 
 
-def candidate_checkpoints(latest_path: Optional[str], run_dir: Optional[str] = None) -> list[str]:
-    """Every `step_*` folder of the run, newest step first, after `latest_path` if it lies elsewhere.
+def pick_resume_checkpoint(run_dir: str, log: Any = print) -> Optional[tuple[str, dict]]:
+    """The newest checkpoint of the run (local path or URI) that verifies; corrupted and cut-off
+    ones are reported by name and skipped.
 
-    The run folder is `run_dir` when given, else the folder holding `latest_path`. A newer
-    complete checkpoint than the one Ray Train registered (persisted just before a crash) wins.
-    """
-    parent = run_dir or (os.path.dirname(latest_path.rstrip("/")) if latest_path else None)
-    names = sorted((d for d in os.listdir(parent) if d.startswith("step_")), reverse=True) \
-        if parent and os.path.isdir(parent) else []
-    paths = [os.path.join(parent, d) for d in names]
-    if latest_path and os.path.realpath(latest_path) not in {os.path.realpath(p) for p in paths}:
-        paths.insert(0, latest_path)
-    return paths
-
-
-def pick_resume_checkpoint(latest_path: Optional[str], log: Any = print,
-                           run_dir: Optional[str] = None) -> Optional[tuple[str, dict]]:
-    """The newest checkpoint that verifies; corrupted ones are reported by name and skipped."""
-    for path in candidate_checkpoints(latest_path, run_dir):
+    Every `step_*` folder is a candidate, not only the one Ray Train registered last: a checkpoint
+    persisted just before a worker died may not have reached the controller."""
+    for path in storage.step_dirs(run_dir):
         try:
             return path, verify_checkpoint(path)
         except CheckpointError as exc:
@@ -145,22 +122,34 @@ def pick_resume_checkpoint(latest_path: Optional[str], log: Any = print,
     return None
 
 
+@contextmanager
+def local_copy(path: str, subdir: str = "") -> Iterator[str]:
+    """`path` itself when local; else a temporary download of `path/subdir`, removed afterwards."""
+    if not storage.is_remote(path):
+        yield path
+        return
+    tmp = tempfile.mkdtemp(prefix="raylm-resume-")
+    try:
+        storage.download(storage.join(path, subdir) if subdir else path, os.path.join(tmp, subdir))
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def load_checkpoint(engine: Any, path: str, adapter_only: bool = False) -> Position:
-    """Restore model, optimizer and LR schedule of this rank from a verified checkpoint.
+    """Restore model, optimizer and LR schedule of this rank from a verified checkpoint (local, or
+    in object storage: its DeepSpeed state is downloaded first and the copy removed after).
 
     `adapter_only`: the checkpoint holds only the trainable (LoRA) weights; the frozen base the
     engine was built with stays as it is."""
-    load_path, client = engine.load_checkpoint(os.path.join(path, DS_DIR), tag=DS_TAG,
-                                               load_module_strict=not adapter_only,
-                                               load_optimizer_states=True, load_lr_scheduler_states=True)
+    with local_copy(path, DS_DIR) as local:
+        load_path, client = engine.load_checkpoint(os.path.join(local, DS_DIR), tag=DS_TAG,
+                                                   load_module_strict=not adapter_only,
+                                                   load_optimizer_states=True, load_lr_scheduler_states=True)
     if load_path is None:
         raise CheckpointError(f"{path}: DeepSpeed could not load {DS_DIR}/{DS_TAG}")
     return Position(step=int(client["step"]), tokens=int(client["tokens"]))
 
 
 def hf_dir(checkpoint_path: str) -> str:
-    return os.path.join(checkpoint_path, HF_DIR)
-
-
-def cleanup(local: str) -> None:
-    shutil.rmtree(local, ignore_errors=True)
+    return storage.join(checkpoint_path, HF_DIR)

@@ -6,8 +6,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from raylm.config import InputError, RaylmConfig, expand
+from raylm import storage
+from raylm.config import InputError, RaylmConfig
 from raylm.data import PreparedData, make_data_config, prepare_data, tokenizer_files
+from raylm.train.checkpoint import hf_dir
 
 
 @dataclass
@@ -52,21 +54,23 @@ def build_trainer(cfg: RaylmConfig, prepared: PreparedData, callbacks: Optional[
     from raylm.train.loop import train_fn_per_worker
 
     # the workers write metrics and find checkpoints under the storage actually used
-    storage = storage_path or expand(cfg.train.storage_path)
-    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"storage_path": storage})})
+    root = storage.root(storage_path or cfg.train.storage_path)
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"storage_path": root})})
     t = cfg.train
     resources = {"CPU": t.cpus_per_worker - held_cpu / t.num_workers, **({"GPU": 1} if t.use_gpu else {})}
     return TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"),
                            "tokenizer_files": tokenizer_files(prepared.tokenizer_dir)},
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources,
+                                     placement_strategy=t.placement_strategy,
+                                     label_selector=dict(t.worker_node_labels) or None),
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         datasets={"train": prepared.train, "val": prepared.val},
         dataset_config=make_data_config({"train": prepared.train, "val": prepared.val}, t.num_workers),
         run_config=RunConfig(
             name=t.run_name,
-            storage_path=storage,
+            storage_path=root,
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             failure_config=FailureConfig(max_failures=t.max_failures),
             callbacks=callbacks or [],
@@ -81,10 +85,7 @@ def run_training(cfg: RaylmConfig, prepared: Optional[PreparedData] = None) -> T
     print(prepared.stats.summary(), flush=True)
     check_data_fits(cfg, prepared)
     result = build_trainer(cfg, prepared).fit()
-    checkpoint = result.checkpoint.path if result.checkpoint else None
-    return TrainOutcome(
-        run_dir=os.path.join(expand(cfg.train.storage_path), cfg.train.run_name),
-        checkpoint=checkpoint,
-        hf_checkpoint=os.path.join(checkpoint, "hf") if checkpoint else None,
-        metrics=dict(result.metrics or {}),
-    )
+    run_dir = storage.run_dir(cfg.train.storage_path, cfg.train.run_name)
+    checkpoint = storage.join(run_dir, os.path.basename(result.checkpoint.path)) if result.checkpoint else None
+    return TrainOutcome(run_dir=run_dir, checkpoint=checkpoint, hf_checkpoint=hf_dir(checkpoint) if checkpoint else None,
+                        metrics=dict(result.metrics or {}))

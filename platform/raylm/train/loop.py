@@ -9,7 +9,8 @@ import tempfile
 import time
 from typing import Any, Iterator, Optional
 
-from raylm.config import RaylmConfig, expand
+from raylm import storage
+from raylm.config import RaylmConfig
 
 # Ray Train V2 hands each report to the controller through a queue of one, which the controller
 # drains on its health-check poll (2 s by default): reporting more often than that blocks the
@@ -135,19 +136,29 @@ def peak_flops(device: Any) -> Optional[float]:
 
 
 class MetricsLog:
-    """Rank 0 appends one JSON line per report to <storage>/<run_name>/metrics.jsonl (local storage)
-    and hands the same record to the trackers (TensorBoard, MLflow)."""
+    """Rank 0 appends one JSON line per report to <run>/metrics.jsonl and hands the same record to
+    the trackers (TensorBoard, MLflow).
+
+    Object storage cannot append, so there the log and the TensorBoard files are kept in a local
+    folder (seeded from the run's earlier metrics.jsonl on resume) and uploaded at every checkpoint
+    and at the end: what is in storage is never older than the newest checkpoint."""
 
     def __init__(self, cfg: RaylmConfig, rank: int):
         from raylm.train.tracking import Trackers
 
-        root = expand(cfg.train.storage_path)
-        local = rank == 0 and "://" not in root
-        run_dir = os.path.join(root, cfg.train.run_name)
-        self.path = os.path.join(run_dir, "metrics.jsonl") if local else None
-        if self.path:
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        self.trackers = Trackers(cfg, root, run_dir) if local else None
+        self.run_dir = storage.run_dir(cfg.train.storage_path, cfg.train.run_name)
+        self.remote = storage.is_remote(self.run_dir)
+        self.path: Optional[str] = None
+        self.trackers = None
+        if rank != 0:
+            return
+        local_dir = tempfile.mkdtemp(prefix="raylm-run-") if self.remote else self.run_dir
+        os.makedirs(local_dir, exist_ok=True)
+        self.path = os.path.join(local_dir, storage.METRICS_FILE)
+        if self.remote and storage.METRICS_FILE in storage.list_dir(self.run_dir):
+            with open(self.path, "wb") as f:
+                f.write(storage.read_bytes(storage.join(self.run_dir, storage.METRICS_FILE)))
+        self.trackers = Trackers(cfg, local_dir if self.remote else storage.root(cfg.train.storage_path), local_dir)
 
     def write(self, record: dict) -> None:
         if self.path:
@@ -156,9 +167,15 @@ class MetricsLog:
         if self.trackers:
             self.trackers.log(record)
 
+    def sync(self) -> None:
+        """Object storage: upload the log and the tracker files (a local run folder is live)."""
+        if self.path and self.remote:
+            storage.upload(os.path.dirname(self.path), self.run_dir)
+
     def close(self) -> None:
         if self.trackers:
             self.trackers.close()
+        self.sync()
 
 
 def _setup(loop_config: dict) -> tuple[RaylmConfig, Any, Any]:
@@ -204,27 +221,21 @@ def _engine(cfg: RaylmConfig, tokenizer: Any) -> tuple[Any, dict]:
 
 
 def _resume(cfg: RaylmConfig, engine: Any, log: MetricsLog) -> tuple[Any, Optional[str]]:
-    """Load the newest complete checkpoint of this run, if any.
+    """Load the newest complete checkpoint of this run (local or object storage), if any.
 
-    Ray Train's latest checkpoint comes first. A checkpoint persisted just before a worker died
-    may not have reached the controller yet; for local storage the run folder's own `step_*`
-    checkpoints are therefore candidates too (each verified against its manifest).
-    """
+    Every `step_*` folder of the run is a candidate, verified against its manifest: one persisted
+    just before a worker died may be newer than the one Ray Train registered last."""
     import ray.train
 
     from raylm.train.checkpoint import Position, load_checkpoint, pick_resume_checkpoint
 
     latest = ray.train.get_checkpoint()
-    run_dir = os.path.join(expand(cfg.train.storage_path), cfg.train.run_name)
-    if latest is not None:
-        with latest.as_directory() as local:
-            picked = pick_resume_checkpoint(local, log=print, run_dir=run_dir)
-            if picked is None:
-                raise RuntimeError(f"no usable checkpoint at or before {latest.path}")
-    else:
-        picked = pick_resume_checkpoint(None, log=print, run_dir=run_dir)
-        if picked is None:
-            return Position(), None
+    run_dir = storage.run_dir(cfg.train.storage_path, cfg.train.run_name)
+    picked = pick_resume_checkpoint(run_dir, log=print)
+    if picked is None:
+        if latest is not None:
+            raise RuntimeError(f"no usable checkpoint in {run_dir} (Ray Train registered {latest.path})")
+        return Position(), None
     path, _ = picked
     pos = load_checkpoint(engine, path, adapter_only=bool(cfg.train.lora))
     log.write({"event": "resume", "from": path, "step": pos.step, "time": time.time()})
@@ -235,8 +246,9 @@ def train_fn_per_worker(loop_config: dict) -> None:
     """Train until `train.max_steps`, reporting metrics and checkpoints to Ray Train."""
     import ray.train
     import torch.distributed as dist
+    from ray.train import CheckpointUploadMode
 
-    from raylm.train.checkpoint import cleanup, save_checkpoint
+    from raylm.train.checkpoint import save_checkpoint
 
     cfg, tokenizer, device = _setup(loop_config)
     t = cfg.train
@@ -293,14 +305,18 @@ def train_fn_per_worker(loop_config: dict) -> None:
         checkpoint_dir = save_checkpoint(engine, tokenizer, cfg, pos) if do_ckpt else None
         if checkpoint_dir:
             spent["save_s"], clock = time.perf_counter() - clock, time.perf_counter()
+            # async: Ray Train uploads in a background thread and deletes the local copy after
+            mode = CheckpointUploadMode.ASYNC if t.checkpoint_upload == "async" else CheckpointUploadMode.SYNC
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
-                             checkpoint_dir_name=f"step_{pos.step:08d}")
-            cleanup(checkpoint_dir)
+                             checkpoint_dir_name=storage.step_name(pos.step), checkpoint_upload_mode=mode,
+                             delete_local_checkpoint_after_upload=True)
             last_report_t = time.monotonic()
         elif do_eval or since_report_s >= REPORT_MIN_INTERVAL_S:  # do_log holds when not do_eval
             ray.train.report(metrics)
             last_report_t = time.monotonic()
         spent["report_s"] = time.perf_counter() - clock
         log.write({**metrics, **spent, "time": time.time(), "checkpoint": bool(checkpoint_dir)})  # after the report: persisted
+        if checkpoint_dir:
+            log.sync()
         window_loss, window_steps, window_tokens, window_t0 = 0.0, 0, 0, time.perf_counter()
     log.close()

@@ -35,7 +35,7 @@ def export_lora(state_dict: dict, tokenizer: Any, cfg: RaylmConfig, adapter_dir:
     A fresh CPU copy is built and loaded from the state dict: under ZeRO-3 the engine's own
     module holds only a shard, and merging in place would spoil the model still training."""
     from raylm.model import build_model
-    from raylm.train.checkpoint import export_hf
+    from raylm.model import export_hf
 
     model = apply_lora(build_model(cfg.model, len(tokenizer), cfg.data.seq_len, tokenizer), cfg.train.lora)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)

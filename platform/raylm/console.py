@@ -1,0 +1,120 @@
+"""What raylm prints for people, and how loud the libraries under it may be.
+
+Three modes, set once by the CLI (`configure`):
+- default: a short story. The header with the derived numbers, one progress bar per stage
+  (a live bar on a terminal; a few plain lines when the output is a file or a CI log), results.
+  Ray's, DeepSpeed's and vLLM's own logs and Python warnings are kept out.
+- `-v`: the libraries' logs come back (Ray forwards every worker's output), as before.
+- `--json`: one JSON object per line (`{"event": ..., ...}`), for machines; nothing else on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from typing import Any, Optional
+
+from raylm.config import RaylmConfig
+
+_mode = "default"  # "default" | "verbose" | "json"
+NOISY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve", "deepspeed", "DeepSpeed", "transformers",
+                 "vllm", "httpx", "filelock", "torch")
+
+
+def configure(verbose: bool = False, json_events: bool = False) -> None:
+    """Set the mode; outside verbose mode, silence what the libraries print in this process (the
+    Ray workers' output is not forwarded either: see `forward_worker_logs`)."""
+    global _mode
+    _mode = "json" if json_events else "verbose" if verbose else "default"
+    if _mode == "verbose":
+        return
+    warnings.simplefilter("ignore")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")  # inherited by the processes Ray starts here
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def verbose() -> bool:
+    return _mode == "verbose"
+
+
+def forward_worker_logs() -> bool:
+    """Whether Ray should copy every worker's stdout/stderr to this terminal (`-v` only)."""
+    return _mode == "verbose"
+
+
+def say(text: str = "", event: Optional[str] = None, **fields: Any) -> None:
+    """A line for people, or (with --json) the event with its fields."""
+    if _mode == "json":
+        if event:
+            print(json.dumps({"event": event, **fields}, default=str), flush=True)
+        return
+    print(text, flush=True)
+
+
+def print_header(verb: str, cfg: RaylmConfig) -> None:
+    """nanoGPT-style: the derived quantities a user wants to check before anything runs."""
+    t, d = cfg.train, cfg.data
+    say(f"raylm {verb}: data={d.source} seq_len={d.seq_len} model={cfg.model.name} "
+        f"workers={t.num_workers} ({'GPU' if t.use_gpu else 'CPU'}) zero={cfg.deepspeed.zero_stage} "
+        f"precision={cfg.precision} global_batch={t.effective_global_batch} "
+        f"(micro {t.micro_batch_size} x accum {t.grad_accum_steps} x workers {t.num_workers}) "
+        f"tokens/step={t.effective_global_batch * d.seq_len} storage={t.storage_path}",
+        event="start", verb=verb, config=cfg.model_dump(mode="json"))
+
+
+class Progress:
+    """One stage's progress: a live bar on a terminal, else a plain line at each quarter of the way
+    (and at the end), so a CI log gets a few lines instead of hundreds. `total=None`: a stage
+    whose length is unknown (a spinner with the elapsed time; plain: start and end lines)."""
+
+    def __init__(self, desc: str, total: Optional[int] = None, unit: str = "it"):
+        self.desc, self.total, self.unit = desc, total, unit
+        self.n, self.t0, self.postfix = 0, time.perf_counter(), ""
+        self._next_quarter = 1
+        self.bar = None
+        if _mode != "json" and sys.stdout.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=True, file=sys.stdout)
+        elif _mode != "json" and total is None:
+            say(f"{desc} ...")
+
+    def update(self, n: int, **postfix: Any) -> None:
+        """Move to position `n` (absolute), showing `postfix` (e.g. loss=..., tok/s=...)."""
+        self.postfix = "  ".join(f"{k} {_fmt(v)}" for k, v in postfix.items())
+        delta, self.n = n - self.n, n
+        if _mode == "json":
+            print(json.dumps({"event": "progress", "stage": self.desc, "n": n, "total": self.total, **postfix},
+                             default=str), flush=True)
+        elif self.bar is not None:
+            self.bar.set_postfix_str(self.postfix, refresh=False)
+            self.bar.update(delta)
+        elif self.total and n >= self._next_quarter * self.total / 4 and n < self.total:
+            while self._next_quarter * self.total / 4 <= n:
+                self._next_quarter += 1
+            say(f"{self.desc}: {n}/{self.total} {self.unit}  {self.postfix}".rstrip())
+
+    def close(self, result: str = "") -> None:
+        """End the stage with its result line (and the elapsed time)."""
+        elapsed = time.perf_counter() - self.t0
+        if self.bar is not None:
+            self.bar.close()
+        if _mode == "json":
+            print(json.dumps({"event": "stage_done", "stage": self.desc, "seconds": round(elapsed, 2),
+                              "result": result}), flush=True)
+            return
+        done = f"{self.n}/{self.total} {self.unit}, " if self.total else ""
+        say(f"{self.desc}: {done}{result + ', ' if result else ''}{elapsed:.0f}s".replace(", ,", ","))
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
+    return str(v)

@@ -1,0 +1,210 @@
+"""Runs and sweeps in object storage, as a KubeRay user has them: `raylm train` / `tune` / `status`
+/ `serve` run as subprocesses (each with its own local Ray cluster, the AWS_* environment naming
+moto's S3 API on loopback, request signatures checked). What is asserted is read back from the
+bucket.
+
+- a run trains to s3://, a later checkpoint's upload is cut off, the next `raylm train` resumes
+  from the newest complete one and keep-K pruning deletes the old objects; `raylm status` lists it
+- a sweep checkpoints its trials and writes best.json there, and `raylm serve` serves that
+  best.json (replicas download the checkpoint; with direct ingress each answers on its own port)
+- a missing bucket, a wrong secret key and an unreachable endpoint exit 2 before Ray starts,
+  naming the URI, and write nothing
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from serve_fixtures import KEYS, MODEL_ID, auth, key_file, repo_root
+
+__all__ = ["key_file"]  # fixtures used by this module
+
+BUCKET = "raylm-results"
+RUNS = f"s3://{BUCKET}/runs"
+PROXY_PORT = 8131
+
+
+def raylm(*args: str, timeout_s: float = 600, **env_over: str) -> subprocess.CompletedProcess:
+    """`python -m raylm ...` with its own Ray cluster (no RAY_* from the session's) and AWS_* as set."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(env_over)
+    return subprocess.run([sys.executable, "-m", "raylm", *args], cwd=repo_root(), env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout_s)
+
+
+def sets(**fields) -> list[str]:
+    return [a for k, v in fields.items() for a in ("--set", f"{k.replace('__', '.')}={v}")]
+
+
+def keys_under(client, prefix: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
+        out.update({o["Key"][len(prefix):]: o["Size"] for o in page.get("Contents", [])})
+    return out
+
+
+def read_log(client, run_prefix: str) -> list[dict]:
+    body = client.get_object(Bucket=BUCKET, Key=f"{run_prefix}/metrics.jsonl")["Body"].read().decode()
+    return [json.loads(line) for line in body.splitlines()]
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_server):
+    _, client = s3_server
+    client.create_bucket(Bucket=BUCKET)
+    return client
+
+
+def train_args(cache_dir: str, max_steps: int) -> list[str]:
+    return ["train", "-c", "configs/tiny.yaml", *sets(
+        data__cache_dir=cache_dir, train__storage_path=RUNS, train__run_name="s3run", train__max_steps=max_steps,
+        train__checkpoint_every_steps=10, train__eval_every_steps=10, train__log_every_steps=1,
+        train__keep_checkpoints=2)]
+
+
+@pytest.fixture(scope="module")
+def resumed_run(bucket, cache_dir):
+    """20 steps to s3://, then step 30's upload cut off (its manifest and half its files made it),
+    then the same command asked for 40 steps."""
+    first = raylm(*train_args(cache_dir, 20))
+    assert first.returncode == 0, first.stdout[-3000:]
+    src, cut = "runs/s3run/step_00000020/", "runs/s3run/step_00000030/"
+    for i, key in enumerate(sorted(keys_under(bucket, src))):
+        if key.endswith("raylm_checkpoint.json") or i % 2 == 0:  # every other file never arrived
+            bucket.copy_object(Bucket=BUCKET, Key=cut + key, CopySource={"Bucket": BUCKET, "Key": src + key})
+    second = raylm(*train_args(cache_dir, 40))
+    assert second.returncode == 0, second.stdout[-3000:]
+    return first, second
+
+
+def test_a_run_in_s3_resumes_from_its_newest_complete_checkpoint(bucket, resumed_run):
+    first, second = resumed_run
+    assert f"run: {RUNS}/s3run" in first.stdout and f"HF checkpoint: {RUNS}/s3run/step_00000020/hf" in first.stdout
+    # the cut-off upload was named and passed over: the run went on from step 20, not 30 or 0
+    assert re.search(rf"skipping checkpoint: {RUNS}/s3run/step_00000030: missing file", second.stdout), \
+        second.stdout[-3000:]
+    assert "trained: step 40" in second.stdout and "resumed from step 20" in second.stdout
+    log = read_log(bucket, "runs/s3run")
+    resumes = [r for r in log if r.get("event") == "resume"]
+    assert [(r["step"], r["from"]) for r in resumes] == [(20, f"{RUNS}/s3run/step_00000020")]
+    steps = [r for r in log if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 41))  # the first run's log was kept and continued
+    tokens_per_step = steps[0]["tokens"]
+    assert all(r["tokens"] == r["step"] * tokens_per_step for r in steps)
+    # keep-K (2) pruned the old checkpoints' objects; the rewritten step 30 is complete again
+    names = {k.split("/")[0] for k in keys_under(bucket, "runs/s3run/")}
+    assert {n for n in names if n.startswith("step_")} == {"step_00000030", "step_00000040"}
+    assert "tensorboard" in names
+
+
+def test_status_lists_a_run_in_s3(bucket, resumed_run):
+    status = raylm("status", *sets(train__storage_path=RUNS), timeout_s=120)
+    assert status.returncode == 0, status.stdout
+    assert f"storage: {RUNS}" in status.stdout
+    assert re.search(rf"s3run: step 40, val_loss [\d.]+, resumed 1x, checkpoint {RUNS}/s3run/step_00000040",
+                     status.stdout), status.stdout
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("what,storage_path,env", [
+    ("missing bucket", "s3://no-such-bucket/runs", {}),
+    ("wrong secret key", f"s3://{BUCKET}/bad-creds", {"AWS_SECRET_ACCESS_KEY": "not-the-secret"}),
+    ("unreachable endpoint", f"s3://{BUCKET}/unreachable", {"AWS_ENDPOINT_URL": "closed", "AWS_MAX_ATTEMPTS": "1"}),
+])
+def test_bad_storage_exits_2_before_ray_naming_the_uri(bucket, cache_dir, what, storage_path, env):
+    if env.get("AWS_ENDPOINT_URL") == "closed":
+        env = {**env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{_closed_port()}"}
+    for verb, config in (("train", "configs/tiny.yaml"), ("tune", "tune_configs/tiny_sweep.yaml")):
+        t0 = time.monotonic()
+        proc = raylm(verb, "-c", config, *sets(train__storage_path=storage_path, data__cache_dir=cache_dir),
+                     timeout_s=120, **env)
+        assert proc.returncode == 2, (what, proc.stdout[-2000:])
+        assert f"error: train.storage_path={storage_path}: cannot write there" in proc.stdout, proc.stdout
+        assert "Started a local Ray instance" not in proc.stdout and time.monotonic() - t0 < 60
+    prefix = storage_path.removeprefix(f"s3://{BUCKET}/")
+    assert not storage_path.startswith(f"s3://{BUCKET}/") or keys_under(bucket, prefix) == {}  # nothing written
+
+
+# ------------------------------------------------------------------ a sweep in s3, then serving it
+
+
+@pytest.fixture(scope="module")
+def sweep_in_s3(bucket, cache_dir):
+    proc = raylm("tune", "-c", "tune_configs/tiny_sweep.yaml", *sets(
+        data__cache_dir=cache_dir, train__storage_path=RUNS, tune__sweep_name="s3sweep", tune__num_samples=2,
+        train__max_steps=20, train__eval_every_steps=10, train__checkpoint_every_steps=10), timeout_s=900)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    return proc
+
+
+def test_a_sweep_in_s3_checkpoints_its_trials_and_writes_best_json_there(bucket, sweep_in_s3):
+    assert f"best pointer: {RUNS}/s3sweep/best.json" in sweep_in_s3.stdout
+    best = json.loads(bucket.get_object(Bucket=BUCKET, Key="runs/s3sweep/best.json")["Body"].read())
+    assert best["checkpoint"] == f"{best['train_checkpoint']}/hf"
+    assert best["checkpoint"].startswith(f"{RUNS}/s3sweep/trials/{best['trial_id']}/step_")
+    found = keys_under(bucket, "runs/s3sweep/")
+    trial_prefix = best["train_checkpoint"].removeprefix(f"{RUNS}/s3sweep/") + "/"
+    assert f"{trial_prefix}hf/model.safetensors" in found and f"{trial_prefix}raylm_checkpoint.json" in found
+    assert {"trials.md", "val_loss.png"} <= set(found) and any(k.startswith("tune/") for k in found)
+    status = raylm("status", *sets(train__storage_path=RUNS), timeout_s=120)
+    assert re.search(rf"s3sweep: 2 trial\(s\), best {best['trial_id']} val_loss=", status.stdout), status.stdout
+
+
+def _wait_for_banner(proc: subprocess.Popen, timeout_s: float) -> list[str]:
+    """Lines `raylm serve` printed up to its 'Ctrl-C to stop' line."""
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            if proc.poll() is not None:
+                break
+            continue
+        lines.append(line.rstrip())
+        if line.startswith("Ctrl-C to stop"):
+            return lines
+    raise AssertionError("raylm serve did not come up:\n" + "\n".join(lines[-60:]))
+
+
+def test_serve_the_sweeps_best_json_in_s3_with_replicas_on_their_own_port(sweep_in_s3, key_file):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # its own cluster, not the session's
+    cmd = [sys.executable, "-m", "raylm", "serve", "--checkpoint", f"{RUNS}/s3sweep/best.json", *sets(
+        serve__direct_ingress="true", serve__port=PROXY_PORT, serve__api_key_file=key_file,
+        serve__api_key_env="RAYLM_TEST_NO_SUCH_VAR", serve__model_id=MODEL_ID, serve__autoscaling__max_replicas=1,
+        serve__kv_cache_memory_gib=0.25)]
+    proc = subprocess.Popen(cmd, cwd=repo_root(), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        lines = _wait_for_banner(proc, timeout_s=240)
+        direct = [line for line in lines if line.startswith("replicas directly")]
+        assert direct, "\n".join(lines[-40:])
+        urls = re.findall(r"http://[\d.]+:\d+/v1", direct[0])
+        assert len(urls) == 1 and not urls[0].endswith(f":{PROXY_PORT}/v1"), direct[0]
+        body = {"model": MODEL_ID, "prompt": "ROMEO:", "max_tokens": 3, "temperature": 0, "ignore_eos": True}
+        for base in (urls[0], f"http://127.0.0.1:{PROXY_PORT}/v1"):
+            ok = httpx.post(f"{base}/completions", json=body, headers=auth(KEYS[1]), timeout=60)
+            assert ok.status_code == 200, (base, ok.text)
+            assert ok.json()["usage"]["completion_tokens"] == 3
+            denied = httpx.post(f"{base}/completions", json=body, timeout=30)
+            assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_api_key"
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: raylm deletes the app, then its cluster stops
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
