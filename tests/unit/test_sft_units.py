@@ -9,7 +9,7 @@ import torch
 from raylm.config import ModelConfig, SFTConfig
 from raylm.data import load_tokenizer, train_tokenizer, tokenizer_files
 from raylm.model import build_model
-from raylm.sft import (IGNORE, chat_messages, instruction_messages, pack_examples, packed_logits, render,
+from raylm.data import (IGNORE, chat_messages, instruction_messages, pack_examples, packed_logits, render,
                        render_and_pack,
                        skipped_summary, to_example)
 

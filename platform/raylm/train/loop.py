@@ -66,7 +66,7 @@ def token_losses(engine: Any, batch: dict) -> tuple[Any, Any]:
     label; -100 (prompt, padding) is left out, and packed examples do not see each other."""
     import torch.nn.functional as F
 
-    from raylm.sft import IGNORE, packed_logits
+    from raylm.data import IGNORE, packed_logits
 
     if "labels" in batch:
         logits, labels = packed_logits(engine, batch["input_ids"], batch["position_ids"]), batch["labels"]
