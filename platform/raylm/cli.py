@@ -4,22 +4,15 @@ bad config exits 2 before Ray is started or any cluster resource is requested.""
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import os
 import sys
 from typing import Callable, Optional
 
-from raylm import storage
+from raylm import console, storage
 from raylm.config import InputError, RaylmConfig, dump_config, load_config
-from raylm.console import print_header
+from raylm.console import print_header, say
 
 EXIT_BAD_INPUT = 2
-
-
-def _quiet_ray_data(verbose: bool) -> None:
-    if not verbose:
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 # ------------------------------------------------------------------ verbs
@@ -34,20 +27,16 @@ def cmd_config(cfg: RaylmConfig, args: argparse.Namespace) -> int:
 def cmd_data(cfg: RaylmConfig, args: argparse.Namespace) -> int:
     """Prepare the corpus with Ray Data and print documents, tokens, blocks and time."""
     from raylm.cluster import init_ray
-    from raylm.data import prepare_data, resolve_source
+    from raylm.data import resolve_source, stats_dict
+    from raylm.pipeline import prepare_data_with_progress
 
     src = resolve_source(cfg.data)  # a missing path fails here, before Ray starts
     print_header("data", cfg)
-    print(f"source: {src.kind} {src.name or ''}{len(src.paths)} path(s)", flush=True)
+    say(f"source: {src.kind} {src.name or ''}{len(src.paths)} path(s)")
     init_ray(cfg, address=args.address)
-    _quiet_ray_data(args.verbose)
-    prepared = prepare_data(cfg.data, verbose=True)
-    print(prepared.stats.summary())
-    print(f"tokenizer: {prepared.tokenizer_dir}")
-    if args.json:
-        from raylm.data import stats_dict
-
-        print(json.dumps(stats_dict(prepared.stats)))
+    prepared = prepare_data_with_progress(cfg)
+    say(f"tokenizer: {prepared.tokenizer_dir}", event="data", **stats_dict(prepared.stats),
+        summary=prepared.stats.summary(), tokenizer=prepared.tokenizer_dir)
     return 0
 
 
@@ -55,15 +44,16 @@ def cmd_train(cfg: RaylmConfig, args: argparse.Namespace) -> int:
     """Train with Ray Train + DeepSpeed; resumes the run of the same name from its newest checkpoint."""
     from raylm.cluster import init_ray
     from raylm.data import resolve_source
+    from raylm.pipeline import prepare_data_with_progress
     from raylm.train.driver import run_training
 
     resolve_source(cfg.data)
     storage.check_writable(storage.root(cfg.train.storage_path))  # bucket, credentials, endpoint: before Ray
     print_header("train", cfg)
     init_ray(cfg, address=args.address)
-    _quiet_ray_data(args.verbose)
-    outcome = run_training(cfg)
-    print(outcome.summary())
+    outcome = run_training(cfg, prepare_data_with_progress(cfg))
+    say(outcome.summary(), event="trained", run_dir=outcome.run_dir, checkpoint=outcome.hf_checkpoint,
+        metrics=outcome.metrics)
     return 0
 
 
@@ -71,6 +61,7 @@ def cmd_tune(cfg: RaylmConfig, args: argparse.Namespace) -> int:
     """Sweep the search space in `tune:` with Ray Tune (+ ASHA); writes best.json and a trials table."""
     from raylm.cluster import init_ray
     from raylm.data import resolve_source
+    from raylm.pipeline import prepare_data_with_progress
     from raylm.tune import run_sweep, validate_sweep
 
     validate_sweep(cfg)
@@ -78,9 +69,9 @@ def cmd_tune(cfg: RaylmConfig, args: argparse.Namespace) -> int:
     storage.check_writable(storage.root(cfg.train.storage_path))
     print_header("tune", cfg)
     init_ray(cfg, address=args.address)
-    _quiet_ray_data(args.verbose)
-    outcome = run_sweep(cfg)
-    print(outcome.summary())
+    outcome = run_sweep(cfg, prepare_data_with_progress(cfg))
+    say(outcome.summary(), event="swept", sweep_dir=outcome.sweep_dir, best_json=outcome.best_json,
+        best=outcome.best.__dict__ if outcome.best else None)
     return 0
 
 
@@ -136,9 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
                        help="override a field by its dotted path, e.g. --set train.max_steps=20")
         p.add_argument("--address", help="Ray address (default: cluster.address, RAY_ADDRESS, else local)")
-        p.add_argument("--verbose", "-v", action="store_true", help="show Ray Data's own logs")
-        if name == "data":
-            p.add_argument("--json", action="store_true", help="also print the stats as JSON")
+        p.add_argument("--verbose", "-v", action="store_true",
+                       help="show Ray's, DeepSpeed's and vLLM's own logs (every worker's output) and warnings")
+        p.add_argument("--json", action="store_true", help="print machine-readable events, one JSON object per line")
         if name == "serve":
             p.add_argument("--checkpoint", help="HF checkpoint dir or a sweep's best.json")
             p.add_argument("--detach", action="store_true", help="deploy and return instead of blocking")
@@ -153,16 +144,25 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        if args.verb == "pipeline" and not args.config:
-            from raylm.pipeline import DEFAULT_SWEEP
+    with console.session(args.verb, verbose=args.verbose, json_events=args.json):
+        try:
+            if args.verb == "pipeline" and not args.config:
+                from raylm.pipeline import DEFAULT_SWEEP
 
-            args.config = str(DEFAULT_SWEEP)  # the embedded corpus, the tiny model, a 4-trial sweep
-        cfg = load_config(args.config, args.set)
-        return VERBS[args.verb](cfg, args)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+                args.config = str(DEFAULT_SWEEP)  # the embedded corpus, the tiny model, a 4-trial sweep
+            cfg = load_config(args.config, args.set)
+            return VERBS[args.verb](cfg, args)
+        except InputError as exc:
+            console.error(str(exc))
+            return EXIT_BAD_INPUT
+        except Exception as exc:
+            if console.log_path:  # the traceback goes to the log; the terminal gets one line
+                import traceback
+
+                traceback.print_exc()
+                console.error(f"{type(exc).__name__}: {exc}")
+                return 1
+            raise
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Optional
 
@@ -39,10 +40,15 @@ def init_ray(cfg: RaylmConfig, address: Optional[str] = None, num_cpus: Optional
                            "(set RAYLM_ALLOW_NO_AUTH=1 to override for a cluster you secure otherwise)")
     os.environ.update({k: v for k, v in worker_env(cfg.train.use_gpu).items() if k not in os.environ})
     target = address or cfg.cluster.address or os.environ.get("RAY_ADDRESS")
-    kwargs: dict = {"namespace": cfg.cluster.namespace, "log_to_driver": True,
+    from raylm import console
+
+    kwargs: dict = {"namespace": cfg.cluster.namespace, "log_to_driver": console.forward_worker_logs(),
                     "runtime_env": {"env_vars": worker_env(cfg.train.use_gpu)}}
+    if console.quiet():
+        kwargs["logging_level"] = logging.ERROR
     if target:
         ray.init(address=target, **kwargs)
+        console.silence()
         return
     # The dashboard (bound to 127.0.0.1, behind the token) serves the state API that Ray Train V2
     # uses: its PlacementGroupCleaner asks it whether a controller died, to free the workers'
@@ -56,6 +62,7 @@ def init_ray(cfg: RaylmConfig, address: Optional[str] = None, num_cpus: Optional
     os.environ.update(api)  # inherited by the raylet and every worker it starts
     kwargs["runtime_env"]["env_vars"].update(api)
     ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, **kwargs)
+    console.silence()
 
 
 def _free_port(preferred: int = 8265) -> int:

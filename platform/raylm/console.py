@@ -16,13 +16,20 @@ import os
 import sys
 import time
 import warnings
-from typing import Any, Optional
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
 from raylm.config import RaylmConfig
 
-_mode = "default"  # "default" | "verbose" | "json"
+_mode: Optional[str] = None  # "default" | "verbose" | "json"; None: not a CLI (tests, a notebook): as verbose
 NOISY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve", "deepspeed", "DeepSpeed", "transformers",
                  "vllm", "httpx", "filelock", "torch")
+
+
+QUIET_ENV = {"PYTHONWARNINGS": "ignore", "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
+             "RAY_AIR_NEW_OUTPUT": "0"}  # Tune's legacy reporter: verbose=0 silences it (the new one prints a box)
+_user_err: Any = None  # where our own errors go while fd 2 is redirected to the log file
+log_path: Optional[str] = None
 
 
 def configure(verbose: bool = False, json_events: bool = False) -> None:
@@ -33,20 +40,71 @@ def configure(verbose: bool = False, json_events: bool = False) -> None:
     if _mode == "verbose":
         return
     warnings.simplefilter("ignore")
-    os.environ.setdefault("PYTHONWARNINGS", "ignore")  # inherited by the processes Ray starts here
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    for name in NOISY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)  # also inherited by the processes Ray starts from here
+    silence()
 
 
-def verbose() -> bool:
-    return _mode == "verbose"
+def silence() -> None:
+    """Quiet the libraries' loggers (again: Ray Data and Serve set their own levels when they start)."""
+    if quiet():
+        for name in NOISY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@contextmanager
+def session(verb: str, verbose: bool = False, json_events: bool = False) -> Iterator[None]:
+    """One CLI command's output. Quiet modes send everything written to file descriptor 2 (the
+    libraries' logs and warnings, Ray's and vLLM's processes started from here) to a log file
+    named at start-up; raylm's own errors still reach the terminal (`error`). Everything is put
+    back afterwards, so a caller in the same process (a test) is not changed by it."""
+    global _mode, _user_err, log_path
+    saved_env = {k: os.environ.get(k) for k in QUIET_ENV}
+    saved_levels = {name: logging.getLogger(name).level for name in NOISY_LOGGERS}
+    saved_fd = None
+    with warnings.catch_warnings():
+        configure(verbose, json_events)
+        if quiet() and sys.stderr is sys.__stderr__:  # a real terminal or pipe, not a test's capture
+            log_dir = os.path.expanduser("~/.cache/raylm/logs")
+            os.makedirs(log_dir, exist_ok=True)
+            log_path = os.path.join(log_dir, f"{verb}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
+            sys.stderr.flush()
+            saved_fd = os.dup(2)
+            _user_err = os.fdopen(os.dup(2), "w", buffering=1)
+            with open(log_path, "a") as log:
+                os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            if saved_fd is not None:
+                sys.stderr.flush()
+                os.dup2(saved_fd, 2)
+                os.close(saved_fd)
+                _user_err.close()
+            _mode, _user_err, log_path = None, None, None
+            for key, value in saved_env.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+            for name, level in saved_levels.items():
+                logging.getLogger(name).setLevel(level)
+
+
+def error(text: str) -> None:
+    """raylm's own error line, on the terminal's stderr even while the libraries' go to the log."""
+    where = f" (full log: {log_path})" if log_path else ""
+    print(f"error: {text}{where}", file=_user_err or sys.stderr, flush=True)
+
+
+def quiet() -> bool:
+    """The CLI without -v: progress comes from raylm, not from the libraries' logs."""
+    return _mode in ("default", "json")
 
 
 def forward_worker_logs() -> bool:
-    """Whether Ray should copy every worker's stdout/stderr to this terminal (`-v` only)."""
-    return _mode == "verbose"
+    """Whether Ray should copy every worker's stdout/stderr to this terminal (not when quiet)."""
+    return not quiet()
 
 
 def say(text: str = "", event: Optional[str] = None, **fields: Any) -> None:
@@ -65,7 +123,8 @@ def print_header(verb: str, cfg: RaylmConfig) -> None:
         f"workers={t.num_workers} ({'GPU' if t.use_gpu else 'CPU'}) zero={cfg.deepspeed.zero_stage} "
         f"precision={cfg.precision} global_batch={t.effective_global_batch} "
         f"(micro {t.micro_batch_size} x accum {t.grad_accum_steps} x workers {t.num_workers}) "
-        f"tokens/step={t.effective_global_batch * d.seq_len} storage={t.storage_path}",
+        f"tokens/step={t.effective_global_batch * d.seq_len} storage={t.storage_path}"
+        + (f"\n(Ray's, DeepSpeed's and vLLM's logs: {log_path}; -v shows them here)" if log_path else ""),
         event="start", verb=verb, config=cfg.model_dump(mode="json"))
 
 
@@ -101,8 +160,8 @@ class Progress:
                 self._next_quarter += 1
             say(f"{self.desc}: {n}/{self.total} {self.unit}  {self.postfix}".rstrip())
 
-    def close(self, result: str = "") -> None:
-        """End the stage with its result line (and the elapsed time)."""
+    def close(self, result: str = "", show_elapsed: bool = True) -> None:
+        """End the stage with its result line and (unless the result has it) the elapsed time."""
         elapsed = time.perf_counter() - self.t0
         if self.bar is not None:
             self.bar.close()
@@ -110,8 +169,9 @@ class Progress:
             print(json.dumps({"event": "stage_done", "stage": self.desc, "seconds": round(elapsed, 2),
                               "result": result}), flush=True)
             return
-        done = f"{self.n}/{self.total} {self.unit}, " if self.total else ""
-        say(f"{self.desc}: {done}{result + ', ' if result else ''}{elapsed:.0f}s".replace(", ,", ","))
+        parts = [f"{self.n}/{self.total} {self.unit}" if self.total else "", result,
+                 f"{elapsed:.0f}s" if show_elapsed else ""]
+        say(f"{self.desc}: {', '.join(p for p in parts if p)}")
 
 
 def _fmt(v: Any) -> str:

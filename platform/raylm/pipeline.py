@@ -13,20 +13,48 @@ import urllib.request
 from pathlib import Path
 from typing import Optional
 
-from raylm import storage
+from raylm import console, storage
 from raylm.config import RaylmConfig
-from raylm.console import print_header
+from raylm.console import Progress, print_header, say
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_SWEEP = ROOT / "tune_configs" / "tiny_sweep.yaml"
 
 
-def stage(n: int, name: str) -> float:
-    print(f"\n=== [{n}/4] {name} ===", flush=True)
-    return time.perf_counter()
+def stage(n: int, name: str) -> None:
+    say(f"\n=== [{n}/4] {name} ===", event="stage", n=n, name=name)
 
 
-def demo_completion(url: str, cfg: RaylmConfig, timeout_s: float = 60.0) -> dict:
+def demo_prompt(cfg: RaylmConfig, words: int = 3) -> str:
+    """The first words of the corpus (its first non-empty text line): a prompt the model has seen."""
+    from raylm.data import embedded_documents, resolve_source
+
+    src = resolve_source(cfg.data)
+    text = ""
+    if src.kind == "embedded":
+        text = embedded_documents()[0]
+    elif src.kind == "text" and src.paths:
+        with open(src.paths[0], errors="replace") as f:
+            text = f.read(4096)
+    elif src.kind == "jsonl" and src.paths:
+        with open(src.paths[0], errors="replace") as f:
+            text = str(json.loads(f.readline() or "{}").get(cfg.data.text_field, ""))
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    return " ".join(line.split()[:words]) or "The"
+
+
+def prepare_data_with_progress(cfg: RaylmConfig):
+    """The data stage (Ray Data: read, tokenize, pack), shown as one progress line."""
+    from raylm.data import prepare_data
+
+    bar = Progress(f"data: {cfg.data.source}")
+    console.silence()  # Ray Data sets its loggers' levels when it is imported
+    prepared = prepare_data(cfg.data, verbose=not console.quiet())
+    bar.close(prepared.stats.summary(), show_elapsed=False)
+    return prepared
+
+
+def demo_completion(url: str, cfg: RaylmConfig, prompt: str, timeout_s: float = 60.0) -> dict:
     """One real request through the HTTP endpoint, authenticated like any client."""
     from raylm.serve.auth import generated_key, load_api_keys
 
@@ -35,7 +63,7 @@ def demo_completion(url: str, cfg: RaylmConfig, timeout_s: float = 60.0) -> dict
     headers = {"Content-Type": "application/json"}
     if keys or s.require_api_key:
         headers["Authorization"] = f"Bearer {keys[0] if keys else generated_key()[0]}"
-    body = json.dumps({"model": s.model_id, "prompt": "First Citizen:", "max_tokens": 24, "temperature": 0.8,
+    body = json.dumps({"model": s.model_id, "prompt": prompt, "max_tokens": 24, "temperature": 0.8,
                        "seed": 0}).encode()
     req = urllib.request.Request(f"{url}/v1/completions", data=body, headers=headers, method="POST")
     try:
@@ -48,7 +76,7 @@ def demo_completion(url: str, cfg: RaylmConfig, timeout_s: float = 60.0) -> dict
 def run_pipeline(cfg: RaylmConfig, address: Optional[str] = None, keep_serving: bool = False) -> int:
     """Run the four stages in order and print where the endpoint is and how to call it."""
     from raylm.cluster import init_ray
-    from raylm.data import prepare_data, resolve_source
+    from raylm.data import resolve_source
     from raylm.serve.app import _deploy, banner, serve_until_interrupted
     from raylm.train.checkpoint import hf_dir
     from raylm.tune import run_sweep, validate_sweep
@@ -60,31 +88,34 @@ def run_pipeline(cfg: RaylmConfig, address: Optional[str] = None, keep_serving: 
     t_start = time.perf_counter()
     init_ray(cfg, address=address)
 
-    t0 = stage(1, f"data: {cfg.data.source}")
-    prepared = prepare_data(cfg.data)
-    print(f"{prepared.stats.summary()} [{time.perf_counter() - t0:.0f}s]", flush=True)
+    stage(1, f"data: {cfg.data.source}")
+    prepared = prepare_data_with_progress(cfg)
 
-    t0 = stage(2, f"tune: sweep {cfg.tune.sweep_name} over {', '.join(cfg.tune.search_space)}")
+    stage(2, f"tune: sweep {cfg.tune.sweep_name} over {', '.join(cfg.tune.search_space)}")
     outcome = run_sweep(cfg, prepared)
-    print(f"{outcome.summary()} [{time.perf_counter() - t0:.0f}s]", flush=True)
+    say(outcome.summary(), event="swept", sweep_dir=outcome.sweep_dir, best_json=outcome.best_json)
     if not outcome.best:
-        print("error: no trial finished with a checkpoint; see the table above", flush=True)
+        say("error: no trial finished with a checkpoint; see the table above", event="error")
         return 1
 
-    t0 = stage(3, "serve: the best checkpoint behind the OpenAI-compatible API")
+    stage(3, "serve: the best checkpoint behind the OpenAI-compatible API")
     checkpoint = hf_dir(outcome.best.checkpoint)
+    bar = Progress("serve: vLLM replica warm-up")
     url, keys = _deploy(cfg, checkpoint)
-    print(f"deployed {checkpoint} [{time.perf_counter() - t0:.0f}s]", flush=True)
+    bar.close(f"{checkpoint} at {url}/v1")
 
-    t0 = stage(4, "one completion through the endpoint")
-    reply = demo_completion(url, cfg)
-    print(f"prompt: 'First Citizen:' -> {reply['choices'][0]['text']!r}  (usage {reply['usage']}) "
-          f"[{time.perf_counter() - t0:.1f}s]", flush=True)
+    stage(4, "one completion through the endpoint")
+    prompt = demo_prompt(cfg)
+    t0 = time.perf_counter()
+    reply = demo_completion(url, cfg, prompt)
+    say(f"prompt: {prompt!r} -> {reply['choices'][0]['text']!r}  (usage {reply['usage']}) "
+        f"[{time.perf_counter() - t0:.1f}s]", event="completion", prompt=prompt, reply=reply)
 
-    print(f"\npipeline done in {time.perf_counter() - t_start:.0f}s\n{banner(url, keys, cfg)}", flush=True)
-    print(f"best pointer for `raylm serve --checkpoint`: {outcome.best_json}", flush=True)
+    say(f"\npipeline done in {time.perf_counter() - t_start:.0f}s\n{banner(url, keys, cfg)}", event="done",
+        url=f"{url}/v1", seconds=round(time.perf_counter() - t_start, 1))
+    say(f"best pointer for `raylm serve --checkpoint`: {outcome.best_json}")
     if not keep_serving:
-        print("(the endpoint stops when this command exits; pass --keep-serving to keep it up)", flush=True)
+        say("(the endpoint stops when this command exits; pass --keep-serving to keep it up)")
         return 0
     serve_until_interrupted(cfg)
     return 0

@@ -21,8 +21,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from raylm import storage
+from raylm import console, storage
 from raylm.config import ConfigError, RaylmConfig, validate_tree
+from raylm.console import Progress, say
 
 SPEC_KINDS = ("loguniform", "uniform", "choice", "grid")
 METRICS = ("val_loss", "perplexity", "loss")
@@ -204,12 +205,12 @@ def build_tuner(cfg: RaylmConfig, prepared: Any) -> Any:
         {"CPU": TRIAL_CPU})
     experiment = storage.tune_dir(sweep_dir)
     if tune.Tuner.can_restore(experiment):
-        print(f"resuming sweep {t.sweep_name} from {experiment} (finished trials are not rerun)", flush=True)
+        say(f"resuming sweep {t.sweep_name} from {experiment} (finished trials are not rerun)", event="sweep_resume")
         return tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=False)
     concurrency = max_concurrency(cfg)
-    print(f"sweep {t.sweep_name}: {t.num_samples} sample(s), up to {concurrency} trial(s) at once "
+    say(f"sweep {t.sweep_name}: {t.num_samples} sample(s), up to {concurrency} trial(s) at once "
           f"({cfg.train.num_workers} workers x {cfg.train.cpus_per_worker} CPU each), scheduler={t.scheduler}, "
-          f"search={t.search_alg}, {evals_per_trial(cfg)} evaluations per full trial", flush=True)
+          f"search={t.search_alg}, {evals_per_trial(cfg)} evaluations per full trial", event="sweep")
     return tune.Tuner(
         trainable,
         param_space=param_space(cfg),
@@ -217,9 +218,52 @@ def build_tuner(cfg: RaylmConfig, prepared: Any) -> Any:
         # workers, placement group) with it; a reused actor kept them and the next trial starved
         tune_config=tune.TuneConfig(metric=t.metric, mode=t.mode, num_samples=t.num_samples, reuse_actors=False,
                                     scheduler=_scheduler(cfg), search_alg=_search_alg(cfg, concurrency)),
-        run_config=tune.RunConfig(name="tune", storage_path=sweep_dir,
+        run_config=tune.RunConfig(name="tune", storage_path=sweep_dir, **quiet_run_options(cfg),
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )
+
+
+def quiet_run_options(cfg: RaylmConfig) -> dict[str, Any]:
+    """For a quiet CLI: no Tune status tables, one progress bar of trials instead."""
+    if not console.quiet():
+        return {}
+    return {"verbose": 0, "callbacks": [sweep_progress(cfg)]}
+
+
+def sweep_progress(cfg: RaylmConfig) -> Any:
+    """A Tune callback (it runs in this process) moving a bar of finished trials, with the best
+    metric so far."""
+    from ray import tune
+
+    t = cfg.tune
+    better = min if t.mode == "min" else max
+
+    class SweepProgress(tune.Callback):
+        def __init__(self):
+            self.bar = Progress(f"tune: {t.sweep_name}", total=t.num_samples, unit="trials")
+            self.best: Optional[float] = None
+            self.ended = 0
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if isinstance(result.get(t.metric), (int, float)):
+                value = float(result[t.metric])
+                self.best = value if self.best is None else better(self.best, value)
+                self.bar.update(self.ended, **{f"best {t.metric}": self.best, "running": trial.trial_id})
+
+        def _end(self, trial):
+            self.ended += 1
+            self.bar.update(self.ended, **({f"best {t.metric}": self.best} if self.best is not None else {}))
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._end(trial)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._end(trial)
+
+        def on_experiment_end(self, trials, **info):
+            self.bar.close()
+
+    return SweepProgress()
 
 
 def _scheduler(cfg: RaylmConfig) -> Any:
@@ -402,8 +446,9 @@ def run_sweep(cfg: RaylmConfig, prepared: Any = None) -> SweepOutcome:
 
     validate_sweep(cfg)
     t0 = time.perf_counter()
-    prepared = prepared or prepare_data(cfg.data)
-    print(prepared.stats.summary(), flush=True)
+    if prepared is None:
+        prepared = prepare_data(cfg.data)
+        say(prepared.stats.summary())
     results = build_tuner(cfg, prepared).fit()
     sweep_dir = sweep_path(cfg)
     rows = sorted((_trial_row(r, cfg, storage.trials_dir(sweep_dir)) for r in results), key=lambda r: r.trial_id)

@@ -1,6 +1,7 @@
 """The data stage on a real local Ray: counts round-trip, shards are disjoint and cover the data."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -110,6 +111,8 @@ def test_cli_data_on_embedded_default(tmp_path):
     out = subprocess.run([sys.executable, "-m", "raylm", "data", "--json", "--set", f"data.cache_dir={tmp_path}"],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    stats = json.loads(out.stdout.strip().splitlines()[-1])
+    events = [json.loads(line) for line in out.stdout.strip().splitlines()]  # --json: nothing but events
+    assert [e["event"] for e in events][0] == "start" and events[0]["config"]["data"]["source"] == "embedded"
+    stats = next(e for e in events if e["event"] == "data")
     assert stats["documents"] > 50 and stats["blocks"] * 129 + stats["dropped_tokens"] == stats["tokens"]
-    assert "documents in" in out.stdout
+    assert "documents in" in stats["summary"] and os.path.isdir(stats["tokenizer"])

@@ -35,10 +35,18 @@ def test_pipeline_end_to_end_then_status(tmp_path, cache_dir):
     for n in range(1, 5):
         assert f"=== [{n}/4]" in out  # every stage announced, in order
     assert out.index("=== [1/4]") < out.index("=== [2/4]") < out.index("=== [3/4]") < out.index("=== [4/4]")
-    # a real completion came back through the endpoint, with usage
-    reply = re.search(r"prompt: 'First Citizen:' -> '(.*)'  \(usage (\{.*\})\)", out)
+    # a short story, not the libraries' logs: no worker output, no warnings, under 60 lines
+    lines = out.splitlines()
+    assert len(lines) < 60, out
+    assert not [ln for ln in lines if re.search(r"warn|\(pid=|Trial|INFO|DeepSpeed", ln, re.I)], out
+    assert re.search(r"^train|^tune: tiny-sweep: 2/2 trials", out, re.M), out
+    # a real completion came back through the endpoint, with usage, for a prompt taken from the corpus
+    from raylm.data import embedded_documents
+
+    first_words = " ".join(embedded_documents()[0].split("\n")[0].split()[:3])
+    reply = re.search(r"prompt: '(.+)' -> '(.*)'  \(usage (\{.*\})\)", out)
     assert reply, out[-3000:]
-    assert "'completion_tokens': " in reply.group(2)
+    assert reply.group(1) == first_words and "'completion_tokens': " in reply.group(3)
     # the user is told where the endpoint and key are, never the key itself
     assert re.search(r"serving raylm at http://127\.0\.0\.1:\d+/v1", out)
     assert str(key_file) in out and "sk-raylm-pipeline-test" not in out + proc.stderr

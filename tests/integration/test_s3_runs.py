@@ -65,7 +65,7 @@ def bucket(s3_server):
 
 
 def train_args(cache_dir: str, max_steps: int) -> list[str]:
-    return ["train", "-c", "configs/tiny.yaml", *sets(
+    return ["train", "-v", "-c", "configs/tiny.yaml", *sets(
         data__cache_dir=cache_dir, train__storage_path=RUNS, train__run_name="s3run", train__max_steps=max_steps,
         train__checkpoint_every_steps=10, train__eval_every_steps=10, train__log_every_steps=1,
         train__keep_checkpoints=2)]

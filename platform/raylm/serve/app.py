@@ -28,6 +28,7 @@ from ray.serve.llm import LLMConfig, LLMServer, build_llm_deployment
 from raylm import storage
 from raylm.chat import DEFAULT_CHAT_TEMPLATE
 from raylm.config import RaylmConfig, ServeConfig
+from raylm.console import say
 from raylm.errors import CheckpointError, ConfigError, InputError, ServeDeployError
 from raylm.serve.auth import KeySetup, setup_keys
 from raylm.serve.gate import Gate, GateSettings
@@ -302,7 +303,7 @@ def run_serve(cfg: RaylmConfig, checkpoint: str, blocking: bool) -> int:
     """`raylm serve`: deploy, print the URL/key location/examples; block until Ctrl-C if asked."""
     url, keys = _deploy(cfg, checkpoint)
     direct = tuple(direct_urls(cfg.serve)) if cfg.serve.direct_ingress else ()
-    print(banner(url, keys, cfg, direct), flush=True)
+    say(banner(url, keys, cfg, direct), event="serving", url=f"{url}/v1", direct=[f"{u}/v1" for u in direct])
     if blocking:
         serve_until_interrupted(cfg)
     return 0
@@ -310,7 +311,7 @@ def run_serve(cfg: RaylmConfig, checkpoint: str, blocking: bool) -> int:
 
 def serve_until_interrupted(cfg: RaylmConfig) -> None:
     """Keep the app up until Ctrl-C, then delete it."""
-    print("Ctrl-C to stop", flush=True)
+    say("Ctrl-C to stop", event="ready")
     try:
         while True:
             time.sleep(1.0)

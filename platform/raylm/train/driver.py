@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
-from raylm import storage
+from raylm import console, storage
 from raylm.config import InputError, RaylmConfig
+from raylm.console import Progress, say
 from raylm.data import PreparedData, make_data_config, prepare_data, tokenizer_files
 from raylm.train.checkpoint import hf_dir
 
@@ -40,7 +43,7 @@ def check_data_fits(cfg: RaylmConfig, prepared: PreparedData) -> None:
 
 
 def build_trainer(cfg: RaylmConfig, prepared: PreparedData, callbacks: Optional[list] = None,
-                  storage_path: Optional[str] = None, held_cpu: float = 0.0) -> Any:
+                  storage_path: Optional[str] = None, held_cpu: float = 0.0, progress: Any = None) -> Any:
     """A TorchTrainer for this config; `storage_path`/`callbacks` let Tune place and observe trials.
 
     `held_cpu` is what the caller itself holds (a Tune trial function's sliver): it is taken out
@@ -60,7 +63,7 @@ def build_trainer(cfg: RaylmConfig, prepared: PreparedData, callbacks: Optional[
     resources = {"CPU": t.cpus_per_worker - held_cpu / t.num_workers, **({"GPU": 1} if t.use_gpu else {})}
     return TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"config": cfg.model_dump(mode="json"),
+        train_loop_config={"config": cfg.model_dump(mode="json"), "progress": progress,
                            "tokenizer_files": tokenizer_files(prepared.tokenizer_dir)},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources,
                                      placement_strategy=t.placement_strategy,
@@ -79,12 +82,58 @@ def build_trainer(cfg: RaylmConfig, prepared: PreparedData, callbacks: Optional[
     )
 
 
+@contextmanager
+def training_progress(cfg: RaylmConfig) -> Iterator[Any]:
+    """A progress bar of the run's steps (loss, tokens/s) fed by rank 0 through a Ray queue: the
+    workers' own output is not forwarded to a quiet CLI. Yields the queue (None when not quiet)."""
+    if not console.quiet():
+        yield None
+        return
+    from ray.util.queue import Empty, Queue
+
+    queue = Queue(maxsize=256, actor_options={"num_cpus": 0})
+    bar = Progress(f"train: {cfg.train.run_name}", total=cfg.train.max_steps, unit="steps")
+    done = threading.Event()
+
+    def drain() -> None:
+        while not done.is_set():
+            try:
+                rec = queue.get(timeout=0.5)
+            except Empty:
+                continue
+            except Exception:  # noqa: BLE001 - the queue actor went away with the cluster
+                return
+            shown = {k: rec[k] for k in ("loss", "val_loss", "tokens_per_s") if k in rec}
+            bar.update(int(rec.get("step", bar.n)), **shown)
+
+    thread = threading.Thread(target=drain, daemon=True)
+    thread.start()
+    try:
+        yield queue
+    finally:
+        done.set()
+        thread.join(timeout=5)
+        bar.close()
+        ray_kill(queue)
+
+
+def ray_kill(queue: Any) -> None:
+    import ray
+
+    try:
+        ray.kill(queue.actor)
+    except Exception:  # noqa: BLE001 - already gone
+        pass
+
+
 def run_training(cfg: RaylmConfig, prepared: Optional[PreparedData] = None) -> TrainOutcome:
     """Prepare data (unless given), train, and return where the result lives. Ray must be up."""
-    prepared = prepared or prepare_data(cfg.data)
-    print(prepared.stats.summary(), flush=True)
+    if prepared is None:
+        prepared = prepare_data(cfg.data)
+        say(prepared.stats.summary())
     check_data_fits(cfg, prepared)
-    result = build_trainer(cfg, prepared).fit()
+    with training_progress(cfg) as queue:
+        result = build_trainer(cfg, prepared, progress=queue).fit()
     run_dir = storage.run_dir(cfg.train.storage_path, cfg.train.run_name)
     checkpoint = storage.join(run_dir, os.path.basename(result.checkpoint.path)) if result.checkpoint else None
     return TrainOutcome(run_dir=run_dir, checkpoint=checkpoint, hf_checkpoint=hf_dir(checkpoint) if checkpoint else None,

@@ -242,6 +242,14 @@ def _resume(cfg: RaylmConfig, engine: Any, log: MetricsLog) -> tuple[Any, Option
     return pos, path
 
 
+def tell(queue: Any, metrics: dict) -> None:
+    """Hand a report to the driver's progress bar; never wait for it (a full queue drops it)."""
+    try:
+        queue.put_nowait(metrics)
+    except Exception:  # noqa: BLE001 - the bar is a nicety: training never stops for it
+        pass
+
+
 def train_fn_per_worker(loop_config: dict) -> None:
     """Train until `train.max_steps`, reporting metrics and checkpoints to Ray Train."""
     import ray.train
@@ -251,6 +259,7 @@ def train_fn_per_worker(loop_config: dict) -> None:
     from raylm.train.checkpoint import save_checkpoint
 
     cfg, tokenizer, device = _setup(loop_config)
+    progress = loop_config.get("progress")  # a quiet CLI's progress bar (a Ray queue), else None
     t = cfg.train
     engine, params = _engine(cfg, tokenizer)
     rank = dist.get_rank()
@@ -316,6 +325,8 @@ def train_fn_per_worker(loop_config: dict) -> None:
             last_report_t = time.monotonic()
         spent["report_s"] = time.perf_counter() - clock
         log.write({**metrics, **spent, "time": time.time(), "checkpoint": bool(checkpoint_dir)})  # after the report: persisted
+        if progress is not None and rank == 0:
+            tell(progress, metrics)
         if checkpoint_dir:
             log.sync()
         window_loss, window_steps, window_tokens, window_t0 = 0.0, 0, 0, time.perf_counter()
