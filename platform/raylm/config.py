@@ -16,6 +16,8 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ray.serve.config import AutoscalingConfig as ServeAutoscalingConfig
+
 from raylm.errors import ConfigError, InputError  # noqa: F401 - re-exported: raylm.config.InputError
 
 RAY_VERSION = "2.60.0"
@@ -201,27 +203,27 @@ class TuneConfig(_Strict):
     sweep_name: str = Field("raylm-sweep", description="Sweeps with the same name resume each other.")
 
 
-class AutoscalingConfig(_Strict):
+class AutoscalingConfig(ServeAutoscalingConfig):
+    """Ray Serve's own `AutoscalingConfig` (every field of it: look_back_period_s,
+    upscaling_factor, policy, ...; its checks, e.g. min_replicas <= max_replicas), with unknown
+    keys refused and raylm's defaults for a continuous-batching engine below."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
     min_replicas: int = Field(1, ge=0, description="Fewest Serve replicas kept running (0 lets the app scale to zero).")
-    initial_replicas: Optional[int] = Field(
-        None, ge=0, description="Replicas started at deploy time; None starts min_replicas."
-    )
     max_replicas: int = Field(2, ge=1, description="Most Serve replicas the autoscaler starts.")
     target_ongoing_requests: float = Field(
         16.0, gt=0, description="Ongoing requests per replica the autoscaler aims for (more -> scale up). A "
         "continuous-batching engine runs many sequences at once at little extra cost per token, so this is "
-        "well above 1: about half of serve.max_num_seqs keeps replicas busy without queueing."
+        "well above Ray's default of 2: about half of serve.max_num_seqs keeps replicas busy without queueing."
     )
     upscale_delay_s: float = Field(5.0, ge=0, description="Seconds demand must stay high before adding replicas.")
     downscale_delay_s: float = Field(30.0, ge=0, description="Seconds demand must stay low before removing replicas.")
 
-    @model_validator(mode="after")
-    def _ordered(self) -> "AutoscalingConfig":
-        if self.min_replicas > self.max_replicas:
-            raise ValueError("min_replicas: must not exceed max_replicas")
-        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
-            raise ValueError("initial_replicas: must lie between min_replicas and max_replicas")
-        return self
+    def serve_options(self) -> dict[str, Any]:
+        """What Serve's `autoscaling_config` gets: raylm's fields, plus any other field set."""
+        shown = set(AutoscalingConfig.__annotations__) | {"initial_replicas"} | self.model_fields_set
+        return {k: v for k, v in self.model_dump(mode="json", exclude_none=True).items() if k in shown}
 
 
 class ServeConfig(_Strict):

@@ -18,7 +18,7 @@ CPU_KV_CACHE_GIB = 1.0  # vLLM's CPU backend otherwise reserves a share of the h
 
 def serve_autoscaling(s: ServeConfig) -> dict[str, Any]:
     """Ray Serve's `autoscaling_config` from `serve.autoscaling`."""
-    return s.autoscaling.model_dump(exclude_none=True)
+    return s.autoscaling.serve_options()
 
 
 def deployment_options(s: ServeConfig) -> dict[str, Any]:
