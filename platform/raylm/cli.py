@@ -144,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    with console.session(args.verb, verbose=args.verbose, json_events=args.json):
+    # `raylm ...` (argv None) keeps quiet to its exit; a caller passing argv gets its process back
+    with console.session(args.verb, verbose=args.verbose, json_events=args.json, restore=argv is not None):
         try:
             if args.verb == "pipeline" and not args.config:
                 from raylm.pipeline import DEFAULT_SWEEP

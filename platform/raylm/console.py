@@ -53,12 +53,13 @@ def silence() -> None:
 
 
 @contextmanager
-def session(verb: str, verbose: bool = False, json_events: bool = False) -> Iterator[None]:
+def session(verb: str, verbose: bool = False, json_events: bool = False, restore: bool = True) -> Iterator[None]:
     """One CLI command's output. Quiet modes send everything written to file descriptor 2 (the
     libraries' logs and warnings, Ray's and vLLM's processes started from here) to a log file
     named at start-up; raylm's own errors still reach the terminal (`error`). Everything is put
-    back afterwards, so a caller in the same process (a test) is not changed by it."""
-    global _mode, _user_err, log_path
+    back afterwards, so a caller in the same process (a test) is not changed by it; the CLI process
+    itself (`restore=False`) keeps the log file to the end, for what libraries print at exit."""
+    global _user_err, log_path
     saved_env = {k: os.environ.get(k) for k in QUIET_ENV}
     saved_levels = {name: logging.getLogger(name).level for name in NOISY_LOGGERS}
     saved_fd = None
@@ -76,19 +77,25 @@ def session(verb: str, verbose: bool = False, json_events: bool = False) -> Iter
         try:
             yield
         finally:
-            if saved_fd is not None:
-                sys.stderr.flush()
-                os.dup2(saved_fd, 2)
-                os.close(saved_fd)
-                _user_err.close()
-            _mode, _user_err, log_path = None, None, None
-            for key, value in saved_env.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
-            for name, level in saved_levels.items():
-                logging.getLogger(name).setLevel(level)
+            if restore:
+                _restore(saved_fd, saved_env, saved_levels)
+
+
+def _restore(saved_fd: Optional[int], saved_env: dict, saved_levels: dict) -> None:
+    global _mode, _user_err, log_path
+    if saved_fd is not None:
+        sys.stderr.flush()
+        os.dup2(saved_fd, 2)
+        os.close(saved_fd)
+        _user_err.close()
+    _mode, _user_err, log_path = None, None, None
+    for key, value in saved_env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    for name, level in saved_levels.items():
+        logging.getLogger(name).setLevel(level)
 
 
 def error(text: str) -> None:

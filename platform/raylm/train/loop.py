@@ -242,6 +242,123 @@ def _resume(cfg: RaylmConfig, engine: Any, log: MetricsLog) -> tuple[Any, Option
     return pos, path
 
 
+class StepMeter:
+    """Loss, tokens and time since the last log line; `maybe_log` turns them into the step's
+    numbers with one all-reduce (mean loss, tokens/s, and the time since the last Ray report,
+    agreed across ranks so that every rank makes the same reporting decision)."""
+
+    def __init__(self, cfg: RaylmConfig, engine: Any, device: Any):
+        self.cfg, self.engine, self.device = cfg, engine, device
+        self.fpt, self.peak = flops_per_token(engine.module, cfg.data.seq_len), peak_flops(device)
+        self.last_report_t = time.monotonic()
+        self.since_report_s = 0.0
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss, self.steps, self.tokens, self.t0 = 0.0, 0, 0, time.perf_counter()
+
+    def add(self, loss: Any, batch: dict) -> None:
+        self.loss += float(loss.detach()) / self.cfg.train.grad_accum_steps
+        self.tokens += real_tokens(batch)
+
+    def maybe_log(self, step: int, force: bool) -> dict[str, float]:
+        """The step's training numbers when a log line is due (every train.log_every_steps), else {}."""
+        self.steps += 1
+        if not (step % self.cfg.train.log_every_steps == 0 or force):
+            return {}
+        import torch.distributed as dist
+
+        elapsed = time.perf_counter() - self.t0
+        loss, self.since_report_s, tokens = all_mean(
+            [self.loss / self.steps, time.monotonic() - self.last_report_t, self.tokens], self.device)
+        tps = tokens * dist.get_world_size() / max(elapsed, 1e-9)  # real tokens (SFT: no padding)
+        grad_norm = self.engine.get_global_grad_norm()
+        out = {"loss": loss, "lr": self.engine.get_lr()[0], "tokens_per_s": tps,
+               "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+        if self.peak:
+            out["mfu"] = self.fpt * tps / (self.peak * dist.get_world_size())
+        return out
+
+
+class Evaluator:
+    """Validation every train.eval_every_steps (and at the end); keeps the newest result."""
+
+    def __init__(self, cfg: RaylmConfig, engine: Any, shard: Any, device: Any):
+        self.cfg, self.engine, self.shard, self.device = cfg, engine, shard, device
+        self.last: dict[str, float] = {}
+        self.seconds = 0.0
+
+    def maybe_eval(self, step: int, force: bool) -> bool:
+        every = self.cfg.train.eval_every_steps
+        if not (step % every == 0 or force):
+            return False
+        t0 = time.perf_counter()
+        # `evals` counts evaluations by step, so it survives restarts: Tune forwards each once
+        self.last = {**evaluate(self.engine, self.shard, self.cfg, self.device),
+                     "evals": step // every + (1 if step % every else 0)}
+        self.seconds = time.perf_counter() - t0
+        return True
+
+
+class Checkpointer:
+    """A resumable checkpoint every train.checkpoint_every_steps (and at the end), into a local
+    folder that the next Ray Train report uploads (`train.checkpoint_upload`)."""
+
+    def __init__(self, cfg: RaylmConfig, engine: Any, tokenizer: Any):
+        self.cfg, self.engine, self.tokenizer = cfg, engine, tokenizer
+        self.seconds = 0.0
+
+    def maybe_save(self, pos: Any, force: bool) -> Optional[str]:
+        from raylm.train.checkpoint import save_checkpoint
+
+        if not (pos.step % self.cfg.train.checkpoint_every_steps == 0 or force):
+            return None
+        t0 = time.perf_counter()
+        local = save_checkpoint(self.engine, self.tokenizer, self.cfg, pos)
+        self.seconds = time.perf_counter() - t0
+        return local
+
+
+class Reporter:
+    """Ray Train reports and the run's log: a checkpoint is always reported (with the step's
+    metrics), an evaluation too; metrics alone at most once per REPORT_MIN_INTERVAL_S."""
+
+    def __init__(self, cfg: RaylmConfig, log: MetricsLog, meter: StepMeter, resumed_step: int,
+                 progress: Any, rank: int):
+        self.cfg, self.log, self.meter, self.resumed_step = cfg, log, meter, resumed_step
+        self.progress = progress if rank == 0 else None
+
+    def maybe_report(self, pos: Any, logged: dict, evaluator: Evaluator, evaluated: bool,
+                     checkpointer: Checkpointer, checkpoint_dir: Optional[str]) -> None:
+        import ray.train
+        from ray.train import CheckpointUploadMode
+
+        if not (logged or evaluated or checkpoint_dir):
+            return
+        metrics = {"step": pos.step, "tokens": pos.tokens, "resumed_from_step": self.resumed_step,
+                   **logged, **evaluator.last}
+        spent = {**({"eval_s": evaluator.seconds} if evaluated else {}),  # where time goes
+                 **({"save_s": checkpointer.seconds} if checkpoint_dir else {})}
+        t0 = time.perf_counter()
+        if checkpoint_dir:
+            # async: Ray Train uploads in a background thread and deletes the local copy after
+            async_upload = self.cfg.train.checkpoint_upload == "async"
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
+                             checkpoint_dir_name=storage.step_name(pos.step), delete_local_checkpoint_after_upload=True,
+                             checkpoint_upload_mode=CheckpointUploadMode.ASYNC if async_upload else CheckpointUploadMode.SYNC)
+            self.meter.last_report_t = time.monotonic()
+        elif evaluated or self.meter.since_report_s >= REPORT_MIN_INTERVAL_S:  # logged holds when not evaluated
+            ray.train.report(metrics)
+            self.meter.last_report_t = time.monotonic()
+        spent["report_s"] = time.perf_counter() - t0
+        self.log.write({**metrics, **spent, "time": time.time(), "checkpoint": bool(checkpoint_dir)})  # persisted
+        if self.progress is not None:
+            tell(self.progress, metrics)
+        if checkpoint_dir:
+            self.log.sync()
+        self.meter.reset()
+
+
 def tell(queue: Any, metrics: dict) -> None:
     """Hand a report to the driver's progress bar; never wait for it (a full queue drops it)."""
     try:
@@ -251,83 +368,35 @@ def tell(queue: Any, metrics: dict) -> None:
 
 
 def train_fn_per_worker(loop_config: dict) -> None:
-    """Train until `train.max_steps`, reporting metrics and checkpoints to Ray Train."""
+    """Train until `train.max_steps`; the components decide when they act (log, evaluate,
+    checkpoint, report), so this reads as the loop it is."""
     import ray.train
     import torch.distributed as dist
-    from ray.train import CheckpointUploadMode
-
-    from raylm.train.checkpoint import save_checkpoint
 
     cfg, tokenizer, device = _setup(loop_config)
-    progress = loop_config.get("progress")  # a quiet CLI's progress bar (a Ray queue), else None
     t = cfg.train
     engine, params = _engine(cfg, tokenizer)
-    rank = dist.get_rank()
-    log = MetricsLog(cfg, rank)
+    log = MetricsLog(cfg, dist.get_rank())
     log.write({"event": "start", **params, "lora": bool(t.lora), "time": time.time()})
-    pos, resumed_from = _resume(cfg, engine, log)
-    resumed_step = pos.step
+    pos, _ = _resume(cfg, engine, log)
     batches = micro_batches(ray.train.get_dataset_shard("train"), t.micro_batch_size, pos.step * t.grad_accum_steps, device)
-    val_shard = ray.train.get_dataset_shard("val")
+    meter = StepMeter(cfg, engine, device)
+    evaluator = Evaluator(cfg, engine, ray.train.get_dataset_shard("val"), device)
+    checkpointer = Checkpointer(cfg, engine, tokenizer)
+    reporter = Reporter(cfg, log, meter, pos.step, loop_config.get("progress"), dist.get_rank())
     tokens_per_step = t.effective_global_batch * cfg.data.seq_len
-    fpt, peak = flops_per_token(engine.module, cfg.data.seq_len), peak_flops(device)
-    window_loss, window_steps, window_tokens, window_t0 = 0.0, 0, 0, time.perf_counter()
-    last_eval: dict[str, float] = {}
-    last_report_t = time.monotonic()
     while pos.step < t.max_steps:
         for _ in range(t.grad_accum_steps):
             batch = next(batches)
             loss = lm_loss(engine, batch)
-            window_tokens += real_tokens(batch)
             engine.backward(loss)
             engine.step()
-            window_loss += float(loss) / t.grad_accum_steps
+            meter.add(loss, batch)
         pos.step += 1
         pos.tokens += tokens_per_step
-        window_steps += 1
-        is_last = pos.step == t.max_steps
-        do_log = pos.step % t.log_every_steps == 0 or is_last
-        do_eval = pos.step % t.eval_every_steps == 0 or is_last
-        do_ckpt = pos.step % t.checkpoint_every_steps == 0 or is_last
-        if not (do_log or do_eval or do_ckpt):
-            continue
-        metrics: dict[str, Any] = {"step": pos.step, "tokens": pos.tokens, "resumed_from_step": resumed_step}
-        if do_log:
-            elapsed = time.perf_counter() - window_t0
-            # one all-reduce: the mean loss, and rank-agreed time since the last Ray report
-            loss_mean, since_report_s, tokens_mean = all_mean(
-                [window_loss / window_steps, time.monotonic() - last_report_t, window_tokens], device)
-            tps = tokens_mean * dist.get_world_size() / max(elapsed, 1e-9)  # real tokens (SFT: no padding)
-            grad_norm = engine.get_global_grad_norm()
-            metrics.update(loss=loss_mean, lr=engine.get_lr()[0], tokens_per_s=tps,
-                           grad_norm=float(grad_norm) if grad_norm is not None else float("nan"))
-            if peak:
-                metrics["mfu"] = fpt * tps / (peak * dist.get_world_size())
-        clock = time.perf_counter()
-        spent: dict[str, float] = {}  # seconds outside training steps, in the log: where time goes
-        if do_eval:
-            # `evals` counts evaluations by step, so it survives restarts: Tune forwards each once
-            last_eval = {**evaluate(engine, val_shard, cfg, device),
-                         "evals": pos.step // t.eval_every_steps + (1 if pos.step % t.eval_every_steps else 0)}
-            spent["eval_s"], clock = time.perf_counter() - clock, time.perf_counter()
-        metrics.update(last_eval)
-        checkpoint_dir = save_checkpoint(engine, tokenizer, cfg, pos) if do_ckpt else None
-        if checkpoint_dir:
-            spent["save_s"], clock = time.perf_counter() - clock, time.perf_counter()
-            # async: Ray Train uploads in a background thread and deletes the local copy after
-            mode = CheckpointUploadMode.ASYNC if t.checkpoint_upload == "async" else CheckpointUploadMode.SYNC
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
-                             checkpoint_dir_name=storage.step_name(pos.step), checkpoint_upload_mode=mode,
-                             delete_local_checkpoint_after_upload=True)
-            last_report_t = time.monotonic()
-        elif do_eval or since_report_s >= REPORT_MIN_INTERVAL_S:  # do_log holds when not do_eval
-            ray.train.report(metrics)
-            last_report_t = time.monotonic()
-        spent["report_s"] = time.perf_counter() - clock
-        log.write({**metrics, **spent, "time": time.time(), "checkpoint": bool(checkpoint_dir)})  # after the report: persisted
-        if progress is not None and rank == 0:
-            tell(progress, metrics)
-        if checkpoint_dir:
-            log.sync()
-        window_loss, window_steps, window_tokens, window_t0 = 0.0, 0, 0, time.perf_counter()
+        last = pos.step == t.max_steps
+        logged = meter.maybe_log(pos.step, force=last)
+        evaluated = evaluator.maybe_eval(pos.step, force=last)
+        checkpoint_dir = checkpointer.maybe_save(pos, force=last)
+        reporter.maybe_report(pos, logged, evaluator, evaluated, checkpointer, checkpoint_dir)
     log.close()
