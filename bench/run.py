@@ -32,6 +32,7 @@ STAGES = {  # name -> (module file, stage timeout in seconds: quick, full)
     "tune": ("tune_bench.py", 600, 900),
     "gpu": ("gpu_bench.py", 1200, 2400),
     "sft": ("sft_bench.py", 600, 1200),
+    "ckpt": ("ckpt_bench.py", 600, 1200),
 }
 
 

@@ -27,11 +27,14 @@ def _has_gpu() -> bool:
 def pytest_collection_modifyitems(config, items):
     gpu = _has_gpu()
     soak = os.environ.get("RAYLM_SOAK") == "1"
+    multinode = os.environ.get("RAYLM_MULTINODE") == "1"
     for item in items:
         if "gpu" in item.keywords and not gpu:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
         if "slow" in item.keywords and not soak:
             item.add_marker(pytest.mark.skip(reason="soak test: set RAYLM_SOAK=1"))
+        if "multinode" in item.keywords and not multinode:
+            item.add_marker(pytest.mark.skip(reason="multi-node test: set RAYLM_MULTINODE=1"))
 
 
 @pytest.fixture(scope="session")
