@@ -140,8 +140,9 @@ class MetricsLog:
     the trackers (TensorBoard, MLflow).
 
     Object storage cannot append, so there the log and the TensorBoard files are kept in a local
-    folder (seeded from the run's earlier metrics.jsonl on resume) and uploaded at every checkpoint
-    and at the end: what is in storage is never older than the newest checkpoint."""
+    folder (seeded from the run's earlier metrics.jsonl on resume) and uploaded after every
+    checkpoint, in a background thread (in the training thread it waited ~2 s per checkpoint
+    behind Ray Train's checkpoint upload: bench/RESULTS.md, section 7), and at the end."""
 
     def __init__(self, cfg: RaylmConfig, rank: int):
         from raylm.train.tracking import Trackers
@@ -150,6 +151,8 @@ class MetricsLog:
         self.remote = storage.is_remote(self.run_dir)
         self.path: Optional[str] = None
         self.trackers = None
+        self._uploads: Any = None  # a one-thread pool for the background upload
+        self._pending: Any = None  # the upload in flight
         if rank != 0:
             return
         local_dir = tempfile.mkdtemp(prefix="raylm-run-") if self.remote else self.run_dir
@@ -167,15 +170,29 @@ class MetricsLog:
         if self.trackers:
             self.trackers.log(record)
 
-    def sync(self) -> None:
-        """Object storage: upload the log and the tracker files (a local run folder is live)."""
-        if self.path and self.remote:
+    def sync(self, wait: bool = False) -> None:
+        """Object storage: upload the log and the tracker files (a local run folder is live). In
+        the background unless `wait`; while one upload is in flight the next is skipped (the
+        following checkpoint, or the end, brings storage up to date)."""
+        if not (self.path and self.remote):
+            return
+        if wait:
+            if self._pending is not None:
+                self._pending.exception()  # let it finish; the upload below supersedes it
             storage.upload(os.path.dirname(self.path), self.run_dir)
+            return
+        if self._pending is not None and not self._pending.done():
+            return
+        if self._uploads is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._uploads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raylm-log-upload")
+        self._pending = self._uploads.submit(storage.upload, os.path.dirname(self.path), self.run_dir)
 
     def close(self) -> None:
         if self.trackers:
             self.trackers.close()
-        self.sync()
+        self.sync(wait=True)
 
 
 def _setup(loop_config: dict) -> tuple[RaylmConfig, Any, Any]:
