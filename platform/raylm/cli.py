@@ -144,8 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # under `ray job submit` the job's log is where people look: it keeps everything, as with -v
+    verbose = args.verbose or (bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")) and not args.json)
     # `raylm ...` (argv None) keeps quiet to its exit; a caller passing argv gets its process back
-    with console.session(args.verb, verbose=args.verbose, json_events=args.json, restore=argv is not None):
+    with console.session(args.verb, verbose=verbose, json_events=args.json, restore=argv is not None):
         try:
             if args.verb == "pipeline" and not args.config:
                 from raylm.pipeline import DEFAULT_SWEEP
