@@ -67,42 +67,42 @@ def bucket(s3_server):
 def train_args(cache_dir: str, max_steps: int) -> list[str]:
     return ["train", "-v", "-c", "configs/tiny.yaml", *sets(
         data__cache_dir=cache_dir, train__storage_path=RUNS, train__run_name="s3run", train__max_steps=max_steps,
-        train__checkpoint_every_steps=10, train__eval_every_steps=10, train__log_every_steps=1,
+        train__checkpoint_every_steps=5, train__eval_every_steps=5, train__log_every_steps=1,
         train__keep_checkpoints=2)]
 
 
 @pytest.fixture(scope="module")
 def resumed_run(bucket, cache_dir):
-    """20 steps to s3://, then step 30's upload cut off (its manifest and half its files made it),
-    then the same command asked for 40 steps."""
-    first = raylm(*train_args(cache_dir, 20))
+    """10 steps to s3://, then step 15's upload cut off (its manifest and half its files made it),
+    then the same command asked for 20 steps."""
+    first = raylm(*train_args(cache_dir, 10))
     assert first.returncode == 0, first.stdout[-3000:]
-    src, cut = "runs/s3run/step_00000020/", "runs/s3run/step_00000030/"
+    src, cut = "runs/s3run/step_00000010/", "runs/s3run/step_00000015/"
     for i, key in enumerate(sorted(keys_under(bucket, src))):
         if key.endswith("raylm_checkpoint.json") or i % 2 == 0:  # every other file never arrived
             bucket.copy_object(Bucket=BUCKET, Key=cut + key, CopySource={"Bucket": BUCKET, "Key": src + key})
-    second = raylm(*train_args(cache_dir, 40))
+    second = raylm(*train_args(cache_dir, 20))
     assert second.returncode == 0, second.stdout[-3000:]
     return first, second
 
 
 def test_a_run_in_s3_resumes_from_its_newest_complete_checkpoint(bucket, resumed_run):
     first, second = resumed_run
-    assert f"run: {RUNS}/s3run" in first.stdout and f"HF checkpoint: {RUNS}/s3run/step_00000020/hf" in first.stdout
-    # the cut-off upload was named and passed over: the run went on from step 20, not 30 or 0
-    assert re.search(rf"skipping checkpoint: {RUNS}/s3run/step_00000030: missing file", second.stdout), \
+    assert f"run: {RUNS}/s3run" in first.stdout and f"HF checkpoint: {RUNS}/s3run/step_00000010/hf" in first.stdout
+    # the cut-off upload was named and passed over: the run went on from step 10, not 15 or 0
+    assert re.search(rf"skipping checkpoint: {RUNS}/s3run/step_00000015: missing file", second.stdout), \
         second.stdout[-3000:]
-    assert "trained: step 40" in second.stdout and "resumed from step 20" in second.stdout
+    assert "trained: step 20" in second.stdout and "resumed from step 10" in second.stdout
     log = read_log(bucket, "runs/s3run")
     resumes = [r for r in log if r.get("event") == "resume"]
-    assert [(r["step"], r["from"]) for r in resumes] == [(20, f"{RUNS}/s3run/step_00000020")]
+    assert [(r["step"], r["from"]) for r in resumes] == [(10, f"{RUNS}/s3run/step_00000010")]
     steps = [r for r in log if "loss" in r]
-    assert [r["step"] for r in steps] == list(range(1, 41))  # the first run's log was kept and continued
+    assert [r["step"] for r in steps] == list(range(1, 21))  # the first run's log was kept and continued
     tokens_per_step = steps[0]["tokens"]
     assert all(r["tokens"] == r["step"] * tokens_per_step for r in steps)
-    # keep-K (2) pruned the old checkpoints' objects; the rewritten step 30 is complete again
+    # keep-K (2) pruned the old checkpoints' objects; the rewritten step 15 is complete again
     names = {k.split("/")[0] for k in keys_under(bucket, "runs/s3run/")}
-    assert {n for n in names if n.startswith("step_")} == {"step_00000030", "step_00000040"}
+    assert {n for n in names if n.startswith("step_")} == {"step_00000015", "step_00000020"}
     assert "tensorboard" in names
 
 
@@ -110,7 +110,7 @@ def test_status_lists_a_run_in_s3(bucket, resumed_run):
     status = raylm("status", *sets(train__storage_path=RUNS), timeout_s=120)
     assert status.returncode == 0, status.stdout
     assert f"storage: {RUNS}" in status.stdout
-    assert re.search(rf"s3run: step 40, val_loss [\d.]+, resumed 1x, checkpoint {RUNS}/s3run/step_00000040",
+    assert re.search(rf"s3run: step 20, val_loss [\d.]+, resumed 1x, checkpoint {RUNS}/s3run/step_00000020",
                      status.stdout), status.stdout
 
 
@@ -145,8 +145,8 @@ def test_bad_storage_exits_2_before_ray_naming_the_uri(bucket, cache_dir, what, 
 @pytest.fixture(scope="module")
 def sweep_in_s3(bucket, cache_dir):
     proc = raylm("tune", "-c", "tune_configs/tiny_sweep.yaml", *sets(
-        data__cache_dir=cache_dir, train__storage_path=RUNS, tune__sweep_name="s3sweep", tune__num_samples=2,
-        train__max_steps=20, train__eval_every_steps=10, train__checkpoint_every_steps=10), timeout_s=900)
+        data__cache_dir=cache_dir, train__storage_path=RUNS, tune__sweep_name="s3sweep", tune__num_samples=1,
+        train__max_steps=10, train__eval_every_steps=5, train__checkpoint_every_steps=5), timeout_s=900)
     assert proc.returncode == 0, proc.stdout[-4000:]
     return proc
 
@@ -161,7 +161,7 @@ def test_a_sweep_in_s3_checkpoints_its_trials_and_writes_best_json_there(bucket,
     assert f"{trial_prefix}hf/model.safetensors" in found and f"{trial_prefix}raylm_checkpoint.json" in found
     assert {"trials.md", "val_loss.png"} <= set(found) and any(k.startswith("tune/") for k in found)
     status = raylm("status", *sets(train__storage_path=RUNS), timeout_s=120)
-    assert re.search(rf"s3sweep: 2 trial\(s\), best {best['trial_id']} val_loss=", status.stdout), status.stdout
+    assert re.search(rf"s3sweep: 1 trial\(s\), best {best['trial_id']} val_loss=", status.stdout), status.stdout
 
 
 def _wait_for_banner(proc: subprocess.Popen, timeout_s: float) -> list[str]:
