@@ -193,6 +193,11 @@ class TuneConfig(_Strict):
     metric: str = Field("val_loss", description="Reported metric the sweep optimises.")
     mode: Literal["min", "max"] = "min"
     num_samples: int = Field(4, ge=1, description="Trials sampled from the search space.")
+    max_trial_failures: int = Field(
+        0, ge=0, description="Times Tune re-runs a trial whose trial function died (say with its node); the "
+        "retry resumes from the trial's newest checkpoint. Tune retries any error, so a trial that cannot run "
+        "(a batch the data cannot fill) is retried too: 0 records it as failed at once. Workers lost with a "
+        "node are handled by train.max_failures inside the trial.")
     max_concurrent_trials: Optional[int] = Field(
         None, ge=1, description="Upper bound on parallel trials; also bounded by the CPUs the workers need."
     )

@@ -219,7 +219,7 @@ def build_tuner(cfg: RaylmConfig, prepared: Any) -> Any:
         tune_config=tune.TuneConfig(metric=t.metric, mode=t.mode, num_samples=t.num_samples, reuse_actors=False,
                                     scheduler=_scheduler(cfg), search_alg=_search_alg(cfg, concurrency)),
         run_config=tune.RunConfig(name="tune", storage_path=sweep_dir, **quiet_run_options(cfg),
-                                  failure_config=tune.FailureConfig(max_failures=0)),
+                                  failure_config=tune.FailureConfig(max_failures=t.max_trial_failures)),
     )
 
 

@@ -44,6 +44,7 @@ import argparse
 import glob
 import json
 import os
+import signal
 import socket
 import sys
 import threading
@@ -158,7 +159,8 @@ def actors_on_nodes(class_name: str, node_names: dict[str, str]) -> list[str]:
     """Node label of every live actor of that class (one entry per actor)."""
     from ray.util.state import list_actors
 
-    actors = list_actors(filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")], raise_on_missing_output=False)
+    actors = list_actors(filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")],
+                         raise_on_missing_output=False)
     return sorted(node_names.get(a.node_id, a.node_id) for a in actors)
 
 
@@ -209,6 +211,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = p.parse_args(argv)
 
     t0 = time.monotonic()
+    # `timeout` sends SIGTERM: unwind through `finally`, so the cluster is shut down and its
+    # address file (/tmp/ray/ray_current_cluster) removed rather than left to the next Ray
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     storage = os.path.abspath(args.storage)
     max_steps = args.max_steps or (60 if args.mode == "train" else 40)
     cfg = load(args.mode, storage, args.cache_dir or os.path.join(storage, "cache"), max_steps,
@@ -263,7 +268,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not victims:
             raise RuntimeError(f"no worker node to kill: workers on {workers}, controllers on {controllers}")
         victim = victims[0]
-        result.update({"run_dir": run, "workers_before_kill": workers, "controllers": controllers, "killed_node": victim})
+        result.update({"run_dir": run, "workers_before_kill": workers, "controllers": controllers,
+                       "killed_node": victim})
 
         # ---- a complete checkpoint and a few more steps, then the whole node goes
         def ready() -> bool:

@@ -109,10 +109,10 @@ def test_placement_reaches_ray_train_scaling_config(tmp_path, monkeypatch):
 
     monkeypatch.setattr(driver, "tokenizer_files", lambda _: {})
     monkeypatch.setattr(driver, "make_data_config", lambda *_: None)
+    no_data = SimpleNamespace(tokenizer_dir=None, train=None, val=None)
     cfg = load_config(None, ["train.placement_strategy=STRICT_SPREAD", "train.worker_node_labels={raylm.io/pool: train}",
                              f"train.storage_path={tmp_path}"])
-    trainer = driver.build_trainer(cfg, SimpleNamespace(tokenizer_dir=None, train=None, val=None))
-    scaling = trainer.scaling_config
+    scaling = driver.build_trainer(cfg, no_data).scaling_config
     assert scaling.placement_strategy == "STRICT_SPREAD" and scaling.label_selector == {"raylm.io/pool": "train"}
-    assert driver.build_trainer(load_config(None, [f"train.storage_path={tmp_path}"]),
-                                SimpleNamespace(tokenizer_dir=None, train=None, val=None)).scaling_config.label_selector is None
+    default = driver.build_trainer(load_config(None, [f"train.storage_path={tmp_path}"]), no_data).scaling_config
+    assert default.placement_strategy == "PACK" and default.label_selector is None
