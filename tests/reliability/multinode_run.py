@@ -53,6 +53,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from reliability_helpers import wait_for  # this script's folder is on sys.path when it runs
+
 ROOT = Path(__file__).resolve().parents[2]
 LABEL = "raylm.io/node"
 HEAD_CPUS, WORKER_NODE_CPUS = 3, 1
@@ -91,16 +93,6 @@ def complete_checkpoints(run: str) -> list[int]:
         except (CheckpointError, OSError, ValueError):
             pass
     return steps
-
-
-def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval_s)
-    raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
 
 
 # ------------------------------------------------------------------ the cluster
