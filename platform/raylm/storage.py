@@ -257,7 +257,10 @@ def download(uri: str, local_dir: str) -> str:
 def check_writable(uri: str) -> None:
     """Fail before any cluster resource is asked for when `uri` cannot be written: a missing
     bucket, missing or wrong credentials, an unreachable endpoint. Writes and deletes a probe."""
-    fs, path = filesystem(uri)
+    try:
+        fs, path = filesystem(uri)
+    except StorageError as exc:
+        raise StorageError(f"train.storage_path={exc}") from None
     probe = f"{path.rstrip('/')}/.raylm-probe-{uuid.uuid4().hex[:12]}"
     try:
         fs.create_dir(path, recursive=True)
