@@ -89,22 +89,25 @@ def training_progress(cfg: RaylmConfig) -> Iterator[Any]:
     if not console.quiet():
         yield None
         return
+    import ray
     from ray.util.queue import Empty, Queue
 
     queue = Queue(maxsize=256, actor_options={"num_cpus": 0})
     bar = Progress(f"train: {cfg.train.run_name}", total=cfg.train.max_steps, unit="steps")
     done = threading.Event()
 
+    def show(rec: dict) -> None:
+        shown = {k: rec[k] for k in ("loss", "val_loss", "tokens_per_s") if k in rec}
+        bar.update(int(rec.get("step", bar.n)), **shown)
+
     def drain() -> None:
         while not done.is_set():
             try:
-                rec = queue.get(timeout=0.5)
+                show(queue.get(timeout=0.5))
             except Empty:
                 continue
             except Exception:  # noqa: BLE001 - the queue actor went away with the cluster
                 return
-            shown = {k: rec[k] for k in ("loss", "val_loss", "tokens_per_s") if k in rec}
-            bar.update(int(rec.get("step", bar.n)), **shown)
 
     thread = threading.Thread(target=drain, daemon=True)
     thread.start()
@@ -113,17 +116,16 @@ def training_progress(cfg: RaylmConfig) -> Iterator[Any]:
     finally:
         done.set()
         thread.join(timeout=5)
+        try:
+            while True:  # what rank 0 sent after the last poll: the bar ends at the run's last step
+                show(queue.get_nowait())
+        except Exception:  # noqa: BLE001 - Empty, or the queue actor is gone
+            pass
         bar.close()
-        ray_kill(queue)
-
-
-def ray_kill(queue: Any) -> None:
-    import ray
-
-    try:
-        ray.kill(queue.actor)
-    except Exception:  # noqa: BLE001 - already gone
-        pass
+        try:
+            ray.kill(queue.actor)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
 
 
 def run_training(cfg: RaylmConfig, prepared: Optional[PreparedData] = None) -> TrainOutcome:
