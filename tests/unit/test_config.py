@@ -116,3 +116,20 @@ def test_placement_reaches_ray_train_scaling_config(tmp_path, monkeypatch):
     assert scaling.placement_strategy == "STRICT_SPREAD" and scaling.label_selector == {"raylm.io/pool": "train"}
     default = driver.build_trainer(load_config(None, [f"train.storage_path={tmp_path}"]), no_data).scaling_config
     assert default.placement_strategy == "PACK" and default.label_selector is None
+
+
+def test_training_config_imports_no_ray_serve():
+    """A training worker (and the DeepSpeed dict) reads `train:` without paying for Ray Serve's import;
+    only the serve section pulls it in (its autoscaling field is Ray Serve's own type)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys\n"
+             "from raylm.config import TrainConfig, DeepSpeedConfig, DataConfig, ModelConfig, TuneConfig\n"
+             "import raylm.config.train\n"
+             "assert 'ray.serve' not in sys.modules, 'train config imported ray.serve'\n"
+             "from raylm.config import RaylmConfig\n"
+             "print('serve' if 'ray.serve' in sys.modules else 'no-serve')\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "serve"  # the whole config does need it: the check above is not vacuous

@@ -1,0 +1,66 @@
+"""`data:`: what is read and how it becomes training examples."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field
+
+from raylm.config.base import _Strict
+
+
+class SFTConfig(_Strict):
+    """How chat / instruction records become supervised examples (data.format chat or instruction)."""
+
+    messages_field: str = Field("messages", description="Chat records: the key holding the list of messages.")
+    role_field: str = Field("role", description="Chat records: the key of a message's role (system, user, assistant).")
+    content_field: str = Field("content", description="Chat records: the key of a message's text.")
+    instruction_field: str = Field("instruction", description="Instruction records: the task (the user turn).")
+    input_field: str = Field("input", description="Instruction records: optional context appended to the task.")
+    output_field: str = Field("output", description="Instruction records: the answer (the assistant turn).")
+    system_prompt: Optional[str] = Field(None, description="Instruction records: a system turn put before each.")
+    train_on: Literal["assistant", "all"] = Field(
+        "assistant", description="Tokens the loss is computed on: the assistant's only (prompt masked), or all.")
+    packing: bool = Field(
+        True, description="Pack several examples per block of seq_len (each sees only itself: position_ids restart "
+        "per example); false: one example per row, batches padded to their longest.")
+    too_long: Literal["truncate", "skip"] = Field(
+        "truncate", description="A record longer than seq_len: cut to seq_len (skipped if no trained token is "
+        "left), or skipped. Either way it is counted.")
+
+
+class DataConfig(_Strict):
+    source: str = Field(
+        "embedded",
+        description="What to read: 'embedded' (English help text shipped with every Python, no "
+        "download), a local file, folder or glob, a remote URI Ray Data reads (s3://, gs://), "
+        "or 'hf:<name>' / a saved Hugging Face datasets folder.",
+    )
+    format: Literal["auto", "text", "jsonl", "parquet", "hf", "chat", "instruction"] = Field(
+        "auto", description="File format of raw text ('auto' picks it from the file extension), or a supervised "
+        "fine-tuning corpus: 'chat' (OpenAI-style messages records) or 'instruction' (Alpaca-style records), "
+        "read from .jsonl / .parquet files or a Hugging Face dataset; see data.sft.",
+    )
+    text_field: str = Field("text", description="Column / JSON key that holds the text.")
+    text_split: Literal["file", "paragraph", "line"] = Field(
+        "paragraph", description="How a .txt file is cut into documents (blank lines by default)."
+    )
+    hf_split: str = Field("train", description="Split of a Hugging Face dataset to read.")
+    tokenizer: str = Field(
+        "train",
+        description="'train' trains a byte-level BPE tokenizer on the corpus; anything else is a "
+        "Hugging Face tokenizer name or directory.",
+    )
+    vocab_size: int = Field(2048, ge=260, description="Vocabulary size of a trained tokenizer.")
+    seq_len: int = Field(128, ge=8, description="Tokens a training example predicts (blocks hold seq_len + 1).")
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Share of packed blocks held out for validation.")
+    seed: int = Field(0, description="Seed of the deterministic block shuffle.")
+    max_documents: Optional[int] = Field(None, ge=1, description="Read at most this many documents (smoke runs).")
+    cache_dir: str = Field(
+        "~/.cache/raylm", description="Where trained tokenizers are kept, keyed by corpus and settings."
+    )
+    sft: SFTConfig = Field(default_factory=SFTConfig, description="Chat / instruction fine-tuning data.")
+
+    @property
+    def is_sft(self) -> bool:
+        return self.format in ("chat", "instruction")

