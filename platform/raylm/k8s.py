@@ -35,6 +35,8 @@ AUTH_TOKEN_KEY = "auth_token"  # the Secret key KubeRay's authOptions.secretName
 API_KEYS_KEY = "api_keys"  # the Secret key holding the comma-separated Serve API keys
 RAY_GID = 100  # group `users` of the rayproject/ray images: fsGroup makes the shared volume writable
 HEAD_PORTS = (("gcs-server", 6379), ("dashboard", 8265), ("client", 10001))
+# Ray's Prometheus endpoint on every node: Serve's, raylm's and vLLM's (`ray_vllm_*`) metrics.
+METRICS_PORT = 8080
 DASHBOARD_PORT, DASHBOARD_AGENT_PORT = 8265, 52365
 MANIFEST_FILES = ("raycluster.yaml", "rayjob-train.yaml", "rayjob-sweep.yaml", "rayservice.yaml")
 
@@ -145,16 +147,22 @@ def _volumes(cfg: RaylmConfig) -> tuple[list[dict], list[dict]]:
 
 
 def _probes(cfg: RaylmConfig, head: bool) -> dict:
-    """Readiness and liveness of a RayService pod: the raylet (and on the head the GCS) through the
-    dashboard agent, and on workers Serve's proxy too, so a pod takes traffic only once it serves."""
-    checks = [f"wget -T 2 -q -O- http://localhost:{DASHBOARD_AGENT_PORT}/api/local_raylet_healthz | grep success"]
+    """Readiness and liveness of a RayService pod. Liveness: the raylet (and on the head the GCS)
+    through the dashboard agent, i.e. is Ray alive here. Readiness adds, on workers, Serve's proxy:
+    a pod takes traffic only once it serves. The proxy check must stay out of liveness: a worker
+    without a replica (scaled down, or one that only trains) has no ready proxy and would be
+    restarted over and over."""
+    alive = [f"wget -T 2 -q -O- http://localhost:{DASHBOARD_AGENT_PORT}/api/local_raylet_healthz | grep success"]
     if head:
-        checks.append(f"wget -T 2 -q -O- http://localhost:{DASHBOARD_PORT}/api/gcs_healthz | grep success")
-    else:
-        checks.append(f"wget -T 2 -q -O- http://localhost:{cfg.serve.port}/-/healthz | grep success")
-    probe = {"exec": {"command": ["bash", "-c", " && ".join(checks)]}, "periodSeconds": 5, "timeoutSeconds": 5,
-             "failureThreshold": 10, "initialDelaySeconds": 10}
-    return {"readinessProbe": probe, "livenessProbe": {**probe, "failureThreshold": 120, "initialDelaySeconds": 30}}
+        alive.append(f"wget -T 2 -q -O- http://localhost:{DASHBOARD_PORT}/api/gcs_healthz | grep success")
+    ready = alive if head else [*alive, f"wget -T 2 -q -O- http://localhost:{cfg.serve.port}/-/healthz | grep success"]
+
+    def probe(checks: list[str], **timing: int) -> dict:
+        return {"exec": {"command": ["bash", "-c", " && ".join(checks)]}, "periodSeconds": 5, "timeoutSeconds": 5,
+                **timing}
+
+    return {"readinessProbe": probe(ready, failureThreshold=10, initialDelaySeconds=10),
+            "livenessProbe": probe(alive, failureThreshold=120, initialDelaySeconds=30)}
 
 
 def _container(cfg: RaylmConfig, name: str, resources: dict, serve: bool, ports: list[dict]) -> dict:
@@ -165,8 +173,7 @@ def _container(cfg: RaylmConfig, name: str, resources: dict, serve: bool, ports:
         container["env"] = env
     if cfg.cluster.storage_secret:  # object-storage credentials by reference, never in the manifest
         container["envFrom"] = [{"secretRef": {"name": cfg.cluster.storage_secret}}]
-    if ports:
-        container["ports"] = ports
+    container["ports"] = [*ports, {"name": "metrics", "containerPort": METRICS_PORT}]
     container["resources"] = resources
     container["volumeMounts"] = _volumes(cfg)[1]
     if serve:
@@ -185,7 +192,10 @@ def _pod_template(cfg: RaylmConfig, component: str, container: dict, gpu: bool) 
             spec["nodeSelector"] = dict(cfg.cluster.gpu_node_selector)
     spec["containers"] = [container]
     spec["volumes"] = _volumes(cfg)[0]
-    return {"metadata": {"labels": {"app.kubernetes.io/name": "raylm", "app.kubernetes.io/component": component}},
+    # Prometheus' pod-annotation discovery scrapes every Ray node (k8s/README.md: a PodMonitor does the same).
+    scrape = {"prometheus.io/scrape": "true", "prometheus.io/port": str(METRICS_PORT), "prometheus.io/path": "/metrics"}
+    return {"metadata": {"labels": {"app.kubernetes.io/name": "raylm", "app.kubernetes.io/component": component},
+                         "annotations": scrape},
             "spec": spec}
 
 
@@ -196,7 +206,8 @@ def head_group(cfg: RaylmConfig, serve: bool = False) -> dict:
     if serve:
         ports.append({"name": "serve", "containerPort": cfg.serve.port})
     container = _container(cfg, "ray-head", _resources(cl.head_cpus, cl.head_memory), serve, ports)
-    return {"rayStartParams": {"num-cpus": str(cl.head_cpus), "num-gpus": "0", "dashboard-host": "0.0.0.0"},
+    return {"rayStartParams": {"num-cpus": str(cl.head_cpus), "num-gpus": "0", "dashboard-host": "0.0.0.0",
+                               "metrics-export-port": str(METRICS_PORT)},
             "template": _pod_template(cfg, "head", container, gpu=False)}
 
 
@@ -208,7 +219,8 @@ def worker_group(cfg: RaylmConfig, serve: bool = False) -> dict:
     return {"groupName": "gpu" if cl.worker_gpus else "cpu",
             "replicas": cl.worker_min_replicas, "minReplicas": cl.worker_min_replicas,
             "maxReplicas": cl.worker_max_replicas,
-            "rayStartParams": {"num-cpus": str(cl.worker_cpus), "num-gpus": str(cl.worker_gpus)},
+            "rayStartParams": {"num-cpus": str(cl.worker_cpus), "num-gpus": str(cl.worker_gpus),
+                               "metrics-export-port": str(METRICS_PORT)},
             "template": _pod_template(cfg, "worker", container, gpu=cl.worker_gpus > 0)}
 
 

@@ -275,20 +275,72 @@ def _metrics_text() -> str:
     return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
 
 
-def test_engine_and_serve_metrics_reach_the_prometheus_endpoint(client):
-    """vLLM's engine metrics (TTFT, time per output token, running/waiting requests, KV-cache use)
-    and Serve's and raylm's request counters are on Ray's Prometheus endpoint."""
-    client.completions.create(model=MODEL_ID, prompt="metrics", max_tokens=4)
-    wanted = ("vllm:time_to_first_token_seconds", "vllm:num_requests_running", "vllm:num_requests_waiting",
-              "vllm:kv_cache_usage_perc", "serve_num_http_requests", "raylm_requests")
-    deadline, missing = time.monotonic() + 90, list(wanted)
-    while missing and time.monotonic() < deadline:
-        text = _metrics_text().replace("vllm_", "vllm:")
-        missing = [m for m in wanted if m not in text]
-        if missing:
-            time.sleep(3)
-    assert not missing, f"not exported: {missing}"
-    assert any(m in text for m in ("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds"))
+def _samples(text: str, name: str, **labels: str) -> float:
+    """The sum of a metric's samples whose labels include `labels` (0 when none is exported yet)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+ENGINE_METRICS = ("ray_vllm_time_to_first_token_seconds_count", "ray_vllm_num_requests_running",
+                  "ray_vllm_num_requests_waiting", "ray_vllm_kv_cache_usage_perc")
+
+
+def test_engine_and_serve_metrics_reach_the_prometheus_endpoint_and_count_these_requests(client):
+    """vLLM's engine metrics (as Ray exports them: `ray_vllm_*`, the names the README and the
+    dashboard use) and raylm's request counter are on Ray's Prometheus endpoint, and the counters
+    move by exactly what this test sent."""
+    counted = ("ray_raylm_requests_total", {"endpoint": "completions", "status": "200"})
+    generated = ("ray_vllm_generation_tokens_total", {})
+    ttft = ("ray_vllm_time_to_first_token_seconds_count", {})
+    before = _metrics_text()
+    sent = [client.completions.create(model=MODEL_ID, prompt=f"metrics {i}", max_tokens=4, temperature=0)
+            for i in range(3)]
+    tokens = sum(r.usage.completion_tokens for r in sent)
+    want = {counted: 3.0, generated: float(tokens), ttft: 3.0}
+    deadline, moved = time.monotonic() + 90, {}
+    while time.monotonic() < deadline:
+        text = _metrics_text()
+        moved = {k: _samples(text, k[0], **k[1]) - _samples(before, k[0], **k[1]) for k in want}
+        if all(moved[k] >= v for k, v in want.items()):
+            break
+        time.sleep(3)
+    # other tests' requests may land in the same window: at least what this test sent, on every counter
+    assert all(moved[k] >= v for k, v in want.items()), f"moved {moved}, expected at least {want}"
+    assert all(f"{name}{{" in text or f"{name} " in text for name in ENGINE_METRICS), text[:2000]
+    assert "ray_vllm_inter_token_latency_seconds" in text or "ray_vllm_time_per_output_token_seconds" in text
+
+
+def test_logprobs_and_echo_are_served_for_evaluation_harnesses(url, tokenizer):
+    """What lm-evaluation-harness's local-completions sends to score a continuation: the prompt's own
+    tokens come back with their log-probabilities (echo) and the top-k alternatives (logprobs)."""
+    prompt = "the cat sat"
+    r = post(url, "/v1/completions", {"model": MODEL_ID, "prompt": prompt, "max_tokens": 1, "logprobs": 2,
+                                      "echo": True, "temperature": 0})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["text"].startswith(prompt)
+    lp = choice["logprobs"]
+    n_prompt = len(tokenizer(prompt)["input_ids"])
+    assert len(lp["tokens"]) == n_prompt + 1 and len(lp["token_logprobs"]) == n_prompt + 1
+    assert all(v is None or v <= 0 for v in lp["token_logprobs"])
+    assert all(len(top) <= 3 for top in lp["top_logprobs"][1:] if top)  # k=2 plus the chosen token
+    chat = post(url, "/v1/chat/completions", {"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}],
+                                              "max_tokens": 3, "logprobs": True, "top_logprobs": 2})
+    assert chat.status_code == 200, chat.text
+    content = chat.json()["choices"][0]["logprobs"]["content"]
+    assert content and all(len(t["top_logprobs"]) == 2 for t in content)
+    assert post(url, "/v1/completions", {"model": MODEL_ID, "prompt": "x", "logprobs": 6}).status_code == 400
+
+
+def test_chat_without_max_tokens_is_not_cut_at_the_completions_default(url):
+    """OpenAI's chat default is the rest of the context (here capped by serve.max_tokens_limit=128),
+    not the 16 tokens completions default to: with EOS ignored the answer runs to the cap."""
+    r = post(url, "/v1/chat/completions", {"model": MODEL_ID, "messages": [{"role": "user", "content": "go"}],
+                                           "ignore_eos": True, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 128
 
 
 # ------------------------------------------------------------------ the app builder (serve run / deploy)

@@ -271,6 +271,9 @@ def test_rayservice_upgrades_on_a_new_cluster_with_probes_and_optional_gcs_fault
     head, worker = containers(spec["rayClusterConfig"])
     assert "gcs_healthz" in head["readinessProbe"]["exec"]["command"][-1]
     assert f":{small().serve.port}/-/healthz" in worker["readinessProbe"]["exec"]["command"][-1]
+    # a worker without a replica has no ready proxy: that must not get it restarted
+    assert "/-/healthz" not in worker["livenessProbe"]["exec"]["command"][-1]
+    assert "local_raylet_healthz" in worker["livenessProbe"]["exec"]["command"][-1]
     assert worker["livenessProbe"]["failureThreshold"] > worker["readinessProbe"]["failureThreshold"]
     cfg = load_config(REPO / "configs" / "small.yaml", ["cluster.gcs_ft_redis_address=redis.raylm:6379"])
     svc = k8s.rayservice(cfg, "configs/small.yaml", load_config(REPO / "tune_configs" / "small_sweep.yaml"))
@@ -376,3 +379,17 @@ def test_configs_outside_the_image_are_refused(tmp_path):
         k8s.render_manifests(load_config(outside), str(outside), root=REPO)
     with pytest.raises(ConfigError, match="which the image holds"):
         k8s.render_manifests(small(), "pyproject.toml", root=REPO)
+
+
+@pytest.mark.parametrize("name", k8s.MANIFEST_FILES)
+def test_every_ray_pod_exposes_its_metrics_port_for_prometheus(name):
+    spec = committed()[name]["spec"]
+    cluster = spec.get("rayClusterConfig") or spec.get("rayClusterSpec") or spec
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for group in groups:
+        port = group["rayStartParams"]["metrics-export-port"]
+        pod = group["template"]
+        assert pod["metadata"]["annotations"]["prometheus.io/port"] == port
+        assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+        ports = {p["name"]: p["containerPort"] for p in pod["spec"]["containers"][0]["ports"]}
+        assert ports["metrics"] == int(port)

@@ -270,9 +270,77 @@ def test_gate_lets_a_valid_request_through_and_fills_in_max_tokens():
     assert path == "/v1/completions" and json.loads(forwarded) == {"model": "m", "prompt": "hi", "max_tokens": 7}
     raw = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3}).encode()
     assert call_gate(gate, "POST", "/v1/chat/completions", raw)[0] == 200 and app.seen[-1][1] == raw
+    # chat without max_tokens: OpenAI's default is the rest of the context; vLLM takes
+    # min(max_tokens, context - prompt), so the server's limit is what is filled in
+    unset = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    assert call_gate(gate, "POST", "/v1/chat/completions", json.dumps(unset).encode())[0] == 200
+    assert json.loads(app.seen[-1][1]) == {**unset, "max_tokens": 32}
     lora = json.dumps({"model": "m-lora", "prompt": "x", "max_tokens": 2}).encode()
     assert call_gate(gate, "POST", "/v1/completions", lora)[0] == 200 and app.seen[-1][1] == lora
-    assert gate.counted == [("completions", 200), ("chat", 200), ("completions", 200)]
+    assert gate.counted == [("completions", 200), ("chat", 200), ("chat", 200), ("completions", 200)]
+
+
+def test_logprobs_and_echo_reach_the_engine_within_the_limit():
+    """What lm-evaluation-harness's local-completions sends to score a continuation."""
+    app = FakeEngineApp()
+    gate = make_gate(app)
+    scoring = json.dumps({"model": "m", "prompt": "2+2=4", "max_tokens": 1, "logprobs": 5, "echo": True,
+                          "temperature": 0}).encode()
+    assert call_gate(gate, "POST", "/v1/completions", scoring)[0] == 200 and app.seen[-1][1] == scoring
+    chat = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2,
+                       "logprobs": True, "top_logprobs": 5}).encode()
+    assert call_gate(gate, "POST", "/v1/chat/completions", chat)[0] == 200 and app.seen[-1][1] == chat
+    assert call_gate(make_gate(app, max_logprobs=0), "POST", "/v1/completions", scoring)[0] == 400
+
+
+def _preflight(gate, origin: str, path: str = "/v1/chat/completions"):
+    sent = []
+    scope = {"type": "http", "method": "OPTIONS", "path": path, "root_path": "", "headers": [
+        (b"origin", origin.encode()), (b"access-control-request-method", b"POST"),
+        (b"access-control-request-headers", b"authorization, content-type")]}
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(gate(scope, receive, send))
+    return sent[0]["status"], dict(sent[0]["headers"])
+
+
+def test_cors_preflight_is_answered_for_allowed_origins_only():
+    gate = make_gate(cors_origins=("https://app.example",))
+    status, headers = _preflight(gate, "https://app.example")
+    assert status == 204 and headers[b"access-control-allow-origin"] == b"https://app.example"
+    assert b"POST" in headers[b"access-control-allow-methods"] and b"authorization" in headers[b"access-control-allow-headers"]
+    assert _preflight(gate, "https://evil.example")[0] == 403
+    assert _preflight(make_gate(), "https://app.example")[0] == 403  # no serve.cors_origins: no CORS
+    assert _preflight(make_gate(cors_origins=("*",)), "https://any.example")[1][b"access-control-allow-origin"] == b"*"
+
+
+def test_cors_responses_from_an_allowed_origin_carry_the_header_errors_too():
+    from raylm.serve.gate import Gate
+
+    sent = []
+    gate = make_gate(cors_origins=("https://app.example",))
+    assert isinstance(gate, Gate)
+    for key in ("k1", None):  # a 200 and a 401: the browser may read both
+        scope = {"type": "http", "method": "POST", "path": "/v1/completions", "root_path": "",
+                 "headers": [(b"origin", b"https://app.example"),
+                             *([(b"authorization", f"Bearer {key}".encode())] if key else [])]}
+
+        async def receive():
+            return {"type": "http.request", "body": json.dumps({"model": "m", "prompt": "x"}).encode(),
+                    "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        asyncio.run(gate(scope, receive, send))
+    starts = [m for m in sent if m["type"] == "http.response.start"]
+    assert [m["status"] for m in starts] == [200, 401]
+    assert all(dict(m["headers"])[b"access-control-allow-origin"] == b"https://app.example" for m in starts)
 
 
 @pytest.mark.parametrize("method,path,body,key,status,param,code", [
@@ -285,7 +353,13 @@ def test_gate_lets_a_valid_request_through_and_fills_in_max_tokens():
     ("POST", "/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "x"}],
                                       "max_completion_tokens": 99}, "k1", 400, "max_completion_tokens", "invalid_value"),
     ("POST", "/v1/completions", {"model": "m", "prompt": [5, 100]}, "k1", 400, "prompt", "invalid_value"),
-    ("POST", "/v1/completions", {"model": "m", "prompt": "hi", "echo": True}, "k1", 400, "echo", "unsupported_parameter"),
+    ("POST", "/v1/completions", {"model": "m", "prompt": "hi", "suffix": "x"}, "k1", 400, "suffix", "unsupported_parameter"),
+    ("POST", "/v1/completions", {"model": "m", "prompt": "hi", "logprobs": 6}, "k1", 400, "logprobs", "invalid_value"),
+    ("POST", "/v1/completions", {"model": "m", "prompt": "hi", "echo": "yes"}, "k1", 400, "echo", "invalid_value"),
+    ("POST", "/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "x"}], "logprobs": True,
+                                      "top_logprobs": 6}, "k1", 400, "top_logprobs", "invalid_value"),
+    ("POST", "/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "x"}],
+                                      "top_logprobs": 2}, "k1", 400, "top_logprobs", "invalid_value"),
     ("POST", "/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "x"}],
                                       "tools": [{"type": "function"}]}, "k1", 400, "tools", "unsupported_parameter"),
     ("POST", "/v1/completions", {"model": "m", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "k1", 400, "stop", None),
@@ -345,7 +419,8 @@ def test_engine_kwargs_follow_the_config():
 
     cpu = engine_kwargs(ServeConfig(max_model_len=256, max_num_seqs=8, seed=3))
     assert cpu == {"dtype": "bfloat16", "max_num_seqs": 8, "enable_prefix_caching": True, "seed": 3,
-                   "tensor_parallel_size": 1, "max_model_len": 256, "kv_cache_memory_bytes": 2**30}
+                   "tensor_parallel_size": 1, "max_model_len": 256, "kv_cache_memory_bytes": 2**30,
+                   "max_logprobs": 5}
     gpu = engine_kwargs(ServeConfig(use_gpu=True, tensor_parallel_size=2, gpu_memory_utilization=0.8,
                                     enable_prefix_caching=False, engine_kwargs={"enforce_eager": True}))
     assert gpu["gpu_memory_utilization"] == 0.8 and "kv_cache_memory_bytes" not in gpu
@@ -358,6 +433,9 @@ def test_engine_kwargs_follow_the_config():
 
 @pytest.mark.parametrize("overrides,field", [
     (["serve.tensor_parallel_size=2"], "serve.tensor_parallel_size"),
+    (["serve.engine_kwargs={api_key: sk-plain}"], "serve.engine_kwargs.api_key"),
+    (["serve.tls_cert_file=/etc/cert.pem"], "serve.tls_cert_file"),
+    (["serve.max_logprobs=21"], "serve.max_logprobs"),
     (["serve.max_model_len=64", "serve.max_tokens_limit=64", "serve.default_max_tokens=16"], "serve.max_tokens_limit"),
     (["serve.dtype=int4"], "serve.dtype"),
     (["serve.max_num_seqs=0"], "serve.max_num_seqs"),
@@ -474,3 +552,10 @@ def test_banner_names_the_key_file_never_the_key(tmp_path):
     direct_text = banner("http://h:1", setup, direct_cfg, ("http://h:30000", "http://h:30001"))
     assert "replicas directly (no proxy hop): http://h:30000/v1, http://h:30001/v1" in direct_text
     assert "not started with RAY_SERVE_ENABLE_DIRECT_INGRESS=1" in banner("http://h:1", setup, direct_cfg)
+
+
+def test_tls_files_become_serves_https_options(tmp_path):
+    cfg = load_config(None, [f"serve.tls_cert_file={tmp_path}/c.pem", f"serve.tls_key_file={tmp_path}/k.pem"])
+    assert cfg.serve.http_options() == {"host": "127.0.0.1", "port": 8000, "ssl_certfile": f"{tmp_path}/c.pem",
+                                        "ssl_keyfile": f"{tmp_path}/k.pem"}
+    assert "ssl_certfile" not in load_config(None).serve.http_options()

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal, Optional
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from ray.serve.config import AutoscalingConfig as ServeAutoscalingConfig
 
@@ -51,7 +52,19 @@ class ServeConfig(_Strict):
     api_key_file: Optional[str] = Field(None, description="File with one API key per line.")
     require_api_key: bool = Field(True, description="Refuse requests without a valid key (401).")
     max_tokens_limit: int = Field(256, ge=1, description="Largest max_tokens a request may ask for.")
-    default_max_tokens: int = Field(16, ge=1, description="max_tokens of a request that does not set it.")
+    default_max_tokens: int = Field(
+        16, ge=1, description="max_tokens of a completions request that does not set it (OpenAI's default). A chat "
+        "request without max_tokens generates up to the rest of the context, capped by serve.max_tokens_limit.")
+    max_logprobs: int = Field(
+        5, ge=0, le=20, description="Most log-probabilities a request may ask for per token: completions `logprobs`, "
+        "chat `top_logprobs` (evaluation harnesses need them; each one costs a top-k over the vocabulary).")
+    cors_origins: list[str] = Field(
+        default_factory=list, description="Browser origins allowed to call the API (CORS), e.g. "
+        "[https://app.example.com], or [\"*\"]; empty: no CORS headers, and a preflight is refused.")
+    tls_cert_file: Optional[str] = Field(
+        None, description="PEM certificate for HTTPS on Serve's proxy (with serve.tls_key_file); None: plain HTTP "
+        "(on KubeRay TLS usually ends at the Gateway or load balancer instead: k8s/README.md).")
+    tls_key_file: Optional[str] = Field(None, description="PEM private key of serve.tls_cert_file.")
     # ---- the vLLM engine (one per replica; continuous batching, paged KV cache, prefix cache)
     max_model_len: Optional[int] = Field(
         None, ge=16, description="Context length the engine serves (prompt + completion); None: the model's own "
@@ -91,7 +104,8 @@ class ServeConfig(_Strict):
     )
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Further vLLM engine arguments (e.g. {enforce_eager: true}), passed "
-        "as they are; they win over the fields above."
+        "as they are; they win over the fields above. Never a key: api_key is refused (Ray writes the LLMConfig "
+        "into its logs; keys go in serve.api_key_file / serve.api_key_env)."
     )
     # ---- Serve
     max_ongoing_requests: int = Field(
@@ -106,6 +120,28 @@ class ServeConfig(_Strict):
         "placement group bundle (1 CPU, or 1 GPU per tensor-parallel rank). 0 lets it fit on a 2-CPU machine."
     )
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="Replica autoscaling.")
+
+    @field_validator("engine_kwargs")
+    @classmethod
+    def _no_secrets(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if "api_key" in value:
+            raise ValueError("api_key: must not be set here: the LLMConfig (and so the key) is written into Ray's "
+                             "logs; put keys in serve.api_key_file or serve.api_key_env")
+        return value
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> "ServeConfig":
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file: HTTPS needs both serve.tls_cert_file and serve.tls_key_file")
+        return self
+
+    def http_options(self) -> dict[str, Any]:
+        """Ray Serve's HTTP options: where the proxy listens, and HTTPS when a certificate is set."""
+        options: dict[str, Any] = {"host": self.host, "port": self.port}
+        if self.tls_cert_file:
+            options.update(ssl_certfile=os.path.expanduser(self.tls_cert_file),
+                           ssl_keyfile=os.path.expanduser(self.tls_key_file or ""))
+        return options
 
     @property
     def gpus_per_replica(self) -> int:

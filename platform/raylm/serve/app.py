@@ -161,7 +161,8 @@ class RaylmServer(LLMServer):
         self.gate_settings = GateSettings(model_id=s.model_id, adapters=tuple(s.lora_adapters),
                                           key_hashes=tuple(key_hashes),
                                           require_api_key=s.require_api_key, max_tokens_limit=s.max_tokens_limit,
-                                          default_max_tokens=s.default_max_tokens, vocab_size=vocab_size)
+                                          default_max_tokens=s.default_max_tokens, vocab_size=vocab_size,
+                                          max_logprobs=s.max_logprobs, cors_origins=tuple(s.cors_origins))
         self.requests_total = metrics.Counter(
             "raylm_requests", description="Requests answered, by endpoint and HTTP status.",
             tag_keys=("endpoint", "status"))
@@ -261,7 +262,7 @@ def direct_urls(s: ServeConfig) -> list[str]:
 def _deploy(cfg: RaylmConfig, checkpoint: str) -> tuple[str, KeySetup]:
     s = cfg.serve
     keys = setup_keys(s)
-    serve.start(http_options={"host": s.host, "port": s.port})
+    serve.start(http_options=s.http_options())
     try:
         serve.run(build_app(cfg, checkpoint, keys), name=s.app_name, route_prefix=s.route_prefix)
     except RuntimeError as exc:

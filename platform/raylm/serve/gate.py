@@ -32,9 +32,10 @@ MAX_BODY_BYTES = 4 * 2**20  # a request body larger than this is refused (413) b
 ROUTES = {("POST", "/v1/completions"): "completions", ("POST", "/v1/chat/completions"): "chat",
           ("GET", "/v1/models"): "models"}
 UNSUPPORTED = {
-    "completions": {"echo": (False, None), "logprobs": (None,), "best_of": (None, 1), "suffix": (None,)},
-    "chat": {"logprobs": (None, False), "tools": (None, []), "functions": (None, []), "top_logprobs": (None, 0)},
+    "completions": {"best_of": (None, 1), "suffix": (None,)},
+    "chat": {"tools": (None, []), "functions": (None, [])},
 }
+CORS_METHODS, CORS_MAX_AGE_S = "GET, POST, OPTIONS", 600
 CONTEXT_MARKERS = ("maximum context length", "max_model_len", "context length")
 
 
@@ -49,6 +50,16 @@ class GateSettings:
     max_tokens_limit: int
     default_max_tokens: int
     vocab_size: int
+    max_logprobs: int = 5
+    cors_origins: tuple[str, ...] = ()
+
+    def allowed_origin(self, origin: Optional[str]) -> Optional[str]:
+        """The Access-Control-Allow-Origin value for a browser's Origin, or None (no CORS)."""
+        if not origin or not self.cors_origins:
+            return None
+        if "*" in self.cors_origins:
+            return "*"
+        return origin if origin in self.cors_origins else None
 
 
 def route_of(method: str, path: str) -> Optional[str]:
@@ -66,7 +77,9 @@ def app_path(scope: dict) -> str:
 
 def check_body(route: str, raw: bytes, s: GateSettings) -> bytes:
     """Validate a completions/chat body and apply this server's limits; returns the body to hand to
-    the engine (with max_tokens filled in when the request left it out). Raises `APIError`."""
+    the engine (with max_tokens filled in when the request left it out: OpenAI's 16 for completions,
+    for chat the rest of the context, which vLLM takes as min(max_tokens, context - prompt), capped
+    by `serve.max_tokens_limit`). Raises `APIError`."""
     model = CompletionRequest if route == "completions" else ChatCompletionRequest
     req = parse_request(model, raw)
     reject_unsupported(req, UNSUPPORTED[route])
@@ -75,11 +88,12 @@ def check_body(route: str, raw: bytes, s: GateSettings) -> bytes:
             if not isinstance(prompt, str) and any(not 0 <= t < s.vocab_size for t in prompt):
                 raise APIError(400, f"prompt: token ids must lie in [0, {s.vocab_size})", "prompt", "invalid_value")
     req.stop_list()
-    asked = check_limits(req, models=(s.model_id, *s.adapters), max_tokens_limit=s.max_tokens_limit)
+    asked = check_limits(req, models=(s.model_id, *s.adapters), max_tokens_limit=s.max_tokens_limit,
+                         max_logprobs=s.max_logprobs)
     if asked is not None:
         return raw
     body = json.loads(raw)
-    body["max_tokens"] = s.default_max_tokens
+    body["max_tokens"] = s.default_max_tokens if route == "completions" else s.max_tokens_limit
     return json.dumps(body).encode()
 
 
@@ -146,6 +160,11 @@ class Gate:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         method, path = scope["method"], app_path(scope)
+        origin = self.settings.allowed_origin(_header(scope, b"origin"))
+        if method == "OPTIONS" and _header(scope, b"access-control-request-method"):
+            return await self._preflight(scope, send, origin)
+        if origin:
+            send = _with_cors(send, origin)
         if path == "/health" and method in ("GET", "HEAD"):
             return await self._health(send)
         route = route_of(method, path)
@@ -168,6 +187,22 @@ class Gate:
         except ConnectionError:
             return None
         await self.app(scope, receive, self._normalizing(send, route))
+
+    async def _preflight(self, scope: dict, send: Callable, origin: Optional[str]) -> None:
+        """A browser's CORS preflight (no key: browsers send none): allowed origins get 204 and what
+        they may send; others 403. Without serve.cors_origins there is no CORS at all (403 too)."""
+        if origin is None:
+            self.on_response("preflight", 403)
+            return await send_json(send, 403, error_body("CORS: origin not allowed (serve.cors_origins)", None,
+                                                         "cors_origin_not_allowed"))
+        asked = _header(scope, b"access-control-request-headers") or "authorization, content-type"
+        self.on_response("preflight", 204)
+        await send({"type": "http.response.start", "status": 204, "headers": [
+            (b"access-control-allow-origin", origin.encode()), (b"vary", b"Origin"),
+            (b"access-control-allow-methods", CORS_METHODS.encode()),
+            (b"access-control-allow-headers", asked.encode("latin-1")),
+            (b"access-control-max-age", str(CORS_MAX_AGE_S).encode())]})
+        await send({"type": "http.response.body", "body": b""})
 
     async def _health(self, send: Callable) -> None:
         """Liveness for load balancers (no key, so no details): 503 when the engine is dead."""
@@ -202,6 +237,18 @@ class Gate:
             await send({"type": "http.response.body", "body": payload})
 
         return _send
+
+
+def _with_cors(send: Callable, origin: str) -> Callable:
+    """A `send` that lets the browser read the response (errors too) from an allowed origin."""
+
+    async def _send(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), (b"access-control-allow-origin",
+                                                                            origin.encode()), (b"vary", b"Origin")]}
+        await send(message)
+
+    return _send
 
 
 def _header(scope: dict, name: bytes) -> Optional[str]:

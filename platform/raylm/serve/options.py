@@ -38,7 +38,7 @@ def engine_kwargs(s: ServeConfig) -> dict[str, Any]:
     """vLLM engine arguments (continuous batching, paged KV cache, prefix caching) from the config."""
     kwargs: dict[str, Any] = {"dtype": s.dtype, "max_num_seqs": s.max_num_seqs,
                               "enable_prefix_caching": s.enable_prefix_caching, "seed": s.seed,
-                              "tensor_parallel_size": s.tensor_parallel_size}
+                              "tensor_parallel_size": s.tensor_parallel_size, "max_logprobs": s.max_logprobs}
     if s.max_model_len is not None:
         kwargs["max_model_len"] = s.max_model_len
     if s.lora_adapters:  # the adapters themselves are named in app.py (vLLM's LoRAModulePath)

@@ -79,11 +79,22 @@ class _Sampling(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def logprobs_asked(self) -> tuple[Optional[str], int]:
+        """(the parameter that asks for top-k log-probs per token, k)."""
+        return None, 0
+
 
 class CompletionRequest(_Sampling):
-    """POST /v1/completions: a prompt (text, a list of texts, or token ids)."""
+    """POST /v1/completions: a prompt (text, a list of texts, or token ids). `logprobs` (top-k per
+    token) and `echo` (the prompt's own tokens and log-probs first) are what evaluation harnesses
+    (lm-evaluation-harness `local-completions`) score answers with."""
 
     prompt: Union[StrictStr, list[StrictStr], list[StrictInt]]
+    logprobs: Optional[StrictInt] = Field(None, ge=0)
+    echo: StrictBool = False
+
+    def logprobs_asked(self) -> tuple[Optional[str], int]:
+        return "logprobs", self.logprobs or 0
 
     def prompts(self) -> list[Union[str, list[int]]]:
         """One entry per choice: a text or a list of token ids."""
@@ -124,6 +135,13 @@ class ChatCompletionRequest(_Sampling):
 
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: Optional[StrictInt] = Field(None, ge=1)
+    logprobs: StrictBool = False
+    top_logprobs: Optional[StrictInt] = Field(None, ge=0)
+
+    def logprobs_asked(self) -> tuple[Optional[str], int]:
+        if self.top_logprobs and not self.logprobs:
+            raise APIError(400, "top_logprobs: needs logprobs=true", "top_logprobs", "invalid_value")
+        return "top_logprobs", self.top_logprobs or 0
 
     def requested_max_tokens(self) -> Optional[int]:
         return self.max_tokens if self.max_tokens is not None else self.max_completion_tokens
@@ -187,8 +205,9 @@ def parse_request(model: type[_Sampling], raw: bytes) -> Any:
         raise api_error_from_validation(err.errors(include_url=False)) from None
 
 
-def check_limits(req: _Sampling, *, models: tuple[str, ...], max_tokens_limit: int) -> Optional[int]:
-    """Checks that need the served models: the name (404) and this server's max_tokens limit.
+def check_limits(req: _Sampling, *, models: tuple[str, ...], max_tokens_limit: int,
+                 max_logprobs: int = 0) -> Optional[int]:
+    """Checks that need the served models: the name (404), this server's max_tokens and logprobs limits.
     Returns the requested max_tokens (None when the request leaves it to the server). The
     context length is checked by the engine, which tokenizes the prompt anyway."""
     if req.model not in models:
@@ -200,6 +219,10 @@ def check_limits(req: _Sampling, *, models: tuple[str, ...], max_tokens_limit: i
             else "max_completion_tokens"
         raise APIError(400, f"{param}={asked} exceeds this server's limit of {max_tokens_limit}.",
                        param, "invalid_value")
+    name, logprobs = req.logprobs_asked()
+    if logprobs > max_logprobs:
+        raise APIError(400, f"{name}={logprobs} exceeds this server's limit of {max_logprobs} (serve.max_logprobs).",
+                       name, "invalid_value")
     return asked
 
 
