@@ -89,3 +89,50 @@ def test_mfu_counts_unpartitioned_parameters_under_zero3():
     full = flops_per_token(_Model(partitioned=False), seq_len=16)
     assert full == 6.0 * 105 + 12.0 * 2 * 8 * 16
     assert flops_per_token(_Model(partitioned=True), seq_len=16) == full
+
+
+@pytest.mark.parametrize("val_blocks, ok", [(0, False), (1, False), (2, True)])
+def test_every_worker_needs_a_validation_block(val_blocks, ok):
+    """Ray Train splits the val set equally over 2 workers: 1 block leaves both shards empty."""
+    from types import SimpleNamespace
+
+    from raylm.config import InputError
+    from raylm.train.driver import check_data_fits
+
+    cfg = load_config(None, ["train.num_workers=2", "train.micro_batch_size=2"])
+    prepared = SimpleNamespace(stats=SimpleNamespace(blocks=100 + val_blocks, train_blocks=100, val_blocks=val_blocks))
+    if ok:
+        check_data_fits(cfg, prepared)
+    else:
+        with pytest.raises(InputError, match="data.val_fraction"):
+            check_data_fits(cfg, prepared)
+
+
+def test_a_resumed_run_continues_the_schedule_of_its_own_config():
+    """A run saved at step 20 of 20 and resumed with max_steps 30 and a new lr: what the
+    checkpoint restores (the optimizer's lr, the scheduler's state) is the old run's; step 21
+    must train at the new run's lr for step 21, as an uninterrupted 30-step run would."""
+    from types import SimpleNamespace
+
+    from raylm.train.deepspeed import continue_schedule
+
+    old = load_config(None, ["train.max_steps=20", "train.warmup_steps=5", "train.lr=0.003"])
+    new = load_config(None, ["train.max_steps=30", "train.warmup_steps=5", "train.lr=0.002"])
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=old.train.lr)
+    sched = lr_scheduler(old)(opt)
+    for _ in range(20):
+        opt.step()
+        sched.step()
+    # the resumed run: DeepSpeed restores the optimizer (its param_groups' lr) and the scheduler
+    opt2 = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=new.train.lr)
+    sched2 = lr_scheduler(new)(opt2)
+    opt2.load_state_dict(opt.state_dict())
+    sched2.load_state_dict(sched.state_dict())
+    assert opt2.param_groups[0]["lr"] == pytest.approx(0.003 * old.train.min_lr_ratio)  # the old run's last lr
+    continue_schedule(SimpleNamespace(lr_scheduler=sched2), new)
+    seen = []
+    for _ in range(10):
+        seen.append(opt2.param_groups[0]["lr"])
+        opt2.step()
+        sched2.step()
+    assert seen == pytest.approx([0.002 * lr_factor(k, new.train) for k in range(20, 30)])

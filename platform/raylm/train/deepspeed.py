@@ -25,11 +25,24 @@ def lr_scheduler(cfg: RaylmConfig) -> Callable[[Any], Any]:
     """What deepspeed.initialize(lr_scheduler=...) calls with its optimizer: a torch LambdaLR over
     `lr_factor`. DeepSpeed steps it after each applied optimizer step (not after an fp16 overflow
     skip) and saves / restores its state with every checkpoint, so a resumed run continues the
-    schedule where it stopped."""
+    schedule where it stopped (`continue_schedule`)."""
     import torch
 
     t = cfg.train
     return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, t))
+
+
+def continue_schedule(engine: Any, cfg: RaylmConfig) -> None:
+    """After a checkpoint load: the lr of the step the restored schedule has reached, by this
+    run's config. The checkpoint restores the step count, but also the optimizer's lr and the
+    scheduler's base lr of the run that saved it: without this, a run resumed with a new
+    train.max_steps (or train.lr) trains its first step, or all of them, at the old numbers."""
+    sched, t = engine.lr_scheduler, cfg.train
+    sched.base_lrs = [t.lr for _ in sched.base_lrs]
+    lr = t.lr * lr_factor(sched.last_epoch, t)
+    for group in sched.optimizer.param_groups:
+        group["lr"] = lr
+    sched._last_lr = [lr for _ in sched.base_lrs]  # what get_last_lr() says; torch sets it in step()
 
 
 def deepspeed_config(cfg: RaylmConfig) -> dict[str, Any]:

@@ -144,7 +144,7 @@ def real_tokens(batch: dict) -> int:
     return int(batch["tokens"].sum()) if "tokens" in batch else batch["input_ids"][:, :-1].numel()
 
 
-def all_sum(values: list[float], device: Any, op: str = "SUM") -> list[float]:
+def all_reduced(values: list[float], device: Any, op: str = "SUM") -> list[float]:
     """`values` reduced over all ranks (one all-reduce), element by element (op SUM or MIN)."""
     import torch
     import torch.distributed as dist
@@ -158,7 +158,7 @@ def all_have(has_batch: bool, device: Any) -> bool:
     """Whether every rank has its next eval batch. Ranks must run the same number of forward
     passes: under ZeRO-3 each one all-gathers the parameters, and a rank that stops early leaves
     the others waiting in an all-gather forever."""
-    return all_sum([1.0 if has_batch else 0.0], device, op="MIN")[0] > 0
+    return all_reduced([1.0 if has_batch else 0.0], device, op="MIN")[0] > 0
 
 
 def evaluate(engine: Any, shard: Any, cfg: RaylmConfig, device: Any) -> dict[str, float]:
@@ -179,7 +179,7 @@ def evaluate(engine: Any, shard: Any, cfg: RaylmConfig, device: Any) -> dict[str
     engine.train()
     if batches == 0:  # check_data_fits makes this unreachable from the CLI; never report a val_loss of 0
         raise RuntimeError("a validation shard is empty: raise data.val_fraction")
-    loss_sum, count = all_sum([total, float(n)], device)
+    loss_sum, count = all_reduced([total, float(n)], device)
     val_loss = loss_sum / max(count, 1.0)
     return {"val_loss": val_loss, "perplexity": math.exp(min(val_loss, 50.0))}
 
@@ -315,6 +315,7 @@ def _resume(cfg: RaylmConfig, engine: Any, log: MetricsLog) -> tuple[Any, Option
     import ray.train
 
     from raylm.train.checkpoint import Position, load_checkpoint, pick_resume_checkpoint
+    from raylm.train.deepspeed import continue_schedule
 
     latest = ray.train.get_checkpoint()
     run_dir = storage.run_dir(cfg.train.storage_path, cfg.train.run_name)
@@ -325,6 +326,7 @@ def _resume(cfg: RaylmConfig, engine: Any, log: MetricsLog) -> tuple[Any, Option
         return Position(), None
     path, _ = picked
     pos = load_checkpoint(engine, path, adapter_only=bool(cfg.train.lora))
+    continue_schedule(engine, cfg)
     log.write({"event": "resume", "from": path, "step": pos.step, "time": time.time()})
     return pos, path
 
@@ -359,7 +361,7 @@ class StepMeter:
         import torch.distributed as dist
 
         elapsed = time.perf_counter() - self.t0
-        loss_sum, since_report_s, tokens = all_sum(
+        loss_sum, since_report_s, tokens = all_reduced(
             [self.loss_sum, time.monotonic() - self.last_report_t, self.tokens], self.device)
         self.since_report_s = since_report_s / dist.get_world_size()
         tps = tokens / max(elapsed, 1e-9)  # real tokens (SFT: no padding), all ranks
