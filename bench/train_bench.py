@@ -21,7 +21,6 @@ steps) is excluded and reported separately as fit wall time.
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -65,6 +64,7 @@ def plain_loop(config: dict, blocks_path: str, threads: int) -> dict:
 
     from raylm.config import RaylmConfig
     from raylm.model import build_model
+    from raylm.train.deepspeed import lr_factor
 
     config = dict(config)
     vocab = int(config.pop("_vocab"))
@@ -77,15 +77,7 @@ def plain_loop(config: dict, blocks_path: str, threads: int) -> dict:
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8,
                             weight_decay=t.weight_decay)
-    warm = min(t.warmup_steps, t.max_steps - 1)
-
-    def lr_at(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        progress = (step - warm) / max(1, t.max_steps - warm)
-        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, t))  # raylm's schedule
     gb = t.effective_global_batch
     t_first = None
     t0 = time.perf_counter()
@@ -133,8 +125,8 @@ def bare_train_fn(config: dict) -> None:
 
     from raylm.config import RaylmConfig
     from raylm.model import build_model
-    from raylm.train.deepspeed import deepspeed_config
-    from raylm.train.loop import lm_loss
+    from raylm.train.deepspeed import deepspeed_config, lr_scheduler
+    from raylm.train.loop import token_losses
 
     cfg = RaylmConfig.model_validate(config["config"])
     t = cfg.train
@@ -143,14 +135,15 @@ def bare_train_fn(config: dict) -> None:
     model = build_model(cfg.model, int(config["vocab"]), cfg.data.seq_len)
     deepspeed.init_distributed(dist_backend="gloo")
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()),
-                                           config=deepspeed_config(cfg))
+                                           config=deepspeed_config(cfg), lr_scheduler=lr_scheduler(cfg))
     rank, world = dist.get_rank(), dist.get_world_size()
     blocks = torch.from_numpy(np.asarray(config["blocks"], dtype=np.int64)[rank::world])
     mb = t.micro_batch_size
     t_first = None
     for step in range(1, t.max_steps + 1):
         i = ((step - 1) * mb) % (len(blocks) - mb)
-        loss = lm_loss(engine, blocks[i:i + mb])
+        total, count = token_losses(engine, {"input_ids": blocks[i:i + mb]})
+        loss = total / count  # equal-length blocks: the per-token mean, no all-reduce needed
         engine.backward(loss)
         engine.step()
         float(loss.detach())

@@ -20,6 +20,7 @@ import torch
 from raylm.config import load_config
 from raylm.data import prepare_data, shard_indices
 from raylm.train.checkpoint import verify_checkpoint
+from raylm.train.deepspeed import lr_factor
 from raylm.train.driver import build_trainer, check_data_fits
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,6 +43,11 @@ def train_config(tmp_path: Path, run_name: str, **fields):
 def read_log(cfg) -> list[dict]:
     path = Path(cfg.train.storage_path) / cfg.train.run_name / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def scheduled_lr(cfg, step: int) -> float:
+    """The lr step `step` (1-based) trains with in an uninterrupted run of `cfg`."""
+    return cfg.train.lr * lr_factor(step - 1, cfg.train)
 
 
 def fit(cfg, prepared):
@@ -73,7 +79,10 @@ def test_zero_stage_trains_and_loss_falls(stage, tmp_path_factory, shakespeare_p
     assert last < first - 1.0, f"ZeRO-{stage}: loss {first:.3f} -> {last:.3f}"
     assert result.metrics["step"] == 60 and result.metrics["val_loss"] < first - 1.0
     assert result.metrics["perplexity"] == pytest.approx(np.exp(result.metrics["val_loss"]), rel=1e-6)
-    assert all(r["tokens_per_s"] > 0 and np.isfinite(r["grad_norm"]) and r["lr"] >= 0 for r in log)
+    assert all(r["tokens_per_s"] > 0 and np.isfinite(r["grad_norm"]) and r["skipped_steps"] == 0 for r in log)
+    # warm-up starts above 0: step 1 at lr / (warmup_steps + 1), then the schedule step by step
+    assert log[0]["lr"] == pytest.approx(cfg.train.lr / (cfg.train.warmup_steps + 1))
+    assert [r["lr"] for r in log] == pytest.approx([scheduled_lr(cfg, r["step"]) for r in log])
     # keep_checkpoints=2: steps 30 and 60, each complete (manifest verifies)
     run_dir = Path(cfg.train.storage_path) / cfg.train.run_name
     assert sorted(p.name for p in run_dir.glob("step_*")) == ["step_00000030", "step_00000060"]
@@ -165,6 +174,13 @@ def test_killed_worker_resumes_from_checkpoint_and_finishes(tmp_path, shakespear
     # after the resume the step count continued from the checkpoint, not from zero
     steps_after = [r["step"] for r in read_log(cfg) if "loss" in r][-(300 - resumed):]
     assert steps_after == list(range(resumed + 1, 301))
+    # the lr schedule came back with the checkpoint: every step, before the kill and after the
+    # resume, trains at the lr an uninterrupted run has at that step (test_zero_stage_trains_...
+    # reads that schedule from uninterrupted runs); steps trained twice had the same lr both times
+    trained = [r for r in read_log(cfg) if "loss" in r]
+    assert [r["lr"] for r in trained] == pytest.approx([scheduled_lr(cfg, r["step"]) for r in trained])
+    twice = [s for s in range(resumed + 1, 301) if sum(r["step"] == s for r in trained) == 2]
+    assert all(len({r["lr"] for r in trained if r["step"] == s}) == 1 for s in twice)
 
 
 def test_restarting_a_run_continues_its_step_count(tmp_path, shakespeare_prepared):
@@ -182,11 +198,36 @@ def test_restarting_a_run_continues_its_step_count(tmp_path, shakespeare_prepare
     assert steps == list(range(1, 31))  # 1..20, then 21..30: nothing repeated, nothing skipped
     resumed = [r for r in log if r.get("event") == "resume"]
     assert len(resumed) == 1 and resumed[0]["step"] == 20
+    # the lr schedule came back too: steps 21..30 train at the lr of an uninterrupted 30-step run
+    # (the schedule is a function of the step and the config; the checkpoint restores the step)
+    assert [by_step(log, s)["lr"] for s in range(21, 31)] == pytest.approx([scheduled_lr(second_cfg, s) for s in range(21, 31)])
     # the optimizer state came back too: the loss continues from where it was, not from the start
-    by_step = {r["step"]: r for r in log if "loss" in r}
-    assert by_step[21]["loss"] < by_step[1]["loss"] - 0.5
+    assert by_step(log, 21)["loss"] < by_step(log, 1)["loss"] - 0.5
     # the newest checkpoint's manifest lists both ranks' DeepSpeed shards with their sizes
     files = verify_checkpoint(second.checkpoint.path)["files"]
     assert {f for f in files if "optim_states" in f} == {
         f"deepspeed/state/zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)}
     assert "hf/model.safetensors" in files and "hf/raylm_config.yaml" in files
+
+
+def by_step(log: list[dict], step: int) -> dict:
+    return next(r for r in log if r.get("step") == step and "loss" in r)
+
+
+def test_bf16_cpu_run_accumulates_in_fp32_and_learns(tmp_path, shakespeare_prepared):
+    """bf16 on CPU (DeepSpeed's CPU accelerator), 2 micro-batches per step, no warm-up: the loss
+    falls, and the DeepSpeed config the run saved with its checkpoint accumulates in fp32."""
+    cfg = train_config(tmp_path, "bf16", **{"deepspeed.precision": "bf16", "deepspeed.zero_stage": 2,
+                                            "train.grad_accum_steps": 2, "train.micro_batch_size": 2,
+                                            "train.warmup_steps": 0, "train.max_steps": 30,
+                                            "train.eval_every_steps": 30, "train.checkpoint_every_steps": 30})
+    result = fit(cfg, shakespeare_prepared)
+    assert result.error is None and result.metrics["step"] == 30
+    log = [r for r in read_log(cfg) if "loss" in r]
+    assert log[0]["lr"] == cfg.train.lr  # warmup_steps 0: the first step at the peak
+    first, last = log[0]["loss"], np.mean([r["loss"] for r in log[-5:]])
+    assert last < first - 1.0, f"bf16: loss {first:.3f} -> {last:.3f}"
+    states = torch.load(Path(result.checkpoint.path) / "deepspeed" / "state" / "mp_rank_00_model_states.pt",
+                        weights_only=False)
+    ds_config = states["ds_config"]
+    assert ds_config["bf16"]["enabled"] and ds_config["data_types"]["grad_accum_dtype"] == "fp32"

@@ -46,6 +46,9 @@ def test_impossible_global_batch_names_the_field():
     (["deepspeed.offload_params=true", "deepspeed.zero_stage=2"], "deepspeed.offload_params"),
     (["deepspeed.offload_optimizer=true", "deepspeed.zero_stage=0"], "deepspeed.offload_optimizer"),
     (["deepspeed.precision=fp16"], "deepspeed.precision"),
+    (["deepspeed.precision=bf16", "deepspeed.zero_stage=0"], "deepspeed.zero_stage"),  # no fp32 grad accumulation
+    (["train.use_gpu=true", "deepspeed.zero_stage=0"], "deepspeed.zero_stage"),  # auto: bf16 on GPU
+    (["data.val_fraction=0"], "data.val_fraction"),
     (["serve.autoscaling.min_replicas=3", "serve.autoscaling.max_replicas=2"], "serve.autoscaling: max_replicas (2) must be greater than or equal to min_replicas (3)"),  # Ray Serve's own check
     (["serve.default_max_tokens=999"], "serve.default_max_tokens"),
 ])
@@ -79,6 +82,8 @@ def test_cli_bad_config_exits_2_before_ray(capsys):
     # ray.init is patched to fail in unit tests: exit code 2 proves the config failed first.
     assert main(["train", "--set", "train.global_batch_size=3"]) == 2
     assert "train.global_batch_size" in capsys.readouterr().err
+    assert main(["train", "--set", "data.val_fraction=0"]) == 2  # an empty validation split
+    assert "data.val_fraction" in capsys.readouterr().err
     assert main(["tune", "--set", "train.bogus=1"]) == 2
     assert main(["data", "--set", "data.source=/no/such/corpus"]) == 2
     assert "/no/such/corpus" in capsys.readouterr().err

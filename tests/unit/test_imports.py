@@ -81,5 +81,5 @@ def test_no_import_cycles():
 def test_the_graph_walker_sees_function_level_imports(tmp_path):
     """The check above must not pass vacuously: a lazy import inside a function is found."""
     mod = tmp_path / "m.py"
-    mod.write_text("def f():\n    from raylm.train.loop import lm_loss\n    from raylm import storage\n")
+    mod.write_text("def f():\n    from raylm.train.loop import train_step\n    from raylm import storage\n")
     assert imports_of(mod, {"raylm.storage", "raylm.train.loop"}) == {"raylm.train.loop", "raylm.storage"}

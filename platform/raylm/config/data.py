@@ -53,7 +53,9 @@ class DataConfig(_Strict):
     )
     vocab_size: int = Field(2048, ge=260, description="Vocabulary size of a trained tokenizer.")
     seq_len: int = Field(128, ge=8, description="Tokens a training example predicts (blocks hold seq_len + 1).")
-    val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Share of packed blocks held out for validation.")
+    val_fraction: float = Field(
+        0.05, gt=0.0, lt=1.0, description="Share of packed blocks held out for validation (every evaluation, "
+        "the final val_loss and Tune's metric read them; each worker needs at least one).")
     seed: int = Field(0, description="Seed of the deterministic block shuffle.")
     max_documents: Optional[int] = Field(None, ge=1, description="Read at most this many documents (smoke runs).")
     cache_dir: str = Field(

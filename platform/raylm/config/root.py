@@ -39,6 +39,9 @@ class RaylmConfig(_Strict):
             raise ValueError("deepspeed.offload_optimizer: needs deepspeed.zero_stage >= 1")
         if ds.precision == "fp16" and not t.use_gpu:
             raise ValueError("deepspeed.precision: fp16 needs train.use_gpu=true (CPU runs use fp32 or bf16)")
+        if self.precision == "bf16" and ds.zero_stage == 0:
+            raise ValueError("deepspeed.zero_stage: 0 with bf16 would accumulate gradients in bf16 (DeepSpeed "
+                             "accumulates bf16 gradients in fp32 from ZeRO-1 on); use zero_stage 1, or fp32")
         self._model_tokenizer()
         sv = self.serve
         if sv.default_max_tokens > sv.max_tokens_limit:

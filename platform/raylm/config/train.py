@@ -44,7 +44,9 @@ class TrainConfig(_Strict):
     max_steps: int = Field(100, ge=1, description="Optimizer steps in the run.")
     lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine schedule floor, as a share of lr.")
-    warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps before the cosine decay.")
+    warmup_steps: int = Field(
+        10, ge=0, description="Linear warm-up steps before the cosine decay; the first runs at lr / (warmup_steps + 1), "
+        "not 0. 0: no warm-up (the first step at lr).")
     weight_decay: float = Field(0.1, ge=0)
     beta1: float = Field(0.9, gt=0, lt=1)
     beta2: float = Field(0.95, gt=0, lt=1)
@@ -87,5 +89,6 @@ class DeepSpeedConfig(_Strict):
     offload_optimizer: bool = Field(False, description="Keep optimizer state on CPU (ZeRO >= 1).")
     offload_params: bool = Field(False, description="Keep parameters on CPU (ZeRO-3 only).")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="'auto': bf16 on GPU, fp32 on CPU."
+        "auto", description="'auto': bf16 on GPU, fp32 on CPU. bf16 accumulates gradients in fp32 (from "
+        "zero_stage 1 on); fp16 (GPU) skips the steps whose gradients overflow (metric skipped_steps)."
     )

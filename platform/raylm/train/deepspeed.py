@@ -2,13 +2,52 @@
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Callable
 
 from raylm.config import RaylmConfig
+from raylm.config.train import TrainConfig
+
+
+def lr_factor(step: int, t: TrainConfig) -> float:
+    """Share of train.lr that optimizer step `step` (0-based) trains with: linear warm-up, then cosine.
+
+    Warm-up as torchtitan has it: step k < warmup_steps runs at (k + 1) / (warmup_steps + 1), so
+    the first step already moves (never lr 0) and warm-up ends just below the peak; warmup_steps 0
+    starts at the peak. The cosine then falls from lr to min_lr_ratio x lr over the steps left."""
+    if step < t.warmup_steps:
+        return (step + 1) / (t.warmup_steps + 1)
+    progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+    return t.min_lr_ratio + (1.0 - t.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def lr_scheduler(cfg: RaylmConfig) -> Callable[[Any], Any]:
+    """What deepspeed.initialize(lr_scheduler=...) calls with its optimizer: a torch LambdaLR over
+    `lr_factor`. DeepSpeed steps it after each applied optimizer step (not after an fp16 overflow
+    skip) and saves / restores its state with every checkpoint, so a resumed run continues the
+    schedule where it stopped (`continue_schedule`)."""
+    import torch
+
+    t = cfg.train
+    return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, t))
+
+
+def continue_schedule(engine: Any, cfg: RaylmConfig) -> None:
+    """After a checkpoint load: the lr of the step the restored schedule has reached, by this
+    run's config. The checkpoint restores the step count, but also the optimizer's lr and the
+    scheduler's base lr of the run that saved it: without this, a run resumed with a new
+    train.max_steps (or train.lr) trains its first step, or all of them, at the old numbers."""
+    sched, t = engine.lr_scheduler, cfg.train
+    sched.base_lrs = [t.lr for _ in sched.base_lrs]
+    lr = t.lr * lr_factor(sched.last_epoch, t)
+    for group in sched.optimizer.param_groups:
+        group["lr"] = lr
+    sched._last_lr = [lr for _ in sched.base_lrs]  # what get_last_lr() says; torch sets it in step()
 
 
 def deepspeed_config(cfg: RaylmConfig) -> dict[str, Any]:
-    """DeepSpeed JSON for this run: ZeRO stage, offload, batch sizes, AdamW, warm-up + cosine."""
+    """DeepSpeed JSON for this run: ZeRO stage, offload, batch sizes, precision, AdamW (the lr
+    schedule is `lr_scheduler`, handed to deepspeed.initialize beside this dict)."""
     t, ds = cfg.train, cfg.deepspeed
     precision = cfg.precision
     zero: dict[str, Any] = {"stage": ds.zero_stage}
@@ -29,16 +68,14 @@ def deepspeed_config(cfg: RaylmConfig) -> dict[str, Any]:
         "zero_optimization": zero,
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
+        # bf16 weights, gradients accumulated over micro-batches in fp32:
+        # DeepSpeed 0.19.8 honours this from ZeRO-1 on (ZeRO-0 refuses it; the config check says so)
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if precision == "bf16" else {}),
         "optimizer": {
             "type": "AdamW",
             "params": {"lr": t.lr, "betas": [t.beta1, t.beta2], "eps": 1e-8, "weight_decay": t.weight_decay,
                        # CPU without offload: plain torch AdamW (the fused kernels are CUDA-only).
                        **({"torch_adam": True} if not t.use_gpu and not ds.offload_optimizer else {})},
-        },
-        "scheduler": {
-            "type": "WarmupCosineLR",
-            "params": {"total_num_steps": t.max_steps, "warmup_num_steps": min(t.warmup_steps, t.max_steps - 1),
-                       "warmup_min_ratio": 0.0, "cos_min_ratio": t.min_lr_ratio, "warmup_type": "linear"},
         },
         "steps_per_print": 10**9,  # raylm reports its own metrics
         "wall_clock_breakdown": False,

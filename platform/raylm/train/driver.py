@@ -38,8 +38,12 @@ def check_data_fits(cfg: RaylmConfig, prepared: PreparedData) -> None:
         raise InputError(f"train.micro_batch_size={cfg.train.micro_batch_size}: each of train.num_workers="
                          f"{cfg.train.num_workers} workers gets only {per_worker} training blocks; lower the "
                          f"micro-batch or data.seq_len, or add data")
-    if prepared.stats.val_blocks == 0 and cfg.data.val_fraction > 0:
-        raise InputError(f"data.val_fraction={cfg.data.val_fraction}: the corpus yields no validation block")
+    # Ray Train splits the val set equally over the workers: fewer blocks than workers leaves some
+    # rank an empty shard, and every rank must evaluate the same batches (eval_batches_agreed)
+    if prepared.stats.val_blocks < cfg.train.num_workers:
+        raise InputError(f"data.val_fraction={cfg.data.val_fraction}: the corpus yields {prepared.stats.val_blocks} "
+                         f"validation blocks of {prepared.stats.blocks}, fewer than train.num_workers="
+                         f"{cfg.train.num_workers} (one each); raise data.val_fraction or add data")
 
 
 def build_trainer(cfg: RaylmConfig, prepared: PreparedData, callbacks: Optional[list] = None,

@@ -7,6 +7,7 @@ import math
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 from raylm import storage
@@ -78,10 +79,64 @@ def token_losses(engine: Any, batch: dict) -> tuple[Any, Any]:
     return loss, (labels != IGNORE).sum()
 
 
-def lm_loss(engine: Any, batch: Any) -> Any:
-    """Mean next-token loss over the trained tokens of a micro-batch (a dict, or a raw-text block tensor)."""
-    total, count = token_losses(engine, batch if isinstance(batch, dict) else {"input_ids": batch})
-    return total / count.clamp(min=1)
+def trained_tokens(batch: dict) -> Any:
+    """Tokens the loss is computed on, known before any forward pass (a 0-d tensor on the batch's
+    device): SFT labels other than IGNORE; raw text every next token of its blocks."""
+    import torch
+
+    from raylm.data import IGNORE
+
+    if "labels" in batch:
+        return (batch["labels"] != IGNORE).sum()
+    block = batch["input_ids"]
+    return torch.tensor(block[:, 1:].numel(), device=block.device)
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step did: this rank's summed token loss, the global batch's trained
+    tokens and the lr the step trained with."""
+
+    loss_sum: float
+    global_tokens: int
+    lr: float
+
+
+def backward_global_batch(engine: Any, micro: list[dict]) -> tuple[float, int]:
+    """Forward and backward of this rank's micro-batches (grad_accum_steps of them), leaving the
+    gradient of (summed token loss over the global batch) / (its trained tokens) reduced over the
+    ranks; returns (this rank's summed token loss, the global trained-token count).
+
+    The global token count is all-reduced once, before any backward. DeepSpeed then averages
+    gradients over the data-parallel ranks (its gradient all-reduce divides by the world size), and
+    engine.backward would divide by gradient_accumulation_steps, which scale_wrt_gas=False turns
+    off: each micro-batch's summed loss x world / count therefore sums to exactly that gradient,
+    however the global batch is cut into ranks and micro-batches (a micro-batch of one short answer
+    weighs by its tokens, not as much as one of four long ones). The caller's engine.step() then
+    applies it (tests read the gradient before)."""
+    import torch
+    import torch.distributed as dist
+
+    count = torch.stack([trained_tokens(b) for b in micro]).sum()
+    dist.all_reduce(count)
+    global_tokens = int(count)
+    scale = dist.get_world_size() / max(global_tokens, 1)
+    loss_sum = 0.0
+    for i, batch in enumerate(micro):
+        if i:
+            engine.step()  # closes the previous micro-batch: inside the accumulation window, no update
+        summed, _ = token_losses(engine, batch)
+        engine.backward(summed * scale, scale_wrt_gas=False)
+        loss_sum += float(summed.detach())
+    return loss_sum, global_tokens
+
+
+def train_step(engine: Any, micro: list[dict]) -> StepResult:
+    """One optimizer step over this rank's micro-batches (see backward_global_batch)."""
+    lr = engine.get_lr()[0]  # the lr this step trains with (the scheduler moves on in step())
+    loss_sum, global_tokens = backward_global_batch(engine, micro)
+    engine.step()  # the accumulation boundary: the optimizer steps (an fp16 overflow: skipped_steps + 1)
+    return StepResult(loss_sum, global_tokens, lr)
 
 
 def real_tokens(batch: dict) -> int:
@@ -89,37 +144,52 @@ def real_tokens(batch: dict) -> int:
     return int(batch["tokens"].sum()) if "tokens" in batch else batch["input_ids"][:, :-1].numel()
 
 
-def all_mean(values: list[float], device: Any) -> list[float]:
+def all_reduced(values: list[float], device: Any, op: str = "SUM") -> list[float]:
+    """`values` reduced over all ranks (one all-reduce), element by element (op SUM or MIN)."""
     import torch
     import torch.distributed as dist
 
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return (t / dist.get_world_size()).tolist()
+    dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
+    return t.tolist()
+
+
+def all_have(has_batch: bool, device: Any) -> bool:
+    """Whether every rank has its next eval batch. Ranks must run the same number of forward
+    passes: under ZeRO-3 each one all-gathers the parameters, and a rank that stops early leaves
+    the others waiting in an all-gather forever."""
+    return all_reduced([1.0 if has_batch else 0.0], device, op="MIN")[0] > 0
 
 
 def evaluate(engine: Any, shard: Any, cfg: RaylmConfig, device: Any) -> dict[str, float]:
-    """Validation loss and perplexity per trained token, over all ranks (each reads its val shard)."""
+    """Validation loss and perplexity per trained token, over all ranks (each reads its val shard,
+    all of them the same number of batches: up to eval_batches, fewer only if a shard runs out)."""
     import torch
 
     engine.eval()
-    total, n = 0.0, 0
+    total, n, batches = 0.0, 0, 0
+    rows = iter(shard.iter_torch_batches(batch_size=cfg.train.micro_batch_size, dtypes=torch.long, device=device))
     with torch.no_grad():
-        for i, batch in enumerate(shard.iter_torch_batches(batch_size=cfg.train.micro_batch_size, dtypes=torch.long,
-                                                           device=device)):
-            if i >= cfg.train.eval_batches:
+        while batches < cfg.train.eval_batches:
+            batch = next(rows, None)
+            if not all_have(batch is not None, device):
                 break
             loss_sum, count = token_losses(engine, trim(batch))  # SFT: the same (assistant) tokens as training
-            total, n = total + float(loss_sum), n + int(count)
+            total, n, batches = total + float(loss_sum), n + int(count), batches + 1
     engine.train()
-    loss_sum, count = all_mean([total, float(n)], device)
-    val_loss = loss_sum / max(count, 1e-9)
+    if batches == 0:  # check_data_fits makes this unreachable from the CLI; never report a val_loss of 0
+        raise RuntimeError("a validation shard is empty: raise data.val_fraction")
+    loss_sum, count = all_reduced([total, float(n)], device)
+    val_loss = loss_sum / max(count, 1.0)
     return {"val_loss": val_loss, "perplexity": math.exp(min(val_loss, 50.0))}
 
 
 def flops_per_token(model: Any, seq_len: int) -> float:
-    """6N for the dense weights (forward + backward) plus attention: 12 * layers * hidden * seq_len."""
-    n_params = sum(p.numel() for p in model.parameters())
+    """6N for the dense weights (forward + backward) plus attention: 12 * layers * hidden * seq_len.
+
+    N is the unpartitioned count: under ZeRO-3 a parameter holds only this rank's shard (numel 0
+    outside a gather) and DeepSpeed keeps the full size in `ds_numel`."""
+    n_params = sum(getattr(p, "ds_numel", None) or p.numel() for p in model.parameters())
     c = model.config
     layers = getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer", 0)
     hidden = getattr(c, "hidden_size", None) or getattr(c, "n_embd", 0)
@@ -220,7 +290,7 @@ def _engine(cfg: RaylmConfig, tokenizer: Any) -> tuple[Any, dict]:
     import torch.distributed as dist
 
     from raylm.model import build_model
-    from raylm.train.deepspeed import deepspeed_config
+    from raylm.train.deepspeed import deepspeed_config, lr_scheduler
     from raylm.train.lora import apply_lora, param_counts
 
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
@@ -233,7 +303,7 @@ def _engine(cfg: RaylmConfig, tokenizer: Any) -> tuple[Any, dict]:
         print(f"raylm: {cfg.model.name}{' + LoRA r=%d' % cfg.train.lora.r if cfg.train.lora else ''}: "
               f"{trainable:,} trainable of {total:,} parameters ({100.0 * trainable / total:.2f}%)", flush=True)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-                                           config=deepspeed_config(cfg))
+                                           config=deepspeed_config(cfg), lr_scheduler=lr_scheduler(cfg))
     return engine, {"trainable_params": trainable, "total_params": total}
 
 
@@ -245,6 +315,7 @@ def _resume(cfg: RaylmConfig, engine: Any, log: MetricsLog) -> tuple[Any, Option
     import ray.train
 
     from raylm.train.checkpoint import Position, load_checkpoint, pick_resume_checkpoint
+    from raylm.train.deepspeed import continue_schedule
 
     latest = ray.train.get_checkpoint()
     run_dir = storage.run_dir(cfg.train.storage_path, cfg.train.run_name)
@@ -255,14 +326,16 @@ def _resume(cfg: RaylmConfig, engine: Any, log: MetricsLog) -> tuple[Any, Option
         return Position(), None
     path, _ = picked
     pos = load_checkpoint(engine, path, adapter_only=bool(cfg.train.lora))
+    continue_schedule(engine, cfg)
     log.write({"event": "resume", "from": path, "step": pos.step, "time": time.time()})
     return pos, path
 
 
 class StepMeter:
     """Loss, tokens and time since the last log line; `maybe_log` turns them into the step's
-    numbers with one all-reduce (mean loss, tokens/s, and the time since the last Ray report,
-    agreed across ranks so that every rank makes the same reporting decision)."""
+    numbers with one all-reduce (the loss per trained token over every global batch since the last
+    line, tokens/s, and the time since the last Ray report, agreed across ranks so that every rank
+    makes the same reporting decision)."""
 
     def __init__(self, cfg: RaylmConfig, engine: Any, device: Any):
         self.cfg, self.engine, self.device = cfg, engine, device
@@ -272,26 +345,31 @@ class StepMeter:
         self.reset()
 
     def reset(self) -> None:
-        self.loss, self.steps, self.tokens, self.t0 = 0.0, 0, 0, time.perf_counter()
+        self.loss_sum, self.trained, self.tokens, self.t0 = 0.0, 0, 0, time.perf_counter()
+        self.lr = 0.0
 
-    def add(self, loss: Any, batch: dict) -> None:
-        self.loss += float(loss.detach()) / self.cfg.train.grad_accum_steps
-        self.tokens += real_tokens(batch)
+    def add(self, result: StepResult, micro: list[dict]) -> None:
+        self.loss_sum += result.loss_sum
+        self.trained += result.global_tokens  # already global: every rank holds the same count
+        self.tokens += sum(real_tokens(b) for b in micro)
+        self.lr = result.lr
 
     def maybe_log(self, step: int, force: bool) -> dict[str, float]:
         """The step's training numbers when a log line is due (every train.log_every_steps), else {}."""
-        self.steps += 1
         if not (step % self.cfg.train.log_every_steps == 0 or force):
             return {}
         import torch.distributed as dist
 
         elapsed = time.perf_counter() - self.t0
-        loss, self.since_report_s, tokens = all_mean(
-            [self.loss / self.steps, time.monotonic() - self.last_report_t, self.tokens], self.device)
-        tps = tokens * dist.get_world_size() / max(elapsed, 1e-9)  # real tokens (SFT: no padding)
+        loss_sum, since_report_s, tokens = all_reduced(
+            [self.loss_sum, time.monotonic() - self.last_report_t, self.tokens], self.device)
+        self.since_report_s = since_report_s / dist.get_world_size()
+        tps = tokens / max(elapsed, 1e-9)  # real tokens (SFT: no padding), all ranks
         grad_norm = self.engine.get_global_grad_norm()
-        out = {"loss": loss, "lr": self.engine.get_lr()[0], "tokens_per_s": tps,
-               "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+        out = {"loss": loss_sum / max(self.trained, 1), "lr": self.lr, "tokens_per_s": tps,
+               "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+               # fp16: steps whose gradients overflowed and that DeepSpeed skipped (no update)
+               "skipped_steps": int(self.engine.skipped_steps)}
         if self.peak:
             out["mfu"] = self.fpt * tps / (self.peak * dist.get_world_size())
         return out
@@ -403,12 +481,8 @@ def train_fn_per_worker(loop_config: dict) -> None:
     reporter = Reporter(cfg, log, meter, pos.step, loop_config.get("progress"), dist.get_rank())
     tokens_per_step = t.effective_global_batch * cfg.data.seq_len
     while pos.step < t.max_steps:
-        for _ in range(t.grad_accum_steps):
-            batch = next(batches)
-            loss = lm_loss(engine, batch)
-            engine.backward(loss)
-            engine.step()
-            meter.add(loss, batch)
+        micro = [next(batches) for _ in range(t.grad_accum_steps)]  # drawn first: their tokens weigh the loss
+        meter.add(train_step(engine, micro), micro)
         pos.step += 1
         pos.tokens += tokens_per_step
         last = pos.step == t.max_steps

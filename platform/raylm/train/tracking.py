@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 from raylm.config import RaylmConfig
 
-SCALARS = ("loss", "val_loss", "perplexity", "lr", "tokens_per_s", "grad_norm", "mfu")
+SCALARS = ("loss", "val_loss", "perplexity", "lr", "tokens_per_s", "grad_norm", "mfu", "skipped_steps")
 TB_DIR = "tensorboard"
 
 

@@ -1,0 +1,149 @@
+"""Token-weighted loss under a real DeepSpeed engine: the gradient of a step does not depend on
+how its global batch is cut into ranks and micro-batches.
+
+Four SFT examples with very uneven answers (1 to 40 trained tokens) go through raylm's own step
+(`loop.backward_global_batch`) on a real DeepSpeed engine (ZeRO 0, 1, 2; gloo process groups of
+1 and 2 ranks started with torch.multiprocessing, no Ray needed) as `1 worker x micro 4`,
+`1 worker x micro 1 x accum 4` and `2 workers x micro 1 x accum 2`. DeepSpeed's full gradients
+(deepspeed.utils.safe_get_full_grad) must all equal a plain-PyTorch reference: the summed token
+loss of the 4 examples / their trained tokens.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+from raylm.data import IGNORE
+
+STAGES = (0, 1, 2)
+LAYOUTS = [(1, 4, 1), (1, 1, 4), (2, 1, 2)]  # (workers, micro_batch_size, grad_accum_steps)
+# (prompt tokens, answer tokens): one 1-token answer beside long ones
+EXAMPLES = [(6, 1), (4, 40), (10, 3), (3, 25)]
+VOCAB = 64
+
+
+def examples() -> list[dict]:
+    """One unpacked SFT row each (what data prep writes with packing off): prompt masked."""
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for prompt, answer in EXAMPLES:
+        n = prompt + answer
+        ids = torch.randint(3, VOCAB, (n,), generator=g)
+        labels = ids.clone()
+        labels[:prompt] = IGNORE
+        # next-token labels: position i predicts token i + 1 (the last one predicts nothing)
+        labels = torch.cat([labels[1:], torch.tensor([IGNORE])])
+        rows.append({"input_ids": ids, "labels": labels, "position_ids": torch.arange(n), "tokens": n})
+    return rows
+
+
+def collate(rows: list[dict]) -> dict:
+    """Rows padded to the longest, then cut to it by loop.trim, as micro_batches hands them out."""
+    from raylm.train.loop import trim
+
+    width = max(r["tokens"] for r in rows) + 7  # padding beyond the longest: trim must drop it
+    out = {"input_ids": torch.zeros(len(rows), width, dtype=torch.long),
+           "labels": torch.full((len(rows), width), IGNORE, dtype=torch.long),
+           "position_ids": torch.zeros(len(rows), width, dtype=torch.long),
+           "tokens": torch.tensor([r["tokens"] for r in rows])}
+    for i, r in enumerate(rows):
+        for k in ("input_ids", "labels", "position_ids"):
+            out[k][i, :r["tokens"]] = r[k]
+    return trim(out)
+
+
+def tiny_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+
+
+def reference_grads() -> tuple[dict, dict, float]:
+    """Plain PyTorch: (sum of every trained token's loss / their count) gradients, and the
+    gradients of the mean of per-example means (the weighting this replaced), and the loss."""
+    model = tiny_model()
+    sums, counts = [], []
+    for row in examples():
+        logits = model(input_ids=row["input_ids"][None], position_ids=row["position_ids"][None], use_cache=False).logits
+        sums.append(torch.nn.functional.cross_entropy(logits[0], row["labels"], ignore_index=IGNORE, reduction="sum"))
+        counts.append(int((row["labels"] != IGNORE).sum()))
+    loss = torch.stack(sums).sum() / sum(counts)
+    token_weighted = dict(zip([n for n, _ in model.named_parameters()], torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)))
+    per_example = torch.stack([s / c for s, c in zip(sums, counts)]).mean()
+    example_weighted = dict(zip(token_weighted, torch.autograd.grad(per_example, list(model.parameters()))))
+    return token_weighted, example_weighted, float(loss.detach())
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str, layouts: list) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.utils import safe_get_full_grad
+
+    from raylm.config import RaylmConfig
+    from raylm.train.deepspeed import deepspeed_config, lr_scheduler
+    from raylm.train.loop import backward_global_batch
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    rows = examples()
+    for stage in STAGES:
+        for workers, micro, accum in layouts:
+            cfg = RaylmConfig.model_validate({
+                "train": {"num_workers": workers, "micro_batch_size": micro, "grad_accum_steps": accum, "grad_clip": 0},
+                "deepspeed": {"zero_stage": stage}})
+            model = tiny_model()
+            engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()),
+                                              config=deepspeed_config(cfg), lr_scheduler=lr_scheduler(cfg))
+            mine = rows[rank * micro * accum:(rank + 1) * micro * accum]  # this rank's part of the global batch
+            batches = [collate(mine[i:i + micro]) for i in range(0, len(mine), micro)]
+            loss_sum, tokens = backward_global_batch(engine, batches)
+            total = torch.tensor([loss_sum], dtype=torch.float64)
+            dist.all_reduce(total)
+            grads = {n: safe_get_full_grad(p).detach().clone() for n, p in engine.module.named_parameters()}
+            engine.step()
+            if rank == 0:
+                torch.save({"grads": grads, "loss": float(total) / tokens, "tokens": tokens},
+                           os.path.join(out_dir, f"zero{stage}_w{workers}_m{micro}_a{accum}.pt"))
+            engine.destroy()
+    dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def step_grads(tmp_path_factory) -> Path:
+    import torch.multiprocessing as mp
+
+    out = tmp_path_factory.mktemp("grads")
+    for world in (1, 2):
+        layouts = [lay for lay in LAYOUTS if lay[0] == world]
+        mp.spawn(_worker, args=(world, free_port(), str(out), layouts), nprocs=world, join=True)
+    return out
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_step_gradient_does_not_depend_on_how_the_batch_is_cut(stage, step_grads):
+    reference, example_weighted, ref_loss = reference_grads()
+    # the examples are uneven enough that weighting by example instead of token is visible
+    assert max(float((reference[n] - example_weighted[n]).abs().max()) for n in reference) > 1e-3
+    for workers, micro, accum in LAYOUTS:
+        got = torch.load(step_grads / f"zero{stage}_w{workers}_m{micro}_a{accum}.pt")
+        assert got["tokens"] == sum(answer for _, answer in EXAMPLES)
+        assert got["loss"] == pytest.approx(ref_loss, rel=1e-5)  # the logged quantity: sum / global count
+        assert set(got["grads"]) == set(reference)
+        for name, grad in reference.items():
+            torch.testing.assert_close(got["grads"][name], grad, rtol=1e-4, atol=1e-6,
+                                       msg=lambda m: f"ZeRO-{stage} {workers}x{micro}x{accum} {name}: {m}")
