@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
 import yaml
 
@@ -50,23 +51,51 @@ def max_context(model_config: Any) -> int:
     return 2048
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int, tokenizer: Any = None, dtype: Any = None):
-    """A causal LM: a preset with random weights, or `from_pretrained` of a name or directory."""
+@contextmanager
+def zero3_init(ds_config: Optional[dict]) -> Iterator[None]:
+    """Inside: transformers builds models partitioned, under `deepspeed.zero.Init`, when `ds_config`
+    is a ZeRO-3 DeepSpeed dict (its HfDeepSpeedConfig path: a live HfDeepSpeedConfig is what
+    `from_config`/`from_pretrained`/`resize_token_embeddings` look for). Each rank then only ever
+    holds its 1/world shard instead of a full fp32 copy. Scoped, not kept alive: a model built
+    later on one rank alone (the LoRA export) must not start a collective.
+
+    A collective: every rank of the DeepSpeed group (initialised first) enters it together."""
+    if not ds_config or ds_config.get("zero_optimization", {}).get("stage") != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    live = HfDeepSpeedConfig(ds_config)  # transformers keeps only a weak reference: this one holds it
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del live
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int, tokenizer: Any = None, dtype: Any = None,
+                ds_config: Optional[dict] = None):
+    """A causal LM: a preset with random weights, or `from_pretrained` of a name or directory.
+
+    `ds_config` (the run's DeepSpeed dict): with ZeRO-3 the model is built already partitioned
+    across the DeepSpeed group (see `zero3_init`); every rank must call this together then."""
     import torch
     from transformers import AutoModelForCausalLM
 
     dtype = dtype or torch.float32
-    if cfg.name in PRESETS:
-        torch_cfg = preset_config(cfg.name, vocab_size, seq_len, tokenizer, cfg.overrides)
-        model = AutoModelForCausalLM.from_config(torch_cfg, dtype=dtype)
-    else:
-        source = os.path.expanduser(cfg.name) if os.path.exists(os.path.expanduser(cfg.name)) else cfg.name
-        try:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **cfg.overrides)
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"model.name={cfg.name}: not a preset ({', '.join(PRESETS)}) and not loadable: {exc}") from None
-        if model.get_input_embeddings().num_embeddings < vocab_size:
-            model.resize_token_embeddings(vocab_size)
+    with zero3_init(ds_config):
+        if cfg.name in PRESETS:
+            torch_cfg = preset_config(cfg.name, vocab_size, seq_len, tokenizer, cfg.overrides)
+            model = AutoModelForCausalLM.from_config(torch_cfg, dtype=dtype)
+        else:
+            source = os.path.expanduser(cfg.name) if os.path.exists(os.path.expanduser(cfg.name)) else cfg.name
+            try:
+                model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **cfg.overrides)
+            except (OSError, ValueError) as exc:
+                raise ModelError(f"model.name={cfg.name}: not a preset ({', '.join(PRESETS)}) and not loadable: {exc}") from None
+            if model.get_input_embeddings().num_embeddings < vocab_size:
+                model.resize_token_embeddings(vocab_size)  # gathers the partitioned embedding under ZeRO-3
     if max_context(model.config) < seq_len:
         raise ModelError(f"data.seq_len={seq_len} exceeds the context of model.name={cfg.name} ({max_context(model.config)})")
     if cfg.activation_checkpointing:
@@ -75,8 +104,14 @@ def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int, tokenizer: Any 
     return model
 
 
+def numel(param: Any) -> int:
+    """Elements of a parameter, whole: a ZeRO-3 partitioned one holds an empty tensor locally and
+    its full size in `ds_numel`."""
+    return getattr(param, "ds_numel", None) or param.numel()
+
+
 def count_params(model: Any) -> int:
-    return sum(p.numel() for p in model.parameters())
+    return sum(numel(p) for p in model.parameters())
 
 
 def export_hf(model: Any, state_dict: Optional[dict], tokenizer: Any, cfg: RaylmConfig, out_dir: str) -> None:

@@ -90,6 +90,62 @@ def test_zero_stage_trains_and_loss_falls(stage, tmp_path_factory, shakespeare_p
     assert (manifest["step"], manifest["zero_stage"], manifest["world_size"]) == (60, stage, 2)
 
 
+def test_zero3_builds_the_model_partitioned(ray_cluster, tmp_path):
+    """Under ZeRO-3 raylm's build path (build_model with the run's DeepSpeed dict, as the training
+    loop calls it) returns a model already partitioned over a real 2-rank group: every parameter
+    is a DeepSpeed one with nothing held whole, each rank holds half of the elements, and the
+    counts raylm prints (plain and with LoRA) are those of the unpartitioned model."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from raylm.cluster import worker_env
+    from raylm.config import LoraConfig
+    from raylm.model import build_model, count_params
+    from raylm.train.lora import apply_lora, param_counts
+
+    cfg = train_config(tmp_path, "zero3-build", **{"deepspeed.zero_stage": 3})
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+
+    def per_worker(config: dict) -> None:
+        import deepspeed
+        import torch.distributed as dist
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        from raylm.config import RaylmConfig
+        from raylm.train.deepspeed import deepspeed_config
+
+        run = RaylmConfig.model_validate(config["config"])
+        deepspeed.init_distributed(dist_backend="gloo")
+        model = build_model(run.model, 512, run.data.seq_len, ds_config=deepspeed_config(run))
+        params = list(model.parameters())
+        facts = {"deepspeed_params": sum(hasattr(p, "ds_id") for p in params), "params": len(params),
+                 "held_whole": sum(p.numel() for p in params), "local": sum(p.ds_tensor.numel() for p in params),
+                 "counts": param_counts(model), "zero3_flag_after": is_deepspeed_zero3_enabled(),
+                 "lora_counts": param_counts(apply_lora(model, LoraConfig.model_validate(config["lora"])))}
+        with open(os.path.join(config["out"], f"rank{dist.get_rank()}.json"), "w") as f:
+            json.dump(facts, f)
+
+    trainer = TorchTrainer(
+        per_worker, train_loop_config={"config": cfg.model_dump(mode="json"), "lora": lora.model_dump(),
+                                       "out": str(tmp_path)},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+        torch_config=TorchConfig(backend="gloo"),
+        run_config=RunConfig(name="zero3-build", storage_path=str(tmp_path / "ray"),
+                             worker_runtime_env={"env_vars": worker_env(False)}))
+    assert trainer.fit().error is None
+    facts = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    whole = build_model(cfg.model, 512, cfg.data.seq_len)  # the same model, built whole here
+    total, n_params = count_params(whole), len(list(whole.parameters()))
+    lora_counts = param_counts(apply_lora(whole, lora))
+    for f in facts:
+        assert f["deepspeed_params"] == f["params"] == n_params
+        assert f["held_whole"] == 0 and not f["zero3_flag_after"]
+        assert f["local"] == pytest.approx(total / 2, abs=n_params)  # each shard padded by < 1 per param
+        assert tuple(f["counts"]) == (total, total)
+        assert tuple(f["lora_counts"]) == lora_counts
+    assert facts[0]["local"] + facts[1]["local"] >= total
+
+
 def test_zero3_export_reproduces_trained_model(tmp_path_factory, shakespeare_prepared):
     """After ZeRO-3 (parameters sharded over both ranks) the exported HF model is the trained one:
 

@@ -284,7 +284,10 @@ def _setup(loop_config: dict) -> tuple[RaylmConfig, Any, Any]:
 
 
 def _engine(cfg: RaylmConfig, tokenizer: Any) -> tuple[Any, dict]:
-    """The DeepSpeed engine (LoRA-wrapped when train.lora is set) and its trainable/total params."""
+    """The DeepSpeed engine (LoRA-wrapped when train.lora is set) and its trainable/total params.
+
+    Under ZeRO-3 the model is built partitioned (`deepspeed.zero.Init`): no rank ever holds the
+    whole fp32 model, which is what makes ZeRO-3 save host memory at load (bench/RESULTS.md)."""
     import deepspeed
     import torch
     import torch.distributed as dist
@@ -293,12 +296,13 @@ def _engine(cfg: RaylmConfig, tokenizer: Any) -> tuple[Any, dict]:
     from raylm.train.deepspeed import deepspeed_config, lr_scheduler
     from raylm.train.lora import apply_lora, param_counts
 
-    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
-    model = build_model(cfg.model, len(tokenizer), cfg.data.seq_len, tokenizer)
+    deepspeed.init_distributed(dist_backend="nccl" if cfg.train.use_gpu else "gloo")  # reuses Ray's group
+    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank (ZeRO-3: rank 0's, broadcast)
+    model = build_model(cfg.model, len(tokenizer), cfg.data.seq_len, tokenizer, ds_config=deepspeed_config(cfg))
     if cfg.train.lora:
+        torch.manual_seed(cfg.train.seed)  # ZeRO-3 initialised on rank 0 only: the adapters start equal anyway
         model = apply_lora(model, cfg.train.lora)
     trainable, total = param_counts(model)
-    deepspeed.init_distributed(dist_backend="nccl" if cfg.train.use_gpu else "gloo")  # reuses Ray's group
     if dist.get_rank() == 0:
         print(f"raylm: {cfg.model.name}{' + LoRA r=%d' % cfg.train.lora.r if cfg.train.lora else ''}: "
               f"{trainable:,} trainable of {total:,} parameters ({100.0 * trainable / total:.2f}%)", flush=True)

@@ -23,9 +23,11 @@ def apply_lora(model: Any, lora: LoraConfig) -> Any:
 
 
 def param_counts(model: Any) -> tuple[int, int]:
-    """(trainable, total) parameters; call before DeepSpeed ZeRO-3 partitions them."""
+    """(trainable, total) parameters, whole also when ZeRO-3 has partitioned them (`ds_numel`)."""
+    from raylm.model import numel
+
     params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    return sum(numel(p) for p in params if p.requires_grad), sum(numel(p) for p in params)
 
 
 def export_lora(state_dict: dict, tokenizer: Any, cfg: RaylmConfig, adapter_dir: str, hf_dir: str) -> None:
