@@ -69,14 +69,12 @@ class SaveRecord:
     best: Optional[float] = None
 
 
-def save_checkpoint(engine: Any, tokenizer: Any, cfg: RaylmConfig, pos: Position,
-                    record: Optional[SaveRecord] = None) -> str:
+def save_checkpoint(engine: Any, tokenizer: Any, cfg: RaylmConfig, pos: Position, record: SaveRecord) -> str:
     """Every rank writes its part into a fresh local folder and returns it; Ray Train's report
     uploads the folders into one `step_*` checkpoint in storage. The HF export (a collective under
     ZeRO-3, then rank 0 writes, with LoRA after a merge) only when `record.export`."""
     import torch.distributed as dist
 
-    record = record or SaveRecord(export=True)
     rank = dist.get_rank()
     local = tempfile.mkdtemp(prefix=f"raylm-ckpt-{pos.step}-r{rank}-")
     # LoRA: the frozen base is not saved (it is rebuilt from model.name on resume)
