@@ -22,7 +22,15 @@ pending uploads) and step 1 are outside the window. Share at the default interva
 extra / (50 x step time + extra). The log's tokens_per_s times a step's own compute only, so the
 rest of the interval after a checkpoint step is the metrics.jsonl write and upload.
 
-    python bench/ckpt_bench.py --out /tmp/ckpt.json [--quick]
+Export cost (part "export"): a larger model (EXPORT_OVERRIDES of tiny-llama, ~0.2B parameters,
+fp32, ZeRO-3, 2 CPU workers, micro-batch 1), 4 steps with a checkpoint every 2, once with
+`train.export: every` (before: every checkpoint also consolidates the ZeRO-3 shards and writes
+the HF export) and once with `final_and_best` (after: the periodic checkpoint is the DeepSpeed
+state only). save_s of the periodic checkpoint (step 2) and of the final one (step 4, exported in
+both) from metrics.jsonl; peak RSS = the largest sum of the two Train workers' resident memory,
+sampled every 0.2 s.
+
+    python bench/ckpt_bench.py --out /tmp/ckpt.json [--quick]     # CKPT_BENCH_PARTS=storage,export
 """
 
 from __future__ import annotations
@@ -43,6 +51,9 @@ from common import CORPUS, stage_main, start_ray  # noqa: E402
 
 MODEL_OVERRIDES = {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 4,
                    "num_attention_heads": 8, "num_key_value_heads": 8}
+EXPORT_OVERRIDES = {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 16,
+                    "num_attention_heads": 16, "num_key_value_heads": 16}  # ~0.2B parameters (RAM-bound, see RESULTS)
+EXPORT_MODES = ("every", "final_and_best")  # train.export before / after
 EVERY = 10  # checkpoint interval of the benchmark runs
 AROUND = 6  # intervals after each checkpoint profiled (the checkpoint step and the 5 after it)
 DEFAULT_EVERY = 50  # train.checkpoint_every_steps' default: the interval the share is given for
@@ -86,7 +97,7 @@ def moto_server(workdir: str):
     return proc, client
 
 
-def bench_config(workdir: str, storage_path: str, run_name: str, steps: int, upload: str):
+def bench_config(workdir: str, storage_path: str, run_name: str, steps: int, upload: str, **extra):
     from raylm.config import load_config
 
     over = {"data.source": str(CORPUS), "data.cache_dir": f"{workdir}/cache", "data.val_fraction": 0.02,
@@ -94,7 +105,7 @@ def bench_config(workdir: str, storage_path: str, run_name: str, steps: int, upl
             "train.micro_batch_size": 4, "train.max_steps": steps, "train.log_every_steps": 1,
             "train.eval_every_steps": steps, "train.eval_batches": 1, "train.checkpoint_every_steps": EVERY,
             "train.keep_checkpoints": 2, "train.checkpoint_upload": upload, "train.storage_path": storage_path,
-            "train.run_name": run_name, "deepspeed.zero_stage": 2, "train.tracking.tensorboard": False}
+            "train.run_name": run_name, "deepspeed.zero_stage": 2, "train.tracking.tensorboard": False, **extra}
     return load_config(str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"),
                        [f"{k}={v}" for k, v in over.items()])
 
@@ -164,6 +175,7 @@ def _mean(results: list[dict], key: str) -> float:
 
 
 def run(args) -> dict:
+    parts = os.environ.get("CKPT_BENCH_PARTS", "storage,export").split(",")
     moto, client = moto_server(args.workdir)  # before Ray: the workers inherit AWS_*
     try:
         start_ray(num_cpus=2)
@@ -172,16 +184,97 @@ def run(args) -> dict:
         steps, rounds = (30, 1) if args.quick else (40, ROUNDS)
         # one data stage for every run (same data config; the materialized datasets are reused)
         prepared = prepare_data(bench_config(args.workdir, "/tmp", "data", steps, "sync").data, verbose=False)
-        per_round: dict[str, list[dict]] = {name: [] for name in VARIANTS}
-        for i in range(rounds):
-            for j, (name, (where, upload)) in enumerate(VARIANTS.items()):
-                root = f"s3://{BUCKET}/runs" if where == "s3" else os.path.join(args.workdir, "runs")
-                cfg = bench_config(args.workdir, root, f"ckpt{i}-{j}", steps, upload)
-                per_round[name].append(run_one(cfg, prepared, steps, client, moto))
-                print(f"ckpt bench: {name} round {i}: {json.dumps(per_round[name][-1])}", flush=True)
+        out = {}
+        if "export" in parts:
+            out["export"] = export_part(args, prepared, moto)
+        if "storage" in parts:
+            out["storage"] = storage_part(args, prepared, client, moto, steps, rounds)
     finally:
         moto.kill()
+    return out
+
+
+def storage_part(args, prepared, client, moto, steps: int, rounds: int) -> dict:
+    per_round: dict[str, list[dict]] = {name: [] for name in VARIANTS}
+    for i in range(rounds):
+        for j, (name, (where, upload)) in enumerate(VARIANTS.items()):
+            root = f"s3://{BUCKET}/runs" if where == "s3" else os.path.join(args.workdir, "runs")
+            cfg = bench_config(args.workdir, root, f"ckpt{i}-{j}", steps, upload)
+            per_round[name].append(run_one(cfg, prepared, steps, client, moto))
+            print(f"ckpt bench: {name} round {i}: {json.dumps(per_round[name][-1])}", flush=True)
     return summarise(per_round, steps, rounds)
+
+
+class WorkerMemory:
+    """The largest sum of the Train workers' resident memory while a run goes (a background sampler)."""
+
+    def __init__(self):
+        import threading
+
+        self.peak_bytes, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        import psutil
+        from ray.util.state import list_actors
+
+        pids: list[int] = []
+        while not self._stop.wait(0.2):
+            if len(pids) < 2:
+                pids = [a.pid for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"),
+                                                            ("state", "=", "ALIVE")])]
+            total = 0
+            for pid in pids:
+                try:
+                    total += psutil.Process(pid).memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak_bytes = max(self.peak_bytes, total)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def export_part(args, prepared, moto) -> dict:
+    """save_s of a periodic and of the final checkpoint, train.export: every vs final_and_best."""
+    from raylm import storage
+    from raylm.train.driver import build_trainer, check_data_fits
+
+    results = {}
+    for mode in EXPORT_MODES:
+        cfg = bench_config(args.workdir, os.path.join(args.workdir, "runs"), f"export-{mode}", 4, "sync", **{
+            "model.overrides": json.dumps(EXPORT_OVERRIDES), "train.micro_batch_size": 1,
+            "train.checkpoint_every_steps": 2, "train.eval_every_steps": 4, "deepspeed.zero_stage": 3,
+            "train.export": mode})
+        check_data_fits(cfg, prepared)
+        t0 = time.perf_counter()
+        with WorkerMemory() as memory:
+            result = build_trainer(cfg, prepared).fit()
+        if result.error:
+            raise RuntimeError(f"export {mode}: {result.error}")
+        run = storage.run_dir(cfg.train.storage_path, cfg.train.run_name)
+        log = [json.loads(line) for line in open(os.path.join(run, storage.METRICS_FILE))]
+        at = {r["step"]: r for r in log if r.get("checkpoint")}
+        results[mode] = {"params": next(r for r in log if r.get("event") == "start")["total_params"],
+                         "periodic_save_s": at[2]["save_s"], "final_save_s": at[4]["save_s"],
+                         "periodic_report_s": at[2]["report_s"], "exported": [at[2]["exported"], at[4]["exported"]],
+                         "periodic_mb": sum(storage.list_files(os.path.join(run, "step_00000002")).values()) / 1e6,
+                         "peak_worker_rss_gib": memory.peak_bytes / 2**30, "fit_s": time.perf_counter() - t0}
+        shutil.rmtree(run, ignore_errors=True)
+        print(f"ckpt bench: export={mode}: {json.dumps(results[mode])}", flush=True)
+    before, after = results["every"], results["final_and_best"]
+    ratio = after["periodic_save_s"] / before["periodic_save_s"]
+    return {"title": "7b. Checkpoint cost: export every checkpoint vs final_and_best", "raw": results,
+            "columns": ["train.export", "params", "periodic save_s", "periodic MB", "final save_s (exported)",
+                        "peak RSS of the 2 workers (GiB)"],
+            "rows": [[mode, r["params"], r["periodic_save_s"], r["periodic_mb"], r["final_save_s"],
+                      r["peak_worker_rss_gib"]] for mode, r in results.items()],
+            "periodic_ratio": ratio}
 
 
 def summarise(per_round: dict[str, list[dict]], steps: int, rounds: int) -> dict:

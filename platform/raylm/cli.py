@@ -62,11 +62,12 @@ def cmd_tune(cfg: RaylmConfig, args: argparse.Namespace) -> int:
     from raylm.cluster import init_ray
     from raylm.data import resolve_source
     from raylm.pipeline import prepare_data_with_progress
-    from raylm.tune import run_sweep, validate_sweep
+    from raylm.tune import check_sweep_folder, run_sweep, validate_sweep
 
     validate_sweep(cfg)
     resolve_source(cfg.data)
     storage.check_writable(storage.root(cfg.train.storage_path))
+    check_sweep_folder(cfg)  # an edited search space in an existing sweep folder: exit 2 before Ray
     print_header("tune", cfg)
     init_ray(cfg, address=args.address)
     outcome = run_sweep(cfg, prepare_data_with_progress(cfg))
@@ -86,6 +87,17 @@ def cmd_serve(cfg: RaylmConfig, args: argparse.Namespace) -> int:
     check_servable(checkpoint, cfg.serve)  # ... or a model, adapter or engine argument vLLM would refuse
     init_ray(cfg, address=args.address)
     return run_serve(cfg, checkpoint, blocking=not args.detach)
+
+
+def cmd_export(cfg: RaylmConfig, args: argparse.Namespace) -> int:
+    """Add the Hugging Face export (hf/, with LoRA adapter/) to a checkpoint saved without it, from its
+    DeepSpeed state (DeepSpeed's ZeRO-to-fp32 conversion; no Ray, no engine)."""
+    from raylm.train.export import export_checkpoint
+
+    path = args.checkpoint if storage.is_remote(args.checkpoint) else os.path.abspath(os.path.expanduser(args.checkpoint))
+    hf = export_checkpoint(path, log=say)
+    say(f"serve it with: raylm serve --checkpoint {hf}", event="exported", checkpoint=hf)
+    return 0
 
 
 def cmd_pipeline(cfg: RaylmConfig, args: argparse.Namespace) -> int:
@@ -114,7 +126,7 @@ def cmd_k8s(cfg: RaylmConfig, args: argparse.Namespace) -> int:
 
 VERBS: dict[str, Callable[[RaylmConfig, argparse.Namespace], int]] = {
     "config": cmd_config, "data": cmd_data, "train": cmd_train, "tune": cmd_tune, "serve": cmd_serve,
-    "pipeline": cmd_pipeline, "status": cmd_status, "k8s": cmd_k8s,
+    "export": cmd_export, "pipeline": cmd_pipeline, "status": cmd_status, "k8s": cmd_k8s,
 }
 
 
@@ -133,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "serve":
             p.add_argument("--checkpoint", help="HF checkpoint dir or a sweep's best.json")
             p.add_argument("--detach", action="store_true", help="deploy and return instead of blocking")
+        if name == "export":
+            p.add_argument("checkpoint", help="a checkpoint folder (step_*) or its URI")
         if name == "pipeline":
             p.add_argument("--keep-serving", action="store_true", help="keep the endpoint up after the demo request")
         if name == "k8s":

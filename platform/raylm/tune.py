@@ -8,13 +8,16 @@ Layout under `<train.storage_path>/<tune.sweep_name>/`:
 
     tune/              Ray Tune's experiment (restorable: the same command resumes it)
     trials/<trial>/    each trial's Train run: metrics.jsonl and step_* checkpoints
-    best.json          the best trial and its Hugging Face checkpoint (what `raylm serve` reads)
+    search_space.json  the search space the sweep started with (a rerun with another one is refused)
+    best.json          the best checkpoint of the best trial, by the metric measured at its step
+                       (what `raylm serve` reads)
     trials.md          the table of trials; val_loss.png: validation-loss curves of all trials
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import tempfile
 import time
@@ -29,6 +32,8 @@ SPEC_KINDS = ("loguniform", "uniform", "choice", "grid")
 METRICS = ("val_loss", "perplexity", "loss")
 FIXED_BY_SWEEP = ("train.storage_path", "train.run_name")
 TRIAL_CPU = 0.01  # the trial function only drives its TorchTrainer (carved out of its workers' CPUs)
+SPACE_FILE = "search_space.json"  # in the sweep folder: the space it was started with
+KUBERAY_ENV = "KUBERAY_GEN_RAY_START_CMD"  # set by the KubeRay operator in every Ray container it starts
 
 
 # ------------------------------------------------------------------ validation (before Ray)
@@ -175,22 +180,87 @@ def trial_fn(params: dict, base_tree: dict, trials_dir: str, prepared: Any) -> N
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(base_tree, params, trials_dir, trial_id)
     check_data_fits(cfg, prepared)  # an impossible trial fails here: recorded, the sweep goes on
-    result = build_trainer(cfg, prepared, callbacks=[eval_forwarder()], held_cpu=TRIAL_CPU).fit()
+    result = build_trainer(cfg, prepared, callbacks=[eval_forwarder()], held_cpu=TRIAL_CPU, keep_best=True).fit()
     if result.error:
         raise result.error
 
 
-def max_concurrency(cfg: RaylmConfig) -> int:
-    """Trials that fit at once: every trial's workers need their CPUs (and GPUs) to start."""
+def cluster_capacity(cfg: RaylmConfig) -> dict[str, float]:
+    """CPUs and GPUs the cluster can grow to, not only what is up now: the autoscaler's limits
+    (the node groups' max counts it publishes, which Ray Train itself checks a worker group
+    against) and, on a KubeRay pod, the head plus cluster.worker_max_replicas worker pods. A
+    sweep started on an autoscaling cluster with no workers up would otherwise run one trial at a
+    time to the end."""
     import ray
 
+    try:
+        from ray._private.state import state
+
+        autoscaler = state.get_max_resources_from_cluster_config() or {}
+    except Exception:  # noqa: BLE001 - no autoscaler config (a fixed or local cluster)
+        autoscaler = {}
+    return grown_capacity(cfg, ray.cluster_resources(), autoscaler, os.environ.get(KUBERAY_ENV) is not None)
+
+
+def grown_capacity(cfg: RaylmConfig, now: dict, autoscaler: dict, on_kuberay: bool) -> dict[str, float]:
+    """The largest of: the resources up now, the autoscaler's maximum, and (on KubeRay) the head
+    pod plus cluster.worker_max_replicas worker pods of cluster.worker_cpus / worker_gpus."""
+    cl = cfg.cluster
+    kuberay = {"CPU": cl.head_cpus + cl.worker_max_replicas * cl.worker_cpus,
+               "GPU": cl.worker_max_replicas * cl.worker_gpus} if on_kuberay else {}
+    return {k: max(float(now.get(k, 0)), float(autoscaler.get(k, 0)), float(kuberay.get(k, 0))) for k in ("CPU", "GPU")}
+
+
+def max_concurrency(cfg: RaylmConfig, capacity: dict[str, float]) -> int:
+    """Trials that fit at once in `capacity`: every trial's workers need their CPUs (and GPUs)."""
     t = cfg.train
-    total = ray.cluster_resources()
-    fit = int(total.get("CPU", 1) // (t.num_workers * t.cpus_per_worker))
+    fit = int(capacity.get("CPU", 1) // (t.num_workers * t.cpus_per_worker))
     if t.use_gpu:
-        fit = min(fit, int(total.get("GPU", 0) // t.num_workers))
-    limit = max(1, fit)
+        fit = min(fit, int(capacity.get("GPU", 0) // t.num_workers))
+    limit = min(max(1, fit), cfg.tune.num_samples * max(1, grid_size(cfg)))
     return min(limit, cfg.tune.max_concurrent_trials) if cfg.tune.max_concurrent_trials else limit
+
+
+def grid_size(cfg: RaylmConfig) -> int:
+    """Trials per sample: the product of the grid entries' lengths (1 without grids)."""
+    n = 1
+    for key, spec in cfg.tune.search_space.items():
+        kind, values = _spec_values(key, spec)
+        n *= len(values) if kind == "grid" else 1
+    return n
+
+
+# ------------------------------------------------------------------ the sweep folder's search space
+
+
+def space_record(cfg: RaylmConfig) -> dict:
+    """What a sweep folder was started with (the search space), written before its first trial."""
+    return {"search_space": cfg.tune.search_space}
+
+
+def check_sweep_folder(cfg: RaylmConfig) -> None:
+    """Refuse to resume a sweep whose folder was started with another search space: Tune would go on
+    sampling the old one and silently ignore the edit. Runs before Ray starts."""
+    sweep_dir = sweep_path(cfg)
+    record = storage.join(sweep_dir, SPACE_FILE)
+    if storage.kind(record) != "file":
+        return
+    try:
+        before = storage.read_json(record).get("search_space")
+    except (storage.StorageError, ValueError, AttributeError) as exc:
+        raise ConfigError(f"tune.search_space: cannot read {record} ({exc})", fields=["tune.search_space"]) from None
+    now = json.loads(json.dumps(cfg.tune.search_space))  # as stored: tuples become lists
+    if before != now:
+        changed = sorted(k for k in set(before or {}) | set(now) if (before or {}).get(k) != now.get(k))
+        raise ConfigError(f"tune.search_space: differs from the one sweep {cfg.tune.sweep_name!r} in {sweep_dir} ran "
+                          f"with (changed: {', '.join(changed)}); name a new sweep (--set tune.sweep_name=<new>) or "
+                          f"restore the search space to resume it", fields=["tune.search_space"])
+
+
+def record_search_space(cfg: RaylmConfig) -> None:
+    record = storage.join(sweep_path(cfg), SPACE_FILE)
+    if storage.kind(record) != "file":
+        storage.write_json(record, space_record(cfg))
 
 
 def build_tuner(cfg: RaylmConfig, prepared: Any) -> Any:
@@ -207,9 +277,12 @@ def build_tuner(cfg: RaylmConfig, prepared: Any) -> Any:
     if tune.Tuner.can_restore(experiment):
         say(f"resuming sweep {t.sweep_name} from {experiment} (finished trials are not rerun)", event="sweep_resume")
         return tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=False)
-    concurrency = max_concurrency(cfg)
+    capacity = cluster_capacity(cfg)
+    concurrency = max_concurrency(cfg, capacity)
+    gpus = f", {capacity['GPU']:g} GPU" if cfg.train.use_gpu else ""
     say(f"sweep {t.sweep_name}: {t.num_samples} sample(s), up to {concurrency} trial(s) at once "
-          f"({cfg.train.num_workers} workers x {cfg.train.cpus_per_worker} CPU each), scheduler={t.scheduler}, "
+          f"({cfg.train.num_workers} workers x {cfg.train.cpus_per_worker} CPU each; the cluster can grow to "
+          f"{capacity['CPU']:g} CPU{gpus}), scheduler={t.scheduler}, "
           f"search={t.search_alg}, {evals_per_trial(cfg)} evaluations per full trial", event="sweep")
     return tune.Tuner(
         trainable,
@@ -312,8 +385,9 @@ class TrialRow:
     steps: int
     best_value: Optional[float]
     last_value: Optional[float]
-    checkpoint: Optional[str] = None  # newest complete checkpoint (DeepSpeed + hf/)
+    checkpoint: Optional[str] = None  # the trial's best servable checkpoint (hf/ present), by its own evaluation
     checkpoint_step: Optional[int] = None  # its step, from its manifest
+    checkpoint_value: Optional[float] = None  # the metric measured at that step (from its manifest)
     error: Optional[str] = None
     curve: list = field(default_factory=list)  # (step, metric) per evaluation
 
@@ -344,8 +418,9 @@ class SweepOutcome:
     def summary(self) -> str:
         lines = [self.table(), ""]
         if self.best:
-            lines += [f"best trial: {self.best.trial_id} {self.metric}={_fmt(self.best.last_value)} "
-                      f"params={self.best.params}", f"best checkpoint: {self.best.checkpoint}/hf",
+            lines += [f"best trial: {self.best.trial_id} {self.metric}={_fmt(self.best.checkpoint_value)} "
+                      f"(step {self.best.checkpoint_step}) params={self.best.params}",
+                      f"best checkpoint: {self.best.checkpoint}/hf",
                       f"best pointer: {self.best_json}"]
         else:
             lines.append("no trial produced a checkpoint")
@@ -360,7 +435,7 @@ def _fmt(v: Any) -> str:
 
 
 def _trial_row(result: Any, cfg: RaylmConfig, trials_dir: str) -> TrialRow:
-    from raylm.train.checkpoint import pick_resume_checkpoint
+    from raylm.train.checkpoint import best_exported_checkpoint
 
     metric, full_steps = cfg.tune.metric, cfg.train.max_steps
     df = result.metrics_dataframe
@@ -372,7 +447,7 @@ def _trial_row(result: Any, cfg: RaylmConfig, trials_dir: str) -> TrialRow:
     if not params and storage.kind(params_file) == "file":  # a restored sweep's errored trial carries no config
         params = storage.read_json(params_file)
     steps = curve[-1][0] if curve else 0
-    picked = pick_resume_checkpoint(storage.join(trials_dir, trial_id), log=lambda _: None)
+    picked = best_exported_checkpoint(storage.join(trials_dir, trial_id), metric, cfg.tune.mode)
     values = [v for _, v in curve]
     best = (min if cfg.tune.mode == "min" else max)(values) if values else None
     if result.error:
@@ -382,18 +457,14 @@ def _trial_row(result: Any, cfg: RaylmConfig, trials_dir: str) -> TrialRow:
         status, error = ("finished" if steps >= trial_steps else "stopped early"), None
     return TrialRow(trial_id=trial_id, params=params, status=status, steps=steps, best_value=best,
                     last_value=values[-1] if values else None, checkpoint=picked[0] if picked else None,
-                    checkpoint_step=picked[1]["step"] if picked else None, error=error, curve=curve)
-
-
-def _checkpoint_value(row: TrialRow) -> Optional[float]:
-    """The metric at the step of the trial's checkpoint (what serving it would give)."""
-    at = [v for s, v in row.curve if s == row.checkpoint_step]
-    return at[-1] if at else None
+                    checkpoint_step=picked[1]["step"] if picked else None,
+                    checkpoint_value=picked[1]["eval"][metric] if picked else None, error=error, curve=curve)
 
 
 def pick_best(rows: list[TrialRow], mode: str) -> Optional[TrialRow]:
-    """The trial whose checkpoint has the best metric (a trial without a checkpoint cannot be served)."""
-    scored = [(v, r) for r in rows if r.status != "failed" and (v := _checkpoint_value(r)) is not None]
+    """The trial whose best servable checkpoint has the best metric (a trial without one cannot be
+    served): the best checkpoint of the best trial, not that trial's newest."""
+    scored = [(r.checkpoint_value, r) for r in rows if r.status != "failed" and r.checkpoint_value is not None]
     if not scored:
         return None
     return (min if mode == "min" else max)(scored, key=lambda x: x[0])[1]
@@ -408,7 +479,7 @@ def write_reports(outcome: SweepOutcome, cfg: RaylmConfig) -> None:
     if outcome.best:
         b = outcome.best
         pointer = {"sweep": cfg.tune.sweep_name, "trial_id": b.trial_id, "params": b.params,
-                   "metric": outcome.metric, "mode": outcome.mode, "value": _checkpoint_value(b),
+                   "metric": outcome.metric, "mode": outcome.mode, "value": b.checkpoint_value,
                    "step": b.checkpoint_step,
                    "checkpoint": hf_dir(b.checkpoint), "train_checkpoint": b.checkpoint,
                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -445,7 +516,9 @@ def run_sweep(cfg: RaylmConfig, prepared: Any = None) -> SweepOutcome:
     from raylm.data import prepare_data
 
     validate_sweep(cfg)
+    check_sweep_folder(cfg)
     t0 = time.perf_counter()
+    record_search_space(cfg)
     if prepared is None:
         prepared = prepare_data(cfg.data)
         say(prepared.stats.summary())

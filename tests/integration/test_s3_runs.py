@@ -114,6 +114,25 @@ def test_status_lists_a_run_in_s3(bucket, resumed_run):
                      status.stdout), status.stdout
 
 
+def test_raylm_export_adds_hf_to_a_periodic_checkpoint_in_s3(bucket, resumed_run):
+    """Step 15 is periodic (train.export: final_and_best): DeepSpeed state only, until `raylm
+    export` builds hf/ from it and lists it in the manifest in the bucket."""
+    from raylm.train.checkpoint import verify_checkpoint
+
+    uri = f"{RUNS}/s3run/step_00000015"
+    before = verify_checkpoint(uri)
+    assert not before["exported"] and not any(k.startswith("hf/") for k in before["files"])
+    done = raylm("export", uri, timeout_s=300)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert f"raylm serve --checkpoint {uri}/hf" in done.stdout
+    found = keys_under(bucket, "runs/s3run/step_00000015/")
+    assert {"hf/config.json", "hf/model.safetensors", "hf/tokenizer.json"} <= set(found)
+    manifest = json.loads(bucket.get_object(Bucket=BUCKET, Key="runs/s3run/step_00000015/raylm_checkpoint.json")
+                          ["Body"].read())
+    assert manifest["exported"] and manifest["files"]["hf/model.safetensors"] == found["hf/model.safetensors"]
+    assert verify_checkpoint(uri)["step"] == 15
+
+
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

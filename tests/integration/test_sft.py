@@ -231,3 +231,24 @@ def test_parquet_and_hf_dataset_read_like_jsonl(ray_cluster, sft_root, base_mode
         stats[name] = (s.documents, s.tokens, s.trained_tokens, s.skipped_records)
     assert stats["conv.jsonl"][0] == 120 and stats["conv.jsonl"][3] == 0
     assert stats["conv.parquet"] == stats["conv.jsonl"] == stats["conv_hf"]
+
+
+def test_lora_periodic_checkpoint_holds_the_adapter_state_and_raylm_export_merges_it(lora_run, tmp_path):
+    """train.export: final_and_best: step 20 holds only DeepSpeed's adapter state; `raylm export`
+    rebuilds the base from model.name, loads the adapter from DeepSpeed's fp32 merge and writes the
+    same adapter/ and merged hf/ as training did at the final step."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_train import assert_same_weights, strip_export
+
+    from raylm.cli import main
+    from raylm.train.checkpoint import verify_checkpoint
+
+    cfg, _, result = lora_run
+    periodic = Path(cfg.train.storage_path) / cfg.train.run_name / "step_00000020"
+    assert not verify_checkpoint(str(periodic))["exported"] and not (periodic / "adapter").exists()
+    copy = strip_export(result.checkpoint.path, tmp_path / "step_00000040")
+    assert main(["export", str(copy)]) == 0
+    ckpt = Path(result.checkpoint.path)
+    assert_same_weights(copy / "hf" / "model.safetensors", ckpt / "hf" / "model.safetensors")
+    assert_same_weights(copy / "adapter" / "adapter_model.safetensors", ckpt / "adapter" / "adapter_model.safetensors")
+    assert "adapter/adapter_config.json" in verify_checkpoint(str(copy))["files"]

@@ -287,3 +287,69 @@ def test_bf16_cpu_run_accumulates_in_fp32_and_learns(tmp_path, shakespeare_prepa
                         weights_only=False)
     ds_config = states["ds_config"]
     assert ds_config["bf16"]["enabled"] and ds_config["data_types"]["grad_accum_dtype"] == "fp32"
+
+
+def strip_export(src: str, dst: Path) -> Path:
+    """A copy of a checkpoint as train.export: final_and_best leaves a periodic one: no hf/ or
+    adapter/, and a manifest that does not list them."""
+    import shutil
+
+    from raylm.train.checkpoint import MANIFEST
+
+    shutil.copytree(src, dst)
+    for sub in ("hf", "adapter"):
+        shutil.rmtree(dst / sub, ignore_errors=True)
+    manifest = json.loads((dst / MANIFEST).read_text())
+    manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith(("hf/", "adapter/"))}
+    manifest["exported"] = False
+    (dst / MANIFEST).write_text(json.dumps(manifest))
+    return dst
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(str(a)), load_file(str(b))
+    assert set(wa) == set(wb)
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=1e-6, rtol=1e-6, msg=name)
+
+
+def test_only_the_final_checkpoint_is_exported_and_raylm_export_reproduces_it(tmp_path, tmp_path_factory,
+                                                                             shakespeare_prepared):
+    """train.export: final_and_best (the default): the periodic ZeRO-3 checkpoint holds the
+    resumable state only; `raylm export` (DeepSpeed's ZeRO-to-fp32 merge of the rank shards, no
+    engine) rebuilds an hf/ export equal to the one training wrote at the final step."""
+    from transformers import AutoModelForCausalLM
+
+    from raylm.cli import main
+
+    cfg, result = zero_run(3, tmp_path_factory, shakespeare_prepared)
+    run = Path(cfg.train.storage_path) / cfg.train.run_name
+    periodic, final = verify_checkpoint(str(run / "step_00000030")), verify_checkpoint(result.checkpoint.path)
+    assert not periodic["exported"] and not any(f.startswith("hf/") for f in periodic["files"])
+    assert not (run / "step_00000030" / "hf").exists() and "tokenizer/tokenizer.json" in periodic["files"]
+    assert final["exported"] and final["eval"]["val_loss"] == pytest.approx(result.metrics["val_loss"])
+
+    copy = strip_export(result.checkpoint.path, tmp_path / "step_00000060")
+    assert main(["export", str(copy)]) == 0
+    manifest = verify_checkpoint(str(copy))  # the export is listed, with its sizes
+    assert manifest["exported"] and "hf/model.safetensors" in manifest["files"]
+    assert_same_weights(copy / "hf" / "model.safetensors", Path(result.checkpoint.path) / "hf" / "model.safetensors")
+    # the periodic checkpoint exports too, into a model that loads and differs from the final one
+    older = strip_export(str(run / "step_00000030"), tmp_path / "step_00000030")
+    assert main(["export", str(older)]) == 0
+    model = AutoModelForCausalLM.from_pretrained(older / "hf")
+    assert model.config.vocab_size == AutoModelForCausalLM.from_pretrained(copy / "hf").config.vocab_size
+    assert main(["export", str(older)]) == 0  # a second export is a no-op
+
+
+def test_export_of_a_cut_off_checkpoint_exits_2_naming_it(tmp_path, tmp_path_factory, shakespeare_prepared):
+    from raylm.cli import main
+    from raylm.train.checkpoint import MANIFEST
+
+    cfg, result = zero_run(3, tmp_path_factory, shakespeare_prepared)
+    copy = strip_export(result.checkpoint.path, tmp_path / "cut")
+    (copy / MANIFEST).unlink()
+    assert main(["export", str(copy)]) == 2
+    assert not (copy / "hf").exists()

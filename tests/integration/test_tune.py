@@ -77,3 +77,37 @@ def test_impossible_trial_fails_alone_and_a_rerun_resumes_without_retraining(tmp
     assert [(r.trial_id, r.status, r.params) for r in again.trials] == [(r.trial_id, r.status, r.params) for r in outcome.trials]
     assert again.best.trial_id == outcome.best.trial_id
     assert os.path.isdir(json.loads((tmp_path / "impossible" / "best.json").read_text())["checkpoint"])
+
+
+def manifests(trial_dir: Path) -> dict[int, dict]:
+    return {int(p.name.split("_")[1]): json.loads((p / "raylm_checkpoint.json").read_text())
+            for p in sorted(trial_dir.glob("step_*"))}
+
+
+@pytest.mark.parametrize("search_alg", ["optuna", "hyperopt"])
+def test_model_based_search_runs_trials_and_best_json_names_the_best_checkpoint(tmp_path, cache_dir,
+                                                                                embedded_prepared, search_alg):
+    """optuna / hyperopt suggest each trial's values (inside the space, different per trial); Ray
+    Train keeps each trial's best checkpoint by its own evaluation beside the newest (keep 1), only
+    those carry hf/, and best.json names the best of them over all trials, not a trial's newest."""
+    cfg = sweep_config(tmp_path, cache_dir, f"tune.search_alg={search_alg}", "tune.num_samples=2",
+                       "tune.scheduler=fifo", "tune.max_concurrent_trials=null", f"tune.sweep_name={search_alg}",
+                       "tune.search_space={train.lr: {loguniform: [1.0e-3, 3.0e-2]}}", "train.max_steps=6",
+                       "train.eval_every_steps=3", "train.checkpoint_every_steps=3", "train.keep_checkpoints=1")
+    outcome = run_sweep(cfg, embedded_prepared)
+    assert [r.status for r in outcome.trials] == ["finished", "finished"]
+    lrs = [r.params["train.lr"] for r in outcome.trials]
+    assert lrs[0] != lrs[1] and all(1e-3 <= lr <= 3e-2 for lr in lrs)
+
+    best_of_trials = []
+    for r in outcome.trials:
+        kept = manifests(tmp_path / search_alg / "trials" / r.trial_id)
+        scored = {step: m["eval"]["val_loss"] for step, m in kept.items() if "val_loss" in m["eval"]}
+        best_step = min(scored, key=lambda s: (scored[s], -s))
+        assert set(kept) == {best_step, 6}  # the best by score and the newest (for resume); the rest deleted
+        assert kept[best_step]["exported"] and kept[6]["exported"]  # the best, and the final one
+        best_of_trials.append((scored[best_step], r.trial_id, best_step))
+    value, trial_id, step = min(best_of_trials)
+    best = json.loads((tmp_path / search_alg / "best.json").read_text())
+    assert (best["value"], best["trial_id"], best["step"]) == (pytest.approx(value), trial_id, step)
+    assert best["checkpoint"].endswith(f"step_{step:08d}/hf") and os.path.isfile(Path(best["checkpoint"]) / "config.json")

@@ -64,13 +64,14 @@ def test_a_damaged_checkpoint_is_refused_with_an_error_naming_it(reference_run, 
 
 def test_resume_skips_a_half_written_and_a_corrupted_checkpoint_naming_both(reference_run, prepared, tmp_path):
     """The newest checkpoint lost its manifest and an optimizer shard (its write was cut off),
-    the one before has truncated weights: the resumed run names both, starts from the one before
-    them, and finishes."""
+    the one before has truncated model states (what resume loads; a periodic checkpoint has no
+    hf/ export): the resumed run names both, starts from the one before them, and finishes."""
     run = copy_run(reference_run, tmp_path)
     newest, previous = run / f"step_{REFERENCE_STEPS:08d}", run / f"step_{REFERENCE_STEPS - 10:08d}"
     (newest / MANIFEST).unlink()
     next((newest / "deepspeed" / "state").glob("*optim_states.pt")).unlink()
-    truncate(previous / "hf" / "model.safetensors")
+    weights = previous / "deepspeed" / "state" / "mp_rank_00_model_states.pt"
+    truncate(weights)
     good = REFERENCE_STEPS - 20
     started = time.time()
     cfg = train_config(tmp_path, run.name, **{**reference_overrides(), "train.max_steps": REFERENCE_STEPS + 10})
@@ -82,7 +83,7 @@ def test_resume_skips_a_half_written_and_a_corrupted_checkpoint_naming_both(refe
     assert [(r["step"], Path(r["from"]).name) for r in resumes] == [(good, f"step_{good:08d}")]
     skipped = worker_logs_containing("raylm: skipping checkpoint", since=started)
     assert any(str(newest) in line and "incomplete" in line for line in skipped), skipped
-    assert any(str(previous / "hf" / "model.safetensors") in line and "corrupted" in line for line in skipped), skipped
+    assert any(str(weights) in line and "corrupted" in line for line in skipped), skipped
     # the damaged folders were replaced by complete checkpoints of the resumed run
     assert verify_checkpoint(str(newest))["step"] == REFERENCE_STEPS
     assert verify_checkpoint(str(run / f"step_{REFERENCE_STEPS + 10:08d}"))["step"] == REFERENCE_STEPS + 10

@@ -55,7 +55,14 @@ class TrainConfig(_Strict):
     eval_every_steps: int = Field(50, ge=1, description="Validation loss / perplexity every N steps.")
     eval_batches: int = Field(8, ge=1, description="Validation micro-batches per evaluation (per worker).")
     checkpoint_every_steps: int = Field(50, ge=1, description="Save a resumable checkpoint every N steps.")
-    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept (the newest K).")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept: the newest K (in a sweep trial, the K "
+                                  "best by tune.metric, and always the newest for resume).")
+    export: Literal["every", "final_and_best"] = Field(
+        "final_and_best", description="Which checkpoints also get the consolidated Hugging Face export (hf/; with "
+        "train.lora also adapter/ and the merge) that serving loads. 'final_and_best': the run's final checkpoint and, "
+        "in a sweep trial, each checkpoint whose tune.metric is the trial's best so far; the others hold only the "
+        "resumable DeepSpeed state (`raylm export <checkpoint>` adds hf/ to any of them). 'every': every checkpoint "
+        "(the consolidation costs most of a checkpoint's time at 1B+ parameters).")
     checkpoint_upload: Literal["async", "sync"] = Field(
         "async", description="How Ray Train persists a checkpoint to train.storage_path: 'async' uploads it "
         "in a background thread while training goes on (object storage: the upload no longer stalls the step), "

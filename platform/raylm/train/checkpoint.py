@@ -1,14 +1,19 @@
-"""Checkpoints: resumable DeepSpeed state of every rank + a consolidated Hugging Face model.
+"""Checkpoints: resumable DeepSpeed state of every rank, and for the checkpoints someone will serve
+a consolidated Hugging Face model.
 
 Layout of one checkpoint (Ray Train merges the ranks' directories into one in storage; where
 it sits: raylm.storage):
 
     step_00000040/
       deepspeed/state/...        engine.save_checkpoint (each rank writes its ZeRO shard)
-      hf/                        config.json, model.safetensors, tokenizer, raylm_config.yaml
-                                 (with train.lora: the base with the adapter merged in)
-      adapter/                   train.lora only: the peft adapter, tokenizer, raylm_config.yaml
-      raylm_checkpoint.json      step, tokens, and the size of every file of every rank
+      tokenizer/                 the run's tokenizer, and raylm_config.yaml: what `raylm export`
+      raylm_config.yaml          needs beside the DeepSpeed state to build hf/ later
+      hf/                        exported checkpoints only (train.export): config.json,
+                                 model.safetensors, tokenizer, raylm_config.yaml (with train.lora:
+                                 the base with the adapter merged in)
+      adapter/                   exported, train.lora only: the peft adapter, tokenizer, raylm_config.yaml
+      raylm_checkpoint.json      step, tokens, the evaluation at this step, whether hf/ is there,
+                                 and the size of every file of every rank
 
 The manifest is written last, by rank 0, after all ranks have listed their files. A checkpoint
 without it, or whose files do not match it, was cut off or corrupted and is never resumed from.
@@ -21,8 +26,10 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
+
+import yaml
 
 from raylm import storage
 from raylm.config import RaylmConfig
@@ -31,6 +38,7 @@ from raylm.model import export_hf
 
 MANIFEST = "raylm_checkpoint.json"
 DS_DIR, DS_TAG, HF_DIR, ADAPTER_DIR = "deepspeed", "state", "hf", "adapter"
+TOKENIZER_DIR, CONFIG_FILE = "tokenizer", "raylm_config.yaml"
 
 
 @dataclass
@@ -50,9 +58,21 @@ def consolidated_state_dict(engine: Any, zero_stage: int) -> Optional[dict]:
     return engine.module.state_dict() if dist.get_rank() == 0 else None
 
 
-def save_checkpoint(engine: Any, tokenizer: Any, cfg: RaylmConfig, pos: Position) -> str:
+@dataclass
+class SaveRecord:
+    """What the manifest says about a checkpoint beyond its files: whether it carries the HF export,
+    the evaluation made at its own step (none when the newest evaluation is older: that model was
+    never measured), and the best exported value of the run so far (carried across resumes)."""
+
+    export: bool = False
+    evaluation: dict = field(default_factory=dict)
+    best: Optional[float] = None
+
+
+def save_checkpoint(engine: Any, tokenizer: Any, cfg: RaylmConfig, pos: Position, record: SaveRecord) -> str:
     """Every rank writes its part into a fresh local folder and returns it; Ray Train's report
-    uploads the folders into one `step_*` checkpoint in storage."""
+    uploads the folders into one `step_*` checkpoint in storage. The HF export (a collective under
+    ZeRO-3, then rank 0 writes, with LoRA after a merge) only when `record.export`."""
     import torch.distributed as dist
 
     rank = dist.get_rank()
@@ -60,13 +80,12 @@ def save_checkpoint(engine: Any, tokenizer: Any, cfg: RaylmConfig, pos: Position
     # LoRA: the frozen base is not saved (it is rebuilt from model.name on resume)
     engine.save_checkpoint(os.path.join(local, DS_DIR), tag=DS_TAG, exclude_frozen_parameters=bool(cfg.train.lora),
                            client_state={"step": pos.step, "tokens": pos.tokens}, save_latest=False)
-    state_dict = consolidated_state_dict(engine, cfg.deepspeed.zero_stage)
-    if rank == 0 and cfg.train.lora:
-        from raylm.train.lora import export_lora
-
-        export_lora(state_dict, tokenizer, cfg, os.path.join(local, ADAPTER_DIR), os.path.join(local, HF_DIR))
-    elif rank == 0:
-        export_hf(engine.module, state_dict, tokenizer, cfg, os.path.join(local, HF_DIR))
+    if rank == 0:
+        tokenizer.save_pretrained(os.path.join(local, TOKENIZER_DIR))
+        with open(os.path.join(local, CONFIG_FILE), "w") as f:
+            yaml.safe_dump(cfg.model_dump(mode="json"), f, sort_keys=False)
+    if record.export:
+        _export_from_engine(engine, tokenizer, cfg, local, rank)
     files_per_rank: list = [None] * dist.get_world_size()
     dist.all_gather_object(files_per_rank, storage.list_files(local))
     if rank == 0:
@@ -74,12 +93,34 @@ def save_checkpoint(engine: Any, tokenizer: Any, cfg: RaylmConfig, pos: Position
         for part in files_per_rank:
             files.update(part)
         manifest = {"step": pos.step, "tokens": pos.tokens, "world_size": dist.get_world_size(),
-                    "zero_stage": cfg.deepspeed.zero_stage, "files": files}
-        tmp = os.path.join(local, MANIFEST + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(manifest, f)
-        os.replace(tmp, os.path.join(local, MANIFEST))
+                    "zero_stage": cfg.deepspeed.zero_stage, "lora": bool(cfg.train.lora), "exported": record.export,
+                    "eval": record.evaluation, "best": record.best, "files": files}
+        write_manifest(local, manifest)
     return local
+
+
+def _export_from_engine(engine: Any, tokenizer: Any, cfg: RaylmConfig, local: str, rank: int) -> None:
+    """hf/ (and adapter/) from the live engine's weights."""
+    state_dict = consolidated_state_dict(engine, cfg.deepspeed.zero_stage)
+    if rank == 0 and cfg.train.lora:
+        from raylm.train.lora import export_lora
+
+        export_lora(state_dict, tokenizer, cfg, os.path.join(local, ADAPTER_DIR), os.path.join(local, HF_DIR))
+    elif rank == 0:
+        export_hf(engine.module, state_dict, tokenizer, cfg, os.path.join(local, HF_DIR))
+
+
+def write_manifest(folder: str, manifest: dict) -> None:
+    """The manifest of a local checkpoint folder, replaced in one rename (never half a manifest)."""
+    tmp = os.path.join(folder, MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(manifest, f)
+    os.replace(tmp, os.path.join(folder, MANIFEST))
+
+
+def is_exported(manifest: dict) -> bool:
+    """The checkpoint holds a complete hf/ (listed in its manifest, so verified with it)."""
+    return f"{HF_DIR}/config.json" in manifest.get("files", {})
 
 
 def verify_checkpoint(path: str) -> dict:
@@ -108,18 +149,33 @@ def verify_checkpoint(path: str) -> dict:
     return manifest
 
 
+def verified_checkpoints(run_dir: str, log: Any = print) -> Iterator[tuple[str, dict]]:
+    """(path, manifest) of each complete checkpoint of a run, newest first; corrupted and cut-off
+    ones are reported by name and skipped."""
+    for path in storage.step_dirs(run_dir):
+        try:
+            yield path, verify_checkpoint(path)
+        except CheckpointError as exc:
+            log(f"raylm: skipping checkpoint: {exc}")
+
+
 def pick_resume_checkpoint(run_dir: str, log: Any = print) -> Optional[tuple[str, dict]]:
-    """The newest checkpoint of the run (local path or URI) that verifies; corrupted and cut-off
-    ones are reported by name and skipped.
+    """The newest checkpoint of the run (local path or URI) that verifies.
 
     Every `step_*` folder is a candidate, not only the one Ray Train registered last: a checkpoint
     persisted just before a worker died may not have reached the controller."""
-    for path in storage.step_dirs(run_dir):
-        try:
-            return path, verify_checkpoint(path)
-        except CheckpointError as exc:
-            log(f"raylm: skipping checkpoint: {exc}")
-    return None
+    return next(verified_checkpoints(run_dir, log), None)
+
+
+def best_exported_checkpoint(run_dir: str, metric: str, mode: str) -> Optional[tuple[str, dict]]:
+    """The run's servable checkpoint (hf/ present) with the best `metric` measured at its own step:
+    what a sweep serves, rather than the newest."""
+    scored = [(m["eval"][metric], path, m) for path, m in verified_checkpoints(run_dir, log=lambda _: None)
+              if is_exported(m) and isinstance(m.get("eval", {}).get(metric), (int, float))]
+    if not scored:
+        return None
+    _, path, manifest = (min if mode == "min" else max)(scored, key=lambda x: x[0])
+    return path, manifest
 
 
 @contextmanager

@@ -18,7 +18,7 @@ from raylm.train.checkpoint import hf_dir
 @dataclass
 class TrainOutcome:
     run_dir: str
-    checkpoint: Optional[str]  # the newest checkpoint folder (DeepSpeed state + hf/)
+    checkpoint: Optional[str]  # the newest checkpoint folder (DeepSpeed state; the final one also hf/)
     hf_checkpoint: Optional[str]  # loadable with AutoModelForCausalLM.from_pretrained
     metrics: dict = field(default_factory=dict)
 
@@ -47,14 +47,18 @@ def check_data_fits(cfg: RaylmConfig, prepared: PreparedData) -> None:
 
 
 def build_trainer(cfg: RaylmConfig, prepared: PreparedData, callbacks: Optional[list] = None,
-                  storage_path: Optional[str] = None, held_cpu: float = 0.0, progress: Any = None) -> Any:
+                  storage_path: Optional[str] = None, held_cpu: float = 0.0, progress: Any = None,
+                  keep_best: bool = False) -> Any:
     """A TorchTrainer for this config; `storage_path`/`callbacks` let Tune place and observe trials.
+
+    `keep_best` (a sweep trial): Ray Train keeps the train.keep_checkpoints best checkpoints by
+    tune.metric (and always the newest, which resume needs), and the workers export the best.
 
     `held_cpu` is what the caller itself holds (a Tune trial function's sliver): it is taken out
     of the workers' request, so a trial needs exactly num_workers x cpus_per_worker CPUs. Without
     this, 2 workers x 1 CPU plus a 0.01-CPU trial never fit on a 2-CPU machine (a silent hang).
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from raylm.cluster import worker_env
@@ -67,7 +71,7 @@ def build_trainer(cfg: RaylmConfig, prepared: PreparedData, callbacks: Optional[
     resources = {"CPU": t.cpus_per_worker - held_cpu / t.num_workers, **({"GPU": 1} if t.use_gpu else {})}
     return TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "progress": progress,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "progress": progress, "keep_best": keep_best,
                            "tokenizer_files": tokenizer_files(prepared.tokenizer_dir)},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources,
                                      placement_strategy=t.placement_strategy,
@@ -78,12 +82,25 @@ def build_trainer(cfg: RaylmConfig, prepared: PreparedData, callbacks: Optional[
         run_config=RunConfig(
             name=t.run_name,
             storage_path=root,
-            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            checkpoint_config=checkpoint_config(cfg, keep_best),
             failure_config=FailureConfig(max_failures=t.max_failures),
             callbacks=callbacks or [],
             worker_runtime_env={"env_vars": worker_env(t.use_gpu)},
         ),
     )
+
+
+def checkpoint_config(cfg: RaylmConfig, keep_best: bool) -> Any:
+    """Which checkpoints Ray Train keeps: the newest K of a run; a trial's K best by its
+    evaluation score. Ray Train never deletes the newest one either way (resume starts there)."""
+    from ray.train import CheckpointConfig
+
+    from raylm.train.loop import CHECKPOINT_SCORE
+
+    if not keep_best:
+        return CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)
+    return CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints, checkpoint_score_attribute=CHECKPOINT_SCORE,
+                            checkpoint_score_order=cfg.tune.mode)
 
 
 @contextmanager

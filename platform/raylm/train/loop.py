@@ -19,6 +19,10 @@ from raylm.config import RaylmConfig
 # numbers still go to metrics.jsonl, and eval/checkpoint reports are always sent.
 REPORT_MIN_INTERVAL_S = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0"))
 
+# What Ray Train ranks a sweep trial's checkpoints by (CheckpointConfig.checkpoint_score_attribute):
+# tune.metric measured at the checkpoint's own step, the worst value when it was not measured.
+CHECKPOINT_SCORE = "checkpoint_score"
+
 # Dense bf16 peak FLOP/s per GPU, for model FLOPs utilisation (MFU).
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 
@@ -401,19 +405,51 @@ class Evaluator:
 
 class Checkpointer:
     """A resumable checkpoint every train.checkpoint_every_steps (and at the end), into a local
-    folder that the next Ray Train report uploads (`train.checkpoint_upload`)."""
+    folder that the next Ray Train report uploads (`train.checkpoint_upload`).
 
-    def __init__(self, cfg: RaylmConfig, engine: Any, tokenizer: Any):
-        self.cfg, self.engine, self.tokenizer = cfg, engine, tokenizer
+    The consolidated HF export (train.export) goes with the final checkpoint, with every one under
+    'every', and in a sweep trial (`keep_best`) with each checkpoint whose tune.metric, measured at
+    its own step, is the best of the run so far: the one Ray Train keeps by score and best.json
+    serves. `score` is what that checkpoint is ranked by (a checkpoint whose model was never
+    evaluated ranks last: it cannot be the best one)."""
+
+    def __init__(self, cfg: RaylmConfig, engine: Any, tokenizer: Any, resumed_from: Optional[str] = None,
+                 keep_best: bool = False):
+        self.cfg, self.engine, self.tokenizer, self.keep_best = cfg, engine, tokenizer, keep_best
         self.seconds = 0.0
+        self.exported = False
+        self.score: Optional[float] = None
+        self.best: Optional[float] = None  # the best exported tune.metric so far, carried by the manifests
+        if resumed_from:
+            from raylm.train.checkpoint import MANIFEST
 
-    def maybe_save(self, pos: Any, force: bool) -> Optional[str]:
-        from raylm.train.checkpoint import save_checkpoint
+            self.best = storage.read_json(storage.join(resumed_from, MANIFEST)).get("best")
+
+    def _better(self, value: float, than: Optional[float]) -> bool:
+        return than is None or (value <= than if self.cfg.tune.mode == "min" else value >= than)
+
+    def plan(self, force: bool, evaluation: dict) -> bool:
+        """Whether this checkpoint gets the HF export; sets `score` and carries `best` forward."""
+        value = evaluation.get(self.cfg.tune.metric)
+        best_so_far = self.keep_best and value is not None and self._better(value, self.best)
+        self.exported = force or self.cfg.train.export == "every" or best_so_far
+        if self.exported and value is not None and self._better(value, self.best):
+            self.best = value
+        worst = float("inf") if self.cfg.tune.mode == "min" else float("-inf")
+        self.score = (worst if value is None else value) if self.keep_best else None
+        return self.exported
+
+    def maybe_save(self, pos: Any, force: bool, evaluation: Optional[dict] = None) -> Optional[str]:
+        """`evaluation`: the numbers of an evaluation made at this very step, else empty."""
+        from raylm.train.checkpoint import SaveRecord, save_checkpoint
 
         if not (pos.step % self.cfg.train.checkpoint_every_steps == 0 or force):
             return None
+        evaluation = {k: v for k, v in (evaluation or {}).items() if isinstance(v, (int, float))}
+        export = self.plan(force, evaluation)
         t0 = time.perf_counter()
-        local = save_checkpoint(self.engine, self.tokenizer, self.cfg, pos)
+        local = save_checkpoint(self.engine, self.tokenizer, self.cfg, pos,
+                                SaveRecord(export=export, evaluation=evaluation, best=self.best))
         self.seconds = time.perf_counter() - t0
         return local
 
@@ -437,17 +473,20 @@ class Reporter:
         metrics = {"step": pos.step, "tokens": pos.tokens, "resumed_from_step": self.resumed_step,
                    **logged, **evaluator.last}
         spent = {**({"eval_s": evaluator.seconds} if evaluated else {}),  # where time goes
-                 **({"save_s": checkpointer.seconds} if checkpoint_dir else {})}
+                 **({"save_s": checkpointer.seconds, "exported": checkpointer.exported} if checkpoint_dir else {})}
         t0 = time.perf_counter()
+        # async: Ray Train uploads in its one background thread and deletes the local copy after.
+        # Ray Train delivers a worker's reports in order, so a metrics report made in the step would
+        # wait there for the checkpoint upload before it: it goes through the same thread instead.
+        mode = CheckpointUploadMode.ASYNC if self.cfg.train.checkpoint_upload == "async" else CheckpointUploadMode.SYNC
         if checkpoint_dir:
-            # async: Ray Train uploads in a background thread and deletes the local copy after
-            async_upload = self.cfg.train.checkpoint_upload == "async"
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
+            score = {} if checkpointer.score is None else {CHECKPOINT_SCORE: checkpointer.score}
+            ray.train.report({**metrics, **score}, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
                              checkpoint_dir_name=storage.step_name(pos.step), delete_local_checkpoint_after_upload=True,
-                             checkpoint_upload_mode=CheckpointUploadMode.ASYNC if async_upload else CheckpointUploadMode.SYNC)
+                             checkpoint_upload_mode=mode)
             self.meter.last_report_t = time.monotonic()
         elif evaluated or self.meter.since_report_s >= REPORT_MIN_INTERVAL_S:  # logged holds when not evaluated
-            ray.train.report(metrics)
+            ray.train.report(metrics, checkpoint_upload_mode=mode)
             self.meter.last_report_t = time.monotonic()
         spent["report_s"] = time.perf_counter() - t0
         self.log.write({**metrics, **spent, "time": time.time(), "checkpoint": bool(checkpoint_dir)})  # persisted
@@ -477,11 +516,11 @@ def train_fn_per_worker(loop_config: dict) -> None:
     engine, params = _engine(cfg, tokenizer)
     log = MetricsLog(cfg, dist.get_rank())
     log.write({"event": "start", **params, "lora": bool(t.lora), "time": time.time()})
-    pos, _ = _resume(cfg, engine, log)
+    pos, resumed_from = _resume(cfg, engine, log)
     batches = micro_batches(ray.train.get_dataset_shard("train"), t.micro_batch_size, pos.step * t.grad_accum_steps, device)
     meter = StepMeter(cfg, engine, device)
     evaluator = Evaluator(cfg, engine, ray.train.get_dataset_shard("val"), device)
-    checkpointer = Checkpointer(cfg, engine, tokenizer)
+    checkpointer = Checkpointer(cfg, engine, tokenizer, resumed_from, keep_best=bool(loop_config.get("keep_best")))
     reporter = Reporter(cfg, log, meter, pos.step, loop_config.get("progress"), dist.get_rank())
     tokens_per_step = t.effective_global_batch * cfg.data.seq_len
     while pos.step < t.max_steps:
@@ -492,6 +531,6 @@ def train_fn_per_worker(loop_config: dict) -> None:
         last = pos.step == t.max_steps
         logged = meter.maybe_log(pos.step, force=last)
         evaluated = evaluator.maybe_eval(pos.step, force=last)
-        checkpoint_dir = checkpointer.maybe_save(pos, force=last)
+        checkpoint_dir = checkpointer.maybe_save(pos, force=last, evaluation=evaluator.last if evaluated else None)
         reporter.maybe_report(pos, logged, evaluator, evaluated, checkpointer, checkpoint_dir)
     log.close()

@@ -30,9 +30,12 @@ def param_counts(model: Any) -> tuple[int, int]:
     return sum(numel(p) for p in params if p.requires_grad), sum(numel(p) for p in params)
 
 
-def export_lora(state_dict: dict, tokenizer: Any, cfg: RaylmConfig, adapter_dir: str, hf_dir: str) -> None:
-    """From the full (consolidated) state of the peft model: `adapter_dir` (PeftModel.from_pretrained
-    loads it onto the base) and `hf_dir`, the merged model that plain transformers loads.
+def export_lora(state_dict: dict, tokenizer: Any, cfg: RaylmConfig, adapter_dir: str, hf_dir: str,
+                adapter_only: bool = False) -> None:
+    """From the state of the peft model: `adapter_dir` (PeftModel.from_pretrained loads it onto the
+    base) and `hf_dir`, the merged model that plain transformers loads. The state is the full
+    (consolidated) one, or with `adapter_only` the trainable weights alone (a DeepSpeed checkpoint
+    saved without its frozen base, which is rebuilt from model.name as on resume).
 
     A fresh CPU copy is built and loaded from the state dict: under ZeRO-3 the engine's own
     module holds only a shard, and merging in place would spoil the model still training."""
@@ -42,9 +45,10 @@ def export_lora(state_dict: dict, tokenizer: Any, cfg: RaylmConfig, adapter_dir:
     model = apply_lora(build_model(cfg.model, len(tokenizer), cfg.data.seq_len, tokenizer), cfg.train.lora)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     tied = {k for k in missing if k.endswith("lm_head.weight")} if model.config.tie_word_embeddings else set()
-    if unexpected or set(missing) - tied:
-        raise RuntimeError(f"LoRA export: state dict does not fit the model (missing {sorted(set(missing) - tied)[:5]}, "
-                           f"unexpected {sorted(unexpected)[:5]})")
+    needed = {n for n, p in model.named_parameters() if p.requires_grad} if adapter_only else set(missing)
+    if unexpected or (set(missing) & needed) - tied:
+        raise RuntimeError(f"LoRA export: state dict does not fit the model (missing "
+                           f"{sorted((set(missing) & needed) - tied)[:5]}, unexpected {sorted(unexpected)[:5]})")
     model.save_pretrained(adapter_dir)  # the adapter weights and adapter_config.json only
     tokenizer.save_pretrained(adapter_dir)
     export_hf(model.merge_and_unload(), None, tokenizer, cfg, hf_dir)
