@@ -39,6 +39,10 @@ class RaylmConfig(_Strict):
             raise ValueError("deepspeed.offload_optimizer: needs deepspeed.zero_stage >= 1")
         if ds.precision == "fp16" and not t.use_gpu:
             raise ValueError("deepspeed.precision: fp16 needs train.use_gpu=true (CPU runs use fp32 or bf16)")
+        if (t.objective == "dpo") != (self.data.format == "preference"):
+            raise ValueError(f"train.objective: {t.objective!r} needs data.format "
+                             f"{'preference' if t.objective == 'dpo' else 'other than preference'} "
+                             f"(got {self.data.format!r}); DPO trains on preference pairs only")
         self._model_tokenizer()
         sv = self.serve
         if sv.default_max_tokens > sv.max_tokens_limit:

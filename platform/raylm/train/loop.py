@@ -27,7 +27,12 @@ SFT_COLUMNS = ("input_ids", "labels", "position_ids")
 
 def trim(batch: dict) -> dict:
     """An SFT batch cut to its longest row (rows are left-aligned, `tokens` real each): padding
-    beyond it is never computed, so unpacked batches cost what their longest example costs."""
+    beyond it is never computed, so unpacked batches cost what their longest example costs.
+    Preference pairs become [chosen; rejected] rows the same way (raylm.train.dpo.concat_pairs)."""
+    if "chosen_tokens" in batch:
+        from raylm.train.dpo import concat_pairs
+
+        return concat_pairs(batch)
     if "tokens" not in batch:
         return batch
     n = max(int(batch["tokens"].max()), 1)
@@ -300,8 +305,8 @@ class StepMeter:
 class Evaluator:
     """Validation every train.eval_every_steps (and at the end); keeps the newest result."""
 
-    def __init__(self, cfg: RaylmConfig, engine: Any, shard: Any, device: Any):
-        self.cfg, self.engine, self.shard, self.device = cfg, engine, shard, device
+    def __init__(self, cfg: RaylmConfig, engine: Any, shard: Any, device: Any, dpo: Any = None):
+        self.cfg, self.engine, self.shard, self.device, self.dpo = cfg, engine, shard, device, dpo
         self.last: dict[str, float] = {}
         self.seconds = 0.0
 
@@ -311,7 +316,8 @@ class Evaluator:
             return False
         t0 = time.perf_counter()
         # `evals` counts evaluations by step, so it survives restarts: Tune forwards each once
-        self.last = {**evaluate(self.engine, self.shard, self.cfg, self.device),
+        result = self.dpo.evaluate(self.shard) if self.dpo else evaluate(self.engine, self.shard, self.cfg, self.device)
+        self.last = {**result,
                      "evals": step // every + (1 if step % every else 0)}
         self.seconds = time.perf_counter() - t0
         return True
@@ -393,19 +399,24 @@ def train_fn_per_worker(loop_config: dict) -> None:
     cfg, tokenizer, device = _setup(loop_config)
     t = cfg.train
     engine, params = _engine(cfg, tokenizer)
+    dpo = None
+    if t.objective == "dpo":
+        from raylm.train.dpo import DPO
+
+        dpo = DPO(cfg, engine, tokenizer, device)
     log = MetricsLog(cfg, dist.get_rank())
     log.write({"event": "start", **params, "lora": bool(t.lora), "time": time.time()})
     pos, _ = _resume(cfg, engine, log)
     batches = micro_batches(ray.train.get_dataset_shard("train"), t.micro_batch_size, pos.step * t.grad_accum_steps, device)
     meter = StepMeter(cfg, engine, device)
-    evaluator = Evaluator(cfg, engine, ray.train.get_dataset_shard("val"), device)
+    evaluator = Evaluator(cfg, engine, ray.train.get_dataset_shard("val"), device, dpo)
     checkpointer = Checkpointer(cfg, engine, tokenizer)
     reporter = Reporter(cfg, log, meter, pos.step, loop_config.get("progress"), dist.get_rank())
     tokens_per_step = t.effective_global_batch * cfg.data.seq_len
     while pos.step < t.max_steps:
         for _ in range(t.grad_accum_steps):
             batch = next(batches)
-            loss = lm_loss(engine, batch)
+            loss = dpo.loss(batch) if dpo else lm_loss(engine, batch)
             engine.backward(loss)
             engine.step()
             meter.add(loss, batch)
@@ -413,6 +424,8 @@ def train_fn_per_worker(loop_config: dict) -> None:
         pos.tokens += tokens_per_step
         last = pos.step == t.max_steps
         logged = meter.maybe_log(pos.step, force=last)
+        if logged and dpo:
+            logged.update(dpo.train_metrics())
         evaluated = evaluator.maybe_eval(pos.step, force=last)
         checkpoint_dir = checkpointer.maybe_save(pos, force=last)
         reporter.maybe_report(pos, logged, evaluator, evaluated, checkpointer, checkpoint_dir)
