@@ -15,11 +15,11 @@ import json
 import random
 
 
-def records(n: int, fmt: str = "chat", seed: int = 0) -> list[dict]:
+def records(n: int, fmt: str = "chat", seed: int = 0, max_operand: int = 49) -> list[dict]:
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        a, b = rng.randint(0, 49), rng.randint(0, 49)
+        a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
         right = a + b
         wrong = right + rng.choice([-1, 1]) * rng.randint(1, 9)
         wrong = wrong if wrong >= 0 else right + rng.randint(1, 9)
@@ -39,9 +39,10 @@ def main() -> None:
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--format", choices=["chat", "plain"], default="chat")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-operand", type=int, default=49)
     args = p.parse_args()
     with open(args.out, "w") as f:
-        for r in records(args.n, args.format, args.seed):
+        for r in records(args.n, args.format, args.seed, args.max_operand):
             f.write(json.dumps(r) + "\n")
 
 
