@@ -9,6 +9,9 @@ from pydantic import Field
 from raylm.config.base import _Strict
 
 
+RECORD_FORMATS = ("chat", "instruction", "preference")
+
+
 class SFTConfig(_Strict):
     """How chat / instruction records become supervised examples (data.format chat or instruction)."""
 
@@ -29,6 +32,20 @@ class SFTConfig(_Strict):
         "left), or skipped. Either way it is counted.")
 
 
+class PreferenceConfig(_Strict):
+    """How preference records become (chosen, rejected) pairs (data.format preference).
+
+    Chat form (the common Hugging Face preference datasets): `prompt` a list of messages, `chosen` and
+    `rejected` each a list holding the assistant's message. Plain form: three strings (the prompt
+    becomes a user turn). Both answers are rendered after the prompt with the chat template; only
+    the answers' tokens count."""
+
+    prompt_field: str = Field("prompt", description="The prompt: messages, or a string (a user turn).")
+    chosen_field: str = Field("chosen", description="The preferred answer: assistant message(s), or a string.")
+    rejected_field: str = Field("rejected", description="The dispreferred answer: assistant message(s), or a string.")
+    system_prompt: Optional[str] = Field(None, description="Plain-form prompts: a system turn put before each.")
+
+
 class DataConfig(_Strict):
     source: str = Field(
         "embedded",
@@ -36,10 +53,11 @@ class DataConfig(_Strict):
         "download), a local file, folder or glob, a remote URI Ray Data reads (s3://, gs://), "
         "or 'hf:<name>' / a saved Hugging Face datasets folder.",
     )
-    format: Literal["auto", "text", "jsonl", "parquet", "hf", "chat", "instruction"] = Field(
+    format: Literal["auto", "text", "jsonl", "parquet", "hf", "chat", "instruction", "preference"] = Field(
         "auto", description="File format of raw text ('auto' picks it from the file extension), or a supervised "
         "fine-tuning corpus: 'chat' (OpenAI-style messages records) or 'instruction' (Alpaca-style records), "
-        "read from .jsonl / .parquet files or a Hugging Face dataset; see data.sft.",
+        "read from .jsonl / .parquet files or a Hugging Face dataset; see data.sft. 'preference': prompt / chosen / "
+        "rejected records for train.objective dpo; see data.preference.",
     )
     text_field: str = Field("text", description="Column / JSON key that holds the text.")
     text_split: Literal["file", "paragraph", "line"] = Field(
@@ -62,7 +80,13 @@ class DataConfig(_Strict):
         "~/.cache/raylm", description="Where trained tokenizers are kept, keyed by corpus and settings."
     )
     sft: SFTConfig = Field(default_factory=SFTConfig, description="Chat / instruction fine-tuning data.")
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig, description="Preference (DPO) data.")
 
     @property
     def is_sft(self) -> bool:
         return self.format in ("chat", "instruction")
+
+    @property
+    def is_records(self) -> bool:
+        """A corpus of JSON records (chat, instruction, preference), not raw text."""
+        return self.format in RECORD_FORMATS

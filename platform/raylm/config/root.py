@@ -42,6 +42,10 @@ class RaylmConfig(_Strict):
         if self.precision == "bf16" and ds.zero_stage == 0:
             raise ValueError("deepspeed.zero_stage: 0 with bf16 would accumulate gradients in bf16 (DeepSpeed "
                              "accumulates bf16 gradients in fp32 from ZeRO-1 on); use zero_stage 1, or fp32")
+        if (t.objective == "dpo") != (self.data.format == "preference"):
+            raise ValueError(f"train.objective: {t.objective!r} needs data.format "
+                             f"{'preference' if t.objective == 'dpo' else 'other than preference'} "
+                             f"(got {self.data.format!r}); DPO trains on preference pairs only")
         self._model_tokenizer()
         sv = self.serve
         if sv.default_max_tokens > sv.max_tokens_limit:

@@ -32,6 +32,16 @@ class TrackingConfig(_Strict):
     mlflow_experiment: str = Field("raylm", description="MLflow experiment the runs go to.")
 
 
+class DPOConfig(_Strict):
+    """Direct Preference Optimization (train.objective dpo): the policy learns to prefer chosen over
+    rejected answers relative to a frozen reference (the starting model)."""
+
+    beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference (DPO's beta; IPO's tau).")
+    loss_type: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid", description="'sigmoid': DPO's -log sigmoid(beta * margin); 'ipo': IPO's squared loss on "
+        "per-token-averaged log-ratios (as TRL computes it).")
+
+
 class TrainConfig(_Strict):
     num_workers: int = Field(2, ge=1, description="Ray Train worker actors (one DeepSpeed rank each).")
     use_gpu: bool = Field(False, description="One GPU per worker, NCCL and bf16; otherwise CPU, gloo and fp32.")
@@ -85,6 +95,10 @@ class TrainConfig(_Strict):
     lora: Optional[LoraConfig] = Field(
         None, description="Train LoRA adapters (peft) instead of every weight; absent: full fine-tuning.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="TensorBoard / MLflow.")
+    objective: Literal["lm", "dpo"] = Field(
+        "lm", description="'lm': next-token loss (pre-training, SFT); 'dpo': preference tuning on data.format "
+        "preference pairs (see train.dpo).")
+    dpo: DPOConfig = Field(default_factory=DPOConfig, description="DPO settings (train.objective dpo).")
 
     @property
     def effective_global_batch(self) -> int:

@@ -5,6 +5,7 @@ the result for Ray Train. One module per concern, in import order (each imports 
     reading.py    Source -> documents (raw text) or records (chat / instruction), counters on rows
     tokenizer.py  load a named tokenizer or train a BPE on the corpus; its files travel to workers
     chat.py       chat / instruction record -> messages -> ids + trained-token mask -> example
+    preference.py preference record -> (prompt, chosen, rejected) -> one row per pair
     packing.py    tokens -> fixed rows: raw-text blocks of seq_len + 1, SFT rows of packed examples
     prepare.py    prepare_data: the whole stage on Ray -> PreparedData (train / val, DataStats)
     sharding.py   disjoint per-worker shards for Ray Train (make_data_config)
@@ -17,7 +18,9 @@ from raylm.data.chat import (IGNORE, ROLES, chat_messages, instruction_messages,
                              skipped_summary, to_example)
 from raylm.data.packing import (COUNTERS, pack_batch, pack_examples, pack_remainders, packed_logits,
                                 render_and_pack, tokenize_and_pack)
-from raylm.data.prepare import DataStats, PreparedData, prepare_data, prepare_sft, split_blocks, stats_dict
+from raylm.data.preference import PAIR_COLUMNS, encode_pair, pair_rows, preference_messages, render_pairs
+from raylm.data.prepare import (DataStats, PreparedData, prepare_data, prepare_preference, prepare_sft, split_blocks,
+                                stats_dict)
 from raylm.data.reading import (decode_counting, file_to_rows, jsonl_lines, parse_jsonl, read_records,
                                 rows_to_records, split_text)
 from raylm.data.sharding import make_data_config, shard_indices
@@ -27,12 +30,13 @@ from raylm.data.tokenizer import (EOS_TOKEN, PAD_TOKEN, load_tokenizer, tokenize
                                   write_tokenizer_files)
 
 __all__ = [
-    "COUNTERS", "EOS_TOKEN", "IGNORE", "PAD_TOKEN", "REMOTE_PREFIXES", "ROLES", "TEXT_EXTS",
+    "COUNTERS", "EOS_TOKEN", "IGNORE", "PAD_TOKEN", "PAIR_COLUMNS", "REMOTE_PREFIXES", "ROLES", "TEXT_EXTS",
     "DataError", "DataStats", "PreparedData", "Source",
-    "chat_messages", "decode_counting", "embedded_documents", "file_to_rows", "instruction_messages",
+    "chat_messages", "decode_counting", "embedded_documents", "encode_pair", "file_to_rows", "instruction_messages",
     "jsonl_lines", "load_hf_split", "load_tokenizer", "make_data_config", "pack_batch", "pack_examples",
-    "pack_remainders", "packed_logits", "parse_jsonl", "prepare_data", "prepare_sft", "read_records",
-    "record_messages", "render", "render_and_pack", "resolve_source", "rows_to_records", "shard_indices",
+    "pack_remainders", "packed_logits", "pair_rows", "parse_jsonl", "preference_messages", "prepare_data",
+    "prepare_preference", "prepare_sft", "read_records",
+    "record_messages", "render", "render_and_pack", "render_pairs", "resolve_source", "rows_to_records", "shard_indices",
     "skipped_summary", "split_blocks", "split_text", "stats_dict", "to_example", "tokenize_and_pack",
     "tokenizer_files", "train_tokenizer", "write_tokenizer_files",
 ]

@@ -4,6 +4,7 @@
                         tokenize_and_pack -> leftovers packed on the driver (one final partial
                         block dropped)
     chat / instruction  (prepare_sft) read records -> tokenizer -> render_and_pack
+    preference          (prepare_preference) read records -> tokenizer -> render_pairs (one row per pair)
     both                deterministic shuffle (data.seed) -> split_blocks -> train / val
 
 This module only orchestrates and counts (`DataStats`); each step lives in the module named
@@ -24,6 +25,7 @@ import numpy as np
 from raylm.config import DataConfig
 from raylm.data.chat import _record_text, skipped_summary
 from raylm.data.packing import COUNTERS, pack_remainders, render_and_pack, tokenize_and_pack
+from raylm.data.preference import PAIR_COLUMNS, render_pairs
 from raylm.data.reading import _read_documents, read_records
 from raylm.data.sources import DataError, resolve_source
 from raylm.data.tokenizer import _tokenizer_for, load_tokenizer, tokenizer_files
@@ -75,7 +77,10 @@ def prepare_data(cfg: DataConfig, verbose: bool = True) -> PreparedData:
 
     One streaming pass (read -> tokenize + pack per batch) is materialized; a trained tokenizer
     that is not cached yet reads a sample first. Counters ride on each batch's tail row.
-    data.format chat / instruction goes to the SFT stage (prepare_sft, below) instead."""
+    data.format chat / instruction goes to the SFT stage (prepare_sft, below) instead, preference to
+    prepare_preference."""
+    if cfg.format == "preference":
+        return prepare_preference(cfg, verbose)
     if cfg.is_sft:
         return prepare_sft(cfg, verbose)
     import ray.data
@@ -159,6 +164,50 @@ def prepare_sft(cfg: DataConfig, verbose: bool = True):
     blocks = packed.filter(expr=col("tokens") > 0).select_columns(["input_ids", "labels", "position_ids", "tokens"])
     blocks = blocks.random_shuffle(seed=cfg.seed).materialize()
     train, val = split_blocks(blocks, cfg, stats)
+    stats.seconds = time.perf_counter() - t0
+    return PreparedData(train=train, val=val, tokenizer_dir=tokenizer_dir, stats=stats)
+
+
+def prepare_preference(cfg: DataConfig, verbose: bool = True):
+    """The data stage for data.format preference: records -> pair rows -> shuffle -> train / val."""
+    import ray.data
+    from ray.data.expressions import col
+
+    t0 = time.perf_counter()
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = verbose
+    src = resolve_source(cfg)
+    records = read_records(src, cfg)
+    if cfg.max_documents:
+        records = records.limit(cfg.max_documents)
+    tokenizer_dir = _tokenizer_for(src, cfg, records.map(_record_text))
+    hf_tok = load_tokenizer(tokenizer_dir)
+    files = tokenizer_files(tokenizer_dir)
+    files_key = hashlib.sha256(b"".join(k.encode() + v for k, v in sorted(files.items()))).hexdigest()[:16]
+    rows = records.map_batches(
+        render_pairs, batch_size=512, batch_format="numpy",
+        fn_kwargs={"pref_json": cfg.preference.model_dump_json(), "seq_len": cfg.seq_len,
+                   "tokenizer_files": files, "files_key": files_key}).materialize()
+    counts: collections.Counter = collections.Counter()
+    for row in rows.filter(expr=col("chosen_tokens") == 0).take_all():
+        if row["counts"]:
+            counts.update(json.loads(row["counts"]))
+    summary = skipped_summary(counts)
+    stats = DataStats(documents=counts["examples"], tokens=counts["tokens"], files=len(src.paths),
+                      skipped_records=sum(v for k, v in counts.items() if k.startswith("skip:")),
+                      vocab_size=len(hf_tok), trained_tokens=counts["trained_tokens"],
+                      truncated_records=counts["truncated"])
+    stats.skipped_reasons = summary if stats.skipped_records else ""
+    if verbose or stats.skipped_records:
+        print(f"raylm: {counts['examples']} preference pairs; {summary}"
+              + (f"; {counts['truncated']} truncated to seq_len={cfg.seq_len}" if counts["truncated"] else ""), flush=True)
+    if stats.documents == 0:
+        where = ", ".join(src.paths) or cfg.source
+        raise DataError(f"{where}: no usable preference record ({summary}); check data.preference field names")
+    pairs = rows.filter(expr=col("chosen_tokens") > 0).select_columns(list(PAIR_COLUMNS))
+    pairs = pairs.random_shuffle(seed=cfg.seed).materialize()
+    train, val = split_blocks(pairs, cfg, stats)
     stats.seconds = time.perf_counter() - t0
     return PreparedData(train=train, val=val, tokenizer_dir=tokenizer_dir, stats=stats)
 

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from raylm.config import DataConfig, expand
+from raylm.config import RECORD_FORMATS, DataConfig, expand
 from raylm.errors import DataError
 
 TEXT_EXTS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "jsonl", ".json": "jsonl",
@@ -41,7 +41,7 @@ class Source:
 
 def _format_of(path: str, cfg: DataConfig) -> str:
     """The file format: data.format when it names one, else (auto, chat, instruction) the extension."""
-    if cfg.format not in ("auto", "chat", "instruction"):
+    if cfg.format not in ("auto", *RECORD_FORMATS):
         return cfg.format
     name = path[:-3] if path.endswith(".gz") else path
     fmt = TEXT_EXTS.get(os.path.splitext(name)[1].lower())
@@ -65,7 +65,7 @@ def resolve_source(cfg: DataConfig) -> Source:
         if os.path.exists(os.path.join(path, "dataset_info.json")) or os.path.exists(os.path.join(path, "dataset_dict.json")):
             return Source("hf", paths=(path,), name=path)
         files = sorted(p for p in glob.glob(os.path.join(path, "**", "*"), recursive=True)
-                       if os.path.isfile(p) and (cfg.format not in ("auto", "chat", "instruction") or os.path.splitext(p.removesuffix(".gz"))[1].lower() in TEXT_EXTS))
+                       if os.path.isfile(p) and (cfg.format not in ("auto", *RECORD_FORMATS) or os.path.splitext(p.removesuffix(".gz"))[1].lower() in TEXT_EXTS))
         if not files:
             raise DataError(f"data.source={src}: folder has no .txt, .jsonl or .parquet files")
     elif any(c in src for c in "*?["):

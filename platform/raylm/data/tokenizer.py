@@ -86,7 +86,7 @@ def _tokenizer_for(src: Source, cfg: DataConfig, docs: "ray.data.Dataset") -> st
         if not os.path.isdir(out):
             tok.save_pretrained(out)
         return out
-    sft = f"|{cfg.format}" if cfg.is_sft else ""  # an SFT corpus trains on its records' strings
+    sft = f"|{cfg.format}" if cfg.is_records else ""  # a records corpus trains on its records' strings
     key = hashlib.sha256(f"{src.fingerprint()}|{cfg.vocab_size}|{cfg.text_field}|{cfg.text_split}|{cfg.max_documents}{sft}".encode()).hexdigest()[:16]
     out = os.path.join(expand(cfg.cache_dir), "tokenizers", f"bpe-{key}")
     if os.path.isdir(out):

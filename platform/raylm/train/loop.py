@@ -32,7 +32,12 @@ SFT_COLUMNS = ("input_ids", "labels", "position_ids")
 
 def trim(batch: dict) -> dict:
     """An SFT batch cut to its longest row (rows are left-aligned, `tokens` real each): padding
-    beyond it is never computed, so unpacked batches cost what their longest example costs."""
+    beyond it is never computed, so unpacked batches cost what their longest example costs.
+    Preference pairs become [chosen; rejected] rows the same way (raylm.train.dpo.concat_pairs)."""
+    if "chosen_tokens" in batch:
+        from raylm.train.dpo import concat_pairs
+
+        return concat_pairs(batch)
     if "tokens" not in batch:
         return batch
     n = max(int(batch["tokens"].max()), 1)
@@ -96,20 +101,48 @@ def trained_tokens(batch: dict) -> Any:
     return torch.tensor(block[:, 1:].numel(), device=block.device)
 
 
+class NextToken:
+    """The language-modelling objective (pretraining, SFT): the loss is per trained token. An
+    objective says how many units of loss a micro-batch holds (known before its forward pass), the
+    summed loss over them, and what validation adds up; DPO (raylm.train.dpo) is the other one, per
+    preference pair."""
+
+    def __init__(self, engine: Any):
+        self.engine = engine
+
+    def count(self, batch: dict) -> Any:
+        return trained_tokens(batch)
+
+    def summed_loss(self, batch: dict) -> Any:
+        return token_losses(self.engine, batch)[0]
+
+    def eval_sums(self, batch: dict) -> list[float]:
+        loss_sum, count = token_losses(self.engine, batch)  # SFT: the same (assistant) tokens as training
+        return [float(loss_sum), float(count)]
+
+    def eval_metrics(self, totals: list[float]) -> dict[str, float]:
+        val_loss = totals[0] / max(totals[1], 1.0)
+        return {"val_loss": val_loss, "perplexity": math.exp(min(val_loss, 50.0))}
+
+    def train_metrics(self) -> dict[str, float]:
+        return {}
+
+
 @dataclass
 class StepResult:
-    """What one optimizer step did: this rank's summed token loss, the global batch's trained
-    tokens and the lr the step trained with."""
+    """What one optimizer step did: this rank's summed loss, the global batch's units of loss
+    (trained tokens; DPO: pairs) and the lr the step trained with."""
 
     loss_sum: float
     global_tokens: int
     lr: float
 
 
-def backward_global_batch(engine: Any, micro: list[dict]) -> tuple[float, int]:
+def backward_global_batch(engine: Any, micro: list[dict], objective: Any = None) -> tuple[float, int]:
     """Forward and backward of this rank's micro-batches (grad_accum_steps of them), leaving the
     gradient of (summed token loss over the global batch) / (its trained tokens) reduced over the
-    ranks; returns (this rank's summed token loss, the global trained-token count).
+    ranks; returns (this rank's summed token loss, the global trained-token count). DPO: pairs
+    instead of tokens (the mean over the step's pairs).
 
     The global token count is all-reduced once, before any backward. DeepSpeed then averages
     gradients over the data-parallel ranks (its gradient all-reduce divides by the world size), and
@@ -121,7 +154,8 @@ def backward_global_batch(engine: Any, micro: list[dict]) -> tuple[float, int]:
     import torch
     import torch.distributed as dist
 
-    count = torch.stack([trained_tokens(b) for b in micro]).sum()
+    objective = objective or NextToken(engine)
+    count = torch.stack([torch.as_tensor(objective.count(b)) for b in micro]).sum()
     dist.all_reduce(count)
     global_tokens = int(count)
     scale = dist.get_world_size() / max(global_tokens, 1)
@@ -129,16 +163,16 @@ def backward_global_batch(engine: Any, micro: list[dict]) -> tuple[float, int]:
     for i, batch in enumerate(micro):
         if i:
             engine.step()  # closes the previous micro-batch: inside the accumulation window, no update
-        summed, _ = token_losses(engine, batch)
+        summed = objective.summed_loss(batch)
         engine.backward(summed * scale, scale_wrt_gas=False)
         loss_sum += float(summed.detach())
     return loss_sum, global_tokens
 
 
-def train_step(engine: Any, micro: list[dict]) -> StepResult:
+def train_step(engine: Any, micro: list[dict], objective: Any = None) -> StepResult:
     """One optimizer step over this rank's micro-batches (see backward_global_batch)."""
     lr = engine.get_lr()[0]  # the lr this step trains with (the scheduler moves on in step())
-    loss_sum, global_tokens = backward_global_batch(engine, micro)
+    loss_sum, global_tokens = backward_global_batch(engine, micro, objective)
     engine.step()  # the accumulation boundary: the optimizer steps (an fp16 overflow: skipped_steps + 1)
     return StepResult(loss_sum, global_tokens, lr)
 
@@ -165,27 +199,28 @@ def all_have(has_batch: bool, device: Any) -> bool:
     return all_reduced([1.0 if has_batch else 0.0], device, op="MIN")[0] > 0
 
 
-def evaluate(engine: Any, shard: Any, cfg: RaylmConfig, device: Any) -> dict[str, float]:
-    """Validation loss and perplexity per trained token, over all ranks (each reads its val shard,
-    all of them the same number of batches: up to eval_batches, fewer only if a shard runs out)."""
+def evaluate(engine: Any, shard: Any, cfg: RaylmConfig, device: Any, objective: Any = None) -> dict[str, float]:
+    """Validation loss and perplexity per trained token (DPO: loss and rewards per pair), over all
+    ranks (each reads its val shard, all of them the same number of batches: up to eval_batches,
+    fewer only if a shard runs out)."""
     import torch
 
+    objective = objective or NextToken(engine)
     engine.eval()
-    total, n, batches = 0.0, 0, 0
+    totals: list[float] = []
+    batches = 0
     rows = iter(shard.iter_torch_batches(batch_size=cfg.train.micro_batch_size, dtypes=torch.long, device=device))
     with torch.no_grad():
         while batches < cfg.train.eval_batches:
             batch = next(rows, None)
             if not all_have(batch is not None, device):
                 break
-            loss_sum, count = token_losses(engine, trim(batch))  # SFT: the same (assistant) tokens as training
-            total, n, batches = total + float(loss_sum), n + int(count), batches + 1
+            sums = objective.eval_sums(trim(batch))
+            totals, batches = [a + b for a, b in zip(totals, sums)] if totals else sums, batches + 1
     engine.train()
     if batches == 0:  # check_data_fits makes this unreachable from the CLI; never report a val_loss of 0
         raise RuntimeError("a validation shard is empty: raise data.val_fraction")
-    loss_sum, count = all_reduced([total, float(n)], device)
-    val_loss = loss_sum / max(count, 1.0)
-    return {"val_loss": val_loss, "perplexity": math.exp(min(val_loss, 50.0))}
+    return objective.eval_metrics(all_reduced(totals, device))
 
 
 def flops_per_token(model: Any, seq_len: int) -> float:
@@ -386,8 +421,8 @@ class StepMeter:
 class Evaluator:
     """Validation every train.eval_every_steps (and at the end); keeps the newest result."""
 
-    def __init__(self, cfg: RaylmConfig, engine: Any, shard: Any, device: Any):
-        self.cfg, self.engine, self.shard, self.device = cfg, engine, shard, device
+    def __init__(self, cfg: RaylmConfig, engine: Any, shard: Any, device: Any, objective: Any):
+        self.cfg, self.engine, self.shard, self.device, self.objective = cfg, engine, shard, device, objective
         self.last: dict[str, float] = {}
         self.seconds = 0.0
 
@@ -397,7 +432,7 @@ class Evaluator:
             return False
         t0 = time.perf_counter()
         # `evals` counts evaluations by step, so it survives restarts: Tune forwards each once
-        self.last = {**evaluate(self.engine, self.shard, self.cfg, self.device),
+        self.last = {**evaluate(self.engine, self.shard, self.cfg, self.device, self.objective),
                      "evals": step // every + (1 if step % every else 0)}
         self.seconds = time.perf_counter() - t0
         return True
@@ -514,22 +549,29 @@ def train_fn_per_worker(loop_config: dict) -> None:
     cfg, tokenizer, device = _setup(loop_config)
     t = cfg.train
     engine, params = _engine(cfg, tokenizer)
+    objective = NextToken(engine)
+    if t.objective == "dpo":
+        from raylm.train.dpo import DPO
+
+        objective = DPO(cfg, engine, tokenizer, device)
     log = MetricsLog(cfg, dist.get_rank())
     log.write({"event": "start", **params, "lora": bool(t.lora), "time": time.time()})
     pos, resumed_from = _resume(cfg, engine, log)
     batches = micro_batches(ray.train.get_dataset_shard("train"), t.micro_batch_size, pos.step * t.grad_accum_steps, device)
     meter = StepMeter(cfg, engine, device)
-    evaluator = Evaluator(cfg, engine, ray.train.get_dataset_shard("val"), device)
+    evaluator = Evaluator(cfg, engine, ray.train.get_dataset_shard("val"), device, objective)
     checkpointer = Checkpointer(cfg, engine, tokenizer, resumed_from, keep_best=bool(loop_config.get("keep_best")))
     reporter = Reporter(cfg, log, meter, pos.step, loop_config.get("progress"), dist.get_rank())
     tokens_per_step = t.effective_global_batch * cfg.data.seq_len
     while pos.step < t.max_steps:
         micro = [next(batches) for _ in range(t.grad_accum_steps)]  # drawn first: their tokens weigh the loss
-        meter.add(train_step(engine, micro), micro)
+        meter.add(train_step(engine, micro, objective), micro)
         pos.step += 1
         pos.tokens += tokens_per_step
         last = pos.step == t.max_steps
         logged = meter.maybe_log(pos.step, force=last)
+        if logged:
+            logged.update(objective.train_metrics())  # DPO: rewards/* over the pairs since the last line
         evaluated = evaluator.maybe_eval(pos.step, force=last)
         checkpoint_dir = checkpointer.maybe_save(pos, force=last, evaluation=evaluator.last if evaluated else None)
         reporter.maybe_report(pos, logged, evaluator, evaluated, checkpointer, checkpoint_dir)

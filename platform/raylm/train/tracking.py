@@ -1,7 +1,8 @@
 """Experiment tracking from rank 0: TensorBoard event files always, MLflow when asked.
 
 Every report the train loop writes to metrics.jsonl also goes here, so TensorBoard (and MLflow)
-show the same numbers: loss, val_loss, perplexity, lr, tokens/s, grad norm (and MFU on GPU).
+show the same numbers: loss, val_loss, perplexity, lr, tokens/s, grad norm (and MFU on GPU), and
+DPO's rewards/* (training) and val_rewards/* (validation).
 A sweep's trials each have their own run folder, so each gets its own event files.
 """
 
@@ -12,7 +13,18 @@ from typing import Any, Optional
 
 from raylm.config import RaylmConfig
 
-SCALARS = ("loss", "val_loss", "perplexity", "lr", "tokens_per_s", "grad_norm", "mfu", "skipped_steps")
+REWARDS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy")  # DPO
+SCALARS = ("loss", "val_loss", "perplexity", "lr", "tokens_per_s", "grad_norm", "mfu", "skipped_steps", *REWARDS,
+           *(f"val_{k}" for k in REWARDS))
+
+
+def tag(key: str) -> str:
+    """TensorBoard tag: val/<name> for validation numbers, train/<name> for the rest."""
+    if key.startswith("val_rewards/"):
+        return "val/" + key.removeprefix("val_")
+    return f"val/{key}" if key in ("val_loss", "perplexity") else f"train/{key}"
+
+
 TB_DIR = "tensorboard"
 
 
@@ -51,7 +63,7 @@ class Trackers:
         step = int(record["step"])
         if self.tb is not None:
             for key, value in values.items():
-                self.tb.add_scalar(f"train/{key}" if key not in ("val_loss", "perplexity") else f"val/{key}", value, step)
+                self.tb.add_scalar(tag(key), value, step)
             self.tb.flush()
         if self.mlflow is not None:
             self.mlflow.log_metrics(values, step=step)

@@ -1,0 +1,187 @@
+"""DPO (train.objective dpo): preference tuning on the same Ray Train + DeepSpeed loop.
+
+    pair rows -> batch   a micro-batch of B pairs becomes 2B sequences, [chosen; rejected] (as TRL
+                         batches them), cut to the longest real sequence (`concat_pairs`)
+    logits -> log-probs  the summed log-probability of each sequence's labelled (answer) tokens
+    losses               sigmoid (DPO): -log sigmoid(beta * (chosen log-ratio - rejected log-ratio));
+                         ipo: ((chosen - rejected log-ratio, each averaged per answer token) - 1/(2 beta))^2
+    rewards              beta * log-ratio of each answer; margins, accuracy (chosen > rejected)
+
+The reference model is the starting policy:
+- LoRA: the same engine with its adapters disabled (`disable_adapter()`), no second copy.
+- Full fine-tuning: a frozen copy built as the policy was (same model.name, same train.seed, so the
+  same initial weights) and never stepped. Under ZeRO-3 it is a DeepSpeed engine without an
+  optimizer, partitioned like the policy; otherwise a plain module in the run's precision.
+  Chosen over log-probs precomputed by a data pass: it needs no cache to keep in step with the data
+  order, shuffle and shards, and a restarted run rebuilds it exactly (a precomputed cache would have
+  to be written, found and trusted again on resume). It costs one more forward per micro-batch,
+  which LoRA pays too, and one more copy of the weights (1/N per rank under ZeRO-3).
+
+The loss is the mean over all pairs of the optimizer step (all micro-batches, all ranks), as the
+token-weighted LM loss is over tokens: `DPO` is an objective of train.loop.train_step, which counts
+the step's pairs (`count`) before any forward pass and scales each micro-batch's summed pair loss
+(`summed_loss`) by world size / global pairs, undoing DeepSpeed's averaging over ranks.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from raylm.config import RaylmConfig
+
+REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy")
+
+
+# ------------------------------------------------------------------ pure tensor functions (unit-tested)
+
+
+def concat_pairs(batch: dict) -> dict:
+    """A batch of pair rows -> {input_ids, labels: [chosen; rejected] (2B, n), tokens (2B,)}, cut to
+    the longest real sequence n. Padding sits after each sequence, so a causal model needs no mask."""
+    import torch
+
+    tokens = torch.cat([batch["chosen_tokens"], batch["rejected_tokens"]])
+    n = max(int(tokens.max()), 1)
+    return {"input_ids": torch.cat([batch["chosen_input_ids"][:, :n], batch["rejected_input_ids"][:, :n]]),
+            "labels": torch.cat([batch["chosen_labels"][:, :n], batch["rejected_labels"][:, :n]]),
+            "tokens": tokens}
+
+
+def sequence_logps(logits: Any, labels: Any) -> tuple[Any, Any]:
+    """(summed log-prob of each row's labelled tokens, how many) from logits aligned with labels
+    (labels[i] is the token after position i; IGNORE is left out). In fp32, whatever the model's dtype."""
+    import torch.nn.functional as F
+
+    from raylm.data import IGNORE
+
+    per_token = -F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1).long(),
+                                 ignore_index=IGNORE, reduction="none").view(labels.shape)
+    return per_token.sum(dim=1), (labels != IGNORE).sum(dim=1)
+
+
+def forward_logps(model: Any, batch: dict) -> tuple[Any, Any]:
+    """Sequence log-probs and answer-token counts of a concatenated pair batch under `model`."""
+    logits = model(input_ids=batch["input_ids"], use_cache=False).logits
+    return sequence_logps(logits, batch["labels"])
+
+
+def dpo_losses(policy_chosen: Any, policy_rejected: Any, ref_chosen: Any, ref_rejected: Any, beta: float,
+               loss_type: str, chosen_tokens: Any = None, rejected_tokens: Any = None) -> tuple[Any, Any, Any]:
+    """(per-pair loss, chosen reward, rejected reward). IPO averages each log-ratio over its answer's
+    tokens (`*_tokens`), as TRL does, so beta means the same whatever the answers' lengths."""
+    import torch.nn.functional as F
+
+    chosen_ratio, rejected_ratio = policy_chosen - ref_chosen, policy_rejected - ref_rejected
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * (chosen_ratio - rejected_ratio))
+    elif loss_type == "ipo":
+        delta = chosen_ratio / chosen_tokens.clamp(min=1) - rejected_ratio / rejected_tokens.clamp(min=1)
+        losses = (delta - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"train.dpo.loss_type: unknown {loss_type!r} (sigmoid or ipo)")
+    return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+def reward_sums(losses: Any, chosen_rewards: Any, rejected_rewards: Any) -> list[float]:
+    """[loss, chosen, rejected, margin, correct, pairs] summed over a micro-batch: summed, not averaged,
+    so micro-batches and ranks add up before one division by the global pair count."""
+    margins = chosen_rewards - rejected_rewards
+    return [float(losses.detach().sum()), float(chosen_rewards.sum()), float(rejected_rewards.sum()),
+            float(margins.sum()), float((margins > 0).sum()), float(len(margins))]
+
+
+def reward_metrics(sums: Iterable[float], prefix: str = "") -> dict[str, float]:
+    """Means over pairs from `reward_sums` totals: the loss and the four reward metrics."""
+    loss, chosen, rejected, margin, correct, pairs = sums
+    pairs = max(pairs, 1e-9)
+    return {f"{prefix}loss": loss / pairs,
+            **{prefix + k: v / pairs for k, v in zip(REWARD_KEYS, (chosen, rejected, margin, correct))}}
+
+
+# ------------------------------------------------------------------ the objective on a DeepSpeed engine
+
+
+def frozen_reference(cfg: RaylmConfig, tokenizer: Any, device: Any) -> Any:
+    """Full fine-tuning's reference: the starting weights, frozen (see the module docstring)."""
+    import deepspeed
+    import torch
+
+    from raylm.model import build_model
+
+    torch.manual_seed(cfg.train.seed)  # as train.loop._engine seeds the policy: the same initial weights
+    model = build_model(cfg.model, len(tokenizer), cfg.data.seq_len, tokenizer).requires_grad_(False).eval()
+    precision = cfg.precision
+    if cfg.deepspeed.zero_stage == 3:
+        t = cfg.train
+        ds = {"train_batch_size": t.effective_global_batch, "train_micro_batch_size_per_gpu": t.micro_batch_size,
+              "gradient_accumulation_steps": t.grad_accum_steps, "bf16": {"enabled": precision == "bf16"},
+              "fp16": {"enabled": precision == "fp16"},
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+                                    **({"offload_param": {"device": "cpu"}} if cfg.deepspeed.offload_params else {})}}
+        engine, *_ = deepspeed.initialize(model=model, config=ds)
+        return engine.eval()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    return model.to(device=device, dtype=dtype)
+
+
+class DPO:
+    """The DPO objective of one rank for train.loop (train_step, evaluate): `count` and `summed_loss`
+    of a micro-batch, `train_metrics()` when a log line is due, `eval_sums`/`eval_metrics` on
+    validation pairs."""
+
+    def __init__(self, cfg: RaylmConfig, engine: Any, tokenizer: Any, device: Any):
+        self.cfg, self.engine, self.device = cfg, engine, device
+        self.beta, self.loss_type = cfg.train.dpo.beta, cfg.train.dpo.loss_type
+        self.reference = None if cfg.train.lora else frozen_reference(cfg, tokenizer, device)
+        self.sums = [0.0] * 6
+
+    def reference_logps(self, batch: dict) -> Any:
+        import torch
+
+        with torch.no_grad():
+            if self.reference is None:  # LoRA: the base under the adapters is the starting model
+                with self.engine.module.disable_adapter():
+                    return forward_logps(self.engine, batch)[0]
+            return forward_logps(self.reference, batch)[0]
+
+    def pair_losses(self, batch: dict) -> tuple[Any, Any, Any]:
+        ref = self.reference_logps(batch)
+        logps, counts = forward_logps(self.engine, batch)
+        (pc, pr), (rc, rr), (nc, nr) = logps.chunk(2), ref.chunk(2), counts.chunk(2)
+        return dpo_losses(pc, pr, rc, rr, self.beta, self.loss_type, nc, nr)
+
+    def count(self, batch: dict) -> Any:
+        """Pairs in a micro-batch ([chosen; rejected] rows: half of them), before any forward pass."""
+        import torch
+
+        return torch.tensor(batch["input_ids"].shape[0] // 2, device=batch["input_ids"].device)
+
+    def summed_loss(self, batch: dict) -> Any:
+        """The micro-batch's summed pair losses (train_step scales it to the step's mean)."""
+        losses, chosen, rejected = self.pair_losses(batch)
+        self.sums = [a + b for a, b in zip(self.sums, reward_sums(losses, chosen, rejected))]
+        return losses.sum()
+
+    def train_metrics(self) -> dict[str, float]:
+        """Reward metrics over every pair since the last call, all ranks (a collective: call on all)."""
+        totals = _all_sum(self.sums, self.device)
+        self.sums = [0.0] * 6
+        out = reward_metrics(totals)
+        out.pop("loss")  # the loop logs the loss itself
+        return out
+
+    def eval_sums(self, batch: dict) -> list[float]:
+        return reward_sums(*self.pair_losses(batch))
+
+    def eval_metrics(self, totals: list[float]) -> dict[str, float]:
+        """val_loss (the DPO loss) and val_rewards/* per pair."""
+        return reward_metrics(totals, prefix="val_")
+
+
+def _all_sum(values: list[float], device: Any) -> list[float]:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()

@@ -1,0 +1,224 @@
+"""DPO on a real local Ray with DeepSpeed: it learns what the preference data tells it.
+
+A tiny Llama is first SFT'd by raylm on the toy arithmetic chat (the right sums) for a few steps,
+enough to answer in the format but mostly wrong. DPO with LoRA on the toy preference corpus (chosen:
+the right sum, rejected: a wrong one, scripts/make_toy_preference.py) must then raise held-out
+preference accuracy from about chance to >= 0.9 and the exact match of greedy answers. The run's own
+validation numbers are recomputed by TRL's DPOTrainer on the same pairs and checkpoint. A short full
+fine-tune under ZeRO-3 checks the frozen reference: at the first step the policy is its reference,
+so the loss is exactly log 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from raylm.config import load_config
+from raylm.data import IGNORE, prepare_data
+from raylm.train.driver import build_trainer, check_data_fits
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "tests" / "unit"))
+from make_toy_preference import records  # noqa: E402
+
+MAX_OPERAND = 9  # sums 0..18: a tiny model learns them in a few dozen steps
+BAD = [{"prompt": "What is 1+1?", "chosen": "2"}, {"prompt": "What is 1+1?", "chosen": "2", "rejected": "2"},
+       {"prompt": "x " * 200, "chosen": "2", "rejected": "3"}]
+
+
+def read_log(cfg) -> list[dict]:
+    path = Path(cfg.train.storage_path) / cfg.train.run_name / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def fit(cfg, prepared):
+    check_data_fits(cfg, prepared)
+    result = build_trainer(cfg, prepared).fit()
+    assert result.error is None, result.error
+    return result
+
+
+def config(tmp: Path, base: str, run_name: str, **fields):
+    over = {"data.cache_dir": str(tmp / "cache"), "data.seq_len": 48, "train.storage_path": str(tmp / "runs"),
+            "train.run_name": run_name, "train.log_every_steps": 1, "train.warmup_steps": 2, **fields}
+    return load_config(ROOT / "configs" / base, [f"{k}={v}" for k, v in over.items()])
+
+
+@pytest.fixture(scope="module")
+def dpo_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("dpo")
+
+
+@pytest.fixture(scope="module")
+def sft_base(ray_cluster, dpo_root) -> str:
+    """The SFT'd base: a tiny Llama raylm trains on the right answers, briefly (mostly wrong still)."""
+    path = dpo_root / "chat.jsonl"
+    path.write_text("".join(json.dumps({"messages": r["prompt"] + r["chosen"]}) + "\n"
+                            for r in records(800, seed=7, max_operand=MAX_OPERAND)))
+    cfg = config(dpo_root, "chat_sft.yaml", "sft", **{
+        "data.source": path, "data.vocab_size": 300, "model.overrides": "{initializer_range: 0.2}",
+        "train.max_steps": 12, "train.micro_batch_size": 8, "train.eval_every_steps": 12,
+        "train.checkpoint_every_steps": 12, "train.eval_batches": 2})
+    return os.path.join(fit(cfg, prepare_data(cfg.data, verbose=False)).checkpoint.path, "hf")
+
+
+@pytest.fixture(scope="module")
+def pref_corpus(dpo_root) -> Path:
+    path = dpo_root / "pref.jsonl"
+    lines = [json.dumps(r) for r in records(900, max_operand=MAX_OPERAND)] + [json.dumps(r) for r in BAD]
+    path.write_text("\n".join(lines + ["{not json"]) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def lora_run(sft_base, pref_corpus, dpo_root):
+    cfg = config(dpo_root, "dpo_lora.yaml", "dpo-lora", **{
+        "model.name": sft_base, "data.source": pref_corpus, "train.max_steps": 30, "train.lr": 1e-2,
+        "train.micro_batch_size": 8, "train.eval_every_steps": 15, "train.checkpoint_every_steps": 30,
+        "train.eval_batches": 100, "train.dpo.beta": 0.1})
+    prepared = prepare_data(cfg.data, verbose=False)
+    return cfg, prepared, fit(cfg, prepared)
+
+
+# ------------------------------------------------------------------ measuring a model directly (transformers)
+
+
+def full_sequences(rows: list[dict]) -> dict:
+    """Pair rows (as the data stage wrote them) in TRL's layout: full ids [chosen; rejected], masks."""
+    seqs, masks = [], []
+    for side in ("chosen", "rejected"):
+        for r in rows:
+            n = int(r[f"{side}_tokens"])
+            labels = np.asarray(r[f"{side}_labels"][:n])
+            seqs.append(np.append(r[f"{side}_input_ids"][:n], labels[-1]))
+            masks.append(np.append(0, labels != IGNORE))
+    length = max(len(s) for s in seqs)
+    ids, attention, completion = (torch.zeros(len(seqs), length, dtype=torch.long) for _ in range(3))
+    for i, (s, m) in enumerate(zip(seqs, masks)):
+        ids[i, :len(s)], attention[i, :len(s)], completion[i, :len(s)] = torch.as_tensor(s), 1, torch.as_tensor(m)
+    return {"input_ids": ids, "attention_mask": attention, "completion_mask": completion}
+
+
+def preference_accuracy(model, rows: list[dict]) -> float:
+    """Share of pairs whose chosen answer the model finds likelier than the rejected one."""
+    from raylm.train.dpo import concat_pairs, forward_logps
+
+    batch = concat_pairs({k: torch.as_tensor(np.stack([r[k] for r in rows])).long() for k in rows[0]})
+    with torch.no_grad():
+        chosen, rejected = forward_logps(model, batch)[0].chunk(2)
+    return float((chosen > rejected).float().mean())
+
+
+def exact_match(model, tok, prompts: list[tuple[list[dict], str]]) -> float:
+    """Greedy answers equal to the right sum, as a served model would answer."""
+    hits = 0
+    for messages, answer in prompts:
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                      return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id,
+                                 eos_token_id=tok.eos_token_id)
+        hits += tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip() == answer
+    return hits / len(prompts)
+
+
+# ------------------------------------------------------------------ tests
+
+
+def test_lora_dpo_learns_the_preference(lora_run, sft_base):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg, prepared, result = lora_run
+    s = prepared.stats
+    assert cfg.data.tokenizer == sft_base  # the SFT base's own tokenizer and chat template
+    assert s.documents == 900 and s.skipped_records == 4
+    assert s.skipped_reasons == ("skipped 4 records: 1 chosen identical to rejected, 1 missing field 'rejected', "
+                                 "1 no answer token within seq_len=48, 1 not JSON")
+    log = read_log(cfg)
+    steps = [r for r in log if "loss" in r]
+    assert len(steps) == 30 and steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # adapters start at 0
+    assert steps[0]["rewards/accuracy"] == 0.0 and steps[-1]["rewards/accuracy"] > 0.9
+    assert np.mean([r["loss"] for r in steps[-5:]]) < 0.3 and steps[-1]["rewards/margins"] > 0
+    for r in steps:
+        assert r["rewards/margins"] == pytest.approx(r["rewards/chosen"] - r["rewards/rejected"], abs=1e-5)
+    final = result.metrics
+    assert final["val_rewards/accuracy"] >= 0.9 and final["val_rewards/margins"] > 0
+
+    held = records(200, seed=11, max_operand=MAX_OPERAND)
+    val_rows = prepared.val.take_all()
+    tok = AutoTokenizer.from_pretrained(sft_base)
+    base = AutoModelForCausalLM.from_pretrained(sft_base).eval()
+    tuned = AutoModelForCausalLM.from_pretrained(Path(result.checkpoint.path) / "hf").eval()
+    before, after = preference_accuracy(base, val_rows), preference_accuracy(tuned, val_rows)
+    assert before < 0.75 and after >= 0.9, (before, after)  # from about chance
+    prompts = [(r["prompt"], r["chosen"][0]["content"]) for r in held[:60]]
+    em_before, em_after = exact_match(base, tok, prompts), exact_match(tuned, tok, prompts)
+    print(f"held-out preference accuracy {before:.2f} -> {after:.2f}, exact match {em_before:.2f} -> {em_after:.2f}")
+    assert em_after > em_before + 0.2, (em_before, em_after)
+    # the adapter export: base + adapter/ is the merged hf/
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(sft_base),
+                                        Path(result.checkpoint.path) / "adapter").eval()
+    assert preference_accuracy(adapted, val_rows) == pytest.approx(after, abs=0.03)
+
+
+def test_run_metrics_equal_trl_on_the_same_pairs(lora_run, sft_base):
+    """TRL's DPOTrainer recomputes the run's final validation loss and rewards on every val pair,
+    from the checkpoint's adapter (policy) and the adapter disabled (reference)."""
+    pytest.importorskip("trl")
+    from peft import PeftModel
+    from test_dpo_units import trl_trainer
+    from transformers import AutoModelForCausalLM
+
+    cfg, prepared, result = lora_run
+    rows = prepared.val.take_all()
+    assert len(rows) <= cfg.train.eval_batches * cfg.train.micro_batch_size  # the run evaluated them all
+    policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(sft_base),
+                                       Path(result.checkpoint.path) / "adapter").eval()
+    trainer = trl_trainer(policy, None, cfg.train.dpo.beta, cfg.train.dpo.loss_type)
+    with torch.no_grad():
+        loss = trainer._compute_loss(policy, full_sequences(rows), return_outputs=False)
+    theirs = {k: v[-1] for k, v in trainer._metrics["train" if policy.training else "eval"].items()}
+    m = result.metrics
+    assert float(loss) == pytest.approx(m["val_loss"], abs=1e-4)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+        assert theirs[key] == pytest.approx(m[f"val_{key}"], abs=1e-4), key
+    assert theirs["rewards/accuracies"] == pytest.approx(m["val_rewards/accuracy"], abs=1e-9)
+
+
+def test_tensorboard_holds_reward_metrics(lora_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg, _, _ = lora_run
+    acc = EventAccumulator(str(Path(cfg.train.storage_path) / cfg.train.run_name / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/rewards/accuracy", "train/rewards/margins", "train/rewards/chosen", "train/rewards/rejected",
+            "val/rewards/accuracy", "val/rewards/margins", "val/val_loss"} <= tags
+
+
+def test_full_dpo_zero3_reference_is_the_starting_model(sft_base, pref_corpus, dpo_root):
+    """Full fine-tuning under ZeRO-3: the frozen reference is a partitioned DeepSpeed engine holding the
+    starting weights, so step 1's loss is log 2 exactly; then the loss falls and hf/ exports."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = config(dpo_root, "dpo.yaml", "dpo-full", **{
+        "model.name": sft_base, "data.source": pref_corpus, "train.max_steps": 6, "train.lr": 3e-3,
+        "train.micro_batch_size": 4, "train.grad_accum_steps": 2, "train.eval_every_steps": 6,
+        "train.checkpoint_every_steps": 6, "train.eval_batches": 2, "deepspeed.zero_stage": 3})
+    result = fit(cfg, prepare_data(cfg.data, verbose=False))
+    steps = [r for r in read_log(cfg) if "loss" in r]
+    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert steps[-1]["loss"] < steps[0]["loss"] and steps[-1]["rewards/margins"] > 0
+    model = AutoModelForCausalLM.from_pretrained(Path(result.checkpoint.path) / "hf")
+    assert type(model).__name__ == "LlamaForCausalLM"
