@@ -190,3 +190,20 @@ def test_restarting_a_run_continues_its_step_count(tmp_path, shakespeare_prepare
     assert {f for f in files if "optim_states" in f} == {
         f"deepspeed/state/zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)}
     assert "hf/model.safetensors" in files and "hf/raylm_config.yaml" in files
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_one_and_three_workers_train(workers, tmp_path, shakespeare_prepared):
+    """A single-GPU user runs one worker; an odd count too: every rank gets data, every step runs.
+    (Two workers is what every other test here trains with.)"""
+    cfg = train_config(tmp_path, f"w{workers}", **{"train.num_workers": workers, "train.max_steps": 4,
+                                                    "train.eval_every_steps": 4, "train.checkpoint_every_steps": 4,
+                                                    "train.eval_batches": 1})
+    result = fit(cfg, shakespeare_prepared)
+    assert result.error is None
+    log = [r for r in read_log(cfg) if "loss" in r]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in log)
+    t = cfg.train
+    assert result.metrics["tokens"] == 4 * t.micro_batch_size * workers * cfg.data.seq_len
+    assert np.isfinite(result.metrics["val_loss"])
+    assert verify_checkpoint(result.checkpoint.path)["world_size"] == workers
