@@ -50,7 +50,7 @@ def test_split_is_deterministic(shakespeare_data):
     assert not set(rows_of(prepared.train)) & set(rows_of(prepared.val))
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_worker_shards_are_disjoint_and_cover(shakespeare_data, world_size):
     _, prepared = shakespeare_data
     shards = make_data_config().configure({"train": prepared.train}, world_size, None, None)

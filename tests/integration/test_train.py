@@ -353,3 +353,20 @@ def test_export_of_a_cut_off_checkpoint_exits_2_naming_it(tmp_path, tmp_path_fac
     (copy / MANIFEST).unlink()
     assert main(["export", str(copy)]) == 2
     assert not (copy / "hf").exists()
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_one_and_three_workers_train(workers, tmp_path, shakespeare_prepared):
+    """A single-GPU user runs one worker; an odd count too: every rank gets data, every step runs.
+    (Two workers is what every other test here trains with.)"""
+    cfg = train_config(tmp_path, f"w{workers}", **{"train.num_workers": workers, "train.max_steps": 4,
+                                                    "train.eval_every_steps": 4, "train.checkpoint_every_steps": 4,
+                                                    "train.eval_batches": 1})
+    result = fit(cfg, shakespeare_prepared)
+    assert result.error is None
+    log = [r for r in read_log(cfg) if "loss" in r]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in log)
+    t = cfg.train
+    assert result.metrics["tokens"] == 4 * t.micro_batch_size * workers * cfg.data.seq_len
+    assert np.isfinite(result.metrics["val_loss"])
+    assert verify_checkpoint(result.checkpoint.path)["world_size"] == workers

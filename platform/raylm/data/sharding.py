@@ -42,7 +42,7 @@ def make_data_config(datasets: Optional[dict] = None, world_size: Optional[int] 
 def shard_indices(ds, world_size: int) -> list:
     """Split a materialized dataset into `world_size` contiguous row ranges of near-equal size."""
     n = ds.count()
-    if n < world_size:
+    if n < world_size or world_size == 1:  # one worker: the whole dataset (split_at_indices([]) raises)
         return [ds] * world_size
     cuts = [round(i * n / world_size) for i in range(1, world_size)]
     return ds.split_at_indices(cuts)
