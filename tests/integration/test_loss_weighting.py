@@ -2,7 +2,7 @@
 how its global batch is cut into ranks and micro-batches.
 
 Four SFT examples with very uneven answers (1 to 40 trained tokens) go through raylm's own step
-(`loop.backward_global_batch`) on a real DeepSpeed engine (ZeRO 0, 1, 2; gloo process groups of
+(`loop.backward_global_batch`) on a real DeepSpeed engine (ZeRO 0 to 3; gloo process groups of
 1 and 2 ranks started with torch.multiprocessing, no Ray needed) as `1 worker x micro 4`,
 `1 worker x micro 1 x accum 4` and `2 workers x micro 1 x accum 2`. DeepSpeed's full gradients
 (deepspeed.utils.safe_get_full_grad) must all equal a plain-PyTorch reference: the summed token
@@ -20,7 +20,7 @@ import torch
 
 from raylm.data import IGNORE
 
-STAGES = (0, 1, 2)
+STAGES = (0, 1, 2, 3)
 LAYOUTS = [(1, 4, 1), (1, 1, 4), (2, 1, 2)]  # (workers, micro_batch_size, grad_accum_steps)
 # (prompt tokens, answer tokens): one 1-token answer beside long ones
 EXAMPLES = [(6, 1), (4, 40), (10, 3), (3, 25)]

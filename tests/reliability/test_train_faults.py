@@ -127,6 +127,7 @@ def test_two_worker_kills_resume_from_newest_checkpoint_and_match_a_fault_free_r
     ours = last_by_step(log)
     for step in range(1, REFERENCE_STEPS + 1):
         assert ours[step]["loss"] == pytest.approx(ref_log[step]["loss"], abs=1e-5), step
+        assert ours[step]["lr"] == pytest.approx(ref_log[step]["lr"], rel=1e-9), step  # the schedule resumed too
     final, ref_final = hf_weights(result.checkpoint.path), hf_weights(ref_result.checkpoint.path)
     assert final.keys() == ref_final.keys()
     diffs = {k: float((final[k] - ref_final[k]).abs().max()) for k in final}

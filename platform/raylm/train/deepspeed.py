@@ -1,4 +1,4 @@
-"""The only place the DeepSpeed config dict is derived from the typed config."""
+"""The only place the DeepSpeed config dict and the lr schedule are derived from the typed config."""
 
 from __future__ import annotations
 
