@@ -128,6 +128,17 @@ def hf_weights(checkpoint: str | Path) -> dict:
     return load_file(str(Path(checkpoint) / "hf" / "model.safetensors"))
 
 
+def ds_weights(checkpoint: str | Path) -> dict:
+    """The fp32 weights of any checkpoint, exported or not (train.export: final_and_best leaves the
+    periodic ones without hf/): DeepSpeed's merge of the ranks' ZeRO shards."""
+    import json
+
+    from raylm.train.export import fp32_state_dict
+
+    manifest = json.loads((Path(checkpoint) / "raylm_checkpoint.json").read_text())
+    return fp32_state_dict(str(Path(checkpoint) / "deepspeed"), manifest["zero_stage"], adapter_only=False)
+
+
 def session_logs_dir() -> str:
     import ray
 

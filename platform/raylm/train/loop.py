@@ -475,7 +475,7 @@ class Checkpointer:
         return self.exported
 
     def maybe_save(self, pos: Any, force: bool, evaluation: Optional[dict] = None) -> Optional[str]:
-        """`evaluation`: the numbers of an evaluation made at this very step, else empty."""
+        """`evaluation`: the numbers measured at this very step (an evaluation's, the logged loss)."""
         from raylm.train.checkpoint import SaveRecord, save_checkpoint
 
         if not (pos.step % self.cfg.train.checkpoint_every_steps == 0 or force):
@@ -573,6 +573,7 @@ def train_fn_per_worker(loop_config: dict) -> None:
         if logged:
             logged.update(objective.train_metrics())  # DPO: rewards/* over the pairs since the last line
         evaluated = evaluator.maybe_eval(pos.step, force=last)
-        checkpoint_dir = checkpointer.maybe_save(pos, force=last, evaluation=evaluator.last if evaluated else None)
+        measured = {**logged, **(evaluator.last if evaluated else {})}  # this step's numbers (tune.metric may be loss)
+        checkpoint_dir = checkpointer.maybe_save(pos, force=last, evaluation=measured)
         reporter.maybe_report(pos, logged, evaluator, evaluated, checkpointer, checkpoint_dir)
     log.close()
