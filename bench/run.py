@@ -33,6 +33,7 @@ STAGES = {  # name -> (module file, stage timeout in seconds: quick, full)
     "gpu": ("gpu_bench.py", 1200, 2400),
     "sft": ("sft_bench.py", 600, 1200),
     "ckpt": ("ckpt_bench.py", 600, 1200),
+    "zero3": ("zero3_mem_bench.py", 900, 1500),
 }
 
 
