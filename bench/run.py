@@ -34,6 +34,7 @@ STAGES = {  # name -> (module file, stage timeout in seconds: quick, full)
     "sft": ("sft_bench.py", 600, 1200),
     "ckpt": ("ckpt_bench.py", 600, 1200),
     "dpo": ("dpo_bench.py", 900, 1500),
+    "zero3": ("zero3_mem_bench.py", 900, 1500),
 }
 
 
