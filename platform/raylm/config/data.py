@@ -54,7 +54,11 @@ class DataConfig(_Strict):
     vocab_size: int = Field(2048, ge=260, description="Vocabulary size of a trained tokenizer.")
     seq_len: int = Field(128, ge=8, description="Tokens a training example predicts (blocks hold seq_len + 1).")
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Share of packed blocks held out for validation.")
-    seed: int = Field(0, description="Seed of the deterministic block shuffle.")
+    seed: int = Field(0, description="Seed of the train / val split and of each epoch's shuffle (files, row groups "
+                      "and the shuffle buffer, drawn from seed and epoch).")
+    shuffle_buffer_rows: int = Field(
+        1024, ge=0, description="Rows each worker holds to shuffle within (bounded memory; no all-to-all shuffle). "
+        "Not part of the cache's fingerprint: it changes the order of reading, not the cache.")
     max_documents: Optional[int] = Field(None, ge=1, description="Read at most this many documents (smoke runs).")
     cache_dir: str = Field(
         "~/.cache/raylm", description="Where trained tokenizers are kept, keyed by corpus and settings."

@@ -21,7 +21,7 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Iterator, Optional
 
 from raylm import storage
@@ -35,10 +35,14 @@ DS_DIR, DS_TAG, HF_DIR, ADAPTER_DIR = "deepspeed", "state", "hf", "adapter"
 
 @dataclass
 class Position:
-    """Where training stands: optimizer steps done and tokens consumed (global)."""
+    """Where training stands: optimizer steps done, tokens consumed (global), and the data
+    position: the epoch and the micro-batches each rank has taken from it (equal on every rank:
+    raylm.data.stream), so a resumed run reads exactly the batch that would have come next."""
 
     step: int = 0
     tokens: int = 0
+    epoch: int = 0
+    offset: int = 0
 
 
 def consolidated_state_dict(engine: Any, zero_stage: int) -> Optional[dict]:
@@ -59,7 +63,7 @@ def save_checkpoint(engine: Any, tokenizer: Any, cfg: RaylmConfig, pos: Position
     local = tempfile.mkdtemp(prefix=f"raylm-ckpt-{pos.step}-r{rank}-")
     # LoRA: the frozen base is not saved (it is rebuilt from model.name on resume)
     engine.save_checkpoint(os.path.join(local, DS_DIR), tag=DS_TAG, exclude_frozen_parameters=bool(cfg.train.lora),
-                           client_state={"step": pos.step, "tokens": pos.tokens}, save_latest=False)
+                           client_state=asdict(pos), save_latest=False)
     state_dict = consolidated_state_dict(engine, cfg.deepspeed.zero_stage)
     if rank == 0 and cfg.train.lora:
         from raylm.train.lora import export_lora
@@ -73,7 +77,7 @@ def save_checkpoint(engine: Any, tokenizer: Any, cfg: RaylmConfig, pos: Position
         files: dict[str, int] = {}
         for part in files_per_rank:
             files.update(part)
-        manifest = {"step": pos.step, "tokens": pos.tokens, "world_size": dist.get_world_size(),
+        manifest = {**asdict(pos), "world_size": dist.get_world_size(),
                     "zero_stage": cfg.deepspeed.zero_stage, "files": files}
         tmp = os.path.join(local, MANIFEST + ".tmp")
         with open(tmp, "w") as f:
@@ -148,7 +152,7 @@ def load_checkpoint(engine: Any, path: str, adapter_only: bool = False) -> Posit
                                                    load_optimizer_states=True, load_lr_scheduler_states=True)
     if load_path is None:
         raise CheckpointError(f"{path}: DeepSpeed could not load {DS_DIR}/{DS_TAG}")
-    return Position(step=int(client["step"]), tokens=int(client["tokens"]))
+    return Position(**{k: int(client.get(k, 0)) for k in asdict(Position())})
 
 
 def hf_dir(checkpoint_path: str) -> str:
