@@ -25,16 +25,22 @@ def cmd_config(cfg: RaylmConfig, args: argparse.Namespace) -> int:
 
 
 def cmd_data(cfg: RaylmConfig, args: argparse.Namespace) -> int:
-    """Prepare the corpus with Ray Data and print documents, tokens, blocks and time."""
+    """Build the packed-token cache with Ray Data (or find it complete: then Ray is not even
+    started) and print documents, tokens, blocks, time, and whether it was built or reused."""
     from raylm.cluster import init_ray
-    from raylm.data import resolve_source, stats_dict
+    from raylm.data import cached_data, resolve_source, stats_dict
     from raylm.pipeline import prepare_data_with_progress
 
     src = resolve_source(cfg.data)  # a missing path fails here, before Ray starts
     print_header("data", cfg)
     say(f"source: {src.kind} {src.name or ''}{len(src.paths)} path(s)")
-    init_ray(cfg, address=args.address)
-    prepared = prepare_data_with_progress(cfg)
+    prepared = cached_data(cfg.data, cfg.train.storage_path)
+    if prepared is None:
+        init_ray(cfg, address=args.address)
+        prepared = prepare_data_with_progress(cfg)
+    else:
+        say(prepared.reuse_line(), event="data_cache", uri=prepared.uri, built=False, build_s=prepared.build_s,
+            seconds=prepared.stats.seconds)
     say(f"tokenizer: {prepared.tokenizer_dir}", event="data", **stats_dict(prepared.stats),
         summary=prepared.stats.summary(), tokenizer=prepared.tokenizer_dir)
     return 0

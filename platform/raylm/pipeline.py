@@ -44,13 +44,16 @@ def demo_prompt(cfg: RaylmConfig, words: int = 3) -> str:
 
 
 def prepare_data_with_progress(cfg: RaylmConfig):
-    """The data stage (Ray Data: read, tokenize, pack), shown as one progress line."""
+    """The data stage (Ray Data: read, tokenize, pack), shown as one progress line, then whether
+    the packed-token cache was built or reused (and what reusing it saved)."""
     from raylm.data import prepare_data
 
     bar = Progress(f"data: {cfg.data.source}")
     console.silence()  # Ray Data sets its loggers' levels when it is imported
-    prepared = prepare_data(cfg.data, verbose=not console.quiet())
+    prepared = prepare_data(cfg.data, verbose=not console.quiet(), storage_path=cfg.train.storage_path)
     bar.close(prepared.stats.summary(), show_elapsed=False)
+    say(prepared.reuse_line(), event="data_cache", uri=prepared.uri, built=prepared.built, build_s=prepared.build_s,
+        seconds=prepared.stats.seconds)
     return prepared
 
 

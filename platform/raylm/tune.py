@@ -108,6 +108,7 @@ def validate_sweep(cfg: RaylmConfig) -> None:
                 validate_tree(_set_dotted(base, key, value), source=f"tune.search_space.{key}={value!r}")
             except ConfigError as exc:
                 raise ConfigError(f"tune.search_space.{key}: value {value!r} is invalid:\n{exc}") from None
+    _validate_data_entries(cfg)
     if t.search_alg != "random" and "grid" in kinds:
         raise ConfigError(f"tune.search_alg={t.search_alg}: grid entries need search_alg: random")
     if t.search_alg == "hyperopt":
@@ -122,6 +123,76 @@ def validate_sweep(cfg: RaylmConfig) -> None:
     if t.scheduler == "asha" and t.asha.grace_period > evals_per_trial(cfg):
         raise ConfigError(f"tune.asha.grace_period={t.asha.grace_period}: a trial only evaluates "
                           f"{evals_per_trial(cfg)} times (train.max_steps / train.eval_every_steps)")
+
+
+MAX_DATA_CONFIGS = 16
+
+
+def _validate_data_entries(cfg: RaylmConfig) -> None:
+    """`data.*` entries: each distinct data config is built once, before the trials, into its own
+    cache; so only a finite list of values can work (choice, grid, a constant), each must resolve."""
+    from raylm.data import DataError
+
+    for key, spec in _data_entries(cfg).items():
+        kind, _ = _spec_values(key, spec)
+        if kind in ("loguniform", "uniform"):
+            raise ConfigError(f"tune.search_space.{key}: a data setting needs a list of values (choice or grid): "
+                              f"each is built once, before the trials, into its own data cache")
+    combos = data_combinations(cfg)
+    if len(combos) > MAX_DATA_CONFIGS:
+        raise ConfigError(f"tune.search_space: {len(combos)} distinct data configs (more than {MAX_DATA_CONFIGS}); "
+                          f"each is tokenized into its own cache: sweep fewer data.* values")
+    for combo in combos:
+        try:
+            from raylm.data import resolve_source
+
+            resolve_source(_data_config(cfg, combo))
+        except DataError as exc:
+            key = next((k for k in combo if k == "data.source"), next(iter(combo), "data.source"))
+            raise ConfigError(f"tune.search_space.{key}: {exc}") from None
+
+
+def _data_entries(cfg: RaylmConfig) -> dict[str, Any]:
+    return {k: v for k, v in cfg.tune.search_space.items() if k.startswith("data.")}
+
+
+def data_combinations(cfg: RaylmConfig) -> list[dict[str, Any]]:
+    """Every distinct assignment of the sweep's data.* entries ([{}] when there is none)."""
+    import itertools
+
+    entries = {k: _spec_values(k, spec)[1] for k, spec in _data_entries(cfg).items()}
+    return [dict(zip(entries, values)) for values in itertools.product(*entries.values())]
+
+
+def _data_config(cfg: RaylmConfig, combo: dict[str, Any]) -> Any:
+    tree = cfg.model_dump(mode="json")
+    for key, value in combo.items():
+        tree = _set_dotted(tree, key, value)
+    return validate_tree(tree, source=f"tune.search_space {combo}").data
+
+
+def data_key(params: dict[str, Any]) -> str:
+    """Which prepared data a trial uses: its data.* values."""
+    import json
+
+    return json.dumps({k: v for k, v in sorted(params.items()) if k.startswith("data.")}, default=str)
+
+
+def sweep_data(cfg: RaylmConfig, prepared: Any = None) -> dict[str, Any]:
+    """The packed-token cache of each distinct data config of the sweep, built once (not once per
+    trial) before any trial starts; said, so the sweep's log shows it."""
+    from raylm.data import prepare_data
+
+    out: dict[str, Any] = {}
+    for combo in data_combinations(cfg):
+        if not combo and prepared is not None:
+            out[data_key(combo)] = prepared
+            continue
+        data = prepare_data(_data_config(cfg, combo), verbose=False, storage_path=cfg.train.storage_path)
+        out[data_key(combo)] = data
+        say(f"sweep data {' '.join(f'{k}={v}' for k, v in combo.items()) or '(base)'}: {data.reuse_line()}",
+            event="sweep_data", params=combo, uri=data.uri, built=data.built)
+    return out
 
 
 def evals_per_trial(cfg: RaylmConfig) -> int:
@@ -175,16 +246,18 @@ def eval_forwarder():
     return EvalReportCallback()
 
 
-def trial_fn(params: dict, base_tree: dict, trials_dir: str, prepared: Any) -> None:
-    """One Tune trial: build the trial's config and fit one TorchTrainer on the shared data."""
+def trial_fn(params: dict, base_tree: dict, trials_dir: str, prepared: dict) -> None:
+    """One Tune trial: build the trial's config and fit one TorchTrainer on the data cache of its
+    data settings (built before the sweep, shared by every trial with the same ones)."""
     from ray import tune
 
     from raylm.train.driver import build_trainer, check_data_fits
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(base_tree, params, trials_dir, trial_id)
-    check_data_fits(cfg, prepared)  # an impossible trial fails here: recorded, the sweep goes on
-    result = build_trainer(cfg, prepared, callbacks=[eval_forwarder()], held_cpu=TRIAL_CPU, keep_best=True).fit()
+    data = prepared[data_key(params)]
+    check_data_fits(cfg, data)  # an impossible trial fails here: recorded, the sweep goes on
+    result = build_trainer(cfg, data, callbacks=[eval_forwarder()], held_cpu=TRIAL_CPU, keep_best=True).fit()
     if result.error:
         raise result.error
 
@@ -267,8 +340,9 @@ def record_search_space(cfg: RaylmConfig) -> None:
         storage.write_json(record, space_record(cfg))
 
 
-def build_tuner(cfg: RaylmConfig, prepared: Any) -> Any:
-    """A Tuner over `trial_fn`, or the restored one when this sweep ran before (resume)."""
+def build_tuner(cfg: RaylmConfig, prepared: dict) -> Any:
+    """A Tuner over `trial_fn`, or the restored one when this sweep ran before (resume).
+    `prepared`: the data cache of each distinct data config (`sweep_data`)."""
     from ray import tune
 
     t = cfg.tune
@@ -523,10 +597,11 @@ def run_sweep(cfg: RaylmConfig, prepared: Any = None) -> SweepOutcome:
     check_sweep_folder(cfg)
     t0 = time.perf_counter()
     record_search_space(cfg)
-    if prepared is None:
-        prepared = prepare_data(cfg.data)
+    if prepared is None and not _data_entries(cfg):
+        prepared = prepare_data(cfg.data, storage_path=cfg.train.storage_path)
         say(prepared.stats.summary())
-    results = build_tuner(cfg, prepared).fit()
+        say(prepared.reuse_line())
+    results = build_tuner(cfg, sweep_data(cfg, prepared)).fit()
     sweep_dir = sweep_path(cfg)
     rows = sorted((_trial_row(r, cfg, storage.trials_dir(sweep_dir)) for r in results), key=lambda r: r.trial_id)
     outcome = SweepOutcome(sweep_dir=sweep_dir, metric=cfg.tune.metric, mode=cfg.tune.mode, trials=rows,

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from raylm.config import DataConfig
-from raylm.data import DataError, load_tokenizer, make_data_config, prepare_data, split_text
+from raylm.data import (CacheStream, DataError, TrainStream, fingerprint, load_tokenizer, prepare_data,
+                        resolve_source, split_text)
 
 
 def rows_of(ds) -> list[bytes]:
@@ -42,34 +43,69 @@ def test_token_count_round_trips(shakespeare_data, shakespeare):
     assert s.documents - 1 <= n_eos <= s.documents
 
 
-def test_split_is_deterministic(shakespeare_data):
+def test_cache_is_reused_rebuilt_when_cut_off_and_new_when_the_source_changes(shakespeare_data, tmp_path, capsys):
     cfg, prepared = shakespeare_data
+    assert not set(rows_of(prepared.train)) & set(rows_of(prepared.val))  # train and val disjoint
     again = prepare_data(cfg, verbose=False)
-    assert rows_of(again.val) == rows_of(prepared.val)
-    assert set(rows_of(again.train)) == set(rows_of(prepared.train))
-    assert not set(rows_of(prepared.train)) & set(rows_of(prepared.val))
+    assert not again.built and again.uri == prepared.uri and again.manifest == prepared.manifest
+    assert again.stats.seconds < prepared.build_s
+    # a build cut off before its manifest is never read: it is rebuilt (and said), to the same rows
+    os.remove(os.path.join(prepared.uri, "raylm_dataset.json"))
+    rebuilt = prepare_data(cfg, verbose=False)
+    assert rebuilt.built and "incomplete" in capsys.readouterr().out
+    assert rows_of(rebuilt.val) == rows_of(prepared.val) and rows_of(rebuilt.train) == rows_of(prepared.train)
+    # a shard that does not match the manifest: rebuilt too
+    shard = os.path.join(prepared.uri, rebuilt.manifest["train"]["files"][0]["path"])
+    with open(shard, "ab") as f:
+        f.write(b"x")
+    assert prepare_data(cfg, verbose=False).built and "does not match" in capsys.readouterr().out
+    # a changed source file is a new fingerprint, never a silent reuse
+    moved = cfg.model_copy(update={"source": str(tmp_path / "corpus.txt")})
+    (tmp_path / "corpus.txt").write_text(open(cfg.source).read())
+    first = fingerprint(moved, resolve_source(moved))
+    (tmp_path / "corpus.txt").write_text(open(cfg.source).read() + "\n\nOne more paragraph.")
+    assert fingerprint(moved, resolve_source(moved)) != first
+    assert fingerprint(cfg.model_copy(update={"seq_len": 32}), resolve_source(cfg)) != fingerprint(cfg, resolve_source(cfg))
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_worker_shards_are_disjoint_and_cover(shakespeare_data, world_size):
+def test_rank_streams_are_disjoint_equal_and_reshuffled_per_epoch(shakespeare_data, world_size):
     _, prepared = shakespeare_data
-    shards = make_data_config().configure({"train": prepared.train}, world_size, None, None)
-    assert len(shards) == world_size
-    seen = [rows_of_iter(s["train"]) for s in shards]
-    all_rows = rows_of(prepared.train)
-    assert sum(len(s) for s in seen) == len(all_rows)  # nothing dropped
-    assert set().union(*map(set, seen)) == set(all_rows)  # covers
-    for i in range(world_size):
-        for j in range(i + 1, world_size):
-            assert not set(seen[i]) & set(seen[j])  # disjoint
-    assert max(map(len, seen)) - min(map(len, seen)) <= 1
-    # a shard can be iterated again (the next epoch) and yields the same rows
-    assert rows_of_iter(shards[0]["train"]) == seen[0]
+    all_train = set(rows_of(prepared.train))
+    epochs = []
+    for epoch in (0, 1):
+        per_rank = [[np.asarray(r, dtype=np.int32).tobytes() for b in
+                     CacheStream(prepared.uri, prepared.manifest, "train", rank, world_size)
+                     .train_batches(seed=0, epoch=epoch, batch_size=4, buffer_rows=64) for r in b["input_ids"]]
+                    for rank in range(world_size)]
+        assert len({len(p) for p in per_rank}) == 1  # every rank the same number of batches
+        flat = [r for p in per_rank for r in p]
+        assert len(flat) == len(set(flat)) and set(flat) <= all_train  # disjoint, from the train split
+        unit = max(u[3] - u[2] for u in CacheStream(prepared.uri, prepared.manifest, "train", 0, world_size).units)
+        assert len(flat) >= len(all_train) - world_size * (unit + 4)  # all but the ranks' uneven tails
+        epochs.append(per_rank)
+    assert epochs[0][0] != epochs[1][0]  # each epoch in another order
+    # validation: every rank as many batches, together all of val, once
+    val = [list(CacheStream(prepared.uri, prepared.manifest, "val", r, world_size).val_batches(batch_size=8))
+           for r in range(world_size)]
+    assert len({len(v) for v in val}) == 1
+    rows = [np.asarray(r, dtype=np.int32).tobytes() for v in val for b in v for r in b["input_ids"]]
+    assert sorted(rows) == sorted(rows_of(prepared.val))
 
 
-def rows_of_iter(it) -> list[bytes]:
-    return [np.asarray(b, dtype=np.int32).tobytes() for batch in it.iter_batches(batch_size=16, batch_format="numpy")
-            for b in batch["input_ids"]]
+def test_resumed_stream_continues_with_the_next_batch(shakespeare_data):
+    _, prepared = shakespeare_data
+
+    def stream(epoch: int = 0, offset: int = 0) -> TrainStream:
+        return TrainStream(CacheStream(prepared.uri, prepared.manifest, "train", 1, 2), 3, 8, 32, epoch, offset)
+
+    whole = stream()
+    it = iter(whole)
+    n = whole.stream.epoch_batches(3, 0, 8)
+    seen = [next(it)["input_ids"] for _ in range(n + 5)]  # into the second epoch
+    assert (whole.epoch, whole.offset) == (1, 5)
+    for k in (3, n, n + 2):
+        assert np.array_equal(next(iter(stream(*divmod(k, n))))["input_ids"], seen[k])
 
 
 def test_jsonl_bad_lines_and_bad_bytes_are_counted(ray_cluster, tmp_path, cache_dir):
@@ -108,10 +144,17 @@ def test_empty_corpus_is_a_clear_error(ray_cluster, tmp_path, cache_dir):
 
 
 def test_cli_data_on_embedded_default(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "raylm", "data", "--json", "--set", f"data.cache_dir={tmp_path}"],
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    events = [json.loads(line) for line in out.stdout.strip().splitlines()]  # --json: nothing but events
+    def raylm_data() -> list[dict]:
+        out = subprocess.run([sys.executable, "-m", "raylm", "data", "--json", "--set", f"data.cache_dir={tmp_path}",
+                              "--set", f"train.storage_path={tmp_path}"], capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return [json.loads(line) for line in out.stdout.strip().splitlines()]  # --json: nothing but events
+
+    events = raylm_data()
+    built = next(e for e in events if e["event"] == "data_cache")
+    assert built["built"] and built["uri"].startswith(str(tmp_path / "datasets"))
+    reused = next(e for e in raylm_data() if e["event"] == "data_cache")  # the second run: no Ray, no tokenizing
+    assert not reused["built"] and reused["uri"] == built["uri"] and reused["seconds"] < built["build_s"]
     assert [e["event"] for e in events][0] == "start" and events[0]["config"]["data"]["source"] == "embedded"
     stats = next(e for e in events if e["event"] == "data")
     assert stats["documents"] > 50 and stats["blocks"] * 129 + stats["dropped_tokens"] == stats["tokens"]

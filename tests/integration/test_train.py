@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from raylm.config import load_config
-from raylm.data import prepare_data, shard_indices
+from raylm.data import CacheStream, prepare_data
 from raylm.train.checkpoint import verify_checkpoint
 from raylm.train.deepspeed import lr_factor
 from raylm.train.driver import build_trainer, check_data_fits
@@ -162,14 +162,14 @@ def test_zero3_export_reproduces_trained_model(tmp_path_factory, shakespeare_pre
     assert AutoTokenizer.from_pretrained(os.path.join(ckpt, "hf")).eos_token_id is not None
     assert (Path(ckpt) / "hf" / "model.safetensors").is_file() and (Path(ckpt) / "hf" / "raylm_config.yaml").is_file()
 
-    # 1. the workers' final val_loss: each rank's first eval_batches micro-batches of its val shard
+    # 1. the workers' final val_loss: each rank's first eval_batches micro-batches of its val stream
     t = cfg.train
     losses, count = 0.0, 0
     with torch.no_grad():
-        for shard in shard_indices(shakespeare_prepared.val, t.num_workers):
-            rows = [np.asarray(r["input_ids"]) for r in shard.take(t.eval_batches * t.micro_batch_size)]
-            for i in range(0, len(rows), t.micro_batch_size):
-                block = torch.tensor(np.stack(rows[i:i + t.micro_batch_size]), dtype=torch.long)
+        for rank in range(t.num_workers):
+            val = CacheStream(shakespeare_prepared.uri, shakespeare_prepared.manifest, "val", rank, t.num_workers)
+            for _, batch in zip(range(t.eval_batches), val.val_batches(t.micro_batch_size)):
+                block = torch.tensor(batch["input_ids"], dtype=torch.long)
                 logits = hf(input_ids=block[:, :-1]).logits
                 loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), block[:, 1:].reshape(-1))
                 losses += float(loss) * len(block)
@@ -370,3 +370,27 @@ def test_one_and_three_workers_train(workers, tmp_path, shakespeare_prepared):
     assert result.metrics["tokens"] == 4 * t.micro_batch_size * workers * cfg.data.seq_len
     assert np.isfinite(result.metrics["val_loss"])
     assert verify_checkpoint(result.checkpoint.path)["world_size"] == workers
+
+
+def test_interrupted_raylm_train_resumes_exactly_in_a_new_process(tmp_path, shakespeare, cache_dir, shakespeare_prepared):
+    """SIGINT to `raylm train` after a checkpoint, then the same command again: the steps after
+    the checkpoint log the losses of a run never interrupted (same data, same order, same state)."""
+    from resume_helpers import interrupt_after_checkpoint, losses, run_to_end
+
+    fields = {"train.max_steps": 16, "train.checkpoint_every_steps": 4, "train.eval_every_steps": 16,
+              "train.eval_batches": 1}
+    whole = train_config(tmp_path, "whole", **fields)
+    fit(whole, shakespeare_prepared)
+    sets = {"data.source": shakespeare, "data.cache_dir": cache_dir, "data.vocab_size": 512, "data.seq_len": 64,
+            "train.storage_path": tmp_path, "train.run_name": "cut", "train.log_every_steps": 1,
+            "train.warmup_steps": 5, **fields}
+    interrupt_after_checkpoint(sets, tmp_path / "cut", step=4)
+    assert max(losses(tmp_path / "cut")) < 16
+    run_to_end(sets)
+    resumed = [r for r in read_log(whole.model_copy(update={"train": whole.train.model_copy(
+        update={"run_name": "cut"})})) if r.get("event") == "resume"]
+    assert len(resumed) == 1 and resumed[0]["step"] >= 4 and "offset" in resumed[0]
+    cut, ref = losses(tmp_path / "cut"), losses(tmp_path / "whole")
+    assert sorted(cut) == sorted(ref) == list(range(1, 17))
+    after = range(resumed[0]["step"] + 1, 17)
+    assert [cut[s] for s in after] == pytest.approx([ref[s] for s in after], rel=1e-5, abs=1e-6)

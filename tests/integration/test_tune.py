@@ -58,22 +58,35 @@ def test_asha_stops_bad_learning_rates_and_best_checkpoint_loads(tmp_path, cache
     assert (tmp_path / "asha" / "val_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_impossible_trial_fails_alone_and_a_rerun_resumes_without_retraining(tmp_path, cache_dir, embedded_prepared):
-    cfg = sweep_config(tmp_path, cache_dir, "tune.search_space={train.micro_batch_size: {grid: [4, 100000]}}",
+def test_impossible_trial_fails_alone_and_a_rerun_resumes_without_retraining(tmp_path, cache_dir, embedded_prepared,
+                                                                              capsys):
+    """Also a sweep over a data setting: each data.seq_len is built once, into its own cache, and
+    the trials with that value (the possible one and the impossible one) train on it."""
+    cfg = sweep_config(tmp_path, cache_dir, "tune.search_space={train.micro_batch_size: {grid: [4, 100000]}, "
+                       "data.seq_len: {grid: [64, 128]}}",
                        "tune.num_samples=1", "tune.scheduler=fifo", "tune.sweep_name=impossible",
                        "train.max_steps=10", "train.eval_every_steps=5", "train.checkpoint_every_steps=5")
     outcome = run_sweep(cfg, embedded_prepared)
-    by_batch = {r.params["train.micro_batch_size"]: r for r in outcome.trials}
-    assert by_batch[100000].status == "failed" and "micro_batch_size" in by_batch[100000].error
-    assert by_batch[4].status == "finished" and by_batch[4].steps == 10
-    assert outcome.best.trial_id == by_batch[4].trial_id
+    out = capsys.readouterr().out
+    assert out.count("sweep data data.seq_len=") == 2 and out.count("data cache: built") == 2
+    assert len(os.listdir(tmp_path / "datasets")) == 2  # two data configs, four trials: two caches
+    trials = {(r.params["train.micro_batch_size"], r.params["data.seq_len"]): r for r in outcome.trials}
+    for seq_len in (64, 128):
+        assert trials[100000, seq_len].status == "failed" and "micro_batch_size" in trials[100000, seq_len].error
+        ok = trials[4, seq_len]
+        assert ok.status == "finished" and ok.steps == 10
+        logged = [json.loads(line) for line in (Path(ok.checkpoint).parent / "metrics.jsonl").read_text().splitlines()]
+        start = next(r for r in logged if r.get("event") == "start")  # the cache the trial trained on
+        assert json.loads((Path(start["data"]) / "raylm_dataset.json").read_text())["settings"]["seq_len"] == seq_len
+    by_batch = {r.params["train.micro_batch_size"]: r for r in outcome.trials if r.params["data.seq_len"] == 64}
+    assert outcome.best.trial_id in {trials[4, 64].trial_id, trials[4, 128].trial_id}
     assert "failed" in (tmp_path / "impossible" / "trials.md").read_text()
 
     # the same command again resumes the sweep: the finished trial is not trained again
     log = Path(by_batch[4].checkpoint).parent / "metrics.jsonl"
     before = log.read_text()
     again = run_sweep(cfg, embedded_prepared)
-    assert log.read_text() == before
+    assert log.read_text() == before and capsys.readouterr().out.count("data cache: reused") == 2
     assert [(r.trial_id, r.status, r.params) for r in again.trials] == [(r.trial_id, r.status, r.params) for r in outcome.trials]
     assert again.best.trial_id == outcome.best.trial_id
     assert os.path.isdir(json.loads((tmp_path / "impossible" / "best.json").read_text())["checkpoint"])

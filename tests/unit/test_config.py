@@ -113,8 +113,7 @@ def test_placement_reaches_ray_train_scaling_config(tmp_path, monkeypatch):
     from raylm.train import driver
 
     monkeypatch.setattr(driver, "tokenizer_files", lambda _: {})
-    monkeypatch.setattr(driver, "make_data_config", lambda *_: None)
-    no_data = SimpleNamespace(tokenizer_dir=None, train=None, val=None)
+    no_data = SimpleNamespace(tokenizer_dir=None, uri=None, manifest=None)
     cfg = load_config(None, ["train.placement_strategy=STRICT_SPREAD", "train.worker_node_labels={raylm.io/pool: train}",
                              f"train.storage_path={tmp_path}"])
     scaling = driver.build_trainer(cfg, no_data).scaling_config

@@ -108,3 +108,23 @@ def test_trained_tokenizer_round_trips(tmp_path):
     ids = tok.encode(texts[0], add_special_tokens=False)
     assert tok.decode(ids) == texts[0]
     assert tok.eos_token == "<|endoftext|>" and tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id
+
+
+def test_fused_file_udf_packs_like_documents_one_by_one(tmp_path):
+    """TokenizePack on whole files (split inside the UDF, no row per document) gives the blocks
+    and counters of splitting first and tokenizing the documents."""
+    from raylm.data import TokenizePack, file_to_rows
+
+    out_dir = train_tokenizer(["the quick brown fox jumps over the lazy dog"] * 40, 300, str(tmp_path / "tok"))
+    tok = load_tokenizer(out_dir)
+    files = {"path": np.array(["a.txt", "b.txt"], dtype=object),
+             "bytes": np.array([b"the fox\n\njumps over\n\n", b"the lazy \xff dog\n\nquick"], dtype=object)}
+    fused = TokenizePack(tok.backend_tokenizer.to_str(), tok.eos_token_id, 4, threads=1, fmt="text")(files)
+    rows = [r for p, b in zip(files["path"], files["bytes"])
+            for r in file_to_rows({"path": p, "bytes": b}, "text", "text", "paragraph")]
+    docs = {"text": np.array([r["text"] for r in rows], dtype=object),
+            **{k: np.array([r[k] for r in rows]) for k in ("replaced", "skipped", "files", "truncated")}}
+    one_by_one = tokenize_and_pack(docs, tok.backend_tokenizer.to_str(), tok.eos_token_id, block_len=4)
+    assert fused.keys() == one_by_one.keys()
+    assert all(np.array_equal(fused[k], one_by_one[k]) for k in fused)
+    assert fused["documents"][-1] == 4 and fused["files"][-1] == 2 and fused["replaced"][-1] == 1

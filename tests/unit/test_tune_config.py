@@ -8,7 +8,7 @@ import pytest
 
 from raylm.cli import main
 from raylm.config import ConfigError, load_config
-from raylm.tune import evals_per_trial, trial_config, validate_sweep
+from raylm.tune import data_combinations, data_key, evals_per_trial, trial_config, validate_sweep
 
 ROOT = Path(__file__).resolve().parents[2]
 SWEEP = ROOT / "tune_configs" / "tiny_sweep.yaml"
@@ -34,6 +34,9 @@ def test_committed_sweeps_validate():
     ("{deepspeed.zero_stage: {choice: [2, 5]}}", "tune.search_space.deepspeed.zero_stage: value 5 is invalid"),
     ("{train.run_name: {choice: [a, b]}}", "tune.search_space.train.run_name: cannot be swept"),
     ("{train: {choice: [1]}}", "tune.search_space.train: no such config field"),
+    ("{data.seq_len: {uniform: [32, 64]}}", "tune.search_space.data.seq_len: a data setting needs a list of values"),
+    ("{data.seq_len: {choice: [32, 4]}}", "tune.search_space.data.seq_len: value 4 is invalid"),
+    ("{data.source: {choice: [embedded, /no/such/corpus.txt]}}", "tune.search_space.data.source: data.source=/no/such"),
 ])
 def test_bad_search_space_names_the_entry(space, fragment):
     with pytest.raises(ConfigError) as err:
@@ -70,3 +73,19 @@ def test_cli_rejects_a_bad_sweep_before_ray(capsys):
     code = main(["tune", "-c", str(SWEEP), "--set", "tune.search_space={train.lr: {loguniform: [-1, 1]}}"])
     assert code == 2
     assert "tune.search_space.train.lr" in capsys.readouterr().err
+
+
+def test_data_entries_build_each_distinct_data_config_once():
+    cfg = sweep("tune.search_space={data.seq_len: {grid: [32, 64]}, data.seed: {choice: [0, 1]}, train.lr: {grid: [0.1, 0.2]}}")
+    validate_sweep(cfg)
+    combos = data_combinations(cfg)
+    assert len(combos) == 4 and {c["data.seq_len"] for c in combos} == {32, 64}
+    # a trial finds its data by its data.* values alone (train.lr does not matter)
+    assert data_key({"train.lr": 0.1, "data.seed": 1, "data.seq_len": 32}) == data_key({"data.seq_len": 32, "data.seed": 1})
+    assert data_combinations(sweep()) == [{}]
+
+
+def test_cli_rejects_a_data_entry_that_cannot_work_before_ray(capsys):
+    code = main(["tune", "-c", str(SWEEP), "--set", "tune.search_space={data.seq_len: {loguniform: [16, 64]}}"])
+    assert code == 2
+    assert "tune.search_space.data.seq_len" in capsys.readouterr().err

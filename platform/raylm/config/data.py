@@ -74,7 +74,11 @@ class DataConfig(_Strict):
     val_fraction: float = Field(
         0.05, gt=0.0, lt=1.0, description="Share of packed blocks held out for validation (every evaluation, "
         "the final val_loss and Tune's metric read them; each worker needs at least one).")
-    seed: int = Field(0, description="Seed of the deterministic block shuffle.")
+    seed: int = Field(0, description="Seed of the train / val split and of each epoch's shuffle (files, row groups "
+                      "and the shuffle buffer, drawn from seed and epoch).")
+    shuffle_buffer_rows: int = Field(
+        1024, ge=0, description="Rows each worker holds to shuffle within (bounded memory; no all-to-all shuffle). "
+        "Not part of the cache's fingerprint: it changes the order of reading, not the cache.")
     max_documents: Optional[int] = Field(None, ge=1, description="Read at most this many documents (smoke runs).")
     cache_dir: str = Field(
         "~/.cache/raylm", description="Where trained tokenizers are kept, keyed by corpus and settings."

@@ -29,6 +29,7 @@ import numpy as np
 
 from raylm.config import SFTConfig
 from raylm.data.chat import IGNORE, record_messages, render, to_example
+from raylm.data.reading import file_to_rows
 from raylm.data.tokenizer import load_tokenizer, write_tokenizer_files
 
 COUNTERS = ("documents", "tokens", "replaced", "skipped", "files", "truncated")
@@ -78,6 +79,34 @@ def tokenize_and_pack(batch: dict[str, np.ndarray], tokenizer_json: str, eos_id:
         out[name] = np.zeros(rows, dtype=np.int64)
         out[name][-1] = counts[name]
     return out
+
+
+def files_to_documents(batch: dict[str, np.ndarray], fmt: str, text_field: str, text_split: str) -> dict:
+    """Whole files -> the document columns `tokenize_and_pack` reads, inside the same UDF call:
+    no Ray row per document (reading.file_to_rows does the decoding, splitting and counting)."""
+    rows = [r for path, raw in zip(batch["path"], batch["bytes"])
+            for r in file_to_rows({"path": path, "bytes": raw}, fmt, text_field, text_split)]
+    return {"text": np.array([r["text"] for r in rows], dtype=object),
+            **{k: np.array([r[k] for r in rows], dtype=np.int64) for k in COUNTERS[2:]}}
+
+
+class TokenizePack:
+    """The raw-text UDF as a Ray Data actor (one fused call per batch: split files into documents,
+    encode_batch, pack). The tokenizer is parsed once per actor and runs on the actor's CPUs:
+    Ray's workers set TOKENIZERS_PARALLELISM=false, which would keep it on one thread."""
+
+    def __init__(self, tokenizer_json: str, eos_id: int, block_len: int, threads: int, fmt: str = "",
+                 text_field: str = "text", text_split: str = "paragraph"):
+        os.environ["TOKENIZERS_PARALLELISM"] = "true"
+        os.environ["RAYON_NUM_THREADS"] = str(threads)  # read when the tokenizer's thread pool starts
+        self.tokenizer_json, self.eos_id, self.block_len = tokenizer_json, eos_id, block_len
+        self.fmt, self.text_field, self.text_split = fmt, text_field, text_split
+        _cached_tokenizer(tokenizer_json)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if "bytes" in batch:
+            batch = files_to_documents(batch, self.fmt, self.text_field, self.text_split)
+        return tokenize_and_pack(batch, self.tokenizer_json, self.eos_id, self.block_len)
 
 
 def pack_remainders(remainders: list[np.ndarray], block_len: int) -> tuple[list[np.ndarray], int]:

@@ -1,14 +1,14 @@
-"""The data stage: `prepare_data` runs it on the connected Ray cluster and returns `PreparedData`.
+"""The data stage: `prepare_data` returns the packed-token cache of a data config, building it once.
 
-    raw text            read documents -> tokenizer (named, or trained on a sample) ->
-                        tokenize_and_pack -> leftovers packed on the driver (one final partial
-                        block dropped)
-    chat / instruction  (prepare_sft) read records -> tokenizer -> render_and_pack
-    preference          (prepare_preference) read records -> tokenizer -> render_pairs (one row per pair)
-    both                deterministic shuffle (data.seed) -> split_blocks -> train / val
+    fingerprint (source listing + settings) -> cache complete in storage? reuse it (seconds)
+    else: read -> tokenizer (named, or trained on a sample) -> tokenize + pack per batch (Ray Data,
+          streamed, never materialized) -> rows routed to train / val by a seeded draw and written
+          as Parquet shards by the driver (raylm.data.cache) -> manifest last
 
-This module only orchestrates and counts (`DataStats`); each step lives in the module named
-after it. It is `prepare`, not `pipeline`, because raylm.pipeline is the end-to-end verb.
+Raw text, SFT and preference pairs share all of it; a `Kind` says only how a record becomes rows (the
+map_batches UDF) and how a batch's counters are read back. There is no all-to-all shuffle:
+training shuffles per epoch when it reads the cache (raylm.data.stream). It is `prepare`, not
+`pipeline`, because raylm.pipeline is the end-to-end verb.
 """
 
 from __future__ import annotations
@@ -18,20 +18,21 @@ import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable, Optional
 
 import numpy as np
 
+from raylm import storage
 from raylm.config import DataConfig
+from raylm.console import say
+from raylm.data import cache
 from raylm.data.chat import _record_text, skipped_summary
-from raylm.data.packing import COUNTERS, pack_remainders, render_and_pack, tokenize_and_pack
+from raylm.data.packing import COUNTERS, TokenizePack, pack_remainders, render_and_pack
 from raylm.data.preference import PAIR_COLUMNS, render_pairs
-from raylm.data.reading import _read_documents, read_records
-from raylm.data.sources import DataError, resolve_source
+from raylm.data.reading import _read_documents, file_to_rows, read_files, read_records
+from raylm.data.sources import DataError, Source, resolve_source
 from raylm.data.tokenizer import _tokenizer_for, load_tokenizer, tokenizer_files
-
-if TYPE_CHECKING:  # Ray is imported lazily: unit tests and config errors never start it.
-    import ray.data
+from raylm.errors import StorageError
 
 
 @dataclass
@@ -66,163 +67,271 @@ class DataStats:
 
 @dataclass
 class PreparedData:
-    train: Any  # ray.data.Dataset of {"input_ids": int32[seq_len + 1]}
-    val: Any
-    tokenizer_dir: str
+    """A complete packed-token cache: where it is, its manifest, and how it came to be."""
+
+    uri: str  # <storage>/datasets/<fingerprint>
+    manifest: dict
+    tokenizer_dir: str  # a local copy of the cache's tokenizer
     stats: DataStats = field(default_factory=DataStats)
+    built: bool = True  # False: an existing cache was reused
+    build_s: float = 0.0  # what building it took (when reused: what the original build took)
+
+    def dataset(self, split: str) -> Any:
+        """The split as a Ray Dataset (for inspection; training streams the files itself)."""
+        import ray.data
+
+        files = [storage.join(self.uri, f["path"]) for f in self.manifest[split]["files"]]
+        fs, _ = storage.filesystem(self.uri)
+        paths = [storage.filesystem(p)[1] for p in files]
+        ds = ray.data.read_parquet(paths, filesystem=fs, shuffle=None) if paths else ray.data.from_items([])
+        ds.context.execution_options.preserve_order = True
+        return ds
+
+    @property
+    def train(self) -> Any:
+        return self.dataset("train")
+
+    @property
+    def val(self) -> Any:
+        return self.dataset("val")
+
+    def reuse_line(self) -> str:
+        if self.built:
+            return f"data cache: built {self.uri} in {self.build_s:.1f}s"
+        return (f"data cache: reused {self.uri} ({self.stats.seconds:.1f}s; building it took {self.build_s:.1f}s, "
+                f"saved {max(self.build_s - self.stats.seconds, 0.0):.1f}s)")
 
 
-def prepare_data(cfg: DataConfig, verbose: bool = True) -> PreparedData:
-    """Run the whole data stage on the connected Ray cluster. Ray must be initialised.
+@dataclass
+class Kind:
+    """What differs between raw text and SFT: how records are read, and how they become rows."""
 
-    One streaming pass (read -> tokenize + pack per batch) is materialized; a trained tokenizer
-    that is not cached yet reads a sample first. Counters ride on each batch's tail row.
-    data.format chat / instruction goes to the SFT stage (prepare_sft, below) instead, preference to
-    prepare_preference."""
-    if cfg.format == "preference":
-        return prepare_preference(cfg, verbose)
-    if cfg.is_sft:
-        return prepare_sft(cfg, verbose)
-    import ray.data
-    from ray.data.expressions import col
+    read: Callable[[Source, DataConfig], Any]
+    texts: Callable[[Any, Source, DataConfig], Any]  # the rows a trained tokenizer learns from ({"text": ...})
+    pack: Callable[[Any, Source, DataConfig, Any, str], Any]  # rows -> packed rows + stats rows (map_batches)
+    columns: tuple[str, ...]
+    is_stats: Callable[[dict, DataConfig], np.ndarray]  # rows that carry counters, not data
 
-    t0 = time.perf_counter()
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # deterministic block order -> deterministic split
-    ctx.enable_progress_bars = verbose
-    src = resolve_source(cfg)
+
+def _whole_files(src: Source, cfg: DataConfig) -> bool:
+    """Text and JSON-lines files are read whole and split inside the tokenizing UDF (no Ray row
+    per document); data.max_documents needs document rows to count."""
+    return src.kind in ("text", "jsonl") and not cfg.max_documents
+
+
+def _read_raw_text(src: Source, cfg: DataConfig) -> Any:
+    if _whole_files(src, cfg):
+        return read_files(src)
     docs = _read_documents(src, cfg)
-    if cfg.max_documents:
-        docs = docs.filter(lambda r: bool(r["text"])).limit(cfg.max_documents)
+    return docs.filter(lambda r: bool(r["text"])).limit(cfg.max_documents) if cfg.max_documents else docs
 
-    tokenizer_dir = _tokenizer_for(src, cfg, docs)
+
+def _raw_texts(rows: Any, src: Source, cfg: DataConfig) -> Any:
+    if not _whole_files(src, cfg):
+        return rows
+    return rows.flat_map(file_to_rows, fn_kwargs={"fmt": src.kind, "text_field": cfg.text_field,
+                                                   "text_split": cfg.text_split})
+
+
+def _pack_raw(rows: Any, src: Source, cfg: DataConfig, hf_tok: Any, tokenizer_dir: str) -> Any:
+    """One fused UDF (split, encode_batch, pack) in an actor pool; each actor's tokenizer runs on
+    the CPUs the actor holds (one CPU is left for the reading tasks)."""
+    import ray
+    import ray.data
+
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    threads = 2 if cpus >= 4 else 1
+    kwargs = {"tokenizer_json": hf_tok.backend_tokenizer.to_str(), "eos_id": hf_tok.eos_token_id,
+              "block_len": cfg.seq_len + 1, "threads": threads, "fmt": src.kind, "text_field": cfg.text_field,
+              "text_split": cfg.text_split}
+    return rows.map_batches(TokenizePack, fn_constructor_kwargs=kwargs, batch_format="numpy", num_cpus=threads,
+                            batch_size=1 if _whole_files(src, cfg) else 1024,
+                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, (cpus - 1) // threads)))
+
+
+def _pack_sft(rows: Any, src: Source, cfg: DataConfig, hf_tok: Any, tokenizer_dir: str) -> Any:
+    files = tokenizer_files(tokenizer_dir)
+    key = hashlib.sha256(b"".join(k.encode() + v for k, v in sorted(files.items()))).hexdigest()[:16]
+    return rows.map_batches(render_and_pack, batch_size=512, batch_format="numpy",
+                            fn_kwargs={"fmt": cfg.format, "sft_json": cfg.sft.model_dump_json(), "seq_len": cfg.seq_len,
+                                       "tokenizer_files": files, "files_key": key})
+
+
+def _pack_pairs(rows: Any, src: Source, cfg: DataConfig, hf_tok: Any, tokenizer_dir: str) -> Any:
+    """Preference records -> one row per (chosen, rejected) pair, never packed (raylm.data.preference)."""
+    files = tokenizer_files(tokenizer_dir)
+    key = hashlib.sha256(b"".join(k.encode() + v for k, v in sorted(files.items()))).hexdigest()[:16]
+    return rows.map_batches(render_pairs, batch_size=512, batch_format="numpy",
+                            fn_kwargs={"pref_json": cfg.preference.model_dump_json(), "seq_len": cfg.seq_len,
+                                       "tokenizer_files": files, "files_key": key})
+
+
+def _read_sft(src: Source, cfg: DataConfig) -> Any:
+    records = read_records(src, cfg)
+    return records.limit(cfg.max_documents) if cfg.max_documents else records
+
+
+RAW = Kind(read=_read_raw_text, texts=_raw_texts, pack=_pack_raw, columns=("input_ids",),
+           is_stats=lambda b, cfg: b["length"] < cfg.seq_len + 1)
+SFT = Kind(read=_read_sft, texts=lambda records, src, cfg: records.map(_record_text), pack=_pack_sft,
+           columns=("input_ids", "labels", "position_ids", "tokens"), is_stats=lambda b, cfg: b["tokens"] == 0)
+PREFERENCE = Kind(read=_read_sft, texts=SFT.texts, pack=_pack_pairs, columns=PAIR_COLUMNS,
+                  is_stats=lambda b, cfg: b["chosen_tokens"] == 0)
+
+
+class Tally:
+    """The counters riding on the stats rows, and the raw-text leftovers the driver packs last."""
+
+    def __init__(self, cfg: DataConfig):
+        self.cfg = cfg
+        self.counts: collections.Counter = collections.Counter()
+        self.leftovers: list[np.ndarray] = []
+
+    def add(self, rows: dict) -> None:
+        if self.cfg.is_records:
+            for c in rows["counts"]:
+                if c:
+                    self.counts.update(json.loads(c))
+            return
+        for name in COUNTERS:
+            self.counts[name] += int(rows[name].sum())
+        self.leftovers += [np.asarray(r[:n], dtype=np.int32) for r, n in zip(rows["input_ids"], rows["length"])]
+
+    def stats(self, src: Source, vocab: int) -> DataStats:
+        c, cfg = self.counts, self.cfg
+        if not cfg.is_records:
+            return DataStats(documents=c["documents"], tokens=c["tokens"], replaced=c["replaced"],
+                             skipped_records=c["skipped"], files=c["files"], truncated_files=c["truncated"],
+                             vocab_size=vocab)
+        skipped = sum(v for k, v in c.items() if k.startswith("skip:"))
+        return DataStats(documents=c["examples"], tokens=c["tokens"], files=len(src.paths), skipped_records=skipped,
+                         vocab_size=vocab, trained_tokens=c["trained_tokens"], truncated_records=c["truncated"],
+                         skipped_reasons=skipped_summary(c) if skipped else "")
+
+
+class Router:
+    """Each packed row goes to train or val by a seeded draw, in the stream's (deterministic) order.
+    The stream's last row is held back so that a corpus asked for validation always gets a row."""
+
+    def __init__(self, uri: str, cfg: DataConfig):
+        self.cfg = cfg
+        self.rng = np.random.default_rng([cfg.seed, 20])
+        self.out = {"train": cache.SplitWriter(uri, "train"), "val": cache.SplitWriter(uri, "val")}
+        self.carry: Optional[dict] = None
+
+    def add(self, rows: dict) -> None:
+        n = len(next(iter(rows.values())))
+        if n == 0:
+            return
+        if self.carry is not None:
+            rows = {k: np.concatenate([self.carry[k], rows[k]]) for k in rows}
+            n += 1
+        self._route({k: a[:n - 1] for k, a in rows.items()})
+        self.carry = {k: a[n - 1:] for k, a in rows.items()}
+
+    def _route(self, rows: dict, force_val: bool = False) -> None:
+        n = len(next(iter(rows.values())))
+        to_val = np.ones(n, bool) if force_val else self.rng.random(n) < self.cfg.val_fraction
+        self.out["val"].add({k: a[to_val] for k, a in rows.items()})
+        self.out["train"].add({k: a[~to_val] for k, a in rows.items()})
+
+    def close(self) -> dict:
+        if self.carry is not None:
+            wants_val = self.cfg.val_fraction > 0 and self.out["val"].rows == 0 and self.out["train"].rows > 0
+            self._route(self.carry, force_val=wants_val)
+        return {split: {"rows": w.rows, "files": w.close()} for split, w in self.out.items()}
+
+
+def prepare_data(cfg: DataConfig, verbose: bool = True, storage_path: Optional[str] = None) -> PreparedData:
+    """The packed-token cache of `cfg`: reused when complete, else built (and the rebuild said).
+    Ray must be initialised for a build. `storage_path` is train.storage_path (the cache lives in
+    `<storage>/datasets/`); without it, under data.cache_dir."""
+    t0 = time.perf_counter()
+    found = cached_data(cfg, storage_path)
+    if found is not None:
+        return found
+    src = resolve_source(cfg)
+    uri = cache.cache_uri(cfg, src, storage_path)
+    _, why = cache.open_cache(uri)
+    if why:
+        say(f"raylm: data cache {uri}: {why}; rebuilding it", event="data_cache_rebuild", uri=uri, why=why)
+    try:
+        return _build(cfg, src, uri, verbose, t0)
+    except OSError as exc:  # storage that fails or fills up mid-build: the next run rebuilds
+        raise StorageError(f"{uri}: cannot write the data cache ({exc}); the next run rebuilds it") from None
+
+
+def cached_data(cfg: DataConfig, storage_path: Optional[str] = None) -> Optional[PreparedData]:
+    """The complete cache of `cfg` if there is one (no Ray needed), else None."""
+    t0 = time.perf_counter()
+    uri = cache.cache_uri(cfg, resolve_source(cfg), storage_path)
+    manifest, _ = cache.open_cache(uri)
+    if manifest is None:
+        return None
+    stats = DataStats(**{**manifest["stats"], "seconds": time.perf_counter() - t0})
+    return PreparedData(uri=uri, manifest=manifest, tokenizer_dir=_local_tokenizer(uri), stats=stats, built=False,
+                        build_s=float(manifest["build_s"]))
+
+
+def _build(cfg: DataConfig, src: Source, uri: str, verbose: bool, t0: float) -> PreparedData:
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # deterministic row order -> deterministic split
+    ctx.enable_progress_bars = verbose
+    kind = PREFERENCE if cfg.format == "preference" else SFT if cfg.is_sft else RAW
+    rows = kind.read(src, cfg)
+    tokenizer_dir = _tokenizer_for(src, cfg, kind.texts(rows, src, cfg))
     hf_tok = load_tokenizer(tokenizer_dir)
-    block_len = cfg.seq_len + 1
-    packed = docs.map_batches(
-        tokenize_and_pack, batch_size=1024, batch_format="numpy",
-        fn_kwargs={"tokenizer_json": hf_tok.backend_tokenizer.to_str(), "eos_id": hf_tok.eos_token_id,
-                   "block_len": block_len}).materialize()
-    tails = packed.filter(expr=col("length") < block_len).take_all()
-    total = {name: sum(int(r[name]) for r in tails) for name in COUNTERS}
-    stats = DataStats(documents=total["documents"], tokens=total["tokens"], replaced=total["replaced"],
-                      skipped_records=total["skipped"], files=total["files"], truncated_files=total["truncated"],
-                      vocab_size=len(hf_tok))
-    if stats.documents == 0:
-        raise DataError(f"data.source={cfg.source}: the corpus is empty (no non-blank documents)")
-    leftovers = [np.asarray(r["input_ids"][: int(r["length"])], dtype=np.int32) for r in tails]
-    extra, stats.dropped_tokens = pack_remainders(leftovers, block_len)
-    blocks = packed.filter(expr=col("length") == block_len).select_columns(["input_ids"])
-    if extra:
-        blocks = blocks.union(ray.data.from_items([{"input_ids": b} for b in extra]))
-    blocks = blocks.random_shuffle(seed=cfg.seed).materialize()
-    stats.blocks = blocks.count()
+    packed = kind.pack(rows, src, cfg, hf_tok, tokenizer_dir)
+    cache.clear(uri)
+    tally, router = Tally(cfg), Router(uri, cfg)
+    for batch in packed.iter_batches(batch_size=None, batch_format="numpy"):  # streamed, never materialized
+        stats_rows = kind.is_stats(batch, cfg)
+        tally.add({k: v[stats_rows] for k, v in batch.items()})
+        router.add({k: batch[k][~stats_rows] for k in kind.columns})
+    stats = tally.stats(src, len(hf_tok))
+    _check_not_empty(cfg, src, stats, tally, verbose)
+    if not cfg.is_records:
+        extra, stats.dropped_tokens = pack_remainders(tally.leftovers, cfg.seq_len + 1)
+        if extra:
+            router.add({"input_ids": np.stack(extra)})
+    splits = router.close()
+    stats.train_blocks, stats.val_blocks = splits["train"]["rows"], splits["val"]["rows"]
+    stats.blocks = stats.train_blocks + stats.val_blocks
     if stats.blocks == 0:
         raise DataError(f"data.source={cfg.source}: {stats.tokens} tokens are fewer than one block of "
-                        f"data.seq_len+1={block_len}; lower data.seq_len or add text")
-    train, val = split_blocks(blocks, cfg, stats)
+                        f"data.seq_len+1={cfg.seq_len + 1}; lower data.seq_len or add text")
+    tok_uri = storage.join(uri, "tokenizer")
+    storage.upload(tokenizer_dir, tok_uri)
     stats.seconds = time.perf_counter() - t0
-    return PreparedData(train=train, val=val, tokenizer_dir=tokenizer_dir, stats=stats)
+    manifest = {"version": cache.CACHE_VERSION, "fingerprint": uri.rstrip("/").rsplit("/", 1)[-1],
+                "settings": cache.settings(cfg), "columns": list(kind.columns), "stats": asdict(stats),
+                "build_s": stats.seconds, "tokenizer": {f"tokenizer/{k}": v for k, v in storage.list_files(tok_uri).items()},
+                **splits}
+    cache.write_manifest(uri, manifest)
+    return PreparedData(uri=uri, manifest=manifest, tokenizer_dir=tokenizer_dir, stats=stats, built=True,
+                        build_s=stats.seconds)
 
 
-def prepare_sft(cfg: DataConfig, verbose: bool = True):
-    """The data stage for data.format chat / instruction. Ray must be initialised."""
-    import ray.data
-    from ray.data.expressions import col
-
-    t0 = time.perf_counter()
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    ctx.enable_progress_bars = verbose
-    src = resolve_source(cfg)
-    records = read_records(src, cfg)
-    if cfg.max_documents:
-        records = records.limit(cfg.max_documents)
-    tokenizer_dir = _tokenizer_for(src, cfg, records.map(_record_text))
-    hf_tok = load_tokenizer(tokenizer_dir)
-    files = tokenizer_files(tokenizer_dir)
-    files_key = hashlib.sha256(b"".join(k.encode() + v for k, v in sorted(files.items()))).hexdigest()[:16]
-    packed = records.map_batches(
-        render_and_pack, batch_size=512, batch_format="numpy",
-        fn_kwargs={"fmt": cfg.format, "sft_json": cfg.sft.model_dump_json(), "seq_len": cfg.seq_len,
-                   "tokenizer_files": files, "files_key": files_key}).materialize()
-    counts: collections.Counter = collections.Counter()
-    for row in packed.filter(expr=col("tokens") == 0).take_all():
-        if row["counts"]:
-            counts.update(json.loads(row["counts"]))
-    summary = skipped_summary(counts)
-    stats = DataStats(documents=counts["examples"], tokens=counts["tokens"], files=len(src.paths),
-                      skipped_records=sum(v for k, v in counts.items() if k.startswith("skip:")),
-                      vocab_size=len(hf_tok))
-    stats.trained_tokens, stats.truncated_records, stats.skipped_reasons = (
-        counts["trained_tokens"], counts["truncated"], summary if stats.skipped_records else "")
-    if verbose or stats.skipped_records:
-        print(f"raylm: {summary}" + (f"; {counts['truncated']} truncated to seq_len={cfg.seq_len}"
-                                     if counts["truncated"] else ""), flush=True)
-    if stats.documents == 0:
-        where = ", ".join(src.paths) or cfg.source
-        raise DataError(f"{where}: no usable {cfg.format} record ({summary}); check data.sft field names")
-    blocks = packed.filter(expr=col("tokens") > 0).select_columns(["input_ids", "labels", "position_ids", "tokens"])
-    blocks = blocks.random_shuffle(seed=cfg.seed).materialize()
-    train, val = split_blocks(blocks, cfg, stats)
-    stats.seconds = time.perf_counter() - t0
-    return PreparedData(train=train, val=val, tokenizer_dir=tokenizer_dir, stats=stats)
+def _check_not_empty(cfg: DataConfig, src: Source, stats: DataStats, tally: Tally, verbose: bool) -> None:
+    if cfg.is_records:
+        summary = skipped_summary(tally.counts)
+        truncated = tally.counts["truncated"]
+        if verbose or stats.skipped_records:
+            say(f"raylm: {summary}" + (f"; {truncated} truncated to seq_len={cfg.seq_len}" if truncated else ""),
+                event="data_records", summary=summary, truncated=truncated)
+        if stats.documents == 0:
+            where = ", ".join(src.paths) or cfg.source
+            section = "data.preference" if cfg.format == "preference" else "data.sft"
+            raise DataError(f"{where}: no usable {cfg.format} record ({summary}); check {section} field names")
+    elif stats.documents == 0:
+        raise DataError(f"data.source={cfg.source}: the corpus is empty (no non-blank documents)")
 
 
-def prepare_preference(cfg: DataConfig, verbose: bool = True):
-    """The data stage for data.format preference: records -> pair rows -> shuffle -> train / val."""
-    import ray.data
-    from ray.data.expressions import col
-
-    t0 = time.perf_counter()
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    ctx.enable_progress_bars = verbose
-    src = resolve_source(cfg)
-    records = read_records(src, cfg)
-    if cfg.max_documents:
-        records = records.limit(cfg.max_documents)
-    tokenizer_dir = _tokenizer_for(src, cfg, records.map(_record_text))
-    hf_tok = load_tokenizer(tokenizer_dir)
-    files = tokenizer_files(tokenizer_dir)
-    files_key = hashlib.sha256(b"".join(k.encode() + v for k, v in sorted(files.items()))).hexdigest()[:16]
-    rows = records.map_batches(
-        render_pairs, batch_size=512, batch_format="numpy",
-        fn_kwargs={"pref_json": cfg.preference.model_dump_json(), "seq_len": cfg.seq_len,
-                   "tokenizer_files": files, "files_key": files_key}).materialize()
-    counts: collections.Counter = collections.Counter()
-    for row in rows.filter(expr=col("chosen_tokens") == 0).take_all():
-        if row["counts"]:
-            counts.update(json.loads(row["counts"]))
-    summary = skipped_summary(counts)
-    stats = DataStats(documents=counts["examples"], tokens=counts["tokens"], files=len(src.paths),
-                      skipped_records=sum(v for k, v in counts.items() if k.startswith("skip:")),
-                      vocab_size=len(hf_tok), trained_tokens=counts["trained_tokens"],
-                      truncated_records=counts["truncated"])
-    stats.skipped_reasons = summary if stats.skipped_records else ""
-    if verbose or stats.skipped_records:
-        print(f"raylm: {counts['examples']} preference pairs; {summary}"
-              + (f"; {counts['truncated']} truncated to seq_len={cfg.seq_len}" if counts["truncated"] else ""), flush=True)
-    if stats.documents == 0:
-        where = ", ".join(src.paths) or cfg.source
-        raise DataError(f"{where}: no usable preference record ({summary}); check data.preference field names")
-    pairs = rows.filter(expr=col("chosen_tokens") > 0).select_columns(list(PAIR_COLUMNS))
-    pairs = pairs.random_shuffle(seed=cfg.seed).materialize()
-    train, val = split_blocks(pairs, cfg, stats)
-    stats.seconds = time.perf_counter() - t0
-    return PreparedData(train=train, val=val, tokenizer_dir=tokenizer_dir, stats=stats)
-
-
-def split_blocks(blocks: "ray.data.Dataset", cfg: DataConfig, stats: DataStats) -> tuple:
-    """Cut shuffled, materialized blocks into train / val (at least one val block when asked for)."""
-    stats.blocks = blocks.count()
-    n_val = int(round(stats.blocks * cfg.val_fraction))
-    if cfg.val_fraction > 0 and stats.blocks >= 2:
-        n_val = max(1, n_val)
-    train, val = blocks.split_at_indices([stats.blocks - n_val])
-    for ds in (train, val):  # a Dataset keeps the context it was made with: Train workers iterating
-        ds.context.enable_progress_bars = False  # their shards would draw bars into the driver's log
-    stats.train_blocks, stats.val_blocks = stats.blocks - n_val, n_val
-    return train, val
+def _local_tokenizer(uri: str) -> str:
+    """The cache's tokenizer as a local folder (object storage: downloaded once per node)."""
+    return storage.cached_copy(storage.join(uri, "tokenizer")) if storage.is_remote(uri) else storage.join(uri, "tokenizer")
 
 
 def stats_dict(stats: DataStats) -> dict:

@@ -121,15 +121,20 @@ def _read_documents(src: Source, cfg: DataConfig) -> "ray.data.Dataset":
         _check_parquet_column(src.paths, cfg.text_field)
         ds = ray.data.read_parquet(list(src.paths), columns=[cfg.text_field]).rename_columns({cfg.text_field: "text"})
         return ds.map_batches(_add_zero_counters, batch_format="pandas")
+    return read_files(src).flat_map(file_to_rows, fn_kwargs={"fmt": src.kind, "text_field": cfg.text_field,
+                                                              "text_split": cfg.text_split})
+
+
+def read_files(src: Source) -> "ray.data.Dataset":
+    """A text / jsonl source as one row per file: {path, bytes}."""
+    import ray.data
+
     if any(p.endswith(".gz") for p in src.paths) and not any("://" in p for p in src.paths):
         # Arrow gunzips .gz itself (by extension) and fails the whole read on a truncated
         # archive; local files are read raw instead, so `_maybe_gunzip` keeps what it can.
         ds = ray.data.from_items([{"path": p} for p in src.paths], override_num_blocks=min(len(src.paths), 64))
-        ds = ds.map(_read_raw)
-    else:
-        ds = ray.data.read_binary_files(list(src.paths), include_paths=True)
-    return ds.flat_map(file_to_rows, fn_kwargs={"fmt": src.kind, "text_field": cfg.text_field,
-                                                 "text_split": cfg.text_split})
+        return ds.map(_read_raw)
+    return ray.data.read_binary_files(list(src.paths), include_paths=True)
 
 
 def _read_raw(row: dict) -> dict:

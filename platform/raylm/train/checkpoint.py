@@ -26,7 +26,7 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Optional
 
 import yaml
@@ -43,10 +43,14 @@ TOKENIZER_DIR, CONFIG_FILE = "tokenizer", "raylm_config.yaml"
 
 @dataclass
 class Position:
-    """Where training stands: optimizer steps done and tokens consumed (global)."""
+    """Where training stands: optimizer steps done, tokens consumed (global), and the data
+    position: the epoch and the micro-batches each rank has taken from it (equal on every rank:
+    raylm.data.stream), so a resumed run reads exactly the batch that would have come next."""
 
     step: int = 0
     tokens: int = 0
+    epoch: int = 0
+    offset: int = 0
 
 
 def consolidated_state_dict(engine: Any, zero_stage: int) -> Optional[dict]:
@@ -79,7 +83,7 @@ def save_checkpoint(engine: Any, tokenizer: Any, cfg: RaylmConfig, pos: Position
     local = tempfile.mkdtemp(prefix=f"raylm-ckpt-{pos.step}-r{rank}-")
     # LoRA: the frozen base is not saved (it is rebuilt from model.name on resume)
     engine.save_checkpoint(os.path.join(local, DS_DIR), tag=DS_TAG, exclude_frozen_parameters=bool(cfg.train.lora),
-                           client_state={"step": pos.step, "tokens": pos.tokens}, save_latest=False)
+                           client_state=asdict(pos), save_latest=False)
     if rank == 0:
         tokenizer.save_pretrained(os.path.join(local, TOKENIZER_DIR))
         with open(os.path.join(local, CONFIG_FILE), "w") as f:
@@ -92,7 +96,7 @@ def save_checkpoint(engine: Any, tokenizer: Any, cfg: RaylmConfig, pos: Position
         files: dict[str, int] = {}
         for part in files_per_rank:
             files.update(part)
-        manifest = {"step": pos.step, "tokens": pos.tokens, "world_size": dist.get_world_size(),
+        manifest = {**asdict(pos), "world_size": dist.get_world_size(),
                     "zero_stage": cfg.deepspeed.zero_stage, "lora": bool(cfg.train.lora), "exported": record.export,
                     "eval": record.evaluation, "best": record.best, "files": files}
         write_manifest(local, manifest)
@@ -204,7 +208,7 @@ def load_checkpoint(engine: Any, path: str, adapter_only: bool = False) -> Posit
                                                    load_optimizer_states=True, load_lr_scheduler_states=True)
     if load_path is None:
         raise CheckpointError(f"{path}: DeepSpeed could not load {DS_DIR}/{DS_TAG}")
-    return Position(step=int(client["step"]), tokens=int(client["tokens"]))
+    return Position(**{k: int(client.get(k, 0)) for k in asdict(Position())})
 
 
 def hf_dir(checkpoint_path: str) -> str:

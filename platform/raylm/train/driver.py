@@ -1,4 +1,7 @@
-"""The driver side of training: data stage, then one `TorchTrainer` running `train_fn_per_worker`."""
+"""The driver side of training: data stage, then one `TorchTrainer` running `train_fn_per_worker`.
+
+No Ray Dataset is handed to the trainer: each worker streams its share of the packed-token cache
+(raylm.data.stream), located by the cache's URI and manifest in the loop config."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from typing import Any, Iterator, Optional
 from raylm import console, storage
 from raylm.config import InputError, RaylmConfig
 from raylm.console import Progress, say
-from raylm.data import PreparedData, make_data_config, prepare_data, tokenizer_files
+from raylm.data import PreparedData, prepare_data, tokenizer_files
 from raylm.train.checkpoint import hf_dir
 
 
@@ -72,13 +75,12 @@ def build_trainer(cfg: RaylmConfig, prepared: PreparedData, callbacks: Optional[
     return TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "progress": progress, "keep_best": keep_best,
-                           "tokenizer_files": tokenizer_files(prepared.tokenizer_dir)},
+                           "tokenizer_files": tokenizer_files(prepared.tokenizer_dir),
+                           "data": {"uri": prepared.uri, "manifest": prepared.manifest}},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources,
                                      placement_strategy=t.placement_strategy,
                                      label_selector=dict(t.worker_node_labels) or None),
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
-        datasets={"train": prepared.train, "val": prepared.val},
-        dataset_config=make_data_config({"train": prepared.train, "val": prepared.val}, t.num_workers),
         run_config=RunConfig(
             name=t.run_name,
             storage_path=root,
@@ -152,8 +154,9 @@ def training_progress(cfg: RaylmConfig) -> Iterator[Any]:
 def run_training(cfg: RaylmConfig, prepared: Optional[PreparedData] = None) -> TrainOutcome:
     """Prepare data (unless given), train, and return where the result lives. Ray must be up."""
     if prepared is None:
-        prepared = prepare_data(cfg.data)
+        prepared = prepare_data(cfg.data, storage_path=cfg.train.storage_path)
         say(prepared.stats.summary())
+        say(prepared.reuse_line())
     check_data_fits(cfg, prepared)
     with training_progress(cfg) as queue:
         result = build_trainer(cfg, prepared, progress=queue).fit()

@@ -44,29 +44,16 @@ def trim(batch: dict) -> dict:
     return {**{k: batch[k][:, :n] for k in SFT_COLUMNS}, "tokens": batch["tokens"]}
 
 
-def micro_batches(shard: Any, batch_size: int, skip: int, device: Any) -> Iterator[dict]:
-    """Endless micro-batches from this worker's shard, epoch after epoch, in a fixed order.
+def micro_batches(stream: Any, device: Any) -> Iterator[dict]:
+    """Endless micro-batches of this rank's share of the data cache (a raylm.data.TrainStream),
+    epoch after epoch, each epoch shuffled from data.seed and its number. The stream knows its
+    position (epoch, offset), which the checkpoint records; started there, it continues with
+    exactly the next batch. A batch is a dict: `input_ids` blocks of seq_len + 1 (raw text), or
+    input_ids / labels / position_ids / tokens (SFT)."""
+    from raylm.data.stream import to_torch
 
-    `skip` micro-batches are passed over first: that is how a resumed run continues at the
-    data position it had reached instead of seeing the first batches again. A batch is a dict:
-    `input_ids` blocks of seq_len + 1 (raw text), or input_ids / labels / position_ids / tokens (SFT).
-    """
-    import torch
-
-    epoch = 0
-    while True:
-        seen = 0
-        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, dtypes=torch.long,
-                                              device=device, prefetch_batches=2):
-            seen += 1
-            if skip > 0:
-                skip -= 1
-                continue
-            yield trim(batch)
-        if seen == 0:
-            raise RuntimeError(f"train shard holds fewer than micro_batch_size={batch_size} blocks")
-        skip %= seen  # later epochs: skip only within one epoch
-        epoch += 1
+    for batch in stream:
+        yield trim(to_torch(batch, device))
 
 
 def token_losses(engine: Any, batch: dict) -> tuple[Any, Any]:
@@ -370,7 +357,8 @@ def _resume(cfg: RaylmConfig, engine: Any, log: MetricsLog) -> tuple[Any, Option
     path, _ = picked
     pos = load_checkpoint(engine, path, adapter_only=bool(cfg.train.lora))
     continue_schedule(engine, cfg)
-    log.write({"event": "resume", "from": path, "step": pos.step, "time": time.time()})
+    log.write({"event": "resume", "from": path, "step": pos.step, "epoch": pos.epoch, "offset": pos.offset,
+               "time": time.time()})
     return pos, path
 
 
@@ -540,10 +528,21 @@ def tell(queue: Any, metrics: dict) -> None:
         pass
 
 
+def _data_streams(data: dict, cfg: RaylmConfig, pos: Any) -> tuple[Any, Any]:
+    """This rank's train stream (started at the checkpoint's data position) and val stream."""
+    import torch.distributed as dist
+
+    from raylm.data.stream import CacheStream, TrainStream
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    train = TrainStream(CacheStream(data["uri"], data["manifest"], "train", rank, world), cfg.data.seed,
+                        cfg.train.micro_batch_size, cfg.data.shuffle_buffer_rows, pos.epoch, pos.offset)
+    return train, CacheStream(data["uri"], data["manifest"], "val", rank, world)
+
+
 def train_fn_per_worker(loop_config: dict) -> None:
     """Train until `train.max_steps`; the components decide when they act (log, evaluate,
     checkpoint, report), so this reads as the loop it is."""
-    import ray.train
     import torch.distributed as dist
 
     cfg, tokenizer, device = _setup(loop_config)
@@ -555,11 +554,12 @@ def train_fn_per_worker(loop_config: dict) -> None:
 
         objective = DPO(cfg, engine, tokenizer, device)
     log = MetricsLog(cfg, dist.get_rank())
-    log.write({"event": "start", **params, "lora": bool(t.lora), "time": time.time()})
+    log.write({"event": "start", **params, "lora": bool(t.lora), "data": loop_config["data"]["uri"], "time": time.time()})
     pos, resumed_from = _resume(cfg, engine, log)
-    batches = micro_batches(ray.train.get_dataset_shard("train"), t.micro_batch_size, pos.step * t.grad_accum_steps, device)
+    train_data, val_data = _data_streams(loop_config["data"], cfg, pos)
+    batches = micro_batches(train_data, device)
     meter = StepMeter(cfg, engine, device)
-    evaluator = Evaluator(cfg, engine, ray.train.get_dataset_shard("val"), device, objective)
+    evaluator = Evaluator(cfg, engine, val_data, device, objective)
     checkpointer = Checkpointer(cfg, engine, tokenizer, resumed_from, keep_best=bool(loop_config.get("keep_best")))
     reporter = Reporter(cfg, log, meter, pos.step, loop_config.get("progress"), dist.get_rank())
     tokens_per_step = t.effective_global_batch * cfg.data.seq_len
@@ -568,6 +568,7 @@ def train_fn_per_worker(loop_config: dict) -> None:
         meter.add(train_step(engine, micro, objective), micro)
         pos.step += 1
         pos.tokens += tokens_per_step
+        pos.epoch, pos.offset = train_data.epoch, train_data.offset
         last = pos.step == t.max_steps
         logged = meter.maybe_log(pos.step, force=last)
         if logged:

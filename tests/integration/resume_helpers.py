@@ -1,0 +1,57 @@
+"""Exact resume in a new process, as a user meets it: `raylm train` interrupted with SIGINT after
+a checkpoint, run again, must log the same per-step losses as a run that was never interrupted."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from raylm.train.checkpoint import verify_checkpoint
+
+
+def raylm_train(sets: dict) -> subprocess.Popen:
+    args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    return subprocess.Popen([sys.executable, "-m", "raylm", "train", "-c", "configs/tiny.yaml", "--json", *args],
+                            cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """The last logged loss of every step (a resumed run logs the steps after its checkpoint again)."""
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+
+
+def interrupt_after_checkpoint(sets: dict, run_dir: Path, step: int, timeout_s: float = 600) -> None:
+    """Start `raylm train`, SIGINT it once the checkpoint of `step` verifies, wait for it to exit."""
+    proc = raylm_train(sets)
+    ckpt = run_dir / f"step_{step:08d}"
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                verify_checkpoint(str(ckpt))
+                break
+            except Exception:  # noqa: BLE001 - not there (or not complete) yet
+                time.sleep(0.5)
+        assert proc.poll() is None, f"the run ended before it was interrupted:\n{proc.stderr.read()[-3000:]}"
+        os.kill(proc.pid, signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def run_to_end(sets: dict, timeout_s: float = 600) -> dict:
+    proc = raylm_train(sets)
+    out, err = proc.communicate(timeout=timeout_s)
+    assert proc.returncode == 0, err[-3000:]
+    events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return next(e for e in events if e.get("event") == "trained")
