@@ -14,7 +14,7 @@ sequences must stay aligned row by row. Bad records are skipped and counted by r
 field, chosen identical to rejected, no answer token left within seq_len), never fatal.
 
 Reading (jsonl, parquet, remote URIs, HF datasets), tokenizer choice, shuffle and split are the SFT
-stage's own (raylm.data.reading / prepare.prepare_preference); only rendering differs.
+stage's own (raylm.data.reading, the cache of raylm.data.prepare); only rendering differs.
 """
 
 from __future__ import annotations
