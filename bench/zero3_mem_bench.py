@@ -94,7 +94,7 @@ def train_fn(config: dict) -> None:
 
     from raylm.config import RaylmConfig
     from raylm.data import load_tokenizer
-    from raylm.train.loop import _engine, lm_loss
+    from raylm.train.loop import _engine, train_step
 
     import raylm.model
 
@@ -128,12 +128,10 @@ def train_fn(config: dict) -> None:
     blocks = torch.tensor(config["blocks"], dtype=torch.long)[rank::world]
     t0 = time.perf_counter()
     for step in range(cfg.train.max_steps):
-        loss = lm_loss(engine, blocks[step:step + 1])
-        engine.backward(loss)
-        engine.step()
+        result = train_step(engine, [{"input_ids": blocks[step:step + 1]}])
     record = {"rank": rank, "build_s": build_s, "start_mib": start_mib, "model_peak_mib": model_mib[0],
               "built_peak_mib": built_mib, "peak_mib": _vmhwm_mib(),
-              "train_s": time.perf_counter() - t0, "loss": float(loss.detach()),
+              "train_s": time.perf_counter() - t0, "loss": result.loss_sum / max(result.global_tokens, 1),
               "local_params": sum(p.ds_tensor.numel() for p in engine.module.parameters())}
     with open(os.path.join(config["out"], f"{config['variant']}-rank{rank}.json"), "w") as f:
         json.dump(record, f)
