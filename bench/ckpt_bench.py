@@ -55,6 +55,9 @@ MODEL_OVERRIDES = {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_la
 EXPORT_OVERRIDES = {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 8,
                     "num_attention_heads": 16, "num_key_value_heads": 16}  # ~0.1B parameters (RAM-bound, see RESULTS)
 EXPORT_MODES = ("every", "final_and_best")  # train.export before / after
+# CKPT_BENCH_LORA=1: the same with LoRA adapters (r 8, every linear layer): the periodic state is the
+# adapter's, the export rebuilds the base and merges
+LORA = {"train.lora": "{r: 8, alpha: 16}"} if os.environ.get("CKPT_BENCH_LORA") == "1" else {}
 EVERY = 10  # checkpoint interval of the benchmark runs
 AROUND = 6  # intervals after each checkpoint profiled (the checkpoint step and the 5 after it)
 DEFAULT_EVERY = 50  # train.checkpoint_every_steps' default: the interval the share is given for
@@ -263,7 +266,7 @@ def export_part(args, prepared) -> dict:
         cfg = bench_config(args.workdir, os.path.join(args.workdir, "runs"), f"export-{mode}", 4, "sync", **{
             "model.overrides": json.dumps(EXPORT_OVERRIDES), "train.micro_batch_size": 1,
             "train.checkpoint_every_steps": 2, "train.eval_every_steps": 4, "deepspeed.zero_stage": 3,
-            "train.export": mode})
+            "train.export": mode, **LORA})
         check_data_fits(cfg, prepared)
         t0 = time.perf_counter()
         with WorkerMemory() as memory:
@@ -283,13 +286,14 @@ def export_part(args, prepared) -> dict:
     before, after = results["every"], results["final_and_best"]
     ratio = after["periodic_save_s"] / before["periodic_save_s"]
     params = f"{before['params'] / 1e9:.2f}B"
-    return {"title": f"checkpoint cost at {params} parameters (ZeRO-3, 2 workers): train.export every (before) vs "
+    lora = ", LoRA" if LORA else ""
+    return {"title": f"checkpoint cost at {params} parameters (ZeRO-3{lora}, 2 workers): train.export every (before) vs "
                      "final_and_best (after)", "raw": results,
             "columns": ["train.export", "params", "periodic save_s", "periodic MB", "final save_s (exported)",
                         "peak RSS of the 2 workers (GiB)"],
             "rows": [[mode, r["params"], r["periodic_save_s"], r["periodic_mb"], r["final_save_s"],
                       r["peak_worker_rss_gib"]] for mode, r in results.items()],
-            "goal": {"goal": f"periodic checkpoint of a {params} model: final_and_best vs export every (save_s)",
+            "goal": {"goal": f"periodic checkpoint of a {params} model{lora}: final_and_best vs export every (save_s)",
                      "value": f"{ratio:.2f}x ({after['periodic_save_s']:.1f} vs {before['periodic_save_s']:.1f} s)",
                      "met": ratio < 1.0},
             "finding": f"At {params} parameters a periodic checkpoint takes {before['periodic_save_s']:.1f} s when it "

@@ -48,10 +48,15 @@ def test_asha_stops_bad_learning_rates_and_best_checkpoint_loads(tmp_path, cache
     # best.json points at a Hugging Face checkpoint that loads as-is
     best = json.loads((tmp_path / "asha" / "best.json").read_text())
     assert best["trial_id"] == outcome.best.trial_id and best["params"]["train.lr"] in GOOD_LRS
-    assert best["value"] == pytest.approx(min(r.last_value for r in outcome.trials if r.steps == full))
+    # ... the best exported checkpoint over all trials, by the val_loss measured at its own step
+    exported = [(m["eval"]["val_loss"], r.trial_id, step) for r in outcome.trials
+                 for step, m in manifests(tmp_path / "asha" / "trials" / r.trial_id).items()
+                 if m["exported"] and "val_loss" in m["eval"]]
+    value, trial_id, step = min(exported)
+    assert (best["value"], best["trial_id"], best["step"]) == (pytest.approx(value), trial_id, step)
     model = AutoModelForCausalLM.from_pretrained(best["checkpoint"])
     tok = AutoTokenizer.from_pretrained(best["checkpoint"])
-    assert model.config.vocab_size >= len(tok) and best["step"] == full
+    assert model.config.vocab_size >= len(tok) and best["checkpoint"].endswith(f"step_{step:08d}/hf")
     # the reports: a table with every trial, a PNG of the curves
     table = (tmp_path / "asha" / "trials.md").read_text()
     assert all(r.trial_id in table for r in outcome.trials) and "stopped early" in table
