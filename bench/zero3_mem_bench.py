@@ -253,7 +253,7 @@ def _report(runs: dict, n_params: dict, layers: dict, vocab: int, available_gib:
                  f"(kernel peak RSS: nothing a sampler could miss) at the start of the worker function (libraries "
                  f"imported), once build_model returns, once deepspeed.initialize returns, and after the last step "
                  f"(= the peak over building and training); one number per worker (rank 0, rank 1). Ratio: the "
-                 f"larger worker's peak / the larger 'built whole' peak. Full fine-tuning at 0.49B needs ~10 GiB "
+                 f"larger worker's peak / the larger 'built whole' peak. Full fine-tuning at 0.49B needs ~12 GiB "
                  f"per worker here and LoRA ~6.5 GiB (peak ~0.6 GiB + ~5.8x / ~3x the fp32 model, measured at 0.19B), more "
                  f"than two workers reliably get beside the other work on this shared 24 GiB machine "
                  f"({available_gib:.1f} GiB available at start; full fine-tuning at 0.19B was OOM-killed by Ray's "
