@@ -104,7 +104,9 @@ def full_sequences(rows: list[dict]) -> dict:
         for r in rows:
             n = int(r[f"{side}_tokens"])
             labels = np.asarray(r[f"{side}_labels"][:n])
-            seqs.append(np.append(r[f"{side}_input_ids"][:n], labels[-1]))
+            # the token after the last input: its label, or any id when it is not trained (the template's
+            # newline after EOS): causal attention keeps it out of every scored position
+            seqs.append(np.append(r[f"{side}_input_ids"][:n], max(int(labels[-1]), 0)))
             masks.append(np.append(0, labels != IGNORE))
     length = max(len(s) for s in seqs)
     ids, attention, completion = (torch.zeros(len(seqs), length, dtype=torch.long) for _ in range(3))
