@@ -199,10 +199,10 @@ def test_run_metrics_equal_trl_on_the_same_pairs(lora_run, sft_base):
         loss = trainer._compute_loss(policy, full_sequences(rows), return_outputs=False)
     theirs = {k: v[-1] for k, v in trainer._metrics["train" if policy.training else "eval"].items()}
     m = result.metrics
-    assert float(loss) == pytest.approx(m["val_loss"], abs=1e-4)
+    assert float(loss) == pytest.approx(m["val_loss"], abs=1e-5)
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
-        assert theirs[key] == pytest.approx(m[f"val_{key}"], abs=1e-4), key
-    assert theirs["rewards/accuracies"] == pytest.approx(m["val_rewards/accuracy"], abs=1e-9)
+        assert theirs[key] == pytest.approx(m[f"val_{key}"], abs=1e-5), key
+    assert theirs["rewards/accuracies"] == pytest.approx(m["val_rewards/accuracy"], abs=1e-6)  # float32 mean
 
 
 def test_tensorboard_holds_reward_metrics(lora_run):
