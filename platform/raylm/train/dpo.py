@@ -119,7 +119,8 @@ def frozen_reference(cfg: RaylmConfig, tokenizer: Any, device: Any) -> Any:
               "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
                                     **({"offload_param": {"device": "cpu"}} if cfg.deepspeed.offload_params else {})}}
         engine, *_ = deepspeed.initialize(model=model, config=ds)
-        return engine.eval()
+        engine.eval()  # DeepSpeedEngine.eval returns None, not the engine
+        return engine
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     return model.to(device=device, dtype=dtype)
 
@@ -139,7 +140,7 @@ class DPO:
         import torch
 
         with torch.no_grad():
-            if self.reference is None:  # LoRA: the base under the adapters is the starting model
+            if self.cfg.train.lora:  # the base under the adapters is the starting model
                 with self.engine.module.disable_adapter():
                     return forward_logps(self.engine, batch)[0]
             return forward_logps(self.reference, batch)[0]

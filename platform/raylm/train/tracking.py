@@ -16,6 +16,7 @@ from raylm.config import RaylmConfig
 REWARDS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy")  # DPO
 SCALARS = ("loss", "val_loss", "perplexity", "lr", "tokens_per_s", "grad_norm", "mfu", "skipped_steps", *REWARDS,
            *(f"val_{k}" for k in REWARDS))
+TB_DIR = "tensorboard"
 
 
 def tag(key: str) -> str:
@@ -23,9 +24,6 @@ def tag(key: str) -> str:
     if key.startswith("val_rewards/"):
         return "val/" + key.removeprefix("val_")
     return f"val/{key}" if key in ("val_loss", "perplexity") else f"train/{key}"
-
-
-TB_DIR = "tensorboard"
 
 
 def mlflow_uri(cfg: RaylmConfig, root: str) -> str:
