@@ -6,7 +6,9 @@ tokenizer training is timed) and produce the same thing: documents + EOS, packed
 of seq_len + 1 tokens, shuffled, split into train / val.
 
 - raylm: `raylm.data.prepare_data` on a local Ray cluster with as many CPUs as the machine has;
-  time = `DataStats.seconds` (read -> split, all materialized), Ray start-up excluded.
+  cold build (no cache) time = `DataStats.seconds` (read -> tokenize -> pack -> split -> Parquet
+  cache), Ray start-up excluded; then the cached rerun (the same call: fingerprint + open), and
+  the object store's peak during the build and during one epoch of two ranks' streams.
 - loop: one Python process reads each file, splits paragraphs, `encode_batch`es 256 documents
   at a time with the same `tokenizers.Tokenizer`, packs with numpy, shuffles and splits.
   Run twice in fresh processes: with one thread (TOKENIZERS_PARALLELISM=false, what raylm's
@@ -107,7 +109,52 @@ class RayDataTimes:
         self.logger.removeHandler(self.handler)
 
 
+def object_store_used_bytes() -> int:
+    """Bytes in the object store of every alive node (the raylets' own store stats)."""
+    import ray
+    from ray._private.internal_api import node_stats
+
+    return sum(node_stats(n["NodeManagerAddress"], n["NodeManagerPort"], include_memory_info=False)
+               .store_stats.object_store_bytes_used for n in ray.nodes() if n["Alive"])
+
+
+class StorePeak:
+    """The peak of `object_store_used_bytes` while the block runs (sampled every 0.2 s)."""
+
+    def __enter__(self):
+        import threading
+
+        self.peak, self._done = object_store_used_bytes(), threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._done.wait(0.2):
+            self.peak = max(self.peak, object_store_used_bytes())
+
+    def __exit__(self, *exc):
+        self._done.set()
+        self._thread.join()
+
+
+def read_epoch(uri: str, manifest: dict, world: int) -> int:
+    """One epoch of every rank's stream, each rank in its own Ray task (as Train workers read)."""
+    import ray
+
+    @ray.remote(num_cpus=1)
+    def rank_epoch(rank: int) -> int:
+        from raylm.data import CacheStream
+
+        stream = CacheStream(uri, manifest, "train", rank, world)
+        return sum(len(b["input_ids"]) for b in stream.train_batches(0, 0, 8, 1024))
+
+    return sum(ray.get([rank_epoch.remote(r) for r in range(world)]))
+
+
 def run(args) -> dict:
+    import shutil
+
     from common import start_ray
 
     megabytes, files = (10, 4) if args.quick else (32, 8)
@@ -121,38 +168,60 @@ def run(args) -> dict:
     from raylm.config import DataConfig
     from raylm.data import prepare_data
 
+    storage = os.path.join(args.workdir, "storage")
+    shutil.rmtree(storage, ignore_errors=True)  # a cold build: no cache from an earlier run
     cfg = DataConfig(source=corpus_dir, tokenizer=tokenizer_dir, seq_len=SEQ_LEN, val_fraction=0.05)
     prepare_data(DataConfig(source=corpus_dir, tokenizer=tokenizer_dir, seq_len=SEQ_LEN, max_documents=64),
-                 verbose=False)  # warm-up: Ray Data's first use imports and starts things once per cluster
-    with RayDataTimes() as phases:
-        prepared = prepare_data(cfg, verbose=False)
+                 verbose=False, storage_path=storage)  # warm-up: Ray Data's first use starts things once
+    with RayDataTimes() as phases, StorePeak() as build_store:
+        prepared = prepare_data(cfg, verbose=False, storage_path=storage)
     s = prepared.stats
+    t0 = time.perf_counter()
+    cached = prepare_data(cfg, verbose=False, storage_path=storage)
+    cached_s = time.perf_counter() - t0
+    assert not cached.built
+    with StorePeak() as epoch_store:
+        epoch_rows = read_epoch(prepared.uri, prepared.manifest, world=2)
     ray.shutdown()
+    cache_bytes = sum(f["bytes"] for split in ("train", "val") for f in prepared.manifest[split]["files"])
 
     ray_tps = s.tokens / s.seconds
     rows = [
-        ["raylm prepare_data (Ray Data, %d CPUs)" % os.cpu_count(), s.documents, s.tokens, s.blocks, s.seconds,
-         ray_tps, 1.0],
+        ["raylm cold build (Ray Data actor pool, %d CPUs) -> cache" % os.cpu_count(), s.documents, s.tokens, s.blocks,
+         s.seconds, ray_tps, 1.0],
+        ["raylm cached rerun (fingerprint check + open)", s.documents, s.tokens, s.blocks, cached_s,
+         s.tokens / cached_s, ratio(s.tokens / cached_s, ray_tps)],
         ["single-process loop, 1 thread", loop_1["documents"], loop_1["tokens"], loop_1["blocks"], loop_1["seconds"],
          loop_1["tokens"] / loop_1["seconds"], ratio(ray_tps, loop_1["tokens"] / loop_1["seconds"])],
         ["single-process loop, tokenizer threads", loop_n["documents"], loop_n["tokens"], loop_n["blocks"],
          loop_n["seconds"], loop_n["tokens"] / loop_n["seconds"], ratio(ray_tps, loop_n["tokens"] / loop_n["seconds"])],
     ]
+    memory = [["corpus (text)", size / 2**20], ["packed cache (Parquet, zstd)", cache_bytes / 2**20],
+              ["packed tokens (int32, in memory)", s.blocks * (SEQ_LEN + 1) * 4 / 2**20],
+              ["object store peak: cold build", build_store.peak / 2**20],
+              [f"object store peak: a training epoch, 2 ranks ({epoch_rows} rows)", epoch_store.peak / 2**20]]
     same = s.tokens == loop_1["tokens"] and s.documents == loop_1["documents"]
+    vs_threads = ray_tps / (loop_n["tokens"] / loop_n["seconds"])
     return {
         "title": "1. Data: tokenize and pack",
         "note": (f"Corpus: tinyshakespeare repeated to {size / 1e6:.1f} MB in {files} files; BPE vocab 2048, "
-                 f"seq_len {SEQ_LEN}. Time covers read -> tokenize -> pack -> shuffle -> split (Ray start-up "
-                 f"and tokenizer training excluded; one small warm-up prepare_data ran first). "
-                 f"'raylm / this' = raylm tokens/s divided by this row's tokens/s. Both sides produced "
-                 f"{'the same' if same else 'DIFFERENT'} document and token counts."),
+                 f"seq_len {SEQ_LEN}. Cold build: read -> tokenize -> pack -> split -> Parquet cache + manifest "
+                 f"(Ray start-up and tokenizer training excluded; one small warm-up build ran first). Cached "
+                 f"rerun: the same call again (fingerprint, manifest check, open). 'raylm / this' = raylm "
+                 f"cold-build tokens/s divided by this row's (cached row: cold-build time / cached time). Both "
+                 f"sides produced {'the same' if same else 'DIFFERENT'} document and token counts."),
         "tables": [{"columns": ["pipeline", "documents", "tokens", "blocks", "seconds", "tokens/s", "raylm / this"],
                     "rows": rows},
-                   {"name": "where prepare_data's time goes (Ray Data's own per-execution timings)",
+                   {"name": "memory (MiB)", "columns": ["what", "MiB"], "rows": memory},
+                   {"name": "where the cold build's time goes (Ray Data's own per-execution timings)",
                     "columns": ["Ray Data execution (operators)", "seconds"], "rows": phases.rows}],
-        "goals": [],
-        "raw": {"raylm": s.__dict__, "ray_data_executions": phases.rows, "loop_1_thread": loop_1, "loop_tokenizer_threads": loop_n,
-                "corpus_bytes": size, "files": files},
+        "goals": [{"goal": "cold build >= 1.2x the loop with tokenizer threads", "value": f"{vs_threads:.2f}x",
+                   "met": vs_threads >= 1.2},
+                  {"goal": "cached rerun >= 20x faster than the cold build", "value": f"{s.seconds / cached_s:.0f}x",
+                   "met": s.seconds / cached_s >= 20}],
+        "raw": {"raylm": s.__dict__, "cached_s": cached_s, "ray_data_executions": phases.rows,
+                "loop_1_thread": loop_1, "loop_tokenizer_threads": loop_n, "corpus_bytes": size, "files": files,
+                "cache_bytes": cache_bytes, "build_store_peak": build_store.peak, "epoch_store_peak": epoch_store.peak},
     }
 
 

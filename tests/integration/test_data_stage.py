@@ -17,6 +17,16 @@ def rows_of(ds) -> list[bytes]:
     return [np.asarray(r["input_ids"], dtype=np.int32).tobytes() for r in ds.iter_rows()]
 
 
+def cache_rows(prepared, split: str) -> list[bytes]:
+    """A split's rows in file order, read straight from the cache's Parquet shards (no Ray)."""
+    import pyarrow.parquet as pq
+
+    from raylm.data.cache import from_arrow
+
+    return [r.tobytes() for f in prepared.manifest[split]["files"]
+            for r in from_arrow(pq.read_table(os.path.join(prepared.uri, f["path"])).column("input_ids"))]
+
+
 @pytest.fixture(scope="module")
 def shakespeare_data(ray_cluster, shakespeare, cache_dir):
     cfg = DataConfig(source=str(shakespeare), seq_len=64, vocab_size=512, cache_dir=cache_dir)
@@ -45,7 +55,8 @@ def test_token_count_round_trips(shakespeare_data, shakespeare):
 
 def test_cache_is_reused_rebuilt_when_cut_off_and_new_when_the_source_changes(shakespeare_data, tmp_path, capsys):
     cfg, prepared = shakespeare_data
-    assert not set(rows_of(prepared.train)) & set(rows_of(prepared.val))  # train and val disjoint
+    before = {split: cache_rows(prepared, split) for split in ("train", "val")}
+    assert not set(before["train"]) & set(before["val"])  # train and val disjoint
     again = prepare_data(cfg, verbose=False)
     assert not again.built and again.uri == prepared.uri and again.manifest == prepared.manifest
     assert again.stats.seconds < prepared.build_s
@@ -53,7 +64,7 @@ def test_cache_is_reused_rebuilt_when_cut_off_and_new_when_the_source_changes(sh
     os.remove(os.path.join(prepared.uri, "raylm_dataset.json"))
     rebuilt = prepare_data(cfg, verbose=False)
     assert rebuilt.built and "incomplete" in capsys.readouterr().out
-    assert rows_of(rebuilt.val) == rows_of(prepared.val) and rows_of(rebuilt.train) == rows_of(prepared.train)
+    assert {split: cache_rows(rebuilt, split) for split in ("train", "val")} == before  # the same rows, in order
     # a shard that does not match the manifest: rebuilt too
     shard = os.path.join(prepared.uri, rebuilt.manifest["train"]["files"][0]["path"])
     with open(shard, "ab") as f:
@@ -71,7 +82,7 @@ def test_cache_is_reused_rebuilt_when_cut_off_and_new_when_the_source_changes(sh
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_rank_streams_are_disjoint_equal_and_reshuffled_per_epoch(shakespeare_data, world_size):
     _, prepared = shakespeare_data
-    all_train = set(rows_of(prepared.train))
+    all_train = set(cache_rows(prepared, "train"))
     epochs = []
     for epoch in (0, 1):
         per_rank = [[np.asarray(r, dtype=np.int32).tobytes() for b in
@@ -90,7 +101,7 @@ def test_rank_streams_are_disjoint_equal_and_reshuffled_per_epoch(shakespeare_da
            for r in range(world_size)]
     assert len({len(v) for v in val}) == 1
     rows = [np.asarray(r, dtype=np.int32).tobytes() for v in val for b in v for r in b["input_ids"]]
-    assert sorted(rows) == sorted(rows_of(prepared.val))
+    assert sorted(rows) == sorted(cache_rows(prepared, "val"))
 
 
 def test_resumed_stream_continues_with_the_next_batch(shakespeare_data):
