@@ -291,9 +291,9 @@ def test_engine_and_serve_metrics_reach_the_prometheus_endpoint_and_count_these_
     """vLLM's engine metrics (as Ray exports them: `ray_vllm_*`, the names the README and the
     dashboard use) and raylm's request counter are on Ray's Prometheus endpoint, and the counters
     move by exactly what this test sent."""
-    counted = ("ray_raylm_requests_total", {"endpoint": "completions", "status": "200"})
-    generated = ("ray_vllm_generation_tokens_total", {})
-    ttft = ("ray_vllm_time_to_first_token_seconds_count", {})
+    counted = ("ray_raylm_requests_total", (("endpoint", "completions"), ("status", "200")))
+    generated = ("ray_vllm_generation_tokens_total", ())
+    ttft = ("ray_vllm_time_to_first_token_seconds_count", ())
     before = _metrics_text()
     sent = [client.completions.create(model=MODEL_ID, prompt=f"metrics {i}", max_tokens=4, temperature=0)
             for i in range(3)]
@@ -302,7 +302,7 @@ def test_engine_and_serve_metrics_reach_the_prometheus_endpoint_and_count_these_
     deadline, moved = time.monotonic() + 90, {}
     while time.monotonic() < deadline:
         text = _metrics_text()
-        moved = {k: _samples(text, k[0], **k[1]) - _samples(before, k[0], **k[1]) for k in want}
+        moved = {k: _samples(text, k[0], **dict(k[1])) - _samples(before, k[0], **dict(k[1])) for k in want}
         if all(moved[k] >= v for k, v in want.items()):
             break
         time.sleep(3)
