@@ -8,9 +8,12 @@ validation numbers are recomputed by TRL's DPOTrainer on the same pairs and chec
 fine-tune under ZeRO-3 checks the frozen reference: at the first step the policy is its reference,
 so the loss is exactly log 2.
 
-Open (issue 24 item 5): the LoRA run reaches a validation reward accuracy of ~0.81, not 0.9, and the
-absolute held-out preference accuracy and greedy exact match of the tuned model do not rise yet; the
-test prints them. A full fine-tune learns faster (ZeRO-3 test: 0.81 after 6 steps).
+A full DPO fine-tune of the same base (ZeRO-2, beta 0.5, a constant lr, 160 steps of 16 pairs) is the
+"it learns what it is told" test: validation reward accuracy from 0 to >= 0.9, the tuned model's own
+held-out preference accuracy (chosen likelier than rejected, no reference) >= 0.9 and above the base's,
+and its greedy exact match on held-out prompts up (measured with a plain PyTorch DPO loop of the same
+settings: 0.76 -> 0.92 preference accuracy, 0.07 -> 0.33 exact match at 150 steps). The short LoRA
+run (40 steps) moves the reward accuracy (~0.81) but barely the absolute numbers.
 """
 
 from __future__ import annotations
@@ -231,3 +234,33 @@ def test_full_dpo_zero3_reference_is_the_starting_model(sft_base, pref_corpus, d
     assert steps[-1]["loss"] < steps[0]["loss"] and steps[-1]["rewards/margins"] > 0
     model = AutoModelForCausalLM.from_pretrained(Path(result.checkpoint.path) / "hf")
     assert type(model).__name__ == "LlamaForCausalLM"
+
+
+def test_full_dpo_learns_what_it_is_told(sft_base, pref_corpus, dpo_root):
+    """Issue 24 item 5: from an SFT'd base raylm trained, DPO on the toy preference corpus raises the
+    held-out preference accuracy to >= 0.9 and the exact match of its greedy answers (held-out records
+    of the same 25 sums: the toy task has no others)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = config(dpo_root, "dpo.yaml", "dpo-learns", **{
+        "model.name": sft_base, "data.source": pref_corpus, "train.max_steps": 160, "train.lr": 1e-3,
+        "train.min_lr_ratio": 1.0, "train.micro_batch_size": 8, "train.log_every_steps": 10,
+        "train.eval_every_steps": 80, "train.checkpoint_every_steps": 160, "train.eval_batches": 100,
+        "train.dpo.beta": 0.5, "deepspeed.zero_stage": 2})
+    prepared = prepare_data(cfg.data, verbose=False)
+    result = fit(cfg, prepared)
+    evals = [r for r in read_log(cfg) if "val_rewards/accuracy" in r]
+    print("val reward accuracy by step:", [(r["step"], round(r["val_rewards/accuracy"], 3)) for r in evals])
+    assert result.metrics["val_rewards/accuracy"] >= 0.9 and result.metrics["val_rewards/margins"] > 0
+
+    val_rows = prepared.val.take_all()
+    held = records(200, seed=11, max_operand=MAX_OPERAND)  # drawn apart from the training corpus
+    tok = AutoTokenizer.from_pretrained(sft_base)
+    base = AutoModelForCausalLM.from_pretrained(sft_base).eval()
+    tuned = AutoModelForCausalLM.from_pretrained(Path(result.checkpoint.path) / "hf").eval()
+    before, after = preference_accuracy(base, val_rows), preference_accuracy(tuned, val_rows)
+    prompts = [(r["prompt"], r["chosen"][0]["content"]) for r in held[:60]]
+    em_before, em_after = exact_match(base, tok, prompts), exact_match(tuned, tok, prompts)
+    print(f"held-out preference accuracy {before:.2f} -> {after:.2f}, exact match {em_before:.2f} -> {em_after:.2f}")
+    assert after >= 0.9 and after > before
+    assert em_after >= em_before + 0.1
