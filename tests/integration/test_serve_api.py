@@ -181,7 +181,8 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": MODEL_ID, "prompt": "hi", "stop": 3}, 400, "stop"),
     ("/v1/completions", {"model": MODEL_ID, "prompt": "hi", "seed": -5}, 400, "seed"),
     ("/v1/completions", {"model": MODEL_ID, "prompt": "hi", "stream": "yes"}, 400, "stream"),
-    ("/v1/completions", {"model": MODEL_ID, "prompt": "hi", "echo": True}, 400, "echo"),
+    ("/v1/completions", {"model": MODEL_ID, "prompt": "hi", "echo": "yes"}, 400, "echo"),
+    ("/v1/completions", {"model": MODEL_ID, "prompt": "hi", "logprobs": 6}, 400, "logprobs"),
     ("/v1/completions", {"model": MODEL_ID, "prompt": [10**9]}, 400, "prompt"),
     ("/v1/completions", {"model": "gpt-4", "prompt": "hi"}, 404, "model"),
 ]
