@@ -66,18 +66,21 @@ def test_concurrency_counts_what_the_cluster_can_grow_to():
     assert max_concurrency(limited, {"CPU": 64.0}) == 2
 
 
-def test_rerunning_a_sweep_with_an_edited_search_space_exits_2_before_ray(tmp_path, capsys):
+def test_rerunning_a_sweep_with_an_edited_search_space_exits_2_before_ray(tmp_path, capsys, monkeypatch):
     sweep = tmp_path / "same"
     sweep.mkdir()
     (sweep / SPACE_FILE).write_text(json.dumps({"search_space": {"train.lr": {"loguniform": [1e-4, 3e-2]}}}))
     args = ["tune", "-c", str(ROOT / "tune_configs" / "tiny_sweep.yaml"), "--set", f"train.storage_path={tmp_path}",
             "--set", "tune.sweep_name=same", "--set", "tune.search_space={train.lr: {loguniform: [1.0e-4, 1.0e-2]}}"]
-    import ray
+    import raylm.cluster
 
+    def no_ray(*args, **kwargs):  # ray.init is refused by conftest, but a session that already runs Ray
+        raise AssertionError("the edited search space must be refused before Ray is joined or started")
+
+    monkeypatch.setattr(raylm.cluster, "init_ray", no_ray)
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "tune.search_space" in err and str(sweep) in err and "train.lr" in err and "tune.sweep_name" in err, err
-    assert not ray.is_initialized()
     # the stored space itself passes the check (the sweep would resume)
     from raylm.tune import check_sweep_folder
 
