@@ -136,8 +136,14 @@ def verify_checkpoint(path: str) -> dict:
     manifest_path = storage.join(path, MANIFEST)
     try:
         found = storage.list_files(path)
-        if MANIFEST not in found:
-            raise CheckpointError(f"{path}: incomplete checkpoint (no {MANIFEST}; the write was cut off)")
+    except storage.StorageError as exc:
+        raise CheckpointError(f"{path}: cannot read it ({exc})") from None
+    # outside the parsing below: CheckpointError is a ValueError, which would be re-labelled a corrupted manifest
+    if not found:
+        raise CheckpointError(f"checkpoint not found: {path} (no files there)")
+    if MANIFEST not in found:
+        raise CheckpointError(f"{path}: incomplete checkpoint (no {MANIFEST}; the write was cut off)")
+    try:
         manifest = json.loads(storage.read_bytes(manifest_path))
         files = manifest["files"]
         items = list(files.items())
