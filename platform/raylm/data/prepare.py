@@ -149,21 +149,25 @@ def _pack_raw(rows: Any, src: Source, cfg: DataConfig, hf_tok: Any, tokenizer_di
                             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, (cpus - 1) // threads)))
 
 
-def _pack_sft(rows: Any, src: Source, cfg: DataConfig, hf_tok: Any, tokenizer_dir: str) -> Any:
+def _tokenizer_kwargs(tokenizer_dir: str) -> dict[str, Any]:
+    """What a record UDF needs to rebuild the tokenizer in its worker: the files, and a key naming
+    their content (the worker caches one copy per key)."""
     files = tokenizer_files(tokenizer_dir)
     key = hashlib.sha256(b"".join(k.encode() + v for k, v in sorted(files.items()))).hexdigest()[:16]
+    return {"tokenizer_files": files, "files_key": key}
+
+
+def _pack_sft(rows: Any, src: Source, cfg: DataConfig, hf_tok: Any, tokenizer_dir: str) -> Any:
     return rows.map_batches(render_and_pack, batch_size=512, batch_format="numpy",
                             fn_kwargs={"fmt": cfg.format, "sft_json": cfg.sft.model_dump_json(), "seq_len": cfg.seq_len,
-                                       "tokenizer_files": files, "files_key": key})
+                                       **_tokenizer_kwargs(tokenizer_dir)})
 
 
 def _pack_pairs(rows: Any, src: Source, cfg: DataConfig, hf_tok: Any, tokenizer_dir: str) -> Any:
     """Preference records -> one row per (chosen, rejected) pair, never packed (raylm.data.preference)."""
-    files = tokenizer_files(tokenizer_dir)
-    key = hashlib.sha256(b"".join(k.encode() + v for k, v in sorted(files.items()))).hexdigest()[:16]
     return rows.map_batches(render_pairs, batch_size=512, batch_format="numpy",
                             fn_kwargs={"pref_json": cfg.preference.model_dump_json(), "seq_len": cfg.seq_len,
-                                       "tokenizer_files": files, "files_key": key})
+                                       **_tokenizer_kwargs(tokenizer_dir)})
 
 
 def _read_sft(src: Source, cfg: DataConfig) -> Any:

@@ -28,6 +28,7 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from raylm.config import RaylmConfig
+from raylm.train.collectives import all_reduced
 
 REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy")
 
@@ -165,7 +166,7 @@ class DPO:
 
     def train_metrics(self) -> dict[str, float]:
         """Reward metrics over every pair since the last call, all ranks (a collective: call on all)."""
-        totals = _all_sum(self.sums, self.device)
+        totals = all_reduced(self.sums, self.device)
         self.sums = [0.0] * 6
         out = reward_metrics(totals)
         out.pop("loss")  # the loop logs the loss itself
@@ -177,12 +178,3 @@ class DPO:
     def eval_metrics(self, totals: list[float]) -> dict[str, float]:
         """val_loss (the DPO loss) and val_rewards/* per pair."""
         return reward_metrics(totals, prefix="val_")
-
-
-def _all_sum(values: list[float], device: Any) -> list[float]:
-    import torch
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()

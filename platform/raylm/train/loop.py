@@ -12,6 +12,7 @@ from typing import Any, Iterator, Optional
 
 from raylm import storage
 from raylm.config import RaylmConfig
+from raylm.train.collectives import all_reduced
 
 # Ray Train V2 hands each report to the controller through a queue of one, which the controller
 # drains on its health-check poll (2 s by default): reporting more often than that blocks the
@@ -167,16 +168,6 @@ def train_step(engine: Any, micro: list[dict], objective: Any = None) -> StepRes
 def real_tokens(batch: dict) -> int:
     """Tokens actually computed (not padding): what tokens/s counts."""
     return int(batch["tokens"].sum()) if "tokens" in batch else batch["input_ids"][:, :-1].numel()
-
-
-def all_reduced(values: list[float], device: Any, op: str = "SUM") -> list[float]:
-    """`values` reduced over all ranks (one all-reduce), element by element (op SUM or MIN)."""
-    import torch
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
-    return t.tolist()
 
 
 def all_have(has_batch: bool, device: Any) -> bool:
