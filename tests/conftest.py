@@ -13,6 +13,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# Each test (and each `raylm` subprocess it starts) gets the cluster it asks for; test_lifecycle
+# checks that a command joins the running one.
+os.environ.setdefault("RAYLM_JOIN_RUNNING_RAY", "0")
 
 
 def _has_gpu() -> bool:

@@ -85,7 +85,8 @@ def cmd_tune(cfg: RaylmConfig, args: argparse.Namespace) -> int:
 def cmd_serve(cfg: RaylmConfig, args: argparse.Namespace) -> int:
     """Serve a Hugging Face checkpoint (or a sweep's best.json) behind the OpenAI-compatible API."""
     from raylm.cluster import init_ray
-    from raylm.serve.app import check_servable, resolve_checkpoint, run_serve
+    from raylm.serve.app import check_servable, resolve_checkpoint
+    from raylm.serve.lifecycle import run_serve
 
     if args.checkpoint:
         cfg.serve.checkpoint = args.checkpoint
@@ -93,6 +94,43 @@ def cmd_serve(cfg: RaylmConfig, args: argparse.Namespace) -> int:
     check_servable(checkpoint, cfg.serve)  # ... or a model, adapter or engine argument vLLM would refuse
     init_ray(cfg, address=args.address)
     return run_serve(cfg, checkpoint, blocking=not args.detach)
+
+
+def cmd_promote(cfg: RaylmConfig, args: argparse.Namespace) -> int:
+    """Evaluate a checkpoint (or best.json) against the served model and roll it into the live endpoint
+    if it is at least as good (serve.promote); --adapter NAME adds a LoRA adapter without a redeploy."""
+    from raylm.serve import lifecycle
+    from raylm.serve.app import check_servable, resolve_checkpoint
+
+    if args.adapter:
+        entry = lifecycle.add_adapter(cfg, args.adapter, args.checkpoint)
+        say(f"recorded in {lifecycle.history_uri(cfg)}", event="promoted", entry=entry)
+        return 0
+    candidate = resolve_checkpoint(args.checkpoint)  # a missing or corrupt checkpoint: exit 2, before Ray
+    check_servable(candidate, cfg.serve)
+    from raylm.cluster import init_ray
+
+    init_ray(cfg, address=args.address)
+    try:
+        entry = lifecycle.promote(cfg, candidate, force=args.force)
+    except lifecycle.PromotionRefused as exc:
+        console.error(str(exc))
+        return lifecycle.EXIT_REFUSED
+    say(f"{entry['version']} is live: {candidate} (history: {lifecycle.history_uri(cfg)})", event="promoted",
+        entry=entry)
+    return 0
+
+
+def cmd_rollback(cfg: RaylmConfig, args: argparse.Namespace) -> int:
+    """Roll the model served before the live one back into the endpoint (zero downtime, no gate)."""
+    from raylm.cluster import init_ray
+    from raylm.serve import lifecycle
+
+    lifecycle._live(cfg)  # nothing to roll back: exit 2 before Ray
+    init_ray(cfg, address=args.address)
+    entry = lifecycle.rollback(cfg)
+    say(f"{entry['version']} is live again: {entry['checkpoint']}", event="rolled_back", entry=entry)
+    return 0
 
 
 def cmd_export(cfg: RaylmConfig, args: argparse.Namespace) -> int:
@@ -133,6 +171,7 @@ def cmd_k8s(cfg: RaylmConfig, args: argparse.Namespace) -> int:
 VERBS: dict[str, Callable[[RaylmConfig, argparse.Namespace], int]] = {
     "config": cmd_config, "data": cmd_data, "train": cmd_train, "tune": cmd_tune, "serve": cmd_serve,
     "export": cmd_export, "pipeline": cmd_pipeline, "status": cmd_status, "k8s": cmd_k8s,
+    "promote": cmd_promote, "rollback": cmd_rollback,
 }
 
 
@@ -153,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--detach", action="store_true", help="deploy and return instead of blocking")
         if name == "export":
             p.add_argument("checkpoint", help="a checkpoint folder (step_*) or its URI")
+        if name == "promote":
+            p.add_argument("checkpoint", help="HF checkpoint dir or a sweep's best.json (with --adapter: a peft adapter dir)")
+            p.add_argument("--force", action="store_true", help="skip the eval gate")
+            p.add_argument("--adapter", metavar="NAME", help="add the adapter as model <serve.model_id>:NAME instead")
         if name == "pipeline":
             p.add_argument("--keep-serving", action="store_true", help="keep the endpoint up after the demo request")
         if name == "k8s":

@@ -26,7 +26,10 @@ def init_ray(cfg: RaylmConfig, address: Optional[str] = None, num_cpus: Optional
     """Connect to (or start) Ray with token authentication kept on.
 
     Order: explicit address, `cluster.address`, `RAY_ADDRESS` (set by `ray job submit`), else a
-    new local cluster. Ray 2.60 turns token auth on for new local clusters; we set it explicitly
+    Ray cluster already running on this machine (the one `raylm serve` started, say: a second
+    head beside it would clash on the dashboard agent's port, and commands like `raylm promote`
+    must reach its Serve), else a new local cluster. `--address local` always starts a new one;
+    RAYLM_JOIN_RUNNING_RAY=0 turns the joining off. Ray 2.60 turns token auth on for new local clusters; we set it explicitly
     an inherited `RAY_AUTH_MODE=disabled` is refused rather than silently honoured. (We do not
     set `RAY_AUTH_MODE=token` ourselves: with the variable set, Ray 2.60 expects a token to
     exist already, while with it unset a new local cluster generates ~/.ray/auth_token.)
@@ -39,16 +42,18 @@ def init_ray(cfg: RaylmConfig, address: Optional[str] = None, num_cpus: Optional
         raise RuntimeError("RAY_AUTH_MODE=disabled: raylm keeps Ray token authentication on "
                            "(set RAYLM_ALLOW_NO_AUTH=1 to override for a cluster you secure otherwise)")
     os.environ.update({k: v for k, v in worker_env(cfg.train.use_gpu).items() if k not in os.environ})
-    target = address or cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    target = address or cfg.cluster.address or os.environ.get("RAY_ADDRESS") or running_cluster()
     from raylm import console
 
     kwargs: dict = {"namespace": cfg.cluster.namespace, "log_to_driver": console.forward_worker_logs(),
                     "runtime_env": {"env_vars": worker_env(cfg.train.use_gpu)}}
     if console.quiet():
         kwargs["logging_level"] = logging.ERROR
-    if target:
+    if target and target != "local":
         ray.init(address=target, **kwargs)
         console.silence()
+        console.say(f"Ray: joined the cluster at {target} (--address local starts a new one)", event="ray",
+                    address=target, joined=True)
         return
     # The dashboard (bound to 127.0.0.1, behind the token) serves the state API that Ray Train V2
     # uses: its PlacementGroupCleaner asks it whether a controller died, to free the workers'
@@ -63,6 +68,26 @@ def init_ray(cfg: RaylmConfig, address: Optional[str] = None, num_cpus: Optional
     kwargs["runtime_env"]["env_vars"].update(api)
     ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, **kwargs)
     console.silence()
+
+
+def running_cluster() -> Optional[str]:
+    """The GCS address of the Ray cluster running on this machine, as `ray.init(address="auto")`
+    finds it; None when there is none. With several, the newest `ray start`'s, else an error
+    listing them (joining an arbitrary one could put a promotion on the wrong endpoint)."""
+    if os.environ.get("RAYLM_JOIN_RUNNING_RAY", "1") == "0":
+        return None
+    from ray._private import services
+
+    found = sorted(set(services.find_gcs_addresses()))
+    if len(found) <= 1:
+        return found[0] if found else None
+    latest = services.find_bootstrap_address(None)
+    if latest in found:
+        return latest
+    from raylm.errors import InputError
+
+    raise InputError(f"{len(found)} Ray clusters run on this machine ({', '.join(found)}): name one with --address "
+                     "(or cluster.address / RAY_ADDRESS), or --address local for a new one")
 
 
 def _free_port(preferred: int = 8265) -> int:

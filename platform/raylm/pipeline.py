@@ -80,7 +80,10 @@ def run_pipeline(cfg: RaylmConfig, address: Optional[str] = None, keep_serving: 
     """Run the four stages in order and print where the endpoint is and how to call it."""
     from raylm.cluster import init_ray
     from raylm.data import resolve_source
-    from raylm.serve.app import _deploy, banner, serve_until_interrupted
+    from raylm.serve import lifecycle
+    from raylm.serve.app import _base_url, banner, serve_until_interrupted
+    from raylm.serve.lifecycle import deploy_recorded
+    from raylm.serve.auth import setup_keys
     from raylm.train.checkpoint import hf_dir
     from raylm.tune import run_sweep, validate_sweep
 
@@ -101,11 +104,20 @@ def run_pipeline(cfg: RaylmConfig, address: Optional[str] = None, keep_serving: 
         say("error: no trial finished with a checkpoint; see the table above", event="error")
         return 1
 
-    stage(3, "serve: the best checkpoint behind the OpenAI-compatible API")
     checkpoint = hf_dir(outcome.best.checkpoint)
-    bar = Progress("serve: vLLM replica warm-up")
-    url, keys = _deploy(cfg, checkpoint)
-    bar.close(f"{checkpoint} at {url}/v1")
+    if lifecycle.is_serving(cfg) and lifecycle.live_entry(lifecycle.read_history(cfg)):
+        stage(3, f"promote: the best checkpoint against the model {cfg.serve.app_name} serves (serve.promote)")
+        try:
+            entry = lifecycle.promote(cfg, checkpoint)
+            say(f"{entry['version']} is live: {checkpoint}", event="promoted", entry=entry)
+        except lifecycle.PromotionRefused as exc:
+            say(str(exc), event="refused")
+        url, keys = _base_url(cfg.serve), setup_keys(cfg.serve)
+    else:
+        stage(3, "serve: the best checkpoint behind the OpenAI-compatible API")
+        bar = Progress("serve: vLLM replica warm-up")
+        url, keys = deploy_recorded(cfg, checkpoint)
+        bar.close(f"{checkpoint} at {url}/v1")
 
     stage(4, "one completion through the endpoint")
     prompt = demo_prompt(cfg)

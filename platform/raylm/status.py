@@ -97,6 +97,25 @@ def serving(cfg: RaylmConfig, address: Optional[str]) -> list[str]:
         ray.shutdown()
 
 
+def history_lines(cfg: RaylmConfig, last: int = 8) -> list[str]:
+    """The newest promotion-history entries, the live model marked."""
+    from raylm.serve.lifecycle import history_uri, live_entry, read_history
+
+    history = read_history(cfg)
+    if not history:
+        return [f"none yet ({history_uri(cfg)})"]
+    live = live_entry(history)
+    lines = []
+    for e in history[-last:]:
+        what = e.get("checkpoint") or e.get("model")
+        gate = e.get("metrics") or {}
+        scores = f", {gate['metric']} {gate['candidate']:.4f} vs {gate['served']:.4f}" if gate.get("metric") else ""
+        came = f" (from {e['from_version']})" if e.get("from_version") else ""
+        lines.append(f"{e['at']} {e['action']} {e.get('version') or e.get('name')}{came}: {what}"
+                     f"{scores}{' [forced]' if e.get('forced') else ''}{'  <- live' if e is live else ''}")
+    return lines
+
+
 def show_status(cfg: RaylmConfig, address: Optional[str] = None) -> int:
     root = storage.root(cfg.train.storage_path)
     print(f"storage: {root}")
@@ -113,6 +132,9 @@ def show_status(cfg: RaylmConfig, address: Optional[str] = None) -> int:
                   f"params={b['params']} -> {b['checkpoint']}")
         else:
             print(f"  {s.name}: {s.trials} trial(s), no best yet")
+    print(f"models served by {cfg.serve.app_name} (promotion history):")
+    for line in history_lines(cfg):
+        print(f"  {line}")
     print("serving:")
     for line in serving(cfg, address):
         print(f"  {line}")

@@ -77,6 +77,19 @@ def read_bytes(uri: str) -> bytes:
         raise StorageError(f"{uri}: cannot read it: {exc}") from None
 
 
+def read_head(uri: str, length: int) -> tuple[bytes, int]:
+    """The first `length` bytes of a file and its size, without reading the rest (a checkpoint's
+    weights may be GBs in a bucket)."""
+    fs, path = filesystem(uri)
+    try:
+        with fs.open_input_file(path) as f:
+            return f.read(length), f.size()
+    except FileNotFoundError:
+        raise StorageError(f"{uri}: not found") from None
+    except OSError as exc:
+        raise StorageError(f"{uri}: cannot read it: {exc}") from None
+
+
 def read_json(uri: str) -> Any:
     try:
         return json.loads(read_bytes(uri))

@@ -17,7 +17,7 @@ LAYERS = {
     "raylm.data": 3, "raylm.model": 3,
     "raylm.train": 4,
     "raylm.tune": 5,
-    "raylm.serve": 6,
+    "raylm.serve": 6, "raylm.evaluate": 6,
     "raylm.k8s": 7,
     "raylm.status": 8, "raylm.pipeline": 8,
     "raylm.cli": 9, "raylm.__main__": 9, "raylm": 9,

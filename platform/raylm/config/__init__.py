@@ -27,7 +27,7 @@ _WHERE = {
     "ModelConfig": "model",
     "LoraConfig": "train", "DPOConfig": "train", "TrackingConfig": "train", "TrainConfig": "train", "DeepSpeedConfig": "train",
     "AshaConfig": "tune", "TuneConfig": "tune",
-    "AutoscalingConfig": "serve", "ServeConfig": "serve",
+    "AutoscalingConfig": "serve", "ServeConfig": "serve", "PromoteConfig": "serve",
     "ClusterConfig": "cluster",
     "RaylmConfig": "root",
     "read_yaml_tree": "loader", "apply_override": "loader", "validate_tree": "loader",

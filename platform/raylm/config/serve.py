@@ -35,6 +35,18 @@ class AutoscalingConfig(ServeAutoscalingConfig):
         return {k: v for k, v in self.model_dump(mode="json", exclude_none=True).items() if k in shown}
 
 
+class PromoteConfig(_Strict):
+    """The promotion gate of `raylm promote`: which eval metric decides, and how much worse than
+    the served model a candidate may be and still go live."""
+
+    metric: Literal["val_loss", "perplexity", "exact_match", "contains"] = Field(
+        "val_loss", description="The `raylm eval` metric compared (val_loss and perplexity: lower is better; "
+        "exact_match and contains, for chat/instruction data: higher is better).")
+    tolerance: float = Field(
+        0.0, ge=0, description="How much worse than the served model the candidate may score and still be promoted, "
+        "in the metric's own units (0: at least as good).")
+
+
 class ServeConfig(_Strict):
     checkpoint: Optional[str] = Field(None, description="HF checkpoint dir, or a sweep's best.json.")
     model_id: str = Field("raylm", description="The model name the API reports and accepts.")
@@ -120,6 +132,22 @@ class ServeConfig(_Strict):
         "placement group bundle (1 CPU, or 1 GPU per tensor-parallel rank). 0 lets it fit on a 2-CPU machine."
     )
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="Replica autoscaling.")
+    # ---- the model lifecycle: rollouts, adapters, promotion
+    graceful_shutdown_timeout_s: float = Field(
+        30.0, gt=0, description="How long a replica being replaced (a rollout by raylm promote/rollback, or a "
+        "scale-down) keeps finishing its in-flight requests and streams before it is stopped. New requests go to "
+        "the new replicas from the moment they pass their health check.")
+    replica_start_attempts: int = Field(
+        2, ge=1, description="Tries Serve gives a replica to start (its engine to load the checkpoint) before the "
+        "deployment counts as failed; a rollout whose checkpoint fails to load is rolled back after that many.")
+    adapters_path: Optional[str] = Field(
+        None, description="Storage prefix (a local folder, s3://, gs://) whose subfolders are peft LoRA adapters "
+        "of the served model, servable at once as model `<serve.model_id>:<folder>` without a redeploy: a replica "
+        "loads one at its first request (`raylm promote --adapter NAME <adapter dir>` puts one there).")
+    max_adapters_per_replica: int = Field(
+        4, ge=1, description="Adapters from serve.adapters_path one replica keeps loaded (least recently used "
+        "ones are dropped first); also vLLM's max_loras.")
+    promote: PromoteConfig = Field(default_factory=PromoteConfig, description="The promotion gate (raylm promote).")
 
     @field_validator("engine_kwargs")
     @classmethod

@@ -10,11 +10,13 @@ writes into the RayService.
 
 Entry points: `resolve_checkpoint` (before Ray starts), `build_app` (an `Application`, used by
 deployments/openai_app.py for `serve run`/`serve deploy`/KubeRay), `deploy` (start Serve and run
-the app; returns the base URL) and `run_serve` (the `raylm serve` verb).
+the app; returns the base URL); serve/lifecycle.py deploys with a recorded version (`raylm serve`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import time
@@ -32,6 +34,7 @@ from raylm.console import say
 from raylm.errors import CheckpointError, ConfigError, InputError, ServeDeployError
 from raylm.serve.auth import KeySetup, setup_keys
 from raylm.serve.gate import Gate, GateSettings
+from raylm.serve.protocol import APIError
 from raylm.serve.options import SERVE_MODEL_DEPLOYMENT, backpressure, deployment_options, engine_kwargs
 
 logger = logging.getLogger(__name__)
@@ -60,6 +63,31 @@ def _checkpoint_from_best_json(path: str) -> str:
     return target if os.path.isabs(target) else storage.join(storage.parent(path), target)
 
 
+SAFETENSORS_MAX_HEADER = 100 * 2**20
+
+
+def check_safetensors(uri: str) -> None:
+    """A safetensors file is whole: its JSON header parses and the tensors it lists end exactly
+    at the end of the file. A copy cut short or overwritten is refused here, naming the file,
+    instead of failing inside a replica's engine."""
+    import struct
+
+    head, size = storage.read_head(uri, 8)
+    if len(head) < 8:
+        raise CheckpointError(f"{uri}: corrupt safetensors file ({size} bytes)")
+    (header_len,) = struct.unpack("<Q", head)
+    if header_len > min(size - 8, SAFETENSORS_MAX_HEADER):
+        raise CheckpointError(f"{uri}: corrupt safetensors file (header of {header_len} bytes in a {size}-byte file)")
+    try:
+        header = json.loads(storage.read_head(uri, 8 + header_len)[0][8:])
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        raise CheckpointError(f"{uri}: corrupt safetensors header ({exc})") from None
+    if 8 + header_len + end != size:
+        raise CheckpointError(f"{uri}: corrupt safetensors file: its header lists {8 + header_len + end} bytes, "
+                              f"the file has {size} (cut short or overwritten?)")
+
+
 def _check_hf_dir(path: str, via: str) -> None:
     if storage.kind(path) != "dir":
         raise CheckpointError(f"checkpoint not found: {path}{via}")
@@ -71,6 +99,8 @@ def _check_hf_dir(path: str, via: str) -> None:
         raise CheckpointError(f"{path}{via}: config.json has no model_type")
     if not any(storage.kind(storage.join(path, name)) == "file" for name in WEIGHT_FILES):
         raise CheckpointError(f"{path}{via}: no weights ({', '.join(WEIGHT_FILES)})")
+    if storage.kind(storage.join(path, "model.safetensors")) == "file":
+        check_safetensors(storage.join(path, "model.safetensors"))
     if not any(storage.kind(storage.join(path, name)) == "file" for name in TOKENIZER_FILES):
         raise CheckpointError(f"{path}{via}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
 
@@ -143,6 +173,89 @@ def check_servable(checkpoint: str, s: ServeConfig) -> dict:
     return config
 
 
+# ------------------------------------------------------------------ adapters
+
+BASE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
+
+def adapter_base_mismatch(adapter_dir: str, served_config: dict, max_lora_rank: int) -> Optional[str]:
+    """Why the peft adapter in `adapter_dir` cannot run on the served model, or None. The base it
+    was trained on is read from the adapter's `base_model_name_or_path` when that folder is
+    reachable (its config.json must agree with the served model's shape), and its rank must fit
+    the engine's LoRA kernels."""
+    try:
+        adapter = storage.read_json(storage.join(adapter_dir, "adapter_config.json"))
+    except storage.StorageError as exc:
+        return f"not a peft adapter directory (adapter_config.json: {exc})"
+    if not isinstance(adapter, dict) or not isinstance(adapter.get("r"), int):
+        return "adapter_config.json has no rank r"
+    if adapter["r"] > max_lora_rank:
+        return f"rank {adapter['r']} > serve.max_lora_rank={max_lora_rank}"
+    base = adapter.get("base_model_name_or_path")
+    try:
+        base_config = storage.read_json(storage.join(os.path.expanduser(base), "config.json")) if base else None
+    except storage.StorageError:
+        base_config = None  # a hub name or a folder that is gone: the engine checks the shapes when it loads
+    if isinstance(base_config, dict):
+        differ = [f"{k} {base_config.get(k)} != {served_config.get(k)}" for k in BASE_KEYS
+                  if base_config.get(k) != served_config.get(k)]
+        if differ:
+            return f"trained on base {base} whose {', '.join(differ)} (the served model's)"
+    return None
+
+
+class AdapterStore:
+    """The adapters under `serve.adapters_path`, served on demand as `<model_id>:<folder>`.
+
+    Loading is Ray Serve's model multiplexing (`serve.multiplexed`: an LRU of
+    serve.max_adapters_per_replica per replica, whose ids Serve's router knows) around Ray Serve
+    LLM's `engine.resolve_lora`. We do not set Ray Serve LLM's `dynamic_lora_loading_path`: it
+    accepts only s3://, gs:// and Azure URIs and downloads with its own client, while raylm's
+    storage layer (pyarrow.fs, `storage.cached_copy`) reads local folders and every bucket the
+    base checkpoint may come from, with the same credentials."""
+
+    LIST_TTL_S = 2.0
+
+    def __init__(self, server: "RaylmServer", s: ServeConfig, served_config: dict):
+        self.server, self.path, self.model_id = server, s.adapters_path or "", s.model_id
+        self.max_lora_rank, self.served_config = s.max_lora_rank, served_config
+        self._listed: tuple[float, tuple[str, ...]] = (0.0, ())
+        self._next_id = 1000  # vLLM's LoRA int ids; the static adapters take 1..n
+        self.load_adapter = serve.multiplexed(max_num_models_per_replica=s.max_adapters_per_replica)(self._load)
+
+    async def names(self) -> tuple[str, ...]:
+        stamp, names = self._listed
+        if time.monotonic() - stamp > self.LIST_TTL_S:
+            try:
+                folders = storage.list_dir(self.path) if storage.kind(self.path) == "dir" else []
+            except storage.StorageError as exc:
+                logger.warning("serve.adapters_path=%s: cannot list: %s", self.path, exc)
+                folders = []
+            names = tuple(f"{self.model_id}:{f}" for f in sorted(folders) if not f.startswith("."))
+            self._listed = (time.monotonic(), names)
+        return names
+
+    async def load(self, model: str) -> None:
+        await self.load_adapter(model)
+
+    async def _load(self, model: str) -> Any:
+        from ray.llm._internal.serve.core.configs.llm_config import DiskMultiplexConfig
+
+        folder = storage.join(self.path, model.split(":", 1)[1])
+        why = adapter_base_mismatch(folder, self.served_config, self.max_lora_rank)
+        if why:
+            raise APIError(400, f"adapter {model!r} ({folder}) cannot be served: {why}", "model", "invalid_adapter")
+        local = storage.cached_copy(folder) if storage.is_remote(folder) else folder
+        self._next_id += 1
+        try:
+            await self.server.engine.resolve_lora(DiskMultiplexConfig(
+                model_id=model, local_path=local, max_total_tokens=None, lora_assigned_int_id=self._next_id))
+        except ValueError as exc:  # vLLM could not load it (shapes of another base, bad weights)
+            raise APIError(400, f"adapter {model!r} ({folder}) cannot be served: {exc}", "model",
+                           "invalid_adapter") from None
+        return model
+
+
 # ------------------------------------------------------------------ the replica
 
 
@@ -152,7 +265,8 @@ class RaylmServer(LLMServer):
     Serve builds the app after the engine has started (`__serve_build_asgi_app__`), so no route
     answers before the model can generate."""
 
-    async def __init__(self, llm_config: LLMConfig, *, serve_config: dict, key_hashes: list[str], vocab_size: int):
+    async def __init__(self, llm_config: LLMConfig, *, serve_config: dict, key_hashes: list[str],
+                       model_config: dict, model_version: str = ""):
         s = ServeConfig.model_validate(serve_config)
         # Each replica brings a checkpoint (and adapters) in object storage to its own node's disk once.
         llm_config.model_loading_config.model_source = storage.cached_copy(llm_config.model_loading_config.model_source)
@@ -161,8 +275,11 @@ class RaylmServer(LLMServer):
         self.gate_settings = GateSettings(model_id=s.model_id, adapters=tuple(s.lora_adapters),
                                           key_hashes=tuple(key_hashes),
                                           require_api_key=s.require_api_key, max_tokens_limit=s.max_tokens_limit,
-                                          default_max_tokens=s.default_max_tokens, vocab_size=vocab_size,
-                                          max_logprobs=s.max_logprobs, cors_origins=tuple(s.cors_origins))
+                                          default_max_tokens=s.default_max_tokens, vocab_size=model_config["vocab_size"],
+                                          max_logprobs=s.max_logprobs, cors_origins=tuple(s.cors_origins),
+                                          model_version=model_version,
+                                          max_model_len=s.max_model_len or model_config.get("max_position_embeddings"))
+        self.adapters = AdapterStore(self, s, model_config) if s.adapters_path else None
         self.requests_total = metrics.Counter(
             "raylm_requests", description="Requests answered, by endpoint and HTTP status.",
             tag_keys=("endpoint", "status"))
@@ -171,7 +288,8 @@ class RaylmServer(LLMServer):
     async def __serve_build_asgi_app__(self) -> Any:
         app = await super().__serve_build_asgi_app__()
         app.middleware_stack = None  # vLLM built its stack eagerly; let Starlette rebuild it with the gate
-        app.add_middleware(Gate, settings=self.gate_settings, health=self.check_health, on_response=self._count)
+        app.add_middleware(Gate, settings=self.gate_settings, health=self.check_health, on_response=self._count,
+                           adapters=self.adapters)
         return app
 
     def _count(self, endpoint: str, status: int) -> None:
@@ -211,19 +329,30 @@ def _has_chat_template(checkpoint: str) -> bool:
 
 
 def build_app(cfg: RaylmConfig, checkpoint: str, keys: Optional[KeySetup] = None,
-              deployment_name: str = SERVE_MODEL_DEPLOYMENT) -> serve.Application:
+              deployment_name: str = SERVE_MODEL_DEPLOYMENT, model_version: str = "") -> serve.Application:
     """The Serve application: `RaylmServer` over the checkpoint with options from `cfg.serve`,
-    bound to the API key hashes (never the keys: replicas may sit on other nodes)."""
+    bound to the API key hashes (never the keys: replicas may sit on other nodes) and the model
+    version its responses name.
+
+    The deployment's code version is a hash of everything the replicas are built from, so
+    deploying the same inputs again leaves running replicas alone (Serve would otherwise give a
+    Python-built app a random version and restart them): a rollout that fails can be undone by
+    deploying the previous inputs, at no cost to the replicas still serving them."""
     s = cfg.serve
     model_config = check_servable(checkpoint, s)
     keys = keys or setup_keys(s)
-    return build_llm_deployment(
+    bind = {"serve_config": s.model_dump(mode="json"), "key_hashes": list(keys.hashes),
+            "model_config": model_config, "model_version": model_version}
+    app = build_llm_deployment(
         llm_config(s, checkpoint, _has_chat_template(checkpoint)),
         deployment_cls=serve.ingress()(RaylmServer),
-        bind_kwargs={"serve_config": s.model_dump(mode="json"), "key_hashes": list(keys.hashes),
-                     "vocab_size": model_config["vocab_size"]},
-        override_serve_options={"name": deployment_name, "backpressure_config": backpressure(s)},
+        bind_kwargs=bind,
+        override_serve_options={"name": deployment_name, "backpressure_config": backpressure(s),
+                                "max_constructor_retry_count": s.replica_start_attempts},
     )
+    inputs = json.dumps({"checkpoint": checkpoint, **bind}, sort_keys=True, default=str)
+    app._bound_deployment._version = hashlib.sha256(inputs.encode()).hexdigest()[:16]  # no public setter in 2.60
+    return app
 
 
 def _proxy_address(s: ServeConfig) -> tuple[str, int]:
@@ -259,12 +388,13 @@ def direct_urls(s: ServeConfig) -> list[str]:
             if g.protocol == "HTTP" for t in g.targets if t.port != proxy_port]
 
 
-def _deploy(cfg: RaylmConfig, checkpoint: str) -> tuple[str, KeySetup]:
+def _deploy(cfg: RaylmConfig, checkpoint: str, version: str = "") -> tuple[str, KeySetup]:
     s = cfg.serve
     keys = setup_keys(s)
     serve.start(http_options=s.http_options())
     try:
-        serve.run(build_app(cfg, checkpoint, keys), name=s.app_name, route_prefix=s.route_prefix)
+        serve.run(build_app(cfg, checkpoint, keys, model_version=version), name=s.app_name,
+                  route_prefix=s.route_prefix)
     except RuntimeError as exc:
         raise ServeDeployError(f"serve app {s.app_name!r} over {checkpoint} failed to deploy: {exc}") from None
     return _base_url(s), keys
@@ -298,16 +428,6 @@ def banner(url: str, keys: KeySetup, cfg: RaylmConfig, direct: tuple[str, ...] =
         f"  python -c \"import openai; c = openai.OpenAI(base_url='{url}/v1', api_key='<key>'); "
         f"print(c.completions.create(model='{s.model_id}', prompt='Hello', max_tokens=16).choices[0].text)\"",
     ])
-
-
-def run_serve(cfg: RaylmConfig, checkpoint: str, blocking: bool) -> int:
-    """`raylm serve`: deploy, print the URL/key location/examples; block until Ctrl-C if asked."""
-    url, keys = _deploy(cfg, checkpoint)
-    direct = tuple(direct_urls(cfg.serve)) if cfg.serve.direct_ingress else ()
-    say(banner(url, keys, cfg, direct), event="serving", url=f"{url}/v1", direct=[f"{u}/v1" for u in direct])
-    if blocking:
-        serve_until_interrupted(cfg)
-    return 0
 
 
 def serve_until_interrupted(cfg: RaylmConfig) -> None:

@@ -11,7 +11,11 @@ what an endpoint on the internet needs:
   400/404 naming the parameter, with this server's limits (`serve.max_tokens_limit`, a default
   max_tokens) applied;
 - error bodies vLLM itself produces (a prompt longer than the context, say) are put in OpenAI's
-  shape (`type`, `param`, `code`), so clients see one error format.
+  shape (`type`, `param`, `code`), so clients see one error format;
+- every response names the model version that produced it (`x-raylm-model-version`), so a
+  client can tell old from new replicas during a rollout;
+- the models routes list the base model and its adapters, those on demand under
+  `serve.adapters_path` included, and a request for such an adapter loads it first (`Adapters`).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Optional
+from typing import Any, Awaitable, Callable, Optional, Protocol
 
 from raylm.serve.auth import KeyChecker
 from raylm.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, check_limits,
@@ -37,6 +41,17 @@ UNSUPPORTED = {
 }
 CORS_METHODS, CORS_MAX_AGE_S = "GET, POST, OPTIONS", 600
 CONTEXT_MARKERS = ("maximum context length", "max_model_len", "context length")
+VERSION_HEADER = b"x-raylm-model-version"
+
+
+class Adapters(Protocol):
+    """The on-demand adapters of a replica (serve.adapters_path): what exists, and loading one."""
+
+    async def names(self) -> tuple[str, ...]:
+        """Model ids (`<model_id>:<folder>`) of the adapters under the path, listed recently."""
+
+    async def load(self, model: str) -> None:
+        """Make the adapter servable on this replica; raises `APIError` (4xx) naming it when it cannot be."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +67,8 @@ class GateSettings:
     vocab_size: int
     max_logprobs: int = 5
     cors_origins: tuple[str, ...] = ()
+    model_version: str = ""
+    max_model_len: Optional[int] = None
 
     def allowed_origin(self, origin: Optional[str]) -> Optional[str]:
         """The Access-Control-Allow-Origin value for a browser's Origin, or None (no CORS)."""
@@ -75,11 +92,18 @@ def app_path(scope: dict) -> str:
     return path[len(root):] or "/" if root and path.startswith(root) else path
 
 
-def check_body(route: str, raw: bytes, s: GateSettings) -> bytes:
+def model_card(model_id: str, parent: Optional[str], s: GateSettings) -> dict:
+    """An OpenAI model object (with vLLM's `parent` for adapters and `max_model_len`)."""
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": "raylm", "root": model_id,
+            "parent": parent, "max_model_len": s.max_model_len}
+
+
+def check_body(route: str, raw: bytes, s: GateSettings, dynamic: tuple[str, ...] = ()) -> tuple[bytes, str]:
     """Validate a completions/chat body and apply this server's limits; returns the body to hand to
     the engine (with max_tokens filled in when the request left it out: OpenAI's 16 for completions,
     for chat the rest of the context, which vLLM takes as min(max_tokens, context - prompt), capped
-    by `serve.max_tokens_limit`). Raises `APIError`."""
+    by `serve.max_tokens_limit`) and the model asked for. `dynamic`: the on-demand adapters'
+    model ids. Raises `APIError`."""
     model = CompletionRequest if route == "completions" else ChatCompletionRequest
     req = parse_request(model, raw)
     reject_unsupported(req, UNSUPPORTED[route])
@@ -88,13 +112,13 @@ def check_body(route: str, raw: bytes, s: GateSettings) -> bytes:
             if not isinstance(prompt, str) and any(not 0 <= t < s.vocab_size for t in prompt):
                 raise APIError(400, f"prompt: token ids must lie in [0, {s.vocab_size})", "prompt", "invalid_value")
     req.stop_list()
-    asked = check_limits(req, models=(s.model_id, *s.adapters), max_tokens_limit=s.max_tokens_limit,
+    asked = check_limits(req, models=(s.model_id, *s.adapters, *dynamic), max_tokens_limit=s.max_tokens_limit,
                          max_logprobs=s.max_logprobs)
     if asked is not None:
-        return raw
+        return raw, req.model
     body = json.loads(raw)
     body["max_tokens"] = s.default_max_tokens if route == "completions" else s.max_tokens_limit
-    return json.dumps(body).encode()
+    return json.dumps(body).encode(), req.model
 
 
 def normalize_error(status: int, raw: bytes, route: Optional[str]) -> bytes:
@@ -152,8 +176,10 @@ class Gate:
     """ASGI middleware: routes, auth, validation and error shape in front of vLLM's app."""
 
     def __init__(self, app: ASGIApp, *, settings: GateSettings, health: Callable[[], Awaitable[None]],
-                 on_response: Callable[[str, int], None] = lambda route, status: None):
+                 on_response: Callable[[str, int], None] = lambda route, status: None,
+                 adapters: Optional[Adapters] = None):
         self.app, self.settings, self.health, self.on_response = app, settings, health, on_response
+        self.adapters = adapters
         self.keys = KeyChecker(settings.key_hashes, required=settings.require_api_key)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
@@ -165,6 +191,8 @@ class Gate:
             return await self._preflight(scope, send, origin)
         if origin:
             send = _with_cors(send, origin)
+        if self.settings.model_version:
+            send = _with_header(send, VERSION_HEADER, self.settings.model_version)
         if path == "/health" and method in ("GET", "HEAD"):
             return await self._health(send)
         route = route_of(method, path)
@@ -176,17 +204,35 @@ class Gate:
             if not self.keys.allows(_header(scope, b"authorization")):
                 raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
                                None, "invalid_api_key")
-            if route != "models":
-                body = check_body(route, await read_body(receive), self.settings)
-                scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"content-length"]
-                         + [(b"content-length", str(len(body)).encode())]}
-                receive = replay(body, receive)
+            dynamic = await self.adapters.names() if self.adapters else ()
+            if route == "models":
+                self.on_response(route, 200)
+                return await send_json(send, 200, self._models(path, dynamic))
+            body, model = check_body(route, await read_body(receive), self.settings, dynamic)
+            if model in dynamic:
+                await self.adapters.load(model)
+            scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"content-length"]
+                     + [(b"content-length", str(len(body)).encode())]}
+            receive = replay(body, receive)
         except APIError as exc:
             self.on_response(route or "other", exc.status)
             return await send_json(send, exc.status, exc.body())
         except ConnectionError:
             return None
         await self.app(scope, receive, self._normalizing(send, route))
+
+    def _models(self, path: str, dynamic: tuple[str, ...]) -> dict:
+        """`GET /v1/models` (the base, its adapters and the on-demand ones) or `/v1/models/<id>`."""
+        s = self.settings
+        cards = {s.model_id: model_card(s.model_id, None, s),
+                 **{m: model_card(m, s.model_id, s) for m in (*s.adapters, *dynamic)}}
+        if path == "/v1/models":
+            return {"object": "list", "data": list(cards.values())}
+        wanted = path[len("/v1/models/"):]
+        if wanted not in cards:
+            raise APIError(404, f"The model '{wanted}' does not exist; this server serves "
+                           f"{', '.join(repr(m) for m in cards)}.", "model", "model_not_found")
+        return cards[wanted]
 
     async def _preflight(self, scope: dict, send: Callable, origin: Optional[str]) -> None:
         """A browser's CORS preflight (no key: browsers send none): allowed origins get 204 and what
@@ -246,6 +292,17 @@ def _with_cors(send: Callable, origin: str) -> Callable:
         if message["type"] == "http.response.start":
             message = {**message, "headers": [*message.get("headers", []), (b"access-control-allow-origin",
                                                                             origin.encode()), (b"vary", b"Origin")]}
+        await send(message)
+
+    return _send
+
+
+def _with_header(send: Callable, name: bytes, value: str) -> Callable:
+    """A `send` that adds one header to the response."""
+
+    async def _send(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), (name, value.encode())]}
         await send(message)
 
     return _send

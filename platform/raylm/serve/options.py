@@ -21,12 +21,23 @@ def serve_autoscaling(s: ServeConfig) -> dict[str, Any]:
     return s.autoscaling.serve_options()
 
 
+ROLLOUT_SURGE_PERCENT = 100  # a rollout starts every new replica before any old one stops
+
+
 def deployment_options(s: ServeConfig) -> dict[str, Any]:
     """Ray Serve options of the model deployment (replica count, concurrency, queue, CPUs). The
-    engine's own CPU/GPU bundle is added by Ray Serve LLM from the accelerator and parallelism."""
+    engine's own CPU/GPU bundle is added by Ray Serve LLM from the accelerator and parallelism.
+
+    A rollout (the app redeployed over a new checkpoint) is Serve's rolling update with surge:
+    new replicas start and pass their health check while the old ones keep serving; only then
+    do old replicas stop taking requests and drain for up to graceful_shutdown_timeout_s. A new
+    replica that cannot start is retried (serve.replica_start_attempts, set in serve/app.py: Serve's
+    config files have no such field), and the old ones never stop."""
     return {"autoscaling_config": serve_autoscaling(s), "max_ongoing_requests": s.max_ongoing_requests,
             "max_queued_requests": s.max_queued_requests,
-            "ray_actor_options": {"num_cpus": s.num_cpus_per_replica}}
+            "ray_actor_options": {"num_cpus": s.num_cpus_per_replica},
+            "max_surge_percent": ROLLOUT_SURGE_PERCENT,
+            "graceful_shutdown_timeout_s": s.graceful_shutdown_timeout_s}
 
 
 def backpressure(s: ServeConfig) -> dict[str, Any]:
@@ -41,8 +52,9 @@ def engine_kwargs(s: ServeConfig) -> dict[str, Any]:
                               "tensor_parallel_size": s.tensor_parallel_size, "max_logprobs": s.max_logprobs}
     if s.max_model_len is not None:
         kwargs["max_model_len"] = s.max_model_len
-    if s.lora_adapters:  # the adapters themselves are named in app.py (vLLM's LoRAModulePath)
-        kwargs.update(enable_lora=True, max_lora_rank=s.max_lora_rank, max_loras=len(s.lora_adapters))
+    if s.lora_adapters or s.adapters_path:  # the adapters themselves are named in app.py / loaded on demand
+        kwargs.update(enable_lora=True, max_lora_rank=s.max_lora_rank,
+                      max_loras=len(s.lora_adapters) + (s.max_adapters_per_replica if s.adapters_path else 0))
     if s.kv_cache_memory_gib is not None or not s.use_gpu:
         kwargs["kv_cache_memory_bytes"] = int((s.kv_cache_memory_gib or CPU_KV_CACHE_GIB) * 2**30)
     else:

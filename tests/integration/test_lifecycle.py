@@ -1,0 +1,209 @@
+"""New models into a live endpoint, against real vLLM engines on the session's Ray cluster:
+a promotion rolls out under load with no failed request, a checkpoint that cannot load is rolled
+back with the old model serving throughout, a corrupt one is refused before anything is asked of
+Ray, adapters join without a redeploy, and `raylm rollback` from another process joins the running
+cluster (it does not start a second Ray) and brings the previous model back.
+
+One served app for the module: v1 (tiny checkpoint A) -> v2 (B, promoted) -> a failed rollout of a
+checkpoint vLLM cannot load (v2 keeps serving) -> rollback to v1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from raylm.config import dump_config
+from serve_fixtures import (MODEL_ID, auth, key_file, repo_root, serve_config, shutdown_serve, tiny_adapter,
+                            tiny_checkpoint)
+
+__all__ = ["key_file", "tiny_adapter", "tiny_checkpoint"]  # fixtures used by this module
+
+VERSION = "x-raylm-model-version"
+
+
+class Load:
+    """A client that keeps streaming and non-streaming completions going until stopped; it
+    records every response's version and every failure (a non-200, or a stream cut before [DONE])."""
+
+    def __init__(self, url: str):
+        self.url, self.results, self.failures = url, [], []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "Load":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+
+    def _one(self, client: httpx.Client, stream: bool) -> None:
+        body = {"model": MODEL_ID, "prompt": "The king", "max_tokens": 8, "stream": stream}
+        t0 = time.monotonic()
+        try:
+            if not stream:
+                r = client.post(f"{self.url}/v1/completions", json=body, headers=auth())
+                ok = r.status_code == 200 and r.json()["choices"][0]["text"] is not None
+                version, detail = r.headers.get(VERSION), r.text[:200]
+            else:
+                with client.stream("POST", f"{self.url}/v1/completions", json=body, headers=auth()) as r:
+                    lines = [line for line in r.iter_lines() if line]
+                ok = r.status_code == 200 and lines[-1:] == ["data: [DONE]"]
+                version, detail = r.headers.get(VERSION), (lines or [""])[-1][:200]
+        except httpx.HTTPError as exc:
+            ok, version, detail = False, None, repr(exc)
+        (self.results if ok else self.failures).append((t0, time.monotonic(), stream, version, detail))
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=120) as client:
+            stream = False
+            while not self._stop.is_set():
+                self._one(client, stream)
+                stream = not stream
+
+    def versions_after(self, t: float) -> set:
+        return {v for start, _, _, v, _ in self.results if start > t}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_checkpoint, tmp_path_factory) -> dict[str, str]:
+    """A (the tiny checkpoint), B (other random weights), cannot_load (config asks for a layer the
+    weights lack: only vLLM finds out) and corrupt (weights cut short)."""
+    from raylm.serve.tiny import make_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("lifecycle")
+    b = make_tiny_checkpoint(str(root / "b"), seed=1)
+    cannot_load = shutil.copytree(tiny_checkpoint, root / "cannot_load")
+    config = json.loads((cannot_load / "config.json").read_text())
+    config["num_hidden_layers"] += 1
+    (cannot_load / "config.json").write_text(json.dumps(config))
+    corrupt = shutil.copytree(tiny_checkpoint, root / "corrupt")
+    weights = corrupt / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size - 64)
+    return {"a": tiny_checkpoint, "b": b, "cannot_load": str(cannot_load), "corrupt": str(corrupt)}
+
+
+@pytest.fixture(scope="module")
+def endpoint(ray_cluster, checkpoints, key_file, tmp_path_factory):
+    """v1 serving checkpoint A, deployed and recorded the way `raylm serve` does it."""
+    from raylm.serve import lifecycle
+
+    root = tmp_path_factory.mktemp("lifecycle-storage")
+    cfg = serve_config(key_file, f"train.storage_path={root}", "serve.replica_start_attempts=1",
+                       "serve.graceful_shutdown_timeout_s=20", f"serve.adapters_path={root / 'adapters'}",
+                       "serve.max_lora_rank=8", "serve.max_adapters_per_replica=2")
+    config_file = root / "serve.yaml"
+    config_file.write_text(dump_config(cfg))
+    url, _ = lifecycle.deploy_recorded(cfg, checkpoints["a"])
+    yield cfg, url, config_file
+    shutdown_serve()
+
+
+def test_a_corrupt_or_missing_checkpoint_is_refused_naming_it(endpoint, checkpoints, capsys):
+    from raylm.cli import main
+
+    _, url, config_file = endpoint
+    for bad, named in ((checkpoints["corrupt"], "model.safetensors"), ("/no/such/checkpoint", "/no/such/checkpoint")):
+        assert main(["promote", "-c", str(config_file), "--force", bad]) == 2
+        assert named in capsys.readouterr().err
+    r = httpx.post(f"{url}/v1/completions", json={"model": MODEL_ID, "prompt": "x", "max_tokens": 2}, headers=auth())
+    assert r.status_code == 200 and r.headers[VERSION] == "v1"
+
+
+def test_promotion_rolls_out_under_load_with_no_failed_request(endpoint, checkpoints):
+    from raylm.serve import lifecycle
+
+    cfg, url, _ = endpoint
+    with Load(url) as load:
+        time.sleep(2)
+        entry = lifecycle.promote(cfg, checkpoints["b"], force=True)
+        done = time.monotonic()
+        time.sleep(3)
+    assert load.failures == [], load.failures[:3]
+    assert entry["version"] == "v2" and entry["from_version"] == "v1"
+    seen = [v for *_, v, _ in load.results]
+    assert set(seen) == {"v1", "v2"} and seen[0] == "v1", "the load ran before and through the rollout"
+    assert load.versions_after(done + 1) == {"v2"}, "once the rollout returned, every response is v2's"
+    assert any(stream for _, _, stream, _, _ in load.results) and any(not s for _, _, s, _, _ in load.results)
+
+
+def test_a_checkpoint_vllm_cannot_load_is_rolled_back_while_the_old_model_serves(endpoint, checkpoints):
+    from raylm.errors import ServeDeployError
+    from raylm.serve import lifecycle
+
+    cfg, url, _ = endpoint
+    with Load(url) as load:
+        with pytest.raises(ServeDeployError) as err:
+            lifecycle.promote(cfg, checkpoints["cannot_load"], force=True)
+        time.sleep(2)
+    assert checkpoints["cannot_load"] in str(err.value) and "v2" in str(err.value)
+    assert load.failures == [], load.failures[:3]
+    assert {v for *_, v, _ in load.results} == {"v2"}
+    assert lifecycle.live_entry(lifecycle.read_history(cfg))["version"] == "v2", "a failed rollout is not recorded"
+
+
+def test_an_adapter_joins_the_live_endpoint_without_a_redeploy(endpoint, tiny_adapter, checkpoints, tmp_path, capsys):
+    from raylm.cli import main
+
+    cfg, url, config_file = endpoint
+    name = f"{MODEL_ID}:ft1"
+    before = httpx.post(f"{url}/v1/completions", json={"model": name, "prompt": "x", "max_tokens": 1}, headers=auth())
+    assert before.status_code == 404 and before.json()["error"]["param"] == "model"
+
+    assert main(["promote", "-c", str(config_file), "--adapter", "ft1", tiny_adapter]) == 0
+    time.sleep(3)  # replicas list serve.adapters_path at most every few seconds
+    models = httpx.get(f"{url}/v1/models", headers=auth()).json()["data"]
+    assert {m["id"] for m in models} == {MODEL_ID, name}
+    card = httpx.get(f"{url}/v1/models/{name}", headers=auth())
+    assert card.status_code == 200 and card.json()["parent"] == MODEL_ID
+    body = {"prompt": "The king", "max_tokens": 12, "temperature": 0}
+    tuned = httpx.post(f"{url}/v1/completions", json={**body, "model": name}, headers=auth(), timeout=60)
+    base = httpx.post(f"{url}/v1/completions", json={**body, "model": MODEL_ID}, headers=auth(), timeout=60)
+    assert tuned.status_code == base.status_code == 200
+    assert tuned.json()["choices"][0]["text"] != base.json()["choices"][0]["text"], "the adapter changes the output"
+
+    # an adapter trained on another base: its base's config.json says a different shape
+    other_base = shutil.copytree(checkpoints["a"], tmp_path / "other-base")
+    config = json.loads((other_base / "config.json").read_text())
+    (other_base / "config.json").write_text(json.dumps({**config, "hidden_size": config["hidden_size"] * 2}))
+    alien = shutil.copytree(tiny_adapter, tmp_path / "alien")
+    adapter_config = json.loads((alien / "adapter_config.json").read_text())
+    (alien / "adapter_config.json").write_text(json.dumps({**adapter_config, "base_model_name_or_path": str(other_base)}))
+    assert main(["promote", "-c", str(config_file), "--adapter", "alien", str(alien)]) == 2
+    assert "hidden_size" in capsys.readouterr().err
+    shutil.copytree(alien, Path(cfg.serve.adapters_path) / "alien")  # put there by hand, past the CLI's check
+    time.sleep(3)
+    r = httpx.post(f"{url}/v1/completions", json={**body, "model": f"{MODEL_ID}:alien"}, headers=auth(), timeout=60)
+    assert r.status_code == 400 and "alien" in r.json()["error"]["message"] and "hidden_size" in r.json()["error"]["message"]
+
+
+def test_rollback_from_another_process_joins_the_running_cluster(endpoint, checkpoints):
+    import ray
+
+    from raylm.serve import lifecycle
+
+    cfg, url, config_file = endpoint
+    env = {**os.environ, "RAYLM_JOIN_RUNNING_RAY": "1", "PYTHONPATH": str(repo_root() / "platform")}
+    env.pop("RAY_ADDRESS", None)
+    out = subprocess.run([sys.executable, "-m", "raylm", "rollback", "-c", str(config_file), "--json"], cwd=repo_root(),
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    events = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    joined = [e for e in events if e.get("event") == "ray"]
+    assert joined and joined[0]["address"] == ray.get_runtime_context().gcs_address
+    r = httpx.post(f"{url}/v1/completions", json={"model": MODEL_ID, "prompt": "x", "max_tokens": 2}, headers=auth())
+    assert r.status_code == 200 and r.headers[VERSION] == "v1"
+    history = lifecycle.read_history(cfg)
+    assert [(e["action"], e["version"]) for e in history if e["action"] != "adapter"] == \
+        [("deploy", "v1"), ("promote", "v2"), ("rollback", "v1")]
