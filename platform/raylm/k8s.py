@@ -323,12 +323,13 @@ def raycluster(cfg: RaylmConfig) -> Manifest:
 
 def deletion_strategy(cfg: RaylmConfig) -> dict:
     """KubeRay's rules-based cleanup: a job that succeeded loses its cluster after job_ttl_s; a
-    failed one loses its (GPU) workers at once and keeps the head for failed_job_keep_s, for logs
-    and the dashboard, before the cluster goes too. Results live in shared storage either way."""
+    failed one keeps its cluster failed_job_keep_s, for logs and the dashboard. Its idle GPU
+    workers go sooner, by the autoscaler (cluster.autoscaler_idle_timeout_s): KubeRay refuses a
+    `DeleteWorkers` rule on an autoscaled cluster ("not supported with autoscaling enabled",
+    validateDeletionRules). Results live in shared storage either way."""
     cl = cfg.cluster
     return {"deletionRules": [
         {"condition": {"jobStatus": "SUCCEEDED", "ttlSeconds": cl.job_ttl_s}, "policy": "DeleteCluster"},
-        {"condition": {"jobStatus": "FAILED", "ttlSeconds": 0}, "policy": "DeleteWorkers"},
         {"condition": {"jobStatus": "FAILED", "ttlSeconds": cl.failed_job_keep_s}, "policy": "DeleteCluster"},
         {"condition": {"jobDeploymentStatus": "Failed", "ttlSeconds": cl.failed_job_keep_s}, "policy": "DeleteCluster"},
     ]}

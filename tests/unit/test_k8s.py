@@ -234,9 +234,45 @@ def test_jobs_run_on_their_own_cluster_and_clean_it_up_by_rules():
         assert spec["submissionMode"] == "K8sJobMode" and spec["backoffLimit"] == cfg.cluster.job_backoff_limit
         rules = {(tuple(r["condition"].items()), r["policy"]) for r in spec["deletionStrategy"]["deletionRules"]}
         assert ((("jobStatus", "SUCCEEDED"), ("ttlSeconds", cfg.cluster.job_ttl_s)), "DeleteCluster") in rules
-        # a failed job frees its GPU workers at once and keeps the head a while for debugging
-        assert ((("jobStatus", "FAILED"), ("ttlSeconds", 0)), "DeleteWorkers") in rules
+        # a failed job keeps its cluster a while for debugging (its idle GPU workers go by the autoscaler)
         assert ((("jobStatus", "FAILED"), ("ttlSeconds", cfg.cluster.failed_job_keep_s)), "DeleteCluster") in rules
+        assert kuberay_deletion_rule_errors(committed()[name]) == []
+
+
+def kuberay_deletion_rule_errors(job: dict) -> list[str]:
+    """KubeRay's checks of RayJob deletionRules beyond the CRD (ray-operator/controllers/ray/utils/
+    validation.go, validateDeletionRules and validateTTLConsistency, KubeRay 1.7)."""
+    spec, out, ttls = job["spec"], [], {}
+    autoscaled = spec.get("rayClusterSpec", {}).get("enableInTreeAutoscaling", False)
+    for i, rule in enumerate(spec.get("deletionStrategy", {}).get("deletionRules", [])):
+        cond = rule["condition"]
+        if ("jobStatus" in cond) == ("jobDeploymentStatus" in cond):
+            out.append(f"deletionRules[{i}]: exactly one of JobStatus and JobDeploymentStatus must be set")
+            continue
+        if autoscaled and rule["policy"] == "DeleteWorkers":
+            out.append(f"deletionRules[{i}]: DeletionPolicyType 'DeleteWorkers' not supported with autoscaling enabled")
+            continue
+        key = ("jobStatus" in cond, cond.get("jobStatus", cond.get("jobDeploymentStatus")))
+        if rule["policy"] in ttls.setdefault(key, {}):
+            out.append(f"deletionRules[{i}]: duplicate rule")
+        ttls[key][rule["policy"]] = cond.get("ttlSeconds", 0)
+    for key, by_policy in ttls.items():  # Workers <= Cluster <= Self
+        ordered = [by_policy[p] for p in ("DeleteWorkers", "DeleteCluster", "DeleteSelf") if p in by_policy]
+        if ordered != sorted(ordered):
+            out.append(f"{key}: TTLs must not decrease from DeleteWorkers to DeleteCluster to DeleteSelf")
+    return out
+
+
+def test_deletion_rule_checks_are_not_vacuous():
+    job = copy.deepcopy(committed()["rayjob-train.yaml"])
+    rules = job["spec"]["deletionStrategy"]["deletionRules"]
+    rules.append({"condition": {"jobStatus": "FAILED", "ttlSeconds": 0}, "policy": "DeleteWorkers"})
+    assert errors(job) == []  # the CRD allows it; the operator does not, on an autoscaled cluster
+    assert "not supported with autoscaling" in " ".join(kuberay_deletion_rule_errors(job))
+    job["spec"]["rayClusterSpec"]["enableInTreeAutoscaling"] = False
+    assert kuberay_deletion_rule_errors(job) == []
+    rules[-1]["condition"]["ttlSeconds"] = 10 ** 6  # workers deleted after the cluster
+    assert kuberay_deletion_rule_errors(job)
 
 
 def test_cleanup_submission_and_retries_follow_the_config(tmp_path):

@@ -109,8 +109,8 @@ class ClusterConfig(_Strict):
         300, ge=0, description="Seconds after a job succeeds before its cluster is deleted (deletionStrategy)."
     )
     failed_job_keep_s: int = Field(
-        86400, ge=0, description="Seconds the head pod of a failed job is kept for debugging (logs, dashboard); "
-        "its GPU workers are deleted at once."
+        86400, ge=0, description="Seconds the cluster of a failed job is kept for debugging (logs, dashboard); "
+        "its idle GPU workers go after autoscaler_idle_timeout_s (KubeRay refuses DeleteWorkers when autoscaled)."
     )
     # ---- RayService
     gcs_ft_redis_address: Optional[str] = Field(
