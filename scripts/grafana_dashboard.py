@@ -153,6 +153,10 @@ def build() -> dict:
     """The dashboard as a dict: Ray's factory output, retitled and without its per-version tag."""
     content, _ = factory._generate_grafana_dashboard(dashboard_config())
     board = json.loads(content)
+    for variable in board["templating"]["list"]:  # Ray hides it (its Grafana has one Prometheus); show it
+        if variable["name"] == "datasource":
+            variable["hide"] = 0
+            variable["label"] = "Data source"
     board["title"] = TITLE
     board["tags"] = ["raylm", "ray-serve", "vllm"]
     board["description"] = ("raylm endpoint: requests and errors, per-key usage, TTFT and inter-token latency, "
