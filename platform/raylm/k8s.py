@@ -59,13 +59,19 @@ def repo_relative(path: str | Path, root: Path) -> str:
     return str(rel)
 
 
+def seen_by_every_pod(cfg: RaylmConfig, path: str) -> bool:
+    """An object-storage URI, or an absolute path under the claim mounted on every pod."""
+    cl = cfg.cluster
+    if storage.is_remote(path):
+        return True
+    return bool(cl.storage_claim) and PurePosixPath(path).is_absolute() and PurePosixPath(path).is_relative_to(
+        PurePosixPath(cl.storage_mount_path))
+
+
 def check_shared_storage(cfg: RaylmConfig, source: str) -> None:
     """Ray Train and Tune need one storage every node sees: a URI or the mounted claim."""
     path, cl = cfg.train.storage_path, cfg.cluster
-    if storage.is_remote(path):
-        return
-    mount = PurePosixPath(cl.storage_mount_path)
-    if cl.storage_claim and PurePosixPath(path).is_absolute() and PurePosixPath(path).is_relative_to(mount):
+    if seen_by_every_pod(cfg, path):
         return
     raise ConfigError(f"{source}: train.storage_path={path!r} would sit on one pod's local disk; use an "
                       f"s3:// or gs:// URI, or a path under cluster.storage_mount_path={cl.storage_mount_path!r} "
@@ -261,22 +267,19 @@ def best_json_path(sweep: RaylmConfig) -> str:
     return storage.best_json(storage.join(sweep.train.storage_path, sweep.tune.sweep_name))
 
 
-def served_checkpoint(cfg: RaylmConfig, sweep: RaylmConfig, source: str = "serve.checkpoint") -> str:
+def served_checkpoint(cfg: RaylmConfig, sweep: RaylmConfig) -> str:
     """What the RayService serves: `serve.checkpoint` when set (a promotion names the new model
-    there, e.g. `--set serve.checkpoint=s3://bucket/raylm/small-sweep/best.json`), else the sweep's
-    best.json. Like the storage path it must be visible from every pod: an object-storage URI or a
-    path under the mounted claim."""
+    there, e.g. `--set serve.checkpoint=s3://bucket/raylm/promoted/v2/best.json`), else the sweep's
+    best.json. Like the storage path it must be visible from every pod."""
     path = cfg.serve.checkpoint
     if not path:
         return best_json_path(sweep)
-    if storage.is_remote(path):
+    if seen_by_every_pod(cfg, path):
         return path
     cl = cfg.cluster
-    if cl.storage_claim and PurePosixPath(path).is_absolute() and PurePosixPath(path).is_relative_to(
-            PurePosixPath(cl.storage_mount_path)):
-        return path
-    raise ConfigError(f"{source}={path!r} is not visible to the RayService pods; use an s3:// or gs:// URI, or a "
-                      f"path under cluster.storage_mount_path={cl.storage_mount_path!r} with cluster.storage_claim set")
+    raise ConfigError(f"serve.checkpoint={path!r} is not visible to the RayService pods; use an s3:// or gs:// URI, "
+                      f"or a path under cluster.storage_mount_path={cl.storage_mount_path!r} with "
+                      f"cluster.storage_claim set")
 
 
 def upgrade_strategy(cfg: RaylmConfig) -> dict:
