@@ -38,6 +38,7 @@ HEAD_PORTS = (("gcs-server", 6379), ("dashboard", 8265), ("client", 10001))
 # Ray's Prometheus endpoint on every node: Serve's, raylm's and vLLM's (`ray_vllm_*`) metrics.
 METRICS_PORT = 8080
 DASHBOARD_PORT, DASHBOARD_AGENT_PORT = 8265, 52365
+CHECKPOINT_ANNOTATION = "raylm.io/checkpoint"  # on the RayService's pods: which model they serve
 MANIFEST_FILES = ("raycluster.yaml", "rayjob-train.yaml", "rayjob-sweep.yaml", "rayservice.yaml")
 
 Manifest = dict[str, Any]
@@ -58,13 +59,19 @@ def repo_relative(path: str | Path, root: Path) -> str:
     return str(rel)
 
 
+def seen_by_every_pod(cfg: RaylmConfig, path: str) -> bool:
+    """An object-storage URI, or an absolute path under the claim mounted on every pod."""
+    cl = cfg.cluster
+    if storage.is_remote(path):
+        return True
+    return bool(cl.storage_claim) and PurePosixPath(path).is_absolute() and PurePosixPath(path).is_relative_to(
+        PurePosixPath(cl.storage_mount_path))
+
+
 def check_shared_storage(cfg: RaylmConfig, source: str) -> None:
     """Ray Train and Tune need one storage every node sees: a URI or the mounted claim."""
     path, cl = cfg.train.storage_path, cfg.cluster
-    if storage.is_remote(path):
-        return
-    mount = PurePosixPath(cl.storage_mount_path)
-    if cl.storage_claim and PurePosixPath(path).is_absolute() and PurePosixPath(path).is_relative_to(mount):
+    if seen_by_every_pod(cfg, path):
         return
     raise ConfigError(f"{source}: train.storage_path={path!r} would sit on one pod's local disk; use an "
                       f"s3:// or gs:// URI, or a path under cluster.storage_mount_path={cl.storage_mount_path!r} "
@@ -181,7 +188,8 @@ def _container(cfg: RaylmConfig, name: str, resources: dict, serve: bool, ports:
     return container
 
 
-def _pod_template(cfg: RaylmConfig, component: str, container: dict, gpu: bool) -> dict:
+def _pod_template(cfg: RaylmConfig, component: str, container: dict, gpu: bool,
+                  annotations: Optional[dict[str, str]] = None) -> dict:
     spec: dict[str, Any] = {}
     if cfg.cluster.service_account:
         spec["serviceAccountName"] = cfg.cluster.service_account
@@ -195,11 +203,11 @@ def _pod_template(cfg: RaylmConfig, component: str, container: dict, gpu: bool) 
     # Prometheus' pod-annotation discovery scrapes every Ray node (k8s/README.md: a PodMonitor does the same).
     scrape = {"prometheus.io/scrape": "true", "prometheus.io/port": str(METRICS_PORT), "prometheus.io/path": "/metrics"}
     return {"metadata": {"labels": {"app.kubernetes.io/name": "raylm", "app.kubernetes.io/component": component},
-                         "annotations": scrape},
+                         "annotations": {**scrape, **(annotations or {})}},
             "spec": spec}
 
 
-def head_group(cfg: RaylmConfig, serve: bool = False) -> dict:
+def head_group(cfg: RaylmConfig, serve: bool = False, annotations: Optional[dict[str, str]] = None) -> dict:
     """CPU-only head: it runs drivers, GCS and the Serve proxy, never GPU work (num-gpus 0)."""
     cl = cfg.cluster
     ports = [{"name": n, "containerPort": p} for n, p in HEAD_PORTS]
@@ -208,10 +216,10 @@ def head_group(cfg: RaylmConfig, serve: bool = False) -> dict:
     container = _container(cfg, "ray-head", _resources(cl.head_cpus, cl.head_memory), serve, ports)
     return {"rayStartParams": {"num-cpus": str(cl.head_cpus), "num-gpus": "0", "dashboard-host": "0.0.0.0",
                                "metrics-export-port": str(METRICS_PORT)},
-            "template": _pod_template(cfg, "head", container, gpu=False)}
+            "template": _pod_template(cfg, "head", container, gpu=False, annotations=annotations)}
 
 
-def worker_group(cfg: RaylmConfig, serve: bool = False) -> dict:
+def worker_group(cfg: RaylmConfig, serve: bool = False, annotations: Optional[dict[str, str]] = None) -> dict:
     """The autoscaled GPU group: Train workers, Tune trials and Serve replicas all land here."""
     cl = cfg.cluster
     resources = _resources(cl.worker_cpus, cl.worker_memory, cl.worker_gpus)
@@ -221,15 +229,16 @@ def worker_group(cfg: RaylmConfig, serve: bool = False) -> dict:
             "maxReplicas": cl.worker_max_replicas,
             "rayStartParams": {"num-cpus": str(cl.worker_cpus), "num-gpus": str(cl.worker_gpus),
                                "metrics-export-port": str(METRICS_PORT)},
-            "template": _pod_template(cfg, "worker", container, gpu=cl.worker_gpus > 0)}
+            "template": _pod_template(cfg, "worker", container, gpu=cl.worker_gpus > 0, annotations=annotations)}
 
 
-def ray_cluster_spec(cfg: RaylmConfig, serve: bool = False) -> dict:
+def ray_cluster_spec(cfg: RaylmConfig, serve: bool = False, annotations: Optional[dict[str, str]] = None) -> dict:
     """One RayCluster spec for the standalone cluster, both RayJobs and the RayService.
 
     Token auth via KubeRay's `authOptions` (this CRD has it): KubeRay sets RAY_AUTH_MODE=token
     and RAY_AUTH_TOKEN from the named Secret on every Ray container, the autoscaler and the job
-    submitter, so no token appears here.
+    submitter, so no token appears here. `annotations` go on every pod template (the RayService
+    stamps its checkpoint there, see `rayservice`).
     """
     cl = cfg.cluster
     spec: dict[str, Any] = {
@@ -245,8 +254,8 @@ def ray_cluster_spec(cfg: RaylmConfig, serve: bool = False) -> dict:
         spec["gcsFaultToleranceOptions"] = {
             "redisAddress": cl.gcs_ft_redis_address,
             "redisPassword": {"valueFrom": {"secretKeyRef": {"name": cl.gcs_ft_redis_secret, "key": "password"}}}}
-    spec["headGroupSpec"] = head_group(cfg, serve)
-    spec["workerGroupSpecs"] = [worker_group(cfg, serve)]
+    spec["headGroupSpec"] = head_group(cfg, serve, annotations)
+    spec["workerGroupSpecs"] = [worker_group(cfg, serve, annotations)]
     return spec
 
 
@@ -258,14 +267,50 @@ def best_json_path(sweep: RaylmConfig) -> str:
     return storage.best_json(storage.join(sweep.train.storage_path, sweep.tune.sweep_name))
 
 
-def serve_config(cfg: RaylmConfig, config_rel: str, sweep: RaylmConfig) -> dict:
+def served_checkpoint(cfg: RaylmConfig, sweep: RaylmConfig) -> str:
+    """What the RayService serves: `serve.checkpoint` when set (a promotion names the new model
+    there, e.g. `--set serve.checkpoint=s3://bucket/raylm/promoted/v2/best.json`), else the sweep's
+    best.json. Like the storage path it must be visible from every pod."""
+    path = cfg.serve.checkpoint
+    if not path:
+        return best_json_path(sweep)
+    if seen_by_every_pod(cfg, path):
+        return path
+    cl = cfg.cluster
+    raise ConfigError(f"serve.checkpoint={path!r} is not visible to the RayService pods; use an s3:// or gs:// URI, "
+                      f"or a path under cluster.storage_mount_path={cl.storage_mount_path!r} with "
+                      f"cluster.storage_claim set")
+
+
+def upgrade_strategy(cfg: RaylmConfig) -> dict:
+    """The RayService's `upgradeStrategy`. With NewClusterWithIncrementalUpgrade KubeRay needs the
+    Gateway API options (its ValidateClusterUpgradeOptions refuses the RayService without them) and
+    the Ray autoscaler, which `ray_cluster_spec` always enables."""
+    cl = cfg.cluster
+    strategy: dict[str, Any] = {"type": cl.serve_upgrade_strategy}
+    if cl.serve_upgrade_strategy == "NewClusterWithIncrementalUpgrade":
+        strategy["clusterUpgradeOptions"] = cl.serve_upgrade.cluster_upgrade_options()
+    return strategy
+
+
+def checkpoint_annotations(cfg: RaylmConfig, checkpoint: str) -> dict[str, str]:
+    """Pod annotations that make a new checkpoint a cluster change. KubeRay starts a new RayCluster
+    only when the hash of `rayClusterConfig` changes; a change of `serveConfigV2` alone is applied to
+    the running cluster, where Serve replaces the replicas in place. Stamping the checkpoint on the
+    pods turns a promotion into an upgrade by `cluster.serve_upgrade_strategy` (old cluster serves
+    the old model until the traffic has moved); `serve_checkpoint_rollout: in_place` leaves it out."""
+    return {CHECKPOINT_ANNOTATION: checkpoint} if cfg.cluster.serve_checkpoint_rollout == "new_cluster" else {}
+
+
+def serve_config(cfg: RaylmConfig, config_rel: str, checkpoint: str) -> dict:
     """The Serve config file KubeRay deploys: the app builder plus the model deployment's
     options (they override the code's defaults, so the cluster follows `serve:` even if the
-    app's own defaults drift)."""
+    app's own defaults drift). Serve hashes the app's `args` into its code version, so a new
+    `checkpoint` here rebuilds the app and replaces every replica."""
     s = cfg.serve
     deployment = {"name": SERVE_MODEL_DEPLOYMENT, **deployment_options(s)}
     app = {"name": s.app_name, "route_prefix": s.route_prefix, "import_path": SERVE_IMPORT_PATH,
-           "args": {"config": config_rel, "checkpoint": best_json_path(sweep)},
+           "args": {"config": config_rel, "checkpoint": checkpoint},
            "deployments": [deployment]}
     return {"http_options": {"host": "0.0.0.0", "port": s.port}, "applications": [app]}
 
@@ -281,12 +326,13 @@ def raycluster(cfg: RaylmConfig) -> Manifest:
 
 def deletion_strategy(cfg: RaylmConfig) -> dict:
     """KubeRay's rules-based cleanup: a job that succeeded loses its cluster after job_ttl_s; a
-    failed one loses its (GPU) workers at once and keeps the head for failed_job_keep_s, for logs
-    and the dashboard, before the cluster goes too. Results live in shared storage either way."""
+    failed one keeps its cluster failed_job_keep_s, for logs and the dashboard. Its idle GPU
+    workers go sooner, by the autoscaler (cluster.autoscaler_idle_timeout_s): KubeRay refuses a
+    `DeleteWorkers` rule on an autoscaled cluster ("not supported with autoscaling enabled",
+    validateDeletionRules). Results live in shared storage either way."""
     cl = cfg.cluster
     return {"deletionRules": [
         {"condition": {"jobStatus": "SUCCEEDED", "ttlSeconds": cl.job_ttl_s}, "policy": "DeleteCluster"},
-        {"condition": {"jobStatus": "FAILED", "ttlSeconds": 0}, "policy": "DeleteWorkers"},
         {"condition": {"jobStatus": "FAILED", "ttlSeconds": cl.failed_job_keep_s}, "policy": "DeleteCluster"},
         {"condition": {"jobDeploymentStatus": "Failed", "ttlSeconds": cl.failed_job_keep_s}, "policy": "DeleteCluster"},
     ]}
@@ -302,10 +348,12 @@ def rayjob(cfg: RaylmConfig, name: str, entrypoint: str) -> Manifest:
 
 
 def rayservice(cfg: RaylmConfig, config_rel: str, sweep: RaylmConfig) -> Manifest:
-    """The OpenAI-compatible endpoint over the sweep's best checkpoint, API keys from a Secret."""
-    text = yaml.dump(serve_config(cfg, config_rel, sweep), Dumper=_Dumper, sort_keys=False, width=120)
-    spec = {"serveConfigV2": text, "upgradeStrategy": {"type": cfg.cluster.serve_upgrade_strategy},
-            "rayClusterConfig": ray_cluster_spec(cfg, serve=True)}
+    """The OpenAI-compatible endpoint over `served_checkpoint` (by default the sweep's best), API
+    keys from a Secret, upgraded without downtime by `upgrade_strategy`."""
+    checkpoint = served_checkpoint(cfg, sweep)
+    text = yaml.dump(serve_config(cfg, config_rel, checkpoint), Dumper=_Dumper, sort_keys=False, width=120)
+    spec = {"serveConfigV2": text, "upgradeStrategy": upgrade_strategy(cfg),
+            "rayClusterConfig": ray_cluster_spec(cfg, serve=True, annotations=checkpoint_annotations(cfg, checkpoint))}
     return {"apiVersion": API_VERSION, "kind": "RayService", "metadata": _metadata(cfg, "raylm-serve", "serve"),
             "spec": spec}
 

@@ -234,9 +234,45 @@ def test_jobs_run_on_their_own_cluster_and_clean_it_up_by_rules():
         assert spec["submissionMode"] == "K8sJobMode" and spec["backoffLimit"] == cfg.cluster.job_backoff_limit
         rules = {(tuple(r["condition"].items()), r["policy"]) for r in spec["deletionStrategy"]["deletionRules"]}
         assert ((("jobStatus", "SUCCEEDED"), ("ttlSeconds", cfg.cluster.job_ttl_s)), "DeleteCluster") in rules
-        # a failed job frees its GPU workers at once and keeps the head a while for debugging
-        assert ((("jobStatus", "FAILED"), ("ttlSeconds", 0)), "DeleteWorkers") in rules
+        # a failed job keeps its cluster a while for debugging (its idle GPU workers go by the autoscaler)
         assert ((("jobStatus", "FAILED"), ("ttlSeconds", cfg.cluster.failed_job_keep_s)), "DeleteCluster") in rules
+        assert kuberay_deletion_rule_errors(committed()[name]) == []
+
+
+def kuberay_deletion_rule_errors(job: dict) -> list[str]:
+    """KubeRay's checks of RayJob deletionRules beyond the CRD (ray-operator/controllers/ray/utils/
+    validation.go, validateDeletionRules and validateTTLConsistency, KubeRay 1.7)."""
+    spec, out, ttls = job["spec"], [], {}
+    autoscaled = spec.get("rayClusterSpec", {}).get("enableInTreeAutoscaling", False)
+    for i, rule in enumerate(spec.get("deletionStrategy", {}).get("deletionRules", [])):
+        cond = rule["condition"]
+        if ("jobStatus" in cond) == ("jobDeploymentStatus" in cond):
+            out.append(f"deletionRules[{i}]: exactly one of JobStatus and JobDeploymentStatus must be set")
+            continue
+        if autoscaled and rule["policy"] == "DeleteWorkers":
+            out.append(f"deletionRules[{i}]: DeletionPolicyType 'DeleteWorkers' not supported with autoscaling enabled")
+            continue
+        key = ("jobStatus" in cond, cond.get("jobStatus", cond.get("jobDeploymentStatus")))
+        if rule["policy"] in ttls.setdefault(key, {}):
+            out.append(f"deletionRules[{i}]: duplicate rule")
+        ttls[key][rule["policy"]] = cond.get("ttlSeconds", 0)
+    for key, by_policy in ttls.items():  # Workers <= Cluster <= Self
+        ordered = [by_policy[p] for p in ("DeleteWorkers", "DeleteCluster", "DeleteSelf") if p in by_policy]
+        if ordered != sorted(ordered):
+            out.append(f"{key}: TTLs must not decrease from DeleteWorkers to DeleteCluster to DeleteSelf")
+    return out
+
+
+def test_deletion_rule_checks_are_not_vacuous():
+    job = copy.deepcopy(committed()["rayjob-train.yaml"])
+    rules = job["spec"]["deletionStrategy"]["deletionRules"]
+    rules.append({"condition": {"jobStatus": "FAILED", "ttlSeconds": 0}, "policy": "DeleteWorkers"})
+    assert errors(job) == []  # the CRD allows it; the operator does not, on an autoscaled cluster
+    assert "not supported with autoscaling" in " ".join(kuberay_deletion_rule_errors(job))
+    job["spec"]["rayClusterSpec"]["enableInTreeAutoscaling"] = False
+    assert kuberay_deletion_rule_errors(job) == []
+    rules[-1]["condition"]["ttlSeconds"] = 10 ** 6  # workers deleted after the cluster
+    assert kuberay_deletion_rule_errors(job)
 
 
 def test_cleanup_submission_and_retries_follow_the_config(tmp_path):
@@ -266,7 +302,7 @@ def test_autoscaler_v2_gpu_pools_and_storage_credentials_from_a_secret():
 
 def test_rayservice_upgrades_on_a_new_cluster_with_probes_and_optional_gcs_fault_tolerance():
     spec = committed()["rayservice.yaml"]["spec"]
-    assert spec["upgradeStrategy"] == {"type": "NewCluster"}
+    assert spec["upgradeStrategy"]["type"] == "NewClusterWithIncrementalUpgrade"
     assert "gcsFaultToleranceOptions" not in spec["rayClusterConfig"]
     head, worker = containers(spec["rayClusterConfig"])
     assert "gcs_healthz" in head["readinessProbe"]["exec"]["command"][-1]
@@ -281,6 +317,146 @@ def test_rayservice_upgrades_on_a_new_cluster_with_probes_and_optional_gcs_fault
     ft = svc["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]
     assert ft["redisAddress"] == "redis.raylm:6379" and "value" not in ft["redisPassword"]
     assert ft["redisPassword"]["valueFrom"]["secretKeyRef"] == {"name": "raylm-redis", "key": "password"}
+
+
+# ------------------------------------------------------------------ incremental upgrade and promotion
+
+
+def kuberay_upgrade_errors(svc: dict) -> list[str]:
+    """The rules KubeRay's operator applies to a RayService beyond the CRD schema (CEL-free, so the
+    CRD cannot hold them): ray-operator/controllers/ray/utils/validation.go, ValidateRayServiceSpec
+    and ValidateClusterUpgradeOptions (KubeRay 1.7). A RayService breaking one is marked failed."""
+    spec, out = svc["spec"], []
+    strategy = spec.get("upgradeStrategy", {})
+    if strategy.get("type", "NewCluster") not in ("NewClusterWithIncrementalUpgrade", "NewCluster", "None"):
+        out.append(f"upgradeStrategy.type {strategy['type']!r} is invalid")
+    if strategy.get("type") != "NewClusterWithIncrementalUpgrade":
+        return out
+    if not spec["rayClusterConfig"].get("enableInTreeAutoscaling"):
+        out.append("Ray Autoscaler is required for NewClusterWithIncrementalUpgrade")
+    options = strategy.get("clusterUpgradeOptions")
+    if options is None:
+        return [*out, "ClusterUpgradeOptions are required for NewClusterWithIncrementalUpgrade"]
+    surge, step = options.get("maxSurgePercent", 100), options.get("stepSizePercent")
+    if not 0 <= surge <= 100:
+        out.append("maxSurgePercent must be between 0 and 100")
+    if step is None or not 0 <= step <= 100:
+        out.append("stepSizePercent must be between 0 and 100")
+    elif step > surge:
+        out.append("stepSizePercent must be less than or equal to maxSurgePercent")
+    if options.get("intervalSeconds") is None or options["intervalSeconds"] <= 0:
+        out.append("intervalSeconds must be greater than 0")
+    if not options.get("gatewayClassName"):
+        out.append("gatewayClassName is required for NewClusterWithIncrementalUpgrade")
+    return out
+
+
+def sweep():
+    return load_config(REPO / "tune_configs" / "small_sweep.yaml")
+
+
+def test_rayservice_uses_the_incremental_upgrade_through_a_gateway():
+    svc, cl = committed()["rayservice.yaml"], small().cluster
+    assert errors(svc) == [] and kuberay_upgrade_errors(svc) == []
+    assert svc["spec"]["upgradeStrategy"] == {
+        "type": "NewClusterWithIncrementalUpgrade",
+        "clusterUpgradeOptions": {"gatewayClassName": cl.serve_upgrade.gateway_class_name,
+                                  "maxSurgePercent": cl.serve_upgrade.max_surge_percent,
+                                  "stepSizePercent": cl.serve_upgrade.step_size_percent,
+                                  "intervalSeconds": cl.serve_upgrade.interval_s}}
+    # the target_capacity steps become Serve replicas, which only the Ray autoscaler turns into pods
+    assert svc["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
+
+
+def test_upgrade_options_follow_the_config_and_other_strategies_drop_them():
+    cfg = load_config(REPO / "configs" / "small.yaml", ["cluster.serve_upgrade.gateway_class_name=envoy-gateway",
+                                                        "cluster.serve_upgrade.max_surge_percent=50",
+                                                        "cluster.serve_upgrade.step_size_percent=10",
+                                                        "cluster.serve_upgrade.interval_s=60"])
+    svc = k8s.rayservice(cfg, "configs/small.yaml", sweep())
+    assert errors(svc) == [] and kuberay_upgrade_errors(svc) == []
+    assert svc["spec"]["upgradeStrategy"]["clusterUpgradeOptions"] == {
+        "gatewayClassName": "envoy-gateway", "maxSurgePercent": 50, "stepSizePercent": 10, "intervalSeconds": 60}
+    for strategy in ("NewCluster", "None"):
+        cfg = load_config(REPO / "configs" / "small.yaml", [f"cluster.serve_upgrade_strategy={strategy}"])
+        svc = k8s.rayservice(cfg, "configs/small.yaml", sweep())
+        assert svc["spec"]["upgradeStrategy"] == {"type": strategy} and errors(svc) == []
+
+
+@pytest.mark.parametrize("override, field", [
+    ("cluster.serve_upgrade.step_size_percent=30", "cluster.serve_upgrade"),  # > max_surge_percent (25)
+    ("cluster.serve_upgrade.max_surge_percent=120", "cluster.serve_upgrade.max_surge_percent"),
+    ("cluster.serve_upgrade.interval_s=0", "cluster.serve_upgrade.interval_s"),
+    ("cluster.serve_upgrade.gateway_class_name=", "cluster.serve_upgrade.gateway_class_name"),
+    ("cluster.serve_upgrade_strategy=Incremental", "cluster.serve_upgrade_strategy"),
+    ("cluster.serve_upgrade.step_percent=5", "cluster.serve_upgrade"),  # unknown key
+])
+def test_upgrade_options_kuberay_would_refuse_are_refused_by_the_config(override, field):
+    with pytest.raises(ConfigError, match=re.escape(field)):
+        load_config(REPO / "configs" / "small.yaml", [override])
+
+
+def _incremental(m):
+    return m["spec"]["upgradeStrategy"]["clusterUpgradeOptions"]
+
+
+@pytest.mark.parametrize("breakage, by", [
+    (lambda m: _incremental(m).pop("gatewayClassName"), "crd"),  # required by the CRD
+    (lambda m: _incremental(m).update(intervalSeconds="30s"), "crd"),  # int32
+    (lambda m: _incremental(m).update(maxSurge=20), "crd"),  # unknown field
+    (lambda m: _incremental(m).update(stepSizePercent=50), "operator"),  # > maxSurgePercent
+    (lambda m: _incremental(m).update(intervalSeconds=0), "operator"),
+    (lambda m: m["spec"]["upgradeStrategy"].pop("clusterUpgradeOptions"), "operator"),
+    (lambda m: m["spec"]["upgradeStrategy"].update(type="Incremental"), "operator"),
+    (lambda m: m["spec"]["rayClusterConfig"].update(enableInTreeAutoscaling=False), "operator"),
+])
+def test_upgrade_strategy_validation_is_not_vacuous(breakage, by):
+    svc = copy.deepcopy(committed()["rayservice.yaml"])
+    breakage(svc)
+    found = errors(svc) if by == "crd" else kuberay_upgrade_errors(svc)
+    assert found, f"{by} should reject it"
+
+
+def test_a_promotion_changes_the_checkpoint_and_the_pods_and_nothing_else():
+    """What `kubectl apply` of a re-rendered RayService changes when only the model changes. KubeRay
+    hashes rayClusterConfig to decide on a new cluster: with new_cluster rollout the checkpoint
+    annotation changes that hash (incremental upgrade); with in_place the cluster is identical and
+    only serveConfigV2 moves (Serve replaces the replicas in the running cluster)."""
+    new = "s3://raylm-models/small-sweep/2026-12-04/best.json"
+    old_svc = committed()["rayservice.yaml"]
+    for rollout in ("new_cluster", "in_place"):
+        before = k8s.rayservice(load_config(REPO / "configs" / "small.yaml",
+                                            [f"cluster.serve_checkpoint_rollout={rollout}"]), "configs/small.yaml", sweep())
+        after = k8s.rayservice(load_config(REPO / "configs" / "small.yaml", [f"cluster.serve_checkpoint_rollout={rollout}",
+                                                                             f"serve.checkpoint={new}"]),
+                               "configs/small.yaml", sweep())
+        assert errors(after) == []
+        (app_before,), (app_after,) = (yaml.safe_load(s["spec"]["serveConfigV2"])["applications"] for s in (before, after))
+        assert app_after["args"]["checkpoint"] == new
+        assert {**app_after, "args": app_before["args"]} == app_before  # only the checkpoint moved
+        pods = [g["template"]["metadata"]["annotations"] for g in (after["spec"]["rayClusterConfig"]["headGroupSpec"],
+                                                                   *after["spec"]["rayClusterConfig"]["workerGroupSpecs"])]
+        if rollout == "new_cluster":
+            assert all(a[k8s.CHECKPOINT_ANNOTATION] == new for a in pods)
+            stripped = copy.deepcopy(after["spec"]["rayClusterConfig"])
+            for g in (stripped["headGroupSpec"], *stripped["workerGroupSpecs"]):
+                g["template"]["metadata"]["annotations"][k8s.CHECKPOINT_ANNOTATION] = app_before["args"]["checkpoint"]
+            assert stripped == before["spec"]["rayClusterConfig"]
+        else:
+            assert not any(k8s.CHECKPOINT_ANNOTATION in a for a in pods)
+            assert after["spec"]["rayClusterConfig"] == before["spec"]["rayClusterConfig"]
+    assert old_svc["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["metadata"]["annotations"][
+        k8s.CHECKPOINT_ANNOTATION] == yaml.safe_load(old_svc["spec"]["serveConfigV2"])["applications"][0]["args"]["checkpoint"]
+
+
+def test_a_checkpoint_the_pods_cannot_see_is_refused():
+    with pytest.raises(ConfigError, match="serve.checkpoint='/home/me/best.json' is not visible"):
+        k8s.rayservice(load_config(REPO / "configs" / "small.yaml", ["serve.checkpoint=/home/me/best.json"]),
+                       "configs/small.yaml", sweep())
+    on_claim = load_config(REPO / "configs" / "small.yaml", ["serve.checkpoint=/mnt/shared/models/v2/best.json"])
+    svc = k8s.rayservice(on_claim, "configs/small.yaml", sweep())
+    assert yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"][0]["args"]["checkpoint"] == \
+        "/mnt/shared/models/v2/best.json"
 
 
 def test_rayservice_deploys_the_app_builder_over_the_sweeps_best():

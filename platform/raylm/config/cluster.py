@@ -4,9 +4,44 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from raylm.config.base import PYTHON_TAG, RAY_VERSION, _Strict
+
+
+class ServeUpgradeConfig(_Strict):
+    """KubeRay's `upgradeStrategy.clusterUpgradeOptions` for NewClusterWithIncrementalUpgrade: a new
+    RayCluster grows in steps of max_surge_percent of the Serve replicas while a Gateway API HTTPRoute
+    moves step_size_percent of the traffic to it every interval_s, and the old cluster shrinks by the
+    same steps. Only max_surge_percent extra capacity is ever needed, not a second full cluster."""
+
+    gateway_class_name: str = Field(
+        "istio", min_length=1, description="metadata.name of the GatewayClass KubeRay creates the RayService's "
+        "Gateway (HTTP, port 80) and HTTPRoute with; the cluster needs the Gateway API CRDs and that controller."
+    )
+    max_surge_percent: int = Field(
+        25, ge=0, le=100, description="Share of the Serve replicas the new cluster adds per step (its "
+        "target_capacity grows by this); 100 / worker pods holding replicas adds one pod at a time."
+    )
+    step_size_percent: int = Field(
+        5, ge=0, le=100, description="Share of the traffic moved from the old cluster to the new one every "
+        "interval_s; at most max_surge_percent (KubeRay refuses more)."
+    )
+    interval_s: int = Field(
+        30, ge=1, description="Seconds between two traffic steps (KubeRay's intervalSeconds)."
+    )
+
+    @model_validator(mode="after")
+    def _step_within_surge(self) -> "ServeUpgradeConfig":
+        if self.step_size_percent > self.max_surge_percent:  # KubeRay's ValidateClusterUpgradeOptions rule
+            raise ValueError(f"step_size_percent={self.step_size_percent} exceeds max_surge_percent="
+                             f"{self.max_surge_percent}; KubeRay refuses such a RayService")
+        return self
+
+    def cluster_upgrade_options(self) -> dict[str, int | str]:
+        """The CRD's clusterUpgradeOptions, in its own field names."""
+        return {"gatewayClassName": self.gateway_class_name, "maxSurgePercent": self.max_surge_percent,
+                "stepSizePercent": self.step_size_percent, "intervalSeconds": self.interval_s}
 
 
 class ClusterConfig(_Strict):
@@ -74,8 +109,8 @@ class ClusterConfig(_Strict):
         300, ge=0, description="Seconds after a job succeeds before its cluster is deleted (deletionStrategy)."
     )
     failed_job_keep_s: int = Field(
-        86400, ge=0, description="Seconds the head pod of a failed job is kept for debugging (logs, dashboard); "
-        "its GPU workers are deleted at once."
+        86400, ge=0, description="Seconds the cluster of a failed job is kept for debugging (logs, dashboard); "
+        "its idle GPU workers go after autoscaler_idle_timeout_s (KubeRay refuses DeleteWorkers when autoscaled)."
     )
     # ---- RayService
     gcs_ft_redis_address: Optional[str] = Field(
@@ -85,7 +120,19 @@ class ClusterConfig(_Strict):
     gcs_ft_redis_secret: str = Field(
         "raylm-redis", description="Kubernetes Secret (key password) with the Redis password for GCS fault tolerance."
     )
-    serve_upgrade_strategy: Literal["NewCluster", "None"] = Field(
-        "NewCluster", description="RayService upgrade on a cluster-level change: a new cluster is started and "
-        "traffic moves once it serves (zero downtime), or None (change in place)."
+    serve_upgrade_strategy: Literal["NewClusterWithIncrementalUpgrade", "NewCluster", "None"] = Field(
+        "NewClusterWithIncrementalUpgrade", description="RayService upgrade on a change of its cluster: "
+        "NewClusterWithIncrementalUpgrade (KubeRay >= 1.5, Beta in 1.7) grows a new cluster and moves traffic "
+        "to it in steps through a Gateway (cluster.serve_upgrade); NewCluster starts a full second cluster and "
+        "switches once it serves; None applies no cluster change (serveConfigV2 changes still go in place)."
+    )
+    serve_upgrade: ServeUpgradeConfig = Field(
+        default_factory=ServeUpgradeConfig,
+        description="Steps of the incremental upgrade (only rendered with NewClusterWithIncrementalUpgrade).",
+    )
+    serve_checkpoint_rollout: Literal["new_cluster", "in_place"] = Field(
+        "new_cluster", description="How a new serve checkpoint reaches a running RayService. new_cluster: the "
+        "checkpoint is also stamped on the pods (annotation raylm.io/checkpoint), so a promotion is a cluster "
+        "upgrade by serve_upgrade_strategy and the old model serves untouched until traffic has moved. "
+        "in_place: only serveConfigV2 changes and Ray Serve replaces the replicas inside the running cluster."
     )
