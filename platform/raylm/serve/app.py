@@ -221,7 +221,10 @@ class AdapterStore:
         self.max_lora_rank, self.served_config = s.max_lora_rank, served_config
         self._listed: tuple[float, tuple[str, ...]] = (0.0, ())
         self._next_id = 1000  # vLLM's LoRA int ids; the static adapters take 1..n
-        self.load_adapter = serve.multiplexed(max_num_models_per_replica=s.max_adapters_per_replica)(self._load)
+        async def load_adapter(model_id: str) -> Any:  # a plain function: Serve keeps its LRU on it
+            return await self._load(model_id)
+
+        self.load_adapter = serve.multiplexed(max_num_models_per_replica=s.max_adapters_per_replica)(load_adapter)
 
     async def names(self) -> tuple[str, ...]:
         stamp, names = self._listed
