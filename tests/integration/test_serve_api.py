@@ -292,14 +292,20 @@ def test_engine_and_serve_metrics_reach_the_prometheus_endpoint_and_count_these_
     """vLLM's engine metrics (as Ray exports them: `ray_vllm_*`, the names the README and the
     dashboard use) and raylm's request counter are on Ray's Prometheus endpoint, and the counters
     move by exactly what this test sent."""
+    import hashlib
+
     counted = ("ray_raylm_requests_total", (("endpoint", "completions"), ("status", "200")))
     generated = ("ray_vllm_generation_tokens_total", ())
     ttft = ("ray_vllm_time_to_first_token_seconds_count", ())
+    key_id = hashlib.sha256(KEYS[1].encode()).hexdigest()[:12]  # the client's key, by its id
+    per_key = ("ray_raylm_key_requests_total", (("key_id", key_id), ("endpoint", "completions"), ("status", "200")))
+    key_tokens = ("ray_raylm_key_tokens_total", (("key_id", key_id), ("endpoint", "completions")))
     before = _metrics_text()
     sent = [client.completions.create(model=MODEL_ID, prompt=f"metrics {i}", max_tokens=4, temperature=0)
             for i in range(3)]
     tokens = sum(r.usage.completion_tokens for r in sent)
-    want = {counted: 3.0, generated: float(tokens), ttft: 3.0}
+    want = {counted: 3.0, generated: float(tokens), ttft: 3.0, per_key: 3.0,
+            key_tokens: float(sum(r.usage.total_tokens for r in sent))}
     deadline, moved = time.monotonic() + 90, {}
     while time.monotonic() < deadline:
         text = _metrics_text()
@@ -311,6 +317,7 @@ def test_engine_and_serve_metrics_reach_the_prometheus_endpoint_and_count_these_
     assert all(moved[k] >= v for k, v in want.items()), f"moved {moved}, expected at least {want}"
     assert all(f"{name}{{" in text or f"{name} " in text for name in ENGINE_METRICS), text[:2000]
     assert "ray_vllm_inter_token_latency_seconds" in text or "ray_vllm_time_per_output_token_seconds" in text
+    assert KEYS[0] not in text and KEYS[1] not in text, "metrics carry key ids, never keys"
 
 
 def test_logprobs_and_echo_are_served_for_evaluation_harnesses(url, tokenizer):

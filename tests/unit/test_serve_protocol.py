@@ -5,6 +5,7 @@ and deployment options derived from the config, the app builder and the Serve co
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import stat
@@ -559,3 +560,38 @@ def test_tls_files_become_serves_https_options(tmp_path):
     assert cfg.serve.http_options() == {"host": "127.0.0.1", "port": 8000, "ssl_certfile": f"{tmp_path}/c.pem",
                                         "ssl_keyfile": f"{tmp_path}/k.pem"}
     assert "ssl_certfile" not in load_config(None).serve.http_options()
+
+
+def test_per_key_usage_is_counted_by_key_id_never_the_key():
+    from raylm.serve.gate import Gate
+
+    keyed = []
+    usage = json.dumps({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}})
+    gate = Gate(FakeEngineApp(body=usage.encode()), settings=gate_settings(), health=None,
+                on_key=lambda *row: keyed.append(row))
+    body = json.dumps({"model": "m", "prompt": "hi", "max_tokens": 4}).encode()
+    assert call_gate(gate, "POST", "/v1/completions", body)[0] == 200
+    assert call_gate(gate, "POST", "/v1/completions", json.dumps({"model": "m", "prompt": "hi",
+                                                                  "max_tokens": 99}).encode())[0] == 400
+    assert call_gate(gate, "POST", "/v1/completions", body, key="wrong")[0] == 401  # no key id: not a key
+    key_id = hashlib.sha256(b"k1").hexdigest()[:12]
+    assert keyed == [(key_id, "completions", 200, 7), (key_id, "completions", 400, 0)]
+    assert all("k1" not in str(row) for row in keyed)
+
+
+def test_usage_is_read_from_a_stream_and_from_bodies_split_across_chunks():
+    from raylm.serve.gate import UsageTally
+
+    sse = (b'data: {"choices":[{"text":"a"}],"usage":null}\n\n'
+           b'data: {"choices":[],"usage":{"prompt_tokens":2,"completion_tokens":5,"total_tokens":7}}\n\n'
+           b'data: [DONE]\n\n')
+    tally = UsageTally()
+    for i in range(0, len(sse), 9):  # cut anywhere, even inside the marker
+        tally.feed(sse[i:i + 9])
+    assert tally.tokens == 7
+    body = json.dumps({"id": "x", "usage": {"total_tokens": 11}}).encode()
+    tally = UsageTally()
+    tally.feed(body[:20])
+    tally.feed(body[20:])
+    tally.finish()  # a JSON body has no newline: it is read when the response ends
+    assert tally.tokens == 11

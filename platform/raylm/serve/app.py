@@ -286,17 +286,29 @@ class RaylmServer(LLMServer):
         self.requests_total = metrics.Counter(
             "raylm_requests", description="Requests answered, by endpoint and HTTP status.",
             tag_keys=("endpoint", "status"))
+        self.key_requests = metrics.Counter(
+            "raylm_key_requests", description="Authenticated requests per API key (key_id: the first 12 hex digits of "
+            "the key's SHA-256, never the key), by endpoint and HTTP status.", tag_keys=("key_id", "endpoint", "status"))
+        self.key_tokens = metrics.Counter(
+            "raylm_key_tokens", description="Tokens (prompt + completion, from the response's usage) per API key.",
+            tag_keys=("key_id", "endpoint"))
         await super().__init__(llm_config)
 
     async def __serve_build_asgi_app__(self) -> Any:
         app = await super().__serve_build_asgi_app__()
         app.middleware_stack = None  # vLLM built its stack eagerly; let Starlette rebuild it with the gate
         app.add_middleware(Gate, settings=self.gate_settings, health=self.check_health, on_response=self._count,
-                           adapters=self.adapters)
+                           adapters=self.adapters, on_key=self._count_key)
         return app
 
     def _count(self, endpoint: str, status: int) -> None:
         self.requests_total.inc(tags={"endpoint": endpoint, "status": str(status)})
+
+    def _count_key(self, key_id: str, endpoint: str, status: int, tokens: int) -> None:
+        tags = {"key_id": key_id, "endpoint": endpoint, "status": str(status)}
+        self.key_requests.inc(tags=tags)
+        if tokens:
+            self.key_tokens.inc(tokens, tags={"key_id": key_id, "endpoint": endpoint})
 
 
 # ------------------------------------------------------------------ building and deploying

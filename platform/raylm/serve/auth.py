@@ -115,6 +115,13 @@ class KeyChecker:
         scheme, _, token = header.strip().partition(" ")
         return (token.strip() or None) if scheme.lower() == "bearer" else None
 
+    @classmethod
+    def key_id(cls, header: Optional[str]) -> str:
+        """The label per-key metrics use: the first 12 hex digits of the presented key's SHA-256
+        (what replicas hold anyway; the key cannot be recovered from it), "none" without a key."""
+        token = cls.bearer(header)
+        return hashlib.sha256(token.encode()).hexdigest()[:12] if token else "none"
+
     def allows(self, header: Optional[str]) -> bool:
         if not self.required:
             return True

@@ -177,9 +177,10 @@ class Gate:
 
     def __init__(self, app: ASGIApp, *, settings: GateSettings, health: Callable[[], Awaitable[None]],
                  on_response: Callable[[str, int], None] = lambda route, status: None,
-                 adapters: Optional[Adapters] = None):
+                 adapters: Optional[Adapters] = None,
+                 on_key: Callable[[str, str, int, int], None] = lambda key_id, route, status, tokens: None):
         self.app, self.settings, self.health, self.on_response = app, settings, health, on_response
-        self.adapters = adapters
+        self.adapters, self.on_key = adapters, on_key
         self.keys = KeyChecker(settings.key_hashes, required=settings.require_api_key)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
@@ -204,13 +205,18 @@ class Gate:
             if not self.keys.allows(_header(scope, b"authorization")):
                 raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
                                None, "invalid_api_key")
+            key_id = self.keys.key_id(_header(scope, b"authorization"))
             dynamic = await self.adapters.names() if self.adapters else ()
             if route == "models":
                 self.on_response(route, 200)
                 return await send_json(send, 200, self._models(path, dynamic))
-            body, model = check_body(route, await read_body(receive), self.settings, dynamic)
-            if model in dynamic:
-                await self.adapters.load(model)
+            try:
+                body, model = check_body(route, await read_body(receive), self.settings, dynamic)
+                if model in dynamic:
+                    await self.adapters.load(model)
+            except APIError as exc:
+                self.on_key(key_id, route, exc.status, 0)
+                raise
             scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"content-length"]
                      + [(b"content-length", str(len(body)).encode())]}
             receive = replay(body, receive)
@@ -219,7 +225,12 @@ class Gate:
             return await send_json(send, exc.status, exc.body())
         except ConnectionError:
             return None
-        await self.app(scope, receive, self._normalizing(send, route))
+        tally = UsageTally()
+        try:
+            await self.app(scope, receive, self._normalizing(send, route, tally))
+        finally:
+            tally.finish()
+            self.on_key(key_id, route, tally.status, tally.tokens)
 
     def _models(self, path: str, dynamic: tuple[str, ...]) -> dict:
         """`GET /v1/models` (the base, its adapters and the on-demand ones) or `/v1/models/<id>`."""
@@ -259,18 +270,22 @@ class Gate:
             return await send_json(send, 503, error_body("model unavailable", None, "unhealthy", "server_error"))
         await send_json(send, 200, {"status": "ok"})
 
-    def _normalizing(self, send: Callable, route: str) -> Callable:
-        """A `send` that counts responses and rewrites error bodies into OpenAI's shape."""
+    def _normalizing(self, send: Callable, route: str, tally: "UsageTally") -> Callable:
+        """A `send` that counts responses (and the tokens they report using), and rewrites error
+        bodies into OpenAI's shape."""
         state: dict[str, Any] = {}
 
         async def _send(message: dict) -> None:
             if message["type"] == "http.response.start":
                 self.on_response(route, message["status"])
+                tally.status = message["status"]
                 if message["status"] < 400:
                     return await send(message)
                 state["start"], state["body"] = message, []
                 return None
             if "start" not in state or message["type"] != "http.response.body":
+                if message["type"] == "http.response.body" and route != "models":
+                    tally.feed(message.get("body", b""))
                 return await send(message)
             state["body"].append(message.get("body", b""))
             if message.get("more_body"):
@@ -283,6 +298,37 @@ class Gate:
             await send({"type": "http.response.body", "body": payload})
 
         return _send
+
+
+class UsageTally:
+    """Tokens a response reports using (`usage.total_tokens`), read from the body as it passes:
+    a JSON response's usage, or the SSE chunk carrying usage when a streaming client asked for
+    it (`stream_options.include_usage`); 0 when the response says nothing. Only complete lines
+    holding the marker are parsed, so a long stream costs a substring search per chunk."""
+
+    MARK, MAX_LINE_BYTES = b'"total_tokens"', 4 * 2**20
+
+    def __init__(self) -> None:
+        self.status, self.tokens, self._rest = 0, 0, b""
+
+    def feed(self, chunk: bytes) -> None:
+        *lines, rest = (self._rest + chunk).split(b"\n")
+        self._rest = rest if len(rest) <= self.MAX_LINE_BYTES else b""
+        for line in lines:
+            self._read(line)
+
+    def finish(self) -> None:
+        self._read(self._rest)
+        self._rest = b""
+
+    def _read(self, line: bytes) -> None:
+        if self.MARK not in line:
+            return
+        try:
+            usage = json.loads(line.removeprefix(b"data: ")).get("usage") or {}
+            self.tokens = max(self.tokens, int(usage.get("total_tokens") or 0))
+        except (ValueError, AttributeError, TypeError):
+            pass
 
 
 def _with_cors(send: Callable, origin: str) -> Callable:
