@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -100,7 +101,7 @@ def test_val_loss_is_the_training_loss_transformers_computes(result, eval_cfg, s
             loss, n = token_losses(model, trim(batch))
             total, count = total + float(loss), count + int(n)
     assert result["val_tokens"] == count
-    assert result["val_loss"] == pytest.approx(total / count, rel=1e-4)
+    assert result["val_loss"] == pytest.approx(total / count, rel=1e-4), (result["val_loss"], total / count)
     assert result["perplexity"] == pytest.approx(math.exp(result["val_loss"]))
     assert result["val_loss"] > 1.0  # sharp, untrained: confidently wrong, far from a degenerate 0
 
@@ -139,7 +140,7 @@ def test_result_is_written_beside_the_checkpoint_and_fingerprinted(result, eval_
     from raylm.data import cached_data
     from raylm.evaluate import eval_set_id
 
-    written = json.loads((__import__("pathlib").Path(sharp_checkpoint) / EVAL_JSON).read_text())
+    written = json.loads((Path(sharp_checkpoint) / EVAL_JSON).read_text())
     assert written == json.loads(json.dumps(result))
     assert result["checkpoint"] == sharp_checkpoint and result["eval_json"].endswith(f"sharp/{EVAL_JSON}")
     fingerprint = cached_data(eval_cfg.data, eval_cfg.train.storage_path).manifest["fingerprint"]
