@@ -142,3 +142,28 @@ def test_status_shows_the_newest_evaluation_of_a_run_and_of_a_sweeps_best(tmp_pa
     assert sweep_evaluation({"checkpoint": str(run / "step_00000010" / "hf")})["val_loss"] == 9.0
     assert sweep_evaluation({"checkpoint": "/nowhere/hf", "eval": result}) == result
     assert sweep_evaluation({"checkpoint": "/nowhere/hf"}) is None
+
+
+def test_evaluate_best_records_the_result_in_best_json_with_the_trials_data(tmp_path):
+    """tune.evaluate_best's bookkeeping (the evaluation itself is test_eval's): the best trial's
+    data.* values choose the eval data, and best.json gains `eval` in one write."""
+    import json
+    from types import SimpleNamespace
+
+    from raylm.config import load_config
+    from raylm.tune import evaluate_best
+
+    best_json = tmp_path / "best.json"
+    best_json.write_text(json.dumps({"checkpoint": "trials/t1/step_00000020/hf", "value": 1.0}))
+    seen = {}
+
+    def fake_evaluate(cfg, checkpoint):
+        seen.update(seq_len=cfg.data.seq_len, checkpoint=checkpoint)
+        return {"val_loss": 1.5, "perplexity": 4.48, "val_tokens": 10, "eval_set": "e1"}
+
+    cfg = load_config(None, ["tune.evaluate_best=true"])
+    outcome = SimpleNamespace(best_json=str(best_json), best=SimpleNamespace(params={"data.seq_len": 64, "train.lr": 0.1}))
+    evaluate_best(cfg, outcome, evaluate=fake_evaluate)
+    assert seen == {"seq_len": 64, "checkpoint": str(best_json)}
+    written = json.loads(best_json.read_text())
+    assert written["value"] == 1.0 and written["eval"]["eval_set"] == "e1"
