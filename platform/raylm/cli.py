@@ -79,6 +79,10 @@ def cmd_tune(cfg: RaylmConfig, args: argparse.Namespace) -> int:
     outcome = run_sweep(cfg, prepare_data_with_progress(cfg))
     say(outcome.summary(), event="swept", sweep_dir=outcome.sweep_dir, best_json=outcome.best_json,
         best=outcome.best.__dict__ if outcome.best else None)
+    if cfg.tune.evaluate_best and outcome.best_json:
+        from raylm.evaluate import evaluate_sweep_best
+
+        evaluate_sweep_best(cfg, outcome)
     return 0
 
 

@@ -379,3 +379,21 @@ def summary(result: dict) -> str:
         line += (f", exact_match {result['exact_match']:.3f} contains {result['contains']:.3f} "
                  f"({result['num_generated']} generated)")
     return line + f", eval_set {result['eval_set']}"
+
+
+def evaluate_sweep_best(cfg: RaylmConfig, outcome: Any, evaluate: Any = None) -> dict:
+    """`tune.evaluate_best`: evaluate a finished sweep's best checkpoint (on the data its trial
+    trained on: the best trial's data.* values) and record the result in best.json as `eval` (one
+    write, as the sweep wrote it) and in eval.json beside the checkpoint. `outcome`: raylm.tune's
+    SweepOutcome; `evaluate`: evaluate_checkpoint's stand-in for tests of the bookkeeping."""
+    from raylm.console import say
+    from raylm.tune import _data_config
+
+    evaluate = evaluate or evaluate_checkpoint
+    best = storage.read_json(outcome.best_json)
+    data_params = {k: v for k, v in outcome.best.params.items() if k.startswith("data.")}
+    trial_cfg = cfg.model_copy(update={"data": _data_config(cfg, data_params)}) if data_params else cfg
+    result = evaluate(trial_cfg, outcome.best_json)
+    storage.write_json(outcome.best_json, {**best, "eval": result})
+    say(f"best checkpoint evaluated: {summary(result)}", event="sweep_eval", result=result)
+    return result

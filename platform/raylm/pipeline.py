@@ -100,6 +100,10 @@ def run_pipeline(cfg: RaylmConfig, address: Optional[str] = None, keep_serving: 
     if not outcome.best:
         say("error: no trial finished with a checkpoint; see the table above", event="error")
         return 1
+    if cfg.tune.evaluate_best:
+        from raylm.evaluate import evaluate_sweep_best
+
+        evaluate_sweep_best(cfg, outcome)
 
     stage(3, "serve: the best checkpoint behind the OpenAI-compatible API")
     checkpoint = hf_dir(outcome.best.checkpoint)

@@ -609,23 +609,5 @@ def run_sweep(cfg: RaylmConfig, prepared: Any = None) -> SweepOutcome:
     if outcome.best:
         outcome.best_json = storage.best_json(sweep_dir)
     write_reports(outcome, cfg)
-    if outcome.best_json and cfg.tune.evaluate_best:
-        evaluate_best(cfg, outcome)
     return outcome
-
-
-def evaluate_best(cfg: RaylmConfig, outcome: SweepOutcome, evaluate: Any = None) -> dict:
-    """`tune.evaluate_best`: evaluate the best checkpoint (raylm.evaluate, on the data its trial
-    trained on) and record the result in best.json as `eval` (and eval.json beside the checkpoint).
-    `evaluate`: evaluate_checkpoint's stand-in for tests of the bookkeeping."""
-    from raylm.evaluate import evaluate_checkpoint, summary
-
-    evaluate = evaluate or evaluate_checkpoint
-    best = storage.read_json(outcome.best_json)
-    data_params = {k: v for k, v in outcome.best.params.items() if k.startswith("data.")}
-    trial_cfg = cfg.model_copy(update={"data": _data_config(cfg, data_params)}) if data_params else cfg
-    result = evaluate(trial_cfg, outcome.best_json)
-    storage.write_json(outcome.best_json, {**best, "eval": result})  # one atomic write, as before
-    say(f"best checkpoint evaluated: {summary(result)}", event="sweep_eval", result=result)
-    return result
 

@@ -151,7 +151,7 @@ def test_evaluate_best_records_the_result_in_best_json_with_the_trials_data(tmp_
     from types import SimpleNamespace
 
     from raylm.config import load_config
-    from raylm.tune import evaluate_best
+    from raylm.evaluate import evaluate_sweep_best
 
     best_json = tmp_path / "best.json"
     best_json.write_text(json.dumps({"checkpoint": "trials/t1/step_00000020/hf", "value": 1.0}))
@@ -163,7 +163,7 @@ def test_evaluate_best_records_the_result_in_best_json_with_the_trials_data(tmp_
 
     cfg = load_config(None, ["tune.evaluate_best=true"])
     outcome = SimpleNamespace(best_json=str(best_json), best=SimpleNamespace(params={"data.seq_len": 64, "train.lr": 0.1}))
-    evaluate_best(cfg, outcome, evaluate=fake_evaluate)
+    evaluate_sweep_best(cfg, outcome, evaluate=fake_evaluate)
     assert seen == {"seq_len": 64, "checkpoint": str(best_json)}
     written = json.loads(best_json.read_text())
     assert written["value"] == 1.0 and written["eval"]["eval_set"] == "e1"

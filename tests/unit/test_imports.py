@@ -1,5 +1,5 @@
 """The package's import graph: imports flow one way (config -> data / model -> train -> tune ->
-serve -> k8s -> pipeline -> cli) and never in a circle. Function-level imports count too: they
+serve / evaluate -> k8s -> pipeline -> cli) and never in a circle. Function-level imports count too: they
 hide a dependency from start-up time, not from the design."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ LAYERS = {
     "raylm.data": 3, "raylm.model": 3,
     "raylm.train": 4,
     "raylm.tune": 5,
-    "raylm.serve": 6,
+    "raylm.serve": 6, "raylm.evaluate": 6,
     "raylm.k8s": 7,
     "raylm.status": 8, "raylm.pipeline": 8,
     "raylm.cli": 9, "raylm.__main__": 9, "raylm": 9,
