@@ -119,7 +119,7 @@ def cmd_eval(cfg: RaylmConfig, args: argparse.Namespace) -> int:
 
     checkpoint = resolve_eval_checkpoint(args.checkpoint)  # a bad path exits 2 before Ray starts
     if args.adapter:
-        check_adapter(args.adapter, cfg.eval.max_lora_rank)
+        check_adapter(args.adapter)
     resolve_source(cfg.data)
     print_header("eval", cfg)
     init_ray(cfg, address=args.address)

