@@ -262,13 +262,15 @@ def _example_rows(row: dict, is_sft: bool, kind: str) -> list[dict]:
 
 
 def _to_request(row: dict, max_model_len: int, max_new_tokens: int) -> dict:
-    """preprocess: an engine request. Loss rows ask for prompt_logprobs (0 extra top tokens: just the
-    prompt token's own), generation rows for greedy tokens."""
+    """preprocess: an engine request. Loss rows need prompt_logprobs (0 extra top tokens: just the
+    prompt token's own), generation rows greedy tokens. Every row asks for both, with the same
+    types: Ray Data turns a column mixing 0 and None into floats, which SamplingParams refuses
+    (a generation row's prompt log-probabilities are cheap next to its decoding)."""
     ids = json.loads(row["ids"])
     loss = row["kind"] == LOSS
     ids = ids[:max_model_len] if loss else ids[-(max_model_len - 1):]
     params = {"temperature": 0.0, "max_tokens": 1 if loss else max(1, min(max_new_tokens, max_model_len - len(ids))),
-              "prompt_logprobs": 0 if loss else None}
+              "prompt_logprobs": 0}
     return {"kind": row["kind"], "ids": json.dumps(ids), "extra": row["extra"], "tokenized_prompt": ids,
             "sampling_params": params}
 

@@ -1,5 +1,6 @@
 """`raylm eval` on the session's Ray cluster with a real vLLM engine (ray.data.llm): one evaluation
-of a tiny checkpoint on SFT chat data, checked against transformers on the same tokens.
+(through the CLI verb) of a tiny checkpoint on SFT chat data, checked against transformers on the
+same tokens.
 
 One engine start for the module (the expensive part on CPU). The checkpoint is the serve tests'
 tiny one with its final norm scaled up: a random model predicts nearly uniformly, so every token
@@ -42,21 +43,29 @@ def sharp_checkpoint(tiny_checkpoint, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def eval_cfg(tiny_checkpoint, tmp_path_factory):
-    from raylm.config import load_config
-
+def eval_args(tiny_checkpoint, tmp_path_factory) -> list[str]:
     store = tmp_path_factory.mktemp("eval-store")
-    return load_config(str(repo_root() / "configs" / "chat_sft.yaml"), [
-        f"data.tokenizer={tiny_checkpoint}", "data.max_documents=300", f"train.storage_path={store}",
-        f"data.cache_dir={store / 'cache'}", f"eval.max_records={MAX_RECORDS}",
-        f"eval.max_new_tokens={MAX_NEW_TOKENS}", "eval.num_samples=4", "eval.dtype=float32"])
+    return ["-c", str(repo_root() / "configs" / "chat_sft.yaml"),
+            *(x for o in (f"data.tokenizer={tiny_checkpoint}", "data.max_documents=300", f"train.storage_path={store}",
+                          f"data.cache_dir={store / 'cache'}", f"eval.max_records={MAX_RECORDS}",
+                          f"eval.max_new_tokens={MAX_NEW_TOKENS}", "eval.num_samples=4", "eval.dtype=float32")
+              for x in ("--set", o))]
 
 
 @pytest.fixture(scope="module")
-def result(ray_cluster, eval_cfg, sharp_checkpoint) -> dict:
-    from raylm.evaluate import evaluate_checkpoint
+def eval_cfg(eval_args):
+    from raylm.config import load_config
 
-    return evaluate_checkpoint(eval_cfg, sharp_checkpoint)
+    return load_config(eval_args[1], eval_args[3::2])
+
+
+@pytest.fixture(scope="module")
+def result(ray_cluster, eval_args, sharp_checkpoint) -> dict:
+    """`raylm eval <checkpoint>` (the verb joins the session's Ray); its result is the eval.json it wrote."""
+    from raylm.cli import main
+
+    assert main(["eval", sharp_checkpoint, *eval_args]) == 0
+    return json.loads((Path(sharp_checkpoint) / EVAL_JSON).read_text())
 
 
 def _val_rows(cfg) -> list[dict]:
@@ -140,9 +149,7 @@ def test_result_is_written_beside_the_checkpoint_and_fingerprinted(result, eval_
     from raylm.data import cached_data
     from raylm.evaluate import eval_set_id
 
-    written = json.loads((Path(sharp_checkpoint) / EVAL_JSON).read_text())
-    assert written == json.loads(json.dumps(result))
-    assert result["checkpoint"] == sharp_checkpoint and result["eval_json"].endswith(f"sharp/{EVAL_JSON}")
+    assert result["checkpoint"] == sharp_checkpoint and result["eval_json"] == str(Path(sharp_checkpoint) / EVAL_JSON)
     fingerprint = cached_data(eval_cfg.data, eval_cfg.train.storage_path).manifest["fingerprint"]
     assert result["eval_set"] == eval_set_id(fingerprint, result["eval_settings"])
     assert result["eval_settings"]["dtype"] == "float32" and result["eval_s"] > 0
