@@ -182,3 +182,36 @@ def test_evaluate_best_records_the_result_in_best_json_with_the_trials_data(tmp_
     assert seen == {"seq_len": 64, "checkpoint": str(best_json)}
     written = json.loads(best_json.read_text())
     assert written["value"] == 1.0 and written["eval"]["eval_set"] == "e1"
+
+
+def test_a_merged_adapter_computes_what_peft_computes(tmp_path, monkeypatch):
+    """Base + adapter is evaluated as one merged model (vLLM gives no prompt log-probabilities
+    under LoRA): the merged weights must give peft's logits."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from raylm.evaluate import merged_checkpoint
+    from raylm.serve.tiny import make_tiny_checkpoint
+
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the merged model is cached in the temp folder
+    base = make_tiny_checkpoint(str(tmp_path / "base"), documents=10)
+    torch.manual_seed(1)
+    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                          LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, param in lora.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5)  # peft starts B at 0: the adapter would change nothing
+    lora.save_pretrained(tmp_path / "adapter")
+    merged = merged_checkpoint(base, str(tmp_path / "adapter"), "float32")
+    assert merged.startswith(str(tmp_path))
+    assert merged_checkpoint(base, str(tmp_path / "adapter"), "float32") == merged  # merged once
+    ids = torch.tensor([[1, 5, 9, 17, 33, 65, 129, 200]])
+    with torch.no_grad():
+        want = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "adapter")(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(merged)(ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(base)(ids).logits
+    assert torch.allclose(got, want, atol=1e-4) and not torch.allclose(got, plain, atol=1e-2)
