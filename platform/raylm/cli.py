@@ -79,6 +79,10 @@ def cmd_tune(cfg: RaylmConfig, args: argparse.Namespace) -> int:
     outcome = run_sweep(cfg, prepare_data_with_progress(cfg))
     say(outcome.summary(), event="swept", sweep_dir=outcome.sweep_dir, best_json=outcome.best_json,
         best=outcome.best.__dict__ if outcome.best else None)
+    if cfg.tune.evaluate_best and outcome.best_json:
+        from raylm.evaluate import evaluate_sweep_best
+
+        evaluate_sweep_best(cfg, outcome)
     return 0
 
 
@@ -144,6 +148,26 @@ def cmd_export(cfg: RaylmConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(cfg: RaylmConfig, args: argparse.Namespace) -> int:
+    """Evaluate a checkpoint offline with vLLM over Ray Data: validation loss and perplexity, and for
+    chat / instruction data exact match and contains on held-out examples; writes eval.json beside it."""
+    from raylm.cluster import init_ray
+    from raylm.data import resolve_source
+    from raylm.evaluate import check_adapter, evaluate_checkpoint, resolve_eval_checkpoint, summary
+
+    checkpoint = resolve_eval_checkpoint(args.checkpoint)  # a bad path exits 2 before Ray starts
+    if args.adapter:
+        check_adapter(args.adapter)
+    resolve_source(cfg.data)
+    print_header("eval", cfg)
+    init_ray(cfg, address=args.address)
+    result = evaluate_checkpoint(cfg, checkpoint, adapter=args.adapter, write=not args.no_write)
+    say(f"{checkpoint}{' + ' + result['adapter'] if result['adapter'] else ''}: {summary(result)} "
+        f"in {result['eval_s']:.1f}s" + (f" -> {result['eval_json']}" if "eval_json" in result else ""),
+        event="evaluated", result=result)
+    return 0
+
+
 def cmd_pipeline(cfg: RaylmConfig, args: argparse.Namespace) -> int:
     """Data -> Tune sweep (DeepSpeed trials) -> serve the best checkpoint -> one real completion."""
     from raylm.pipeline import run_pipeline
@@ -170,8 +194,8 @@ def cmd_k8s(cfg: RaylmConfig, args: argparse.Namespace) -> int:
 
 VERBS: dict[str, Callable[[RaylmConfig, argparse.Namespace], int]] = {
     "config": cmd_config, "data": cmd_data, "train": cmd_train, "tune": cmd_tune, "serve": cmd_serve,
-    "export": cmd_export, "pipeline": cmd_pipeline, "status": cmd_status, "k8s": cmd_k8s,
-    "promote": cmd_promote, "rollback": cmd_rollback,
+    "export": cmd_export, "eval": cmd_eval, "promote": cmd_promote, "rollback": cmd_rollback,
+    "pipeline": cmd_pipeline, "status": cmd_status, "k8s": cmd_k8s,
 }
 
 
@@ -196,6 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("checkpoint", help="HF checkpoint dir or a sweep's best.json (with --adapter: a peft adapter dir)")
             p.add_argument("--force", action="store_true", help="skip the eval gate")
             p.add_argument("--adapter", metavar="NAME", help="add the adapter as model <serve.model_id>:NAME instead")
+        if name == "eval":
+            p.add_argument("checkpoint", help="an hf/ folder, a step folder holding hf/, or a sweep's best.json "
+                           "(local or s3://, gs://)")
+            p.add_argument("--adapter", help="a peft LoRA adapter folder evaluated on top of the checkpoint")
+            p.add_argument("--no-write", action="store_true", help="print the result only; write no eval.json")
         if name == "pipeline":
             p.add_argument("--keep-serving", action="store_true", help="keep the endpoint up after the demo request")
         if name == "k8s":

@@ -103,6 +103,10 @@ def run_pipeline(cfg: RaylmConfig, address: Optional[str] = None, keep_serving: 
     if not outcome.best:
         say("error: no trial finished with a checkpoint; see the table above", event="error")
         return 1
+    if cfg.tune.evaluate_best:
+        from raylm.evaluate import evaluate_sweep_best
+
+        evaluate_sweep_best(cfg, outcome)
 
     checkpoint = hf_dir(outcome.best.checkpoint)
     if lifecycle.is_serving(cfg) and lifecycle.live_entry(lifecycle.read_history(cfg)):

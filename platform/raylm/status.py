@@ -21,6 +21,7 @@ class RunInfo:
     val_loss: Optional[float]
     resumes: int
     checkpoint: Optional[str]
+    evaluation: Optional[dict] = None  # the newest step's eval.json (raylm eval)
 
 
 @dataclass
@@ -50,7 +51,40 @@ def read_run(path: str) -> RunInfo:
     picked = pick_resume_checkpoint(path, log=lambda _: None)
     if picked:
         step = max(step, int(picked[1]["step"]))
-    return RunInfo(path.rstrip("/").rsplit("/", 1)[-1], path, step, val_loss, resumes, picked[0] if picked else None)
+    return RunInfo(path.rstrip("/").rsplit("/", 1)[-1], path, step, val_loss, resumes, picked[0] if picked else None,
+                   newest_evaluation(path))
+
+
+def newest_evaluation(run: str) -> Optional[dict]:
+    """The eval.json of the run's newest evaluated step folder (raylm eval writes it next to hf/)."""
+    from raylm.evaluate import read_eval
+
+    for step in storage.step_dirs(run):  # newest first
+        found = read_eval(step)
+        if found:
+            return found
+    return None
+
+
+def sweep_evaluation(best: Optional[dict]) -> Optional[dict]:
+    """The best checkpoint's evaluation: best.json's own (tune.evaluate_best), else its eval.json."""
+    if not best:
+        return None
+    if isinstance(best.get("eval"), dict):
+        return best["eval"]
+    from raylm.evaluate import EVAL_JSON, eval_json_path, read_eval
+
+    path = eval_json_path(best["checkpoint"])
+    return read_eval(path[: -len(EVAL_JSON)].rstrip("/"))
+
+
+def eval_line(result: dict) -> str:
+    from raylm.evaluate import summary
+
+    try:
+        return f"eval: {summary(result)} ({result.get('created', '?')})"
+    except (KeyError, TypeError, ValueError):
+        return "eval: unreadable eval.json"
 
 
 def find(root: str) -> tuple[list[RunInfo], list[SweepInfo]]:
@@ -124,12 +158,17 @@ def show_status(cfg: RaylmConfig, address: Optional[str] = None) -> int:
     for r in runs:
         loss = f"{r.val_loss:.4f}" if r.val_loss is not None else "-"
         print(f"  {r.name}: step {r.step}, val_loss {loss}, resumed {r.resumes}x, checkpoint {r.checkpoint or '-'}")
+        if r.evaluation:
+            print(f"    {eval_line(r.evaluation)} of {r.evaluation.get('checkpoint')}")
     print(f"sweeps ({len(sweeps)}):")
     for s in sweeps:
         if s.best:
             b = s.best
             print(f"  {s.name}: {s.trials} trial(s), best {b['trial_id']} {b['metric']}={b['value']:.4f} "
                   f"params={b['params']} -> {b['checkpoint']}")
+            evaluation = sweep_evaluation(b)
+            if evaluation:
+                print(f"    {eval_line(evaluation)}")
         else:
             print(f"  {s.name}: {s.trials} trial(s), no best yet")
     print(f"models served by {cfg.serve.app_name} (promotion history):")

@@ -1,5 +1,5 @@
 """The package's import graph: imports flow one way (config -> data / model -> train -> tune ->
-serve -> k8s -> pipeline -> cli) and never in a circle. Function-level imports count too: they
+serve / evaluate -> k8s -> pipeline -> cli) and never in a circle. Function-level imports count too: they
 hide a dependency from start-up time, not from the design."""
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ as `model_dump()` and is re-validated wherever it lands, so a bad value fails ea
 the dotted name of the field that caused it.
 
 - `base`: the strict base model (unknown keys are errors), image versions, `expand`;
-- `data`, `model`, `train` (with `deepspeed:`), `tune`, `serve`, `cluster`: each stage's schema;
+- `data`, `model`, `train` (with `deepspeed:`), `tune`, `serve`, `cluster`, `eval`: each stage's schema;
 - `root`: `RaylmConfig` and the checks that span sections or read files;
 - `loader`: YAML with `base:` inheritance, `--set` overrides, error messages naming the field.
 
@@ -29,6 +29,7 @@ _WHERE = {
     "AshaConfig": "tune", "TuneConfig": "tune",
     "AutoscalingConfig": "serve", "ServeConfig": "serve", "PromoteConfig": "serve",
     "ClusterConfig": "cluster",
+    "EvalConfig": "eval",
     "RaylmConfig": "root",
     "read_yaml_tree": "loader", "apply_override": "loader", "validate_tree": "loader",
     "load_config": "loader", "dump_config": "loader",

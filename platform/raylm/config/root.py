@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 from raylm.config.base import _Strict
 from raylm.config.cluster import ClusterConfig
 from raylm.config.data import DataConfig
+from raylm.config.eval import EvalConfig
 from raylm.config.model import ModelConfig
 from raylm.config.serve import ServeConfig
 from raylm.config.train import DeepSpeedConfig, TrainConfig
@@ -23,6 +24,7 @@ class RaylmConfig(_Strict):
     tune: TuneConfig = Field(default_factory=TuneConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> "RaylmConfig":

@@ -36,4 +36,7 @@ class TuneConfig(_Strict):
     search_alg: Literal["random", "optuna", "hyperopt"] = "random"
     seed: int = 0
     sweep_name: str = Field("raylm-sweep", description="Sweeps with the same name resume each other.")
+    evaluate_best: bool = Field(
+        False, description="After the sweep, evaluate its best checkpoint (raylm eval, settings from eval:) and "
+        "record the result in best.json (`eval`) and in eval.json beside the checkpoint. Costs one vLLM engine start.")
 
