@@ -336,11 +336,13 @@ def eval_dataset(prepared: Any, cfg: RaylmConfig) -> Any:
 
 
 def evaluate_checkpoint(cfg: RaylmConfig, checkpoint: str, *, adapter: Optional[str] = None,
-                        write: bool = True) -> dict:
+                        write: bool = True, reuse: bool = False) -> dict:
     """Evaluate `checkpoint` (an hf/ folder, a step folder, a best.json; with `adapter`, a peft
     adapter on it) on the validation split of `cfg.data` with `cfg.eval` settings; returns the
     JSON-able result and, with `write`, writes it to eval.json beside the checkpoint (eval_json_path).
-    Ray must be initialised (the caller runs raylm.cluster.init_ray)."""
+    With `reuse`, an eval.json already there for the same checkpoint and eval set is returned
+    without starting an engine (checkpoints are written once; `raylm promote` evaluates the served
+    model that way at every promotion). Ray must be initialised (the caller runs raylm.cluster.init_ray)."""
     from raylm.data import prepare_data
 
     t0 = time.perf_counter()
@@ -348,6 +350,13 @@ def evaluate_checkpoint(cfg: RaylmConfig, checkpoint: str, *, adapter: Optional[
     adapter_path = check_adapter(adapter) if adapter else None
     model_config = _check_engine_can_run(hf, cfg)
     prepared = prepare_data(cfg.data, verbose=False, storage_path=cfg.train.storage_path)
+    settings = {k: getattr(cfg.eval, k) for k in SETTINGS_IN_EVAL_SET} | {"dtype": cfg.eval.engine_dtype}
+    eval_set = eval_set_id(prepared.manifest["fingerprint"], settings)
+    if reuse:
+        earlier = read_eval(storage.parent(eval_json_path(hf, adapter_path)))
+        if earlier and earlier.get("eval_set") == eval_set and earlier.get("checkpoint") == hf \
+                and earlier.get("adapter") == adapter_path:
+            return {**earlier, "reused": True}
     local_model = storage.cached_copy(hf)  # object storage: once per node (ray.data.llm's own download needs its mirror config)
     tokenizer = _check_same_tokenizer(local_model, prepared.tokenizer_dir)
     if adapter_path:
@@ -364,10 +373,9 @@ def evaluate_checkpoint(cfg: RaylmConfig, checkpoint: str, *, adapter: Optional[
             answers.append(row)
     eval_s = time.perf_counter() - t0
 
-    settings = {k: getattr(cfg.eval, k) for k in SETTINGS_IN_EVAL_SET} | {"dtype": cfg.eval.engine_dtype}
     result: dict[str, Any] = {
         "checkpoint": hf, "adapter": adapter_path, "data": prepared.uri,
-        "eval_set": eval_set_id(prepared.manifest["fingerprint"], settings), "eval_settings": settings,
+        "eval_set": eval_set, "eval_settings": settings,
         **loss_metrics(nll_sum, tokens),
         "prompt_tokens": prompt_tokens, "generated_tokens": generated_tokens, "eval_s": eval_s,
         "tokens_per_s": (prompt_tokens + generated_tokens) / eval_s if eval_s > 0 else None,

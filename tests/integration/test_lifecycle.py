@@ -79,7 +79,11 @@ class Load:
 @pytest.fixture(scope="module")
 def checkpoints(tiny_checkpoint, tmp_path_factory) -> dict[str, str]:
     """A (the tiny checkpoint), B (other random weights), cannot_load (config asks for a layer the
-    weights lack: only vLLM finds out) and corrupt (weights cut short)."""
+    weights lack: only vLLM finds out), corrupt (weights cut short) and worse (A with its final norm
+    scaled up: confidently wrong, so its validation loss is far above A's near-uniform ln(vocab))."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     from raylm.serve.tiny import make_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("lifecycle")
@@ -91,7 +95,13 @@ def checkpoints(tiny_checkpoint, tmp_path_factory) -> dict[str, str]:
     corrupt = shutil.copytree(tiny_checkpoint, root / "corrupt")
     weights = corrupt / "model.safetensors"
     os.truncate(weights, weights.stat().st_size - 64)
-    return {"a": tiny_checkpoint, "b": b, "cannot_load": str(cannot_load), "corrupt": str(corrupt)}
+    worse = shutil.copytree(tiny_checkpoint, root / "worse")
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(20.0)
+    model.save_pretrained(worse)
+    return {"a": tiny_checkpoint, "b": b, "cannot_load": str(cannot_load), "corrupt": str(corrupt),
+            "worse": str(worse)}
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +112,10 @@ def endpoint(ray_cluster, checkpoints, key_file, tmp_path_factory):
     root = tmp_path_factory.mktemp("lifecycle-storage")
     cfg = serve_config(key_file, f"train.storage_path={root}", "serve.replica_start_attempts=1",
                        "serve.graceful_shutdown_timeout_s=20", f"serve.adapters_path={root / 'adapters'}",
-                       "serve.max_lora_rank=8", "serve.max_adapters_per_replica=2")
+                       "serve.max_lora_rank=8", "serve.max_adapters_per_replica=2",
+                       # the eval set of the promotion gate: the embedded corpus in the checkpoints' tokenizer
+                       f"data.tokenizer={checkpoints['a']}", "data.max_documents=200", "data.seq_len=64",
+                       "eval.max_val_rows=16", "eval.dtype=float32")
     config_file = root / "serve.yaml"
     config_file.write_text(dump_config(cfg))
     url, _ = lifecycle.deploy_recorded(cfg, checkpoints["a"])
@@ -207,3 +220,23 @@ def test_rollback_from_another_process_joins_the_running_cluster(endpoint, check
     history = lifecycle.read_history(cfg)
     assert [(e["action"], e["version"]) for e in history if e["action"] != "adapter"] == \
         [("deploy", "v1"), ("promote", "v2"), ("rollback", "v1")]
+
+
+def test_the_gate_refuses_a_worse_model_with_both_numbers_and_keeps_serving(endpoint, checkpoints, capsys):
+    """`raylm promote` without --force evaluates the candidate and the served model (v1, A) on the
+    same eval set with vLLM over Ray Data and refuses a candidate with a higher validation loss."""
+    from raylm.cli import main
+    from raylm.evaluate import EVAL_JSON
+    from raylm.serve import lifecycle
+
+    cfg, url, config_file = endpoint
+    before = lifecycle.read_history(cfg)
+    assert main(["promote", "-c", str(config_file), checkpoints["worse"]]) == lifecycle.EXIT_REFUSED
+    err = capsys.readouterr().err
+    worse = json.loads((Path(checkpoints["worse"]) / EVAL_JSON).read_text())
+    served = json.loads((Path(checkpoints["a"]) / EVAL_JSON).read_text())
+    assert worse["eval_set"] == served["eval_set"] and worse["val_loss"] > served["val_loss"]
+    assert "not promoted" in err and f"{worse['val_loss']:.4f}" in err and f"{served['val_loss']:.4f}" in err
+    assert lifecycle.read_history(cfg) == before, "a refused candidate is not recorded"
+    r = httpx.post(f"{url}/v1/completions", json={"model": MODEL_ID, "prompt": "x", "max_tokens": 2}, headers=auth())
+    assert r.status_code == 200 and r.headers[VERSION] == "v1"

@@ -177,9 +177,14 @@ def _check_serving(cfg: RaylmConfig) -> None:
 
 
 def evaluate(cfg: RaylmConfig, checkpoint: str) -> dict:
-    from raylm.evaluate import evaluate_checkpoint
+    """`raylm eval`'s result for the checkpoint on the config's eval set, reusing its eval.json when
+    it already holds that (the served model was evaluated when it was promoted)."""
+    from raylm.evaluate import evaluate_checkpoint, summary
 
-    return evaluate_checkpoint(cfg, checkpoint)
+    result = evaluate_checkpoint(cfg, checkpoint, reuse=True)
+    say(f"eval of {checkpoint}{' (eval.json reused)' if result.get('reused') else ''}: {summary(result)}",
+        event="evaluated", checkpoint=checkpoint, result=result)
+    return result
 
 
 def promote(cfg: RaylmConfig, candidate: str, force: bool = False) -> dict:
