@@ -112,7 +112,21 @@ def run(args) -> dict:
             "steady_v2": after,
             "p50_ratio_during_vs_steady": round(during["p50_ms"] / steady["p50_ms"], 2),
             "p99_ratio_during_vs_steady": round(during["p99_ms"] / steady["p99_ms"], 2),
+            "first_v2_response_s": _first(load.records, "v2", t_promote),
+            "last_v1_request_start_s": _last(load.records, "v1", t_promote),
             "failed_total": sum(not r[2] for r in load.records), "cpus": os.cpu_count()}
+
+
+def _first(records: list, version: str, t0: float):
+    """Seconds from the promotion's start until the new version answered first (its replica took traffic)."""
+    starts = [r[0] + r[1] for r in records if r[3] == version and r[0] >= t0]
+    return round(min(starts) - t0, 1) if starts else None
+
+
+def _last(records: list, version: str, t0: float):
+    """Seconds from the promotion's start until the last request the old version answered was sent."""
+    starts = [r[0] for r in records if r[3] == version and r[0] >= t0]
+    return round(max(starts) - t0, 1) if starts else None
 
 
 if __name__ == "__main__":
