@@ -134,22 +134,25 @@ def _raw_texts(rows: Any, src: Source, cfg: DataConfig) -> Any:
 
 
 def _pack_raw(rows: Any, src: Source, cfg: DataConfig, hf_tok: Any, tokenizer_dir: str) -> Any:
-    """One fused UDF (split, encode_batch, pack) in an actor pool of one single-threaded actor per
-    CPU, all started at once (whole files: no more actors than files). Reading whole files is I/O
-    and holds no CPU (reading.READ_CPUS), so every CPU tokenizes; the parallelism comes from
-    processes rather than the tokenizer's threads, so the Python around encode_batch (splitting
-    files into documents, packing) runs in parallel too."""
+    """One fused UDF (split, encode_batch, pack) in a pool of single-threaded actors. Whole files:
+    one actor per CPU (no more than files), all started at once, since reading a whole file is I/O
+    and holds no CPU (reading.READ_CPUS), so every CPU tokenizes. Other sources (documents from
+    Parquet, Hugging Face, ...) read in tasks that hold a CPU: the pool grows from one actor and
+    leaves them one CPU, or it would starve its own input. Processes rather than the tokenizer's
+    threads give the parallelism, so the Python around encode_batch (splitting, packing) runs in
+    parallel too."""
     import ray
     import ray.data
 
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    actors = min(cpus, len(src.paths)) if _whole_files(src, cfg) else cpus
+    whole = _whole_files(src, cfg)
+    actors = min(cpus, len(src.paths)) if whole else max(1, cpus - 1)
     kwargs = {"tokenizer_json": hf_tok.backend_tokenizer.to_str(), "eos_id": hf_tok.eos_token_id,
               "block_len": cfg.seq_len + 1, "threads": 1, "fmt": src.kind, "text_field": cfg.text_field,
               "text_split": cfg.text_split}
     return rows.map_batches(TokenizePack, fn_constructor_kwargs=kwargs, batch_format="numpy", num_cpus=1,
-                            batch_size=1 if _whole_files(src, cfg) else 1024,
-                            compute=ray.data.ActorPoolStrategy(min_size=actors, max_size=actors))
+                            batch_size=1 if whole else 1024,
+                            compute=ray.data.ActorPoolStrategy(min_size=actors if whole else 1, max_size=actors))
 
 
 def _tokenizer_kwargs(tokenizer_dir: str) -> dict[str, Any]:
