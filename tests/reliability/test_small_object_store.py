@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tests" / "reliability" / "small_store_run.py"
 STORE_MB = 80
 
-pytestmark = pytest.mark.timeout(400)
+pytestmark = pytest.mark.timeout(960)
 
 
 def test_corpus_three_times_the_object_store_builds_its_cache_and_streams_an_epoch(tmp_path):
@@ -35,7 +35,7 @@ def test_corpus_three_times_the_object_store_builds_its_cache_and_streams_an_epo
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "platform"), env.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, str(SCRIPT), "--workdir", str(tmp_path), "--store-mb", str(STORE_MB),
                            "--out", str(out)], cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, timeout=360)
+                          stderr=subprocess.STDOUT, timeout=900)
     assert out.exists(), f"no result (exit {proc.returncode}):\n{proc.stdout[-6000:]}"
     r = json.loads(out.read_text())
     assert proc.returncode == 0 and "error" not in r, f"{r.get('error')}\n{proc.stdout[-6000:]}"

@@ -140,7 +140,8 @@ def _pack_raw(rows: Any, src: Source, cfg: DataConfig, hf_tok: Any, tokenizer_di
     Parquet, Hugging Face, ...) read in tasks that hold a CPU: the pool grows from one actor and
     leaves them one CPU, or it would starve its own input. Processes rather than the tokenizer's
     threads give the parallelism, so the Python around encode_batch (splitting, packing) runs in
-    parallel too."""
+    parallel too. One batch in flight per actor: a whole file's packed rows are one block, and
+    queued ones would sit in the object store."""
     import ray
     import ray.data
 
@@ -152,7 +153,8 @@ def _pack_raw(rows: Any, src: Source, cfg: DataConfig, hf_tok: Any, tokenizer_di
               "text_split": cfg.text_split}
     return rows.map_batches(TokenizePack, fn_constructor_kwargs=kwargs, batch_format="numpy", num_cpus=1,
                             batch_size=1 if whole else 1024,
-                            compute=ray.data.ActorPoolStrategy(min_size=actors if whole else 1, max_size=actors))
+                            compute=ray.data.ActorPoolStrategy(min_size=actors if whole else 1, max_size=actors,
+                                                               max_tasks_in_flight_per_actor=1))
 
 
 def _tokenizer_kwargs(tokenizer_dir: str) -> dict[str, Any]:
