@@ -8,6 +8,9 @@ each rank in its own Ray task reading the cache as a Ray Train worker does (rayl
 the object training iterates). Training a model over ~70M tokens would take hours on 2 CPUs and
 adds nothing here: the model step never touches the object store.
 
+Wall time: ~2.3 min on the shared 2-core machine at load ~3 (Ray start, ~68M tokens built in
+~2 min, the epoch in ~6 s), ~3.7 min at load ~20: the tokens the corpus needs are the floor.
+
 The store's numbers are the raylets' own (`ray memory --stats-only`): the sampled peak of the bytes
 in use, and the cumulative bytes created, spilled to disk and allocated outside the store.
 """
@@ -26,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tests" / "reliability" / "small_store_run.py"
 STORE_MB = 80
 
-pytestmark = pytest.mark.timeout(960)
+pytestmark = pytest.mark.timeout(660)
 
 
 def test_corpus_three_times_the_object_store_builds_its_cache_and_streams_an_epoch(tmp_path):
@@ -35,7 +38,7 @@ def test_corpus_three_times_the_object_store_builds_its_cache_and_streams_an_epo
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "platform"), env.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, str(SCRIPT), "--workdir", str(tmp_path), "--store-mb", str(STORE_MB),
                            "--out", str(out)], cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, timeout=900)
+                          stderr=subprocess.STDOUT, timeout=600)
     assert out.exists(), f"no result (exit {proc.returncode}):\n{proc.stdout[-6000:]}"
     r = json.loads(out.read_text())
     assert proc.returncode == 0 and "error" not in r, f"{r.get('error')}\n{proc.stdout[-6000:]}"
