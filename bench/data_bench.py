@@ -9,6 +9,9 @@ of seq_len + 1 tokens, shuffled, split into train / val.
   cold build (no cache) time = `DataStats.seconds` (read -> tokenize -> pack -> split -> Parquet
   cache), Ray start-up excluded; then the cached rerun (the same call: fingerprint + open), and
   the object store's peak during the build and during one epoch of two ranks' streams.
+- capped store: tests/reliability/small_store_run.py in its own Ray with an 80 MiB object store,
+  on a corpus whose packed tokens are 3.1x (--quick) or 5x that: the store's peak, and the bytes
+  that went through it and were spilled.
 - loop: one Python process reads each file, splits paragraphs, `encode_batch`es 256 documents
   at a time with the same `tokenizers.Tokenizer`, packs with numpy, shuffles and splits.
   Run twice in fresh processes: with one thread (TOKENIZERS_PARALLELISM=false, what raylm's
@@ -119,12 +122,14 @@ def object_store_used_bytes() -> int:
 
 
 class StorePeak:
-    """The peak of `object_store_used_bytes` while the block runs (sampled every 0.2 s)."""
+    """The peak of `object_store_used_bytes` while the block runs (sampled every 0.2 s), and
+    what was in the store when it started (`start`: a build's blocks not yet released)."""
 
     def __enter__(self):
         import threading
 
-        self.peak, self._done = object_store_used_bytes(), threading.Event()
+        self.start = object_store_used_bytes()
+        self.peak, self._done = self.start, threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
@@ -150,6 +155,18 @@ def read_epoch(uri: str, manifest: dict, world: int) -> int:
         return sum(len(b["input_ids"]) for b in stream.train_batches(0, 0, 8, 1024))
 
     return sum(ray.get([rank_epoch.remote(r) for r in range(world)]))
+
+
+def capped_store_run(workdir: str, store_mb: int, times: float) -> dict:
+    """tests/reliability/small_store_run.py (its own Ray, the object store capped at `store_mb`) on
+    a corpus whose packed tokens are `times` the store: build the cache, stream an epoch."""
+    root = Path(__file__).resolve().parent.parent
+    out = os.path.join(workdir, "capped.json")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    subprocess.run([sys.executable, str(root / "tests" / "reliability" / "small_store_run.py"), "--workdir",
+                    os.path.join(workdir, "capped"), "--store-mb", str(store_mb), "--times", str(times), "--out", out],
+                   env=env, cwd=root, check=True, capture_output=True, text=True)
+    return json.loads(Path(out).read_text())
 
 
 def run(args) -> dict:
@@ -183,6 +200,7 @@ def run(args) -> dict:
     with StorePeak() as epoch_store:
         epoch_rows = read_epoch(prepared.uri, prepared.manifest, world=2)
     ray.shutdown()
+    capped = capped_store_run(args.workdir, 80, 3.1 if args.quick else 5.0)
     cache_bytes = sum(f["bytes"] for split in ("train", "val") for f in prepared.manifest[split]["files"])
 
     ray_tps = s.tokens / s.seconds
@@ -199,7 +217,16 @@ def run(args) -> dict:
     memory = [["corpus (text)", size / 2**20], ["packed cache (Parquet, zstd)", cache_bytes / 2**20],
               ["packed tokens (int32, in memory)", s.blocks * (SEQ_LEN + 1) * 4 / 2**20],
               ["object store peak: cold build", build_store.peak / 2**20],
-              [f"object store peak: a training epoch, 2 ranks ({epoch_rows} rows)", epoch_store.peak / 2**20]]
+              [f"object store peak: a training epoch, 2 ranks ({epoch_rows} rows)", epoch_store.peak / 2**20],
+              ["object store in use when that epoch started (the build's blocks not yet released)",
+               epoch_store.start / 2**20]]
+    mib = 2**20
+    memory += [[f"capped store ({capped['capacity_bytes'] / mib:.0f} MiB), corpus {capped['text_bytes'] / 1e6:.0f} MB "
+                f"-> {capped['tokens']} tokens: packed tokens (int32)", capped["packed_bytes"] / mib],
+               ["capped store: object store peak, cold build", capped["build_peak_bytes"] / mib],
+               ["capped store: object store peak, a training epoch (2 ranks, data only)", capped["epoch_peak_bytes"] / mib],
+               ["capped store: bytes that went through the store / spilled to disk",
+                f"{capped['created_bytes'] / mib:.0f} / {capped['spilled_bytes'] / mib:.0f}"]]
     same = s.tokens == loop_1["tokens"] and s.documents == loop_1["documents"]
     vs_threads = ray_tps / (loop_n["tokens"] / loop_n["seconds"])
     return {
@@ -221,7 +248,8 @@ def run(args) -> dict:
                    "met": s.seconds / cached_s >= 20}],
         "raw": {"raylm": s.__dict__, "cached_s": cached_s, "ray_data_executions": phases.rows,
                 "loop_1_thread": loop_1, "loop_tokenizer_threads": loop_n, "corpus_bytes": size, "files": files,
-                "cache_bytes": cache_bytes, "build_store_peak": build_store.peak, "epoch_store_peak": epoch_store.peak},
+                "cache_bytes": cache_bytes, "build_store_peak": build_store.peak, "epoch_store_peak": epoch_store.peak,
+                "epoch_store_start": epoch_store.start, "capped_store": capped},
     }
 
 

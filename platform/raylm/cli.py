@@ -68,7 +68,7 @@ def cmd_tune(cfg: RaylmConfig, args: argparse.Namespace) -> int:
     from raylm.cluster import init_ray
     from raylm.data import resolve_source
     from raylm.pipeline import prepare_data_with_progress
-    from raylm.tune import check_sweep_folder, run_sweep, validate_sweep
+    from raylm.tune import check_sweep_folder, run_sweep, sweeps_data, validate_sweep
 
     validate_sweep(cfg)
     resolve_source(cfg.data)
@@ -76,7 +76,7 @@ def cmd_tune(cfg: RaylmConfig, args: argparse.Namespace) -> int:
     check_sweep_folder(cfg)  # an edited search space in an existing sweep folder: exit 2 before Ray
     print_header("tune", cfg)
     init_ray(cfg, address=args.address)
-    outcome = run_sweep(cfg, prepare_data_with_progress(cfg))
+    outcome = run_sweep(cfg, None if sweeps_data(cfg) else prepare_data_with_progress(cfg))  # else: per data config
     say(outcome.summary(), event="swept", sweep_dir=outcome.sweep_dir, best_json=outcome.best_json,
         best=outcome.best.__dict__ if outcome.best else None)
     if cfg.tune.evaluate_best and outcome.best_json:

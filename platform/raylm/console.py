@@ -17,9 +17,10 @@ import sys
 import time
 import warnings
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
-from raylm.config import RaylmConfig
+if TYPE_CHECKING:  # a hint only: importing the whole config imports Ray Serve, which every Ray Data
+    from raylm.config import RaylmConfig  # and Train worker importing raylm.data would pay for
 
 _mode: Optional[str] = None  # "default" | "verbose" | "json"; None: not a CLI (tests, a notebook): as verbose
 NOISY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve", "deepspeed", "DeepSpeed", "transformers",

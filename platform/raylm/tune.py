@@ -156,6 +156,12 @@ def _data_entries(cfg: RaylmConfig) -> dict[str, Any]:
     return {k: v for k, v in cfg.tune.search_space.items() if k.startswith("data.")}
 
 
+def sweeps_data(cfg: RaylmConfig) -> bool:
+    """Whether the search space has data.* entries: then the base config's data is not what the
+    trials train on, and `sweep_data` prepares each distinct data config instead."""
+    return bool(_data_entries(cfg))
+
+
 def data_combinations(cfg: RaylmConfig) -> list[dict[str, Any]]:
     """Every distinct assignment of the sweep's data.* entries ([{}] when there is none)."""
     import itertools
@@ -192,6 +198,8 @@ def sweep_data(cfg: RaylmConfig, prepared: Any = None) -> dict[str, Any]:
         out[data_key(combo)] = data
         say(f"sweep data {' '.join(f'{k}={v}' for k, v in combo.items()) or '(base)'}: {data.reuse_line()}",
             event="sweep_data", params=combo, uri=data.uri, built=data.built)
+    say(f"sweep data: {len(out)} data cache(s), prepared once before the trials; every trial trains on one of them "
+        f"and tokenizes nothing", event="sweep_data_ready", caches=sorted({d.uri for d in out.values()}))
     return out
 
 

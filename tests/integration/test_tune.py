@@ -74,6 +74,7 @@ def test_impossible_trial_fails_alone_and_a_rerun_resumes_without_retraining(tmp
     outcome = run_sweep(cfg, embedded_prepared)
     out = capsys.readouterr().out
     assert out.count("sweep data data.seq_len=") == 2 and out.count("data cache: built") == 2
+    assert "sweep data: 2 data cache(s), prepared once before the trials" in out  # 4 trials, 2 builds
     assert len(os.listdir(tmp_path / "datasets")) == 2  # two data configs, four trials: two caches
     trials = {(r.params["train.micro_batch_size"], r.params["data.seq_len"]): r for r in outcome.trials}
     for seq_len in (64, 128):

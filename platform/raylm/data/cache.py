@@ -7,7 +7,7 @@
       raylm_dataset.json             fingerprint, stats, every file's size and row groups: last
 
 The fingerprint covers everything that changes the rows: the source's listing (paths, sizes,
-modification times), format, SFT and text settings, tokenizer, seq_len, val_fraction and seed. A
+modification times; not ETags, see `_listing`), format, SFT and text settings, tokenizer, seq_len, val_fraction and seed. A
 changed source file is a new fingerprint, never a silent reuse. As with checkpoints, the
 manifest is written last: a cache without it (a build that was killed) or whose files do not
 match it is never read; it is rebuilt, and the rebuild is said. Everything goes through
@@ -35,7 +35,13 @@ FILE_BYTES = 64 << 20
 
 
 def _listing(src: Source, cfg: DataConfig) -> list:
-    """(path, size, mtime) of every file the source reads; what makes a changed file a new cache."""
+    """(path, size, mtime) of every file the source reads; what makes a changed file a new cache.
+
+    No ETags: pyarrow.fs's FileInfo (pyarrow 26) has only path, type, size and mtime; an object's
+    ETag is only in an opened file's metadata (one HEAD request per object), too slow for a
+    corpus of thousands of objects on every run. On s3:// and gs:// the mtime is the object's
+    Last-Modified, which every overwrite sets; what this misses is an overwrite with the same
+    size within the same second (Last-Modified's resolution)."""
     if src.kind == "embedded":
         from pydoc_data import topics
 

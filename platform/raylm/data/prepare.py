@@ -134,19 +134,27 @@ def _raw_texts(rows: Any, src: Source, cfg: DataConfig) -> Any:
 
 
 def _pack_raw(rows: Any, src: Source, cfg: DataConfig, hf_tok: Any, tokenizer_dir: str) -> Any:
-    """One fused UDF (split, encode_batch, pack) in an actor pool; each actor's tokenizer runs on
-    the CPUs the actor holds (one CPU is left for the reading tasks)."""
+    """One fused UDF (split, encode_batch, pack) in a pool of single-threaded actors. Whole files:
+    one actor per CPU (no more than files), all started at once, since reading a whole file is I/O
+    and holds no CPU (reading.READ_CPUS), so every CPU tokenizes. Other sources (documents from
+    Parquet, Hugging Face, ...) read in tasks that hold a CPU: the pool grows from one actor and
+    leaves them one CPU, or it would starve its own input. Processes rather than the tokenizer's
+    threads give the parallelism, so the Python around encode_batch (splitting, packing) runs in
+    parallel too. One batch in flight per actor: a whole file's packed rows are one block, and
+    queued ones would sit in the object store."""
     import ray
     import ray.data
 
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    threads = 2 if cpus >= 4 else 1
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    whole = _whole_files(src, cfg)
+    actors = min(cpus, len(src.paths)) if whole else max(1, cpus - 1)
     kwargs = {"tokenizer_json": hf_tok.backend_tokenizer.to_str(), "eos_id": hf_tok.eos_token_id,
-              "block_len": cfg.seq_len + 1, "threads": threads, "fmt": src.kind, "text_field": cfg.text_field,
+              "block_len": cfg.seq_len + 1, "threads": 1, "fmt": src.kind, "text_field": cfg.text_field,
               "text_split": cfg.text_split}
-    return rows.map_batches(TokenizePack, fn_constructor_kwargs=kwargs, batch_format="numpy", num_cpus=threads,
-                            batch_size=1 if _whole_files(src, cfg) else 1024,
-                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, (cpus - 1) // threads)))
+    return rows.map_batches(TokenizePack, fn_constructor_kwargs=kwargs, batch_format="numpy", num_cpus=1,
+                            batch_size=1 if whole else 1024,
+                            compute=ray.data.ActorPoolStrategy(min_size=actors if whole else 1, max_size=actors,
+                                                               max_tasks_in_flight_per_actor=1))
 
 
 def _tokenizer_kwargs(tokenizer_dir: str) -> dict[str, Any]:

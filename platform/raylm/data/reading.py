@@ -21,6 +21,12 @@ import numpy as np
 from raylm.config import DataConfig
 from raylm.data.sources import DataError, Source, embedded_documents, load_hf_split
 
+# Reading a file whole is I/O: its task holds no CPU, so the tokenizing actors can hold them all
+# (raylm.data.prepare._pack_raw). Nothing then bounds how many reads run at once, and Ray Data's
+# object store budget is enforced only on what it has already seen: at most one read per CPU
+# in flight keeps a corpus several times the store from filling it (and spilling).
+READ_CPUS = 0
+
 if TYPE_CHECKING:  # Ray is imported lazily: unit tests and config errors never start it.
     import ray.data
 
@@ -133,8 +139,15 @@ def read_files(src: Source) -> "ray.data.Dataset":
         # Arrow gunzips .gz itself (by extension) and fails the whole read on a truncated
         # archive; local files are read raw instead, so `_maybe_gunzip` keeps what it can.
         ds = ray.data.from_items([{"path": p} for p in src.paths], override_num_blocks=min(len(src.paths), 64))
-        return ds.map(_read_raw)
-    return ray.data.read_binary_files(list(src.paths), include_paths=True)
+        return ds.map(_read_raw, num_cpus=READ_CPUS, concurrency=_read_concurrency())
+    return ray.data.read_binary_files(list(src.paths), include_paths=True, num_cpus=READ_CPUS,
+                                      concurrency=_read_concurrency())
+
+
+def _read_concurrency() -> int:
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
 def _read_raw(row: dict) -> dict:
