@@ -79,7 +79,7 @@ def cmd_tune(cfg: RaylmConfig, args: argparse.Namespace) -> int:
     outcome = run_sweep(cfg, None if sweeps_data(cfg) else prepare_data_with_progress(cfg))  # else: per data config
     say(outcome.summary(), event="swept", sweep_dir=outcome.sweep_dir, best_json=outcome.best_json,
         best=outcome.best.__dict__ if outcome.best else None)
-    if cfg.tune.evaluate_best and outcome.best_json:
+    if (cfg.tune.evaluate_best or cfg.tune.evaluate_trials) and outcome.best_json:
         from raylm.evaluate import evaluate_sweep_best
 
         evaluate_sweep_best(cfg, outcome)

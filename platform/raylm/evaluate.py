@@ -422,16 +422,34 @@ def summary(result: dict) -> str:
 def evaluate_sweep_best(cfg: RaylmConfig, outcome: Any, evaluate: Any = None) -> dict:
     """`tune.evaluate_best`: evaluate a finished sweep's best checkpoint (on the data its trial
     trained on: the best trial's data.* values) and record the result in best.json as `eval` (one
-    write, as the sweep wrote it) and in eval.json beside the checkpoint. `outcome`: raylm.tune's
-    SweepOutcome; `evaluate`: evaluate_checkpoint's stand-in for tests of the bookkeeping."""
+    write, as the sweep wrote it) and in eval.json beside the checkpoint. With
+    `tune.evaluate_trials`, every other trial's best checkpoint too (eval.json beside each; their
+    headline numbers in best.json's `trial_evals`). `outcome`: raylm.tune's SweepOutcome;
+    `evaluate`: evaluate_checkpoint's stand-in for tests of the bookkeeping."""
     from raylm.console import say
-    from raylm.tune import _data_config
 
     evaluate = evaluate or evaluate_checkpoint
     best = storage.read_json(outcome.best_json)
-    data_params = {k: v for k, v in outcome.best.params.items() if k.startswith("data.")}
-    trial_cfg = cfg.model_copy(update={"data": _data_config(cfg, data_params)}) if data_params else cfg
-    result = evaluate(trial_cfg, outcome.best_json)
-    storage.write_json(outcome.best_json, {**best, "eval": result})
+    result = evaluate(_trial_config(cfg, outcome.best.params), outcome.best_json)
     say(f"best checkpoint evaluated: {summary(result)}", event="sweep_eval", result=result)
+    written = {**best, "eval": result}
+    if cfg.tune.evaluate_trials:
+        evals = {outcome.best.trial_id: result}
+        for row in outcome.trials:
+            if row.checkpoint and row.trial_id not in evals:
+                evals[row.trial_id] = evaluate(_trial_config(cfg, row.params), row.checkpoint)
+                say(f"trial {row.trial_id} evaluated: {summary(evals[row.trial_id])}", event="trial_eval",
+                    trial=row.trial_id, result=evals[row.trial_id])
+        written["trial_evals"] = {t: {k: r.get(k) for k in ("checkpoint", "val_loss", "perplexity", "exact_match",
+                                                            "contains", "eval_set") if k in r}
+                                  for t, r in evals.items()}
+    storage.write_json(outcome.best_json, written)
     return result
+
+
+def _trial_config(cfg: RaylmConfig, params: dict) -> RaylmConfig:
+    """The config a trial's data came from: the sweep's, with the trial's data.* values."""
+    from raylm.tune import _data_config
+
+    data_params = {k: v for k, v in params.items() if k.startswith("data.")}
+    return cfg.model_copy(update={"data": _data_config(cfg, data_params)}) if data_params else cfg

@@ -103,7 +103,7 @@ def run_pipeline(cfg: RaylmConfig, address: Optional[str] = None, keep_serving: 
     if not outcome.best:
         say("error: no trial finished with a checkpoint; see the table above", event="error")
         return 1
-    if cfg.tune.evaluate_best:
+    if cfg.tune.evaluate_best or cfg.tune.evaluate_trials:
         from raylm.evaluate import evaluate_sweep_best
 
         evaluate_sweep_best(cfg, outcome)

@@ -177,11 +177,38 @@ def test_evaluate_best_records_the_result_in_best_json_with_the_trials_data(tmp_
         return {"val_loss": 1.5, "perplexity": 4.48, "val_tokens": 10, "eval_set": "e1"}
 
     cfg = load_config(None, ["tune.evaluate_best=true"])
-    outcome = SimpleNamespace(best_json=str(best_json), best=SimpleNamespace(params={"data.seq_len": 64, "train.lr": 0.1}))
+    outcome = SimpleNamespace(best_json=str(best_json), best=SimpleNamespace(trial_id="t1", params={
+        "data.seq_len": 64, "train.lr": 0.1}))
     evaluate_sweep_best(cfg, outcome, evaluate=fake_evaluate)
     assert seen == {"seq_len": 64, "checkpoint": str(best_json)}
     written = json.loads(best_json.read_text())
-    assert written["value"] == 1.0 and written["eval"]["eval_set"] == "e1"
+    assert written["value"] == 1.0 and written["eval"]["eval_set"] == "e1" and "trial_evals" not in written
+
+
+def test_evaluate_trials_evaluates_every_trials_best_checkpoint_on_its_own_data(tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    from raylm.config import load_config
+    from raylm.evaluate import evaluate_sweep_best
+
+    best_json = tmp_path / "best.json"
+    best_json.write_text(json.dumps({"checkpoint": "trials/t1/step_00000020/hf", "value": 1.0}))
+    seen = []
+
+    def fake_evaluate(cfg, checkpoint):
+        seen.append((cfg.data.seq_len, checkpoint))
+        return {"checkpoint": checkpoint, "val_loss": 1.0 + len(seen), "perplexity": 2.0, "val_tokens": 9,
+                "eval_set": f"e{cfg.data.seq_len}"}
+
+    trial = lambda t, seq, ckpt: SimpleNamespace(trial_id=t, params={"data.seq_len": seq}, checkpoint=ckpt)  # noqa: E731
+    best = trial("t1", 64, "trials/t1/step_00000020")
+    outcome = SimpleNamespace(best_json=str(best_json), best=best,
+                              trials=[best, trial("t2", 32, "trials/t2/step_00000010"), trial("t3", 64, None)])
+    evaluate_sweep_best(load_config(None, ["tune.evaluate_trials=true"]), outcome, evaluate=fake_evaluate)
+    assert seen == [(64, str(best_json)), (32, "trials/t2/step_00000010")], "a trial without a checkpoint is skipped"
+    written = json.loads(best_json.read_text())
+    assert set(written["trial_evals"]) == {"t1", "t2"} and written["trial_evals"]["t2"]["eval_set"] == "e32"
 
 
 def test_a_merged_adapter_computes_what_peft_computes(tmp_path, monkeypatch):

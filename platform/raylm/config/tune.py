@@ -39,4 +39,7 @@ class TuneConfig(_Strict):
     evaluate_best: bool = Field(
         False, description="After the sweep, evaluate its best checkpoint (raylm eval, settings from eval:) and "
         "record the result in best.json (`eval`) and in eval.json beside the checkpoint. Costs one vLLM engine start.")
+    evaluate_trials: bool = Field(
+        False, description="After the sweep, evaluate every trial's best checkpoint as well (one vLLM engine start "
+        "each): eval.json beside each, and best.json's `trial_evals` compares them on one eval set.")
 
