@@ -520,7 +520,8 @@ def test_serve_tiny_yaml_is_a_valid_serve_config_matching_configs_tiny():
     cfg = load_config(REPO / app["args"]["config"])
     (dep,) = app["deployments"]
     expected = deployment_options(cfg.serve)
-    for key in ("autoscaling_config", "max_ongoing_requests", "max_queued_requests", "ray_actor_options"):
+    for key in ("autoscaling_config", "max_ongoing_requests", "max_queued_requests", "ray_actor_options",
+                "max_surge_percent", "graceful_shutdown_timeout_s"):
         assert dep[key] == expected[key], key
     assert raw["http_options"]["port"] == cfg.serve.port
 
