@@ -83,3 +83,26 @@ def test_add_adapter_refuses_another_base_or_a_too_large_rank_naming_why(tmp_pat
     assert entry["model"] == "raylm:good" and (tmp_path / "adapters" / "good" / "adapter_config.json").is_file()
     with pytest.raises(InputError, match="immutable"):
         lifecycle.add_adapter(cfg, "good", str(tmp_path / "a3"))
+
+
+@pytest.mark.parametrize("found,latest,expect", [
+    ([], None, None),                                   # nothing running: start a new cluster
+    (["10.0.0.1:6379"], None, "10.0.0.1:6379"),         # the one running: join it
+    (["10.0.0.1:6379", "10.0.0.2:6379"], "10.0.0.2:6379", "10.0.0.2:6379"),  # several: the newest `ray start`'s
+    (["10.0.0.1:6379", "10.0.0.2:6379"], None, InputError),                  # several, none known: refuse
+])
+def test_a_command_joins_the_cluster_running_on_the_machine(monkeypatch, found, latest, expect):
+    from ray._private import services
+
+    from raylm.cluster import running_cluster
+
+    monkeypatch.setenv("RAYLM_JOIN_RUNNING_RAY", "1")
+    monkeypatch.setattr(services, "find_gcs_addresses", lambda: found)
+    monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir: latest)
+    if expect is InputError:
+        with pytest.raises(InputError, match="--address"):
+            running_cluster()
+    else:
+        assert running_cluster() == expect
+    monkeypatch.setenv("RAYLM_JOIN_RUNNING_RAY", "0")
+    assert running_cluster() is None
