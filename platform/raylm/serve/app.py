@@ -154,18 +154,14 @@ def check_engine_kwargs(s: ServeConfig) -> None:
 def check_servable(checkpoint: str, s: ServeConfig) -> dict:
     """The checkpoint's config.json, after the checks vLLM would otherwise fail on inside a replica
     (where the error is buried in replica logs): the CPU attention needs head_dim >= 32, and every
-    LoRA adapter is a peft adapter directory with a rank the engine was sized for."""
-    for name, path in s.lora_adapters.items():
-        try:
-            rank = storage.read_json(storage.join(os.path.expanduser(path), "adapter_config.json"))["r"]
-        except (storage.StorageError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"serve.lora_adapters.{name}={path}: not a peft adapter directory "
-                                  f"(adapter_config.json: {exc})") from None
-        if rank > s.max_lora_rank:
-            raise CheckpointError(f"serve.lora_adapters.{name}={path}: rank {rank} > serve.max_lora_rank="
-                                  f"{s.max_lora_rank}")
-    check_engine_kwargs(s)
+    LoRA adapter is a peft adapter directory with a rank the engine was sized for, trained on a
+    base of the served model's shape (`adapter_base_mismatch`, shared with on-demand adapters)."""
     config = storage.read_json(storage.join(checkpoint, "config.json"))
+    for name, path in s.lora_adapters.items():
+        why = adapter_base_mismatch(os.path.expanduser(path), config, s.max_lora_rank)
+        if why:
+            raise CheckpointError(f"serve.lora_adapters.{name}={path}: {why}")
+    check_engine_kwargs(s)
     head_dim = _head_dim(config)
     if not s.use_gpu and head_dim is not None and head_dim < MIN_CPU_HEAD_DIM:
         raise CheckpointError(f"{checkpoint}: head_dim {head_dim} < {MIN_CPU_HEAD_DIM}: vLLM's CPU attention cannot "
