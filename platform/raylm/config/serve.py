@@ -47,6 +47,20 @@ class PromoteConfig(_Strict):
         "in the metric's own units (0: at least as good).")
 
 
+class EdgeConfig(_Strict):
+    """The edge: a light ingress deployment (no engine, no CPU reserved) in front of the LLM
+    replicas that checks keys, body size and the request before a request takes a slot in an
+    engine's queue (serve/edge.py)."""
+
+    enabled: bool = Field(
+        True, description="Put the edge in front of the LLM deployment. false: the gate runs inside each LLM "
+        "replica (one hop less; every request, keyed or not, is then queued for and read by the engine's process).")
+    replicas: int = Field(1, ge=1, description="Edge replicas (each one runs an HTTP app; no engine).")
+    max_ongoing_requests: int = Field(
+        1024, ge=1, description="Requests one edge replica holds at once (streams in flight included); well above "
+        "the LLM deployment's queue, which bounds what reaches the engines.")
+
+
 class ServeConfig(_Strict):
     checkpoint: Optional[str] = Field(None, description="HF checkpoint dir, or a sweep's best.json.")
     model_id: str = Field("raylm", description="The model name the API reports and accepts.")
@@ -132,6 +146,7 @@ class ServeConfig(_Strict):
         "placement group bundle (1 CPU, or 1 GPU per tensor-parallel rank). 0 lets it fit on a 2-CPU machine."
     )
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="Replica autoscaling.")
+    edge: EdgeConfig = Field(default_factory=EdgeConfig, description="The edge ingress in front of the engines.")
     # ---- the model lifecycle: rollouts, adapters, promotion
     graceful_shutdown_timeout_s: float = Field(
         30.0, gt=0, description="How long a replica being replaced (a rollout by raylm promote/rollback, or a "

@@ -15,13 +15,14 @@ the app; returns the base URL); serve/lifecycle.py deploys with a recorded versi
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, AsyncIterator, Optional
 
 from ray import serve
 from ray.serve import metrics
@@ -34,9 +35,12 @@ from raylm.config import RaylmConfig, ServeConfig
 from raylm.console import say
 from raylm.errors import CheckpointError, ConfigError, InputError, ServeDeployError
 from raylm.serve.auth import KeySetup, setup_keys
-from raylm.serve.gate import Gate, GateSettings
+from raylm.serve.edge import (EDGE_DEPLOYMENT, AdapterListing, GateMetrics, RaylmEdge, gate_settings, json_messages,
+                              replica_scope)
+from raylm.serve.gate import Gate
 from raylm.serve.protocol import APIError
-from raylm.serve.options import SERVE_MODEL_DEPLOYMENT, backpressure, deployment_options, engine_kwargs
+from raylm.serve.options import (SERVE_MODEL_DEPLOYMENT, backpressure, deployment_options, edge_options,
+                                 engine_kwargs)
 
 logger = logging.getLogger(__name__)
 
@@ -201,7 +205,7 @@ def adapter_base_mismatch(adapter_dir: str, served_config: dict, max_lora_rank: 
     return None
 
 
-class AdapterStore:
+class AdapterStore(AdapterListing):
     """The adapters under `serve.adapters_path`, served on demand as `<model_id>:<folder>`.
 
     Loading is Ray Serve's model multiplexing (`serve.multiplexed`: an LRU of
@@ -211,29 +215,15 @@ class AdapterStore:
     storage layer (pyarrow.fs, `storage.cached_copy`) reads local folders and every bucket the
     base checkpoint may come from, with the same credentials."""
 
-    LIST_TTL_S = 2.0
-
     def __init__(self, server: "RaylmServer", s: ServeConfig, served_config: dict):
-        self.server, self.path, self.model_id = server, s.adapters_path or "", s.model_id
-        self.max_lora_rank, self.served_config = s.max_lora_rank, served_config
-        self._listed: tuple[float, tuple[str, ...]] = (0.0, ())
+        super().__init__(s)
+        self.server, self.max_lora_rank, self.served_config = server, s.max_lora_rank, served_config
         self._next_id = 1000  # vLLM's LoRA int ids; the static adapters take 1..n
+
         async def load_adapter(model_id: str) -> Any:  # a plain function: Serve keeps its LRU on it
             return await self._load(model_id)
 
         self.load_adapter = serve.multiplexed(max_num_models_per_replica=s.max_adapters_per_replica)(load_adapter)
-
-    async def names(self) -> tuple[str, ...]:
-        stamp, names = self._listed
-        if time.monotonic() - stamp > self.LIST_TTL_S:
-            try:
-                folders = storage.list_dir(self.path) if storage.kind(self.path) == "dir" else []
-            except storage.StorageError as exc:
-                logger.warning("serve.adapters_path=%s: cannot list: %s", self.path, exc)
-                folders = []
-            names = tuple(f"{self.model_id}:{f}" for f in sorted(folders) if not f.startswith("."))
-            self._listed = (time.monotonic(), names)
-        return names
 
     async def load(self, model: str) -> None:
         await self.load_adapter(model)
@@ -303,7 +293,8 @@ class RaylmServer(LLMServer):
     """A Ray Serve LLM server whose HTTP app is vLLM's own OpenAI server behind raylm's gate.
 
     Serve builds the app after the engine has started (`__serve_build_asgi_app__`), so no route
-    answers before the model can generate."""
+    answers before the model can generate. Behind the edge, requests arrive by handle instead
+    (`serve_http`), already checked."""
 
     async def __init__(self, llm_config: LLMConfig, *, serve_config: dict, key_hashes: list[str],
                        model_config: dict, model_version: str = ""):
@@ -312,24 +303,13 @@ class RaylmServer(LLMServer):
         llm_config.model_loading_config.model_source = storage.cached_copy(llm_config.model_loading_config.model_source)
         for lora in llm_config.engine_kwargs.get("lora_modules", []):
             lora.path = storage.cached_copy(lora.path)
-        self.gate_settings = GateSettings(model_id=s.model_id, adapters=tuple(s.lora_adapters),
-                                          key_hashes=tuple(key_hashes),
-                                          require_api_key=s.require_api_key, max_tokens_limit=s.max_tokens_limit,
-                                          default_max_tokens=s.default_max_tokens, vocab_size=model_config["vocab_size"],
-                                          max_logprobs=s.max_logprobs, cors_origins=tuple(s.cors_origins),
-                                          model_version=model_version,
-                                          max_model_len=s.max_model_len or model_config.get("max_position_embeddings"))
+        self.gate_settings = gate_settings(s, key_hashes, model_config, model_version)
         self.adapters = AdapterStore(self, s, model_config) if s.adapters_path else None
-        self.requests_total = metrics.Counter(
-            "raylm_requests", description="Requests answered, by endpoint and HTTP status.",
-            tag_keys=("endpoint", "status"))
-        self.key_requests = metrics.Counter(
-            "raylm_key_requests", description="Authenticated requests per API key (key_id: the first 12 hex digits of "
-            "the key's SHA-256, never the key), by endpoint and HTTP status.", tag_keys=("key_id", "endpoint", "status"))
-        self.key_tokens = metrics.Counter(
-            "raylm_key_tokens", description="Tokens (prompt + completion, from the response's usage) per API key.",
-            tag_keys=("key_id", "endpoint"))
+        self.gate_metrics = None if s.edge.enabled else GateMetrics()  # behind the edge, the edge counts
         await super().__init__(llm_config)
+        # Behind the edge this deployment is no HTTP ingress (Serve allows one per app): edge calls
+        # run through the same app, built here once the engine is up.
+        self._edge_app = await self.__serve_build_asgi_app__() if s.edge.enabled else None
 
     def _get_default_engine_class(self) -> type:
         return engine_class()
@@ -337,18 +317,55 @@ class RaylmServer(LLMServer):
     async def __serve_build_asgi_app__(self) -> Any:
         app = await super().__serve_build_asgi_app__()
         app.middleware_stack = None  # vLLM built its stack eagerly; let Starlette rebuild it with the gate
-        app.add_middleware(Gate, settings=self.gate_settings, health=self.check_health, on_response=self._count,
-                           adapters=self.adapters, on_key=self._count_key)
+        counters = self.gate_metrics or GateMetrics()
+        app.add_middleware(Gate, settings=self.gate_settings, health=self.check_health, on_response=counters.count,
+                           adapters=self.adapters, on_key=counters.count_key)
         return app
 
-    def _count(self, endpoint: str, status: int) -> None:
-        self.requests_total.inc(tags={"endpoint": endpoint, "status": str(status)})
+    async def edge_health(self) -> None:
+        """The engine's health, for the edge's /health (raises when it is dead)."""
+        await self.check_health()
 
-    def _count_key(self, key_id: str, endpoint: str, status: int, tokens: int) -> None:
-        tags = {"key_id": key_id, "endpoint": endpoint, "status": str(status)}
-        self.key_requests.inc(tags=tags)
-        if tokens:
-            self.key_tokens.inc(tokens, tags={"key_id": key_id, "endpoint": endpoint})
+    async def serve_http(self, call: Any) -> AsyncIterator[dict]:
+        """Run an edge call (`edge.CompletionCall` / `ChatCall`: checked by the edge) through vLLM's
+        OpenAI app in this process and stream back its ASGI messages. An adapter from
+        serve.adapters_path is loaded first (Serve routed the call here by its multiplexed id).
+        When the edge cancels (its client went away), the app sees a disconnect and vLLM aborts
+        the sequence."""
+        if self.adapters:
+            model = json.loads(call.body).get("model")
+            if model in await self.adapters.names():
+                try:
+                    await self.adapters.load(model)
+                except APIError as exc:
+                    for message in json_messages(exc.status, exc.body()):
+                        yield message
+                    return
+        queue: asyncio.Queue = asyncio.Queue()
+        finished = asyncio.Event()
+        body = [{"type": "http.request", "body": call.body, "more_body": False}]
+
+        async def receive() -> dict:
+            if body:
+                return body.pop()
+            await finished.wait()
+            return {"type": "http.disconnect"}
+
+        async def run() -> None:
+            try:
+                await self._edge_app(replica_scope(call), receive, queue.put)
+            finally:
+                queue.put_nowait(None)
+
+        task = asyncio.create_task(run())
+        try:
+            while (message := await queue.get()) is not None:
+                yield message
+            task.result()  # the app's own exception, if it failed before answering
+        finally:
+            finished.set()
+            if not task.done():
+                task.cancel()
 
 
 # ------------------------------------------------------------------ building and deploying
@@ -398,18 +415,31 @@ def build_app(cfg: RaylmConfig, checkpoint: str, keys: Optional[KeySetup] = None
     s = cfg.serve
     model_config = check_servable(checkpoint, s)
     keys = keys or setup_keys(s)
-    bind = {"serve_config": s.model_dump(mode="json"), "key_hashes": list(keys.hashes),
+    # Behind the edge the LLM replicas never see a key: rotating keys restarts no engine.
+    bind = {"serve_config": s.model_dump(mode="json"), "key_hashes": [] if s.edge.enabled else list(keys.hashes),
             "model_config": model_config, "model_version": model_version}
     app = build_llm_deployment(
         llm_config(s, checkpoint, _has_chat_template(checkpoint)),
-        deployment_cls=serve.ingress()(RaylmServer),
+        deployment_cls=RaylmServer if s.edge.enabled else serve.ingress()(RaylmServer),
         bind_kwargs=bind,
         override_serve_options={"name": deployment_name, "backpressure_config": backpressure(s),
                                 "max_constructor_retry_count": s.replica_start_attempts},
     )
-    inputs = json.dumps({"checkpoint": checkpoint, **bind}, sort_keys=True, default=str)
-    app._bound_deployment._version = hashlib.sha256(inputs.encode()).hexdigest()[:16]  # no public setter in 2.60
-    return app
+    _pin_version(app, {"checkpoint": checkpoint, **bind})
+    if not s.edge.enabled:
+        return app
+    edge_bind = {"serve_config": s.model_dump(mode="json"), "key_hashes": list(keys.hashes),
+                 "model_config": model_config}
+    edge = serve.deployment(serve.ingress()(RaylmEdge)).options(name=EDGE_DEPLOYMENT, **edge_options(s))
+    edge_app = edge.bind(app, **edge_bind)
+    _pin_version(edge_app, edge_bind)
+    return edge_app
+
+
+def _pin_version(app: serve.Application, inputs: dict) -> None:
+    """The deployment's code version: a hash of what its replicas are built from."""
+    digest = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    app._bound_deployment._version = digest  # no public setter in 2.60
 
 
 def _proxy_address(s: ServeConfig) -> tuple[str, int]:

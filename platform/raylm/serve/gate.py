@@ -42,6 +42,7 @@ UNSUPPORTED = {
 CORS_METHODS, CORS_MAX_AGE_S = "GET, POST, OPTIONS", 600
 CONTEXT_MARKERS = ("maximum context length", "max_model_len", "context length")
 VERSION_HEADER = b"x-raylm-model-version"
+EDGE_CHECKED = "raylm.edge"  # a scope key no HTTP request can set: an LLM replica marks edge calls with it
 
 
 class Adapters(Protocol):
@@ -186,14 +187,16 @@ class Gate:
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if self.settings.model_version:
+            send = _with_header(send, VERSION_HEADER, self.settings.model_version)
+        if scope.get(EDGE_CHECKED):  # built by this replica for a request the edge already checked
+            return await self.app(scope, receive, send)
         method, path = scope["method"], app_path(scope)
         origin = self.settings.allowed_origin(_header(scope, b"origin"))
         if method == "OPTIONS" and _header(scope, b"access-control-request-method"):
             return await self._preflight(scope, send, origin)
         if origin:
             send = _with_cors(send, origin)
-        if self.settings.model_version:
-            send = _with_header(send, VERSION_HEADER, self.settings.model_version)
         if path == "/health" and method in ("GET", "HEAD"):
             return await self._health(send)
         route = route_of(method, path)

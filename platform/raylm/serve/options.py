@@ -40,6 +40,13 @@ def deployment_options(s: ServeConfig) -> dict[str, Any]:
             "graceful_shutdown_timeout_s": s.graceful_shutdown_timeout_s}
 
 
+def edge_options(s: ServeConfig) -> dict[str, Any]:
+    """Ray Serve options of the edge deployment: a fixed number of replicas that reserve no CPU
+    (they run no engine; on a 2-CPU machine every CPU is the engines')."""
+    return {"num_replicas": s.edge.replicas, "max_ongoing_requests": s.edge.max_ongoing_requests,
+            "ray_actor_options": {"num_cpus": 0}, "graceful_shutdown_timeout_s": s.graceful_shutdown_timeout_s}
+
+
 def backpressure(s: ServeConfig) -> dict[str, Any]:
     """A request beyond max_queued_requests gets a fast 503 with Retry-After (not Serve's default)."""
     return {"status_code": 503, "retry_after_s": s.retry_after_s}

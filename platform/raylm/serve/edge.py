@@ -1,0 +1,226 @@
+"""The edge: a light ingress deployment that protects the engines.
+
+Without it, every request, with or without a key, with a body of up to 4 MiB, is queued for and
+read by the LLM replica, the process that also feeds the engine its tokens: a flood of bad
+requests slows every good one, and enough of them fill `max_queued_requests`. The edge is a
+second deployment in the same Serve app, in front of the LLM deployment: cheap replicas with no
+engine (no CPU reserved, no vLLM import) that run raylm's gate (`gate.Gate`: routes, keys, body
+limit, validation, error shape, usage counters) and hand only checked requests to an LLM replica
+by deployment handle. That is Ray Serve LLM's own ingress/router pattern, and it lets the LLM
+deployment's request router see the prompt (`EdgeCall.prompt` / `.messages`), which
+prefix-cache-aware routing (`PrefixCacheAffinityRouter`) needs.
+
+An `EdgeCall` carries the checked body; the LLM replica runs it through vLLM's own OpenAI app
+in-process (`RaylmServer.serve_http`) and streams the ASGI messages back, so responses,
+streaming and errors are byte for byte what vLLM's server sends. A client that goes away cancels
+the edge's request, Serve cancels the handle call, and the engine aborts the sequence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ray.serve import metrics
+
+from raylm import storage
+from raylm.config import ServeConfig
+from raylm.serve.gate import EDGE_CHECKED, Gate, GateSettings, app_path, send_json
+from raylm.serve.protocol import error_body
+
+logger = logging.getLogger(__name__)
+
+EDGE_DEPLOYMENT = "RaylmEdge"
+HOP_HEADERS = {b"authorization", b"connection", b"keep-alive", b"transfer-encoding", b"upgrade", b"host",
+               b"content-length", b"te", b"trailer", b"proxy-authorization"}
+
+
+@dataclass
+class CompletionCall:
+    """A checked /v1/completions request on its way to an LLM replica. `prompt` is what Ray Serve
+    LLM's prefix-aware router reads (it looks for a `prompt` or `messages` attribute)."""
+
+    path: str
+    body: bytes
+    headers: list = field(default_factory=list)
+    prompt: Any = None
+
+
+@dataclass
+class ChatCall:
+    """A checked /v1/chat/completions request; `messages` for the prefix-aware router."""
+
+    path: str
+    body: bytes
+    headers: list = field(default_factory=list)
+    messages: Any = None
+
+
+def edge_call(path: str, body: bytes, headers: list) -> tuple[Any, str]:
+    """The call object for a checked body (valid JSON: the gate parsed it), and the model asked for.
+    The key stays at the edge: `authorization` is not passed on."""
+    parsed = json.loads(body)
+    kept = [(k, v) for k, v in headers if k.lower() not in HOP_HEADERS]
+    if path.endswith("/chat/completions"):
+        return ChatCall(path, body, kept, messages=parsed.get("messages")), parsed.get("model", "")
+    return CompletionCall(path, body, kept, prompt=parsed.get("prompt")), parsed.get("model", "")
+
+
+def replica_scope(call: Any) -> dict:
+    """The ASGI scope an LLM replica runs an edge call under (marked as checked by the edge)."""
+    return {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+            "method": "POST", "scheme": "http", "path": call.path, "raw_path": call.path.encode(),
+            "root_path": "", "query_string": b"", "server": ("edge", 0), "client": ("edge", 0),
+            "headers": [*call.headers, (b"content-length", str(len(call.body)).encode())], EDGE_CHECKED: True}
+
+
+async def _lifespan(receive: Callable, send: Callable) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+class Forward:
+    """The edge's inner ASGI app (behind the gate): a checked request goes to an LLM replica by
+    handle and its response streams back. Serve's back-pressure on the LLM deployment (its queue
+    full) becomes a 503 with Retry-After, as it does without the edge."""
+
+    def __init__(self, handle: Any, dynamic_adapters: Callable[[], Any], retry_after_s: float):
+        self.handle, self.dynamic_adapters, self.retry_after_s = handle, dynamic_adapters, retry_after_s
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "lifespan":
+            return await _lifespan(receive, send)
+        from ray.serve.exceptions import BackPressureError, RequestCancelledError
+
+        chunks = []
+        while True:  # the gate replays the checked body in one message
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        call, model = edge_call(app_path(scope), b"".join(chunks), scope.get("headers", []))
+        handle = self.handle.options(stream=True, multiplexed_model_id=model if model in await self.dynamic_adapters()
+                                     else "")
+        started = False
+        responses = handle.serve_http.remote(call)
+        try:
+            async for message in responses:
+                started = started or message["type"] == "http.response.start"
+                await send(message)
+        except BackPressureError:
+            for message in json_messages(503, error_body(
+                    "the model's request queue is full; retry after the delay in Retry-After", None, "overloaded",
+                    "server_error"), [(b"retry-after", str(max(1, math.ceil(self.retry_after_s))).encode())]):
+                await send(message)
+        except RequestCancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a replica that died mid-request: the client gets a 503
+            logger.warning("LLM replica failed a request: %s: %s", type(exc).__name__, exc)
+            if not started:
+                await send_json(send, 503, error_body("model unavailable, retry", None, "unavailable", "server_error"))
+        finally:
+            responses.cancel()  # a no-op once finished; otherwise the engine aborts the sequence
+
+
+def json_messages(status: int, body: dict, headers: tuple = ()) -> list[dict]:
+    """The ASGI messages of a JSON response."""
+    payload = json.dumps(body).encode()
+    return [{"type": "http.response.start", "status": status, "headers": [
+                (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()), *headers]},
+            {"type": "http.response.body", "body": payload}]
+
+
+def gate_settings(s: ServeConfig, key_hashes: list[str], model_config: dict, model_version: str = "") -> GateSettings:
+    """What the gate checks against, from `serve:` and the checkpoint's config.json."""
+    return GateSettings(model_id=s.model_id, adapters=tuple(s.lora_adapters), key_hashes=tuple(key_hashes),
+                        require_api_key=s.require_api_key, max_tokens_limit=s.max_tokens_limit,
+                        default_max_tokens=s.default_max_tokens, vocab_size=model_config["vocab_size"],
+                        max_logprobs=s.max_logprobs, cors_origins=tuple(s.cors_origins), model_version=model_version,
+                        max_model_len=s.max_model_len or model_config.get("max_position_embeddings"))
+
+
+class GateMetrics:
+    """The gate's Prometheus counters (Ray's metrics API: exported as `ray_raylm_*`), kept by
+    whichever deployment runs the gate."""
+
+    def __init__(self) -> None:
+        self.requests_total = metrics.Counter(
+            "raylm_requests", description="Requests answered, by endpoint and HTTP status.",
+            tag_keys=("endpoint", "status"))
+        self.key_requests = metrics.Counter(
+            "raylm_key_requests", description="Authenticated requests per API key (key_id: the first 12 hex digits of "
+            "the key's SHA-256, never the key), by endpoint and HTTP status.", tag_keys=("key_id", "endpoint", "status"))
+        self.key_tokens = metrics.Counter(
+            "raylm_key_tokens", description="Tokens (prompt + completion, from the response's usage) per API key.",
+            tag_keys=("key_id", "endpoint"))
+
+    def count(self, endpoint: str, status: int) -> None:
+        self.requests_total.inc(tags={"endpoint": endpoint, "status": str(status)})
+
+    def count_key(self, key_id: str, endpoint: str, status: int, tokens: int) -> None:
+        self.key_requests.inc(tags={"key_id": key_id, "endpoint": endpoint, "status": str(status)})
+        if tokens:
+            self.key_tokens.inc(tokens, tags={"key_id": key_id, "endpoint": endpoint})
+
+
+class AdapterListing:
+    """The adapters under `serve.adapters_path` as model ids `<model_id>:<folder>`, listed at most
+    every LIST_TTL_S (a request must not wait on object storage). The edge uses the listing
+    alone: the LLM replica a request is routed to loads the adapter (`AdapterStore`)."""
+
+    LIST_TTL_S = 2.0
+
+    def __init__(self, s: ServeConfig):
+        self.path, self.model_id = s.adapters_path or "", s.model_id
+        self._listed: tuple[float, tuple[str, ...]] = (0.0, ())
+
+    async def names(self) -> tuple[str, ...]:
+        stamp, names = self._listed
+        if time.monotonic() - stamp > self.LIST_TTL_S:
+            try:
+                folders = storage.list_dir(self.path) if storage.kind(self.path) == "dir" else []
+            except storage.StorageError as exc:
+                logger.warning("serve.adapters_path=%s: cannot list: %s", self.path, exc)
+                folders = []
+            names = tuple(f"{self.model_id}:{f}" for f in sorted(folders) if not f.startswith("."))
+            self._listed = (time.monotonic(), names)
+        return names
+
+    async def load(self, model: str) -> None:
+        """Nothing to do where no engine runs (the edge)."""
+
+
+class RaylmEdge:
+    """The edge deployment (the module docstring says why): raylm's gate in a cheap replica with no engine,
+    forwarding checked requests to the LLM deployment by handle."""
+
+    def __init__(self, llm: Any, *, serve_config: dict, key_hashes: list[str], model_config: dict):
+        s = ServeConfig.model_validate(serve_config)
+        self.llm, self.retry_after_s = llm, s.retry_after_s
+        self.settings = gate_settings(s, key_hashes, model_config)  # the version header comes from the replicas
+        self.adapters = AdapterListing(s) if s.adapters_path else None
+        self.gate_metrics = GateMetrics()
+
+    async def __serve_build_asgi_app__(self) -> Any:
+        async def no_adapters() -> tuple[str, ...]:
+            return ()
+
+        forward = Forward(self.llm, self.adapters.names if self.adapters else no_adapters, self.retry_after_s)
+        return Gate(forward, settings=self.settings, health=self._health, on_response=self.gate_metrics.count,
+                    adapters=self.adapters, on_key=self.gate_metrics.count_key)
+
+    async def _health(self) -> None:
+        await asyncio.wait_for(self.llm.edge_health.remote(), EDGE_HEALTH_TIMEOUT_S)
+
+
+EDGE_HEALTH_TIMEOUT_S = 10.0
