@@ -318,7 +318,8 @@ class RaylmServer(LLMServer):
                                           default_max_tokens=s.default_max_tokens, vocab_size=model_config["vocab_size"],
                                           max_logprobs=s.max_logprobs, cors_origins=tuple(s.cors_origins),
                                           model_version=model_version,
-                                          max_model_len=s.max_model_len or model_config.get("max_position_embeddings"))
+                                          max_model_len=s.max_model_len or model_config.get("max_position_embeddings"),
+                                          **GateSettings.key_options(s))
         self.adapters = AdapterStore(self, s, model_config) if s.adapters_path else None
         self.requests_total = metrics.Counter(
             "raylm_requests", description="Requests answered, by endpoint and HTTP status.",
