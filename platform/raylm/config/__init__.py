@@ -27,7 +27,7 @@ _WHERE = {
     "ModelConfig": "model",
     "LoraConfig": "train", "DPOConfig": "train", "TrackingConfig": "train", "TrainConfig": "train", "DeepSpeedConfig": "train",
     "AshaConfig": "tune", "TuneConfig": "tune",
-    "AutoscalingConfig": "serve", "ServeConfig": "serve", "PromoteConfig": "serve", "KeyLimit": "serve",
+    "AutoscalingConfig": "serve", "ServeConfig": "serve", "PromoteConfig": "serve", "KeyLimitOverride": "serve",
     "KeyLimitsConfig": "serve",
     "ClusterConfig": "cluster",
     "EvalConfig": "eval",

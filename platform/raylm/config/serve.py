@@ -47,8 +47,19 @@ class PromoteConfig(_Strict):
         "in the metric's own units (0: at least as good).")
 
 
-class KeyLimit(_Strict):
-    """One key's limits over a sliding minute; 0: no limit."""
+class KeyLimitOverride(_Strict):
+    """One key's own limits; a field left out (None) keeps the default of serve.key_limits."""
+
+    requests_per_minute: Optional[int] = Field(None, ge=0, description="This key's requests per minute (0: no limit).")
+    tokens_per_minute: Optional[int] = Field(None, ge=0, description="This key's tokens per minute (0: no limit).")
+
+
+class KeyLimitsConfig(_Strict):
+    """Per-key limits: the first two fields apply to every key; `overrides` changes them for single keys.
+
+    Each gate replica enforces its own window; with `split_over_replicas: N` each of N replicas
+    enforces 1/N of every limit (so the endpoint as a whole allows about the limit when the load
+    balancer spreads a key's requests evenly)."""
 
     requests_per_minute: int = Field(
         0, ge=0, description="Requests a key may send per minute (sliding 60 s window); the next one gets 429 with "
@@ -56,16 +67,7 @@ class KeyLimit(_Strict):
     tokens_per_minute: int = Field(
         0, ge=0, description="Tokens (prompt + completion, from the responses' usage) a key may use per minute: "
         "its requests get 429 while its last 60 s used this many or more. 0: no limit.")
-
-
-class KeyLimitsConfig(KeyLimit):
-    """Per-key limits: the fields above apply to every key; `overrides` changes them for single keys.
-
-    Each gate replica enforces its own window; with `split_over_replicas: N` each of N replicas
-    enforces 1/N of every limit (so the endpoint as a whole allows about the limit when the load
-    balancer spreads a key's requests evenly)."""
-
-    overrides: dict[str, KeyLimit] = Field(
+    overrides: dict[str, KeyLimitOverride] = Field(
         default_factory=dict, description="Limits of single keys, by key id: the first 12 hex digits of the key's "
         "SHA-256 (the key_id label of the raylm_key_* metrics; `raylm keys new` prints it), never the key. Fields "
         "an override leaves out keep the defaults above.")
@@ -75,20 +77,20 @@ class KeyLimitsConfig(KeyLimit):
 
     @field_validator("overrides")
     @classmethod
-    def _key_ids(cls, value: dict[str, KeyLimit]) -> dict[str, KeyLimit]:
+    def _key_ids(cls, value: dict[str, KeyLimitOverride]) -> dict[str, KeyLimitOverride]:
         for key_id in value:
             if len(key_id) != 12 or any(c not in "0123456789abcdef" for c in key_id):
                 raise ValueError(f"{key_id!r}: not a key id (the first 12 lowercase hex digits of the key's SHA-256; "
                                  "never the key itself)")
         return value
 
-    def for_key(self, key_id: str) -> KeyLimit:
-        """The limits of one key: its override's fields where set, the defaults elsewhere."""
+    def for_key(self, key_id: str) -> tuple[int, int]:
+        """(requests, tokens) per minute of one key: its override's where set, the defaults elsewhere."""
         override = self.overrides.get(key_id)
         if override is None:
-            return self
-        fields = {f: getattr(override if f in override.model_fields_set else self, f) for f in KeyLimit.model_fields}
-        return KeyLimit(**fields)
+            return self.requests_per_minute, self.tokens_per_minute
+        return (self.requests_per_minute if override.requests_per_minute is None else override.requests_per_minute,
+                self.tokens_per_minute if override.tokens_per_minute is None else override.tokens_per_minute)
 
 
 class ServeConfig(_Strict):

@@ -21,7 +21,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from raylm.config.serve import KeyLimit, KeyLimitsConfig
+from raylm.config.serve import KeyLimitsConfig
 
 WINDOW_S = 60.0
 
@@ -89,9 +89,9 @@ class KeyLimiter:
     def allowed(self, key_id: str) -> tuple[float, float]:
         """(requests, tokens) per minute this replica allows the key; 0: no limit. At least one
         request, so a small limit split over many replicas does not close the key."""
-        limit: KeyLimit = self.limits.for_key(key_id)
-        requests = max(1, math.floor(limit.requests_per_minute * self.share)) if limit.requests_per_minute else 0
-        tokens = max(1.0, limit.tokens_per_minute * self.share) if limit.tokens_per_minute else 0.0
+        rpm, tpm = self.limits.for_key(key_id)
+        requests = max(1, math.floor(rpm * self.share)) if rpm else 0
+        tokens = max(1.0, tpm * self.share) if tpm else 0.0
         return requests, tokens
 
     def admit(self, key_id: str) -> Optional[Refusal]:
