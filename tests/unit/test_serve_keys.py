@@ -12,7 +12,7 @@ import textwrap
 import pytest
 
 from raylm.cli import main
-from raylm.config import ConfigError, InputError, KeyLimitsConfig, load_config
+from raylm.config import ConfigError, KeyLimitsConfig, load_config
 from raylm.serve.auth import (ApiKeyError, ReloadingKeys, add_key_hash, hash_key, parse_key_hashes, read_key_hashes,
                               revoke_key_hash, setup_keys)
 from raylm.serve.gate import Gate, GateSettings

@@ -100,7 +100,8 @@ class KeyLimiter:
         self._sweep(now)
         max_requests, max_tokens = self.allowed(key_id)
         refusals = []
-        for name, windows, allowed in (("requests", self._requests, max_requests), ("tokens", self._tokens, max_tokens)):
+        checks = (("requests", self._requests, max_requests), ("tokens", self._tokens, max_tokens))
+        for name, windows, allowed in checks:
             window = self._slid(windows, key_id, now) if allowed else None
             if window is not None and window.total >= allowed:
                 refusals.append(Refusal(name, allowed, window.total, window.wait_s(now, allowed)))
