@@ -192,10 +192,42 @@ def cmd_k8s(cfg: RaylmConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(cfg: RaylmConfig, args: argparse.Namespace) -> int:
+    """API keys in serve.api_key_hashes_path, which running replicas re-read (no redeploy): `new`
+    prints a new key once and adds its hash; `revoke KEY_ID` removes it; `list` shows ids and names."""
+    from raylm.serve import auth
+
+    path = cfg.serve.api_key_hashes_path
+    if not path:
+        raise InputError("serve.api_key_hashes_path: not set; name the hashes file the replicas re-read "
+                         "(e.g. --set serve.api_key_hashes_path=s3://bucket/raylm/key_hashes)")
+    if args.action == "new":
+        if args.key_id:
+            raise InputError(f"raylm keys new takes no key id (got {args.key_id!r}); name the key with --name")
+        key = auth.new_key()
+        key_id = auth.add_key_hash(path, key, args.name or "")
+        say(key, event="key_created", key=key, key_id=key_id, path=path)
+        say(f"key id {key_id} added to {path}: replicas accept it within serve.api_keys_reload_s "
+                      f"({cfg.serve.api_keys_reload_s:g} s). The key above is shown once; only its hash is stored.")
+        return 0
+    if args.action == "revoke":
+        if not args.key_id:
+            raise InputError("raylm keys revoke needs the key id (first 12 hex digits of the key's SHA-256; "
+                             "raylm keys list shows them)")
+        removed = auth.revoke_key_hash(path, args.key_id)
+        say(f"revoked {len(removed)} key(s) with id {args.key_id} from {path}; replicas refuse it within "
+            f"{cfg.serve.api_keys_reload_s:g} s", event="key_revoked", key_id=args.key_id, path=path)
+        return 0
+    for digest, name in auth.read_key_hashes(path).items():
+        say(f"{auth.key_id_of_hash(digest)}  {name}".rstrip(), event="key", key_id=auth.key_id_of_hash(digest),
+            name=name)
+    return 0
+
+
 VERBS: dict[str, Callable[[RaylmConfig, argparse.Namespace], int]] = {
     "config": cmd_config, "data": cmd_data, "train": cmd_train, "tune": cmd_tune, "serve": cmd_serve,
     "export": cmd_export, "eval": cmd_eval, "promote": cmd_promote, "rollback": cmd_rollback,
-    "pipeline": cmd_pipeline, "status": cmd_status, "k8s": cmd_k8s,
+    "pipeline": cmd_pipeline, "status": cmd_status, "k8s": cmd_k8s, "keys": cmd_keys,
 }
 
 
@@ -227,6 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--no-write", action="store_true", help="print the result only; write no eval.json")
         if name == "pipeline":
             p.add_argument("--keep-serving", action="store_true", help="keep the endpoint up after the demo request")
+        if name == "keys":
+            p.add_argument("action", choices=["new", "revoke", "list"], help="new: make a key (printed once); "
+                           "revoke KEY_ID: remove it; list: key ids and names")
+            p.add_argument("key_id", nargs="?", help="revoke: the key's id (first 12 hex digits of its SHA-256)")
+            p.add_argument("--name", help="new: a name stored beside the hash (who the key is for)")
         if name == "k8s":
             p.add_argument("action", choices=["render"], help="render the manifests")
             p.add_argument("--out", default="k8s", help="output folder (default: k8s/)")

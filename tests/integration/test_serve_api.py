@@ -16,8 +16,9 @@ import openai
 import pytest
 
 from raylm.config import InputError
-from raylm.serve.auth import hash_key
+from raylm.serve.auth import add_key_hash, hash_key, revoke_key_hash
 from serve_fixtures import (KEYS, MODEL_ID, auth, deploy_app, key_file, serve_config, shutdown_serve, tiny_adapter,
+                            wait_until,
                             tiny_checkpoint)
 
 __all__ = ["key_file", "tiny_adapter", "tiny_checkpoint"]  # fixtures used by this module
@@ -27,13 +28,25 @@ ADAPTER = "tiny-lora"
 pytestmark = pytest.mark.timeout(300)
 
 
+LIMITED_KEY = "sk-test-limited"  # in the hashes file (key rotation), with 2 requests per minute
+
+
 @pytest.fixture(scope="module")
-def url(ray_cluster, tiny_checkpoint, tiny_adapter, key_file):
+def key_hashes(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("hashes") / "key_hashes"
+    path.write_text(f"{hash_key(LIMITED_KEY)} limited\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def url(ray_cluster, tiny_checkpoint, tiny_adapter, key_file, key_hashes):
     # One replica, so the long and the short request of the continuous-batching test share an engine;
-    # a LoRA adapter served beside the base model.
+    # a LoRA adapter served beside the base model; a hashes file re-read every second, with one
+    # key limited to 2 requests per minute.
     cfg = serve_config(key_file, "serve.autoscaling.min_replicas=1", "serve.autoscaling.max_replicas=1",
                        "serve.max_tokens_limit=128", f"serve.lora_adapters={{{ADAPTER}: {tiny_adapter}}}",
-                       "serve.max_lora_rank=8")
+                       "serve.max_lora_rank=8", f"serve.api_key_hashes_path={key_hashes}", "serve.api_keys_reload_s=1",
+                       f"serve.key_limits.overrides={{{hash_key(LIMITED_KEY)[:12]}: {{requests_per_minute: 2}}}}")
     yield deploy_app(cfg, tiny_checkpoint)
     shutdown_serve()
 
@@ -220,6 +233,22 @@ def test_missing_or_wrong_key_is_401(url, headers):
                              json={"model": MODEL_ID, "prompt": "hi"} if method == "POST" else None)
         assert resp.status_code == 401, (path, resp.text)
         assert resp.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_a_key_over_its_limit_gets_429_and_keys_rotate_without_a_redeploy(url, key_hashes):
+    body = {"model": MODEL_ID, "prompt": "hi", "max_tokens": 1}
+    assert [post(url, "/v1/completions", body, key=LIMITED_KEY).status_code for _ in range(2)] == [200, 200]
+    refused = post(url, "/v1/completions", body, key=LIMITED_KEY)
+    assert refused.status_code == 429 and 1 <= int(refused.headers["retry-after"]) <= 60
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+    assert post(url, "/v1/completions", body).status_code == 200  # other keys are not limited
+    rotated = "sk-test-rotated"
+    assert post(url, "/v1/completions", body, key=rotated).status_code == 401
+    add_key_hash(key_hashes, rotated, "rotated")  # no redeploy: the replica re-reads the file
+    assert wait_until(lambda: post(url, "/v1/completions", body, key=rotated).status_code == 200, timeout_s=60)
+    revoke_key_hash(key_hashes, hash_key(rotated)[:12])
+    assert wait_until(lambda: post(url, "/v1/completions", body, key=rotated).status_code == 401, timeout_s=60)
+    assert post(url, "/v1/completions", body).status_code == 200
 
 
 def test_wrong_key_with_the_openai_client(url):

@@ -61,6 +61,52 @@ class EdgeConfig(_Strict):
         "the LLM deployment's queue, which bounds what reaches the engines.")
 
 
+class KeyLimitOverride(_Strict):
+    """One key's own limits; a field left out (None) keeps the default of serve.key_limits."""
+
+    requests_per_minute: Optional[int] = Field(None, ge=0, description="This key's requests per minute (0: no limit).")
+    tokens_per_minute: Optional[int] = Field(None, ge=0, description="This key's tokens per minute (0: no limit).")
+
+
+class KeyLimitsConfig(_Strict):
+    """Per-key limits: the first two fields apply to every key; `overrides` changes them for single keys.
+
+    Each gate replica enforces its own window; with `split_over_replicas: N` each of N replicas
+    enforces 1/N of every limit (so the endpoint as a whole allows about the limit when the load
+    balancer spreads a key's requests evenly)."""
+
+    requests_per_minute: int = Field(
+        0, ge=0, description="Requests a key may send per minute (sliding 60 s window); the next one gets 429 with "
+        "Retry-After. 0: no limit.")
+    tokens_per_minute: int = Field(
+        0, ge=0, description="Tokens (prompt + completion, from the responses' usage) a key may use per minute: "
+        "its requests get 429 while its last 60 s used this many or more. 0: no limit.")
+    overrides: dict[str, KeyLimitOverride] = Field(
+        default_factory=dict, description="Limits of single keys, by key id: the first 12 hex digits of the key's "
+        "SHA-256 (the key_id label of the raylm_key_* metrics; `raylm keys new` prints it), never the key. Fields "
+        "an override leaves out keep the defaults above.")
+    split_over_replicas: int = Field(
+        1, ge=1, description="Replicas the limits are divided among: each gate replica allows 1/N of every limit. "
+        "1: each replica enforces the whole limit (with several replicas a key can then get up to N times it).")
+
+    @field_validator("overrides")
+    @classmethod
+    def _key_ids(cls, value: dict[str, KeyLimitOverride]) -> dict[str, KeyLimitOverride]:
+        for key_id in value:
+            if len(key_id) != 12 or any(c not in "0123456789abcdef" for c in key_id):
+                raise ValueError(f"{key_id!r}: not a key id (the first 12 lowercase hex digits of the key's SHA-256; "
+                                 "never the key itself)")
+        return value
+
+    def for_key(self, key_id: str) -> tuple[int, int]:
+        """(requests, tokens) per minute of one key: its override's where set, the defaults elsewhere."""
+        override = self.overrides.get(key_id)
+        if override is None:
+            return self.requests_per_minute, self.tokens_per_minute
+        return (self.requests_per_minute if override.requests_per_minute is None else override.requests_per_minute,
+                self.tokens_per_minute if override.tokens_per_minute is None else override.tokens_per_minute)
+
+
 class ServeConfig(_Strict):
     checkpoint: Optional[str] = Field(None, description="HF checkpoint dir, or a sweep's best.json.")
     model_id: str = Field("raylm", description="The model name the API reports and accepts.")
@@ -76,7 +122,18 @@ class ServeConfig(_Strict):
     app_name: str = Field("raylm", description="Serve application name (serve status, serve.delete).")
     api_key_env: str = Field("RAYLM_API_KEYS", description="Env var holding comma-separated API keys.")
     api_key_file: Optional[str] = Field(None, description="File with one API key per line.")
+    api_key_hashes_path: Optional[str] = Field(
+        None, description="A file (local path, s3://, gs://) of key hashes: one SHA-256 hex digest per line, "
+        "optionally followed by a name; '#' starts a comment. Running replicas re-read it every "
+        "serve.api_keys_reload_s, so keys are added and revoked without a redeploy (`raylm keys new`, "
+        "`raylm keys revoke`). Used beside serve.api_key_env / serve.api_key_file.")
+    api_keys_reload_s: float = Field(
+        10.0, gt=0, description="Seconds between re-reads of serve.api_key_hashes_path by each replica; a read "
+        "that fails keeps the last good set of keys.")
     require_api_key: bool = Field(True, description="Refuse requests without a valid key (401).")
+    key_limits: KeyLimitsConfig = Field(
+        default_factory=KeyLimitsConfig, description="Requests and tokens per minute per API key (429 with "
+        "Retry-After beyond them), with per-key overrides by key id.")
     max_tokens_limit: int = Field(256, ge=1, description="Largest max_tokens a request may ask for.")
     default_max_tokens: int = Field(
         16, ge=1, description="max_tokens of a completions request that does not set it (OpenAI's default). A chat "

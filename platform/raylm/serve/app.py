@@ -303,7 +303,7 @@ class RaylmServer(LLMServer):
         llm_config.model_loading_config.model_source = storage.cached_copy(llm_config.model_loading_config.model_source)
         for lora in llm_config.engine_kwargs.get("lora_modules", []):
             lora.path = storage.cached_copy(lora.path)
-        self.gate_settings = gate_settings(s, key_hashes, model_config, model_version)
+        self.gate_settings = gate_settings(s, key_hashes, model_config, model_version, checks_keys=not s.edge.enabled)
         self.adapters = AdapterStore(self, s, model_config) if s.adapters_path else None
         self.gate_metrics = None if s.edge.enabled else GateMetrics()  # behind the edge, the edge counts
         await super().__init__(llm_config)

@@ -4,20 +4,31 @@ Keys are gathered on the driver (or in Serve's app-build task) and only their SH
 travel to the replicas as init args: replicas may run on other nodes that have neither the env
 var nor the file, and a replica's memory or a pickled deployment never holds a usable key.
 A presented key is hashed and compared with every stored hash in constant time.
+
+Keys can also be rotated on a running endpoint: `serve.api_key_hashes_path` is a file of hashes
+only (local, s3://, gs://) that every replica re-reads every `serve.api_keys_reload_s`
+(`ReloadingKeys`); `raylm keys new` / `raylm keys revoke` edit it. A read that fails keeps the
+last good set: storage that is briefly unreachable must neither open the API nor lock clients out.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import logging
 import os
 import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Callable, Iterable, Mapping, Optional
 
+from raylm import storage
 from raylm.config import ServeConfig
-from raylm.errors import ApiKeyError
+from raylm.errors import ApiKeyError, StorageError
+
+logger = logging.getLogger(__name__)
 
 GENERATED_KEY_FILE = "~/.raylm/api_key"
 KEY_PREFIX = "sk-raylm-"
@@ -34,6 +45,85 @@ class KeySetup:
 
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+def key_id_of_hash(digest: str) -> str:
+    """A key's id (metrics label, per-key limit overrides): the first 12 hex digits of its SHA-256."""
+    return digest[:12]
+
+
+def parse_key_hashes(text: str, source: str) -> dict[str, str]:
+    """`<sha256 hex> [name ...]` per line, blank lines and '#' comments ignored -> {hash: name}.
+    Any other line makes the whole file invalid (naming the line): half of an edited file must
+    never be taken for the new set."""
+    hashes: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        fields = line.split("#", 1)[0].split(None, 1)
+        if not fields:
+            continue
+        digest = fields[0].lower()
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise ApiKeyError(f"serve.api_key_hashes_path={source}: line {number} is not a SHA-256 hex digest "
+                              f"(64 hex digits, then an optional name); it holds hashes, never keys")
+        hashes[digest] = fields[1].strip() if len(fields) > 1 else ""
+    return hashes
+
+
+def read_key_hashes(uri: str) -> dict[str, str]:
+    """The hashes file (local or object storage) as {hash: name}; ApiKeyError naming it when it
+    cannot be read or holds something else."""
+    try:
+        raw = storage.read_bytes(uri)
+    except StorageError as exc:
+        raise ApiKeyError(f"serve.api_key_hashes_path={uri}: {exc}") from None
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError:
+        raise ApiKeyError(f"serve.api_key_hashes_path={uri}: not UTF-8 text") from None
+    return parse_key_hashes(text, uri)
+
+
+def new_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def add_key_hash(uri: str, key: str, name: str = "") -> str:
+    """Append a key's hash (and name) to the hashes file, creating it; returns the key id. The file
+    is rewritten whole (an object store has no append), so running replicas read all or nothing."""
+    if any(c in name for c in "#\n\r"):
+        raise ApiKeyError(f"--name {name!r}: a key name must not hold '#' or line breaks")
+    text = _hashes_text(uri)
+    parse_key_hashes(text, uri)  # refuse to add to a file that is invalid already
+    digest = hash_key(key)
+    line = f"{digest} {name}".rstrip()
+    storage.write_bytes(uri, (text + ("" if not text or text.endswith("\n") else "\n") + line + "\n").encode())
+    return key_id_of_hash(digest)
+
+
+def revoke_key_hash(uri: str, key_id: str) -> list[str]:
+    """Remove the lines whose hash starts with `key_id` (12+ hex digits) from the hashes file;
+    returns the removed lines. ApiKeyError when no key has that id."""
+    key_id = key_id.strip().lower()
+    if len(key_id) < 12 or any(c not in "0123456789abcdef" for c in key_id):
+        raise ApiKeyError(f"{key_id!r}: not a key id (at least the first 12 hex digits of the key's SHA-256)")
+    text = _hashes_text(uri, must_exist=True)
+    parse_key_hashes(text, uri)  # refuse to rewrite a file that is invalid already
+    kept, removed = [], []
+    for line in text.splitlines():
+        (removed if line.split("#", 1)[0].strip().lower().startswith(key_id) else kept).append(line)
+    if not removed:
+        raise ApiKeyError(f"no key with id {key_id} in {uri}")
+    storage.write_bytes(uri, "".join(line + "\n" for line in kept).encode())
+    return removed
+
+
+def _hashes_text(uri: str, must_exist: bool = False) -> str:
+    if storage.kind(uri) == "missing" and not must_exist:
+        return ""
+    try:
+        return storage.read_bytes(uri).decode()
+    except (StorageError, UnicodeDecodeError) as exc:
+        raise ApiKeyError(f"serve.api_key_hashes_path={uri}: {exc}") from None
 
 
 def keys_from_env(var: str, environ: Mapping[str, str]) -> list[str]:
@@ -80,7 +170,7 @@ def generated_key(path: str = GENERATED_KEY_FILE) -> tuple[str, str]:
         existing = [line.strip() for line in full.read_text().splitlines() if line.strip()]
         if existing:
             return existing[0], str(full)
-    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    key = new_key()
     write_private(full, key + "\n")
     return key, str(full)
 
@@ -88,12 +178,18 @@ def generated_key(path: str = GENERATED_KEY_FILE) -> tuple[str, str]:
 def setup_keys(cfg: ServeConfig, environ: Optional[Mapping[str, str]] = None,
                generated_path: str = GENERATED_KEY_FILE) -> KeySetup:
     """The key hashes for the replicas. With `require_api_key` and nothing configured, a key is
-    generated into ~/.raylm/api_key; `source` names where keys live (never the key itself)."""
+    generated into ~/.raylm/api_key; `source` names where keys live (never the key itself).
+    A hashes file (serve.api_key_hashes_path) is read here once, so a path that cannot be read
+    fails the deploy; the replicas read it themselves (its hashes are not in `hashes`)."""
     keys = load_api_keys(cfg, environ)
     places = [f"env ${cfg.api_key_env}"] if keys_from_env(cfg.api_key_env, os.environ if environ is None else environ) else []
     if cfg.api_key_file:
         places.append(f"file {Path(cfg.api_key_file).expanduser()}")
-    if keys:
+    if cfg.api_key_hashes_path:
+        listed = read_key_hashes(cfg.api_key_hashes_path)
+        places.append(f"hashes file {cfg.api_key_hashes_path} ({len(listed)} key(s), re-read every "
+                      f"{cfg.api_keys_reload_s:g} s)")
+    if keys or cfg.api_key_hashes_path:  # a hashes file, even empty (all revoked), is the keys' source
         return KeySetup(tuple(hash_key(k) for k in keys), " and ".join(places))
     if not cfg.require_api_key:
         return KeySetup((), "none (serve.require_api_key=false: the API is open)")
@@ -105,8 +201,12 @@ class KeyChecker:
     """Checks `Authorization: Bearer <key>` against stored SHA-256 hashes in constant time."""
 
     def __init__(self, hashes: tuple[str, ...] | list[str], required: bool = True):
+        self.hashes = tuple(hashes)
         self._hashes = [bytes.fromhex(h) for h in hashes]
         self.required = required
+
+    def __len__(self) -> int:
+        return len(self._hashes)
 
     @staticmethod
     def bearer(header: Optional[str]) -> Optional[str]:
@@ -133,3 +233,55 @@ class KeyChecker:
         for stored in self._hashes:  # no early exit: time does not depend on which key matched
             ok |= hmac.compare_digest(digest, stored)
         return ok
+
+
+class ReloadingKeys:
+    """The keys a replica accepts: the fixed hashes it was deployed with (env var, key file) plus
+    those in the hashes file, re-read at most every `reload_s`.
+
+    The re-read runs in a thread when a request finds the set due, so the event loop is never
+    blocked by storage; requests wait for it up to `max_wait_s` (so a revoked key is refused from
+    the first request after the reload is due, when storage answers in time), then go on with the
+    last good set. A read that fails (missing, unreadable, malformed) keeps the last good set and
+    logs a warning; before the first good read only the fixed hashes are accepted."""
+
+    FIRST_WAIT_S = 30.0
+
+    def __init__(self, hashes: Iterable[str], path: Optional[str] = None, reload_s: float = 10.0,
+                 required: bool = True, clock: Callable[[], float] = time.monotonic,
+                 read: Callable[[str], dict[str, str]] = read_key_hashes, max_wait_s: float = 2.0):
+        self.fixed, self.path, self.reload_s, self.required = tuple(hashes), path, reload_s, required
+        self.clock, self.read, self.max_wait_s = clock, read, max_wait_s
+        self.checker = KeyChecker(self.fixed, required=required)
+        self.loaded = False
+        self._due = clock()
+        self._task: Optional[asyncio.Future] = None
+
+    async def current(self) -> "KeyChecker":
+        """The checker to use now, reloading the file first when it is due."""
+        if not self.path or not self.required or self.clock() < self._due:
+            return self.checker
+        loop = asyncio.get_running_loop()
+        if self._task is None or self._task.get_loop() is not loop:
+            self._task = loop.create_task(self._reload())
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), self.max_wait_s if self.loaded else self.FIRST_WAIT_S)
+        except asyncio.TimeoutError:
+            logger.warning("serve.api_key_hashes_path=%s: still reading it; using the last good set of keys",
+                           self.path)
+        return self.checker
+
+    async def _reload(self) -> None:
+        try:
+            listed = await asyncio.to_thread(self.read, self.path)
+        except Exception as exc:  # noqa: BLE001 - whatever the storage raises, keep serving the last good set
+            kept = f"{len(self.checker)} key(s) from the last good read" if self.loaded else \
+                f"only the {len(self.fixed)} deployed key(s) until it can be read"
+            logger.warning("API keys not reloaded (%s); keeping %s", exc, kept)
+        else:
+            hashes = tuple(dict.fromkeys((*self.fixed, *listed)))
+            if not self.loaded or set(hashes) != set(self.checker.hashes):
+                logger.info("API keys: %d from %s, %d deployed", len(listed), self.path, len(self.fixed))
+            self.checker, self.loaded = KeyChecker(hashes, required=self.required), True
+        finally:
+            self._due, self._task = self.clock() + self.reload_s, None

@@ -140,13 +140,16 @@ def json_messages(status: int, body: dict, headers: tuple = ()) -> list[dict]:
             {"type": "http.response.body", "body": payload}]
 
 
-def gate_settings(s: ServeConfig, key_hashes: list[str], model_config: dict, model_version: str = "") -> GateSettings:
-    """What the gate checks against, from `serve:` and the checkpoint's config.json."""
+def gate_settings(s: ServeConfig, key_hashes: list[str], model_config: dict, model_version: str = "",
+                  checks_keys: bool = True) -> GateSettings:
+    """What the gate checks against, from `serve:` and the checkpoint's config.json. Only the gate
+    that checks keys (the edge's, or each replica's without one) reloads key hashes and counts limits."""
     return GateSettings(model_id=s.model_id, adapters=tuple(s.lora_adapters), key_hashes=tuple(key_hashes),
                         require_api_key=s.require_api_key, max_tokens_limit=s.max_tokens_limit,
                         default_max_tokens=s.default_max_tokens, vocab_size=model_config["vocab_size"],
                         max_logprobs=s.max_logprobs, cors_origins=tuple(s.cors_origins), model_version=model_version,
-                        max_model_len=s.max_model_len or model_config.get("max_position_embeddings"))
+                        max_model_len=s.max_model_len or model_config.get("max_position_embeddings"),
+                        **(GateSettings.key_options(s) if checks_keys else {}))
 
 
 class GateMetrics:

@@ -6,7 +6,10 @@ what an endpoint on the internet needs:
 
 - only the public routes (`/health`, `/v1/models`, `/v1/completions`, `/v1/chat/completions`)
   are reachable; vLLM's admin and internal routes answer 404;
-- every route but `/health` needs `Authorization: Bearer <key>`, checked against key hashes (401);
+- every route but `/health` needs `Authorization: Bearer <key>`, checked against key hashes (401),
+  those of a hashes file re-read while serving included (`auth.ReloadingKeys`);
+- a key over its requests or tokens per minute gets 429 with Retry-After (`limits.KeyLimiter`,
+  per gate instance: `GateSettings.limit_share` splits a limit over the replicas);
 - a request body is validated before the engine sees it (`protocol.py`): every bad request is a
   400/404 naming the parameter, with this server's limits (`serve.max_tokens_limit`, a default
   max_tokens) applied;
@@ -25,7 +28,9 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Optional, Protocol
 
-from raylm.serve.auth import KeyChecker
+from raylm.config.serve import KeyLimitsConfig
+from raylm.serve.auth import KeyChecker, ReloadingKeys
+from raylm.serve.limits import KeyLimiter, Refusal
 from raylm.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, check_limits,
                                   error_body, parse_request, reject_unsupported)
 
@@ -70,6 +75,17 @@ class GateSettings:
     cors_origins: tuple[str, ...] = ()
     model_version: str = ""
     max_model_len: Optional[int] = None
+    key_hashes_path: Optional[str] = None  # serve.api_key_hashes_path: re-read while serving
+    keys_reload_s: float = 10.0
+    key_limits: Optional[KeyLimitsConfig] = None  # serve.key_limits; None or all zero: no limits
+    limit_share: Optional[float] = None  # this gate's part of each limit; None: 1/key_limits.split_over_replicas
+
+    @classmethod
+    def key_options(cls, s: Any) -> dict[str, Any]:
+        """The fields a `ServeConfig` sets for keys and limits (rotation, per-key limits), for callers
+        building GateSettings: `GateSettings(..., **GateSettings.key_options(serve_config))`."""
+        return {"key_hashes_path": s.api_key_hashes_path, "keys_reload_s": s.api_keys_reload_s,
+                "key_limits": s.key_limits}
 
     def allowed_origin(self, origin: Optional[str]) -> Optional[str]:
         """The Access-Control-Allow-Origin value for a browser's Origin, or None (no CORS)."""
@@ -137,10 +153,19 @@ def normalize_error(status: int, raw: bytes, route: Optional[str]) -> bytes:
     return json.dumps(error_body(message, param, code if isinstance(code, str) else None, kind)).encode()
 
 
-async def send_json(send: Callable, status: int, body: dict) -> None:
+class RateLimited(APIError):
+    """429 for a key over one of its limits, with the seconds to wait in `Retry-After`."""
+
+    def __init__(self, refusal: Refusal):
+        super().__init__(429, refusal.message(), None, "rate_limit_exceeded", refusal.limit)
+        self.headers = ((b"retry-after", refusal.retry_after_header.encode()),)
+
+
+async def send_json(send: Callable, status: int, body: dict, headers: tuple = ()) -> None:
     payload = json.dumps(body).encode()
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+                            *headers]})
     await send({"type": "http.response.body", "body": payload})
 
 
@@ -179,10 +204,16 @@ class Gate:
     def __init__(self, app: ASGIApp, *, settings: GateSettings, health: Callable[[], Awaitable[None]],
                  on_response: Callable[[str, int], None] = lambda route, status: None,
                  adapters: Optional[Adapters] = None,
-                 on_key: Callable[[str, str, int, int], None] = lambda key_id, route, status, tokens: None):
+                 on_key: Callable[[str, str, int, int], None] = lambda key_id, route, status, tokens: None,
+                 keys: Optional[ReloadingKeys] = None, limiter: Optional[KeyLimiter] = None):
+        """`keys` and `limiter` default to what `settings` describes (tests pass their own, with a fake clock)."""
         self.app, self.settings, self.health, self.on_response = app, settings, health, on_response
         self.adapters, self.on_key = adapters, on_key
-        self.keys = KeyChecker(settings.key_hashes, required=settings.require_api_key)
+        self.keys = keys or ReloadingKeys(settings.key_hashes, settings.key_hashes_path, settings.keys_reload_s,
+                                          required=settings.require_api_key)
+        limits = settings.key_limits
+        limited = limits is not None and (limits.requests_per_minute or limits.tokens_per_minute or limits.overrides)
+        self.limiter = limiter or (KeyLimiter(limits, share=settings.limit_share) if limited else None)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -205,10 +236,15 @@ class Gate:
                 known = path in {p for _, p in ROUTES} or path == "/health"
                 raise APIError(405 if known else 404, f"{'Method not allowed' if known else 'Unknown route'}: "
                                f"{method} {path}", None, "method_not_allowed" if known else "not_found")
-            if not self.keys.allows(_header(scope, b"authorization")):
+            checker = await self.keys.current()
+            if not checker.allows(_header(scope, b"authorization")):
                 raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
                                None, "invalid_api_key")
-            key_id = self.keys.key_id(_header(scope, b"authorization"))
+            key_id = KeyChecker.key_id(_header(scope, b"authorization"))
+            refusal = self.limiter.admit(key_id) if self.limiter else None
+            if refusal is not None:
+                self.on_key(key_id, route, 429, 0)
+                raise RateLimited(refusal)
             dynamic = await self.adapters.names() if self.adapters else ()
             if route == "models":
                 self.on_response(route, 200)
@@ -225,7 +261,7 @@ class Gate:
             receive = replay(body, receive)
         except APIError as exc:
             self.on_response(route or "other", exc.status)
-            return await send_json(send, exc.status, exc.body())
+            return await send_json(send, exc.status, exc.body(), getattr(exc, "headers", ()))
         except ConnectionError:
             return None
         tally = UsageTally()
@@ -234,6 +270,8 @@ class Gate:
         finally:
             tally.finish()
             self.on_key(key_id, route, tally.status, tally.tokens)
+            if self.limiter:
+                self.limiter.add_tokens(key_id, tally.tokens)
 
     def _models(self, path: str, dynamic: tuple[str, ...]) -> dict:
         """`GET /v1/models` (the base, its adapters and the on-demand ones) or `/v1/models/<id>`."""
