@@ -33,6 +33,7 @@ from raylm.chat import DEFAULT_CHAT_TEMPLATE
 from raylm.config import RaylmConfig, ServeConfig
 from raylm.console import say
 from raylm.errors import CheckpointError, ConfigError, InputError, ServeDeployError
+from raylm.serve import autoscale
 from raylm.serve.auth import KeySetup, setup_keys
 from raylm.serve.gate import Gate, GateSettings
 from raylm.serve.protocol import APIError
@@ -340,6 +341,17 @@ class RaylmServer(LLMServer):
         app.add_middleware(Gate, settings=self.gate_settings, health=self.check_health, on_response=self._count,
                            adapters=self.adapters, on_key=self._count_key)
         return app
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom-metrics hook, sampled every look_back_period_s / 5 while autoscaling is
+        on: the engine's running and waiting requests and KV-cache use, read in-process from
+        vLLM's per-step scheduler stats (`policy: engine` scales on them; serve/autoscale.py)."""
+        client = getattr(self.engine, "_engine_client", None)  # Ray Serve LLM's VLLMEngine: vLLM's AsyncLLM
+        if client is None:
+            return {}
+        if not hasattr(self, "_engine_load"):
+            self._engine_load = autoscale.attach(client)
+        return autoscale.replica_stats(self._engine_load, client.output_processor.get_num_unfinished_requests())
 
     def _count(self, endpoint: str, status: int) -> None:
         self.requests_total.inc(tags={"endpoint": endpoint, "status": str(status)})

@@ -17,8 +17,9 @@ CPU_KV_CACHE_GIB = 1.0  # vLLM's CPU backend otherwise reserves a share of the h
 
 
 def serve_autoscaling(s: ServeConfig) -> dict[str, Any]:
-    """Ray Serve's `autoscaling_config` from `serve.autoscaling`."""
-    return s.autoscaling.serve_options()
+    """Ray Serve's `autoscaling_config` from `serve.autoscaling` (the engine policy sizes replicas
+    by the engine's max_num_seqs, which engine_kwargs may override)."""
+    return s.autoscaling.serve_options(max_num_seqs=int(s.engine_kwargs.get("max_num_seqs", s.max_num_seqs)))
 
 
 ROLLOUT_SURGE_PERCENT = 100  # a rollout starts every new replica before any old one stops
