@@ -14,6 +14,7 @@ from ray.serve.config import AutoscalingConfig as ServeAutoscalingConfig
 from ray.serve.config import AutoscalingContext
 
 from raylm.config import ConfigError, load_config
+from raylm.config.loader import validate_tree
 from raylm.serve.autoscale import (ENGINE_POLICY, KV_CACHE, RUNNING, WAITING, EngineLoad, EngineSignalPolicy,
                                    replica_stats)
 from raylm.serve.options import serve_autoscaling
@@ -130,11 +131,15 @@ def test_config_selects_the_engine_policy_with_its_thresholds():
     built = ServeAutoscalingConfig(**options)  # what Serve makes of it
     assert isinstance(_resolve_policy_callable(built.policy), EngineSignalPolicy)
     assert "policy" not in serve_autoscaling(load_config().serve)  # the default stays Serve's own
+    custom = {"policy_function": "ray.serve.autoscaling_policy:replica_queue_length_autoscaling_policy",
+              "policy_kwargs": {}}
+    assert serve_autoscaling(validate_tree({"serve": {"autoscaling": {"policy": custom}}}, "test").serve)["policy"] == custom
 
 
 @pytest.mark.parametrize("override, field", [
     ("serve.autoscaling.engine_kv_cache_high=1.5", "serve.autoscaling.engine_kv_cache_high"),
     ("serve.autoscaling.engine_kv_cache_low=0.95", "engine_kv_cache_low (0.95) must be <= engine_kv_cache_high"),
+    ("serve.autoscaling.policy=engnie", "serve.autoscaling.policy"),
 ])
 def test_bad_thresholds_name_the_field(override, field):
     with pytest.raises(ConfigError) as info:

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from ray.serve.config import AutoscalingConfig as ServeAutoscalingConfig
+from ray.serve.config import AutoscalingPolicy
 
 from raylm.config.base import _Strict
-from raylm.serve.autoscale import ENGINE_POLICY
 
 
 class AutoscalingConfig(ServeAutoscalingConfig):
@@ -29,7 +29,10 @@ class AutoscalingConfig(ServeAutoscalingConfig):
     )
     upscale_delay_s: float = Field(5.0, ge=0, description="Seconds demand must stay high before adding replicas.")
     downscale_delay_s: float = Field(30.0, ge=0, description="Seconds demand must stay low before removing replicas.")
-    # ---- raylm's `policy: engine` (Serve's `policy` also takes any {policy_function, policy_kwargs})
+    policy: Union[Literal["engine"], AutoscalingPolicy] = Field(  # type: ignore[assignment]
+        default_factory=AutoscalingPolicy, description="Serve's autoscaling policy ({policy_function, policy_kwargs}; "
+        "default: ongoing requests per replica against target_ongoing_requests), or `engine`: raylm's policy on the "
+        "engines' waiting requests and KV-cache use (serve/autoscale.py), tuned by the engine_* fields.")
     engine_waiting_per_replica: float = Field(
         1.0, ge=0, description="policy: engine. Scale up when the engines hold more requests waiting for a batch "
         "slot or KV-cache blocks than this per replica (averaged over look_back_period_s; requests queued at "
@@ -44,13 +47,6 @@ class AutoscalingConfig(ServeAutoscalingConfig):
         0.75, gt=0, le=1, description="policy: engine. When scaling down, keep enough replicas for the running "
         "sequences to fill this share of each one's max_num_seqs (idle: down to min_replicas).")
 
-    @field_validator("policy", mode="before")
-    @classmethod
-    def _engine_policy(cls, v: Any) -> Any:
-        """`policy: engine` is raylm's engine-signal policy (serve/autoscale.py); its thresholds
-        are the engine_* fields, filled in by serve_options."""
-        return {"policy_function": ENGINE_POLICY} if v == "engine" else v
-
     @model_validator(mode="after")
     def _kv_thresholds(self) -> "AutoscalingConfig":
         if self.engine_kv_cache_low > self.engine_kv_cache_high:
@@ -58,22 +54,20 @@ class AutoscalingConfig(ServeAutoscalingConfig):
                              f"({self.engine_kv_cache_high})")
         return self
 
-    @property
-    def engine_policy(self) -> bool:
-        return self.policy.policy_function == ENGINE_POLICY
+    def engine_policy_kwargs(self) -> dict[str, float]:
+        """The engine policy's thresholds (serve/options.py adds the engine's max_num_seqs)."""
+        return {"waiting_per_replica": self.engine_waiting_per_replica, "kv_cache_high": self.engine_kv_cache_high,
+                "kv_cache_low": self.engine_kv_cache_low, "seq_fill": self.engine_seq_fill}
 
-    def serve_options(self, max_num_seqs: int = 64) -> dict[str, Any]:
-        """What Serve's `autoscaling_config` gets: raylm's fields, plus any other field set; with
-        `policy: engine`, the policy's thresholds and the engine's max_num_seqs as its kwargs."""
-        raylm_only = {k for k in AutoscalingConfig.__annotations__ if k.startswith("engine_")}
+    def serve_options(self) -> dict[str, Any]:
+        """What Serve's `autoscaling_config` gets: raylm's fields, plus any other field set (not
+        the engine_* thresholds, nor `policy: engine`, which serve/options.py turns into Serve's
+        policy: the config names no serving module)."""
+        raylm_only = {k for k in AutoscalingConfig.__annotations__ if k.startswith("engine_")} | {"policy"}
         shown = (set(AutoscalingConfig.__annotations__) | {"initial_replicas"} | self.model_fields_set) - raylm_only
-        out = {k: v for k, v in self.model_dump(mode="json", exclude_none=True).items() if k in shown}
-        if self.engine_policy:
-            out["policy"] = {"policy_function": ENGINE_POLICY, "policy_kwargs": {
-                "waiting_per_replica": self.engine_waiting_per_replica, "kv_cache_high": self.engine_kv_cache_high,
-                "kv_cache_low": self.engine_kv_cache_low, "seq_fill": self.engine_seq_fill,
-                "max_num_seqs": max_num_seqs}}
-        return out
+        if self.policy != "engine" and "policy" in self.model_fields_set:
+            shown.add("policy")
+        return {k: v for k, v in self.model_dump(mode="json", exclude_none=True).items() if k in shown}
 
 
 class PromoteConfig(_Strict):

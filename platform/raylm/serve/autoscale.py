@@ -11,10 +11,12 @@ Two halves, both here so Serve can find them by import path:
   the dict `RaylmServer.record_autoscaling_stats` returns; Serve samples it every
   look_back_period_s / 5, averages it over look_back_period_s and pushes it to the controller;
 - in the Serve controller, `EngineSignalPolicy` turns those per-replica averages into a replica
-  count. Serve wraps it with min/max_replicas, up/downscaling_factor and the up/downscale delays.
+  count. Serve wraps it with up/downscaling_factor and the up/downscale delays, then bounds it
+  by min/max_replicas.
 
-No Ray or vLLM import at module level: the config imports this module (Serve pickles the policy
-by value when the config is built) and the controller runs the policy without vLLM.
+No Ray or vLLM import at module level: serve/options.py (which Kubernetes rendering uses without
+either) imports this module, Serve imports it again by path where the app is built to pickle the
+policy by value, and the controller runs the policy without vLLM.
 """
 
 from __future__ import annotations
