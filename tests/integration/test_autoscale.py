@@ -16,7 +16,8 @@ import httpx
 import pytest
 
 from raylm.serve.options import SERVE_MODEL_DEPLOYMENT
-from serve_fixtures import MODEL_ID, auth, deploy_app, key_file, serve_config, shutdown_serve, tiny_checkpoint, wait_until
+from serve_fixtures import (MODEL_ID, auth, deploy_app, key_file, serve_config, shutdown_serve, tiny_checkpoint,
+                            wait_until)
 
 __all__ = ["key_file", "tiny_checkpoint"]  # fixtures used by this module
 

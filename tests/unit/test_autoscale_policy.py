@@ -133,7 +133,8 @@ def test_config_selects_the_engine_policy_with_its_thresholds():
     assert "policy" not in serve_autoscaling(load_config().serve)  # the default stays Serve's own
     custom = {"policy_function": "ray.serve.autoscaling_policy:replica_queue_length_autoscaling_policy",
               "policy_kwargs": {}}
-    assert serve_autoscaling(validate_tree({"serve": {"autoscaling": {"policy": custom}}}, "test").serve)["policy"] == custom
+    tree = {"serve": {"autoscaling": {"policy": custom}}}
+    assert serve_autoscaling(validate_tree(tree, "test").serve)["policy"] == custom
 
 
 @pytest.mark.parametrize("override, field", [

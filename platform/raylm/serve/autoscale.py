@@ -102,10 +102,10 @@ class EngineSignalPolicy:
     - Otherwise keep the current count.
     The counts are Serve's averages over look_back_period_s."""
 
-    def __init__(self, waiting_per_replica: float = 0.0, kv_cache_high: float = 0.9, kv_cache_low: float = 0.5,
+    def __init__(self, waiting_per_replica: float = 1.0, kv_cache_high: float = 0.9, kv_cache_low: float = 0.5,
                  max_num_seqs: int = 64, seq_fill: float = 0.75):
-        self.waiting_per_replica, self.kv_cache_high, self.kv_cache_low = waiting_per_replica, kv_cache_high, kv_cache_low
-        self.max_num_seqs, self.seq_fill = max_num_seqs, seq_fill
+        self.waiting_per_replica, self.max_num_seqs, self.seq_fill = waiting_per_replica, max_num_seqs, seq_fill
+        self.kv_cache_high, self.kv_cache_low = kv_cache_high, kv_cache_low
 
     def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
         n = ctx.current_num_replicas
