@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from ray.serve.config import AutoscalingConfig as ServeAutoscalingConfig
+from ray.serve.config import AutoscalingPolicy
 
 from raylm.config.base import _Strict
 
@@ -28,10 +29,44 @@ class AutoscalingConfig(ServeAutoscalingConfig):
     )
     upscale_delay_s: float = Field(5.0, ge=0, description="Seconds demand must stay high before adding replicas.")
     downscale_delay_s: float = Field(30.0, ge=0, description="Seconds demand must stay low before removing replicas.")
+    policy: Union[Literal["engine"], AutoscalingPolicy] = Field(  # type: ignore[assignment]
+        default_factory=AutoscalingPolicy, description="Serve's autoscaling policy ({policy_function, policy_kwargs}; "
+        "default: ongoing requests per replica against target_ongoing_requests), or `engine`: raylm's policy on the "
+        "engines' waiting requests and KV-cache use (serve/autoscale.py), tuned by the engine_* fields.")
+    engine_waiting_per_replica: float = Field(
+        1.0, ge=0, description="policy: engine. Scale up when the engines hold more requests waiting for a batch "
+        "slot or KV-cache blocks than this per replica (averaged over look_back_period_s; requests queued at "
+        "Serve's handles count too). 0: any waiting request.")
+    engine_kv_cache_high: float = Field(
+        0.9, gt=0, le=1, description="policy: engine. Scale up when the busiest replica's KV-cache use (0-1, "
+        "averaged over look_back_period_s) is above this, even with nothing waiting.")
+    engine_kv_cache_low: float = Field(
+        0.5, ge=0, le=1, description="policy: engine. Scale down only while nothing waits and every replica's "
+        "KV-cache use is below this.")
+    engine_seq_fill: float = Field(
+        0.75, gt=0, le=1, description="policy: engine. When scaling down, keep enough replicas for the running "
+        "sequences to fill this share of each one's max_num_seqs (idle: down to min_replicas).")
+
+    @model_validator(mode="after")
+    def _kv_thresholds(self) -> "AutoscalingConfig":
+        if self.engine_kv_cache_low > self.engine_kv_cache_high:
+            raise ValueError(f"engine_kv_cache_low ({self.engine_kv_cache_low}) must be <= engine_kv_cache_high "
+                             f"({self.engine_kv_cache_high})")
+        return self
+
+    def engine_policy_kwargs(self) -> dict[str, float]:
+        """The engine policy's thresholds (serve/options.py adds the engine's max_num_seqs)."""
+        return {"waiting_per_replica": self.engine_waiting_per_replica, "kv_cache_high": self.engine_kv_cache_high,
+                "kv_cache_low": self.engine_kv_cache_low, "seq_fill": self.engine_seq_fill}
 
     def serve_options(self) -> dict[str, Any]:
-        """What Serve's `autoscaling_config` gets: raylm's fields, plus any other field set."""
-        shown = set(AutoscalingConfig.__annotations__) | {"initial_replicas"} | self.model_fields_set
+        """What Serve's `autoscaling_config` gets: raylm's fields, plus any other field set (not
+        the engine_* thresholds, nor `policy: engine`, which serve/options.py turns into Serve's
+        policy: the config names no serving module)."""
+        raylm_only = {k for k in AutoscalingConfig.__annotations__ if k.startswith("engine_")} | {"policy"}
+        shown = (set(AutoscalingConfig.__annotations__) | {"initial_replicas"} | self.model_fields_set) - raylm_only
+        if self.policy != "engine" and "policy" in self.model_fields_set:
+            shown.add("policy")
         return {k: v for k, v in self.model_dump(mode="json", exclude_none=True).items() if k in shown}
 
 

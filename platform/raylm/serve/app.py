@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Optional
 
 from ray import serve
-from ray.serve import metrics
 from ray.llm._internal.common.callbacks.base import CallbackBase
 from ray.serve.llm import LLMConfig, LLMServer, build_llm_deployment
 
@@ -34,6 +33,7 @@ from raylm.chat import DEFAULT_CHAT_TEMPLATE
 from raylm.config import RaylmConfig, ServeConfig
 from raylm.console import say
 from raylm.errors import CheckpointError, ConfigError, InputError, ServeDeployError
+from raylm.serve import autoscale
 from raylm.serve.auth import KeySetup, setup_keys
 from raylm.serve.edge import (EDGE_DEPLOYMENT, AdapterListing, GateMetrics, RaylmEdge, gate_settings, json_messages,
                               replica_scope)
@@ -325,6 +325,17 @@ class RaylmServer(LLMServer):
     async def edge_health(self) -> None:
         """The engine's health, for the edge's /health (raises when it is dead)."""
         await self.check_health()
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom-metrics hook, sampled every look_back_period_s / 5 while autoscaling is
+        on: the engine's running and waiting requests and KV-cache use, read in-process from
+        vLLM's per-step scheduler stats (`policy: engine` scales on them; serve/autoscale.py)."""
+        client = getattr(self.engine, "_engine_client", None)  # Ray Serve LLM's VLLMEngine: vLLM's AsyncLLM
+        if client is None:
+            return {}
+        if not hasattr(self, "_engine_load"):
+            self._engine_load = autoscale.attach(client)
+        return autoscale.replica_stats(self._engine_load, client.output_processor.get_num_unfinished_requests())
 
     async def serve_http(self, call: Any) -> AsyncIterator[dict]:
         """Run an edge call (`edge.CompletionCall` / `ChatCall`: checked by the edge) through vLLM's

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from raylm.config import ServeConfig
+from raylm.serve.autoscale import ENGINE_POLICY
 
 # The model deployment, whose options the Serve config files and the RayService set by this name.
 SERVE_MODEL_DEPLOYMENT = "LLMServer"
@@ -17,8 +18,15 @@ CPU_KV_CACHE_GIB = 1.0  # vLLM's CPU backend otherwise reserves a share of the h
 
 
 def serve_autoscaling(s: ServeConfig) -> dict[str, Any]:
-    """Ray Serve's `autoscaling_config` from `serve.autoscaling`."""
-    return s.autoscaling.serve_options()
+    """Ray Serve's `autoscaling_config` from `serve.autoscaling`. `policy: engine` becomes Serve's
+    custom policy by import path, with its thresholds and the engine's max_num_seqs (which
+    engine_kwargs may override) as the policy class's kwargs."""
+    options = s.autoscaling.serve_options()
+    if s.autoscaling.policy == "engine":
+        kwargs = {**s.autoscaling.engine_policy_kwargs(),
+                  "max_num_seqs": int(s.engine_kwargs.get("max_num_seqs", s.max_num_seqs))}
+        options["policy"] = {"policy_function": ENGINE_POLICY, "policy_kwargs": kwargs}
+    return options
 
 
 ROLLOUT_SURGE_PERCENT = 100  # a rollout starts every new replica before any old one stops
