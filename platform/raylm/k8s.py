@@ -24,7 +24,7 @@ import yaml
 
 from raylm import storage
 from raylm.config import RAY_VERSION, ConfigError, RaylmConfig, load_config
-from raylm.serve.options import SERVE_MODEL_DEPLOYMENT, deployment_options
+from raylm.serve.options import EDGE_DEPLOYMENT, SERVE_MODEL_DEPLOYMENT, deployment_options, edge_options
 
 API_VERSION = "ray.io/v1"
 DEFAULT_CONFIG = "configs/small.yaml"
@@ -308,10 +308,12 @@ def serve_config(cfg: RaylmConfig, config_rel: str, checkpoint: str) -> dict:
     app's own defaults drift). Serve hashes the app's `args` into its code version, so a new
     `checkpoint` here rebuilds the app and replaces every replica."""
     s = cfg.serve
-    deployment = {"name": SERVE_MODEL_DEPLOYMENT, **deployment_options(s)}
+    deployments = [{"name": SERVE_MODEL_DEPLOYMENT, **deployment_options(s)}]
+    if s.edge.enabled:
+        deployments.append({"name": EDGE_DEPLOYMENT, **edge_options(s)})
     app = {"name": s.app_name, "route_prefix": s.route_prefix, "import_path": SERVE_IMPORT_PATH,
            "args": {"config": config_rel, "checkpoint": checkpoint},
-           "deployments": [deployment]}
+           "deployments": deployments}
     return {"http_options": {"host": "0.0.0.0", "port": s.port}, "applications": [app]}
 
 

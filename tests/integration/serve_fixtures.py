@@ -86,7 +86,10 @@ def running_replicas(app: str) -> int:
     status = serve.status().applications.get(app)
     if status is None:
         return 0
-    return sum(d.replica_states.get("RUNNING", 0) for d in status.deployments.values())
+    from raylm.serve.options import SERVE_MODEL_DEPLOYMENT  # the LLM replicas (the edge's are not counted)
+
+    model = status.deployments.get(SERVE_MODEL_DEPLOYMENT)
+    return model.replica_states.get("RUNNING", 0) if model else 0
 
 
 def wait_until(predicate, timeout_s: float, interval_s: float = 0.5) -> bool:

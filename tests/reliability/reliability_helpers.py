@@ -185,7 +185,7 @@ def auth(key: str = KEYS[0]) -> dict[str, str]:
 
 def replica_actors(app: str, state: str = "ALIVE") -> list:
     return [a for a in list_actors(filters=[("state", "=", state)], limit=1000)
-            if a.class_name.startswith("ServeReplica:") and f":{app}:" in a.class_name + ":"]
+            if a.class_name == f"ServeReplica:{app}:LLMServer"]
 
 
 def running_replicas(app: str) -> int:
@@ -194,7 +194,10 @@ def running_replicas(app: str) -> int:
     status = serve.status().applications.get(app)
     if status is None:
         return 0
-    return sum(d.replica_states.get("RUNNING", 0) for d in status.deployments.values())
+    from raylm.serve.options import SERVE_MODEL_DEPLOYMENT  # the LLM replicas (the edge's are not counted)
+
+    model = status.deployments.get(SERVE_MODEL_DEPLOYMENT)
+    return model.replica_states.get("RUNNING", 0) if model else 0
 
 
 def proc_rss_mb(pid: int) -> float:

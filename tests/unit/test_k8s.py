@@ -17,7 +17,7 @@ import yaml
 from raylm import k8s
 from raylm.cli import VERBS, main
 from raylm.config import PYTHON_TAG, RAY_VERSION, ConfigError, load_config
-from raylm.serve.options import SERVE_MODEL_DEPLOYMENT, deployment_options, serve_autoscaling
+from raylm.serve.options import EDGE_DEPLOYMENT, SERVE_MODEL_DEPLOYMENT, deployment_options, edge_options, serve_autoscaling
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_DIR = REPO.parent / "shared" / "kuberay-crds"
@@ -468,17 +468,18 @@ def test_rayservice_deploys_the_app_builder_over_the_sweeps_best():
     app_file = REPO / (module.replace(".", "/") + ".py")
     assert app_file.relative_to(REPO).as_posix() == "deployments/openai_app.py"
     assert re.search(rf"^def {attr}\(", app_file.read_text(), re.M), f"no {attr} in {app_file}"
-    # Serve refuses options for a deployment the app lacks: the builder names its deployment
-    # SERVE_MODEL_DEPLOYMENT (tests/integration/test_serve_api.py builds it for real).
-    assert [dep["name"] for dep in app["deployments"]] == [SERVE_MODEL_DEPLOYMENT]
+    # Serve refuses options for a deployment the app lacks: the builder names its deployments
+    # SERVE_MODEL_DEPLOYMENT and EDGE_DEPLOYMENT (tests/integration/test_serve_api.py builds them for real).
+    assert [dep["name"] for dep in app["deployments"]] == [SERVE_MODEL_DEPLOYMENT, EDGE_DEPLOYMENT]
     cfg, sweep = small(), load_config(REPO / "tune_configs" / "small_sweep.yaml")
     assert app["args"] == {"config": "configs/small.yaml",
                            "checkpoint": f"{sweep.train.storage_path}/{sweep.tune.sweep_name}/best.json"}
     load_config(REPO / app["args"]["config"])
     assert serve["http_options"] == {"host": "0.0.0.0", "port": cfg.serve.port}
     assert cfg.serve.use_gpu and cfg.serve.gpus_per_replica == 1
-    for dep in app["deployments"]:
-        assert {k: v for k, v in dep.items() if k != "name"} == deployment_options(cfg.serve)
+    model, edge = app["deployments"]
+    assert {k: v for k, v in model.items() if k != "name"} == deployment_options(cfg.serve)
+    assert {k: v for k, v in edge.items() if k != "name"} == edge_options(cfg.serve)
 
 
 def test_serve_autoscaling_follows_the_config():

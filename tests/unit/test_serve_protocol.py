@@ -511,18 +511,20 @@ def test_deployment_options_follow_the_config():
 def test_serve_tiny_yaml_is_a_valid_serve_config_matching_configs_tiny():
     from ray.serve.schema import ServeDeploySchema
 
-    from raylm.serve.options import deployment_options
+    from raylm.serve.options import EDGE_DEPLOYMENT, SERVE_MODEL_DEPLOYMENT, deployment_options, edge_options
 
     raw = yaml.safe_load((REPO / "deployments" / "serve_tiny.yaml").read_text())
     ServeDeploySchema.model_validate(raw)
     (app,) = raw["applications"]
     assert app["import_path"] == "deployments.openai_app:app_builder"
     cfg = load_config(REPO / app["args"]["config"])
-    (dep,) = app["deployments"]
+    dep, edge = app["deployments"]
     expected = deployment_options(cfg.serve)
     for key in ("autoscaling_config", "max_ongoing_requests", "max_queued_requests", "ray_actor_options",
                 "max_surge_percent", "graceful_shutdown_timeout_s"):
         assert dep[key] == expected[key], key
+    assert (dep["name"], edge["name"]) == (SERVE_MODEL_DEPLOYMENT, EDGE_DEPLOYMENT)
+    assert {k: v for k, v in edge.items() if k != "name"} == edge_options(cfg.serve)
     assert raw["http_options"]["port"] == cfg.serve.port
 
 

@@ -31,11 +31,11 @@ from ray.serve import metrics
 from raylm import storage
 from raylm.config import ServeConfig
 from raylm.serve.gate import EDGE_CHECKED, Gate, GateSettings, app_path, send_json
+from raylm.serve.options import EDGE_DEPLOYMENT  # noqa: F401 - the edge's deployment name
 from raylm.serve.protocol import error_body
 
 logger = logging.getLogger(__name__)
 
-EDGE_DEPLOYMENT = "RaylmEdge"
 HOP_HEADERS = {b"authorization", b"connection", b"keep-alive", b"transfer-encoding", b"upgrade", b"host",
                b"content-length", b"te", b"trailer", b"proxy-authorization"}
 
