@@ -385,20 +385,24 @@ def test_chat_without_max_tokens_is_not_cut_at_the_completions_default(url):
 
 def test_app_builder_builds_the_deployment_the_serve_configs_name(ray_cluster, tiny_checkpoint, monkeypatch):
     """`serve run` / `serve deploy` / the RayService build the app with deployments.openai_app, which
-    must name the deployment the Serve config files set options on, and never pass a key on."""
+    must name the deployments the Serve config files set options on, and never pass a key on: the
+    edge (the ingress) holds key hashes, the LLM replicas behind it none."""
     from deployments.openai_app import app_builder
-    from raylm.serve.options import SERVE_MODEL_DEPLOYMENT
+    from raylm.serve.options import EDGE_DEPLOYMENT, SERVE_MODEL_DEPLOYMENT
 
     monkeypatch.setenv("RAYLM_API_KEYS", "k-builder")
     config = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
     app = app_builder({"config": str(config), "checkpoint": tiny_checkpoint,
                        "set": ["serve.max_num_seqs=3", "serve.max_queued_requests=7"]})
-    dep = app._bound_deployment
-    assert dep.name == SERVE_MODEL_DEPLOYMENT and dep._deployment_config.max_queued_requests == 7
+    edge = app._bound_deployment
+    (llm,) = edge.init_args
+    dep = llm._bound_deployment
+    assert (edge.name, dep.name) == (EDGE_DEPLOYMENT, SERVE_MODEL_DEPLOYMENT)
+    assert dep._deployment_config.max_queued_requests == 7
     llm_config = dep.init_kwargs["llm_config"]
     assert llm_config.engine_kwargs["max_num_seqs"] == 3
     assert llm_config.model_loading_config.model_source == str(Path(tiny_checkpoint).resolve())
-    assert dep.init_kwargs["key_hashes"] == [hash_key("k-builder")] and "k-builder" not in json.dumps(
-        dep.init_kwargs["key_hashes"]) + json.dumps(dep.init_kwargs["serve_config"])
+    assert edge.init_kwargs["key_hashes"] == [hash_key("k-builder")] and dep.init_kwargs["key_hashes"] == []
+    assert "k-builder" not in json.dumps(edge.init_kwargs["key_hashes"]) + json.dumps(dep.init_kwargs["serve_config"])
     with pytest.raises(InputError, match="confg: Extra inputs are not permitted"):
         app_builder({"checkpoint": tiny_checkpoint, "confg": "typo.yaml"})

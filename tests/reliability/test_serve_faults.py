@@ -69,12 +69,12 @@ def test_a_burst_scales_up_and_a_replica_killed_under_load_is_replaced(url):
     def client_loop() -> None:
         with httpx.Client() as client:
             while not stop.is_set():
-                statuses.append(complete(client, url, max_tokens=8, retries_on_503=3)[0])
+                statuses.append(complete(client, url, max_tokens=24, retries_on_503=3)[0])
 
     with cf.ThreadPoolExecutor(CLIENTS) as pool:
         futures = [pool.submit(client_loop) for _ in range(CLIENTS)]
         try:
-            wait_for(lambda: running_replicas(APP) >= 2, 150, "the burst to scale the deployment to 2 replicas",
+            wait_for(lambda: running_replicas(APP) >= 2, 240, "the burst to scale the deployment to 2 replicas",
                      interval_s=1)
             before, served_before = replica_actors(APP), len(statuses)
             assert len(before) == 2 and set(statuses) <= {200}, sorted(set(statuses))

@@ -299,6 +299,8 @@ class RaylmServer(LLMServer):
     async def __init__(self, llm_config: LLMConfig, *, serve_config: dict, key_hashes: list[str],
                        model_config: dict, model_version: str = ""):
         s = ServeConfig.model_validate(serve_config)
+        for name, value in ENGINE_ENV.items():  # the engine process inherits them (a runtime_env would
+            os.environ.setdefault(name, value)  # need a fresh worker process for every replica)
         # Each replica brings a checkpoint (and adapters) in object storage to its own node's disk once.
         llm_config.model_loading_config.model_source = storage.cached_copy(llm_config.model_loading_config.model_source)
         for lora in llm_config.engine_kwargs.get("lora_modules", []):
@@ -399,7 +401,6 @@ def llm_config(s: ServeConfig, checkpoint: str, has_chat_template: bool) -> LLMC
         engine_kwargs=kwargs,
         deployment_config=deployment_options(s),
         callback_config={"callback_class": LocalCheckpoint},
-        runtime_env={"env_vars": dict(ENGINE_ENV)},
         log_engine_metrics=True,  # TTFT, time per output token, running/waiting, KV-cache usage -> Ray's metrics
     )
 

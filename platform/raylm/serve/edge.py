@@ -111,13 +111,15 @@ class Forward:
         call, model = edge_call(app_path(scope), b"".join(chunks), scope.get("headers", []))
         handle = self.handle.options(stream=True, multiplexed_model_id=model if model in await self.dynamic_adapters()
                                      else "")
-        started = False
+        started, finished = False, False
         responses = handle.serve_http.remote(call)
         try:
             async for message in responses:
                 started = started or message["type"] == "http.response.start"
                 await send(message)
+            finished = True
         except BackPressureError:
+            finished = True
             for message in json_messages(503, error_body(
                     "the model's request queue is full; retry after the delay in Retry-After", None, "overloaded",
                     "server_error"), [(b"retry-after", str(max(1, math.ceil(self.retry_after_s))).encode())]):
@@ -125,11 +127,16 @@ class Forward:
         except RequestCancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - a replica that died mid-request: the client gets a 503
+            finished = True
             logger.warning("LLM replica failed a request: %s: %s", type(exc).__name__, exc)
             if not started:
                 await send_json(send, 503, error_body("model unavailable, retry", None, "unavailable", "server_error"))
         finally:
-            responses.cancel()  # a no-op once finished; otherwise the engine aborts the sequence
+            if not finished:  # the client went away: cancel the call, and the engine aborts the sequence
+                try:
+                    responses.cancel()
+                except Exception:  # noqa: BLE001 - it failed or finished meanwhile: nothing left to cancel
+                    pass
 
 
 def json_messages(status: int, body: dict, headers: tuple = ()) -> list[dict]:
