@@ -1,7 +1,7 @@
 """Run the raylm benchmark suite and write bench/results/<timestamp>.json and bench/RESULTS.md.
 
     .venv/bin/python bench/run.py                       # every stage (about 20-25 min on 2 cores)
-    .venv/bin/python bench/run.py --quick               # smaller sizes (under 10 min)
+    .venv/bin/python bench/run.py --quick               # smaller sizes (under 10 min; + ~15 min for batching)
     .venv/bin/python bench/run.py --only data,serve     # some stages
 
 Each stage runs in its own Python process with its own local Ray cluster (token auth on, as
@@ -35,6 +35,7 @@ STAGES = {  # name -> (module file, stage timeout in seconds: quick, full)
     "ckpt": ("ckpt_bench.py", 600, 1200),
     "dpo": ("dpo_bench.py", 900, 1500),
     "zero3": ("zero3_mem_bench.py", 900, 1500),
+    "batching": ("batching_bench.py", 1200, 1800),
 }
 
 
