@@ -36,6 +36,7 @@ STAGES = {  # name -> (module file, stage timeout in seconds: quick, full)
     "dpo": ("dpo_bench.py", 900, 1500),
     "zero3": ("zero3_mem_bench.py", 900, 1500),
     "batching": ("batching_bench.py", 1200, 1800),
+    "edge": ("edge_bench.py", 900, 1200),
 }
 
 

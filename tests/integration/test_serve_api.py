@@ -42,8 +42,10 @@ def key_hashes(tmp_path_factory) -> str:
 def url(ray_cluster, tiny_checkpoint, tiny_adapter, key_file, key_hashes):
     # One replica, so the long and the short request of the continuous-batching test share an engine;
     # a LoRA adapter served beside the base model; a hashes file re-read every second, with one
-    # key limited to 2 requests per minute.
+    # key limited to 2 requests per minute; Ray Serve LLM's prefix-aware router behind the edge (it reads
+    # each call's prompt or messages: a call it cannot read would fail every request).
     cfg = serve_config(key_file, "serve.autoscaling.min_replicas=1", "serve.autoscaling.max_replicas=1",
+                       "serve.request_router=prefix_aware",
                        "serve.max_tokens_limit=128", f"serve.lora_adapters={{{ADAPTER}: {tiny_adapter}}}",
                        "serve.max_lora_rank=8", f"serve.api_key_hashes_path={key_hashes}", "serve.api_keys_reload_s=1",
                        f"serve.key_limits.overrides={{{hash_key(LIMITED_KEY)[:12]}: {{requests_per_minute: 2}}}}")

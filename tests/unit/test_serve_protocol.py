@@ -598,3 +598,30 @@ def test_usage_is_read_from_a_stream_and_from_bodies_split_across_chunks():
     tally.feed(body[20:])
     tally.finish()  # a JSON body has no newline: it is read when the response ends
     assert tally.tokens == 11
+
+
+def test_prefix_aware_routing_is_ray_serve_llms_router_and_needs_the_edge():
+    from ray.serve.config import RequestRouterConfig
+
+    from raylm.config import ConfigError
+    from raylm.serve.options import deployment_options
+
+    cfg = load_config(None, ["serve.request_router=prefix_aware"])
+    router = RequestRouterConfig(**deployment_options(cfg.serve)["request_router_config"])
+    assert router.get_request_router_class().__name__ == "PrefixCacheAffinityRouter"
+    assert "request_router_config" not in deployment_options(load_config(None).serve)
+    with pytest.raises(ConfigError, match="serve.request_router: prefix_aware needs serve.edge.enabled"):
+        load_config(None, ["serve.request_router=prefix_aware", "serve.edge.enabled=false"])
+
+
+def test_edge_calls_carry_what_the_prefix_aware_router_reads_and_never_the_key():
+    from raylm.serve.edge import edge_call
+
+    headers = [(b"authorization", b"Bearer sk-secret"), (b"content-type", b"application/json"), (b"x-request-id", b"r1")]
+    chat, model = edge_call("/v1/chat/completions", json.dumps(
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode(), headers)
+    assert model == "m" and chat.messages == [{"role": "user", "content": "hi"}] and not hasattr(chat, "prompt")
+    completion, _ = edge_call("/v1/completions", b'{"model": "m", "prompt": "once upon"}', headers)
+    assert completion.prompt == "once upon" and not hasattr(completion, "messages")
+    assert all(k != b"authorization" for k, _ in chat.headers + completion.headers)
+    assert (b"x-request-id", b"r1") in completion.headers

@@ -239,6 +239,12 @@ class ServeConfig(_Strict):
     )
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="Replica autoscaling.")
     edge: EdgeConfig = Field(default_factory=EdgeConfig, description="The edge ingress in front of the engines.")
+    request_router: Literal["default", "prefix_aware"] = Field(
+        "default", description="How the edge picks an LLM replica for a request. default: Serve's power of two "
+        "choices (the less loaded of two). prefix_aware: Ray Serve LLM's PrefixCacheAffinityRouter, which sends a "
+        "prompt to the replica that served the longest shared prefix (a system prompt, the earlier turns of a "
+        "chat), so the engine's prefix cache holds it, while load stays balanced. Needs serve.edge.enabled (the "
+        "router reads the prompt from the edge's call).")
     # ---- the model lifecycle: rollouts, adapters, promotion
     graceful_shutdown_timeout_s: float = Field(
         30.0, gt=0, description="How long a replica being replaced (a rollout by raylm promote/rollback, or a "
@@ -263,6 +269,13 @@ class ServeConfig(_Strict):
             raise ValueError("api_key: must not be set here: the LLMConfig (and so the key) is written into Ray's "
                              "logs; put keys in serve.api_key_file or serve.api_key_env")
         return value
+
+    @model_validator(mode="after")
+    def _router_needs_edge(self) -> "ServeConfig":
+        if self.request_router == "prefix_aware" and not self.edge.enabled:
+            raise ValueError("request_router: prefix_aware needs serve.edge.enabled=true (through Serve's proxy the "
+                             "router never sees the prompt)")
+        return self
 
     @model_validator(mode="after")
     def _tls_pair(self) -> "ServeConfig":

@@ -30,6 +30,7 @@ def serve_autoscaling(s: ServeConfig) -> dict[str, Any]:
     return options
 
 
+PREFIX_AWARE_ROUTER = "ray.serve.llm.request_router.PrefixCacheAffinityRouter"
 ROLLOUT_SURGE_PERCENT = 100  # a rollout starts every new replica before any old one stops
 
 
@@ -46,7 +47,14 @@ def deployment_options(s: ServeConfig) -> dict[str, Any]:
             "max_queued_requests": s.max_queued_requests,
             "ray_actor_options": {"num_cpus": s.num_cpus_per_replica},
             "max_surge_percent": ROLLOUT_SURGE_PERCENT,
-            "graceful_shutdown_timeout_s": s.graceful_shutdown_timeout_s}
+            "graceful_shutdown_timeout_s": s.graceful_shutdown_timeout_s, **request_router(s)}
+
+
+def request_router(s: ServeConfig) -> dict[str, Any]:
+    """The LLM deployment's request router: Serve's default, or Ray Serve LLM's prefix-cache-aware one."""
+    if s.request_router == "prefix_aware":
+        return {"request_router_config": {"request_router_class": PREFIX_AWARE_ROUTER}}
+    return {}
 
 
 def edge_options(s: ServeConfig) -> dict[str, Any]:
