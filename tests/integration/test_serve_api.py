@@ -351,6 +351,32 @@ def test_engine_and_serve_metrics_reach_the_prometheus_endpoint_and_count_these_
     assert KEYS[0] not in text and KEYS[1] not in text, "metrics carry key ids, never keys"
 
 
+def test_a_client_that_disconnects_mid_stream_aborts_its_sequences_in_the_engine(url):
+    """A streaming client that goes away (its connection closed after the first chunk) must not
+    leave the engine generating for nobody: the cancel travels proxy -> edge -> handle call -> the
+    LLM replica's vLLM app, and vLLM aborts the request (its `finished_reason="abort"` counter
+    moves, and far fewer tokens are generated than the request asked for)."""
+    aborted = ("ray_vllm_request_success_total", (("finished_reason", "abort"),))
+    generated = ("ray_vllm_generation_tokens_total", ())
+    before = _metrics_text()
+    asked = 8 * 128  # n=8 sequences of 128 tokens (EOS ignored): seconds of work on the tiny model
+    body = {"model": MODEL_ID, "prompt": "disconnect", "max_tokens": 128, "n": 8, "ignore_eos": True,
+            "stream": True, "temperature": 1.0}
+    with httpx.Client(timeout=60) as client, client.stream(
+            "POST", f"{url}/v1/completions", json=body, headers=auth()) as resp:
+        assert resp.status_code == 200
+        next(resp.iter_lines())  # the first chunk: the sequences are running; then the connection closes
+    deadline, moved = time.monotonic() + 90, {}
+    while time.monotonic() < deadline:
+        text = _metrics_text()
+        moved = {k: _samples(text, k[0], **dict(k[1])) - _samples(before, k[0], **dict(k[1])) for k in (aborted, generated)}
+        if moved[aborted] >= 1:
+            break
+        time.sleep(3)
+    assert moved[aborted] >= 1, f"no aborted request in the engine's counters: {moved}"
+    assert moved[generated] < asked / 2, f"{moved[generated]} of {asked} tokens generated after the client left"
+
+
 def test_logprobs_and_echo_are_served_for_evaluation_harnesses(url, tokenizer):
     """What lm-evaluation-harness's local-completions sends to score a continuation: the prompt's own
     tokens come back with their log-probabilities (echo) and the top-k alternatives (logprobs)."""

@@ -6,7 +6,9 @@ RayService take). A vLLM engine takes ~45 s to start, so the tests run in order 
    requests is replaced by Serve, and fewer than 1% of the requests fail (client retries on 503 only);
 2. past max_ongoing_requests + max_queued_requests, requests are refused fast with 503 and
    Retry-After, nothing hangs, no replica dies, the proxy's memory stays flat;
-3. once the load is gone the deployment returns to min_replicas and serves normally.
+3. once the load is gone the deployment returns to min_replicas and serves normally;
+4. the vLLM engine process killed inside a live replica: /health turns 503 (the edge asks the
+   replica, whose engine check fails), Serve replaces the replica, and the endpoint serves again.
 """
 
 from __future__ import annotations
@@ -128,5 +130,23 @@ def test_overload_is_refused_fast_with_503_and_retry_after(url):
 
 def test_back_to_min_replicas_after_the_load(url):
     wait_for(lambda: running_replicas(APP) == 1, 120, "the deployment to return to min_replicas", interval_s=1)
+    with httpx.Client() as client:
+        assert complete(client, url, max_tokens=4)[0] == 200
+
+
+def test_an_engine_killed_inside_a_live_replica_turns_health_503_and_the_replica_is_replaced(url):
+    import psutil
+
+    (replica,) = replica_actors(APP)
+    engines = [p for p in psutil.Process(replica.pid).children(recursive=True) if "python" in p.name().lower()
+               or "VLLM" in p.name() or "Engine" in p.name()]
+    assert engines, "no engine process under the replica"
+    for proc in engines:
+        kill_pid(proc.pid)
+    wait_for(lambda: httpx.get(f"{url}/health", timeout=30).status_code == 503, 60,
+             "/health to report the dead engine (503)", interval_s=0.5)
+    wait_for(lambda: replica.actor_id not in {a.actor_id for a in replica_actors(APP)} and running_replicas(APP) >= 1,
+             240, "Serve to replace the replica whose engine died", interval_s=1)
+    wait_for(lambda: httpx.get(f"{url}/health", timeout=30).status_code == 200, 120, "/health 200 again", interval_s=1)
     with httpx.Client() as client:
         assert complete(client, url, max_tokens=4)[0] == 200

@@ -96,6 +96,7 @@ class Forward:
 
     def __init__(self, handle: Any, dynamic_adapters: Callable[[], Any], retry_after_s: float):
         self.handle, self.dynamic_adapters, self.retry_after_s = handle, dynamic_adapters, retry_after_s
+        self.streaming = handle.options(stream=True)  # made once: options() builds a new handle
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] == "lifespan":
@@ -109,14 +110,16 @@ class Forward:
             if not message.get("more_body"):
                 break
         call, model = edge_call(app_path(scope), b"".join(chunks), scope.get("headers", []))
-        handle = self.handle.options(stream=True, multiplexed_model_id=model if model in await self.dynamic_adapters()
-                                     else "")
+        handle = self.streaming
+        if model in await self.dynamic_adapters():  # Serve routes it to a replica that has the adapter loaded
+            handle = handle.options(multiplexed_model_id=model)
         started, finished = False, False
         responses = handle.serve_http.remote(call)
         try:
-            async for message in responses:
-                started = started or message["type"] == "http.response.start"
-                await send(message)
+            async for batch in responses:
+                for message in batch:
+                    started = started or message["type"] == "http.response.start"
+                    await send(message)
             finished = True
         except BackPressureError:
             finished = True
