@@ -16,6 +16,7 @@ the app; returns the base URL); serve/lifecycle.py deploys with a recorded versi
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import json
 import logging
@@ -369,7 +370,7 @@ class RaylmServer(LLMServer):
             finally:
                 queue.put_nowait(None)
 
-        task = asyncio.create_task(run())
+        task = asyncio.create_task(run(), context=_without_multiplexed_id())
         try:
             while True:  # what has piled up goes in one item: fewer hops through Ray's stream under load
                 batch = [await queue.get()]
@@ -385,6 +386,20 @@ class RaylmServer(LLMServer):
             finished.set()
             if not task.done():
                 task.cancel()
+
+
+def _without_multiplexed_id() -> contextvars.Context:
+    """A copy of the request's context whose Serve multiplexed model id is cleared, to run an edge
+    call's app in: the adapter is already loaded (AdapterStore), and Ray Serve LLM's own LoRA
+    middleware would otherwise try to load it again with its own loader, which raylm does not
+    configure (dynamic_lora_loading_path). Serve has no public setter for that id."""
+    from dataclasses import replace
+
+    from ray.serve.context import _get_serve_request_context, _serve_request_context
+
+    context = contextvars.copy_context()
+    context.run(_serve_request_context.set, replace(_get_serve_request_context(), multiplexed_model_id=""))
+    return context
 
 
 # ------------------------------------------------------------------ building and deploying
