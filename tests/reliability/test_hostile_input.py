@@ -192,6 +192,74 @@ def test_streaming_with_hostile_values_ends_cleanly(url, http):
             assert resp.text.rstrip().endswith("data: [DONE]") and "error" not in resp.text, resp.text[-300:]
 
 
+def test_a_flood_of_bad_traffic_gets_no_5xx_and_every_keyed_request_is_served(url):
+    """Issue 23's bad traffic at the edge, all at once for FLOOD_S: unauthenticated 4 MiB bodies,
+    slow bodies (slowloris: headers, then a byte every half second), invalid JSON with a valid key
+    and unknown routes, at the rate a few connections can send them. None of it gets a 5xx, and
+    every keyed request sent meanwhile is answered 200. (What it does to keyed latency is
+    measured in bench/edge_bench.py, not asserted here.)"""
+    import asyncio
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    host, port, prefix = parts.hostname, parts.port, parts.path.rstrip("/")
+    flood_s, codes = 10.0, {"flood": [], "slow": [], "bad json": [], "unknown route": [], "keyed": []}
+
+    async def raw(kind: str, head: bytes, body_bytes: int, chunk: bytes, pause_s: float, stop_at: float) -> None:
+        while asyncio.get_running_loop().time() < stop_at:
+            try:
+                reader, writer = await asyncio.open_connection(host, port)
+            except OSError:
+                codes[kind].append(0)
+                continue
+            status = asyncio.ensure_future(reader.readline())
+            status.add_done_callback(lambda t: t.cancelled() or t.exception())
+            try:
+                writer.write(head)
+                sent = 0
+                while sent < body_bytes and not status.done() and asyncio.get_running_loop().time() < stop_at:
+                    writer.write(chunk)
+                    await writer.drain()
+                    sent += len(chunk)
+                    await asyncio.sleep(pause_s)
+                line = await asyncio.wait_for(status, 5) if status.done() or sent >= body_bytes else b""
+                codes[kind].append(int(line.split()[1]) if line.startswith(b"HTTP/") else 0)
+            except (OSError, asyncio.TimeoutError, ValueError, IndexError):
+                codes[kind].append(0)
+            finally:
+                status.cancel()
+                writer.close()
+
+    def head(path: str, length: int) -> bytes:
+        return (f"POST {prefix}{path} HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
+                f"content-length: {length}\r\n\r\n").encode()
+
+    async def loop(kind: str, client, stop_at: float, **request) -> None:
+        while asyncio.get_running_loop().time() < stop_at:
+            codes[kind].append((await client.request(**request)).status_code)
+
+    async def main() -> None:
+        stop_at = asyncio.get_running_loop().time() + flood_s
+        big, path = 4 * 2**20, "/v1/completions"
+        async with httpx.AsyncClient(timeout=60) as client:
+            await asyncio.gather(
+                *(raw("flood", head(path, big), big, b"x" * 2**16, 0, stop_at) for _ in range(4)),
+                *(raw("slow", head(path, 2**20), 2**20, b"x", 0.5, stop_at) for _ in range(4)),
+                *(loop("bad json", client, stop_at, method="POST", url=f"{url}{path}", headers=auth(),
+                       content=b'{"model": "' + MODEL_ID.encode() + b'", "prompt": ') for _ in range(2)),
+                *(loop("unknown route", client, stop_at, method="POST", url=f"{url}/v1/nope", headers=auth(),
+                       content=b"{}") for _ in range(2)),
+                *(loop("keyed", client, stop_at, method="POST", url=f"{url}{path}", headers=auth(),
+                       json={"model": MODEL_ID, "prompt": "hello", "max_tokens": 4}) for _ in range(2)))
+
+    asyncio.run(main())
+    print({kind: {c: got.count(c) for c in sorted(set(got))} for kind, got in codes.items()})
+    assert all(c < 500 for got in codes.values() for c in got), codes
+    assert set(codes["flood"]) <= {401, 0} and 401 in codes["flood"], "the flood must be refused for its missing key"
+    assert set(codes["bad json"]) == {400} and set(codes["unknown route"]) == {404}
+    assert codes["keyed"] and set(codes["keyed"]) == {200}, codes["keyed"]
+
+
 def test_the_replica_is_still_the_same_and_serves_normally(url):
     assert healthy(url) and completes(url, max_tokens=8)
     assert len(replica_actors(APP)) == 1
