@@ -7,10 +7,10 @@ second deployment in the same Serve app, in front of the LLM deployment: cheap r
 engine (no CPU reserved, no vLLM import) that run raylm's gate (`gate.Gate`: routes, keys, body
 limit, validation, error shape, usage counters) and hand only checked requests to an LLM replica
 by deployment handle. That is Ray Serve LLM's own ingress/router pattern, and it lets the LLM
-deployment's request router see the prompt (`EdgeCall.prompt` / `.messages`), which
+deployment's request router see the prompt (`CompletionCall.prompt`, `ChatCall.messages`), which
 prefix-cache-aware routing (`PrefixCacheAffinityRouter`) needs.
 
-An `EdgeCall` carries the checked body; the LLM replica runs it through vLLM's own OpenAI app
+A call carries the checked body; the LLM replica runs it through vLLM's own OpenAI app
 in-process (`RaylmServer.serve_http`) and streams the ASGI messages back, so responses,
 streaming and errors are byte for byte what vLLM's server sends. A client that goes away cancels
 the edge's request, Serve cancels the handle call, and the engine aborts the sequence.
