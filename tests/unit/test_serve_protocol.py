@@ -618,10 +618,10 @@ def test_edge_calls_carry_what_the_prefix_aware_router_reads_and_never_the_key()
     from raylm.serve.edge import edge_call
 
     headers = [(b"authorization", b"Bearer sk-secret"), (b"content-type", b"application/json"), (b"x-request-id", b"r1")]
-    chat, model = edge_call("/v1/chat/completions", json.dumps(
+    chat = edge_call("/v1/chat/completions", json.dumps(
         {"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode(), headers)
-    assert model == "m" and chat.messages == [{"role": "user", "content": "hi"}] and not hasattr(chat, "prompt")
-    completion, _ = edge_call("/v1/completions", b'{"model": "m", "prompt": "once upon"}', headers)
+    assert chat.model == "m" and chat.messages == [{"role": "user", "content": "hi"}] and not hasattr(chat, "prompt")
+    completion = edge_call("/v1/completions", b'{"model": "m", "prompt": "once upon"}', headers)
     assert completion.prompt == "once upon" and not hasattr(completion, "messages")
     assert all(k != b"authorization" for k, _ in chat.headers + completion.headers)
     assert (b"x-request-id", b"r1") in completion.headers

@@ -347,10 +347,9 @@ class RaylmServer(LLMServer):
         When the edge cancels (its client went away), the app sees a disconnect and vLLM aborts
         the sequence."""
         if self.adapters:
-            model = json.loads(call.body).get("model")
-            if model in await self.adapters.names():
+            if call.model in await self.adapters.names():
                 try:
-                    await self.adapters.load(model)
+                    await self.adapters.load(call.model)
                 except APIError as exc:
                     yield json_messages(exc.status, exc.body())
                     return

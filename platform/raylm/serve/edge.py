@@ -47,6 +47,7 @@ class CompletionCall:
 
     path: str
     body: bytes
+    model: str = ""
     headers: list = field(default_factory=list)
     prompt: Any = None
 
@@ -57,18 +58,21 @@ class ChatCall:
 
     path: str
     body: bytes
+    model: str = ""
     headers: list = field(default_factory=list)
     messages: Any = None
 
 
-def edge_call(path: str, body: bytes, headers: list) -> tuple[Any, str]:
-    """The call object for a checked body (valid JSON: the gate parsed it), and the model asked for.
-    The key stays at the edge: `authorization` is not passed on."""
+def edge_call(path: str, body: bytes, headers: list) -> Any:
+    """The call object for a checked body (valid JSON: the gate parsed it), naming the model asked
+    for so the replica need not parse the body again. The key stays at the edge: `authorization`
+    is not passed on."""
     parsed = json.loads(body)
     kept = [(k, v) for k, v in headers if k.lower() not in HOP_HEADERS]
+    model = parsed.get("model", "")
     if path.endswith("/chat/completions"):
-        return ChatCall(path, body, kept, messages=parsed.get("messages")), parsed.get("model", "")
-    return CompletionCall(path, body, kept, prompt=parsed.get("prompt")), parsed.get("model", "")
+        return ChatCall(path, body, model, kept, messages=parsed.get("messages"))
+    return CompletionCall(path, body, model, kept, prompt=parsed.get("prompt"))
 
 
 def replica_scope(call: Any) -> dict:
@@ -109,10 +113,10 @@ class Forward:
             chunks.append(message.get("body", b""))
             if not message.get("more_body"):
                 break
-        call, model = edge_call(app_path(scope), b"".join(chunks), scope.get("headers", []))
+        call = edge_call(app_path(scope), b"".join(chunks), scope.get("headers", []))
         handle = self.streaming
-        if model in await self.dynamic_adapters():  # Serve routes it to a replica that has the adapter loaded
-            handle = handle.options(multiplexed_model_id=model)
+        if call.model in await self.dynamic_adapters():  # Serve routes it to a replica that has the adapter loaded
+            handle = handle.options(multiplexed_model_id=call.model)
         started, finished = False, False
         responses = handle.serve_http.remote(call)
         try:
