@@ -19,7 +19,7 @@ import torch
 
 from raylm.config import load_config
 from raylm.data import CacheStream, prepare_data
-from raylm.train.checkpoint import verify_checkpoint
+from raylm.train.checkpoint import verified_checkpoints, verify_checkpoint
 from raylm.train.deepspeed import lr_factor
 from raylm.train.driver import build_trainer, check_data_fits
 
@@ -211,7 +211,10 @@ def test_killed_worker_resumes_from_checkpoint_and_finishes(tmp_path, shakespear
     outcome: dict = {}
     runner = threading.Thread(target=lambda: outcome.update(result=fit(cfg, shakespeare_prepared)), daemon=True)
     runner.start()
-    ckpt_step = wait_for(lambda: max((r["step"] for r in read_log(cfg) if r.get("checkpoint")), default=0),
+    # the first checkpoint once every rank's part is in storage (the log records it when rank 0
+    # hands it to Ray Train's upload, before rank 1's shard may have landed)
+    run = Path(cfg.train.storage_path) / cfg.train.run_name
+    ckpt_step = wait_for(lambda: max((m["step"] for _, m in verified_checkpoints(str(run), log=lambda _: None)), default=0),
                          timeout_s=400, what="the first checkpoint")
     workers = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
     assert len(workers) == 2

@@ -64,6 +64,13 @@ def read_log(path: Path | str) -> list[dict]:
     return out
 
 
+def complete_steps(run: str | os.PathLike) -> list[int]:
+    """Steps of the run's checkpoints that verify against their manifest (what a resume may use)."""
+    from raylm.train.checkpoint import verified_checkpoints
+
+    return sorted(m["step"] for _, m in verified_checkpoints(str(run), log=lambda _: None))
+
+
 def last_step(log: list[dict]) -> int:
     return max((r["step"] for r in log if "loss" in r), default=0)
 

@@ -17,24 +17,13 @@ import time
 import pytest
 import torch
 from conftest import CKPT_EVERY, REFERENCE_STEPS, reference_overrides
-from reliability_helpers import (Background, ds_weights, fit, hf_weights, kill_pid, last_step, read_log, run_dir,
+from reliability_helpers import (Background, complete_steps, ds_weights, fit, hf_weights, kill_pid, last_step, read_log, run_dir,
                                  train_config, train_workers, wait_for, worker_logs_containing)
 
-from raylm.train.checkpoint import CheckpointError, verify_checkpoint
+from raylm.train.checkpoint import verify_checkpoint
+
 
 pytestmark = pytest.mark.timeout(420)
-
-
-def complete_steps(run: str | os.PathLike) -> list[int]:
-    """Steps of the run's checkpoints that verify against their manifest."""
-    out = []
-    for path in sorted(glob.glob(os.path.join(run, "step_*"))):
-        try:
-            verify_checkpoint(path)
-            out.append(int(path.rsplit("_", 1)[1]))
-        except CheckpointError:
-            pass
-    return out
 
 
 def last_by_step(log: list[dict]) -> dict[int, dict]:

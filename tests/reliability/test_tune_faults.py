@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from reliability_helpers import Background, kill_pid, last_step, read_log, train_workers, wait_for
+from reliability_helpers import Background, complete_steps, kill_pid, last_step, read_log, train_workers, wait_for
 
 from raylm.config import load_config
 from raylm.tune import run_sweep
@@ -51,7 +51,9 @@ def test_a_trial_whose_worker_dies_is_retried_or_failed_and_the_sweep_finishes(t
 
     def kill_next() -> bool:
         for trial, log in trial_logs(sweep_dir).items():
-            if trial not in killed and any(r.get("checkpoint") for r in log) and last_step(log) < STEPS:
+            # a checkpoint counts once every rank's part of it is in storage: the log records it
+            # when rank 0 hands it to Ray Train's upload, before rank 1's shard may have landed
+            if trial not in killed and complete_steps(sweep_dir / "trials" / trial) and last_step(log) < STEPS:
                 workers = train_workers()
                 if len(workers) == 2:
                     kill_pid(workers[1].pid)
