@@ -37,6 +37,7 @@ STAGES = {  # name -> (module file, stage timeout in seconds: quick, full)
     "zero3": ("zero3_mem_bench.py", 900, 1500),
     "batching": ("batching_bench.py", 1200, 1800),
     "edge": ("edge_bench.py", 900, 1200),
+    "prefix": ("prefix_bench.py", 900, 1200),
 }
 
 

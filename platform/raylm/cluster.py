@@ -62,12 +62,25 @@ def init_ray(cfg: RaylmConfig, address: Optional[str] = None, num_cpus: Optional
     # its CPUs forever. So the port is chosen here and named to every process of this cluster.
     port = _free_port()
     api = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
-    if cfg.serve.direct_ingress:  # read once by the Serve controller and replicas this cluster starts
-        os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
+    os.environ.update(serve_ingress_env(cfg.serve.ingress_mode))  # read once by this cluster's Serve
     os.environ.update(api)  # inherited by the raylet and every worker it starts
     kwargs["runtime_env"]["env_vars"].update(api)
     ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, **kwargs)
     console.silence()
+
+
+def serve_ingress_env(mode: str) -> dict[str, str]:
+    """Ray Serve's environment for serve.ingress on a cluster raylm starts. HAProxy's side ports
+    (its Prometheus and stats pages, the fallback Python proxy it keeps behind it) get free ones
+    instead of Ray's fixed 9101/8404/8500/9500, so two clusters on one machine do not collide;
+    a value already in the environment wins."""
+    env = {"RAY_SERVE_ENABLE_HA_PROXY": "1" if mode == "haproxy" else "0",
+           "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1" if mode in ("haproxy", "direct") else "0"}
+    if mode == "haproxy":
+        for name in ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT",
+                     "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT"):
+            env[name] = os.environ.get(name) or str(_free_port(0))
+    return env
 
 
 def running_cluster() -> Optional[str]:

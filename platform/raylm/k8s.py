@@ -172,8 +172,17 @@ def _probes(cfg: RaylmConfig, head: bool) -> dict:
             "livenessProbe": probe(alive, failureThreshold=120, initialDelaySeconds=30)}
 
 
+def _ingress_env(cfg: RaylmConfig) -> list[dict]:
+    """serve.ingress for Ray Serve on every pod (its controller and each node's ingress read it at
+    start): HAProxy on each node forwards serve.port to the ingress replicas' own ports."""
+    mode = cfg.serve.ingress_mode
+    flags = {"haproxy": "RAY_SERVE_ENABLE_HA_PROXY", "direct": "RAY_SERVE_ENABLE_DIRECT_INGRESS"}
+    return [{"name": flags[mode], "value": "1"}] if mode in flags else []
+
+
 def _container(cfg: RaylmConfig, name: str, resources: dict, serve: bool, ports: list[dict]) -> dict:
-    env = [_secret_env(cfg.serve.api_key_env, cfg.cluster.api_keys_secret, API_KEYS_KEY)] if serve else []
+    env = [_secret_env(cfg.serve.api_key_env, cfg.cluster.api_keys_secret, API_KEYS_KEY), *_ingress_env(cfg)] \
+        if serve else []
     container: dict[str, Any] = {"name": name, "image": cfg.cluster.image, "imagePullPolicy": "IfNotPresent",
                                  "workingDir": WORKDIR}
     if env:

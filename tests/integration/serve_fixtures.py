@@ -69,10 +69,24 @@ def deploy_app(cfg: RaylmConfig, checkpoint: str) -> str:
     return deploy(cfg, checkpoint)
 
 
-def shutdown_serve() -> None:
+def shutdown_serve(timeout_s: float = 120) -> None:
+    """serve.shutdown(), then wait for Serve's controller to be gone: serve.shutdown returns after
+    30 s even while the controller is still stopping replicas and the ingress, and the next
+    module's deploy would connect to that controller just before it exits."""
+    import ray
     from ray import serve
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 
     serve.shutdown()
+
+    def gone() -> bool:
+        try:
+            ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        except ValueError:
+            return True
+        return False
+
+    assert wait_until(gone, timeout_s), f"Serve's controller still alive {timeout_s} s after serve.shutdown()"
 
 
 def auth(key: str = KEYS[0]) -> dict[str, str]:

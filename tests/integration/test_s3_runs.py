@@ -202,7 +202,7 @@ def _wait_for_banner(proc: subprocess.Popen, timeout_s: float) -> list[str]:
 def test_serve_the_sweeps_best_json_in_s3_with_replicas_on_their_own_port(sweep_in_s3, key_file):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # its own cluster, not the session's
     cmd = [sys.executable, "-m", "raylm", "serve", "--checkpoint", f"{RUNS}/s3sweep/best.json", *sets(
-        serve__direct_ingress="true", serve__port=PROXY_PORT, serve__api_key_file=key_file,
+        serve__ingress="direct", serve__port=PROXY_PORT, serve__api_key_file=key_file,
         serve__api_key_env="RAYLM_TEST_NO_SUCH_VAR", serve__model_id=MODEL_ID, serve__autoscaling__max_replicas=1,
         serve__kv_cache_memory_gib=0.25)]
     proc = subprocess.Popen(cmd, cwd=repo_root(), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

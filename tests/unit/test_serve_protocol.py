@@ -436,6 +436,8 @@ def test_engine_kwargs_follow_the_config():
     (["serve.tensor_parallel_size=2"], "serve.tensor_parallel_size"),
     (["serve.engine_kwargs={api_key: sk-plain}"], "serve.engine_kwargs.api_key"),
     (["serve.tls_cert_file=/etc/cert.pem"], "serve.tls_cert_file"),
+    (["serve.tls_cert_file=/c.pem", "serve.tls_key_file=/k.pem", "serve.ingress=haproxy"], "serve.ingress"),
+    (["serve.ingress=nginx"], "serve.ingress"),
     (["serve.max_logprobs=21"], "serve.max_logprobs"),
     (["serve.max_model_len=64", "serve.max_tokens_limit=64", "serve.default_max_tokens=16"], "serve.max_tokens_limit"),
     (["serve.dtype=int4"], "serve.dtype"),
@@ -551,8 +553,8 @@ def test_banner_names_the_key_file_never_the_key(tmp_path):
     env_setup = setup_keys(cfg.serve, {"RAYLM_API_KEYS": "sk-secret-1,sk-secret-2"}, generated_path=str(path))
     env_text = banner("http://h:1", env_setup, cfg)
     assert "RAYLM_API_KEYS" in env_text and "sk-secret" not in env_text
-    assert "replicas directly" not in text and "direct_ingress" not in text
-    direct_cfg = RaylmConfig.model_validate({"serve": {"direct_ingress": True}})
+    assert "replicas directly" not in text and "ingress" not in text
+    direct_cfg = RaylmConfig.model_validate({"serve": {"ingress": "direct"}})
     direct_text = banner("http://h:1", setup, direct_cfg, ("http://h:30000", "http://h:30001"))
     assert "replicas directly (no proxy hop): http://h:30000/v1, http://h:30001/v1" in direct_text
     assert "not started with RAY_SERVE_ENABLE_DIRECT_INGRESS=1" in banner("http://h:1", setup, direct_cfg)
@@ -563,6 +565,27 @@ def test_tls_files_become_serves_https_options(tmp_path):
     assert cfg.serve.http_options() == {"host": "127.0.0.1", "port": 8000, "ssl_certfile": f"{tmp_path}/c.pem",
                                         "ssl_keyfile": f"{tmp_path}/k.pem"}
     assert "ssl_certfile" not in load_config(None).serve.http_options()
+
+
+def test_ingress_defaults_to_haproxy_and_to_the_python_proxy_for_tls(tmp_path, monkeypatch):
+    """The default path is Ray Serve's HAProxy ingress; TLS needs Serve's Python proxy. What a
+    cluster raylm starts gets: HAProxy on (with direct ingress, which it forwards to) and its side
+    ports free ones, or both off for the proxy; a port already in the environment is kept."""
+    from raylm.cluster import serve_ingress_env
+
+    assert load_config(None).serve.ingress_mode == "haproxy"
+    tls = load_config(None, [f"serve.tls_cert_file={tmp_path}/c.pem", f"serve.tls_key_file={tmp_path}/k.pem"])
+    assert tls.serve.ingress_mode == "proxy"
+    assert load_config(None, ["serve.ingress=direct"]).serve.ingress_mode == "direct"
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", "18404")
+    env = serve_ingress_env("haproxy")
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
+    assert env["RAY_SERVE_HAPROXY_STATS_PORT"] == "18404"
+    ports = [int(env[k]) for k in ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+                                   "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")]
+    assert all(p > 0 for p in ports) and 9101 not in ports and 8500 not in ports
+    assert serve_ingress_env("proxy") == {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+    assert serve_ingress_env("direct")["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
 
 
 def test_per_key_usage_is_counted_by_key_id_never_the_key():
@@ -609,6 +632,10 @@ def test_prefix_aware_routing_is_ray_serve_llms_router_and_needs_the_edge():
     cfg = load_config(None, ["serve.request_router=prefix_aware"])
     router = RequestRouterConfig(**deployment_options(cfg.serve)["request_router_config"])
     assert router.get_request_router_class().__name__ == "PrefixCacheAffinityRouter"
+    # load still counts (Ray's default threshold is no limit), and the prefix tree is trimmed
+    assert router.request_router_kwargs["imbalanced_threshold"] == 8.0 and router.request_router_kwargs["do_eviction"]
+    tuned = load_config(None, ["serve.request_router=prefix_aware", "serve.prefix_router.imbalanced_threshold=2"])
+    assert deployment_options(tuned.serve)["request_router_config"]["request_router_kwargs"]["imbalanced_threshold"] == 2
     assert "request_router_config" not in deployment_options(load_config(None).serve)
     with pytest.raises(ConfigError, match="serve.request_router: prefix_aware needs serve.edge.enabled"):
         load_config(None, ["serve.request_router=prefix_aware", "serve.edge.enabled=false"])

@@ -495,16 +495,19 @@ def _base_url(s: ServeConfig) -> str:
 
 
 def direct_urls(s: ServeConfig) -> list[str]:
-    """Base URLs of the app's replicas under Serve's direct ingress (each replica serves HTTP on its
-    own port); empty when the cluster runs without it, where the proxy is the only way in."""
+    """Base URLs of the app's ingress replicas on their own ports (Serve's direct ingress, which
+    HAProxy ingress forwards to); empty when the cluster runs without it, where the proxy is the
+    only way in."""
     from ray.serve.context import _get_global_client
 
     import ray
 
     host, proxy_port = _proxy_address(s)  # replicas bind where the proxy does
-    groups = ray.get(_get_global_client()._controller.get_target_groups.remote(app_name=s.app_name))
+    groups = ray.get(_get_global_client()._controller.get_target_groups.remote(app_name=s.app_name,
+                                                                            from_proxy_manager=True))
     return [f"http://{host}:{t.port}{g.route_prefix.rstrip('/')}" for g in groups
-            if g.protocol == "HTTP" for t in g.targets if t.port != proxy_port]
+            if g.protocol == "HTTP" for t in g.targets
+            if t.port != proxy_port and not t.name.startswith("SERVE_PROXY_ACTOR")]
 
 
 def _deploy(cfg: RaylmConfig, checkpoint: str, version: str = "") -> tuple[str, KeySetup]:
@@ -538,8 +541,8 @@ def banner(url: str, keys: KeySetup, cfg: RaylmConfig, direct: tuple[str, ...] =
     return "\n".join([
         f"serving {s.model_id} at {url}/v1  (app {s.app_name}, health: {url}/health)",
         *([f"replicas directly (no proxy hop): {', '.join(u + '/v1' for u in direct)}"] if direct else []),
-        *([f"serve.direct_ingress: this cluster was not started with RAY_SERVE_ENABLE_DIRECT_INGRESS=1; "
-           f"serving through the proxy only"] if s.direct_ingress and not direct else []),
+        *([f"serve.ingress=direct: this cluster was not started with RAY_SERVE_ENABLE_DIRECT_INGRESS=1; "
+           f"serving through the proxy only"] if s.ingress_mode == "direct" and not direct else []),
         f"API keys: {keys.source}",
         "try:",
         f"  curl {url}/v1/completions -H 'Content-Type: application/json' "

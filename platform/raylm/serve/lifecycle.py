@@ -154,7 +154,7 @@ def run_serve(cfg: RaylmConfig, checkpoint: str, blocking: bool) -> int:
     from raylm.serve.app import banner, direct_urls, serve_until_interrupted
 
     url, keys = deploy_recorded(cfg, checkpoint)
-    direct = tuple(direct_urls(cfg.serve)) if cfg.serve.direct_ingress else ()
+    direct = tuple(direct_urls(cfg.serve)) if cfg.serve.ingress_mode == "direct" else ()
     say(banner(url, keys, cfg, direct), event="serving", url=f"{url}/v1", direct=[f"{u}/v1" for u in direct])
     if blocking:
         serve_until_interrupted(cfg)

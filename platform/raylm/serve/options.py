@@ -53,7 +53,8 @@ def deployment_options(s: ServeConfig) -> dict[str, Any]:
 def request_router(s: ServeConfig) -> dict[str, Any]:
     """The LLM deployment's request router: Serve's default, or Ray Serve LLM's prefix-cache-aware one."""
     if s.request_router == "prefix_aware":
-        return {"request_router_config": {"request_router_class": PREFIX_AWARE_ROUTER}}
+        return {"request_router_config": {"request_router_class": PREFIX_AWARE_ROUTER,
+                                          "request_router_kwargs": s.prefix_router.router_kwargs()}}
     return {}
 
 

@@ -1,0 +1,163 @@
+"""Prefix-cache-aware routing (issue 23): a multi-turn chat workload over 2 LLM replicas, routed by
+Serve's default router (power of two choices) and by Ray Serve LLM's PrefixCacheAffinityRouter
+(`serve.request_router=prefix_aware`), one after the other on one Ray cluster.
+
+Model: the `small-llama` preset (85M, random weights, raylm's 2048-token BPE), float32 (faster than
+bf16 on this CPU), so that a prompt's prefill is most of its TTFT. Workload: CONVERSATIONS chats
+run at once, each TURNS turns one after the other. Every prompt starts with the same system text
+(about 300 tokens), then the conversation so far (each user turn about 50 tokens of its own text,
+each answer the ANSWER_TOKENS tokens the model generated), then the new user turn. A turn is a
+streamed completion; TTFT is measured at the client, through the default path (HAProxy, the
+edge, the LLM replica). Hit rate: vLLM's own counters (`ray_vllm_prefix_cache_hits_total` over
+`ray_vllm_prefix_cache_queries_total`, prompt tokens found in the cache over those looked up),
+summed over both replicas, before and after each run. The goal: mean TTFT <= 0.8x of default
+routing, and a higher hit rate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import CORPUS, stage_main, start_ray  # noqa: E402
+from report import ratio  # noqa: E402
+from serve_bench import KEY, PORT, make_checkpoint, serve_config  # noqa: E402
+
+ANSWER_TOKENS = 8
+SYSTEM_CHARS, TURN_CHARS = 1200, 200
+
+
+def conversation_texts(n: int, turns: int, first: int = 0) -> tuple[str, list[list[str]]]:
+    """The shared system text and the user turns of conversations first..first+n-1 (distinct slices
+    of the corpus)."""
+    text = CORPUS.read_text()
+    system = "You are a helpful assistant. Context:\n" + text[:SYSTEM_CHARS]
+    start = SYSTEM_CHARS
+    users = [[text[start + (c * turns + t) * TURN_CHARS:start + (c * turns + t + 1) * TURN_CHARS]
+              for t in range(turns)] for c in range(first, first + n)]
+    return system, users
+
+
+async def chat(session, url: str, system: str, turns: list[str], ttfts: list[tuple[int, float]]) -> None:
+    """One conversation: each turn's prompt is everything so far; the answer joins the history."""
+    import json
+
+    history = system
+    for t, user in enumerate(turns):
+        prompt = f"{history}\nUser: {user}\nAssistant:"
+        body = {"model": "raylm", "prompt": prompt, "max_tokens": ANSWER_TOKENS, "temperature": 0,
+                "ignore_eos": True, "stream": True}
+        t0, first, answer = time.perf_counter(), None, []
+        async with session.post(f"{url}/v1/completions", json=body,
+                                headers={"Authorization": f"Bearer {KEY}"}) as resp:
+            assert resp.status == 200, await resp.text()
+            async for line in resp.content:
+                if line.startswith(b"data: {"):
+                    piece = json.loads(line[6:])["choices"][0]["text"]
+                    if first is None and piece:
+                        first = time.perf_counter() - t0
+                    answer.append(piece)
+        ttfts.append((t, first or time.perf_counter() - t0))
+        history = f"{prompt}{''.join(answer)}"
+
+
+async def workload(url: str, conversations: int, turns: int, first: int = 0) -> dict:
+    import aiohttp
+
+    system, users = conversation_texts(conversations, turns, first)
+    ttfts: list[tuple[int, float]] = []
+    t0 = time.perf_counter()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+        await asyncio.gather(*(chat(session, url, system, u, ttfts) for u in users))
+    later = [s for t, s in ttfts if t > 0]
+    return {"requests": len(ttfts), "wall_s": time.perf_counter() - t0,
+            "mean_ttft_ms": 1000 * statistics.mean(s for _, s in ttfts),
+            "p50_ttft_ms": 1000 * statistics.median(s for _, s in ttfts),
+            "mean_ttft_later_turns_ms": 1000 * statistics.mean(later),
+            "mean_ttft_first_turn_ms": 1000 * statistics.mean(s for t, s in ttfts if t == 0)}
+
+
+def prefix_counters() -> tuple[float, float]:
+    """(hits, queries) of vLLM's prefix cache, summed over every engine on the cluster."""
+    import urllib.request
+
+    import ray
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = {"ray_vllm_prefix_cache_hits_total": 0.0, "ray_vllm_prefix_cache_queries_total": 0.0}
+    for node in ray.nodes():
+        if node["Alive"]:
+            text = urllib.request.urlopen(f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics",
+                                          timeout=10).read().decode()
+            for family in text_string_to_metric_families(text):
+                for s in family.samples:
+                    if s.name in total:
+                        total[s.name] += s.value
+    return total["ray_vllm_prefix_cache_hits_total"], total["ray_vllm_prefix_cache_queries_total"]
+
+
+def settled_counters(wait_s: float = 12.0) -> tuple[float, float]:
+    """The counters once the engines' last report has been exported (Ray exports every few s)."""
+    time.sleep(wait_s)
+    return prefix_counters()
+
+
+def run(args) -> dict:
+    from ray import serve
+
+    from raylm.serve.app import deploy
+
+    conversations, turns = (8, 4) if args.quick else (16, 4)
+    ckpt = make_checkpoint(args.workdir)
+    key_file = os.path.join(args.workdir, "keys")
+    Path(key_file).write_text(KEY + "\n")
+    start_ray(num_cpus=4)
+    res: dict = {}
+    for router in ("default", "prefix_aware"):
+        cfg = serve_config([f"serve.port={PORT}", f"serve.api_key_file={key_file}", "serve.dtype=float32",
+                            "serve.api_key_env=RAYLM_BENCH_NO_SUCH_VAR", "serve.autoscaling.min_replicas=2",
+                            "serve.autoscaling.max_replicas=2", f"serve.request_router={router}",
+                            "serve.max_model_len=1024", f"serve.app_name=chat-{router.replace('_', '-')}"])
+        url = deploy(cfg, ckpt)
+        asyncio.run(workload(url, 4, 1, first=100))  # warm-up (other conversations): the engines compiled
+        hits0, queries0 = settled_counters()
+        out = asyncio.run(workload(url, conversations, turns))
+        hits1, queries1 = settled_counters()
+        out["prefix_hit_rate"] = (hits1 - hits0) / max(1.0, queries1 - queries0)
+        out["prefix_cache_queries"] = queries1 - queries0
+        res[router] = out
+        print(router, out, flush=True)
+        serve.delete(cfg.serve.app_name)
+    serve.shutdown()
+
+    d, p = res["default"], res["prefix_aware"]
+    goals = [
+        {"goal": "multi-turn chat over 2 replicas: mean TTFT with prefix-aware routing <= 0.8x default routing",
+         "value": f"{ratio(p['mean_ttft_ms'], d['mean_ttft_ms']):.2f}x ({p['mean_ttft_ms']:.0f} vs "
+                  f"{d['mean_ttft_ms']:.0f} ms)",
+         "met": ratio(p["mean_ttft_ms"], d["mean_ttft_ms"]) <= 0.8},
+        {"goal": "prefix-cache hit rate (vLLM's counters) higher with prefix-aware routing",
+         "value": f"{p['prefix_hit_rate']:.1%} vs {d['prefix_hit_rate']:.1%}",
+         "met": p["prefix_hit_rate"] > d["prefix_hit_rate"]},
+    ]
+    columns = ["requests", "mean_ttft_ms", "p50_ttft_ms", "mean_ttft_first_turn_ms", "mean_ttft_later_turns_ms",
+               "wall_s", "prefix_hit_rate"]
+    return {
+        "title": "14. Prefix-cache-aware routing: multi-turn chat over 2 replicas (issue 23)",
+        "note": __doc__.split("\n\n", 1)[1].strip(),
+        "tables": [{"name": f"{conversations} conversations x {turns} turns at once, {ANSWER_TOKENS}-token answers",
+                    "columns": ["router", *columns],
+                    "rows": [[r, *(res[r][c] for c in columns)] for r in res]}],
+        "goals": goals,
+        "raw": res,
+    }
+
+
+if __name__ == "__main__":
+    stage_main(run)
