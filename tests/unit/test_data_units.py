@@ -110,16 +110,21 @@ def test_trained_tokenizer_round_trips(tmp_path):
     assert tok.eos_token == "<|endoftext|>" and tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id
 
 
-def test_fused_file_udf_packs_like_documents_one_by_one(tmp_path):
+def test_fused_file_udf_packs_like_documents_one_by_one(tmp_path, monkeypatch):
     """TokenizePack on whole files (split inside the UDF, no row per document) gives the blocks
-    and counters of splitting first and tokenizing the documents."""
-    from raylm.data import TokenizePack, file_to_rows
+    and counters of splitting first and tokenizing the documents, handed out in pieces of at most
+    CHUNK_BYTES (here 2 rows of 4 tokens), in order."""
+    from raylm.data import TokenizePack, file_to_rows, packing
+
+    monkeypatch.setattr(packing, "CHUNK_BYTES", 2 * 4 * 4)
 
     out_dir = train_tokenizer(["the quick brown fox jumps over the lazy dog"] * 40, 300, str(tmp_path / "tok"))
     tok = load_tokenizer(out_dir)
     files = {"path": np.array(["a.txt", "b.txt"], dtype=object),
              "bytes": np.array([b"the fox\n\njumps over\n\n", b"the lazy \xff dog\n\nquick"], dtype=object)}
-    fused = TokenizePack(tok.backend_tokenizer.to_str(), tok.eos_token_id, 4, threads=1, fmt="text")(files)
+    pieces = list(TokenizePack(tok.backend_tokenizer.to_str(), tok.eos_token_id, 4, threads=1, fmt="text")(files))
+    assert len(pieces) > 1 and all(len(p["length"]) <= 2 for p in pieces)
+    fused = {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
     rows = [r for p, b in zip(files["path"], files["bytes"])
             for r in file_to_rows({"path": p, "bytes": b}, "text", "text", "paragraph")]
     docs = {"text": np.array([r["text"] for r in rows], dtype=object),

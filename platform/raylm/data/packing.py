@@ -23,11 +23,14 @@ import functools
 import json
 import os
 import tempfile
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
 from raylm.config import SFTConfig
+
+# Largest piece of packed rows a tokenizing actor hands Ray Data at once (see TokenizePack.__call__).
+CHUNK_BYTES = 4 << 20
 from raylm.data.chat import IGNORE, record_messages, render, to_example
 from raylm.data.reading import file_to_rows
 from raylm.data.tokenizer import load_tokenizer, write_tokenizer_files
@@ -103,10 +106,16 @@ class TokenizePack:
         self.fmt, self.text_field, self.text_split = fmt, text_field, text_split
         _cached_tokenizer(tokenizer_json)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        """The packed rows in pieces of at most CHUNK_BYTES, in order (the stats row last): a whole
+        file packs to tens of MB, and one block that size per actor (plus the one the driver reads)
+        would outgrow a small object store. Pieces let Ray Data stream them out as they are made."""
         if "bytes" in batch:
             batch = files_to_documents(batch, self.fmt, self.text_field, self.text_split)
-        return tokenize_and_pack(batch, self.tokenizer_json, self.eos_id, self.block_len)
+        out = tokenize_and_pack(batch, self.tokenizer_json, self.eos_id, self.block_len)
+        step = max(1, CHUNK_BYTES // (4 * self.block_len))
+        for start in range(0, len(out["length"]), step):
+            yield {k: v[start:start + step] for k, v in out.items()}
 
 
 def pack_remainders(remainders: list[np.ndarray], block_len: int) -> tuple[list[np.ndarray], int]:

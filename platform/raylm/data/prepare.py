@@ -27,7 +27,7 @@ from raylm.config import DataConfig
 from raylm.console import say
 from raylm.data import cache
 from raylm.data.chat import _record_text, skipped_summary
-from raylm.data.packing import COUNTERS, TokenizePack, pack_remainders, render_and_pack
+from raylm.data.packing import CHUNK_BYTES, COUNTERS, TokenizePack, pack_remainders, render_and_pack
 from raylm.data.preference import PAIR_COLUMNS, render_pairs
 from raylm.data.reading import _read_documents, file_to_rows, read_files, read_records
 from raylm.data.sources import DataError, Source, resolve_source
@@ -290,6 +290,9 @@ def _build(cfg: DataConfig, src: Source, uri: str, verbose: bool, t0: float) -> 
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # deterministic row order -> deterministic split
+    # blocks of about two tokenizer pieces (packing.CHUNK_BYTES), not Ray Data's 128 MiB: the store
+    # holds a few blocks per operator, and a corpus may be streamed through a store of 80 MiB
+    ctx.target_max_block_size = 2 * CHUNK_BYTES
     ctx.enable_progress_bars = verbose
     kind = PREFERENCE if cfg.format == "preference" else SFT if cfg.is_sft else RAW
     rows = kind.read(src, cfg)
