@@ -10,7 +10,8 @@ each answer the ANSWER_TOKENS tokens the model generated), then the new user tur
 streamed completion; TTFT is measured at the client, through the default path (HAProxy, the
 edge, the LLM replica). Hit rate: vLLM's own counters (`ray_vllm_prefix_cache_hits_total` over
 `ray_vllm_prefix_cache_queries_total`, prompt tokens found in the cache over those looked up),
-summed over both replicas, before and after each run. The goal: mean TTFT <= 0.8x of default
+summed over both replicas, before and after each run; how the prompt tokens split over the two
+engines shows whether a router uses both. The goal: mean TTFT <= 0.8x of default
 routing, and a higher hit rate.
 """
 
@@ -79,33 +80,40 @@ async def workload(url: str, conversations: int, turns: int, first: int = 0) -> 
     return {"requests": len(ttfts), "wall_s": time.perf_counter() - t0,
             "mean_ttft_ms": 1000 * statistics.mean(s for _, s in ttfts),
             "p50_ttft_ms": 1000 * statistics.median(s for _, s in ttfts),
-            "mean_ttft_later_turns_ms": 1000 * statistics.mean(later),
+            "mean_ttft_later_turns_ms": 1000 * statistics.mean(later) if later else None,
             "mean_ttft_first_turn_ms": 1000 * statistics.mean(s for t, s in ttfts if t == 0)}
 
 
-def prefix_counters() -> tuple[float, float]:
-    """(hits, queries) of vLLM's prefix cache, summed over every engine on the cluster."""
+def engine_counters() -> dict[str, dict[tuple, float]]:
+    """vLLM's prefix-cache and prompt-token counters on the cluster, per label set (one per engine)."""
     import urllib.request
 
     import ray
     from prometheus_client.parser import text_string_to_metric_families
 
-    total = {"ray_vllm_prefix_cache_hits_total": 0.0, "ray_vllm_prefix_cache_queries_total": 0.0}
+    names = ("ray_vllm_prefix_cache_hits_total", "ray_vllm_prefix_cache_queries_total", "ray_vllm_prompt_tokens_total")
+    out: dict[str, dict[tuple, float]] = {n: {} for n in names}
     for node in ray.nodes():
         if node["Alive"]:
             text = urllib.request.urlopen(f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics",
                                           timeout=10).read().decode()
             for family in text_string_to_metric_families(text):
                 for s in family.samples:
-                    if s.name in total:
-                        total[s.name] += s.value
-    return total["ray_vllm_prefix_cache_hits_total"], total["ray_vllm_prefix_cache_queries_total"]
+                    if s.name in out:
+                        key = tuple(sorted((k, v) for k, v in s.labels.items() if k not in ("Version", "SessionName")))
+                        out[s.name][key] = out[s.name].get(key, 0.0) + s.value
+    return out
 
 
-def settled_counters(wait_s: float = 12.0) -> tuple[float, float]:
+def moved(before: dict, after: dict, name: str) -> dict[tuple, float]:
+    """Per-engine growth of a counter between two reads (engines new since `before` count from 0)."""
+    return {k: v - before[name].get(k, 0.0) for k, v in after[name].items() if v - before[name].get(k, 0.0) > 0}
+
+
+def settled_counters(wait_s: float = 12.0) -> dict[str, dict[tuple, float]]:
     """The counters once the engines' last report has been exported (Ray exports every few s)."""
     time.sleep(wait_s)
-    return prefix_counters()
+    return engine_counters()
 
 
 def run(args) -> dict:
@@ -126,11 +134,17 @@ def run(args) -> dict:
                             "serve.max_model_len=1024", f"serve.app_name=chat-{router.replace('_', '-')}"])
         url = deploy(cfg, ckpt)
         asyncio.run(workload(url, 4, 1, first=100))  # warm-up (other conversations): the engines compiled
-        hits0, queries0 = settled_counters()
+        before = settled_counters()
         out = asyncio.run(workload(url, conversations, turns))
-        hits1, queries1 = settled_counters()
-        out["prefix_hit_rate"] = (hits1 - hits0) / max(1.0, queries1 - queries0)
-        out["prefix_cache_queries"] = queries1 - queries0
+        after = settled_counters()
+        hits = sum(moved(before, after, "ray_vllm_prefix_cache_hits_total").values())
+        queries = sum(moved(before, after, "ray_vllm_prefix_cache_queries_total").values())
+        out["prefix_hit_rate"] = hits / max(1.0, queries)
+        out["prefix_cache_queries"] = queries
+        # how the prompt tokens split over the engines: does the router use both replicas?
+        per_engine = sorted(moved(before, after, "ray_vllm_prompt_tokens_total").values(), reverse=True)
+        out["prompt_tokens_per_engine"] = per_engine
+        print(router, "engines' label sets:", list(after["ray_vllm_prompt_tokens_total"]), flush=True)
         res[router] = out
         print(router, out, flush=True)
         serve.delete(cfg.serve.app_name)
@@ -147,7 +161,7 @@ def run(args) -> dict:
          "met": p["prefix_hit_rate"] > d["prefix_hit_rate"]},
     ]
     columns = ["requests", "mean_ttft_ms", "p50_ttft_ms", "mean_ttft_first_turn_ms", "mean_ttft_later_turns_ms",
-               "wall_s", "prefix_hit_rate"]
+               "wall_s", "prefix_hit_rate", "prompt_tokens_per_engine"]
     return {
         "title": "14. Prefix-cache-aware routing: multi-turn chat over 2 replicas (issue 23)",
         "note": __doc__.split("\n\n", 1)[1].strip(),

@@ -101,7 +101,7 @@ class PrefixRouterConfig(_Strict):
     passed as its request_router_kwargs."""
 
     imbalanced_threshold: float = Field(
-        8.0, gt=0, description="Queue-length gap between the busiest and the idlest LLM replica above which a "
+        4.0, gt=0, description="Queue-length gap between the busiest and the idlest LLM replica above which a "
         "request goes to the less loaded one (power of two choices) rather than to its prefix. Ray's default "
         "(no limit) sends every prompt that shares a system prompt to the first replica that saw it.")
     match_rate_threshold: float = Field(
