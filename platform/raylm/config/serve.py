@@ -172,8 +172,8 @@ class ServeConfig(_Strict):
     ingress: Optional[Literal["haproxy", "proxy", "direct"]] = Field(
         None, description="How HTTP reaches the app's ingress replicas on a cluster raylm starts (Ray Serve reads it "
         "once, at the cluster's start). 'haproxy': Ray Serve's HAProxy ingress, a C proxy on serve.port that "
-        "forwards to each ingress replica's own port (no Python proxy hop: on 2 cores c=32 throughput "
-        "1.2x and TTFT 5 ms less than 'proxy'). 'proxy': Ray Serve's Python proxy actor, the only one that "
+        "forwards to each ingress replica's own port (no Python proxy hop: on 2 cores 1.02-1.15x the c=32 "
+        "throughput of 'proxy' and 5-12 ms less TTFT, bench/RESULTS.md sections 3 and 13). 'proxy': Ray Serve's Python proxy actor, the only one that "
         "speaks TLS. 'direct': the proxy, and every ingress replica also answering on its own port from "
         "30000 (listed by `raylm serve`; put a load balancer in front when there are several). Unset: "
         "'haproxy', or 'proxy' when serve.tls_cert_file is set. On a cluster raylm joins (KubeRay), the "
