@@ -5,7 +5,7 @@ RayService take). A vLLM engine takes ~45 s to start, so the tests run in order 
 1. a burst scales the deployment from 1 to 2 replicas; a replica SIGKILLed under a stream of
    requests is replaced by Serve, and fewer than 1% of the requests fail (client retries on 503 only);
 2. past max_ongoing_requests + max_queued_requests, requests are refused fast with 503 and
-   Retry-After, nothing hangs, no replica dies, the proxy's memory stays flat;
+   Retry-After, nothing hangs, no replica dies, the edge's memory stays flat;
 3. once the load is gone the deployment returns to min_replicas and serves normally;
 4. the vLLM engine process killed inside a live replica: /health turns 503 (the edge asks the
    replica, whose engine check fails), Serve replaces the replica, and the endpoint serves again.
@@ -102,10 +102,10 @@ def test_a_burst_scales_up_and_a_replica_killed_under_load_is_replaced(url):
 
 def test_overload_is_refused_fast_with_503_and_retry_after(url):
     # the process every request of the burst goes through (HAProxy forwards to the edge replica)
-    proxy = next(a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-                 if a.class_name == f"ServeReplica:{APP}:RaylmEdge")
+    edge = next(a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+                if a.class_name == f"ServeReplica:{APP}:RaylmEdge")
     alive = {a.actor_id for a in replica_actors(APP)}
-    rss0 = proc_rss_mb(proxy.pid)
+    rss0 = proc_rss_mb(edge.pid)
     rounds, per_round = 3, 48
     codes, refused_s, retry_after = [], [], set()
     for _ in range(rounds):
@@ -118,7 +118,7 @@ def test_overload_is_refused_fast_with_503_and_retry_after(url):
         refused_s += [s for c, s, _ in results if c == 503]
         retry_after |= {r.headers.get("retry-after") for c, _, r in results if c == 503}
     p99 = sorted(refused_s)[int(0.99 * (len(refused_s) - 1))] if refused_s else float("nan")
-    rss1 = proc_rss_mb(proxy.pid)
+    rss1 = proc_rss_mb(edge.pid)
     print(f"overload: {len(codes)} requests, {codes.count(200)} served, {codes.count(503)} refused "
           f"(p50 {statistics.median(refused_s or [0]) * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms); "
           f"edge RSS {rss0:.0f} -> {rss1:.0f} MB")

@@ -28,12 +28,12 @@ from typing import Any, Iterator
 import numpy as np
 
 from raylm.config import SFTConfig
-
-# Largest piece of packed rows a tokenizing actor hands Ray Data at once (see TokenizePack.__call__).
-CHUNK_BYTES = 4 << 20
 from raylm.data.chat import IGNORE, record_messages, render, to_example
 from raylm.data.reading import file_to_rows
 from raylm.data.tokenizer import load_tokenizer, write_tokenizer_files
+
+# Largest piece of packed rows a tokenizing actor hands Ray Data at once (see TokenizePack.__call__).
+CHUNK_BYTES = 4 << 20
 
 COUNTERS = ("documents", "tokens", "replaced", "skipped", "files", "truncated")
 
@@ -113,7 +113,7 @@ class TokenizePack:
         if "bytes" in batch:
             batch = files_to_documents(batch, self.fmt, self.text_field, self.text_split)
         out = tokenize_and_pack(batch, self.tokenizer_json, self.eos_id, self.block_len)
-        step = max(1, CHUNK_BYTES // (4 * self.block_len))
+        step = max(1, CHUNK_BYTES // (out["input_ids"].itemsize * self.block_len))
         for start in range(0, len(out["length"]), step):
             yield {k: v[start:start + step] for k, v in out.items()}
 
