@@ -5,8 +5,11 @@ Serve's default router (power of two choices) and by Ray Serve LLM's PrefixCache
 Model: the `small-llama` preset (85M, random weights, raylm's 2048-token BPE), float32 (faster than
 bf16 on this CPU), so that a prompt's prefill is most of its TTFT. Workload: CONVERSATIONS chats
 run at once, each TURNS turns one after the other. Every prompt starts with the same system text
-(about 300 tokens), then the conversation so far (each user turn about 50 tokens of its own text,
-each answer the ANSWER_TOKENS tokens the model generated), then the new user turn. A turn is a
+(about 430 tokens), then the conversation so far (each user turn about 110 tokens of its own text,
+each answer the ANSWER_TOKENS tokens the model generated), then the new user turn: prompts grow
+from about 540 to 1340 tokens over 6 turns, so 16 chats (about 21k tokens) outgrow one engine's
+1 GiB KV cache (about 14.5k tokens of this model in float32) but fit in two. vLLM's CPU blocks are
+128 tokens, and a prefix hits in whole blocks. A turn is a
 streamed completion; TTFT is measured at the client, through the default path (HAProxy, the
 edge, the LLM replica). Hit rate: vLLM's own counters (`ray_vllm_prefix_cache_hits_total` over
 `ray_vllm_prefix_cache_queries_total`, prompt tokens found in the cache over those looked up),
@@ -30,8 +33,8 @@ from common import CORPUS, stage_main, start_ray  # noqa: E402
 from report import ratio  # noqa: E402
 from serve_bench import KEY, PORT, make_checkpoint, serve_config  # noqa: E402
 
-ANSWER_TOKENS = 8
-SYSTEM_CHARS, TURN_CHARS = 1200, 200
+ANSWER_TOKENS = 48
+SYSTEM_CHARS, TURN_CHARS = 1200, 300
 
 
 def conversation_texts(n: int, turns: int, first: int = 0) -> tuple[str, list[list[str]]]:
@@ -121,17 +124,22 @@ def run(args) -> dict:
 
     from raylm.serve.app import deploy
 
-    conversations, turns = (8, 4) if args.quick else (16, 4)
+    conversations, turns = (8, 6) if args.quick else (16, 6)
+    # extra prefix-aware runs at other load thresholds, e.g. RAYLM_BENCH_PREFIX_THRESHOLDS=1,2
+    extra = [f"prefix_aware@{t}" for t in os.environ.get("RAYLM_BENCH_PREFIX_THRESHOLDS", "").split(",") if t]
+
     ckpt = make_checkpoint(args.workdir)
     key_file = os.path.join(args.workdir, "keys")
     Path(key_file).write_text(KEY + "\n")
     start_ray(num_cpus=4)
     res: dict = {}
-    for router in ("default", "prefix_aware"):
-        cfg = serve_config([f"serve.port={PORT}", f"serve.api_key_file={key_file}", "serve.dtype=float32",
+    for variant in ("default", "prefix_aware", *extra):
+        router, _, threshold = variant.partition("@")
+        settings = [f"serve.prefix_router.imbalanced_threshold={threshold}"] if threshold else []
+        cfg = serve_config([*settings, f"serve.port={PORT}", f"serve.api_key_file={key_file}", "serve.dtype=float32",
                             "serve.api_key_env=RAYLM_BENCH_NO_SUCH_VAR", "serve.autoscaling.min_replicas=2",
                             "serve.autoscaling.max_replicas=2", f"serve.request_router={router}",
-                            "serve.max_model_len=1024", f"serve.app_name=chat-{router.replace('_', '-')}"])
+                            "serve.max_model_len=2048", f"serve.app_name=chat-{len(res)}"])
         url = deploy(cfg, ckpt)
         asyncio.run(workload(url, 4, 1, first=100))  # warm-up (other conversations): the engines compiled
         before = settled_counters()
@@ -144,9 +152,8 @@ def run(args) -> dict:
         # how the prompt tokens split over the engines: does the router use both replicas?
         per_engine = sorted(moved(before, after, "ray_vllm_prompt_tokens_total").values(), reverse=True)
         out["prompt_tokens_per_engine"] = per_engine
-        print(router, "engines' label sets:", list(after["ray_vllm_prompt_tokens_total"]), flush=True)
-        res[router] = out
-        print(router, out, flush=True)
+        res[variant] = out
+        print(variant, out, flush=True)
         serve.delete(cfg.serve.app_name)
     serve.shutdown()
 

@@ -633,7 +633,7 @@ def test_prefix_aware_routing_is_ray_serve_llms_router_and_needs_the_edge():
     router = RequestRouterConfig(**deployment_options(cfg.serve)["request_router_config"])
     assert router.get_request_router_class().__name__ == "PrefixCacheAffinityRouter"
     # load still counts (Ray's default threshold is no limit), and the prefix tree is trimmed
-    assert router.request_router_kwargs["imbalanced_threshold"] == 4.0 and router.request_router_kwargs["do_eviction"]
+    assert router.request_router_kwargs["imbalanced_threshold"] == 1.0 and router.request_router_kwargs["do_eviction"]
     tuned = load_config(None, ["serve.request_router=prefix_aware", "serve.prefix_router.imbalanced_threshold=2"])
     assert deployment_options(tuned.serve)["request_router_config"]["request_router_kwargs"]["imbalanced_threshold"] == 2
     assert "request_router_config" not in deployment_options(load_config(None).serve)

@@ -101,9 +101,11 @@ class PrefixRouterConfig(_Strict):
     passed as its request_router_kwargs."""
 
     imbalanced_threshold: float = Field(
-        4.0, gt=0, description="Queue-length gap between the busiest and the idlest LLM replica above which a "
+        1.0, gt=0, description="Queue-length gap between the busiest and the idlest LLM replica above which a "
         "request goes to the less loaded one (power of two choices) rather than to its prefix. Ray's default "
-        "(no limit) sends every prompt that shares a system prompt to the first replica that saw it.")
+        "(no limit) sends every prompt that shares a system prompt to the first replica that saw it. On 16 chats "
+        "over 2 replicas (bench/RESULTS.md section 14) 1 kept the engines closest to even (51-56% of the prompt "
+        "tokens on the busier one; 60% at 4).")
     match_rate_threshold: float = Field(
         0.1, ge=0, le=1, description="Shortest shared prefix, as a fraction of the prompt, worth routing by; below it "
         "the request goes to the replica that holds the least text.")
