@@ -39,21 +39,11 @@ def prepared(ray_cluster, shakespeare, cache_dir):
 
 # ------------------------------------------------------------------ a finished fault-free run
 
-CANARY_KEY = "sk-canary-7f3c9a51e2d84b06"  # must never appear in a checkpoint or a log
-REFERENCE_STEPS, CKPT_EVERY = 40, 10
-
-
-def reference_overrides() -> dict:
-    """The run the fault tests compare against: 40 steps, a checkpoint every 10, all kept."""
-    return {"train.max_steps": REFERENCE_STEPS, "train.checkpoint_every_steps": CKPT_EVERY,
-            "train.eval_every_steps": 20, "train.keep_checkpoints": 10, "train.max_failures": 2}
-
-
 @pytest.fixture(scope="session")
 def reference_run(prepared, tmp_path_factory):
     """A fault-free run, trained once per session. RAYLM_API_KEYS holds a canary while it runs
     (raylm forwards that variable to its workers), so test_security can look for it on disk."""
-    from reliability_helpers import fit, train_config
+    from reliability_helpers import CANARY_KEY, REFERENCE_STEPS, fit, reference_overrides, train_config
 
     cfg = train_config(tmp_path_factory.mktemp("reference"), "reference", **reference_overrides())
     old = os.environ.get("RAYLM_API_KEYS")

@@ -15,6 +15,17 @@ from raylm.config import RaylmConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
+# the fault-free reference run (conftest.reference_run) that the fault tests compare against
+CANARY_KEY = "sk-canary-7f3c9a51e2d84b06"  # must never appear in a checkpoint or a log
+REFERENCE_STEPS, CKPT_EVERY = 40, 10
+
+
+def reference_overrides() -> dict:
+    """The run the fault tests compare against: 40 steps, a checkpoint every 10, all kept."""
+    return {"train.max_steps": REFERENCE_STEPS, "train.checkpoint_every_steps": CKPT_EVERY,
+            "train.eval_every_steps": 20, "train.keep_checkpoints": 10, "train.max_failures": 2}
+
+
 # Serve fixes its HTTP host/port once per Ray cluster; 8123 (integration) and 8311/8312 (bench)
 # are used by other runs on this machine.
 PORT = 8223

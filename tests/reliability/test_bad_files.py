@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REFERENCE_STEPS, reference_overrides
+from reliability_helpers import REFERENCE_STEPS, reference_overrides
 from reliability_helpers import fit, read_log, run_dir, train_config, worker_logs_containing
 
 from raylm.config import load_config

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import CANARY_KEY
+from reliability_helpers import CANARY_KEY
 from reliability_helpers import (KEYS, MODEL_ID, auth, completes, dashboard_url, replica_actors, run_dir,
                                  session_logs_dir)
 

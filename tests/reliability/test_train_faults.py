@@ -16,7 +16,7 @@ import time
 
 import pytest
 import torch
-from conftest import CKPT_EVERY, REFERENCE_STEPS, reference_overrides
+from reliability_helpers import CKPT_EVERY, REFERENCE_STEPS, reference_overrides
 from reliability_helpers import (Background, complete_steps, ds_weights, fit, hf_weights, kill_pid, last_step, read_log, run_dir,
                                  train_config, train_workers, wait_for, worker_logs_containing)
 
