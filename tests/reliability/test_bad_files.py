@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from reliability_helpers import REFERENCE_STEPS, reference_overrides
-from reliability_helpers import fit, read_log, run_dir, train_config, worker_logs_containing
+from reliability_helpers import (REFERENCE_STEPS, fit, read_log, reference_overrides, run_dir, train_config,
+                                 worker_logs_containing)
 
 from raylm.config import load_config
 from raylm.data import prepare_data

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from reliability_helpers import CANARY_KEY
-from reliability_helpers import (KEYS, MODEL_ID, auth, completes, dashboard_url, replica_actors, run_dir,
+from reliability_helpers import (CANARY_KEY, KEYS, MODEL_ID, auth, completes, dashboard_url, replica_actors, run_dir,
                                  session_logs_dir)
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -16,8 +16,8 @@ import time
 
 import pytest
 import torch
-from reliability_helpers import CKPT_EVERY, REFERENCE_STEPS, reference_overrides
-from reliability_helpers import (Background, complete_steps, ds_weights, fit, hf_weights, kill_pid, last_step, read_log, run_dir,
+from reliability_helpers import (CKPT_EVERY, REFERENCE_STEPS, Background, complete_steps, ds_weights, fit,
+                                 hf_weights, kill_pid, last_step, read_log, reference_overrides, run_dir,
                                  train_config, train_workers, wait_for, worker_logs_containing)
 
 from raylm.train.checkpoint import verify_checkpoint
