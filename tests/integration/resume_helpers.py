@@ -15,10 +15,15 @@ from raylm.train.checkpoint import verify_checkpoint
 
 
 def raylm_train(sets: dict) -> subprocess.Popen:
+    """`raylm train` in its own process, joining the session's Ray cluster as it joins a cluster it
+    is submitted to (RAY_ADDRESS): the driver and its Train controller are new, the cluster is not."""
+    import ray
+
     args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     return subprocess.Popen([sys.executable, "-m", "raylm", "train", "-c", "configs/tiny.yaml", "--json", *args],
-                            cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            cwd=Path(__file__).resolve().parents[2], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 def losses(run_dir: Path) -> dict[int, float]:

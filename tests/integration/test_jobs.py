@@ -105,19 +105,22 @@ def test_working_dir_upload_leaves_out_local_state(head):
 
 
 def test_train_and_sweep_jobs_succeed(head, tmp_path):
+    """Both submitted at once, as a team shares a cluster: the head's 3 CPUs let one job build its
+    data while the other trains, and Ray queues the second job's workers until CPUs free up."""
     env, _ = head
-    common = [f"--set=train.storage_path={tmp_path}", "--set=train.max_steps=10", "--set=train.eval_every_steps=5",
-              "--set=train.checkpoint_every_steps=5"]
-    train = submit(env, "raylm", "train", "--config", "configs/tiny.yaml", *common)
+    steps = ["--set=train.max_steps=10", "--set=train.eval_every_steps=5", "--set=train.checkpoint_every_steps=5"]
+    train = submit(env, "raylm", "train", "--config", "configs/tiny.yaml", f"--set=train.storage_path={tmp_path}",
+                   *steps)
+    sweep = submit(env, "raylm", "tune", "--config", "tune_configs/tiny_sweep.yaml",
+                   f"--set=train.storage_path={tmp_path / 'sweeps'}", *steps, "--set=tune.num_samples=1",
+                   "--set=tune.sweep_name=job-sweep")
     status, logs = wait_job(env, train, timeout_s=480)
     assert status == "SUCCEEDED", logs[-5000:]
     assert "trained: step 10" in logs
     assert (tmp_path / "tiny" / "step_00000010" / "hf" / "model.safetensors").is_file()
 
-    sweep = submit(env, "raylm", "tune", "--config", "tune_configs/tiny_sweep.yaml", *common,
-                   "--set=tune.num_samples=1", "--set=tune.sweep_name=job-sweep")
     status, logs = wait_job(env, sweep, timeout_s=600)
     assert status == "SUCCEEDED", logs[-5000:]
-    best = json.loads((tmp_path / "job-sweep" / "best.json").read_text())
+    best = json.loads((tmp_path / "sweeps" / "job-sweep" / "best.json").read_text())
     assert Path(best["checkpoint"], "config.json").is_file()
     assert "best trial:" in logs

@@ -3,8 +3,9 @@
 moto's S3 API on loopback, request signatures checked). What is asserted is read back from the
 bucket.
 
-- a run trains to s3://, a later checkpoint's upload is cut off, the next `raylm train` resumes
-  from the newest complete one and keep-K pruning deletes the old objects; `raylm status` lists it
+- a run trains to s3://, a later checkpoint's upload is cut off, the same `raylm train` asked for
+  more steps resumes from the newest complete one (its step count, lr schedule and optimizer state
+  go on) and keep-K pruning deletes the old objects; `raylm status` lists it
 - a sweep checkpoints its trials and writes best.json there, and `raylm serve` serves that
   best.json (replicas download the checkpoint; with direct ingress each answers on its own port)
 - a missing bucket, a wrong secret key and an unreachable endpoint exit 2 before Ray starts,
@@ -25,6 +26,10 @@ import time
 import httpx
 import pytest
 from serve_fixtures import KEYS, MODEL_ID, auth, key_file, repo_root
+
+from raylm.config import load_config
+from raylm.train.checkpoint import verify_checkpoint
+from raylm.train.deepspeed import lr_factor
 
 __all__ = ["key_file"]  # fixtures used by this module
 
@@ -100,7 +105,18 @@ def test_a_run_in_s3_resumes_from_its_newest_complete_checkpoint(bucket, resumed
     assert [r["step"] for r in steps] == list(range(1, 21))  # the first run's log was kept and continued
     tokens_per_step = steps[0]["tokens"]
     assert all(r["tokens"] == r["step"] * tokens_per_step for r in steps)
+    # the run asked to go further continued its lr schedule: steps 11..20 train at the lr of an
+    # uninterrupted 20-step run (a function of the step and the config; the checkpoint restores the step)
+    longer = load_config(repo_root() / "configs" / "tiny.yaml", ["train.max_steps=20"]).train
+    assert [r["lr"] for r in steps[10:]] == pytest.approx([longer.lr * lr_factor(s - 1, longer) for s in range(11, 21)])
+    # ... and its optimizer state: the loss goes on from where it was, not from the start
+    assert steps[10]["loss"] < steps[0]["loss"] - 0.5, [r["loss"] for r in steps]
     # keep-K (2) pruned the old checkpoints' objects; the rewritten step 15 is complete again
+    # the newest checkpoint's manifest lists both ranks' DeepSpeed shards with their sizes
+    files = verify_checkpoint(f"{RUNS}/s3run/step_00000020")["files"]
+    assert {f for f in files if "optim_states" in f} == {
+        f"deepspeed/state/zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)}
+    assert "hf/model.safetensors" in files and "hf/raylm_config.yaml" in files
     names = {k.split("/")[0] for k in keys_under(bucket, "runs/s3run/")}
     assert {n for n in names if n.startswith("step_")} == {"step_00000015", "step_00000020"}
     assert "tensorboard" in names
@@ -117,8 +133,6 @@ def test_status_lists_a_run_in_s3(bucket, resumed_run):
 def test_raylm_export_adds_hf_to_a_periodic_checkpoint_in_s3(bucket, resumed_run):
     """Step 15 is periodic (train.export: final_and_best): DeepSpeed state only, until `raylm
     export` builds hf/ from it and lists it in the manifest in the bucket."""
-    from raylm.train.checkpoint import verify_checkpoint
-
     uri = f"{RUNS}/s3run/step_00000015"
     before = verify_checkpoint(uri)
     assert not before["exported"] and not any(k.startswith("hf/") for k in before["files"])

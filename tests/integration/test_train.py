@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +16,7 @@ import torch
 
 from raylm.config import load_config
 from raylm.data import CacheStream, prepare_data
-from raylm.train.checkpoint import verified_checkpoints, verify_checkpoint
+from raylm.train.checkpoint import verify_checkpoint
 from raylm.train.deepspeed import lr_factor
 from raylm.train.driver import build_trainer, check_data_fits
 
@@ -193,86 +190,6 @@ def test_zero3_export_reproduces_trained_model(tmp_path_factory, shakespeare_pre
         assert not torch.allclose(fresh(input_ids=probe).logits, a, atol=1e-2)
 
 
-def wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-
-
-def test_killed_worker_resumes_from_checkpoint_and_finishes(tmp_path, shakespeare_prepared):
-    from ray.util.state import list_actors
-
-    cfg = train_config(tmp_path, "killed", **{"train.max_steps": 300, "train.checkpoint_every_steps": 20,
-                                               "train.eval_every_steps": 100, "train.max_failures": 2})
-    outcome: dict = {}
-    runner = threading.Thread(target=lambda: outcome.update(result=fit(cfg, shakespeare_prepared)), daemon=True)
-    runner.start()
-    # the first checkpoint once every rank's part is in storage (the log records it when rank 0
-    # hands it to Ray Train's upload, before rank 1's shard may have landed)
-    run = Path(cfg.train.storage_path) / cfg.train.run_name
-    ckpt_step = wait_for(lambda: max((m["step"] for _, m in verified_checkpoints(str(run), log=lambda _: None)), default=0),
-                         timeout_s=400, what="the first checkpoint")
-    workers = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
-    assert len(workers) == 2
-    os.kill(workers[1].pid, signal.SIGKILL)
-    killed_at = max(r["step"] for r in read_log(cfg) if "step" in r)
-    runner.join(timeout=600)
-    assert not runner.is_alive(), "training did not finish after the worker was killed"
-    result = outcome["result"]
-    assert result.error is None
-    assert killed_at < 300, "the run had already finished when the worker was killed"
-    assert result.metrics["step"] == 300
-    resumed = result.metrics["resumed_from_step"]
-    assert resumed >= ckpt_step and resumed % 20 == 0 and resumed <= killed_at
-    events = [r for r in read_log(cfg) if r.get("event") == "resume"]
-    assert [e["step"] for e in events] == [resumed]
-    # after the resume the step count continued from the checkpoint, not from zero
-    steps_after = [r["step"] for r in read_log(cfg) if "loss" in r][-(300 - resumed):]
-    assert steps_after == list(range(resumed + 1, 301))
-    # the lr schedule came back with the checkpoint: every step, before the kill and after the
-    # resume, trains at the lr an uninterrupted run has at that step (test_zero_stage_trains_...
-    # reads that schedule from uninterrupted runs); steps trained twice had the same lr both times
-    trained = [r for r in read_log(cfg) if "loss" in r]
-    assert [r["lr"] for r in trained] == pytest.approx([scheduled_lr(cfg, r["step"]) for r in trained])
-    twice = [s for s in range(resumed + 1, 301) if sum(r["step"] == s for r in trained) == 2]
-    assert all(len({r["lr"] for r in trained if r["step"] == s}) == 1 for s in twice)
-
-
-def test_restarting_a_run_continues_its_step_count(tmp_path, shakespeare_prepared):
-    first_cfg = train_config(tmp_path, "restart", **{"train.max_steps": 20, "train.checkpoint_every_steps": 10,
-                                                      "train.eval_every_steps": 10})
-    first = fit(first_cfg, shakespeare_prepared)
-    assert first.metrics["step"] == 20 and first.metrics["resumed_from_step"] == 0
-    # the same run (name, storage) asked to go further: it resumes at step 20, not 0
-    second_cfg = train_config(tmp_path, "restart", **{"train.max_steps": 30, "train.checkpoint_every_steps": 10,
-                                                       "train.eval_every_steps": 10})
-    second = fit(second_cfg, shakespeare_prepared)
-    assert second.metrics["step"] == 30 and second.metrics["resumed_from_step"] == 20
-    log = read_log(second_cfg)
-    steps = [r["step"] for r in log if "loss" in r]
-    assert steps == list(range(1, 31))  # 1..20, then 21..30: nothing repeated, nothing skipped
-    resumed = [r for r in log if r.get("event") == "resume"]
-    assert len(resumed) == 1 and resumed[0]["step"] == 20
-    # the lr schedule came back too: steps 21..30 train at the lr of an uninterrupted 30-step run
-    # (the schedule is a function of the step and the config; the checkpoint restores the step)
-    assert [by_step(log, s)["lr"] for s in range(21, 31)] == pytest.approx([scheduled_lr(second_cfg, s) for s in range(21, 31)])
-    # the optimizer state came back too: the loss continues from where it was, not from the start
-    assert by_step(log, 21)["loss"] < by_step(log, 1)["loss"] - 0.5
-    # the newest checkpoint's manifest lists both ranks' DeepSpeed shards with their sizes
-    files = verify_checkpoint(second.checkpoint.path)["files"]
-    assert {f for f in files if "optim_states" in f} == {
-        f"deepspeed/state/zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)}
-    assert "hf/model.safetensors" in files and "hf/raylm_config.yaml" in files
-
-
-def by_step(log: list[dict], step: int) -> dict:
-    return next(r for r in log if r.get("step") == step and "loss" in r)
-
-
 def test_bf16_cpu_run_accumulates_in_fp32_and_learns(tmp_path, shakespeare_prepared):
     """bf16 on CPU (DeepSpeed's CPU accelerator), 2 micro-batches per step, no warm-up: the loss
     falls, and the DeepSpeed config the run saved with its checkpoint accumulates in fp32."""
@@ -373,27 +290,3 @@ def test_one_and_three_workers_train(workers, tmp_path, shakespeare_prepared):
     assert result.metrics["tokens"] == 4 * t.micro_batch_size * workers * cfg.data.seq_len
     assert np.isfinite(result.metrics["val_loss"])
     assert verify_checkpoint(result.checkpoint.path)["world_size"] == workers
-
-
-def test_interrupted_raylm_train_resumes_exactly_in_a_new_process(tmp_path, shakespeare, cache_dir, shakespeare_prepared):
-    """SIGINT to `raylm train` after a checkpoint, then the same command again: the steps after
-    the checkpoint log the losses of a run never interrupted (same data, same order, same state)."""
-    from resume_helpers import interrupt_after_checkpoint, losses, run_to_end
-
-    fields = {"train.max_steps": 40, "train.checkpoint_every_steps": 4, "train.eval_every_steps": 40,
-              "train.eval_batches": 1}
-    whole = train_config(tmp_path, "whole", **fields)
-    fit(whole, shakespeare_prepared)
-    sets = {"data.source": shakespeare, "data.cache_dir": cache_dir, "data.vocab_size": 512, "data.seq_len": 64,
-            "train.storage_path": tmp_path, "train.run_name": "cut", "train.log_every_steps": 1,
-            "train.warmup_steps": 5, **fields}
-    interrupt_after_checkpoint(sets, tmp_path / "cut", step=4)
-    assert max(losses(tmp_path / "cut")) < 40  # really interrupted
-    run_to_end(sets)
-    resumed = [r for r in read_log(whole.model_copy(update={"train": whole.train.model_copy(
-        update={"run_name": "cut"})})) if r.get("event") == "resume"]
-    assert len(resumed) == 1 and resumed[0]["step"] >= 4 and "offset" in resumed[0]
-    cut, ref = losses(tmp_path / "cut"), losses(tmp_path / "whole")
-    assert sorted(cut) == sorted(ref) == list(range(1, 41))
-    after = range(resumed[0]["step"] + 1, 41)
-    assert [cut[s] for s in after] == pytest.approx([ref[s] for s in after], rel=1e-5, abs=1e-6)

@@ -89,3 +89,24 @@ def test_cli_rejects_a_data_entry_that_cannot_work_before_ray(capsys):
     code = main(["tune", "-c", str(SWEEP), "--set", "tune.search_space={data.seq_len: {loguniform: [16, 64]}}"])
     assert code == 2
     assert "tune.search_space.data.seq_len" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("search_alg", ["optuna", "hyperopt"])
+def test_model_based_searchers_suggest_values_inside_the_space(search_alg):
+    """The searcher raylm hands Tune, asked directly (no Ray cluster): every suggestion lies in
+    tune.search_space, successive trials get different values, and it takes each finished trial's
+    metric. tests/integration/test_tune.py runs an optuna sweep end to end."""
+    from raylm.tune import _search_alg, param_space
+
+    cfg = sweep(f"tune.search_alg={search_alg}", "tune.search_space={train.lr: {loguniform: [1.0e-3, 3.0e-2]}, "
+                "train.micro_batch_size: {choice: [4, 8]}}")
+    searcher = _search_alg(cfg, 1)
+    assert searcher.set_search_properties(cfg.tune.metric, cfg.tune.mode, param_space(cfg))
+    suggested = []
+    for n in range(4):
+        params = searcher.suggest(f"t{n}")
+        assert 1e-3 <= params["train.lr"] <= 3e-2 and params["train.micro_batch_size"] in (4, 8), params
+        suggested.append(params["train.lr"])
+        searcher.on_trial_complete(f"t{n}", result={cfg.tune.metric: 5.0 + params["train.lr"],
+                                                     "training_iteration": 1})
+    assert len(set(suggested)) == 4, suggested
