@@ -303,6 +303,8 @@ def build_eval_processor(cfg: RaylmConfig, model_dir: str, max_model_len: int, p
     template, tokenize and detokenize stages are off; a CPU bundle replaces its default GPU one."""
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
+    from raylm.serve.options import ENGINE_ENV
+
     e = cfg.eval
     engine = {"dtype": e.engine_dtype, "max_model_len": max_model_len, "enable_prefix_caching": False,
               "seed": 0, "max_logprobs": 0}
@@ -312,6 +314,7 @@ def build_eval_processor(cfg: RaylmConfig, model_dir: str, max_model_len: int, p
         engine["kv_cache_memory_bytes"] = int(e.kv_cache_memory_gib * 2**30)
     config = vLLMEngineProcessorConfig(
         model_source=model_dir, engine_kwargs=engine, batch_size=e.batch_size, concurrency=e.concurrency,
+        runtime_env={"env_vars": ENGINE_ENV},  # merged into the job's env_vars by Ray
         placement_group_config={"bundles": [_placement_bundle(cfg, pin_to_this_node)]},
         chat_template_stage={"enabled": False}, tokenize_stage={"enabled": False},
         detokenize_stage={"enabled": False}, log_engine_metrics=False)

