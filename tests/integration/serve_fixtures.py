@@ -69,14 +69,31 @@ def deploy_app(cfg: RaylmConfig, checkpoint: str) -> str:
     return deploy(cfg, checkpoint)
 
 
+def drop_edge_replicas() -> None:
+    """Kill every app's edge replicas, ahead of deleting the apps. Deleted, an edge replica behind
+    Serve's HAProxy stays reachable for a 30 s deregistration window before it exits
+    (RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S); a module's teardown has no traffic to protect
+    (33 s -> 4 s per teardown). Rollouts under load keep the drain: test_lifecycle checks them."""
+    import ray
+    from ray.util.state import list_actors
+
+    from raylm.serve.options import EDGE_DEPLOYMENT
+
+    address = "http://" + ray._private.worker._global_node.webui_url  # this session's (others may run)
+    for a in list_actors(address=address, filters=[("state", "=", "ALIVE")], limit=1000):
+        if a.class_name.startswith("ServeReplica:") and a.class_name.endswith(f":{EDGE_DEPLOYMENT}"):
+            ray.kill(ray.get_actor(a.name, namespace=a.ray_namespace))
+
+
 def shutdown_serve(timeout_s: float = 120) -> None:
-    """serve.shutdown(), then wait for Serve's controller to be gone: serve.shutdown returns after
-    30 s even while the controller is still stopping replicas and the ingress, and the next
-    module's deploy would connect to that controller just before it exits."""
+    """serve.shutdown() without the edge's drain window (drop_edge_replicas), then wait for Serve's
+    controller to be gone: serve.shutdown can return while the controller is still stopping
+    replicas, and the next module's deploy would connect to that controller just before it exits."""
     import ray
     from ray import serve
     from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 
+    drop_edge_replicas()
     serve.shutdown()
 
     def gone() -> bool:

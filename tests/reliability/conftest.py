@@ -83,10 +83,12 @@ def serve_up(ray_cluster):
     """Serve on 127.0.0.1:8223 for the suite; shut down (all apps) when the session ends."""
     from ray import serve
 
-    from reliability_helpers import PORT
+    from reliability_helpers import PORT, drop_edge_replicas
 
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     yield
+    for app in serve.status().applications:
+        drop_edge_replicas(app)
     serve.shutdown()
 
 

@@ -201,6 +201,15 @@ def auth(key: str = KEYS[0]) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
+def drop_edge_replicas(app: str) -> None:
+    """Kill the app's edge replicas ahead of deleting it: deleted, an edge replica behind Serve's
+    HAProxy stays reachable for a 30 s deregistration window first, which a teardown does not need."""
+    import ray
+
+    for a in list_actors(filters=[("class_name", "=", f"ServeReplica:{app}:RaylmEdge"), ("state", "=", "ALIVE")]):
+        ray.kill(ray.get_actor(a.name, namespace=a.ray_namespace))
+
+
 def replica_actors(app: str, state: str = "ALIVE") -> list:
     return [a for a in list_actors(filters=[("state", "=", state)], limit=1000)
             if a.class_name == f"ServeReplica:{app}:LLMServer"]

@@ -20,8 +20,8 @@ import time
 
 import httpx
 import pytest
-from reliability_helpers import (MODEL_ID, PORT, auth, kill_pid, list_actors, proc_rss_mb, replica_actors,
-                                 running_replicas, serve_overrides, wait_for)
+from reliability_helpers import (MODEL_ID, PORT, auth, drop_edge_replicas, kill_pid, list_actors, proc_rss_mb,
+                                 replica_actors, running_replicas, serve_overrides, wait_for)
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -43,6 +43,7 @@ def url(serve_up, tiny_checkpoint, key_file):
         "serve.retry_after_s=2")
     serve.run(app_builder({"checkpoint": tiny_checkpoint, "set": overrides}), name=APP, route_prefix=f"/{APP}")
     yield f"http://127.0.0.1:{PORT}/{APP}"
+    drop_edge_replicas(APP)
     serve.delete(APP)
 
 
