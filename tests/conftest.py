@@ -16,6 +16,11 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 # Each test (and each `raylm` subprocess it starts) gets the cluster it asks for; test_lifecycle
 # checks that a command joins the running one.
 os.environ.setdefault("RAYLM_JOIN_RUNNING_RAY", "0")
+# Ray Train's controller polls its workers every 2 s, and each phase of a run (group started,
+# training finished, shut down) waits for a poll: 0.5 s takes ~3 s off every fit and sweep trial
+# of the suite (a 2-step fit: 21.6 -> 18.2 s here). The suite's cluster, Tune trials and `raylm`
+# subprocesses all inherit it; Ray propagates it to the controller (get_env_vars_to_propagate).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 def _has_gpu() -> bool:
