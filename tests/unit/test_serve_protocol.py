@@ -652,3 +652,16 @@ def test_edge_calls_carry_what_the_prefix_aware_router_reads_and_never_the_key()
     assert completion.prompt == "once upon" and not hasattr(completion, "messages")
     assert all(k != b"authorization" for k, _ in chat.headers + completion.headers)
     assert (b"x-request-id", b"r1") in completion.headers
+
+
+def test_the_edge_is_built_from_what_its_gate_reads_of_the_model_config():
+    """A promotion to a model that differs only in what the gate never reads (layers, widths) gives
+    the edge the same inputs, so Serve keeps its replicas; vocabulary or context changes do not."""
+    from raylm.serve.edge import edge_model_config, gate_settings
+
+    s = ServeConfig()
+    base = {"vocab_size": 300, "max_position_embeddings": 256, "num_hidden_layers": 2, "hidden_size": 64}
+    assert gate_settings(s, [], edge_model_config(base)) == gate_settings(s, [], base)
+    assert edge_model_config(base) == edge_model_config({**base, "num_hidden_layers": 3, "hidden_size": 128})
+    assert edge_model_config(base) != edge_model_config({**base, "vocab_size": 301})
+    assert edge_model_config(base) != edge_model_config({**base, "max_position_embeddings": 512})

@@ -36,8 +36,8 @@ from raylm.console import say
 from raylm.errors import CheckpointError, ConfigError, InputError, ServeDeployError
 from raylm.serve import autoscale
 from raylm.serve.auth import KeySetup, setup_keys
-from raylm.serve.edge import (EDGE_DEPLOYMENT, AdapterListing, GateMetrics, RaylmEdge, gate_settings, json_messages,
-                              replica_scope)
+from raylm.serve.edge import (EDGE_DEPLOYMENT, AdapterListing, GateMetrics, RaylmEdge, edge_model_config,
+                              gate_settings, json_messages, replica_scope)
 from raylm.serve.gate import Gate
 from raylm.serve.protocol import APIError
 from raylm.serve.options import (ENGINE_ENV, SERVE_MODEL_DEPLOYMENT, backpressure, deployment_options,
@@ -456,7 +456,7 @@ def build_app(cfg: RaylmConfig, checkpoint: str, keys: Optional[KeySetup] = None
     if not s.edge.enabled:
         return app
     edge_bind = {"serve_config": s.model_dump(mode="json"), "key_hashes": list(keys.hashes),
-                 "model_config": model_config}
+                 "model_config": edge_model_config(model_config)}
     edge = serve.deployment(serve.ingress()(RaylmEdge)).options(name=EDGE_DEPLOYMENT, **edge_options(s))
     edge_app = edge.bind(app, **edge_bind)
     _pin_version(edge_app, edge_bind)

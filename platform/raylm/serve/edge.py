@@ -154,6 +154,16 @@ def json_messages(status: int, body: dict, headers: tuple = ()) -> list[dict]:
             {"type": "http.response.body", "body": payload}]
 
 
+GATE_MODEL_KEYS = ("vocab_size", "max_position_embeddings")  # what gate_settings reads of config.json
+
+
+def edge_model_config(model_config: dict) -> dict:
+    """The part of the checkpoint's config.json the edge is built from. The edge's version is pinned
+    on its inputs, so a promotion that changes anything else (layers, widths) leaves the edge
+    replicas running instead of replacing them (each replaced one drains behind HAProxy for 30 s)."""
+    return {k: model_config[k] for k in GATE_MODEL_KEYS if k in model_config}
+
+
 def gate_settings(s: ServeConfig, key_hashes: list[str], model_config: dict, model_version: str = "",
                   checks_keys: bool = True) -> GateSettings:
     """What the gate checks against, from `serve:` and the checkpoint's config.json. Only the gate
