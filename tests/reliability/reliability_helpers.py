@@ -206,7 +206,9 @@ def drop_edge_replicas(app: str) -> None:
     HAProxy stays reachable for a 30 s deregistration window first, which a teardown does not need."""
     import ray
 
-    for a in list_actors(filters=[("class_name", "=", f"ServeReplica:{app}:RaylmEdge"), ("state", "=", "ALIVE")]):
+    from raylm.serve.options import EDGE_DEPLOYMENT
+
+    for a in list_actors(filters=[("class_name", "=", f"ServeReplica:{app}:{EDGE_DEPLOYMENT}"), ("state", "=", "ALIVE")]):
         ray.kill(ray.get_actor(a.name, namespace=a.ray_namespace))
 
 
