@@ -665,3 +665,23 @@ def test_the_edge_is_built_from_what_its_gate_reads_of_the_model_config():
     assert edge_model_config(base) == edge_model_config({**base, "num_hidden_layers": 3, "hidden_size": 128})
     assert edge_model_config(base) != edge_model_config({**base, "vocab_size": 301})
     assert edge_model_config(base) != edge_model_config({**base, "max_position_embeddings": 512})
+
+
+@pytest.mark.timeout(30)
+def test_ctrl_c_stops_the_endpoint_after_a_sweep_left_its_sigint_handler(monkeypatch):
+    """Ray Tune leaves its SIGINT handler installed after a sweep; `raylm pipeline --keep-serving`
+    must still stop (and delete its app) at the first Ctrl-C."""
+    import signal
+    import threading
+
+    import raylm.serve.app as app
+
+    deleted: list[str] = []
+    monkeypatch.setattr(app.serve, "delete", deleted.append)
+    previous = signal.signal(signal.SIGINT, lambda *_: None)  # what a finished sweep leaves behind
+    try:
+        threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+        app.serve_until_interrupted(load_config())
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert deleted == ["raylm"]

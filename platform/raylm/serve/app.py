@@ -21,6 +21,8 @@ import hashlib
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Optional
@@ -548,7 +550,13 @@ def banner(url: str, keys: KeySetup, cfg: RaylmConfig, direct: tuple[str, ...] =
 
 
 def serve_until_interrupted(cfg: RaylmConfig) -> None:
-    """Keep the app up until Ctrl-C, then delete it."""
+    """Keep the app up until Ctrl-C, then delete it.
+
+    Ray Tune (and Train) install their own SIGINT handlers for a run and leave them installed after
+    it: after `raylm pipeline --keep-serving`'s sweep, the first Ctrl-C went to the finished sweep's
+    handler and the endpoint kept serving. Python's own handler is put back first."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     say("Ctrl-C to stop", event="ready")
     try:
         while True:
