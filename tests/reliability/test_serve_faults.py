@@ -7,8 +7,9 @@ RayService take). A vLLM engine takes ~45 s to start, so the tests run in order 
 2. past max_ongoing_requests + max_queued_requests, requests are refused fast with 503 and
    Retry-After, nothing hangs, no replica dies, the edge's memory stays flat;
 3. once the load is gone the deployment returns to min_replicas and serves normally;
-4. the vLLM engine process killed inside a live replica: /health turns 503 (the edge asks the
-   replica, whose engine check fails), Serve replaces the replica, and the endpoint serves again.
+4. the vLLM engine process killed inside a live replica: the replica exits at once (raylm's engine
+   watcher), /health turns 503 (the edge finds no healthy replica), Serve replaces the replica, and
+   the endpoint serves again (22 s here, against 85 s when Serve's health checks found the replica).
 """
 
 from __future__ import annotations

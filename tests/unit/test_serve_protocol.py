@@ -685,3 +685,26 @@ def test_ctrl_c_stops_the_endpoint_after_a_sweep_left_its_sigint_handler(monkeyp
     finally:
         signal.signal(signal.SIGINT, previous)
     assert deleted == ["raylm"]
+
+
+def test_a_replica_exits_once_its_engine_is_found_dead_and_not_before():
+    """The watcher ends the replica's process (so Serve replaces it at once) when vLLM's monitor
+    marks the engine dead, and leaves a replica without a vLLM client alone."""
+    from types import SimpleNamespace
+
+    from raylm.serve.app import exit_when_engine_dies
+
+    resources = SimpleNamespace(engine_dead=False)
+    engine = SimpleNamespace(_engine_client=SimpleNamespace(engine_core=SimpleNamespace(resources=resources)))
+    exits: list[int] = []
+
+    async def scenario() -> None:
+        watch = asyncio.create_task(exit_when_engine_dies(engine, interval_s=0.01, exit_process=exits.append))
+        await asyncio.sleep(0.1)
+        assert exits == [] and not watch.done()
+        resources.engine_dead = True
+        await asyncio.wait_for(watch, 1)
+        await exit_when_engine_dies(SimpleNamespace(), interval_s=0.01, exit_process=exits.append)
+
+    asyncio.run(scenario())
+    assert exits == [1]

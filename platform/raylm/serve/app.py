@@ -25,7 +25,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Callable, Optional
 
 from ray import serve
 from ray.llm._internal.common.callbacks.base import CallbackBase
@@ -287,6 +287,29 @@ def engine_class() -> type:
     return SingleProcessEngine
 
 
+ENGINE_WATCH_INTERVAL_S = 0.5
+
+
+async def exit_when_engine_dies(engine: Any, interval_s: float = ENGINE_WATCH_INTERVAL_S,
+                                exit_process: Callable[[int], Any] = os._exit) -> None:
+    """End the replica's process as soon as its vLLM engine is dead, as `vllm serve` does.
+
+    A dead engine cannot come back inside the replica, yet Serve only replaces a replica after 3
+    failed health checks 10 s apart: ~30 s in which every request routed to it fails. Once the
+    process is gone, Serve's controller sees the actor die and starts a replacement at once."""
+    client = getattr(engine, "_engine_client", None)  # Ray Serve LLM's VLLMEngine: vLLM's AsyncLLM
+    resources = getattr(getattr(client, "engine_core", None), "resources", None)
+    if resources is None:
+        return
+    # vLLM's monitor thread sets engine_dead when an engine-core process exits unexpectedly (not on
+    # a deliberate shutdown, as when Serve stops this replica)
+    while not resources.engine_dead:
+        await asyncio.sleep(interval_s)
+    logger.error("raylm: the vLLM engine of this replica died; exiting so that Serve replaces the replica now")
+    logging.shutdown()
+    exit_process(1)
+
+
 class RaylmServer(LLMServer):
     """A Ray Serve LLM server whose HTTP app is vLLM's own OpenAI server behind raylm's gate.
 
@@ -310,6 +333,7 @@ class RaylmServer(LLMServer):
         # Behind the edge this deployment is no HTTP ingress (Serve allows one per app): edge calls
         # run through the same app, built here once the engine is up.
         self._edge_app = await self.__serve_build_asgi_app__() if s.edge.enabled else None
+        self._engine_watch = asyncio.get_running_loop().create_task(exit_when_engine_dies(self.engine))
 
     def _get_default_engine_class(self) -> type:
         return engine_class()
