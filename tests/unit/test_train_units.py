@@ -136,3 +136,18 @@ def test_a_resumed_run_continues_the_schedule_of_its_own_config():
         opt2.step()
         sched2.step()
     assert seen == pytest.approx([0.002 * lr_factor(k, new.train) for k in range(20, 30)])
+
+
+def test_deepspeed_is_imported_without_mlflow_which_stays_importable():
+    """Every training worker imports DeepSpeed; its autotuner would import MLflow too (~1 s)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; from raylm.train.deepspeed import import_deepspeed; ds = import_deepspeed(); "
+            "print('deepspeed' in sys.modules, any(m.split('.')[0] == 'mlflow' for m in sys.modules)); "
+            "import mlflow; print(hasattr(mlflow, 'log_metric'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["True", "False", "True"], out.stdout

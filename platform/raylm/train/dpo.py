@@ -104,10 +104,12 @@ def reward_metrics(sums: Iterable[float], prefix: str = "") -> dict[str, float]:
 
 def frozen_reference(cfg: RaylmConfig, tokenizer: Any, device: Any) -> Any:
     """Full fine-tuning's reference: the starting weights, frozen (see the module docstring)."""
-    import deepspeed
     import torch
 
     from raylm.model import build_model
+    from raylm.train.deepspeed import import_deepspeed
+
+    deepspeed = import_deepspeed()
 
     torch.manual_seed(cfg.train.seed)  # as train.loop._engine seeds the policy: the same initial weights
     model = build_model(cfg.model, len(tokenizer), cfg.data.seq_len, tokenizer).requires_grad_(False).eval()

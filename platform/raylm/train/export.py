@@ -30,6 +30,9 @@ def fp32_state_dict(ds_dir: str, zero_stage: int, adapter_only: bool) -> dict:
     if zero_stage == 0:
         path = os.path.join(ds_dir, DS_TAG, "mp_rank_00_model_states.pt")
         return {k: v.float() for k, v in torch.load(path, map_location="cpu", weights_only=False)["module"].items()}
+    from raylm.train.deepspeed import import_deepspeed
+
+    import_deepspeed()  # the package first, without the MLflow import it would make
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(ds_dir, tag=DS_TAG, exclude_frozen_parameters=adapter_only)

@@ -305,14 +305,14 @@ def _engine(cfg: RaylmConfig, tokenizer: Any) -> tuple[Any, dict]:
 
     Under ZeRO-3 the model is built partitioned (`deepspeed.zero.Init`): no rank ever holds the
     whole fp32 model, which is what makes ZeRO-3 save host memory at load (bench/RESULTS.md)."""
-    import deepspeed
     import torch
     import torch.distributed as dist
 
     from raylm.model import build_model
-    from raylm.train.deepspeed import deepspeed_config, lr_scheduler
+    from raylm.train.deepspeed import deepspeed_config, import_deepspeed, lr_scheduler
     from raylm.train.lora import apply_lora, param_counts
 
+    deepspeed = import_deepspeed()
     deepspeed.init_distributed(dist_backend="nccl" if cfg.train.use_gpu else "gloo")  # reuses Ray's group
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank (ZeRO-3: rank 0's, broadcast)
     model = build_model(cfg.model, len(tokenizer), cfg.data.seq_len, tokenizer, ds_config=deepspeed_config(cfg))
