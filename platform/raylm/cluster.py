@@ -79,17 +79,30 @@ def init_ray(cfg: RaylmConfig, address: Optional[str] = None, num_cpus: Optional
     console.silence()
 
 
+# How long an ingress replica that is stopping stays reachable behind HAProxy on a cluster raylm
+# starts (Ray's default: 30 s, for external load balancers to deregister it).
+HAPROXY_DRAIN_WINDOW_S = 5
+
+
 def serve_ingress_env(mode: str) -> dict[str, str]:
     """Ray Serve's environment for serve.ingress on a cluster raylm starts. HAProxy's side ports
     (its Prometheus and stats pages, the fallback Python proxy it keeps behind it) get free ones
     instead of Ray's fixed 9101/8404/8500/9500, so two clusters on one machine do not collide;
-    a value already in the environment wins."""
+    a value already in the environment wins.
+
+    Behind HAProxy an ingress replica that stops stays reachable for a deregistration window, then
+    refuses new connections (HAProxy retries them on another replica) and finishes its requests.
+    Ray's 30 s window is for load balancers outside the cluster; on a cluster raylm starts only its
+    own HAProxy routes to the replicas, and it reloads its backends within a second. So the window
+    is HAPROXY_DRAIN_WINDOW_S: Ctrl-C on `raylm serve` returned after 35 s, ~10 s with it."""
     env = {"RAY_SERVE_ENABLE_HA_PROXY": "1" if mode == "haproxy" else "0",
            "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1" if mode in ("haproxy", "direct") else "0"}
     if mode == "haproxy":
         for name in ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT",
                      "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT"):
             env[name] = os.environ.get(name) or str(_free_port(0))
+        env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = (
+            os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S") or str(HAPROXY_DRAIN_WINDOW_S))
     return env
 
 

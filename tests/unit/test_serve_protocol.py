@@ -584,6 +584,12 @@ def test_ingress_defaults_to_haproxy_and_to_the_python_proxy_for_tls(tmp_path, m
     ports = [int(env[k]) for k in ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
                                    "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")]
     assert all(p > 0 for p in ports) and 9101 not in ports and 8500 not in ports
+    # behind its own HAProxy a stopping replica stays reachable 5 s (Ray's 30 s is for outside load
+    # balancers); direct ingress, which has none in front, keeps Ray's window
+    assert env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "5"
+    assert "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S" not in serve_ingress_env("direct")
+    monkeypatch.setenv("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "30")
+    assert serve_ingress_env("haproxy")["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "30"
     assert serve_ingress_env("proxy") == {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
     assert serve_ingress_env("direct")["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
 
