@@ -11,6 +11,9 @@ from raylm.config import RaylmConfig
 from raylm.config.train import TrainConfig
 
 
+SHM_COMM_OP = "deepspeed_shm_comm"
+
+
 def import_deepspeed() -> ModuleType:
     """`import deepspeed`, without the MLflow import DeepSpeed makes on the way.
 
@@ -19,7 +22,13 @@ def import_deepspeed() -> ModuleType:
     `train.tracking.mlflow`: 1.4 of the 1.8 s `import deepspeed` takes on one core, paid by every
     training worker of every run and trial. raylm never runs the autotuner, so the import is made
     with MLflow hidden (the autotuner then records has_mlflow=False); MLflow itself stays importable
-    afterwards, and a process that already imported it keeps it."""
+    afterwards, and a process that already imported it keeps it.
+
+    DeepSpeed's CPU backend also compiles a shared-memory all-reduce op (`deepspeed_shm_comm`) the
+    first time a process group starts on a machine: ~100 s of C++ build on 2 cores, in every fresh
+    container or pod. It serves only `inference_all_reduce` (DeepSpeed's tensor-parallel
+    inference), which training never calls; its all-reduces go through torch.distributed (gloo).
+    So the op is marked unavailable, as DeepSpeed marks it where it cannot build, and never built."""
     if "deepspeed" in sys.modules:
         return sys.modules["deepspeed"]
     hide = "mlflow" not in sys.modules
@@ -30,6 +39,7 @@ def import_deepspeed() -> ModuleType:
     finally:
         if hide and sys.modules.get("mlflow", 0) is None:
             del sys.modules["mlflow"]
+    deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False  # DeepSpeed keeps this one dict per process
     return deepspeed
 
 
