@@ -117,7 +117,6 @@ def _run_plain(cfg, vocab: int, blocks_path: str, threads: int) -> dict:
 
 def bare_train_fn(config: dict) -> None:
     """Ray Train worker: DeepSpeed on raylm's model and config, fed from in-memory tensors."""
-    import deepspeed
     import numpy as np
     import ray.train
     import torch
@@ -125,7 +124,9 @@ def bare_train_fn(config: dict) -> None:
 
     from raylm.config import RaylmConfig
     from raylm.model import build_model
-    from raylm.train.deepspeed import deepspeed_config, lr_scheduler
+    from raylm.train.deepspeed import deepspeed_config, import_deepspeed, lr_scheduler
+
+    deepspeed = import_deepspeed()  # as raylm's loop imports it
     from raylm.train.loop import token_losses
 
     cfg = RaylmConfig.model_validate(config["config"])

@@ -74,11 +74,12 @@ def bench_config(tokenizer_dir: str, storage: str, overrides: dict, lora: bool):
 def _engine_before(cfg, tokenizer):
     """raylm's `_engine` before issue 21: every rank builds the whole fp32 model, then
     `deepspeed.initialize` partitions it."""
-    import deepspeed
     import torch
 
     from raylm.model import build_model
-    from raylm.train.deepspeed import deepspeed_config
+    from raylm.train.deepspeed import deepspeed_config, import_deepspeed
+
+    deepspeed = import_deepspeed()
     from raylm.train.lora import apply_lora
 
     torch.manual_seed(cfg.train.seed)

@@ -85,12 +85,13 @@ def _worker(rank: int, world: int, port: int, out_dir: str, layouts: list) -> No
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
-    import deepspeed
     import torch.distributed as dist
-    from deepspeed.utils import safe_get_full_grad
 
     from raylm.config import RaylmConfig
-    from raylm.train.deepspeed import deepspeed_config, lr_scheduler
+    from raylm.train.deepspeed import deepspeed_config, import_deepspeed, lr_scheduler
+
+    deepspeed = import_deepspeed()  # as training imports it (no shm op build)
+    from deepspeed.utils import safe_get_full_grad
     from raylm.train.loop import backward_global_batch
 
     deepspeed.init_distributed(dist_backend="gloo")
