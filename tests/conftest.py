@@ -21,6 +21,10 @@ os.environ.setdefault("RAYLM_JOIN_RUNNING_RAY", "0")
 # of the suite (a 2-step fit: 21.6 -> 18.2 s here). The suite's cluster, Tune trials and `raylm`
 # subprocesses all inherit it; Ray propagates it to the controller (get_env_vars_to_propagate).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# Ray exports every process's metrics (vLLM's engine counters, raylm's request counters) to the
+# Prometheus endpoint every 10 s by default; the tests that read a counter wait for an export,
+# and the ones that check a counter stayed put wait out two. 2 s for the suite's clusters.
+os.environ.setdefault("RAY_metrics_report_interval_ms", "2000")
 
 
 def _has_gpu() -> bool:

@@ -34,11 +34,15 @@ def engine_requests(app: str) -> float:
                if line.startswith("ray_vllm_request_prompt_tokens_count{") and f'ReplicaId="{replica_id}"' in line)
 
 
-def settled_engine_requests(app: str, quiet_s: float = 12.0) -> float:
-    """The engine's request count once it has stayed the same for `quiet_s` (past an export period)."""
+def settled_engine_requests(app: str) -> float:
+    """The engine's request count once it has stayed the same for two of Ray's metric export
+    periods (tests/conftest.py sets the period)."""
+    import ray
+
+    quiet_s = 2 * ray._config.metrics_report_interval_ms() / 1000 + 1
     value, since = engine_requests(app), time.monotonic()
     while time.monotonic() - since < quiet_s:
-        time.sleep(2)
+        time.sleep(1)
         now = engine_requests(app)
         if now != value:
             value, since = now, time.monotonic()
