@@ -39,7 +39,10 @@ def import_deepspeed() -> ModuleType:
     finally:
         if hide and sys.modules.get("mlflow", 0) is None:
             del sys.modules["mlflow"]
-    deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False  # DeepSpeed keeps this one dict per process
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().create_op_builder("ShareMemCommBuilder") is not None:  # CPU only (None on CUDA,
+        deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False  # where probing all ops would query nvcc)
     return deepspeed
 
 
