@@ -4,12 +4,15 @@ RayService take). A vLLM engine takes ~45 s to start, so the tests run in order 
 
 1. a burst scales the deployment from 1 to 2 replicas; a replica SIGKILLed under a stream of
    requests is replaced by Serve, and fewer than 1% of the requests fail (client retries on 503 only);
-2. past max_ongoing_requests + max_queued_requests, requests are refused fast with 503 and
-   Retry-After, nothing hangs, no replica dies, the edge's memory stays flat;
-3. once the load is gone the deployment returns to min_replicas and serves normally;
-4. the vLLM engine process killed inside a live replica: the replica exits at once (raylm's engine
+2. the vLLM engine process killed inside a live replica: the replica exits at once (raylm's engine
    watcher), /health turns 503 (the edge finds no healthy replica), Serve replaces the replica, and
-   the endpoint serves again (22 s here, against 85 s when Serve's health checks found the replica).
+   the endpoint serves again (22 s here, against 85 s when Serve's health checks found the replica);
+3. past max_ongoing_requests + max_queued_requests, requests are refused fast with 503 and
+   Retry-After, nothing hangs, no replica dies, the edge's memory stays flat;
+4. once the load is gone the deployment returns to min_replicas and serves normally.
+
+The engine is killed before the overload: the overload also scales the deployment up, and the kill
+needs one replica, so after it the test waited ~40 s for that replica to start and go again.
 """
 
 from __future__ import annotations
@@ -102,6 +105,26 @@ def test_a_burst_scales_up_and_a_replica_killed_under_load_is_replaced(url):
         assert complete(client, url, max_tokens=4)[0] == 200
 
 
+def test_an_engine_killed_inside_a_live_replica_turns_health_503_and_the_replica_is_replaced(url):
+    import psutil
+
+    # the replica scaled down after the burst may still be finishing its graceful shutdown
+    wait_for(lambda: len(replica_actors(APP)) == 1, 120, "one LLM replica process", interval_s=1)
+    (replica,) = replica_actors(APP)
+    engines = [p for p in psutil.Process(replica.pid).children(recursive=True) if "python" in p.name().lower()
+               or "VLLM" in p.name() or "Engine" in p.name()]
+    assert engines, "no engine process under the replica"
+    for proc in engines:
+        kill_pid(proc.pid)
+    wait_for(lambda: httpx.get(f"{url}/health", timeout=30).status_code == 503, 60,
+             "/health to report the dead engine (503)", interval_s=0.5)
+    wait_for(lambda: replica.actor_id not in {a.actor_id for a in replica_actors(APP)} and running_replicas(APP) >= 1,
+             240, "Serve to replace the replica whose engine died", interval_s=1)
+    wait_for(lambda: httpx.get(f"{url}/health", timeout=30).status_code == 200, 120, "/health 200 again", interval_s=1)
+    with httpx.Client() as client:
+        assert complete(client, url, max_tokens=4)[0] == 200
+
+
 def test_overload_is_refused_fast_with_503_and_retry_after(url):
     # the process every request of the burst goes through (HAProxy forwards to the edge replica)
     edge = next(a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
@@ -134,25 +157,5 @@ def test_overload_is_refused_fast_with_503_and_retry_after(url):
 
 def test_back_to_min_replicas_after_the_load(url):
     wait_for(lambda: running_replicas(APP) == 1, 120, "the deployment to return to min_replicas", interval_s=1)
-    with httpx.Client() as client:
-        assert complete(client, url, max_tokens=4)[0] == 200
-
-
-def test_an_engine_killed_inside_a_live_replica_turns_health_503_and_the_replica_is_replaced(url):
-    import psutil
-
-    # the replica scaled down after the load may still be finishing its graceful shutdown
-    wait_for(lambda: len(replica_actors(APP)) == 1, 120, "one LLM replica process", interval_s=1)
-    (replica,) = replica_actors(APP)
-    engines = [p for p in psutil.Process(replica.pid).children(recursive=True) if "python" in p.name().lower()
-               or "VLLM" in p.name() or "Engine" in p.name()]
-    assert engines, "no engine process under the replica"
-    for proc in engines:
-        kill_pid(proc.pid)
-    wait_for(lambda: httpx.get(f"{url}/health", timeout=30).status_code == 503, 60,
-             "/health to report the dead engine (503)", interval_s=0.5)
-    wait_for(lambda: replica.actor_id not in {a.actor_id for a in replica_actors(APP)} and running_replicas(APP) >= 1,
-             240, "Serve to replace the replica whose engine died", interval_s=1)
-    wait_for(lambda: httpx.get(f"{url}/health", timeout=30).status_code == 200, 120, "/health 200 again", interval_s=1)
     with httpx.Client() as client:
         assert complete(client, url, max_tokens=4)[0] == 200
