@@ -71,9 +71,10 @@ def deploy_app(cfg: RaylmConfig, checkpoint: str) -> str:
 
 def drop_edge_replicas() -> None:
     """Kill every app's edge replicas, ahead of deleting the apps. Deleted, an edge replica behind
-    Serve's HAProxy stays reachable for a 30 s deregistration window before it exits
-    (RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S); a module's teardown has no traffic to protect
-    (33 s -> 4 s per teardown). Rollouts under load keep the drain: test_lifecycle checks them."""
+    Serve's HAProxy stays reachable for a deregistration window before it exits
+    (RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S: 30 s by Ray's default, 5 s on the suite's
+    cluster, which raylm starts); a module's teardown has no traffic to protect (33 s -> 4 s per
+    teardown with Ray's window). Rollouts under load keep the drain: test_lifecycle checks them."""
     import ray
     from ray.util.state import list_actors
 

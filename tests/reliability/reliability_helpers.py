@@ -203,7 +203,8 @@ def auth(key: str = KEYS[0]) -> dict[str, str]:
 
 def drop_edge_replicas(app: str) -> None:
     """Kill the app's edge replicas ahead of deleting it: deleted, an edge replica behind Serve's
-    HAProxy stays reachable for a 30 s deregistration window first, which a teardown does not need."""
+    HAProxy stays reachable for a deregistration window first (5 s on a cluster raylm starts, Ray's
+    default 30 s), which a teardown does not need."""
     import ray
 
     from raylm.serve.options import EDGE_DEPLOYMENT

@@ -154,3 +154,9 @@ def test_deepspeed_is_imported_without_mlflow_and_never_builds_its_shm_op():
                          env={**os.environ, "DS_ACCELERATOR": "cpu"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-4:] == ["True", "False", "True", "True"], out.stdout
+    # a process that imported DeepSpeed some other way first still never builds the op
+    first = ("import deepspeed; from raylm.train.deepspeed import import_deepspeed; import_deepspeed(); "
+             "from deepspeed.comm.torch import build_shm_op; print(build_shm_op() is None)")
+    out = subprocess.run([sys.executable, "-c", first], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert out.returncode == 0 and out.stdout.split()[-1:] == ["True"], out.stdout + out.stderr[-2000:]

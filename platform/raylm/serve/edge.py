@@ -160,7 +160,8 @@ GATE_MODEL_KEYS = ("vocab_size", "max_position_embeddings")  # what gate_setting
 def edge_model_config(model_config: dict) -> dict:
     """The part of the checkpoint's config.json the edge is built from. The edge's version is pinned
     on its inputs, so a promotion that changes anything else (layers, widths) leaves the edge
-    replicas running instead of replacing them (each replaced one drains behind HAProxy for 30 s)."""
+    replicas running instead of replacing them (each replaced one drains behind HAProxy for its
+    window: 30 s by Ray's default, 5 s on a cluster raylm starts)."""
     return {k: model_config[k] for k in GATE_MODEL_KEYS if k in model_config}
 
 

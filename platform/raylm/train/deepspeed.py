@@ -29,9 +29,7 @@ def import_deepspeed() -> ModuleType:
     container or pod. It serves only `inference_all_reduce` (DeepSpeed's tensor-parallel
     inference), which training never calls; its all-reduces go through torch.distributed (gloo).
     So the op is marked unavailable, as DeepSpeed marks it where it cannot build, and never built."""
-    if "deepspeed" in sys.modules:
-        return sys.modules["deepspeed"]
-    hide = "mlflow" not in sys.modules
+    hide = "deepspeed" not in sys.modules and "mlflow" not in sys.modules
     if hide:
         sys.modules["mlflow"] = None  # type: ignore[assignment]  # `import mlflow` raises ImportError
     try:
@@ -39,7 +37,7 @@ def import_deepspeed() -> ModuleType:
     finally:
         if hide and sys.modules.get("mlflow", 0) is None:
             del sys.modules["mlflow"]
-    from deepspeed.accelerator import get_accelerator
+    from deepspeed.accelerator import get_accelerator  # also when something imported DeepSpeed first
 
     if get_accelerator().create_op_builder("ShareMemCommBuilder") is not None:  # CPU only (None on CUDA,
         deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False  # where probing all ops would query nvcc)
