@@ -33,25 +33,51 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
 
 
+def train_worker_pids() -> list[int]:
+    """This machine's Ray Train worker processes (Ray titles an actor's process `ray::<class>`)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
+                pids.append(int(proc.name))
+        except OSError:  # exited meanwhile
+            continue
+    return pids
+
+
 def interrupt_after_checkpoint(sets: dict, run_dir: Path, step: int, timeout_s: float = 600) -> None:
-    """Start `raylm train`, SIGINT it once the checkpoint of `step` verifies, wait for it to exit."""
+    """Start `raylm train`; once the checkpoint of `step` verifies, freeze its workers (SIGSTOP),
+    SIGINT it and wait for it to exit, then kill the frozen workers.
+
+    Freezing first makes the cut certain: a tiny model trains a step in ~60 ms, so in the second
+    or so between a SIGINT and Ray killing the workers, they could finish the whole run. Where the
+    cut lands after `step` varies; the resume must work from any point."""
     proc = raylm_train(sets)
     ckpt = run_dir / f"step_{step:08d}"
     deadline = time.monotonic() + timeout_s
+    frozen: list[int] = []
     try:
         while time.monotonic() < deadline and proc.poll() is None:
             try:
                 verify_checkpoint(str(ckpt))
                 break
             except Exception:  # noqa: BLE001 - not there (or not complete) yet
-                time.sleep(0.5)
-        assert proc.poll() is None, f"the run ended before it was interrupted:\n{proc.stderr.read()[-3000:]}"
+                time.sleep(0.02)
+        frozen = train_worker_pids()
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        assert proc.poll() is None and frozen, f"the run ended before it was interrupted:\n{proc.stderr.read()[-3000:]}"
         os.kill(proc.pid, signal.SIGINT)
         proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        for pid in frozen:  # as Ray would once the driver is gone; frozen, they cannot write any more
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def run_to_end(sets: dict, timeout_s: float = 600) -> dict:

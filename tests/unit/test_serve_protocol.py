@@ -714,3 +714,25 @@ def test_a_replica_exits_once_its_engine_is_found_dead_and_not_before():
 
     asyncio.run(scenario())
     assert exits == [1]
+
+
+def test_a_replica_serves_its_local_copy_of_a_checkpoint_in_object_storage(tmp_path, monkeypatch):
+    """The driver's deployment options cache Ray Serve LLM's engine config on the LLMConfig (an
+    s3:// model becomes the model id with a bucket mirror) and the replica receives it pickled;
+    once the replica has its local copy, the engine must be pointed at that copy, not at the model
+    id (vLLM would look that up on the Hugging Face Hub)."""
+    import pickle
+
+    from raylm.serve import app
+
+    cfg = load_config(None, ["serve.model_id=tiny-test", "serve.lora_adapters={ft: s3://bucket/adapter}"])
+    driver_side = app.llm_config(cfg.serve, "s3://bucket/ckpt", has_chat_template=True)
+    # LLMServer.get_deployment_options (build_llm_deployment, on the driver) caches it so
+    assert driver_side.get_engine_config().mirror_config.bucket_uri == "s3://bucket/ckpt"
+    replica_side = pickle.loads(pickle.dumps(driver_side))
+    copies = {uri: str(tmp_path / uri.rsplit("/", 1)[1]) for uri in ("s3://bucket/ckpt", "s3://bucket/adapter")}
+    monkeypatch.setattr(app.storage, "cached_copy", lambda uri: copies[uri])
+    app.bring_sources_here(replica_side)
+    engine = replica_side.get_engine_config()
+    assert engine.actual_hf_model_id == copies["s3://bucket/ckpt"] and engine.mirror_config is None
+    assert [m.path for m in replica_side.engine_kwargs["lora_modules"]] == [copies["s3://bucket/adapter"]]

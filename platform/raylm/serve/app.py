@@ -310,6 +310,21 @@ async def exit_when_engine_dies(engine: Any, interval_s: float = ENGINE_WATCH_IN
     exit_process(1)
 
 
+def bring_sources_here(llm_config: LLMConfig) -> None:
+    """Point the replica's engine at a copy on its own node of a checkpoint (and adapters) in
+    object storage, downloaded once per node (`storage.cached_copy`); local paths stay as they are.
+
+    Ray Serve LLM caches the engine config on the LLMConfig when the driver computes the
+    deployment's options (`build_llm_deployment`), and ships it to the replica: for an s3:// model
+    it names the model id with the bucket as a mirror, which vLLM would look up on the Hugging Face
+    Hub. Dropped here, it is derived again from the local copy."""
+    loading = llm_config.model_loading_config
+    loading.model_source = storage.cached_copy(loading.model_source)
+    for lora in llm_config.engine_kwargs.get("lora_modules", []):
+        lora.path = storage.cached_copy(lora.path)
+    llm_config._engine_config = None  # no public reset in 2.60
+
+
 class RaylmServer(LLMServer):
     """A Ray Serve LLM server whose HTTP app is vLLM's own OpenAI server behind raylm's gate.
 
@@ -322,10 +337,7 @@ class RaylmServer(LLMServer):
         s = ServeConfig.model_validate(serve_config)
         for name, value in ENGINE_ENV.items():  # the engine process inherits them (a runtime_env would
             os.environ.setdefault(name, value)  # need a fresh worker process for every replica)
-        # Each replica brings a checkpoint (and adapters) in object storage to its own node's disk once.
-        llm_config.model_loading_config.model_source = storage.cached_copy(llm_config.model_loading_config.model_source)
-        for lora in llm_config.engine_kwargs.get("lora_modules", []):
-            lora.path = storage.cached_copy(lora.path)
+        bring_sources_here(llm_config)
         self.gate_settings = gate_settings(s, key_hashes, model_config, model_version, checks_keys=not s.edge.enabled)
         self.adapters = AdapterStore(self, s, model_config) if s.adapters_path else None
         self.gate_metrics = None if s.edge.enabled else GateMetrics()  # behind the edge, the edge counts
