@@ -1,13 +1,16 @@
-"""Runs and sweeps in object storage, as a KubeRay user has them: `raylm train` / `tune` / `status`
-/ `serve` run as subprocesses (each with its own local Ray cluster, the AWS_* environment naming
-moto's S3 API on loopback, request signatures checked). What is asserted is read back from the
-bucket.
+"""Runs, sweeps and the pipeline in object storage, as a KubeRay user has them: `raylm train` /
+`pipeline` / `status` / `export` / `serve` run as subprocesses (each with its own local Ray
+cluster, the AWS_* environment naming moto's S3 API on loopback, request signatures checked). What
+is asserted is read back from the bucket.
 
 - a run trains to s3://, a later checkpoint's upload is cut off, the same `raylm train` asked for
   more steps resumes from the newest complete one (its step count, lr schedule and optimizer state
-  go on) and keep-K pruning deletes the old objects; `raylm status` lists it
-- a sweep checkpoints its trials and writes best.json there, and `raylm serve` serves that
-  best.json (replicas download the checkpoint; with direct ingress each answers on its own port)
+  go on) and keep-K pruning deletes the old objects
+- the README's first command, `raylm pipeline`, shrunk to one short trial: a short story on the
+  terminal, a real completion through the endpoint, its sweep's trial checkpoints and best.json in
+  the bucket; `raylm status` lists the run and the sweep
+- `raylm serve` serves that best.json (replicas download the checkpoint; with direct ingress each
+  answers on its own port)
 - a missing bucket, a wrong secret key and an unreachable endpoint exit 2 before Ray starts,
   naming the URI, and write nothing
 """
@@ -22,6 +25,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -38,12 +42,22 @@ RUNS = f"s3://{BUCKET}/runs"
 PROXY_PORT = 8131
 
 
-def raylm(*args: str, timeout_s: float = 600, **env_over: str) -> subprocess.CompletedProcess:
-    """`python -m raylm ...` with its own Ray cluster (no RAY_* from the session's) and AWS_* as set."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+# Settings of the suite's that a `raylm` subprocess keeps: they make its cluster faster, and
+# identify no cluster (RAY_ADDRESS, HAProxy ports and the like would point it at the suite's).
+KEPT_RAY_ENV = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_metrics_report_interval_ms")
+
+
+def own_cluster_env(**env_over: str) -> dict[str, str]:
+    """The environment of a `raylm` subprocess that starts its own local Ray, AWS_* as set."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") or k in KEPT_RAY_ENV}
     env.update(env_over)
-    return subprocess.run([sys.executable, "-m", "raylm", *args], cwd=repo_root(), env=env, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout_s)
+    return env
+
+
+def raylm(*args: str, timeout_s: float = 600, **env_over: str) -> subprocess.CompletedProcess:
+    """`python -m raylm ...` with its own Ray cluster; stdout and stderr together."""
+    return subprocess.run([sys.executable, "-m", "raylm", *args], cwd=repo_root(), env=own_cluster_env(**env_over),
+                          text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout_s)
 
 
 def sets(**fields) -> list[str]:
@@ -122,14 +136,6 @@ def test_a_run_in_s3_resumes_from_its_newest_complete_checkpoint(bucket, resumed
     assert "tensorboard" in names
 
 
-def test_status_lists_a_run_in_s3(bucket, resumed_run):
-    status = raylm("status", *sets(train__storage_path=RUNS), timeout_s=120)
-    assert status.returncode == 0, status.stdout
-    assert f"storage: {RUNS}" in status.stdout
-    assert re.search(rf"s3run: step 20, val_loss [\d.]+, resumed 1x, checkpoint {RUNS}/s3run/step_00000020",
-                     status.stdout), status.stdout
-
-
 def test_raylm_export_adds_hf_to_a_periodic_checkpoint_in_s3(bucket, resumed_run):
     """Step 15 is periodic (train.export: final_and_best): DeepSpeed state only, until `raylm
     export` builds hf/ from it and lists it in the manifest in the bucket."""
@@ -174,20 +180,56 @@ def test_bad_storage_exits_2_before_ray_naming_the_uri(bucket, cache_dir, what, 
     assert not storage_path.startswith(f"s3://{BUCKET}/") or keys_under(bucket, prefix) == {}  # nothing written
 
 
-# ------------------------------------------------------------------ a sweep in s3, then serving it
+# ------------------------------------------------------------------ the pipeline in s3, then serving its best
+
+
+PIPELINE_KEY = "sk-raylm-pipeline-test"
 
 
 @pytest.fixture(scope="module")
-def sweep_in_s3(bucket, cache_dir):
-    proc = raylm("tune", "-c", "tune_configs/tiny_sweep.yaml", *sets(
-        data__cache_dir=cache_dir, train__storage_path=RUNS, tune__sweep_name="s3sweep", tune__num_samples=1,
-        train__max_steps=10, train__eval_every_steps=5, train__checkpoint_every_steps=5), timeout_s=900)
-    assert proc.returncode == 0, proc.stdout[-4000:]
-    return proc
+def pipeline_in_s3(bucket, cache_dir, tmp_path_factory):
+    """The README's first command, `raylm pipeline`, as a user runs it (its own local Ray),
+    shrunk by `--set` to one short trial, its results in s3."""
+    key_file = tmp_path_factory.mktemp("pipeline") / "keys"
+    key_file.write_text(PIPELINE_KEY + "\n")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = sets(data__cache_dir=cache_dir, train__storage_path=RUNS, tune__sweep_name="s3sweep", tune__num_samples=1,
+                train__max_steps=10, train__eval_every_steps=5, train__checkpoint_every_steps=5, serve__port=port,
+                serve__api_key_file=key_file)
+    proc = subprocess.run([str(Path(sys.executable).parent / "raylm"), "pipeline", *args], cwd=repo_root(),
+                          env=own_cluster_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc, str(key_file)
 
 
-def test_a_sweep_in_s3_checkpoints_its_trials_and_writes_best_json_there(bucket, sweep_in_s3):
-    assert f"best pointer: {RUNS}/s3sweep/best.json" in sweep_in_s3.stdout
+def test_the_pipeline_tells_a_short_story_and_serves_a_real_completion(pipeline_in_s3):
+    proc, key_file = pipeline_in_s3
+    out = proc.stdout
+    for n in range(1, 5):
+        assert f"=== [{n}/4]" in out  # every stage announced, in order
+    assert out.index("=== [1/4]") < out.index("=== [2/4]") < out.index("=== [3/4]") < out.index("=== [4/4]")
+    # a short story, not the libraries' logs: no worker output, no warnings, under 60 lines
+    lines = out.splitlines()
+    assert len(lines) < 60, out
+    assert not [ln for ln in lines if re.search(r"[Ww]arning|\(pid=|Trial status|INFO|DEBUG|Traceback", ln)], out
+    assert re.search(r"^tune: s3sweep: 1/1 trials", out, re.M), out
+    # a real completion came back through the endpoint, with usage, for a prompt taken from the corpus
+    from raylm.data import embedded_documents
+
+    first_words = " ".join(embedded_documents()[0].split("\n")[0].split()[:3])
+    reply = re.search(r"prompt: '(.+)' -> '(.*)'  \(usage (\{.*\})\)", out)
+    assert reply, out[-3000:]
+    assert reply.group(1) == first_words and "'completion_tokens': " in reply.group(3)
+    # the user is told where the endpoint and key are, never the key itself
+    assert re.search(r"serving raylm at http://127\.0\.0\.1:\d+/v1", out)
+    assert key_file in out and PIPELINE_KEY not in out + proc.stderr
+    assert "curl " in out and "openai.OpenAI(" in out
+    assert f"best pointer for `raylm serve --checkpoint`: {RUNS}/s3sweep/best.json" in out
+
+
+def test_the_pipelines_sweep_checkpoints_its_trials_and_writes_best_json_in_s3(bucket, pipeline_in_s3):
     best = json.loads(bucket.get_object(Bucket=BUCKET, Key="runs/s3sweep/best.json")["Body"].read())
     assert best["checkpoint"] == f"{best['train_checkpoint']}/hf"
     assert best["checkpoint"].startswith(f"{RUNS}/s3sweep/trials/{best['trial_id']}/step_")
@@ -195,8 +237,17 @@ def test_a_sweep_in_s3_checkpoints_its_trials_and_writes_best_json_there(bucket,
     trial_prefix = best["train_checkpoint"].removeprefix(f"{RUNS}/s3sweep/") + "/"
     assert f"{trial_prefix}hf/model.safetensors" in found and f"{trial_prefix}raylm_checkpoint.json" in found
     assert {"trials.md", "val_loss.png"} <= set(found) and any(k.startswith("tune/") for k in found)
+
+
+def test_status_lists_the_run_and_the_sweep_in_s3(bucket, resumed_run, pipeline_in_s3):
     status = raylm("status", *sets(train__storage_path=RUNS), timeout_s=120)
+    assert status.returncode == 0, status.stdout
+    assert f"storage: {RUNS}" in status.stdout
+    assert re.search(rf"s3run: step 20, val_loss [\d.]+, resumed 1x, checkpoint {RUNS}/s3run/step_00000020",
+                     status.stdout), status.stdout
+    best = json.loads(bucket.get_object(Bucket=BUCKET, Key="runs/s3sweep/best.json")["Body"].read())
     assert re.search(rf"s3sweep: 1 trial\(s\), best {best['trial_id']} val_loss=", status.stdout), status.stdout
+    assert "\nserving:\n  " in status.stdout
 
 
 def _wait_for_banner(proc: subprocess.Popen, timeout_s: float) -> list[str]:
@@ -215,8 +266,8 @@ def _wait_for_banner(proc: subprocess.Popen, timeout_s: float) -> list[str]:
     raise AssertionError("raylm serve did not come up:\n" + "\n".join(lines[-60:]))
 
 
-def test_serve_the_sweeps_best_json_in_s3_with_replicas_on_their_own_port(sweep_in_s3, key_file):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # its own cluster, not the session's
+def test_serve_the_pipelines_best_json_in_s3_with_replicas_on_their_own_port(pipeline_in_s3, key_file):
+    env = own_cluster_env()
     # a replica answering on its own port stays reachable 30 s after Ctrl-C, for load balancers to
     # deregister it (Ray's default); this test has none, so Ctrl-C returns in ~10 s
     env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "5"
