@@ -24,7 +24,7 @@ import pytest
 
 from raylm.config import dump_config
 from serve_fixtures import (MODEL_ID, auth, key_file, repo_root, serve_config, shutdown_serve, tiny_adapter,
-                            tiny_checkpoint)
+                            tiny_checkpoint, wait_until)
 
 __all__ = ["key_file", "tiny_adapter", "tiny_checkpoint"]  # fixtures used by this module
 
@@ -175,9 +175,10 @@ def test_an_adapter_joins_the_live_endpoint_without_a_redeploy(endpoint, tiny_ad
     assert before.status_code == 404 and before.json()["error"]["param"] == "model"
 
     assert main(["promote", "-c", str(config_file), "--adapter", "ft1", tiny_adapter]) == 0
-    time.sleep(3)  # replicas list serve.adapters_path at most every few seconds
-    models = httpx.get(f"{url}/v1/models", headers=auth()).json()["data"]
-    assert {m["id"] for m in models} == {MODEL_ID, name}
+    def listed() -> set[str]:  # the edge lists serve.adapters_path at most every few seconds
+        return {m["id"] for m in httpx.get(f"{url}/v1/models", headers=auth()).json()["data"]}
+
+    assert wait_until(lambda: listed() == {MODEL_ID, name}, timeout_s=15), listed()
     card = httpx.get(f"{url}/v1/models/{name}", headers=auth())
     assert card.status_code == 200 and card.json()["parent"] == MODEL_ID
     body = {"prompt": "The king", "max_tokens": 12, "temperature": 0}
@@ -196,7 +197,7 @@ def test_an_adapter_joins_the_live_endpoint_without_a_redeploy(endpoint, tiny_ad
     assert main(["promote", "-c", str(config_file), "--adapter", "alien", str(alien)]) == 2
     assert "hidden_size" in capsys.readouterr().err
     shutil.copytree(alien, Path(cfg.serve.adapters_path) / "alien")  # put there by hand, past the CLI's check
-    time.sleep(3)
+    assert wait_until(lambda: f"{MODEL_ID}:alien" in listed(), timeout_s=15), listed()
     r = httpx.post(f"{url}/v1/completions", json={**body, "model": f"{MODEL_ID}:alien"}, headers=auth(), timeout=60)
     assert r.status_code == 400 and "alien" in r.json()["error"]["message"] and "hidden_size" in r.json()["error"]["message"]
 
