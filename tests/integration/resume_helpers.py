@@ -47,7 +47,7 @@ def train_worker_pids() -> list[int]:
 
 def interrupt_after_checkpoint(sets: dict, run_dir: Path, step: int, timeout_s: float = 600) -> None:
     """Start `raylm train`; once the checkpoint of `step` verifies, freeze its workers (SIGSTOP),
-    SIGINT it and wait for it to exit, then kill the frozen workers.
+    SIGINT it, kill the frozen workers and wait for it to exit.
 
     Freezing first makes the cut certain: a tiny model trains a step in ~60 ms, so in the second
     or so between a SIGINT and Ray killing the workers, they could finish the whole run. Where the
@@ -68,16 +68,25 @@ def interrupt_after_checkpoint(sets: dict, run_dir: Path, step: int, timeout_s: 
             os.kill(pid, signal.SIGSTOP)
         assert proc.poll() is None and frozen, f"the run ended before it was interrupted:\n{proc.stderr.read()[-3000:]}"
         os.kill(proc.pid, signal.SIGINT)
+        # Ray Train's SIGINT handler asks its controller to abort at once; a second later the frozen
+        # workers are killed, as Ray would kill them (shutting them down politely, the abort would
+        # wait ~7 s on workers that cannot answer)
+        time.sleep(1)
+        kill_all(frozen)
         proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        for pid in frozen:  # as Ray would once the driver is gone; frozen, they cannot write any more
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_all(frozen)
+
+
+def kill_all(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def run_to_end(sets: dict, timeout_s: float = 600) -> dict:
