@@ -107,12 +107,12 @@ def experiment_statuses(tune_dir: Path) -> dict[str, str]:
 
 
 def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, ray_cluster, shakespeare,
-                                                                       cache_dir):
+                                                                       cache_dir, prepared):
     """A sweep driver (its own process, connected to this cluster) is SIGKILLed while its second
     trial trains. Running the sweep again resumes it: the finished trial's files are untouched
     and it is not trained again; the interrupted trial is completed; both appear in the results."""
-    overrides = sweep_overrides(tmp_path, shakespeare, cache_dir, "interrupted",
-                                "{train.lr: {grid: [3.0e-3, 1.0e-3]}}") + ["data.max_documents=400"]
+    # the suite's prepared corpus: the sweep driver finds its cache built
+    overrides = sweep_overrides(tmp_path, shakespeare, cache_dir, "interrupted", "{train.lr: {grid: [3.0e-3, 1.0e-3]}}")
     sweep_dir = tmp_path / "interrupted"
     gcs = ray_cluster._private.worker._global_node.gcs_address
     env = {**os.environ, "PYTHONPATH": str(ROOT / "platform")}
