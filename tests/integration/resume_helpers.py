@@ -34,7 +34,9 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 def train_worker_pids() -> list[int]:
-    """This machine's Ray Train worker processes (Ray titles an actor's process `ray::<class>`)."""
+    """This machine's Ray Train worker processes (Ray titles an actor's process `ray::<class>`), read
+    from /proc: the state API (reliability_helpers.train_workers) takes a few hundred ms, in which a
+    tiny model trains several steps."""
     pids = []
     for proc in Path("/proc").iterdir():
         try:

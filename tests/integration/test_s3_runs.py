@@ -153,7 +153,8 @@ def test_raylm_export_adds_hf_to_a_periodic_checkpoint_in_s3(bucket, resumed_run
     assert verify_checkpoint(uri)["step"] == 15
 
 
-def _closed_port() -> int:
+def free_port() -> int:
+    """A port nothing listens on (just now)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -167,7 +168,7 @@ def _closed_port() -> int:
 def test_bad_storage_exits_2_before_ray_naming_the_uri(bucket, cache_dir, what, storage_path, env):
     verbs = (("train", "configs/tiny.yaml"), ("tune", "tune_configs/tiny_sweep.yaml"))
     if env.get("AWS_ENDPOINT_URL") == "closed":
-        env = {**env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{_closed_port()}"}
+        env = {**env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}
         verbs = verbs[:1]  # the same probe as the others (cli.py), and pyarrow retries it for 12 s a verb
     for verb, config in verbs:
         t0 = time.monotonic()
@@ -192,11 +193,8 @@ def pipeline_in_s3(bucket, cache_dir, tmp_path_factory):
     shrunk by `--set` to one short trial, its results in s3."""
     key_file = tmp_path_factory.mktemp("pipeline") / "keys"
     key_file.write_text(PIPELINE_KEY + "\n")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     args = sets(data__cache_dir=cache_dir, train__storage_path=RUNS, tune__sweep_name="s3sweep", tune__num_samples=1,
-                train__max_steps=10, train__eval_every_steps=5, train__checkpoint_every_steps=5, serve__port=port,
+                train__max_steps=10, train__eval_every_steps=5, train__checkpoint_every_steps=5, serve__port=free_port(),
                 serve__api_key_file=key_file)
     proc = subprocess.run([str(Path(sys.executable).parent / "raylm"), "pipeline", *args], cwd=repo_root(),
                           env=own_cluster_env(), capture_output=True, text=True, timeout=900)
@@ -229,8 +227,12 @@ def test_the_pipeline_tells_a_short_story_and_serves_a_real_completion(pipeline_
     assert f"best pointer for `raylm serve --checkpoint`: {RUNS}/s3sweep/best.json" in out
 
 
+def read_best(client) -> dict:
+    return json.loads(client.get_object(Bucket=BUCKET, Key="runs/s3sweep/best.json")["Body"].read())
+
+
 def test_the_pipelines_sweep_checkpoints_its_trials_and_writes_best_json_in_s3(bucket, pipeline_in_s3):
-    best = json.loads(bucket.get_object(Bucket=BUCKET, Key="runs/s3sweep/best.json")["Body"].read())
+    best = read_best(bucket)
     assert best["checkpoint"] == f"{best['train_checkpoint']}/hf"
     assert best["checkpoint"].startswith(f"{RUNS}/s3sweep/trials/{best['trial_id']}/step_")
     found = keys_under(bucket, "runs/s3sweep/")
@@ -245,7 +247,7 @@ def test_status_lists_the_run_and_the_sweep_in_s3(bucket, resumed_run, pipeline_
     assert f"storage: {RUNS}" in status.stdout
     assert re.search(rf"s3run: step 20, val_loss [\d.]+, resumed 1x, checkpoint {RUNS}/s3run/step_00000020",
                      status.stdout), status.stdout
-    best = json.loads(bucket.get_object(Bucket=BUCKET, Key="runs/s3sweep/best.json")["Body"].read())
+    best = read_best(bucket)
     assert re.search(rf"s3sweep: 1 trial\(s\), best {best['trial_id']} val_loss=", status.stdout), status.stdout
     assert "\nserving:\n  " in status.stdout
 
@@ -267,10 +269,9 @@ def _wait_for_banner(proc: subprocess.Popen, timeout_s: float) -> list[str]:
 
 
 def test_serve_the_pipelines_best_json_in_s3_with_replicas_on_their_own_port(pipeline_in_s3, key_file):
-    env = own_cluster_env()
     # a replica answering on its own port stays reachable 30 s after Ctrl-C, for load balancers to
     # deregister it (Ray's default); this test has none, so Ctrl-C returns in ~10 s
-    env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "5"
+    env = own_cluster_env(RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="5")
     cmd = [sys.executable, "-m", "raylm", "serve", "--checkpoint", f"{RUNS}/s3sweep/best.json", *sets(
         serve__ingress="direct", serve__port=PROXY_PORT, serve__api_key_file=key_file,
         serve__api_key_env="RAYLM_TEST_NO_SUCH_VAR", serve__model_id=MODEL_ID, serve__autoscaling__max_replicas=1,
