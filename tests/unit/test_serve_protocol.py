@@ -736,3 +736,39 @@ def test_a_replica_serves_its_local_copy_of_a_checkpoint_in_object_storage(tmp_p
     engine = replica_side.get_engine_config()
     assert engine.actual_hf_model_id == copies["s3://bucket/ckpt"] and engine.mirror_config is None
     assert [m.path for m in replica_side.engine_kwargs["lora_modules"]] == [copies["s3://bucket/adapter"]]
+
+
+def test_a_replica_loads_the_adapter_the_edge_routed_to_it_though_its_own_listing_is_older():
+    """The edge and each LLM replica list serve.adapters_path on their own clocks. A call the edge
+    routed by an adapter's multiplexed id loads that adapter on the replica, whatever the replica
+    last listed (it answered 404 for a just-promoted adapter in CI); a call for the base does not."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from ray.serve.context import _get_serve_request_context, _serve_request_context
+
+    from raylm.serve.app import RaylmServer
+    from raylm.serve.edge import CompletionCall
+
+    loaded: list[str] = []
+
+    async def stale_listing() -> tuple[str, ...]:
+        return ()
+
+    async def load(model: str) -> None:
+        loaded.append(model)
+
+    async def engine_app(scope: dict, receive: object, send: object) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}", "more_body": False})
+
+    replica = SimpleNamespace(adapters=SimpleNamespace(names=stale_listing, load=load), _edge_app=engine_app)
+
+    async def call(model: str, routed_as: str) -> list[dict]:
+        _serve_request_context.set(replace(_get_serve_request_context(), multiplexed_model_id=routed_as))
+        call = CompletionCall(path="/v1/completions", body=b"{}", model=model)
+        return [m async for batch in RaylmServer.serve_http(replica, call) for m in batch]
+
+    new = "tiny-test:ft1"
+    assert asyncio.run(call(new, routed_as=new))[0]["status"] == 200 and loaded == [new]
+    assert asyncio.run(call("tiny-test", routed_as=""))[0]["status"] == 200 and loaded == [new]

@@ -235,6 +235,9 @@ class AdapterStore(AdapterListing):
         from ray.llm._internal.serve.core.configs.llm_config import DiskMultiplexConfig
 
         folder = storage.join(self.path, model.split(":", 1)[1])
+        if storage.kind(folder) != "dir":  # removed since the edge listed it
+            raise APIError(404, f"The model '{model}' does not exist (no adapter folder {folder}).", "model",
+                           "model_not_found")
         why = adapter_base_mismatch(folder, self.served_config, self.max_lora_rank)
         if why:
             raise APIError(400, f"adapter {model!r} ({folder}) cannot be served: {why}", "model", "invalid_adapter")
@@ -376,16 +379,17 @@ class RaylmServer(LLMServer):
     async def serve_http(self, call: Any) -> AsyncIterator[list[dict]]:
         """Run an edge call (`edge.CompletionCall` / `ChatCall`: checked by the edge) through vLLM's
         OpenAI app in this process and stream back its ASGI messages, in lists. An adapter from
-        serve.adapters_path is loaded first (Serve routed the call here by its multiplexed id).
-        When the edge cancels (its client went away), the app sees a disconnect and vLLM aborts
-        the sequence."""
-        if self.adapters:
-            if call.model in await self.adapters.names():
-                try:
-                    await self.adapters.load(call.model)
-                except APIError as exc:
-                    yield json_messages(exc.status, exc.body())
-                    return
+        serve.adapters_path is loaded first: the edge found it in its listing and routed the call
+        here by its multiplexed id. That id, not this replica's own listing, decides: the two
+        listings refresh at different moments, and a replica that had not yet seen a new adapter
+        answered 404 for a model the edge had just listed. When the edge cancels (its client went
+        away), the app sees a disconnect and vLLM aborts the sequence."""
+        if self.adapters and call.model and call.model == serve.get_multiplexed_model_id():
+            try:
+                await self.adapters.load(call.model)
+            except APIError as exc:
+                yield json_messages(exc.status, exc.body())
+                return
         queue: asyncio.Queue = asyncio.Queue()
         finished = asyncio.Event()
         body = [{"type": "http.request", "body": call.body, "more_body": False}]
