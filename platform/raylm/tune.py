@@ -525,26 +525,56 @@ def _trial_row(result: Any, cfg: RaylmConfig, trials_dir: str) -> TrialRow:
 
     metric, full_steps = cfg.tune.metric, cfg.train.max_steps
     df = result.metrics_dataframe
-    curve = [] if df is None or metric not in df else \
+    told_tune = [] if df is None or metric not in df else \
         [(int(s), float(v)) for s, v in zip(df["step"], df[metric]) if v == v]
     trial_id = (result.metrics or {}).get("trial_id") or os.path.basename(result.path).split("_")[1]
     params = dict(result.config or {})
     params_file = storage.join(storage.from_ray(result.path, result.filesystem), "params.json")
     if not params and storage.kind(params_file) == "file":  # a restored sweep's errored trial carries no config
         params = storage.read_json(params_file)
-    steps = curve[-1][0] if curve else 0
-    picked = best_exported_checkpoint(storage.join(trials_dir, trial_id), metric, cfg.tune.mode)
+    run_dir = storage.join(trials_dir, trial_id)
+    logged, steps = logged_curve(run_dir, metric)
+    curve = sorted({**dict(told_tune), **dict(logged)}.items())
+    steps = max(steps, curve[-1][0] if curve else 0)
+    picked = best_exported_checkpoint(run_dir, metric, cfg.tune.mode)
     values = [v for _, v in curve]
     best = (min if cfg.tune.mode == "min" else max)(values) if values else None
     if result.error:
         status, error = "failed", str(result.error).strip().splitlines()[-1][:200]
-    else:
+    else:  # Tune records no result after its scheduler stops a trial, though the trial may run on a little
         trial_steps = params.get("train.max_steps", full_steps)
-        status, error = ("finished" if steps >= trial_steps else "stopped early"), None
+        told = told_tune[-1][0] if told_tune else steps
+        status, error = ("finished" if told >= trial_steps else "stopped early"), None
     return TrialRow(trial_id=trial_id, params=params, status=status, steps=steps, best_value=best,
                     last_value=values[-1] if values else None, checkpoint=picked[0] if picked else None,
                     checkpoint_step=picked[1]["step"] if picked else None,
                     checkpoint_value=picked[1]["eval"][metric] if picked else None, error=error, curve=curve)
+
+
+def logged_curve(run_dir: str, metric: str) -> tuple[list[tuple[int, float]], int]:
+    """(step, metric) per evaluation from the Train run's own metrics.jsonl, and the newest step it
+    logged. Tune's record of a trial ends where its scheduler stopped it, but the run trains on
+    until the stop reaches its workers, and its checkpoints (best.json's pick) come from those
+    steps too: the table and the curves must show them. After a resume, a repeated step's newest
+    record wins. A run without a log (yet) gives nothing (an object-storage run uploads its log at
+    checkpoints and at the end)."""
+    log = storage.join(run_dir, storage.METRICS_FILE)
+    if storage.kind(log) != "file":
+        return [], 0
+    curve: dict[int, float] = {}
+    steps = 0
+    for line in storage.read_bytes(log).decode().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut off by a crash
+        if "event" in rec or not isinstance(rec.get("step"), int):
+            continue
+        steps = max(steps, rec["step"])
+        value = rec.get(metric)  # every record repeats the newest evaluation; eval_s marks a new one
+        if "eval_s" in rec and isinstance(value, (int, float)) and value == value:
+            curve[rec["step"]] = float(value)
+    return sorted(curve.items()), steps
 
 
 def pick_best(rows: list[TrialRow], mode: str) -> Optional[TrialRow]:

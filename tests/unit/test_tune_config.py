@@ -110,3 +110,34 @@ def test_model_based_searchers_suggest_values_inside_the_space(search_alg):
         searcher.on_trial_complete(f"t{n}", result={cfg.tune.metric: 5.0 + params["train.lr"],
                                                      "training_iteration": 1})
     assert len(set(suggested)) == 4, suggested
+
+
+def test_a_trial_row_shows_the_evaluations_made_after_tune_stopped_recording(tmp_path):
+    """ASHA stops a trial at a rung; Tune records nothing after that, but the run trains on until
+    the stop reaches its workers and may checkpoint (best.json can pick those steps). The row's
+    curve, steps and best come from the run's own log (its repeated val_loss on non-evaluation
+    records and a resumed step's older record ignored); its status from Tune's decision."""
+    import json
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from raylm.tune import _trial_row
+
+    cfg = load_config(ROOT / "tune_configs" / "tiny_sweep.yaml", ["train.max_steps=40"])
+    run = tmp_path / "trials" / "t1"
+    run.mkdir(parents=True)
+    records = [{"event": "start"}, {"step": 10, "val_loss": 7.0, "eval_s": 1}, {"step": 15, "val_loss": 7.0},
+               {"step": 20, "val_loss": 6.9, "eval_s": 1},  # ASHA's rung: the last result Tune records
+               {"step": 30, "val_loss": 6.5, "eval_s": 1}, {"event": "resume", "step": 20},
+               {"step": 30, "val_loss": 6.4, "eval_s": 1}, {"step": 40, "val_loss": 6.3, "eval_s": 1}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 4')
+    told = pd.DataFrame({"step": [10, 20], "val_loss": [7.0, 6.9]})
+    result = SimpleNamespace(metrics_dataframe=told, metrics={"trial_id": "t1"}, path=str(tmp_path / "tune" / "x_t1"),
+                             filesystem=None, config={"train.lr": 1e-6}, error=None)
+    row = _trial_row(result, cfg, str(tmp_path / "trials"))
+    assert row.curve == [(10, 7.0), (20, 6.9), (30, 6.4), (40, 6.3)] and row.steps == 40
+    assert (row.best_value, row.last_value, row.status) == (6.3, 6.3, "stopped early")
+    (run / "metrics.jsonl").unlink()  # no log (an object-storage run that never uploaded one): Tune's record
+    row = _trial_row(result, cfg, str(tmp_path / "trials"))
+    assert (row.curve, row.steps, row.status) == ([(10, 7.0), (20, 6.9)], 20, "stopped early")
