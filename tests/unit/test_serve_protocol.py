@@ -772,3 +772,13 @@ def test_a_replica_loads_the_adapter_the_edge_routed_to_it_though_its_own_listin
     new = "tiny-test:ft1"
     assert asyncio.run(call(new, routed_as=new))[0]["status"] == 200 and loaded == [new]
     assert asyncio.run(call("tiny-test", routed_as=""))[0]["status"] == 200 and loaded == [new]
+
+
+def test_an_adapter_removed_since_the_edge_listed_it_is_a_404_naming_it(tmp_path):
+    from raylm.serve.app import AdapterStore
+
+    s = ServeConfig(model_id="tiny-test", adapters_path=str(tmp_path))
+    with pytest.raises(p.APIError) as err:
+        asyncio.run(AdapterStore(None, s, {})._load("tiny-test:gone"))
+    assert (err.value.status, err.value.param, err.value.code) == (404, "model", "model_not_found")
+    assert str(tmp_path / "gone") in err.value.message
