@@ -3,7 +3,6 @@ a reachable Ray cluster is serving. It reads files and asks Serve; it never star
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -36,14 +35,7 @@ def read_run(path: str) -> RunInfo:
     """The newest step, val_loss and resume count from metrics.jsonl (when there is one), and the
     newest complete checkpoint (whose manifest gives the step when there is no log)."""
     step, val_loss, resumes = 0, None, 0
-    names = storage.list_dir(path)
-    lines = storage.read_bytes(storage.join(path, storage.METRICS_FILE)).decode().splitlines() \
-        if storage.METRICS_FILE in names else []
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut off by a crash
+    for rec in storage.read_run_log(path):
         if rec.get("event") == "resume":
             resumes += 1
         elif "step" in rec:

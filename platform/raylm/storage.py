@@ -145,6 +145,21 @@ METRICS_FILE = "metrics.jsonl"
 BEST_JSON = "best.json"
 
 
+def read_run_log(run_dir: str) -> list[dict]:
+    """The records of a run's metrics.jsonl, oldest first; [] when it has none (yet). A line cut
+    off by a crash is skipped."""
+    names = list_dir(run_dir)
+    if METRICS_FILE not in names:
+        return []
+    records = []
+    for line in read_bytes(join(run_dir, METRICS_FILE)).decode().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
 def root(storage_path: str) -> str:
     """`train.storage_path` as a URI or an absolute local path (~ expanded)."""
     return storage_path if is_remote(storage_path) else os.path.abspath(os.path.expanduser(storage_path.removeprefix("file://")))

@@ -558,16 +558,9 @@ def logged_curve(run_dir: str, metric: str) -> tuple[list[tuple[int, float]], in
     steps too: the table and the curves must show them. After a resume, a repeated step's newest
     record wins. A run without a log (yet) gives nothing (an object-storage run uploads its log at
     checkpoints and at the end)."""
-    log = storage.join(run_dir, storage.METRICS_FILE)
-    if storage.kind(log) != "file":
-        return [], 0
     curve: dict[int, float] = {}
     steps = 0
-    for line in storage.read_bytes(log).decode().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut off by a crash
+    for rec in storage.read_run_log(run_dir):
         if "event" in rec or not isinstance(rec.get("step"), int):
             continue
         steps = max(steps, rec["step"])
