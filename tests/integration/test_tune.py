@@ -57,9 +57,9 @@ def test_asha_stops_bad_learning_rates_and_best_checkpoint_loads(tmp_path, cache
     assert (best["value"], best["trial_id"], best["step"]) == (pytest.approx(value), trial_id, step)
     # ... and the table and curves show every evaluation the trials made, those after ASHA's stop included
     for r in outcome.trials:
-        for step, m in manifests(tmp_path / "asha" / "trials" / r.trial_id).items():
+        for at, m in manifests(tmp_path / "asha" / "trials" / r.trial_id).items():
             if "val_loss" in m["eval"]:
-                assert dict(r.curve)[step] == pytest.approx(m["eval"]["val_loss"]) and r.steps >= step
+                assert dict(r.curve)[at] == pytest.approx(m["eval"]["val_loss"]) and r.steps >= at
     model = AutoModelForCausalLM.from_pretrained(best["checkpoint"])
     tok = AutoTokenizer.from_pretrained(best["checkpoint"])
     assert model.config.vocab_size >= len(tok) and best["checkpoint"].endswith(f"step_{step:08d}/hf")
