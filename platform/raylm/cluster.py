@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Optional
 
 from raylm.config import RaylmConfig
@@ -88,7 +89,9 @@ def serve_ingress_env(mode: str) -> dict[str, str]:
     """Ray Serve's environment for serve.ingress on a cluster raylm starts. HAProxy's side ports
     (its Prometheus and stats pages, the fallback Python proxy it keeps behind it) get free ones
     instead of Ray's fixed 9101/8404/8500/9500, so two clusters on one machine do not collide;
-    a value already in the environment wins.
+    a value already in the environment wins. HAProxy binds them when Serve starts, minutes after
+    they are picked (a pipeline trains first), so they come from below the kernel's ephemeral
+    range (see listen_port): a free ephemeral port was taken in between and HAProxy failed to start.
 
     Behind HAProxy an ingress replica that stops stays reachable for a deregistration window, then
     refuses new connections (HAProxy retries them on another replica) and finishes its requests.
@@ -100,7 +103,7 @@ def serve_ingress_env(mode: str) -> dict[str, str]:
     if mode == "haproxy":
         for name in ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT",
                      "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT"):
-            env[name] = os.environ.get(name) or str(_free_port(0))
+            env[name] = os.environ.get(name) or str(listen_port())
         env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = (
             os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S") or str(HAPROXY_DRAIN_WINDOW_S))
     return env
@@ -124,6 +127,35 @@ def running_cluster() -> Optional[str]:
 
     raise InputError(f"{len(found)} Ray clusters run on this machine ({', '.join(found)}): name one with --address "
                      "(or cluster.address / RAY_ADDRESS), or --address local for a new one")
+
+
+# Ports for listeners bound later than they are picked: above Ray's worker ports (10002-19999 by
+# default), below Serve's direct-ingress replica ports (30000-31000) and below the kernel's
+# ephemeral range (Linux: 32768-60999; IANA's: 49152-65535), from which outgoing connections and
+# `bind(0)` (Ray's own gRPC servers among them) take theirs.
+LISTEN_PORT_RANGE = (20000, 30000)
+
+
+def listen_port() -> int:
+    """A TCP port free on every address now, for a server that binds it later. A free port from
+    bind(0) is an ephemeral one, which any outgoing connection may take before the server starts;
+    one below the ephemeral range is taken only by a server that asks for it by number."""
+    import random
+    import socket
+
+    low, high = LISTEN_PORT_RANGE
+    try:
+        high = min(high, int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]))
+    except (OSError, ValueError, IndexError):
+        pass
+    for candidate in random.sample(range(low, high), min(64, max(high - low, 0))):
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", candidate))
+            except OSError:
+                continue
+            return candidate
+    return _free_port(0)
 
 
 def _free_port(preferred: int = 8265) -> int:

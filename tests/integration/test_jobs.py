@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,14 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from raylm.cluster import listen_port
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(*args: str, env: dict, timeout_s: float = 120, check: bool = True) -> subprocess.CompletedProcess:
@@ -39,12 +34,12 @@ def head(tmp_path_factory):
     """A Ray head on free ports; yields (env for the `ray` CLI, dashboard address)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # the job's shell finds `raylm` and `ray`
-    gcs, dash = free_port(), free_port()
+    gcs, dash = listen_port(), listen_port()
     temp_dir = tmp_path_factory.mktemp("ray-head")
     run(str(BIN / "ray"), "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
         "--include-dashboard=true", "--num-cpus=3", f"--temp-dir={temp_dir}", "--disable-usage-stats",
-        f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
-        f"--runtime-env-agent-port={free_port()}", f"--ray-client-server-port={free_port()}",
+        f"--dashboard-agent-listen-port={listen_port()}", f"--metrics-export-port={listen_port()}",
+        f"--runtime-env-agent-port={listen_port()}", f"--ray-client-server-port={listen_port()}",
         env=env, timeout_s=180)
     address = f"http://127.0.0.1:{dash}"
     # the `ray` CLI sends the cluster token (~/.ray/auth_token) only in token mode

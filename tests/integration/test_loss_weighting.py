@@ -12,12 +12,12 @@ loss of the 4 examples / their trained tokens.
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 
+from raylm.cluster import listen_port
 from raylm.data import IGNORE
 
 STAGES = (0, 1, 2, 3)
@@ -118,12 +118,6 @@ def _worker(rank: int, world: int, port: int, out_dir: str, layouts: list) -> No
     dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def step_grads(tmp_path_factory) -> Path:
     import torch.multiprocessing as mp
@@ -131,7 +125,7 @@ def step_grads(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("grads")
     for world in (1, 2):
         layouts = [lay for lay in LAYOUTS if lay[0] == world]
-        mp.spawn(_worker, args=(world, free_port(), str(out), layouts), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, listen_port(), str(out), layouts), nprocs=world, join=True)
     return out
 
 

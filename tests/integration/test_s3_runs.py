@@ -21,7 +21,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ import httpx
 import pytest
 from serve_fixtures import KEYS, MODEL_ID, auth, key_file, repo_root
 
+from raylm.cluster import listen_port
 from raylm.config import load_config
 from raylm.train.checkpoint import verify_checkpoint
 from raylm.train.deepspeed import lr_factor
@@ -153,13 +153,6 @@ def test_raylm_export_adds_hf_to_a_periodic_checkpoint_in_s3(bucket, resumed_run
     assert verify_checkpoint(uri)["step"] == 15
 
 
-def free_port() -> int:
-    """A port nothing listens on (just now)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("what,storage_path,env", [
     ("missing bucket", "s3://no-such-bucket/runs", {}),
     ("wrong secret key", f"s3://{BUCKET}/bad-creds", {"AWS_SECRET_ACCESS_KEY": "not-the-secret"}),
@@ -168,7 +161,7 @@ def free_port() -> int:
 def test_bad_storage_exits_2_before_ray_naming_the_uri(bucket, cache_dir, what, storage_path, env):
     verbs = (("train", "configs/tiny.yaml"), ("tune", "tune_configs/tiny_sweep.yaml"))
     if env.get("AWS_ENDPOINT_URL") == "closed":
-        env = {**env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}
+        env = {**env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{listen_port()}"}
         verbs = verbs[:1]  # the same probe as the others (cli.py), and pyarrow retries it for 12 s a verb
     for verb, config in verbs:
         t0 = time.monotonic()
@@ -194,7 +187,7 @@ def pipeline_in_s3(bucket, cache_dir, tmp_path_factory):
     key_file = tmp_path_factory.mktemp("pipeline") / "keys"
     key_file.write_text(PIPELINE_KEY + "\n")
     args = sets(data__cache_dir=cache_dir, train__storage_path=RUNS, tune__sweep_name="s3sweep", tune__num_samples=1,
-                train__max_steps=10, train__eval_every_steps=5, train__checkpoint_every_steps=5, serve__port=free_port(),
+                train__max_steps=10, train__eval_every_steps=5, train__checkpoint_every_steps=5, serve__port=listen_port(),
                 serve__api_key_file=key_file)
     proc = subprocess.run([str(Path(sys.executable).parent / "raylm"), "pipeline", *args], cwd=repo_root(),
                           env=own_cluster_env(), capture_output=True, text=True, timeout=900)

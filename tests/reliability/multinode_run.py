@@ -45,7 +45,6 @@ import glob
 import json
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -54,6 +53,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from reliability_helpers import wait_for  # this script's folder is on sys.path when it runs
+
+from raylm.cluster import listen_port
 
 ROOT = Path(__file__).resolve().parents[2]
 LABEL = "raylm.io/node"
@@ -98,23 +99,17 @@ def complete_checkpoints(run: str) -> list[int]:
 # ------------------------------------------------------------------ the cluster
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_cluster() -> tuple[Any, dict]:
     """Head + worker-a + worker-b; returns (cluster, {label: Node})."""
     from ray.cluster_utils import Cluster
 
     # The state API (list_actors) and Ray Train's placement-group cleaner reach the dashboard by
     # this address; naming it avoids auto-detection, which fails with another Ray on the machine.
-    port = free_port()
+    port = listen_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": HEAD_CPUS, "labels": {LABEL: "head"}, "include_dashboard": True,
-        "dashboard_host": "127.0.0.1", "dashboard_port": port, "dashboard_agent_listen_port": free_port()})
+        "dashboard_host": "127.0.0.1", "dashboard_port": port, "dashboard_agent_listen_port": listen_port()})
     nodes = {"head": cluster.head_node}
     for name in ("worker-a", "worker-b"):
         nodes[name] = cluster.add_node(num_cpus=WORKER_NODE_CPUS, labels={LABEL: name})
