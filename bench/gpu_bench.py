@@ -8,7 +8,7 @@
                                             forward + backward of the dense weights, plus attention)
 
    tokens/s is the loop's step throughput (`tokens_per_s` in metrics.jsonl, the median over
-   the logged windows after the first); peak per GPU from raylm.train.loop.PEAK_BF16_FLOPS.
+   the logged windows after the first); peak per GPU from raylm.train.metrics.PEAK_BF16_FLOPS.
 2. Generated tokens/s of a serving replica on the GPU at concurrency 1 and 32 (the small-llama
    checkpoint from step 1, served by `raylm.serve.app.deploy`).
 """

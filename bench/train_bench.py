@@ -127,7 +127,7 @@ def bare_train_fn(config: dict) -> None:
     from raylm.train.deepspeed import deepspeed_config, import_deepspeed, lr_scheduler
 
     deepspeed = import_deepspeed()  # as raylm's loop imports it
-    from raylm.train.loop import token_losses
+    from raylm.train.objectives.lm import token_losses
 
     cfg = RaylmConfig.model_validate(config["config"])
     t = cfg.train

@@ -106,7 +106,8 @@ def train_fn(config: dict) -> None:
 
     from raylm.config import RaylmConfig
     from raylm.data import load_tokenizer
-    from raylm.train.loop import _engine, train_step
+    from raylm.train.loop import _engine
+    from raylm.train.step import train_step
 
     import raylm.model
 

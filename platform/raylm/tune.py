@@ -394,8 +394,9 @@ def sweep_progress(cfg: RaylmConfig) -> Any:
     metric so far."""
     from ray import tune
 
+    from raylm.train.policy import best
+
     t = cfg.tune
-    better = min if t.mode == "min" else max
 
     class SweepProgress(tune.Callback):
         def __init__(self):
@@ -406,7 +407,7 @@ def sweep_progress(cfg: RaylmConfig) -> Any:
         def on_trial_result(self, iteration, trials, trial, result, **info):
             if isinstance(result.get(t.metric), (int, float)):
                 value = float(result[t.metric])
-                self.best = value if self.best is None else better(self.best, value)
+                self.best = best([v for v in (self.best, value) if v is not None], t.mode)
                 self.bar.update(self.ended, **{f"best {t.metric}": self.best, "running": trial.trial_id})
 
         def _end(self, trial):
@@ -521,7 +522,7 @@ def _fmt(v: Any) -> str:
 
 
 def _trial_row(result: Any, cfg: RaylmConfig, trials_dir: str) -> TrialRow:
-    from raylm.train.checkpoint import best_exported_checkpoint
+    from raylm.train.policy import best, best_exported_checkpoint
 
     metric, full_steps = cfg.tune.metric, cfg.train.max_steps
     df = result.metrics_dataframe
@@ -538,14 +539,14 @@ def _trial_row(result: Any, cfg: RaylmConfig, trials_dir: str) -> TrialRow:
     steps = max(steps, curve[-1][0] if curve else 0)
     picked = best_exported_checkpoint(run_dir, metric, cfg.tune.mode)
     values = [v for _, v in curve]
-    best = (min if cfg.tune.mode == "min" else max)(values) if values else None
+    best_value = best(values, cfg.tune.mode)
     if result.error:
         status, error = "failed", str(result.error).strip().splitlines()[-1][:200]
     else:  # Tune records no result after its scheduler stops a trial, though the trial may run on a little
         trial_steps = params.get("train.max_steps", full_steps)
         told = told_tune[-1][0] if told_tune else steps
         status, error = ("finished" if told >= trial_steps else "stopped early"), None
-    return TrialRow(trial_id=trial_id, params=params, status=status, steps=steps, best_value=best,
+    return TrialRow(trial_id=trial_id, params=params, status=status, steps=steps, best_value=best_value,
                     last_value=values[-1] if values else None, checkpoint=picked[0] if picked else None,
                     checkpoint_step=picked[1]["step"] if picked else None,
                     checkpoint_value=picked[1]["eval"][metric] if picked else None, error=error, curve=curve)
@@ -573,10 +574,10 @@ def logged_curve(run_dir: str, metric: str) -> tuple[list[tuple[int, float]], in
 def pick_best(rows: list[TrialRow], mode: str) -> Optional[TrialRow]:
     """The trial whose best servable checkpoint has the best metric (a trial without one cannot be
     served): the best checkpoint of the best trial, not that trial's newest."""
-    scored = [(r.checkpoint_value, r) for r in rows if r.status != "failed" and r.checkpoint_value is not None]
-    if not scored:
-        return None
-    return (min if mode == "min" else max)(scored, key=lambda x: x[0])[1]
+    from raylm.train.policy import best
+
+    return best([r for r in rows if r.status != "failed" and r.checkpoint_value is not None], mode,
+                key=lambda r: r.checkpoint_value)
 
 
 def write_reports(outcome: SweepOutcome, cfg: RaylmConfig) -> None:

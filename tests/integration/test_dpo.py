@@ -120,7 +120,8 @@ def full_sequences(rows: list[dict]) -> dict:
 
 def preference_accuracy(model, rows: list[dict]) -> float:
     """Share of pairs whose chosen answer the model finds likelier than the rejected one."""
-    from raylm.train.dpo import concat_pairs, forward_logps
+    from raylm.train.batches import concat_pairs
+    from raylm.train.objectives.dpo import forward_logps
 
     batch = concat_pairs({k: torch.as_tensor(np.stack([r[k] for r in rows])).long() for k in rows[0]})
     with torch.no_grad():

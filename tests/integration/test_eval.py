@@ -89,7 +89,7 @@ def _model(path: str):
 
 
 def test_val_loss_is_the_training_loss_transformers_computes(result, eval_cfg, sharp_checkpoint):
-    """The invariant: eval's val_loss is training's loss (raylm.train.loop.token_losses: packed
+    """The invariant: eval's val_loss is training's loss (raylm.train.objectives.lm.token_losses: packed
     rows, prompt-masked labels, summed NLL / label tokens) on the same checkpoint and tokens.
 
     Tolerance: both run in float32 and differ only in kernels (vLLM's CPU attention and matmuls
@@ -99,7 +99,8 @@ def test_val_loss_is_the_training_loss_transformers_computes(result, eval_cfg, s
     model. The token count must match exactly."""
     import torch
 
-    from raylm.train.loop import token_losses, trim
+    from raylm.train.batches import trim
+    from raylm.train.objectives.lm import token_losses
 
     model = _model(sharp_checkpoint)
     total, count = 0.0, 0

@@ -44,7 +44,7 @@ def examples() -> list[dict]:
 
 def collate(rows: list[dict]) -> dict:
     """Rows padded to the longest, then cut to it by loop.trim, as micro_batches hands them out."""
-    from raylm.train.loop import trim
+    from raylm.train.batches import trim
 
     width = max(r["tokens"] for r in rows) + 7  # padding beyond the longest: trim must drop it
     out = {"input_ids": torch.zeros(len(rows), width, dtype=torch.long),
@@ -92,7 +92,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, layouts: list) -> No
 
     deepspeed = import_deepspeed()  # as training imports it (no shm op build)
     from deepspeed.utils import safe_get_full_grad
-    from raylm.train.loop import backward_global_batch
+    from raylm.train.step import backward_global_batch
 
     deepspeed.init_distributed(dist_backend="gloo")
     rows = examples()

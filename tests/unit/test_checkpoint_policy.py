@@ -10,7 +10,7 @@ import pytest
 
 from raylm.cli import main
 from raylm.config import load_config
-from raylm.train.loop import Checkpointer
+from raylm.train.policy import Checkpointer
 from raylm.tune import SPACE_FILE, grown_capacity, max_concurrency
 
 ROOT = Path(__file__).resolve().parents[2]

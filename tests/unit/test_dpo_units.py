@@ -17,7 +17,8 @@ import torch
 
 from raylm.config import ConfigError, PreferenceConfig, load_config
 from raylm.data import IGNORE, encode_pair, load_tokenizer, pair_rows, preference_messages, train_tokenizer
-from raylm.train.dpo import concat_pairs, dpo_losses, forward_logps, reward_metrics, reward_sums, sequence_logps
+from raylm.train.batches import concat_pairs
+from raylm.train.objectives.dpo import dpo_losses, forward_logps, reward_metrics, reward_sums, sequence_logps
 
 PREF = PreferenceConfig()
 CHAT = {"prompt": [{"role": "system", "content": "You add numbers."}, {"role": "user", "content": "What is 2+3?"}],
@@ -188,7 +189,7 @@ def test_loss_and_rewards_equal_trl(loss_type, lora):
         ref_model = None
 
         @contextlib.contextmanager
-        def reference():  # as raylm.train.dpo.DPO does under LoRA: the policy, adapters off
+        def reference():  # as raylm.train.objectives.dpo.DPO does under LoRA: the policy, adapters off
             with policy.disable_adapter():
                 yield policy
     else:

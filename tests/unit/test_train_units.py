@@ -9,7 +9,8 @@ import torch
 from raylm.config import load_config
 from raylm.data import IGNORE
 from raylm.train.deepspeed import deepspeed_config, lr_factor, lr_scheduler
-from raylm.train.loop import flops_per_token, trained_tokens
+from raylm.train.metrics import flops_per_token
+from raylm.train.objectives.lm import trained_tokens
 
 
 def schedule(*sets: str) -> tuple:

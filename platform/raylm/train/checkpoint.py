@@ -177,16 +177,6 @@ def pick_resume_checkpoint(run_dir: str, log: Any = print) -> Optional[tuple[str
     return next(verified_checkpoints(run_dir, log), None)
 
 
-def best_exported_checkpoint(run_dir: str, metric: str, mode: str) -> Optional[tuple[str, dict]]:
-    """The run's servable checkpoint (hf/ present) with the best `metric` measured at its own step:
-    what a sweep serves, rather than the newest."""
-    scored = [(m["eval"][metric], path, m) for path, m in verified_checkpoints(run_dir, log=lambda _: None)
-              if is_exported(m) and isinstance(m.get("eval", {}).get(metric), (int, float))]
-    if not scored:
-        return None
-    _, path, manifest = (min if mode == "min" else max)(scored, key=lambda x: x[0])
-    return path, manifest
-
 
 @contextmanager
 def local_copy(path: str, subdir: str = "") -> Iterator[str]:

@@ -97,7 +97,7 @@ def checkpoint_config(cfg: RaylmConfig, keep_best: bool) -> Any:
     evaluation score. Ray Train never deletes the newest one either way (resume starts there)."""
     from ray.train import CheckpointConfig
 
-    from raylm.train.loop import CHECKPOINT_SCORE
+    from raylm.train.policy import CHECKPOINT_SCORE
 
     if not keep_best:
         return CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)

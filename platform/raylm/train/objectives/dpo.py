@@ -1,7 +1,7 @@
 """DPO (train.objective dpo): preference tuning on the same Ray Train + DeepSpeed loop.
 
     pair rows -> batch   a micro-batch of B pairs becomes 2B sequences, [chosen; rejected] (as TRL
-                         batches them), cut to the longest real sequence (`concat_pairs`)
+                         batches them), cut to the longest real sequence (train.batches.concat_pairs)
     logits -> log-probs  the summed log-probability of each sequence's labelled (answer) tokens
     losses               sigmoid (DPO): -log sigmoid(beta * (chosen log-ratio - rejected log-ratio));
                          ipo: ((chosen - rejected log-ratio, each averaged per answer token) - 1/(2 beta))^2
@@ -18,7 +18,7 @@ The reference model is the starting policy:
   which LoRA pays too, and one more copy of the weights (1/N per rank under ZeRO-3).
 
 The loss is the mean over all pairs of the optimizer step (all micro-batches, all ranks), as the
-token-weighted LM loss is over tokens: `DPO` is an objective of train.loop.train_step, which counts
+token-weighted LM loss is over tokens: `DPO` is an objective of train.step.train_step, which counts
 the step's pairs (`count`) before any forward pass and scales each micro-batch's summed pair loss
 (`summed_loss`) by world size / global pairs, undoing DeepSpeed's averaging over ranks.
 """
@@ -34,18 +34,6 @@ REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards
 
 
 # ------------------------------------------------------------------ pure tensor functions (unit-tested)
-
-
-def concat_pairs(batch: dict) -> dict:
-    """A batch of pair rows -> {input_ids, labels: [chosen; rejected] (2B, n), tokens (2B,)}, cut to
-    the longest real sequence n. Padding sits after each sequence, so a causal model needs no mask."""
-    import torch
-
-    tokens = torch.cat([batch["chosen_tokens"], batch["rejected_tokens"]])
-    n = max(int(tokens.max()), 1)
-    return {"input_ids": torch.cat([batch["chosen_input_ids"][:, :n], batch["rejected_input_ids"][:, :n]]),
-            "labels": torch.cat([batch["chosen_labels"][:, :n], batch["rejected_labels"][:, :n]]),
-            "tokens": tokens}
 
 
 def sequence_logps(logits: Any, labels: Any) -> tuple[Any, Any]:
@@ -129,7 +117,7 @@ def frozen_reference(cfg: RaylmConfig, tokenizer: Any, device: Any) -> Any:
 
 
 class DPO:
-    """The DPO objective of one rank for train.loop (train_step, evaluate): `count` and `summed_loss`
+    """The DPO objective of one rank for train.step (train_step, evaluate): `count` and `summed_loss`
     of a micro-batch, `train_metrics()` when a log line is due, `eval_sums`/`eval_metrics` on
     validation pairs."""
 
