@@ -6,23 +6,23 @@ import math
 from typing import Any
 
 
-def token_losses(engine: Any, batch: dict) -> tuple[Any, Any]:
+def token_losses(engine: Any, batch: dict, chunk_tokens: int = 0) -> tuple[Any, Any]:
     """(summed cross-entropy, number of trained tokens) of a micro-batch.
 
     Raw text: a (B, seq_len + 1) block predicts every next token. SFT: each position predicts its
-    label; -100 (prompt, padding) is left out, and packed examples do not see each other."""
-    import torch.nn.functional as F
-
-    from raylm.data import IGNORE, packed_logits
+    label; -100 (prompt, padding) is left out, and packed examples do not see each other.
+    `chunk_tokens`: the head's output is computed that many tokens at a time (objectives.logprobs)."""
+    from raylm.data import IGNORE
+    from raylm.train.objectives.logprobs import token_logps
 
     if "labels" in batch:
-        logits, labels = packed_logits(engine, batch["input_ids"], batch["position_ids"]), batch["labels"]
+        labels = batch["labels"]
+        logps = token_logps(engine, batch["input_ids"], labels, batch["position_ids"], chunk_tokens=chunk_tokens)
     else:
         block = batch["input_ids"]
-        logits, labels = engine(input_ids=block[:, :-1]).logits, block[:, 1:]
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
-                           ignore_index=IGNORE, reduction="sum")
-    return loss, (labels != IGNORE).sum()
+        labels = block[:, 1:]
+        logps = token_logps(engine, block[:, :-1], labels, chunk_tokens=chunk_tokens)
+    return -logps.sum(), (labels != IGNORE).sum()
 
 
 def trained_tokens(batch: dict) -> Any:
@@ -44,17 +44,17 @@ class NextToken:
     summed loss over them, and what validation adds up; DPO (raylm.train.objectives.dpo) is the other one, per
     preference pair."""
 
-    def __init__(self, engine: Any):
-        self.engine = engine
+    def __init__(self, engine: Any, chunk_tokens: int = 0):
+        self.engine, self.chunk_tokens = engine, chunk_tokens
 
     def count(self, batch: dict) -> Any:
         return trained_tokens(batch)
 
     def summed_loss(self, batch: dict) -> Any:
-        return token_losses(self.engine, batch)[0]
+        return token_losses(self.engine, batch, self.chunk_tokens)[0]
 
     def eval_sums(self, batch: dict) -> list[float]:
-        loss_sum, count = token_losses(self.engine, batch)  # SFT: the same (assistant) tokens as training
+        loss_sum, count = token_losses(self.engine, batch, self.chunk_tokens)  # SFT: the same (assistant) tokens as training
         return [float(loss_sum), float(count)]
 
     def eval_metrics(self, totals: list[float]) -> dict[str, float]:
@@ -63,3 +63,8 @@ class NextToken:
 
     def train_metrics(self) -> dict[str, float]:
         return {}
+
+    @staticmethod
+    def headline(metrics: dict) -> list[str]:
+        return [f"val_loss {metrics.get('val_loss', float('nan')):.4f}",
+                f"perplexity {metrics.get('perplexity', float('nan')):.2f}"]

@@ -1,0 +1,104 @@
+"""Per-token log-probabilities of labelled tokens, computed in chunks of tokens: what every
+objective's loss is made of (lm: cross-entropy per trained token; dpo: summed per answer).
+
+The full fp32 logits of a micro-batch are (batch, seq, vocab): at a real vocabulary (~150k) and a
+real sequence they are gigabytes, and cross-entropy's backward keeps another copy of that size. So
+the model is run to its final hidden states only (`logits_to_keep` selects no position for its
+output head), and the head is applied here, to `train.loss_chunk_tokens` labelled tokens at a
+time, each chunk upcast to fp32 on its own. Each chunk runs under activation checkpointing
+(non-reentrant), so backward recomputes one chunk's logits at a time instead of keeping all of
+them. Positions whose label is IGNORE (prompts, padding) never reach the head.
+
+The head is called as a module (`get_output_embeddings()`), not as a weight: under ZeRO-3 its
+hooks gather the partitioned weight for each call; a tied head is the embedding's weight; a LoRA
+adapter on the head (peft) applies. Logit soft-capping (Gemma-2) and logit scaling (Granite,
+Cohere) are applied as the model's own forward applies them. A model whose forward takes no
+`logits_to_keep` gets the unchunked path (full logits, then fp32), as does chunk_tokens 0.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Optional
+
+
+def causal_lm(model: Any) -> Any:
+    """The Hugging Face model under a DeepSpeed engine (`.module`) and a peft wrapper."""
+    import torch
+
+    inner = model.module if isinstance(getattr(model, "module", None), torch.nn.Module) else model
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+
+
+def logps_from_logits(logits: Any, labels: Any) -> Any:
+    """Log-prob of each label under logits aligned with it (labels[i]: the token after position
+    i), in fp32; 0 where the label is IGNORE."""
+    import torch.nn.functional as F
+
+    from raylm.data import IGNORE
+
+    return -F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1).long(),
+                            ignore_index=IGNORE, reduction="none").view(labels.shape)
+
+
+def _adjust(logits: Any, config: Any) -> Any:
+    """What the model's forward does to its head's output besides returning it."""
+    import torch
+
+    scaling = getattr(config, "logits_scaling", None)  # Granite
+    if scaling:
+        logits = logits / scaling
+    scale = getattr(config, "logit_scale", None)  # Cohere
+    if isinstance(scale, (int, float)) and scale != 1:
+        logits = logits * scale
+    cap = getattr(config, "final_logit_softcapping", None)  # Gemma-2, Gemma-3
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def _chunk_logps(head: Any, config: Any, hidden: Any, labels: Any) -> Any:
+    import torch
+
+    logits = _adjust(head(hidden).float(), config)
+    return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def chunkable(model: Any) -> bool:
+    """The model can be run to its hidden states without its head's full output."""
+    lm = causal_lm(model)
+    return lm.get_output_embeddings() is not None and "logits_to_keep" in inspect.signature(lm.forward).parameters
+
+
+def token_logps(model: Any, input_ids: Any, labels: Any, position_ids: Optional[Any] = None,
+                chunk_tokens: int = 0) -> Any:
+    """(B, T) fp32 log-probs of `labels` (aligned with `input_ids`: labels[:, i] follows position
+    i), 0 where a label is IGNORE; `model`: a causal LM, peft-wrapped or not, or a DeepSpeed engine.
+
+    `position_ids` (packed rows) are passed to the model, which then keeps packed examples apart;
+    use_cache=False always (with a KV cache transformers skips that detection)."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    from raylm.data import IGNORE
+
+    kwargs = {} if position_ids is None else {"position_ids": position_ids}
+    if chunk_tokens <= 0 or not chunkable(model):
+        return logps_from_logits(model(input_ids=input_ids, use_cache=False, **kwargs).logits, labels)
+    lm = causal_lm(model)
+    none = torch.zeros(0, dtype=torch.long, device=input_ids.device)  # the head runs on no position
+    out = model(input_ids=input_ids, use_cache=False, output_hidden_states=True, logits_to_keep=none, **kwargs)
+    hidden = out.hidden_states[-1]  # the final (normed) hidden states: transformers ties them to last_hidden_state
+    flat = labels.reshape(-1)
+    where = (flat != IGNORE).nonzero().squeeze(-1)
+    picked, targets = hidden.reshape(-1, hidden.size(-1)).index_select(0, where), flat.index_select(0, where).long()
+    head, config = lm.get_output_embeddings(), lm.config
+    pieces = []
+    for i in range(0, len(where), chunk_tokens):
+        h, y = picked[i:i + chunk_tokens], targets[i:i + chunk_tokens]
+        if torch.is_grad_enabled():
+            pieces.append(checkpoint(_chunk_logps, head, config, h, y, use_reentrant=False))
+        else:
+            pieces.append(_chunk_logps(head, config, h, y))
+    logps = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+    return torch.zeros(flat.shape, dtype=torch.float32, device=flat.device).index_put((where,), logps).view(labels.shape)
