@@ -206,3 +206,41 @@ def test_loss_and_rewards_equal_trl(loss_type, lora):
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
         assert theirs[key] == pytest.approx(ours[key], abs=1e-5), key
     assert theirs["rewards/accuracies"] == pytest.approx(ours["rewards/accuracy"], abs=1e-6)
+
+
+@pytest.mark.parametrize("disable", [True, False])
+def test_dropout_off_makes_a_gpt2_lora_policy_its_own_reference(disable):
+    """train.dpo.disable_dropout (the default): prepare_model turns every dropout layer off, so a
+    GPT-2 (dropout 0.1) in train mode under fresh LoRA adapters gives log 2 and zero rewards against
+    itself with the adapters disabled; with dropout on it does not (the test can fail)."""
+    import peft
+
+    from raylm.model import build_model
+    from raylm.train.objectives import prepare_model
+
+    cfg = load_config(None, ["train.objective=dpo", "data.format=preference", "model.name=tiny-gpt2",
+                             f"train.dpo.disable_dropout={str(disable).lower()}"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 300, 48)
+    assert model.config.resid_pdrop == 0.1
+    model = prepare_model(cfg, peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["c_attn"],
+                                                                          lora_dropout=0.1))).train()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 300, (4, 20), generator=g)
+    labels = torch.where(torch.arange(20) < 8, IGNORE, torch.randint(0, 300, (4, 20), generator=g))
+    batch = {"input_ids": ids, "labels": labels}
+    with model.disable_adapter():
+        ref = forward_logps(model, batch)[0]
+    logps = forward_logps(model, batch)[0]
+    losses, chosen, rejected = dpo_losses(*logps.chunk(2), *ref.chunk(2), beta=0.1, loss_type="sigmoid")
+    zero = bool(not chosen.any() and not rejected.any())
+    assert (float(losses.detach().mean()) == pytest.approx(math.log(2), abs=1e-6) and zero) is disable
+
+
+def test_a_dpo_run_summary_shows_rewards_not_perplexity():
+    from raylm.train.driver import TrainOutcome
+
+    m = {"step": 60, "val_loss": 0.61, "val_rewards/accuracy": 0.85, "val_rewards/margins": 0.42, "perplexity": 1.8}
+    line = TrainOutcome("run", "ckpt", "hf", m, objective="dpo").summary().splitlines()[0]
+    assert line == "trained: step 60, val_loss 0.6100, reward accuracy 0.850, margins 0.420"
+    assert "perplexity 1.80" in TrainOutcome("run", "ckpt", "hf", m).summary()

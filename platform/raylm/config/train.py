@@ -40,6 +40,9 @@ class DPOConfig(_Strict):
     loss_type: Literal["sigmoid", "ipo"] = Field(
         "sigmoid", description="'sigmoid': DPO's -log sigmoid(beta * margin); 'ipo': IPO's squared loss on "
         "per-token-averaged log-ratios (as TRL computes it).")
+    disable_dropout: bool = Field(
+        True, description="Dropout off in the policy and the reference (TRL's DPOConfig.disable_dropout): with it "
+        "on, the two differ by their dropout masks alone, and the rewards measure noise (GPT-2 has dropout 0.1).")
 
 
 class TrainConfig(_Strict):
@@ -57,10 +60,15 @@ class TrainConfig(_Strict):
     warmup_steps: int = Field(
         10, ge=0, description="Linear warm-up steps before the cosine decay; the first runs at lr / (warmup_steps + 1), "
         "not 0. 0: no warm-up (the first step at lr).")
-    weight_decay: float = Field(0.1, ge=0)
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay of the weights; biases, norms and "
+                                "embeddings (a tied output head with them) never decay, as in Hugging Face's Trainer.")
     beta1: float = Field(0.9, gt=0, lt=1)
     beta2: float = Field(0.95, gt=0, lt=1)
     grad_clip: float = Field(1.0, ge=0, description="Gradient norm clipping; 0 turns it off.")
+    loss_chunk_tokens: int = Field(
+        1024, ge=0, description="Tokens whose logits (vocab wide, fp32) are computed at once for the loss and "
+        "log-probs; backward recomputes them a chunk at a time, so the full (batch, seq, vocab) logits never "
+        "exist. 0: all at once.")
     log_every_steps: int = Field(10, ge=1, description="Report training metrics every N steps.")
     eval_every_steps: int = Field(50, ge=1, description="Validation loss / perplexity every N steps.")
     eval_batches: int = Field(8, ge=1, description="Validation micro-batches per evaluation (per worker).")

@@ -80,6 +80,30 @@ def continue_schedule(engine: Any, cfg: RaylmConfig) -> None:
     sched._last_lr = [lr for _ in sched.base_lrs]  # what get_last_lr() says; torch sets it in step()
 
 
+# Parameter names that never decay, as Hugging Face's Trainer names them (get_decay_parameter_names)
+NO_DECAY_NAME_PATTERNS = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
+
+
+def decay_parameter_names(model: Any) -> set[str]:
+    """Names of the parameters `train.weight_decay` applies to: not biases, not norms (by layer type
+    or name, as Hugging Face's Trainer decides), and not embeddings (token and position tables; a
+    tied output head is the embedding's parameter, so it does not decay either)."""
+    import torch
+    from transformers.trainer_pt_utils import get_parameter_names
+
+    return set(get_parameter_names(model, [torch.nn.LayerNorm, torch.nn.Embedding], list(NO_DECAY_NAME_PATTERNS)))
+
+
+def optimizer_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
+    """deepspeed.initialize's `model_parameters`: the trainable parameters in two groups, with
+    train.weight_decay and without (the optimizer's own weight_decay applies to neither)."""
+    decay = decay_parameter_names(model)
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for name, p in trainable if name in decay], "weight_decay": weight_decay},
+              {"params": [p for name, p in trainable if name not in decay], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
 def deepspeed_config(cfg: RaylmConfig) -> dict[str, Any]:
     """DeepSpeed JSON for this run: ZeRO stage, offload, batch sizes, precision, AdamW (the lr
     schedule is `lr_scheduler`, handed to deepspeed.initialize beside this dict)."""

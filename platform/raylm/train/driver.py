@@ -24,11 +24,13 @@ class TrainOutcome:
     checkpoint: Optional[str]  # the newest checkpoint folder (DeepSpeed state; the final one also hf/)
     hf_checkpoint: Optional[str]  # loadable with AutoModelForCausalLM.from_pretrained
     metrics: dict = field(default_factory=dict)
+    objective: str = "lm"  # train.objective: what the summary line reports
 
     def summary(self) -> str:
+        from raylm.train.objectives import headline
+
         m = self.metrics
-        parts = [f"step {m.get('step')}", f"val_loss {m.get('val_loss', float('nan')):.4f}",
-                 f"perplexity {m.get('perplexity', float('nan')):.2f}"]
+        parts = [f"step {m.get('step')}", *headline(self.objective, m)]
         if "resumed_from_step" in m and m["resumed_from_step"]:
             parts.append(f"resumed from step {m['resumed_from_step']}")
         return f"trained: {', '.join(parts)}\nrun: {self.run_dir}\nHF checkpoint: {self.hf_checkpoint}"
@@ -163,4 +165,4 @@ def run_training(cfg: RaylmConfig, prepared: Optional[PreparedData] = None) -> T
     run_dir = storage.run_dir(cfg.train.storage_path, cfg.train.run_name)
     checkpoint = storage.join(run_dir, os.path.basename(result.checkpoint.path)) if result.checkpoint else None
     return TrainOutcome(run_dir=run_dir, checkpoint=checkpoint, hf_checkpoint=hf_dir(checkpoint) if checkpoint else None,
-                        metrics=dict(result.metrics or {}))
+                        metrics=dict(result.metrics or {}), objective=cfg.train.objective)

@@ -9,7 +9,7 @@ from typing import Any, Optional
 from raylm import storage
 from raylm.config import RaylmConfig
 from raylm.train.metrics import MetricsLog, Reporter, StepMeter
-from raylm.train.objectives import build_objective
+from raylm.train.objectives import build_objective, prepare_model
 from raylm.train.policy import Checkpointer
 from raylm.train.step import Evaluator, micro_batches, train_step
 
@@ -41,7 +41,7 @@ def _engine(cfg: RaylmConfig, tokenizer: Any) -> tuple[Any, dict]:
     import torch.distributed as dist
 
     from raylm.model import build_model
-    from raylm.train.deepspeed import deepspeed_config, import_deepspeed, lr_scheduler
+    from raylm.train.deepspeed import deepspeed_config, import_deepspeed, lr_scheduler, optimizer_groups
     from raylm.train.lora import apply_lora, param_counts
 
     deepspeed = import_deepspeed()
@@ -51,11 +51,12 @@ def _engine(cfg: RaylmConfig, tokenizer: Any) -> tuple[Any, dict]:
     if cfg.train.lora:
         torch.manual_seed(cfg.train.seed)  # ZeRO-3 initialised on rank 0 only: the adapters start equal anyway
         model = apply_lora(model, cfg.train.lora)
+    model = prepare_model(cfg, model)  # after LoRA: its adapters' dropout too
     trainable, total = param_counts(model)
     if dist.get_rank() == 0:
         print(f"raylm: {cfg.model.name}{' + LoRA r=%d' % cfg.train.lora.r if cfg.train.lora else ''}: "
               f"{trainable:,} trainable of {total:,} parameters ({100.0 * trainable / total:.2f}%)", flush=True)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=optimizer_groups(model, cfg.train.weight_decay),
                                            config=deepspeed_config(cfg), lr_scheduler=lr_scheduler(cfg))
     return engine, {"trainable_params": trainable, "total_params": total}
 

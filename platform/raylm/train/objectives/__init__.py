@@ -4,10 +4,15 @@ Every objective is one `Objective`: the step maths (raylm.train.step) asks it ho
 loss a micro-batch holds before any forward pass (trained tokens; DPO: pairs), the micro-batch's
 summed loss over them, the numbers to add to a log line, and what validation adds up and reports.
 The step divides the summed loss by the global batch's units, so an objective never averages
-itself. `build_objective` picks one by `train.objective`.
+itself. `build_objective` picks one by `train.objective`; `prepare_model` makes what the objective needs of
+the model before DeepSpeed wraps it (DPO: dropout off), and `headline` gives the figures a finished
+run's summary line shows (lm: validation loss and perplexity; dpo: its loss, reward accuracy and
+margins).
 
     lm    raylm.train.objectives.lm   pretraining and SFT: cross-entropy per trained token
     dpo   raylm.train.objectives.dpo  preference pairs: the DPO/IPO loss per pair
+
+Both take their log-probs from raylm.train.objectives.logprobs (chunked over tokens).
 """
 
 from __future__ import annotations
@@ -37,13 +42,47 @@ class Objective(Protocol):
     def eval_metrics(self, totals: list[float]) -> dict[str, float]:
         """The validation metrics (`val_loss` among them) from the summed `eval_sums`."""
 
+    @staticmethod
+    def headline(metrics: dict) -> list[str]:
+        """The figures of a finished run's summary line, from its final metrics."""
+
+
+def objective_class(name: str) -> Any:
+    """The class of the objective `train.objective` names (imported only when asked for)."""
+    if name == "dpo":
+        from raylm.train.objectives.dpo import DPO
+
+        return DPO
+    from raylm.train.objectives.lm import NextToken
+
+    return NextToken
+
+
+def prepare_model(cfg: RaylmConfig, model: Any) -> Any:
+    """The model as the objective trains it, before deepspeed.initialize: DPO with
+    train.dpo.disable_dropout gets every dropout layer set to 0 (TRL's disable_dropout_in_model),
+    which covers the LoRA reference too (the same model, adapters disabled)."""
+    if cfg.train.objective == "dpo" and cfg.train.dpo.disable_dropout:
+        disable_dropout(model)
+    return model
+
+
+def disable_dropout(model: Any) -> None:
+    """Every torch Dropout layer of `model` (peft's LoRA dropout among them) drops nothing."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def headline(objective: str, metrics: dict) -> list[str]:
+    """The summary line's figures of a run of `train.objective` `objective`."""
+    return objective_class(objective).headline(metrics)
+
 
 def build_objective(cfg: RaylmConfig, engine: Any, tokenizer: Any, device: Any) -> Objective:
     """The objective `train.objective` names, on this rank's engine."""
     if cfg.train.objective == "dpo":
-        from raylm.train.objectives.dpo import DPO
-
-        return DPO(cfg, engine, tokenizer, device)
-    from raylm.train.objectives.lm import NextToken
-
-    return NextToken(engine)
+        return objective_class("dpo")(cfg, engine, tokenizer, device)
+    return objective_class("lm")(engine, cfg.train.loss_chunk_tokens)

@@ -39,19 +39,21 @@ REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards
 def sequence_logps(logits: Any, labels: Any) -> tuple[Any, Any]:
     """(summed log-prob of each row's labelled tokens, how many) from logits aligned with labels
     (labels[i] is the token after position i; IGNORE is left out). In fp32, whatever the model's dtype."""
-    import torch.nn.functional as F
-
     from raylm.data import IGNORE
+    from raylm.train.objectives.logprobs import logps_from_logits
 
-    per_token = -F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1).long(),
-                                 ignore_index=IGNORE, reduction="none").view(labels.shape)
-    return per_token.sum(dim=1), (labels != IGNORE).sum(dim=1)
+    return logps_from_logits(logits, labels).sum(dim=1), (labels != IGNORE).sum(dim=1)
 
 
-def forward_logps(model: Any, batch: dict) -> tuple[Any, Any]:
-    """Sequence log-probs and answer-token counts of a concatenated pair batch under `model`."""
-    logits = model(input_ids=batch["input_ids"], use_cache=False).logits
-    return sequence_logps(logits, batch["labels"])
+def forward_logps(model: Any, batch: dict, chunk_tokens: int = 0) -> tuple[Any, Any]:
+    """Sequence log-probs and answer-token counts of a concatenated pair batch under `model`
+    (the same values as sequence_logps over its logits; computed in chunks: objectives.logprobs)."""
+    from raylm.data import IGNORE
+    from raylm.train.objectives.logprobs import token_logps
+
+    labels = batch["labels"]
+    return token_logps(model, batch["input_ids"], labels, chunk_tokens=chunk_tokens).sum(dim=1), \
+        (labels != IGNORE).sum(dim=1)
 
 
 def dpo_losses(policy_chosen: Any, policy_rejected: Any, ref_chosen: Any, ref_rejected: Any, beta: float,
@@ -124,6 +126,7 @@ class DPO:
     def __init__(self, cfg: RaylmConfig, engine: Any, tokenizer: Any, device: Any):
         self.cfg, self.engine, self.device = cfg, engine, device
         self.beta, self.loss_type = cfg.train.dpo.beta, cfg.train.dpo.loss_type
+        self.chunk_tokens = cfg.train.loss_chunk_tokens
         self.reference = None if cfg.train.lora else frozen_reference(cfg, tokenizer, device)
         self.sums = [0.0] * 6
 
@@ -133,12 +136,12 @@ class DPO:
         with torch.no_grad():
             if self.cfg.train.lora:  # the base under the adapters is the starting model
                 with self.engine.module.disable_adapter():
-                    return forward_logps(self.engine, batch)[0]
-            return forward_logps(self.reference, batch)[0]
+                    return forward_logps(self.engine, batch, self.chunk_tokens)[0]
+            return forward_logps(self.reference, batch, self.chunk_tokens)[0]
 
     def pair_losses(self, batch: dict) -> tuple[Any, Any, Any]:
         ref = self.reference_logps(batch)
-        logps, counts = forward_logps(self.engine, batch)
+        logps, counts = forward_logps(self.engine, batch, self.chunk_tokens)
         (pc, pr), (rc, rr), (nc, nr) = logps.chunk(2), ref.chunk(2), counts.chunk(2)
         return dpo_losses(pc, pr, rc, rr, self.beta, self.loss_type, nc, nr)
 
@@ -168,3 +171,11 @@ class DPO:
     def eval_metrics(self, totals: list[float]) -> dict[str, float]:
         """val_loss (the DPO loss) and val_rewards/* per pair."""
         return reward_metrics(totals, prefix="val_")
+
+    @staticmethod
+    def headline(metrics: dict) -> list[str]:
+        """The validation DPO loss (log 2 = no preference learnt), reward accuracy and margins."""
+        nan = float("nan")
+        return [f"val_loss {metrics.get('val_loss', nan):.4f}",
+                f"reward accuracy {metrics.get('val_rewards/accuracy', nan):.3f}",
+                f"margins {metrics.get('val_rewards/margins', nan):.3f}"]
