@@ -18,6 +18,7 @@ Cohere) are applied as the model's own forward applies them. A model whose forwa
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, Optional
 
@@ -57,11 +58,31 @@ def _adjust(logits: Any, config: Any) -> Any:
     return logits
 
 
-def _chunk_logps(head: Any, config: Any, hidden: Any, labels: Any) -> Any:
+@functools.lru_cache(maxsize=None)
+def _label_logp() -> Any:
+    """log_softmax(logits)[label] per row, as an autograd function whose backward makes one
+    vocab-wide tensor (the softmax, turned into the gradient in place) where autograd's own
+    (logsumexp, gather, their sum) makes three."""
     import torch
 
-    logits = _adjust(head(hidden).float(), config)
-    return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    class LabelLogp(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, logits: Any, labels: Any) -> Any:
+            lse = torch.logsumexp(logits, dim=-1)
+            ctx.save_for_backward(logits, labels, lse)
+            return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - lse
+
+        @staticmethod
+        def backward(ctx: Any, grad: Any) -> Any:
+            logits, labels, lse = ctx.saved_tensors
+            g = (logits - lse.unsqueeze(-1)).exp_().mul_(-grad.unsqueeze(-1))  # -softmax x grad
+            return g.scatter_add_(-1, labels.unsqueeze(-1), grad.unsqueeze(-1)), None
+
+    return LabelLogp
+
+
+def _chunk_logps(head: Any, config: Any, hidden: Any, labels: Any) -> Any:
+    return _label_logp().apply(_adjust(head(hidden).float(), config), labels)
 
 
 def chunkable(model: Any) -> bool:
