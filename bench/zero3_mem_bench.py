@@ -1,20 +1,21 @@
-"""ZeRO-3 host memory: peak resident memory per worker while building and training a ~0.5B model
-on 2 workers, with the model built partitioned (raylm: `deepspeed.zero.Init` through
-transformers' HfDeepSpeedConfig) versus built whole on every rank and partitioned afterwards by
-`deepspeed.initialize` (raylm before issue 21).
+"""ZeRO-3 host memory, measured as growth (issue 32, item 11): on 2 workers, each worker's peak RSS
+minus its RSS before the model is built (the imports are the same in every run), for a 12-layer
+model (small-llama, wider MLP: ~0.12B) trained 3 steps:
 
-Both paths run the same Ray Train worker function, side by side in one Ray cluster: build the
-engine, then train `STEPS` optimizer steps (seq_len 128, micro-batch 1) on tokenized
-tinyshakespeare. "after" builds the engine with raylm's own `train.loop._engine`; "before" with
-`_engine_before` below, the code `_engine` had before (kept here, not in the platform, so the
-platform has one path). Each worker reads its own kernel high-water mark (VmHWM, the peak RSS
-of the process: nothing a sampler could miss) once the engine is built and again after the last
-step; the second is the peak over building and training.
+    zero0               ZeRO-0: every rank holds the whole model, its gradients and Adam state
+                        (16 bytes a parameter in fp32)
+    zero3               ZeRO-3 as raylm runs it: built partitioned (`deepspeed.zero.Init`), gathered
+                        layers released by raylm's deepspeed.stage3_max_live_parameters /
+                        stage3_max_reuse_distance / stage3_prefetch_bucket_size
+    zero3-ds-defaults   the same with DeepSpeed's own defaults (1e9 live, 1e9 reuse distance): every
+                        gathered layer stays until the step ends
+    zero3-whole         ZeRO-3 with raylm's limits, but built whole on every rank and partitioned by
+                        `deepspeed.initialize` (raylm before issue 21: `_engine_before` below, kept here,
+                        not in the platform)
 
-Full fine-tuning and LoRA are both measured: on CPU, full fine-tuning keeps the optimizer state
-(fp32 master weights, gradients, Adam moments: ~4x the shard) in host memory during training,
-which no load-time saving changes; with LoRA (and on GPUs, where that state lives in device
-memory) what the host holds is mostly the model as loaded.
+Goals: zero3's growth <= 0.6x zero0's; zero3's <= 0.6x zero3-whole's. Each worker reads its own
+kernel high-water mark (VmHWM: nothing a sampler could miss) after the engine is built and after
+the last step, and its VmRSS at the start of the worker function.
 """
 
 from __future__ import annotations
@@ -30,36 +31,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CORPUS, bench_tokenizer, stage_main  # noqa: E402
 from report import ratio  # noqa: E402
 
-# base-llama (hidden 2048, 32 heads / 4 KV heads, MLP 5632) cut to fewer layers: 11 layers would
-# be ~0.49B. Under ZeRO-3 on CPU a worker's peak is ~0.6 GiB + ~5.8x the fp32 model for full
-# fine-tuning (optimizer state and the parameters DeepSpeed gathers for a step) and ~3x with LoRA
-# (measured at 0.19B): at 0.49B ~12 and ~6.5 GiB per worker, more than two workers reliably get
-# beside the other work on this shared 24 GiB machine (runs at 0.19B full were OOM-killed by Ray
-# when the machine filled up). So: 2 layers (~0.11B) full, 6 layers (~0.28B) LoRA.
-MODEL = "base-llama"
-LAYERS = {"full": 2, "lora": 6}
-QUICK_LAYERS = {"full": 1, "lora": 3}
+MODEL = "small-llama"  # 12 layers, hidden 768
+OVERRIDES = {"intermediate_size": 3072}
+QUICK_OVERRIDES = {"intermediate_size": 1024, "hidden_size": 384, "num_attention_heads": 6, "num_key_value_heads": 6}
 STEPS = 3
-GOAL = 0.6  # after / before, peak RSS per worker
-# A what-if row, not raylm's DeepSpeed dict: DeepSpeed's defaults (stage3_max_live_parameters and
-# stage3_max_reuse_distance 1e9) keep every gathered parameter until the step ends, so on CPU a
-# ZeRO-3 step holds the whole model in host memory again; these limits release each layer after use.
-# Measured only with RAYLM_BENCH_WHAT_IF=1 (two more runs).
-BOUNDED_LIVE = {"stage3_max_live_parameters": 10**7, "stage3_max_reuse_distance": 0}
-WHY = ("Why the goal is not met here: on CPU, DeepSpeed's 'device' is host memory, so a ZeRO-3 step holds in"
-        " RSS the parameters it gathers (its defaults, stage3_max_live_parameters and stage3_max_reuse_distan"
-        "ce 1e9, keep every gathered layer until the step ends: about the whole model again) and, for full fi"
-        "ne-tuning, the fp32 master weights, gradients and Adam moments. That training-time state, not the lo"
-        "ad, sets each worker's peak, so building partitioned lowers only the load-time part (the 'model buil"
-        "t' column) and the peak stays ~1.0x. On GPUs the gathered parameters and optimizer state live in dev"
-        "ice memory and the host peak is the load, which is where zero.Init removes the whole copy per rank; "
-        "not measured here (no GPU).")
-VARIANTS = ("before", "after", "bounded") if os.environ.get("RAYLM_BENCH_WHAT_IF") else ("before", "after")
-LABELS = {"before": "built whole, then partitioned", "after": "built partitioned (zero.Init)",
-          "bounded": "built partitioned + live-parameter limits (what-if)"}
+GOAL = 0.6
+DS_DEFAULTS = {"deepspeed.stage3_max_live_parameters": 10**9, "deepspeed.stage3_max_reuse_distance": 10**9,
+               "deepspeed.stage3_prefetch_bucket_size": 5 * 10**7}
+VARIANTS = {"zero0": {"deepspeed.zero_stage": 0}, "zero3": {}, "zero3-ds-defaults": DS_DEFAULTS, "zero3-whole": {}}
+LABELS = {"zero0": "ZeRO-0", "zero3": "ZeRO-3, built partitioned, raylm's live-parameter limits",
+          "zero3-ds-defaults": "ZeRO-3, built partitioned, DeepSpeed's defaults (1e9)",
+          "zero3-whole": "ZeRO-3, built whole then partitioned, raylm's limits"}
 
 
-def bench_config(tokenizer_dir: str, storage: str, overrides: dict, lora: bool):
+def bench_config(tokenizer_dir: str, storage: str, overrides: dict, variant: str):
     from raylm.config import load_config
 
     return load_config(str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"), [
@@ -67,7 +52,7 @@ def bench_config(tokenizer_dir: str, storage: str, overrides: dict, lora: bool):
         f"model.name={MODEL}", f"model.overrides={json.dumps(overrides)}",
         "train.num_workers=2", "train.cpus_per_worker=1", "train.micro_batch_size=1", "train.grad_accum_steps=1",
         f"train.max_steps={STEPS}", "train.warmup_steps=1", f"train.storage_path={storage}", "train.max_failures=0",
-        "deepspeed.zero_stage=3", *(["train.lora={r: 8}"] if lora else []),
+        f"train.run_name={variant}", "deepspeed.zero_stage=3", *(f"{k}={v}" for k, v in VARIANTS[variant].items()),
     ])
 
 
@@ -92,15 +77,15 @@ def _engine_before(cfg, tokenizer):
     return engine
 
 
-def _vmhwm_mib() -> float:
+def _status_mib(field: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024.0
     return float("nan")
 
 
 def train_fn(config: dict) -> None:
-    """Ray Train worker: build the engine one way or the other, train STEPS steps, record VmHWM."""
+    """Ray Train worker: build the engine as the variant says, train STEPS steps, record RSS."""
     import torch
     import torch.distributed as dist
 
@@ -109,43 +94,22 @@ def train_fn(config: dict) -> None:
     from raylm.train.loop import _engine
     from raylm.train.step import train_step
 
-    import raylm.model
-
     cfg = RaylmConfig.model_validate(config["config"])
     torch.set_num_threads(1)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-    start_mib, model_mib = _vmhwm_mib(), []  # start: torch, DeepSpeed, transformers, Ray imported
-    build_model = raylm.model.build_model
-
-    def measured_build(*args, **kwargs):  # both paths import build_model when called: this probe
-        model = build_model(*args, **kwargs)
-        model_mib.append(_vmhwm_mib())
-        return model
-
-    raylm.model.build_model = measured_build
-    if config["variant"] == "bounded":
-        import raylm.train.deepspeed
-
-        deepspeed_config = raylm.train.deepspeed.deepspeed_config
-
-        def bounded(run):
-            ds = deepspeed_config(run)
-            ds["zero_optimization"].update(BOUNDED_LIVE)
-            return ds
-
-        raylm.train.deepspeed.deepspeed_config = bounded  # _engine imports it when called
+    start_mib = _status_mib("VmRSS")  # torch, DeepSpeed, transformers, Ray imported; no model yet
     t0 = time.perf_counter()
-    engine = _engine_before(cfg, tokenizer) if config["variant"] == "before" else _engine(cfg, tokenizer)[0]
-    build_s, built_mib = time.perf_counter() - t0, _vmhwm_mib()
+    engine = _engine_before(cfg, tokenizer) if config["variant"] == "zero3-whole" else _engine(cfg, tokenizer)[0]
+    build_s, built_mib = time.perf_counter() - t0, _status_mib("VmHWM")
     rank, world = dist.get_rank(), dist.get_world_size()
     blocks = torch.tensor(config["blocks"], dtype=torch.long)[rank::world]
     t0 = time.perf_counter()
     for step in range(cfg.train.max_steps):
         result = train_step(engine, [{"input_ids": blocks[step:step + 1]}])
-    record = {"rank": rank, "build_s": build_s, "start_mib": start_mib, "model_peak_mib": model_mib[0],
-              "built_peak_mib": built_mib, "peak_mib": _vmhwm_mib(),
-              "train_s": time.perf_counter() - t0, "loss": result.loss_sum / max(result.global_tokens, 1),
-              "local_params": sum(p.ds_tensor.numel() for p in engine.module.parameters())}
+    peak = _status_mib("VmHWM")
+    record = {"rank": rank, "build_s": build_s, "start_mib": start_mib, "built_peak_mib": built_mib, "peak_mib": peak,
+              "growth_mib": peak - start_mib, "build_growth_mib": built_mib - start_mib,
+              "train_s": time.perf_counter() - t0, "loss": result.loss_sum / max(result.global_tokens, 1)}
     with open(os.path.join(config["out"], f"{config['variant']}-rank{rank}.json"), "w") as f:
         json.dump(record, f)
 
@@ -200,7 +164,7 @@ def run(args) -> dict:
     from common import start_ray
     from raylm.data import load_tokenizer
 
-    layers = QUICK_LAYERS if args.quick else LAYERS
+    overrides = QUICK_OVERRIDES if args.quick else OVERRIDES
     tokenizer_dir = bench_tokenizer(os.path.join(args.workdir, "tok"))
     tokenizer = load_tokenizer(tokenizer_dir)
     ids = tokenizer(CORPUS.read_text()[:200_000])["input_ids"]
@@ -208,72 +172,50 @@ def run(args) -> dict:
     available_gib = psutil.virtual_memory().available / 2**30
     ray = start_ray(num_cpus=4)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    runs: dict[str, dict[str, list[dict]]] = {}
-    n_params: dict[str, int] = {}
-    for kind in ("full", "lora"):
-        cfg = bench_config(tokenizer_dir, os.path.join(args.workdir, "runs"), {"num_hidden_layers": layers[kind]},
-                           lora=kind == "lora")
-        n_params[kind] = _count(cfg, len(tokenizer))
-        runs[kind] = {}
-        for variant in VARIANTS:
-            runs[kind][variant] = _run(cfg.model_copy(update={"train": cfg.train.model_copy(
-                update={"run_name": f"{kind}"})}), variant, blocks, args.workdir)
-            print(kind, variant, runs[kind][variant], flush=True)
+    runs: dict[str, list[dict]] = {}
+    n_params = 0
+    for variant in VARIANTS:
+        cfg = bench_config(tokenizer_dir, os.path.join(args.workdir, "runs"), overrides, variant)
+        n_params = _count(cfg, len(tokenizer))
+        runs[variant] = _run(cfg, variant, blocks, args.workdir)
+        print(variant, runs[variant], flush=True)
     ray.shutdown()
+    return _report(runs, n_params, overrides, len(tokenizer), available_gib)
 
-    return _report(runs, n_params, layers, len(tokenizer), available_gib)
 
-
-def _report(runs: dict, n_params: dict, layers: dict, vocab: int, available_gib: float) -> dict:
-    """Table rows per kind and path; the goal on the larger worker's peak over build + train."""
-    rows, goals, findings = [], [], []
-    for kind, by in runs.items():
-        worst = {v: {k: max(r[k] for r in rs) for k in ("start_mib", "model_peak_mib", "built_peak_mib", "peak_mib")}
-                 for v, rs in by.items()}
-        size = f"{n_params[kind] / 1e9:.2f}B"
-        for variant, rs in by.items():
-            rows.append([f"{kind} fine-tuning {size}, {LABELS[variant]}",
-                         *(", ".join(f"{r[k]:.0f}" for r in rs) for k in ("start_mib", "model_peak_mib",
-                                                                         "built_peak_mib", "peak_mib")),
-                         ratio(worst[variant]["peak_mib"], worst["before"]["peak_mib"]),
-                         f"{max(r['build_s'] for r in rs):.0f}", f"{max(r['train_s'] for r in rs):.0f}"])
-        b, a = worst["before"], worst["after"]
-        value = ratio(a["peak_mib"], b["peak_mib"])
-        goals.append({"goal": f"ZeRO-3 {kind} fine-tuning, {size}, 2 workers: peak RSS per worker over build + "
-                              f"train <= {GOAL}x of building whole", "value": f"{value:.2f}x", "met": value <= GOAL})
-        findings.append(
-            f"{kind} ({size}): the model as built adds {b['model_peak_mib'] - b['start_mib']:.0f} MiB per worker "
-            f"built whole and {a['model_peak_mib'] - a['start_mib']:.0f} MiB built partitioned "
-            f"({ratio(a['model_peak_mib'] - a['start_mib'], b['model_peak_mib'] - b['start_mib']):.2f}x; the "
-            f"process peak at that point {ratio(a['model_peak_mib'], b['model_peak_mib']):.2f}x); the peak over "
-            f"building and training is {b['peak_mib']:.0f} -> {a['peak_mib']:.0f} MiB ({value:.2f}x): training "
-            f"adds {b['peak_mib'] - b['model_peak_mib']:.0f} / {a['peak_mib'] - a['model_peak_mib']:.0f} MiB "
-            f"above the built model" + (f"; with DeepSpeed's live-parameter limits {json.dumps(BOUNDED_LIVE)} (not "
-                                        f"raylm's config) the peak is {worst['bounded']['peak_mib']:.0f} MiB "
-                                        f"({ratio(worst['bounded']['peak_mib'], b['peak_mib']):.2f}x)"
-                                        if "bounded" in worst else ""))
-    findings.append(WHY)
+def _report(runs: dict, n_params: int, overrides: dict, vocab: int, available_gib: float) -> dict:
+    """One row per variant; each goal on the larger worker's growth."""
+    worst = {v: {k: max(r[k] for r in rs) for k in ("growth_mib", "build_growth_mib", "peak_mib")}
+             for v, rs in runs.items()}
+    rows = [[LABELS[v], *(", ".join(f"{r[k]:.0f}" for r in rs) for k in ("start_mib", "build_growth_mib", "growth_mib")),
+             ratio(worst[v]["growth_mib"], worst["zero0"]["growth_mib"]),
+             f"{max(r['build_s'] for r in rs):.0f}", f"{max(r['train_s'] for r in rs):.0f}"] for v, rs in runs.items()]
+    size = f"{n_params / 1e9:.2f}B"
+    z3, z0, whole, dflt = (worst[v]["growth_mib"] for v in ("zero3", "zero0", "zero3-whole", "zero3-ds-defaults"))
+    goals = [{"goal": f"ZeRO-3 growth per worker <= {GOAL}x ZeRO-0's ({size}, 2 workers)",
+              "value": f"{ratio(z3, z0):.2f}x", "met": ratio(z3, z0) <= GOAL},
+             {"goal": f"ZeRO-3 built partitioned: growth <= {GOAL}x of building whole",
+              "value": f"{ratio(z3, whole):.2f}x", "met": ratio(z3, whole) <= GOAL}]
+    findings = [
+        f"ZeRO-0 grows each worker by {z0:.0f} MiB ({z0 * 2**20 / n_params:.1f} bytes a parameter), ZeRO-3 by {z3:.0f} "
+        f"MiB ({z3 * 2**20 / n_params:.1f}) with raylm's limits and {dflt:.0f} MiB ({dflt * 2**20 / n_params:.1f}) with "
+        f"DeepSpeed's defaults, which keep every gathered layer until the step ends",
+        f"building whole then partitioning: {whole:.0f} MiB growth (its build alone "
+        f"{worst['zero3-whole']['build_growth_mib']:.0f} MiB, against {worst['zero3']['build_growth_mib']:.0f} MiB "
+        f"built partitioned): training state, not the load, sets the peak on CPU"]
     return {
-        "title": "8. ZeRO-3 host memory: building the model partitioned",
-        "note": (f"Model: {MODEL} cut to {layers['full']} layers for full fine-tuning ({n_params['full'] / 1e6:.0f}M "
-                 f"parameters) and {layers['lora']} for LoRA r=8 on every linear layer ({n_params['lora'] / 1e6:.0f}M), "
-                 f"vocab {vocab}, fp32; ZeRO-3 with raylm's DeepSpeed dict, 2 Ray Train workers x 1 thread, seq_len "
-                 f"128, micro-batch 1, {STEPS} steps. 'built whole' is raylm before issue 21 (every rank builds the "
-                 f"whole model, deepspeed.initialize partitions it); 'built partitioned' is raylm's "
-                 f"train.loop._engine (transformers builds under deepspeed.zero.Init). Memory: each worker's VmHWM "
-                 f"(kernel peak RSS: nothing a sampler could miss) at the start of the worker function (libraries "
-                 f"imported), once build_model returns, once deepspeed.initialize returns, and after the last step "
-                 f"(= the peak over building and training); one number per worker (rank 0, rank 1). Ratio: the "
-                 f"larger worker's peak / the larger 'built whole' peak. Full fine-tuning at 0.49B needs ~12 GiB "
-                 f"per worker here and LoRA ~6.5 GiB (peak ~0.6 GiB + ~5.8x / ~3x the fp32 model, measured at 0.19B), more "
-                 f"than two workers reliably get beside the other work on this shared 24 GiB machine "
-                 f"({available_gib:.1f} GiB available at start; full fine-tuning at 0.19B was OOM-killed by Ray's "
-                 f"memory monitor), so the sizes are smaller than the issue's ~0.5B."),
-        "tables": [{"columns": ["run", "start (MiB/worker)", "model built", "engine built", "peak build + train",
-                                "x built whole", "build s", f"{STEPS} steps s"], "rows": rows}],
+        "title": "8. ZeRO-3 host memory: growth per worker, ZeRO-0 vs ZeRO-3 (issue 32)",
+        "note": (f"Model: {MODEL} with {json.dumps(overrides)} ({n_params / 1e6:.0f}M parameters, 12 layers), vocab "
+                 f"{vocab}, fp32, full fine-tuning; 2 Ray Train workers x 1 thread, seq_len 128, micro-batch 1, "
+                 f"{STEPS} steps. Growth: a worker's VmHWM after the last step minus its VmRSS at the start of the "
+                 f"worker function (libraries imported, no model); 'build' is VmHWM once the engine is built minus "
+                 f"the same start. One number per worker (rank 0, rank 1); ratios on the larger worker. "
+                 f"{available_gib:.1f} GiB available at start."),
+        "tables": [{"columns": ["run", "start RSS (MiB/worker)", "build growth", "growth (peak - start)",
+                                "x ZeRO-0", "build s", f"{STEPS} steps s"], "rows": rows}],
         "goals": goals,
         "findings": findings,
-        "raw": {"runs": runs, "params": n_params, "layers": layers, "available_gib_at_start": available_gib},
+        "raw": {"runs": runs, "params": n_params, "overrides": overrides, "available_gib_at_start": available_gib},
     }
 
 

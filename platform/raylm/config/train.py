@@ -117,6 +117,16 @@ class DeepSpeedConfig(_Strict):
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO stage: 0 (plain DDP) to 3 (params sharded).")
     offload_optimizer: bool = Field(False, description="Keep optimizer state on CPU (ZeRO >= 1).")
     offload_params: bool = Field(False, description="Keep parameters on CPU (ZeRO-3 only).")
+    stage3_max_live_parameters: int = Field(
+        10**8, ge=0, description="ZeRO-3: at most this many parameters gathered at once by prefetching "
+        "(DeepSpeed's stage3_max_live_parameters; its default 1e9 is a whole 1B model).")
+    stage3_max_reuse_distance: int = Field(
+        10**7, ge=0, description="ZeRO-3: a gathered parameter is kept only when it is used again within this many "
+        "parameters' worth of modules; otherwise it is released after use and gathered again in backward "
+        "(DeepSpeed's stage3_max_reuse_distance; its default 1e9 keeps every layer of a model under 1B gathered "
+        "from its forward to its backward: the whole model again on each rank).")
+    stage3_prefetch_bucket_size: int = Field(
+        5 * 10**7, ge=0, description="ZeRO-3: parameters fetched ahead of use (DeepSpeed's stage3_prefetch_bucket_size).")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="'auto': bf16 on GPU, fp32 on CPU. bf16 accumulates gradients in fp32 (from "
         "zero_stage 1 on); fp16 (GPU) skips the steps whose gradients overflow (metric skipped_steps)."

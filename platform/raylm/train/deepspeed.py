@@ -114,7 +114,11 @@ def deepspeed_config(cfg: RaylmConfig) -> dict[str, Any]:
         zero.update(overlap_comm=t.use_gpu, contiguous_gradients=True, reduce_scatter=True)
     if ds.zero_stage == 3:
         # ZeRO-3 shards parameters; gathering them on save lets rank 0 write a HF model.
-        zero.update(stage3_gather_16bit_weights_on_model_save=True, stage3_param_persistence_threshold=0)
+        zero.update(stage3_gather_16bit_weights_on_model_save=True, stage3_param_persistence_threshold=0,
+                    # what a rank holds gathered beside its shard: bounded, so that layers are released
+                    stage3_max_live_parameters=ds.stage3_max_live_parameters,
+                    stage3_max_reuse_distance=ds.stage3_max_reuse_distance,
+                    stage3_prefetch_bucket_size=ds.stage3_prefetch_bucket_size)
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": t.use_gpu}
     if ds.offload_params:
