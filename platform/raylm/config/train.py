@@ -66,7 +66,7 @@ class TrainConfig(_Strict):
     beta2: float = Field(0.95, gt=0, lt=1)
     grad_clip: float = Field(1.0, ge=0, description="Gradient norm clipping; 0 turns it off.")
     loss_chunk_tokens: int = Field(
-        1024, ge=0, description="Tokens whose logits (vocab wide, fp32) are computed at once for the loss and "
+        512, ge=0, description="Tokens whose logits (vocab wide, fp32) are computed at once for the loss and "
         "log-probs; backward recomputes them a chunk at a time, so the full (batch, seq, vocab) logits never "
         "exist. 0: all at once.")
     log_every_steps: int = Field(10, ge=1, description="Report training metrics every N steps.")
