@@ -23,8 +23,9 @@ from raylm.errors import ConfigError, InputError  # noqa: F401 - re-exported: ra
 
 _WHERE = {
     "RAY_VERSION": "base", "PYTHON_TAG": "base", "expand": "base",
-    "SFTConfig": "data", "PreferenceConfig": "data", "DataConfig": "data", "RECORD_FORMATS": "data",
+    "SFTConfig": "data", "PreferenceConfig": "data", "PromptConfig": "data", "DataConfig": "data", "RECORD_FORMATS": "data",
     "ModelConfig": "model",
+    "GRPOConfig": "grpo",
     "LoraConfig": "train", "DPOConfig": "train", "TrackingConfig": "train", "TrainConfig": "train", "DeepSpeedConfig": "train",
     "AshaConfig": "tune", "TuneConfig": "tune",
     "AutoscalingConfig": "serve", "ServeConfig": "serve", "PromoteConfig": "serve", "KeyLimitOverride": "serve",

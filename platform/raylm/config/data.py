@@ -9,7 +9,7 @@ from pydantic import Field
 from raylm.config.base import _Strict
 
 
-RECORD_FORMATS = ("chat", "instruction", "preference")
+RECORD_FORMATS = ("chat", "instruction", "preference", "prompt")
 
 
 class SFTConfig(_Strict):
@@ -46,6 +46,18 @@ class PreferenceConfig(_Strict):
     system_prompt: Optional[str] = Field(None, description="Plain-form prompts: a system turn put before each.")
 
 
+class PromptConfig(_Strict):
+    """How prompt records become rollout prompts (data.format prompt, for train.objective grpo).
+
+    A record holds the prompt (a list of chat messages, or a string: a user turn) and any other
+    columns (e.g. `answer`); those are handed to the reward functions by name, as TRL does. The
+    prompt is rendered with the chat template and its generation prompt (the assistant's turn
+    opened); one longer than data.seq_len tokens is skipped and counted."""
+
+    prompt_field: str = Field("prompt", description="The prompt: messages, or a string (a user turn).")
+    system_prompt: Optional[str] = Field(None, description="String prompts: a system turn put before each.")
+
+
 class DataConfig(_Strict):
     source: str = Field(
         "embedded",
@@ -53,11 +65,12 @@ class DataConfig(_Strict):
         "download), a local file, folder or glob, a remote URI Ray Data reads (s3://, gs://), "
         "or 'hf:<name>' / a saved Hugging Face datasets folder.",
     )
-    format: Literal["auto", "text", "jsonl", "parquet", "hf", "chat", "instruction", "preference"] = Field(
+    format: Literal["auto", "text", "jsonl", "parquet", "hf", "chat", "instruction", "preference", "prompt"] = Field(
         "auto", description="File format of raw text ('auto' picks it from the file extension), or a supervised "
         "fine-tuning corpus: 'chat' (OpenAI-style messages records) or 'instruction' (Alpaca-style records), "
         "read from .jsonl / .parquet files or a Hugging Face dataset; see data.sft. 'preference': prompt / chosen / "
-        "rejected records for train.objective dpo; see data.preference.",
+        "rejected records for train.objective dpo; see data.preference. 'prompt': prompt records (and the columns "
+        "reward functions read) for train.objective grpo; see data.prompt.",
     )
     text_field: str = Field("text", description="Column / JSON key that holds the text.")
     text_split: Literal["file", "paragraph", "line"] = Field(
@@ -85,6 +98,7 @@ class DataConfig(_Strict):
     )
     sft: SFTConfig = Field(default_factory=SFTConfig, description="Chat / instruction fine-tuning data.")
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig, description="Preference (DPO) data.")
+    prompt: PromptConfig = Field(default_factory=PromptConfig, description="Prompt (GRPO) data.")
 
     @property
     def is_sft(self) -> bool:
@@ -92,5 +106,5 @@ class DataConfig(_Strict):
 
     @property
     def is_records(self) -> bool:
-        """A corpus of JSON records (chat, instruction, preference), not raw text."""
+        """A corpus of JSON records (chat, instruction, preference, prompt), not raw text."""
         return self.format in RECORD_FORMATS

@@ -44,10 +44,15 @@ class RaylmConfig(_Strict):
         if self.precision == "bf16" and ds.zero_stage == 0:
             raise ValueError("deepspeed.zero_stage: 0 with bf16 would accumulate gradients in bf16 (DeepSpeed "
                              "accumulates bf16 gradients in fp32 from ZeRO-1 on); use zero_stage 1, or fp32")
-        if (t.objective == "dpo") != (self.data.format == "preference"):
-            raise ValueError(f"train.objective: {t.objective!r} needs data.format "
-                             f"{'preference' if t.objective == 'dpo' else 'other than preference'} "
-                             f"(got {self.data.format!r}); DPO trains on preference pairs only")
+        for objective, fmt, what in (("dpo", "preference", "DPO trains on preference pairs only"),
+                                     ("grpo", "prompt", "GRPO generates from prompt records only")):
+            if (t.objective == objective) != (self.data.format == fmt):
+                raise ValueError(f"train.objective: {t.objective!r} needs data.format "
+                                 f"{fmt if t.objective == objective else 'other than ' + fmt} "
+                                 f"(got {self.data.format!r}); {what}")
+        if t.objective == "grpo" and not t.grpo.reward_funcs:
+            raise ValueError("train.grpo.reward_funcs: GRPO needs at least one reward function "
+                             "(e.g. [raylm.rewards:exact_match])")
         self._model_tokenizer()
         sv = self.serve
         if sv.default_max_tokens > sv.max_tokens_limit:

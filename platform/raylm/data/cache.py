@@ -85,6 +85,8 @@ def settings(cfg: DataConfig) -> dict:
         out["sft"] = cfg.sft.model_dump(mode="json")
     if cfg.format == "preference":
         out["preference"] = cfg.preference.model_dump(mode="json")
+    if cfg.format == "prompt":
+        out["prompt"] = cfg.prompt.model_dump(mode="json")
     return out
 
 
@@ -147,7 +149,7 @@ class SplitWriter:
         if n == 0:
             return
         if not self._group_rows:
-            self._group_rows = rows_per_group(sum(a[0].nbytes for a in cols.values()))
+            self._group_rows = rows_per_group(sum(_row_bytes(a) for a in cols.values()))
         for k, a in cols.items():
             self._pending.setdefault(k, []).append(a)
         self._pending_rows += n
@@ -195,6 +197,11 @@ class SplitWriter:
         for f in self.files:
             f["bytes"] = sizes[f["path"].split("/", 1)[1]]
         return self.files
+
+
+def _row_bytes(a: np.ndarray) -> int:
+    """One row's size; a string column (prompt records) by its first row's length."""
+    return len(str(a[0]).encode()) if a.dtype == object else a[0].nbytes
 
 
 def _to_arrow(a: np.ndarray) -> Any:

@@ -29,6 +29,7 @@ from raylm.data import cache
 from raylm.data.chat import _record_text, skipped_summary
 from raylm.data.packing import CHUNK_BYTES, COUNTERS, TokenizePack, pack_remainders, render_and_pack
 from raylm.data.preference import PAIR_COLUMNS, render_pairs
+from raylm.data.prompts import PROMPT_COLUMNS, render_prompts
 from raylm.data.reading import _read_documents, file_to_rows, read_files, read_records
 from raylm.data.sources import DataError, Source, resolve_source
 from raylm.data.tokenizer import _tokenizer_for, load_tokenizer, tokenizer_files
@@ -178,6 +179,13 @@ def _pack_pairs(rows: Any, src: Source, cfg: DataConfig, hf_tok: Any, tokenizer_
                                        **_tokenizer_kwargs(tokenizer_dir)})
 
 
+def _pack_prompts(rows: Any, src: Source, cfg: DataConfig, hf_tok: Any, tokenizer_dir: str) -> Any:
+    """Prompt records -> one row per prompt, never packed (raylm.data.prompts)."""
+    return rows.map_batches(render_prompts, batch_size=512, batch_format="numpy",
+                            fn_kwargs={"prompt_json": cfg.prompt.model_dump_json(), "seq_len": cfg.seq_len,
+                                       **_tokenizer_kwargs(tokenizer_dir)})
+
+
 def _read_sft(src: Source, cfg: DataConfig) -> Any:
     records = read_records(src, cfg)
     return records.limit(cfg.max_documents) if cfg.max_documents else records
@@ -189,6 +197,9 @@ SFT = Kind(read=_read_sft, texts=lambda records, src, cfg: records.map(_record_t
            columns=("input_ids", "labels", "position_ids", "tokens"), is_stats=lambda b, cfg: b["tokens"] == 0)
 PREFERENCE = Kind(read=_read_sft, texts=SFT.texts, pack=_pack_pairs, columns=PAIR_COLUMNS,
                   is_stats=lambda b, cfg: b["chosen_tokens"] == 0)
+PROMPT = Kind(read=_read_sft, texts=SFT.texts, pack=_pack_prompts, columns=PROMPT_COLUMNS,
+              is_stats=lambda b, cfg: b["prompt_tokens"] == 0)
+KINDS = {"preference": PREFERENCE, "prompt": PROMPT}
 
 
 class Tally:
@@ -294,7 +305,7 @@ def _build(cfg: DataConfig, src: Source, uri: str, verbose: bool, t0: float) -> 
     # holds a few blocks per operator, and a corpus may be streamed through a store of 80 MiB
     ctx.target_max_block_size = 2 * CHUNK_BYTES
     ctx.enable_progress_bars = verbose
-    kind = PREFERENCE if cfg.format == "preference" else SFT if cfg.is_sft else RAW
+    kind = KINDS.get(cfg.format) or (SFT if cfg.is_sft else RAW)
     rows = kind.read(src, cfg)
     tokenizer_dir = _tokenizer_for(src, cfg, kind.texts(rows, src, cfg))
     hf_tok = load_tokenizer(tokenizer_dir)
@@ -338,7 +349,7 @@ def _check_not_empty(cfg: DataConfig, src: Source, stats: DataStats, tally: Tall
                 event="data_records", summary=summary, truncated=truncated)
         if stats.documents == 0:
             where = ", ".join(src.paths) or cfg.source
-            section = "data.preference" if cfg.format == "preference" else "data.sft"
+            section = f"data.{cfg.format}" if cfg.format in KINDS else "data.sft"
             raise DataError(f"{where}: no usable {cfg.format} record ({summary}); check {section} field names")
     elif stats.documents == 0:
         raise DataError(f"data.source={cfg.source}: the corpus is empty (no non-blank documents)")
