@@ -58,6 +58,12 @@ def init_ray(cfg: RaylmConfig, address: Optional[str] = None, num_cpus: Optional
 
     kwargs: dict = {"namespace": cfg.cluster.namespace, "log_to_driver": console.forward_worker_logs(),
                     "runtime_env": {"env_vars": worker_env(cfg.train.use_gpu)}}
+    if cfg.train.objective == "grpo":  # the user's reward files, importable on every worker
+        from raylm.rewards import reward_modules
+
+        modules = reward_modules(cfg.train.grpo.reward_funcs)  # an unimportable one fails here, before Ray
+        if modules:
+            kwargs["runtime_env"]["py_modules"] = modules
     if console.quiet():
         kwargs["logging_level"] = logging.ERROR
     if target and target != "local":
