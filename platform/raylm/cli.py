@@ -51,8 +51,9 @@ def cmd_train(cfg: RaylmConfig, args: argparse.Namespace) -> int:
     from raylm.cluster import init_ray
     from raylm.data import resolve_source
     from raylm.pipeline import prepare_data_with_progress
-    from raylm.train.driver import run_training
+    from raylm.train.driver import check_objective_runs, run_training
 
+    check_objective_runs(cfg)
     resolve_source(cfg.data)
     storage.check_writable(storage.root(cfg.train.storage_path))  # bucket, credentials, endpoint: before Ray
     print_header("train", cfg)

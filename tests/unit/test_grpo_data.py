@@ -91,3 +91,11 @@ def test_prompt_rows_open_the_assistant_turn_and_keep_the_reward_columns(tok):
     assert hf.decode(ids[0]) == "system: You add numbers.\nuser: What is 2+3?\nassistant:"
     assert prompts == [chat["prompt"], "What is 2+3?"]
     assert cols == {"answer": ["5", "5"], "level": [None, 1]}
+
+
+def test_raylm_train_refuses_grpo_until_the_loop_drives_it():
+    from raylm.train.driver import check_objective_runs
+
+    with pytest.raises(ConfigError, match="train.objective: grpo is not wired into the training loop"):
+        check_objective_runs(load_config(None, GRPO))
+    check_objective_runs(load_config(None, []))

@@ -51,6 +51,18 @@ def check_data_fits(cfg: RaylmConfig, prepared: PreparedData) -> None:
                          f"{cfg.train.num_workers} (one each); raise data.val_fraction or add data")
 
 
+def check_objective_runs(cfg: RaylmConfig) -> None:
+    """train.objective grpo validates, and its parts run (prompt data, rewards, the loss, rollout
+    engines and weight sync), but the training loop does not drive them yet: refuse it plainly
+    rather than train the wrong objective."""
+    if cfg.train.objective == "grpo":
+        from raylm.errors import ConfigError
+
+        raise ConfigError("train.objective: grpo is not wired into the training loop yet (its config, prompt data, "
+                          "reward functions, loss and rollout engines are in place; see the README's GRPO section)",
+                          fields=["train.objective"])
+
+
 def build_trainer(cfg: RaylmConfig, prepared: PreparedData, callbacks: Optional[list] = None,
                   storage_path: Optional[str] = None, held_cpu: float = 0.0, progress: Any = None,
                   keep_best: bool = False) -> Any:
@@ -63,6 +75,7 @@ def build_trainer(cfg: RaylmConfig, prepared: PreparedData, callbacks: Optional[
     of the workers' request, so a trial needs exactly num_workers x cpus_per_worker CPUs. Without
     this, 2 workers x 1 CPU plus a 0.01-CPU trial never fit on a 2-CPU machine (a silent hang).
     """
+    check_objective_runs(cfg)
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
