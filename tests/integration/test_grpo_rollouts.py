@@ -1,4 +1,10 @@
-"""GRPO's rollout engines and weight sync on a real local Ray cluster and real vLLM engines (CPU).
+"""GRPO on a real local Ray cluster: prompt data through the data stage's cache, and the rollout
+engines and weight sync on real vLLM engines (CPU).
+
+Prompt data: records built from the addition corpus (configs/data/arith_chat.jsonl: the prompt
+without its answer, the answer as a column) plus bad lines go through prepare_data (Ray Data) into
+the cache and back out of a rank's stream as prompt ids, prompts and reward columns; bad records
+are counted by reason; a second call reuses the cache. Seconds.
 
 After a sync of perturbed weights (full) or of a LoRA adapter's merged layers, the log-probs the
 engine reports for the tokens it sampled equal the trainer's (a transformers forward in fp32 at the
@@ -21,6 +27,38 @@ def tiny_dir(tmp_path_factory):
     from raylm.serve.tiny import make_tiny_checkpoint
 
     return make_tiny_checkpoint(str(tmp_path_factory.mktemp("grpo") / "ckpt"))
+
+
+def test_prompt_data_is_cached_streamed_and_counted(ray_cluster, tmp_path):
+    import json
+    import re
+    from pathlib import Path
+
+    from raylm.config import DataConfig
+    from raylm.data import CacheStream, prepare_data, prompt_batch
+
+    chats = [json.loads(line) for line in Path("configs/data/arith_chat.jsonl").read_text().splitlines()[:60]]
+    lines = [json.dumps({"prompt": c["messages"][:-1], "answer": c["messages"][-1]["content"]}) for c in chats]
+    lines += ["{not json", json.dumps({"answer": "3"}), json.dumps({"prompt": "What is 1+2? " * 30, "answer": "3"})]
+    (tmp_path / "prompts.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = DataConfig(source=str(tmp_path / "prompts.jsonl"), format="prompt", vocab_size=300, seq_len=48,
+                     val_fraction=0.1, cache_dir=str(tmp_path / "cache"))
+    prepared = prepare_data(cfg, verbose=False)
+    s = prepared.stats
+    assert s.documents == 60 and s.skipped_records == 3 and s.train_blocks + s.val_blocks == 60
+    for reason in ("1 not JSON", "1 missing field 'prompt'", "1 prompt longer than seq_len=48"):
+        assert reason in s.skipped_reasons
+    stream = CacheStream(prepared.uri, prepared.manifest, "train", 0, 1)
+    seen = 0
+    for batch in stream.train_batches(seed=0, epoch=0, batch_size=8, buffer_rows=16):
+        ids, prompts, cols = prompt_batch(batch, cfg.prompt)
+        for p, answer in zip(prompts, cols["answer"]):
+            a, b = map(int, re.findall(r"\d+", p[-1]["content"]))
+            assert int(answer) == a + b  # each prompt still carries its own answer column
+        assert all(len(i) <= 48 for i in ids)
+        seen += len(ids)
+    assert seen == stream.epoch_batches(0, 0, 8) * 8 > 0
+    assert not prepare_data(cfg, verbose=False).built  # cached like the other kinds
 
 
 def engine_vs_trainer(pool, model, prompts, temperature, tok):
