@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import collections
 import json
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
@@ -106,6 +106,18 @@ def pair_rows(pairs: list[list[tuple[np.ndarray, np.ndarray]]], seq_len: int, pa
     return out
 
 
+def json_records(batch: dict[str, np.ndarray], counts: collections.Counter) -> Iterator[Any]:
+    """The parsed records of a map_batches batch of JSON lines; a line that is not JSON is counted
+    (skip:not JSON) and left out, an empty one skipped."""
+    for line in batch["record"].tolist():
+        if not line:
+            continue
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError:
+            counts["skip:not JSON"] += 1
+
+
 def render_pairs(batch: dict[str, np.ndarray], pref_json: str, seq_len: int, tokenizer_files: dict[str, bytes],
                  files_key: str) -> dict[str, np.ndarray]:
     """map_batches UDF: records -> pair rows, plus one stats row (chosen_tokens=0) holding the counts."""
@@ -113,14 +125,7 @@ def render_pairs(batch: dict[str, np.ndarray], pref_json: str, seq_len: int, tok
     tok = _tokenizer_from(files_key, tuple(sorted(tokenizer_files.items())))
     counts: collections.Counter = collections.Counter()
     pairs = []
-    for line in batch["record"].tolist():
-        if not line:
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            counts["skip:not JSON"] += 1
-            continue
+    for record in json_records(batch, counts):
         messages, reason = preference_messages(record, pref)
         pair, reason, cut = (None, reason, False) if messages is None else encode_pair(tok, *messages, seq_len)
         if pair is None:

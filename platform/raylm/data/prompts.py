@@ -24,7 +24,7 @@ import numpy as np
 
 from raylm.config import PromptConfig
 from raylm.data.packing import _tokenizer_from
-from raylm.data.preference import _turns
+from raylm.data.preference import _turns, json_records
 
 PROMPT_COLUMNS = ("prompt_ids", "prompt_tokens", "record")
 
@@ -64,14 +64,7 @@ def render_prompts(batch: dict[str, np.ndarray], prompt_json: str, seq_len: int,
     tok = _tokenizer_from(files_key, tuple(sorted(tokenizer_files.items())))
     counts: collections.Counter = collections.Counter()
     ids_rows, lines = [], []
-    for line in batch["record"].tolist():
-        if not line:
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            counts["skip:not JSON"] += 1
-            continue
+    for record in json_records(batch, counts):
         messages, reason = prompt_messages(record, cfg)
         ids = None if messages is None else encode_prompt(tok, messages)
         if ids is not None and len(ids) > seq_len:
