@@ -99,3 +99,18 @@ def test_raylm_train_refuses_grpo_until_the_loop_drives_it():
     with pytest.raises(ConfigError, match="train.objective: grpo is not wired into the training loop"):
         check_objective_runs(load_config(None, GRPO))
     check_objective_runs(load_config(None, []))
+
+
+def test_rollout_engines_take_the_serving_settings_in_the_trainers_precision():
+    from raylm.serve.options import engine_kwargs
+    from raylm.train.rollouts import rollout_engine_kwargs
+
+    cfg = load_config(None, GRPO + ["serve.max_num_seqs=48", "serve.enable_prefix_caching=true", "data.seq_len=40",
+                                    "train.grpo.max_completion_length=24", "serve.lora_adapters={a: /x}"])
+    kw = rollout_engine_kwargs(cfg)
+    served = engine_kwargs(cfg.serve)
+    assert kw["max_num_seqs"] == served["max_num_seqs"] == 48 and kw["enable_prefix_caching"]
+    assert kw["kv_cache_memory_bytes"] == served["kv_cache_memory_bytes"]
+    assert kw["dtype"] == "float32" and served["dtype"] == "bfloat16"  # CPU trains in fp32: the engine too
+    assert kw["max_model_len"] == 64 and kw["logprobs_mode"] == "processed_logprobs"
+    assert "enable_lora" not in kw and kw["distributed_executor_backend"] == "uni"
