@@ -101,6 +101,10 @@ def serving(cfg: RaylmConfig, address: Optional[str]) -> list[str]:
 
     target = address or cfg.cluster.address or os.environ.get("RAY_ADDRESS") or "auto"
     try:
+        if target != "auto":
+            from raylm.cluster import use_cluster_token
+
+            use_cluster_token(target)
         ray.init(address=target, namespace=cfg.cluster.namespace, log_to_driver=False, logging_level="ERROR")
     except (ConnectionError, RuntimeError, ValueError) as exc:
         return [f"no running Ray cluster reachable ({target}): nothing is being served ({str(exc).splitlines()[0]})"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import threading
@@ -22,6 +23,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from cli_env import clean_env
+from raylm.cluster import token_path
 from raylm.config import dump_config
 from serve_fixtures import (MODEL_ID, auth, key_file, repo_root, serve_config, shutdown_serve, tiny_adapter,
                             tiny_checkpoint, wait_until)
@@ -208,10 +211,9 @@ def test_rollback_from_another_process_joins_the_running_cluster(endpoint, check
     from raylm.serve import lifecycle
 
     cfg, url, config_file = endpoint
-    env = {**os.environ, "RAYLM_JOIN_RUNNING_RAY": "1", "PYTHONPATH": str(repo_root() / "platform")}
-    env.pop("RAY_ADDRESS", None)
+    # a user's second shell: HOME and nothing else (no RAY_AUTH_MODE, no RAY_ADDRESS)
     out = subprocess.run([sys.executable, "-m", "raylm", "rollback", "-c", str(config_file), "--json"], cwd=repo_root(),
-                         env=env, capture_output=True, text=True, timeout=600)
+                         env=clean_env(), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     events = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     joined = [e for e in events if e.get("event") == "ray"]
@@ -221,6 +223,9 @@ def test_rollback_from_another_process_joins_the_running_cluster(endpoint, check
     history = lifecycle.read_history(cfg)
     assert [(e["action"], e["version"]) for e in history if e["action"] != "adapter"] == \
         [("deploy", "v1"), ("promote", "v2"), ("rollback", "v1")]
+    # the token of the cluster raylm started (init_ray, as `raylm serve` starts it), and joined with
+    token = token_path()
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600 and stat.S_IMODE(token.parent.stat().st_mode) == 0o700
 
 
 def test_the_gate_refuses_a_worse_model_with_both_numbers_and_keeps_serving(endpoint, checkpoints, capsys):
