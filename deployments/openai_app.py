@@ -22,7 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 
 from raylm.config import ConfigError, load_config
-from raylm.serve.app import build_app, resolve_checkpoint
+from raylm.serve.app import build_app
+from raylm.servable import resolve_checkpoint
 
 
 class AppArgs(BaseModel):

@@ -89,8 +89,8 @@ def cmd_tune(cfg: RaylmConfig, args: argparse.Namespace) -> int:
 def cmd_serve(cfg: RaylmConfig, args: argparse.Namespace) -> int:
     """Serve a Hugging Face checkpoint (or a sweep's best.json) behind the OpenAI-compatible API."""
     from raylm.cluster import init_ray
-    from raylm.serve.app import check_servable, resolve_checkpoint
-    from raylm.serve.lifecycle import run_serve
+    from raylm.servable import check_servable, resolve_checkpoint
+    from raylm.lifecycle.rollout import run_serve
 
     if args.checkpoint:
         cfg.serve.checkpoint = args.checkpoint
@@ -103,12 +103,12 @@ def cmd_serve(cfg: RaylmConfig, args: argparse.Namespace) -> int:
 def cmd_promote(cfg: RaylmConfig, args: argparse.Namespace) -> int:
     """Evaluate a checkpoint (or best.json) against the served model and roll it into the live endpoint
     if it is at least as good (serve.promote); --adapter NAME adds a LoRA adapter without a redeploy."""
-    from raylm.serve import lifecycle
-    from raylm.serve.app import check_servable, resolve_checkpoint
+    from raylm.lifecycle import adapters, gate, history, rollout
+    from raylm.servable import check_servable, resolve_checkpoint
 
     if args.adapter:
-        entry = lifecycle.add_adapter(cfg, args.adapter, args.checkpoint)
-        say(f"recorded in {lifecycle.history_uri(cfg)}", event="promoted", entry=entry)
+        entry = adapters.add_adapter(cfg, args.adapter, args.checkpoint)
+        say(f"recorded in {history.history_uri(cfg)}", event="promoted", entry=entry)
         return 0
     candidate = resolve_checkpoint(args.checkpoint)  # a missing or corrupt checkpoint: exit 2, before Ray
     check_servable(candidate, cfg.serve)
@@ -116,11 +116,11 @@ def cmd_promote(cfg: RaylmConfig, args: argparse.Namespace) -> int:
 
     init_ray(cfg, address=args.address)
     try:
-        entry = lifecycle.promote(cfg, candidate, force=args.force)
-    except lifecycle.PromotionRefused as exc:
+        entry = rollout.promote(cfg, candidate, force=args.force)
+    except gate.PromotionRefused as exc:
         console.error(str(exc))
-        return lifecycle.EXIT_REFUSED
-    say(f"{entry['version']} is live: {candidate} (history: {lifecycle.history_uri(cfg)})", event="promoted",
+        return gate.EXIT_REFUSED
+    say(f"{entry['version']} is live: {candidate} (history: {history.history_uri(cfg)})", event="promoted",
         entry=entry)
     return 0
 
@@ -128,11 +128,11 @@ def cmd_promote(cfg: RaylmConfig, args: argparse.Namespace) -> int:
 def cmd_rollback(cfg: RaylmConfig, args: argparse.Namespace) -> int:
     """Roll the model served before the live one back into the endpoint (zero downtime, no gate)."""
     from raylm.cluster import init_ray
-    from raylm.serve import lifecycle
+    from raylm.lifecycle import adapters, gate, history, rollout
 
-    lifecycle._live(cfg)  # nothing to roll back: exit 2 before Ray
+    rollout._live(cfg)  # nothing to roll back: exit 2 before Ray
     init_ray(cfg, address=args.address)
-    entry = lifecycle.rollback(cfg)
+    entry = rollout.rollback(cfg)
     say(f"{entry['version']} is live again: {entry['checkpoint']}", event="rolled_back", entry=entry)
     return 0
 

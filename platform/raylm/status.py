@@ -129,7 +129,7 @@ def serving(cfg: RaylmConfig, address: Optional[str]) -> list[str]:
 
 def history_lines(cfg: RaylmConfig, last: int = 8) -> list[str]:
     """The newest promotion-history entries, the live model marked."""
-    from raylm.serve.lifecycle import history_uri, live_entry, read_history
+    from raylm.lifecycle.history import history_uri, live_entry, read_history
 
     history = read_history(cfg)
     if not history:

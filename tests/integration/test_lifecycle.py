@@ -110,7 +110,7 @@ def checkpoints(tiny_checkpoint, tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def endpoint(ray_cluster, checkpoints, key_file, tmp_path_factory):
     """v1 serving checkpoint A, deployed and recorded the way `raylm serve` does it."""
-    from raylm.serve import lifecycle
+    from raylm.lifecycle import gate, history, rollout
 
     root = tmp_path_factory.mktemp("lifecycle-storage")
     cfg = serve_config(key_file, f"train.storage_path={root}", "serve.replica_start_attempts=1",
@@ -121,7 +121,7 @@ def endpoint(ray_cluster, checkpoints, key_file, tmp_path_factory):
                        "eval.max_val_rows=16", "eval.dtype=float32")
     config_file = root / "serve.yaml"
     config_file.write_text(dump_config(cfg))
-    url, _ = lifecycle.deploy_recorded(cfg, checkpoints["a"])
+    url, _ = rollout.deploy_recorded(cfg, checkpoints["a"])
     yield cfg, url, config_file
     shutdown_serve()
 
@@ -138,12 +138,12 @@ def test_a_corrupt_or_missing_checkpoint_is_refused_naming_it(endpoint, checkpoi
 
 
 def test_promotion_rolls_out_under_load_with_no_failed_request(endpoint, checkpoints):
-    from raylm.serve import lifecycle
+    from raylm.lifecycle import gate, history, rollout
 
     cfg, url, _ = endpoint
     with Load(url) as load:
         time.sleep(2)
-        entry = lifecycle.promote(cfg, checkpoints["b"], force=True)
+        entry = rollout.promote(cfg, checkpoints["b"], force=True)
         done = time.monotonic()
         time.sleep(3)
     assert load.failures == [], load.failures[:3]
@@ -156,17 +156,17 @@ def test_promotion_rolls_out_under_load_with_no_failed_request(endpoint, checkpo
 
 def test_a_checkpoint_vllm_cannot_load_is_rolled_back_while_the_old_model_serves(endpoint, checkpoints):
     from raylm.errors import ServeDeployError
-    from raylm.serve import lifecycle
+    from raylm.lifecycle import gate, history, rollout
 
     cfg, url, _ = endpoint
     with Load(url) as load:
         with pytest.raises(ServeDeployError) as err:
-            lifecycle.promote(cfg, checkpoints["cannot_load"], force=True)
+            rollout.promote(cfg, checkpoints["cannot_load"], force=True)
         time.sleep(2)
     assert checkpoints["cannot_load"] in str(err.value) and "v2" in str(err.value)
     assert load.failures == [], load.failures[:3]
     assert {v for *_, v, _ in load.results} == {"v2"}
-    assert lifecycle.live_entry(lifecycle.read_history(cfg))["version"] == "v2", "a failed rollout is not recorded"
+    assert history.live_entry(history.read_history(cfg))["version"] == "v2", "a failed rollout is not recorded"
 
 
 def test_an_adapter_joins_the_live_endpoint_without_a_redeploy(endpoint, tiny_adapter, checkpoints, tmp_path, capsys):
@@ -208,7 +208,7 @@ def test_an_adapter_joins_the_live_endpoint_without_a_redeploy(endpoint, tiny_ad
 def test_rollback_from_another_process_joins_the_running_cluster(endpoint, checkpoints):
     import ray
 
-    from raylm.serve import lifecycle
+    from raylm.lifecycle import gate, history, rollout
 
     cfg, url, config_file = endpoint
     # a user's second shell: HOME and nothing else (no RAY_AUTH_MODE, no RAY_ADDRESS)
@@ -220,8 +220,8 @@ def test_rollback_from_another_process_joins_the_running_cluster(endpoint, check
     assert joined and joined[0]["address"] == ray.get_runtime_context().gcs_address
     r = httpx.post(f"{url}/v1/completions", json={"model": MODEL_ID, "prompt": "x", "max_tokens": 2}, headers=auth())
     assert r.status_code == 200 and r.headers[VERSION] == "v1"
-    history = lifecycle.read_history(cfg)
-    assert [(e["action"], e["version"]) for e in history if e["action"] != "adapter"] == \
+    entries = history.read_history(cfg)
+    assert [(e["action"], e["version"]) for e in entries if e["action"] != "adapter"] == \
         [("deploy", "v1"), ("promote", "v2"), ("rollback", "v1")]
     # the token of the cluster raylm started (init_ray, as `raylm serve` starts it), and joined with
     token = token_path()
@@ -233,16 +233,16 @@ def test_the_gate_refuses_a_worse_model_with_both_numbers_and_keeps_serving(endp
     same eval set with vLLM over Ray Data and refuses a candidate with a higher validation loss."""
     from raylm.cli import main
     from raylm.evaluate import EVAL_JSON
-    from raylm.serve import lifecycle
+    from raylm.lifecycle import gate, history, rollout
 
     cfg, url, config_file = endpoint
-    before = lifecycle.read_history(cfg)
-    assert main(["promote", "-c", str(config_file), checkpoints["worse"]]) == lifecycle.EXIT_REFUSED
+    before = history.read_history(cfg)
+    assert main(["promote", "-c", str(config_file), checkpoints["worse"]]) == gate.EXIT_REFUSED
     err = capsys.readouterr().err
     worse = json.loads((Path(checkpoints["worse"]) / EVAL_JSON).read_text())
     served = json.loads((Path(checkpoints["a"]) / EVAL_JSON).read_text())
     assert worse["eval_set"] == served["eval_set"] and worse["val_loss"] > served["val_loss"]
     assert "not promoted" in err and f"{worse['val_loss']:.4f}" in err and f"{served['val_loss']:.4f}" in err
-    assert lifecycle.read_history(cfg) == before, "a refused candidate is not recorded"
+    assert history.read_history(cfg) == before, "a refused candidate is not recorded"
     r = httpx.post(f"{url}/v1/completions", json={"model": MODEL_ID, "prompt": "x", "max_tokens": 2}, headers=auth())
     assert r.status_code == 200 and r.headers[VERSION] == "v1"

@@ -1,5 +1,5 @@
 """The package's import graph: imports flow one way (config -> data / model -> train -> tune ->
-serve / evaluate -> k8s -> pipeline -> cli) and never in a circle. Function-level imports count too: they
+serve / evaluate -> lifecycle / k8s -> pipeline -> cli) and never in a circle. Function-level imports count too: they
 hide a dependency from start-up time, not from the design."""
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ LAYERS = {
     "raylm.errors": 0,
     "raylm.config": 1,
     "raylm.storage": 2, "raylm.cluster": 2, "raylm.chat": 2, "raylm.console": 2,
-    "raylm.data": 3, "raylm.model": 3,
+    "raylm.data": 3, "raylm.model": 3, "raylm.servable": 3,
     "raylm.train": 4,
     "raylm.tune": 5,
     "raylm.serve": 6, "raylm.evaluate": 6,
-    "raylm.k8s": 7,
+    "raylm.lifecycle": 7, "raylm.k8s": 7,
     "raylm.status": 8, "raylm.pipeline": 8,
     "raylm.cli": 9, "raylm.__main__": 9, "raylm": 9,
 }

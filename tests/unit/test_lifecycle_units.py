@@ -8,7 +8,7 @@ import pytest
 
 from raylm.config import load_config
 from raylm.errors import CheckpointError, InputError
-from raylm.serve import lifecycle
+from raylm.lifecycle import adapters, gate, history, rollout
 
 
 @pytest.mark.parametrize("metric,candidate,served,tolerance,passes", [
@@ -22,39 +22,39 @@ from raylm.serve import lifecycle
     ("contains", 0.20, 0.25, 0.05, True),
 ])
 def test_gate_compares_in_the_metrics_direction_within_the_tolerance(metric, candidate, served, tolerance, passes):
-    ok, line = lifecycle.gate(metric, tolerance, {metric: candidate}, {metric: served})
+    ok, line = gate.gate(metric, tolerance, {metric: candidate}, {metric: served})
     assert ok is passes
     assert f"{candidate:.4f}" in line and f"{served:.4f}" in line, "the message gives both numbers"
 
 
 def test_gate_names_a_metric_the_eval_does_not_have():
     with pytest.raises(InputError, match="exact_match"):
-        lifecycle.gate("exact_match", 0.0, {"val_loss": 2.0}, {"val_loss": 2.1})
+        gate.gate("exact_match", 0.0, {"val_loss": 2.0}, {"val_loss": 2.1})
 
 
 def test_evals_on_different_sets_are_not_compared():
     with pytest.raises(InputError, match="same eval set"):
-        lifecycle.same_eval_set({"eval_set": "a", "checkpoint": "x"}, {"eval_set": "b", "checkpoint": "y"})
+        gate.same_eval_set({"eval_set": "a", "checkpoint": "x"}, {"eval_set": "b", "checkpoint": "y"})
 
 
 def test_history_records_versions_and_the_live_model(tmp_path):
     cfg = load_config(None, [f"train.storage_path={tmp_path}"])
-    assert lifecycle.read_history(cfg) == [] and lifecycle.next_version([]) == "v1"
-    lifecycle.record(cfg, action="deploy", version="v1", checkpoint="/a")
-    lifecycle.record(cfg, action="promote", version="v2", checkpoint="/b", from_version="v1", from_checkpoint="/a")
-    lifecycle.record(cfg, action="adapter", name="ft", model="raylm:ft")
-    lifecycle.record(cfg, action="rollback", version="v1", checkpoint="/a", from_version="v2", from_checkpoint="/b")
-    history = lifecycle.read_history(cfg)
-    assert [e["action"] for e in history] == ["deploy", "promote", "adapter", "rollback"]
-    assert lifecycle.live_entry(history)["checkpoint"] == "/a"
-    assert lifecycle.next_version(history) == "v3", "a rollback reuses the version it returns to"
-    assert json.loads((tmp_path / "serve" / "raylm" / "promotions.json").read_text()) == history
+    assert history.read_history(cfg) == [] and history.next_version([]) == "v1"
+    history.record(cfg, action="deploy", version="v1", checkpoint="/a")
+    history.record(cfg, action="promote", version="v2", checkpoint="/b", from_version="v1", from_checkpoint="/a")
+    history.record(cfg, action="adapter", name="ft", model="raylm:ft")
+    history.record(cfg, action="rollback", version="v1", checkpoint="/a", from_version="v2", from_checkpoint="/b")
+    entries = history.read_history(cfg)
+    assert [e["action"] for e in entries] == ["deploy", "promote", "adapter", "rollback"]
+    assert history.live_entry(entries)["checkpoint"] == "/a"
+    assert history.next_version(entries) == "v3", "a rollback reuses the version it returns to"
+    assert json.loads((tmp_path / "serve" / "raylm" / "promotions.json").read_text()) == entries
 
 
 def test_promote_and_rollback_need_a_served_model_first(tmp_path):
     cfg = load_config(None, [f"train.storage_path={tmp_path}"])
     with pytest.raises(InputError, match="raylm serve"):
-        lifecycle._live(cfg)
+        rollout._live(cfg)
 
 
 def _adapter(path, base: str, r: int = 8):
@@ -72,17 +72,17 @@ def test_add_adapter_refuses_another_base_or_a_too_large_rank_naming_why(tmp_pat
                                                         "vocab_size": 384}))
     cfg = load_config(None, [f"train.storage_path={tmp_path}", f"serve.adapters_path={tmp_path / 'adapters'}",
                              "serve.max_lora_rank=8"])
-    lifecycle.record(cfg, action="deploy", version="v1", checkpoint=str(served))
+    history.record(cfg, action="deploy", version="v1", checkpoint=str(served))
     with pytest.raises(CheckpointError, match="hidden_size 128 != 64"):
-        lifecycle.add_adapter(cfg, "x", str(_adapter(tmp_path / "a1", str(other))))
+        adapters.add_adapter(cfg, "x", str(_adapter(tmp_path / "a1", str(other))))
     with pytest.raises(CheckpointError, match="rank 16 > serve.max_lora_rank=8"):
-        lifecycle.add_adapter(cfg, "x", str(_adapter(tmp_path / "a2", str(served), r=16)))
+        adapters.add_adapter(cfg, "x", str(_adapter(tmp_path / "a2", str(served), r=16)))
     with pytest.raises(InputError, match="--adapter"):
-        lifecycle.add_adapter(cfg, "a/b", str(_adapter(tmp_path / "a3", str(served))))
-    entry = lifecycle.add_adapter(cfg, "good", str(tmp_path / "a3"))
+        adapters.add_adapter(cfg, "a/b", str(_adapter(tmp_path / "a3", str(served))))
+    entry = adapters.add_adapter(cfg, "good", str(tmp_path / "a3"))
     assert entry["model"] == "raylm:good" and (tmp_path / "adapters" / "good" / "adapter_config.json").is_file()
     with pytest.raises(InputError, match="immutable"):
-        lifecycle.add_adapter(cfg, "good", str(tmp_path / "a3"))
+        adapters.add_adapter(cfg, "good", str(tmp_path / "a3"))
 
 
 @pytest.mark.parametrize("found,latest,expect", [

@@ -176,7 +176,7 @@ def test_key_checker_parses_bearer_and_compares_hashes(header, ok):
 
 
 def test_resolve_checkpoint_accepts_a_dir_and_a_best_json(tmp_path, checkpoint):
-    from raylm.serve.app import resolve_checkpoint
+    from raylm.servable import resolve_checkpoint
 
     assert resolve_checkpoint(checkpoint) == str(Path(checkpoint).resolve())
     best = Path(checkpoint).parent / "best.json"
@@ -185,7 +185,7 @@ def test_resolve_checkpoint_accepts_a_dir_and_a_best_json(tmp_path, checkpoint):
 
 
 def test_resolve_checkpoint_errors_name_the_path(tmp_path, checkpoint):
-    from raylm.serve.app import CheckpointError, resolve_checkpoint
+    from raylm.servable import CheckpointError, resolve_checkpoint
 
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -455,7 +455,7 @@ def test_bad_engine_settings_are_config_errors_naming_the_field(overrides, field
 
 
 def test_a_checkpoint_the_cpu_engine_cannot_run_is_refused_naming_it(tmp_path):
-    from raylm.serve.app import CheckpointError, check_servable
+    from raylm.servable import CheckpointError, check_servable
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64,
                                                       "num_attention_heads": 4}))
@@ -465,7 +465,7 @@ def test_a_checkpoint_the_cpu_engine_cannot_run_is_refused_naming_it(tmp_path):
 
 
 def test_a_lora_adapter_that_is_missing_or_too_wide_is_refused_naming_it(tmp_path):
-    from raylm.serve.app import CheckpointError, check_servable
+    from raylm.servable import CheckpointError, check_servable
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64,
                                                       "num_attention_heads": 2}))
@@ -489,7 +489,7 @@ def test_unknown_engine_arguments_fail_before_ray_naming_the_field(tmp_path, cap
 
 def test_every_model_preset_can_be_served_on_cpu():
     from raylm.model import PRESETS, preset_config
-    from raylm.serve.app import MIN_CPU_HEAD_DIM, _head_dim
+    from raylm.servable import MIN_CPU_HEAD_DIM, _head_dim
 
     for name in PRESETS:
         assert _head_dim(preset_config(name, 256, 64).to_dict()) >= MIN_CPU_HEAD_DIM, name
