@@ -103,7 +103,7 @@ def cmd_serve(cfg: RaylmConfig, args: argparse.Namespace) -> int:
 def cmd_promote(cfg: RaylmConfig, args: argparse.Namespace) -> int:
     """Evaluate a checkpoint (or best.json) against the served model and roll it into the live endpoint
     if it is at least as good (serve.promote); --adapter NAME adds a LoRA adapter without a redeploy."""
-    from raylm.lifecycle import adapters, gate, history, rollout
+    from raylm.lifecycle import adapters, eval_gate, history, rollout
     from raylm.servable import check_servable, resolve_checkpoint
 
     if args.adapter:
@@ -117,9 +117,9 @@ def cmd_promote(cfg: RaylmConfig, args: argparse.Namespace) -> int:
     init_ray(cfg, address=args.address)
     try:
         entry = rollout.promote(cfg, candidate, force=args.force)
-    except gate.PromotionRefused as exc:
+    except eval_gate.PromotionRefused as exc:
         console.error(str(exc))
-        return gate.EXIT_REFUSED
+        return eval_gate.EXIT_REFUSED
     say(f"{entry['version']} is live: {candidate} (history: {history.history_uri(cfg)})", event="promoted",
         entry=entry)
     return 0
@@ -128,9 +128,9 @@ def cmd_promote(cfg: RaylmConfig, args: argparse.Namespace) -> int:
 def cmd_rollback(cfg: RaylmConfig, args: argparse.Namespace) -> int:
     """Roll the model served before the live one back into the endpoint (zero downtime, no gate)."""
     from raylm.cluster import init_ray
-    from raylm.lifecycle import adapters, gate, history, rollout
+    from raylm.lifecycle import rollout
 
-    rollout._live(cfg)  # nothing to roll back: exit 2 before Ray
+    rollout.require_live(cfg)  # nothing to roll back: exit 2 before Ray
     init_ray(cfg, address=args.address)
     entry = rollout.rollback(cfg)
     say(f"{entry['version']} is live again: {entry['checkpoint']}", event="rolled_back", entry=entry)

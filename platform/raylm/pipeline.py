@@ -80,7 +80,7 @@ def run_pipeline(cfg: RaylmConfig, address: Optional[str] = None, keep_serving: 
     """Run the four stages in order and print where the endpoint is and how to call it."""
     from raylm.cluster import init_ray
     from raylm.data import resolve_source
-    from raylm.lifecycle import gate, history, rollout
+    from raylm.lifecycle import eval_gate, history, rollout
     from raylm.serve.app import _base_url, banner, serve_until_interrupted
     from raylm.lifecycle.rollout import deploy_recorded
     from raylm.serve.auth import setup_keys
@@ -114,7 +114,7 @@ def run_pipeline(cfg: RaylmConfig, address: Optional[str] = None, keep_serving: 
         try:
             entry = rollout.promote(cfg, checkpoint)
             say(f"{entry['version']} is live: {checkpoint}", event="promoted", entry=entry)
-        except gate.PromotionRefused as exc:
+        except eval_gate.PromotionRefused as exc:
             say(str(exc), event="refused")
         url, keys = _base_url(cfg.serve), setup_keys(cfg.serve)
     else:

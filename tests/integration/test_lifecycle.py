@@ -110,7 +110,7 @@ def checkpoints(tiny_checkpoint, tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def endpoint(ray_cluster, checkpoints, key_file, tmp_path_factory):
     """v1 serving checkpoint A, deployed and recorded the way `raylm serve` does it."""
-    from raylm.lifecycle import gate, history, rollout
+    from raylm.lifecycle import rollout
 
     root = tmp_path_factory.mktemp("lifecycle-storage")
     cfg = serve_config(key_file, f"train.storage_path={root}", "serve.replica_start_attempts=1",
@@ -138,7 +138,7 @@ def test_a_corrupt_or_missing_checkpoint_is_refused_naming_it(endpoint, checkpoi
 
 
 def test_promotion_rolls_out_under_load_with_no_failed_request(endpoint, checkpoints):
-    from raylm.lifecycle import gate, history, rollout
+    from raylm.lifecycle import rollout
 
     cfg, url, _ = endpoint
     with Load(url) as load:
@@ -156,7 +156,7 @@ def test_promotion_rolls_out_under_load_with_no_failed_request(endpoint, checkpo
 
 def test_a_checkpoint_vllm_cannot_load_is_rolled_back_while_the_old_model_serves(endpoint, checkpoints):
     from raylm.errors import ServeDeployError
-    from raylm.lifecycle import gate, history, rollout
+    from raylm.lifecycle import history, rollout
 
     cfg, url, _ = endpoint
     with Load(url) as load:
@@ -208,7 +208,7 @@ def test_an_adapter_joins_the_live_endpoint_without_a_redeploy(endpoint, tiny_ad
 def test_rollback_from_another_process_joins_the_running_cluster(endpoint, checkpoints):
     import ray
 
-    from raylm.lifecycle import gate, history, rollout
+    from raylm.lifecycle import history
 
     cfg, url, config_file = endpoint
     # a user's second shell: HOME and nothing else (no RAY_AUTH_MODE, no RAY_ADDRESS)
@@ -233,11 +233,11 @@ def test_the_gate_refuses_a_worse_model_with_both_numbers_and_keeps_serving(endp
     same eval set with vLLM over Ray Data and refuses a candidate with a higher validation loss."""
     from raylm.cli import main
     from raylm.evaluate import EVAL_JSON
-    from raylm.lifecycle import gate, history, rollout
+    from raylm.lifecycle import eval_gate, history
 
     cfg, url, config_file = endpoint
     before = history.read_history(cfg)
-    assert main(["promote", "-c", str(config_file), checkpoints["worse"]]) == gate.EXIT_REFUSED
+    assert main(["promote", "-c", str(config_file), checkpoints["worse"]]) == eval_gate.EXIT_REFUSED
     err = capsys.readouterr().err
     worse = json.loads((Path(checkpoints["worse"]) / EVAL_JSON).read_text())
     served = json.loads((Path(checkpoints["a"]) / EVAL_JSON).read_text())

@@ -8,7 +8,7 @@ import pytest
 
 from raylm.config import load_config
 from raylm.errors import CheckpointError, InputError
-from raylm.lifecycle import adapters, gate, history, rollout
+from raylm.lifecycle import adapters, eval_gate, history, rollout
 
 
 @pytest.mark.parametrize("metric,candidate,served,tolerance,passes", [
@@ -22,19 +22,19 @@ from raylm.lifecycle import adapters, gate, history, rollout
     ("contains", 0.20, 0.25, 0.05, True),
 ])
 def test_gate_compares_in_the_metrics_direction_within_the_tolerance(metric, candidate, served, tolerance, passes):
-    ok, line = gate.gate(metric, tolerance, {metric: candidate}, {metric: served})
+    ok, line = eval_gate.compare(metric, tolerance, {metric: candidate}, {metric: served})
     assert ok is passes
     assert f"{candidate:.4f}" in line and f"{served:.4f}" in line, "the message gives both numbers"
 
 
 def test_gate_names_a_metric_the_eval_does_not_have():
     with pytest.raises(InputError, match="exact_match"):
-        gate.gate("exact_match", 0.0, {"val_loss": 2.0}, {"val_loss": 2.1})
+        eval_gate.compare("exact_match", 0.0, {"val_loss": 2.0}, {"val_loss": 2.1})
 
 
 def test_evals_on_different_sets_are_not_compared():
     with pytest.raises(InputError, match="same eval set"):
-        gate.same_eval_set({"eval_set": "a", "checkpoint": "x"}, {"eval_set": "b", "checkpoint": "y"})
+        eval_gate.same_eval_set({"eval_set": "a", "checkpoint": "x"}, {"eval_set": "b", "checkpoint": "y"})
 
 
 def test_history_records_versions_and_the_live_model(tmp_path):
@@ -54,7 +54,7 @@ def test_history_records_versions_and_the_live_model(tmp_path):
 def test_promote_and_rollback_need_a_served_model_first(tmp_path):
     cfg = load_config(None, [f"train.storage_path={tmp_path}"])
     with pytest.raises(InputError, match="raylm serve"):
-        rollout._live(cfg)
+        rollout.require_live(cfg)
 
 
 def _adapter(path, base: str, r: int = 8):

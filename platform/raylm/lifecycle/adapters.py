@@ -10,7 +10,7 @@ from raylm.config import RaylmConfig
 from raylm.console import say
 from raylm.errors import CheckpointError, InputError
 from raylm.lifecycle.history import record
-from raylm.lifecycle.rollout import _live
+from raylm.lifecycle.rollout import require_live
 
 
 def add_adapter(cfg: RaylmConfig, name: str, adapter_dir: str) -> dict:
@@ -24,7 +24,7 @@ def add_adapter(cfg: RaylmConfig, name: str, adapter_dir: str) -> dict:
         raise InputError("serve.adapters_path is not set: adapters join a live endpoint from there")
     if not name or "/" in name or ":" in name or name.startswith("."):
         raise InputError(f"--adapter {name!r}: a folder name without '/', ':' or a leading '.'")
-    _, live = _live(cfg)
+    _, live = require_live(cfg)
     source = adapter_dir if storage.is_remote(adapter_dir) else os.path.abspath(os.path.expanduser(adapter_dir))
     if storage.kind(source) != "dir":
         raise CheckpointError(f"adapter not found: {source}")

@@ -16,7 +16,7 @@ from typing import Any, Optional
 from raylm.config import RaylmConfig
 from raylm.console import say
 from raylm.errors import InputError, ServeDeployError
-from raylm.lifecycle.gate import PromotionRefused, evaluate_both, gate, same_eval_set
+from raylm.lifecycle.eval_gate import PromotionRefused, compare, eval_results, same_eval_set
 from raylm.lifecycle.history import (MODEL_ACTIONS, history_uri, live_entry, next_version, read_history,
                                      record)
 from raylm.serve.auth import KeySetup
@@ -36,15 +36,15 @@ def is_serving(cfg: RaylmConfig) -> bool:
 def rollout(cfg: RaylmConfig, checkpoint: str, version: str, previous: Optional[dict]) -> None:
     """Put `checkpoint` into the live app as `version`, in place; on failure deploy `previous`
     again (which never stopped serving) and raise `ServeDeployError` naming the checkpoint."""
-    from raylm.serve.app import _deploy
+    from raylm.serve.app import deploy
 
     try:
-        _deploy(cfg, checkpoint, version)
+        deploy(cfg, checkpoint, version)
     except Exception as exc:  # noqa: BLE001 - any failure: the old model must keep serving
         kept = ""
         if previous is not None:
             try:
-                _deploy(cfg, previous["checkpoint"], previous["version"])
+                deploy(cfg, previous["checkpoint"], previous["version"])
                 kept = f"; {previous['version']} ({previous['checkpoint']}) keeps serving"
             except Exception as again:  # noqa: BLE001
                 kept = f"; restoring {previous['version']} failed too: {again}"
@@ -62,12 +62,12 @@ def _first_line(exc: BaseException) -> str:
 def deploy_recorded(cfg: RaylmConfig, checkpoint: str) -> tuple[str, KeySetup]:
     """Deploy as the next model version and record it in the promotion history (which `raylm
     promote` and `rollback` start from)."""
-    from raylm.serve.app import _deploy
+    from raylm.serve.app import deploy
 
     history = read_history(cfg)
     live = live_entry(history)
     version = next_version(history)
-    url, keys = _deploy(cfg, checkpoint, version)
+    url, keys = deploy(cfg, checkpoint, version)
     record(cfg, action="deploy", version=version, checkpoint=checkpoint,
            from_version=live["version"] if live else None, from_checkpoint=live["checkpoint"] if live else None)
     return url, keys
@@ -85,7 +85,7 @@ def run_serve(cfg: RaylmConfig, checkpoint: str, blocking: bool) -> int:
     return 0
 
 
-def _live(cfg: RaylmConfig) -> tuple[list[dict], dict]:
+def require_live(cfg: RaylmConfig) -> tuple[list[dict], dict]:
     history = read_history(cfg)
     live = live_entry(history)
     if live is None:
@@ -94,7 +94,7 @@ def _live(cfg: RaylmConfig) -> tuple[list[dict], dict]:
     return history, live
 
 
-def _check_serving(cfg: RaylmConfig) -> None:
+def require_serving(cfg: RaylmConfig) -> None:
     if not is_serving(cfg):
         raise InputError(f"serve app {cfg.serve.app_name!r} is not running on this Ray cluster: start it with "
                          "`raylm serve`, or join its cluster (--address, cluster.address or RAY_ADDRESS)")
@@ -103,13 +103,13 @@ def _check_serving(cfg: RaylmConfig) -> None:
 def promote(cfg: RaylmConfig, candidate: str, force: bool = False) -> dict:
     """`raylm promote`: evaluate the candidate and the served model on the same eval set, roll the
     candidate out if it passes the gate (or `force`), and record it. Ray must be initialised."""
-    history, live = _live(cfg)
-    _check_serving(cfg)
+    history, live = require_live(cfg)
+    require_serving(cfg)
     metrics: dict[str, Any] = {}
     if not force:
-        ours, theirs = evaluate_both(cfg, candidate, live["checkpoint"])
+        ours, theirs = eval_results(cfg, candidate, live["checkpoint"])
         same_eval_set(ours, theirs)
-        passed, line = gate(cfg.serve.promote.metric, cfg.serve.promote.tolerance, ours, theirs)
+        passed, line = compare(cfg.serve.promote.metric, cfg.serve.promote.tolerance, ours, theirs)
         metrics = {"metric": cfg.serve.promote.metric, "candidate": ours.get(cfg.serve.promote.metric),
                    "served": theirs.get(cfg.serve.promote.metric)}
         if not passed:
@@ -125,11 +125,11 @@ def promote(cfg: RaylmConfig, candidate: str, force: bool = False) -> dict:
 
 def rollback(cfg: RaylmConfig) -> dict:
     """`raylm rollback`: roll the model served before the live one back out (no gate)."""
-    history, live = _live(cfg)
+    history, live = require_live(cfg)
     if not live.get("from_checkpoint"):
         raise InputError(f"{live['version']} ({live['checkpoint']}) is the first model served here: nothing to roll "
                          f"back to ({history_uri(cfg)})")
-    _check_serving(cfg)
+    require_serving(cfg)
     back = {"version": live["from_version"], "checkpoint": live["from_checkpoint"]}
     earlier = next((e for e in reversed(history) if e.get("action") in MODEL_ACTIONS
                     and e.get("version") == back["version"]), {})

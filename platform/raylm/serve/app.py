@@ -10,7 +10,8 @@ writes into the RayService.
 
 Entry points: `servable.resolve_checkpoint` (before Ray starts), `build_app` (an `Application`, used by
 deployments/openai_app.py for `serve run`/`serve deploy`/KubeRay), `deploy` (start Serve and run
-the app; returns the base URL); lifecycle/rollout.py deploys with a recorded version (`raylm serve`).
+the app; returns the base URL and keys); lifecycle/rollout.py deploys through it and records what
+it deployed (`raylm serve`, promote, rollback).
 """
 
 from __future__ import annotations
@@ -391,7 +392,11 @@ def direct_urls(s: ServeConfig) -> list[str]:
             if t.port != proxy_port and not t.name.startswith("SERVE_PROXY_ACTOR")]
 
 
-def _deploy(cfg: RaylmConfig, checkpoint: str, version: str = "") -> tuple[str, KeySetup]:
+def deploy(cfg: RaylmConfig, checkpoint: str, version: str = "") -> tuple[str, KeySetup]:
+    """Serve's one deploy entry point: start Serve (HTTP on serve.host:serve.port) and run the app
+    over the checkpoint as model `version`; returns the base URL once the replicas are up (clients
+    use `<url>/v1`) and the keys it was bound to. Ray must be initialised. `raylm serve`, promote
+    and rollback deploy through lifecycle/rollout.py, which records what was deployed."""
     s = cfg.serve
     keys = setup_keys(s)
     serve.start(http_options=s.http_options())
@@ -401,12 +406,6 @@ def _deploy(cfg: RaylmConfig, checkpoint: str, version: str = "") -> tuple[str, 
     except RuntimeError as exc:
         raise ServeDeployError(f"serve app {s.app_name!r} over {checkpoint} failed to deploy: {exc}") from None
     return _base_url(s), keys
-
-
-def deploy(cfg: RaylmConfig, checkpoint: str) -> str:
-    """Start Serve (HTTP on serve.host:serve.port) and run the app; returns the base URL once
-    the replicas are up (clients use `<url>/v1`). Ray must be initialised."""
-    return _deploy(cfg, checkpoint)[0]
 
 
 def banner(url: str, keys: KeySetup, cfg: RaylmConfig, direct: tuple[str, ...] = ()) -> str:

@@ -15,7 +15,7 @@ class PromotionRefused(Exception):
     """The candidate scored worse than the served model beyond serve.promote.tolerance."""
 
 
-def gate(metric: str, tolerance: float, candidate: dict, served: dict) -> tuple[bool, str]:
+def compare(metric: str, tolerance: float, candidate: dict, served: dict) -> tuple[bool, str]:
     """Whether the candidate's eval is at least as good as the served model's by `metric`, within
     `tolerance` (in the metric's units), and a line giving both numbers."""
     ours, theirs = candidate.get(metric), served.get(metric)
@@ -36,7 +36,7 @@ def same_eval_set(a: dict, b: dict) -> None:
                          f"({a.get('eval_set')} vs {b.get('eval_set')}): compare them with one config")
 
 
-def evaluate(cfg: RaylmConfig, checkpoint: str) -> dict:
+def eval_result(cfg: RaylmConfig, checkpoint: str) -> dict:
     """`raylm eval`'s result for the checkpoint on the config's eval set, reusing its eval.json when
     it already holds that (the served model was evaluated when it was promoted)."""
     from raylm.evaluate import evaluate_checkpoint, summary
@@ -47,7 +47,7 @@ def evaluate(cfg: RaylmConfig, checkpoint: str) -> dict:
     return result
 
 
-def evaluate_both(cfg: RaylmConfig, candidate: str, served: str) -> tuple[dict, dict]:
+def eval_results(cfg: RaylmConfig, candidate: str, served: str) -> tuple[dict, dict]:
     """The gate's two evaluations, at the same time: each starts its own vLLM engine (on 2 CPU
     cores, ~25 s of start-up that is mostly one process importing), and the served model's result
     is usually reused from its eval.json anyway. The eval set is prepared once first, so the two do
@@ -59,5 +59,5 @@ def evaluate_both(cfg: RaylmConfig, candidate: str, served: str) -> tuple[dict, 
 
     prepare_data(cfg.data, verbose=False, storage_path=cfg.train.storage_path)
     with ThreadPoolExecutor(2, thread_name_prefix="raylm-eval") as pool:
-        ours, theirs = pool.submit(evaluate, cfg, candidate), pool.submit(evaluate, cfg, served)
+        ours, theirs = pool.submit(eval_result, cfg, candidate), pool.submit(eval_result, cfg, served)
         return ours.result(), theirs.result()
