@@ -13,6 +13,7 @@ from raylm.config import InputError, RaylmConfig, dump_config, load_config
 from raylm.console import print_header, say
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM during a rollout (128 + SIGINT, as shells report it)
 
 
 # ------------------------------------------------------------------ verbs
@@ -97,7 +98,7 @@ def cmd_serve(cfg: RaylmConfig, args: argparse.Namespace) -> int:
     checkpoint = resolve_checkpoint(cfg.serve.checkpoint)  # fails before Ray on a bad path ...
     check_servable(checkpoint, cfg.serve)  # ... or a model, adapter or engine argument vLLM would refuse
     init_ray(cfg, address=args.address)
-    return run_serve(cfg, checkpoint, blocking=not args.detach)
+    return run_serve(cfg, checkpoint, blocking=not args.detach, overrides=args.set)
 
 
 def cmd_promote(cfg: RaylmConfig, args: argparse.Namespace) -> int:
@@ -113,13 +114,17 @@ def cmd_promote(cfg: RaylmConfig, args: argparse.Namespace) -> int:
     candidate = resolve_checkpoint(args.checkpoint)  # a missing or corrupt checkpoint: exit 2, before Ray
     check_servable(candidate, cfg.serve)
     from raylm.cluster import init_ray
+    from raylm.lifecycle.record import deployment
 
+    deployment(cfg, args.set, args.reconfigure)  # serve settings that differ from the deployed ones: exit 2, before Ray
     init_ray(cfg, address=args.address)
     try:
-        entry = rollout.promote(cfg, candidate, force=args.force)
+        entry = rollout.promote(cfg, candidate, force=args.force, overrides=args.set, reconfigure=args.reconfigure)
     except eval_gate.PromotionRefused as exc:
         console.error(str(exc))
         return eval_gate.EXIT_REFUSED
+    except KeyboardInterrupt:  # recorded in the history as interrupted (rollout.change_model)
+        return EXIT_INTERRUPTED
     say(f"{entry['version']} is live: {candidate} (history: {history.history_uri(cfg)})", event="promoted",
         entry=entry)
     return 0
@@ -132,7 +137,10 @@ def cmd_rollback(cfg: RaylmConfig, args: argparse.Namespace) -> int:
 
     rollout.require_live(cfg)  # nothing to roll back: exit 2 before Ray
     init_ray(cfg, address=args.address)
-    entry = rollout.rollback(cfg)
+    try:
+        entry = rollout.rollback(cfg)
+    except KeyboardInterrupt:  # recorded in the history as interrupted
+        return EXIT_INTERRUPTED
     say(f"{entry['version']} is live again: {entry['checkpoint']}", event="rolled_back", entry=entry)
     return 0
 
@@ -251,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "promote":
             p.add_argument("checkpoint", help="HF checkpoint dir or a sweep's best.json (with --adapter: a peft adapter dir)")
             p.add_argument("--force", action="store_true", help="skip the eval gate")
+            p.add_argument("--reconfigure", action="store_true", help="deploy this config's serve settings where "
+                           "they differ from the deployed ones (else they are refused, named)")
             p.add_argument("--adapter", metavar="NAME", help="add the adapter as model <serve.model_id>:NAME instead")
         if name == "eval":
             p.add_argument("checkpoint", help="an hf/ folder, a step folder holding hf/, or a sweep's best.json "

@@ -106,3 +106,99 @@ def test_a_command_joins_the_cluster_running_on_the_machine(monkeypatch, found, 
         assert running_cluster() == expect
     monkeypatch.setenv("RAYLM_JOIN_RUNNING_RAY", "0")
     assert running_cluster() is None
+
+
+def test_promote_deploys_the_record_with_only_the_model_changed(tmp_path):
+    """`raylm serve --set serve.autoscaling.max_replicas=3` with keys from $RAYLM_API_KEYS, then a
+    promote from a shell with neither: the record's config and key hashes, not the promoter's."""
+    from raylm.lifecycle import record
+    from raylm.serve.auth import KeySetup, hash_key
+
+    base = [f"train.storage_path={tmp_path}"]
+    served = load_config(None, [*base, "serve.autoscaling.max_replicas=3", "serve.checkpoint=/a"])
+    record.write_record(served, "/a", "v1", KeySetup((hash_key("k1"),), "env $RAYLM_API_KEYS"),
+                        record.set_paths(["serve.autoscaling.max_replicas=3"]))
+    saved = (tmp_path / "serve" / "raylm" / "deployment.json").read_text()
+    assert "k1" not in saved.replace(hash_key("k1"), ""), "hashes, never keys"
+    assert json.loads(saved)["config"]["serve"]["checkpoint"] is None, "the checkpoint travels beside the config"
+
+    promoter = load_config(None, base)
+    assert promoter.serve.autoscaling.max_replicas != 3
+    target, keys, kept = record.deployment(promoter)
+    assert target.serve.autoscaling.max_replicas == 3 and keys.hashes == (hash_key("k1"),)
+    assert kept == ["serve.autoscaling.max_replicas"] and target.serve.checkpoint is None
+
+
+def test_a_promote_whose_serve_settings_differ_names_them_and_needs_reconfigure(tmp_path):
+    from raylm.lifecycle import record
+    from raylm.serve.auth import KeySetup, hash_key
+
+    base = [f"train.storage_path={tmp_path}"]
+    record.write_record(load_config(None, [*base, "serve.autoscaling.max_replicas=3"]), "/a", "v1",
+                        KeySetup((hash_key("k1"),), "env"), ["serve.autoscaling.max_replicas"])
+    mine = [*base, "serve.max_tokens_limit=64"]
+    with pytest.raises(InputError, match=r"serve\.max_tokens_limit; pass --reconfigure") as err:
+        record.deployment(load_config(None, mine), mine)
+    assert "max_replicas" not in str(err.value), "a field only the serving command set is not this one's"
+    target, keys, kept = record.deployment(load_config(None, mine), mine, reconfigure=True)
+    assert target.serve.max_tokens_limit == 64 and target.serve.autoscaling.max_replicas == 3
+    assert keys.hashes == (hash_key("k1"),), "keys are read again only when a key field changes"
+    assert kept == ["serve.autoscaling.max_replicas", "serve.max_tokens_limit"]
+    # this promote's own --set of the field the serving command set is its choice: named too
+    again = [*base, "serve.autoscaling.max_replicas=4"]
+    with pytest.raises(InputError, match="serve.autoscaling.max_replicas"):
+        record.deployment(load_config(None, again), again)
+
+
+def test_one_promotion_at_a_time_and_a_stale_lock_expires_with_a_message(tmp_path, capsys):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from raylm.lifecycle import lock
+
+    cfg = load_config(None, [f"train.storage_path={tmp_path}"])
+    uri = lock.lock_uri(cfg)
+    with lock.promotion_lock(cfg, "promote"):
+        with pytest.raises(lock.PromotionBusy, match=rf"promote by pid {os.getpid()} on"):
+            with lock.promotion_lock(cfg, "rollback"):
+                pass
+        assert os.path.exists(uri)
+    assert not os.path.exists(uri), "released"
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = {"token": "t", "action": "promote", "pid": int(gone.stdout), "host": socket.gethostname(), "at": "then",
+            "expires": 4e9}
+    os.makedirs(os.path.dirname(uri), exist_ok=True)
+    with open(uri, "w") as f:
+        json.dump(dead, f)
+    with lock.promotion_lock(cfg, "promote") as me:
+        assert json.load(open(uri))["token"] == me["token"]
+    assert f"process {dead['pid']} on this host is gone" in capsys.readouterr().out
+
+    elsewhere = {**dead, "host": "another-machine", "expires": 1.0}
+    with open(uri, "w") as f:
+        json.dump(elsewhere, f)
+    with lock.promotion_lock(cfg, "promote"):
+        pass
+    assert "it expired" in capsys.readouterr().out
+    with open(uri, "w") as f:
+        json.dump({**elsewhere, "expires": 4e9}, f)
+    with pytest.raises(lock.PromotionBusy, match="another-machine"):
+        with lock.promotion_lock(cfg, "promote"):
+            pass
+
+
+def test_the_live_model_and_versions_count_only_finished_changes():
+    h = [{"action": "deploy", "state": "done", "version": "v1", "checkpoint": "/a", "id": "0"},
+         {"action": "promote", "state": "intent", "version": "v2", "checkpoint": "/b", "id": "1"},
+         {"action": "promote", "state": "failed", "version": "v2", "checkpoint": "/b", "id": "1"},
+         {"action": "promote", "state": "intent", "version": "v2", "checkpoint": "/c", "id": "2"},
+         {"action": "promote", "state": "interrupted", "version": "v2", "checkpoint": "/c", "id": "2"}]
+    assert history.live_entry(h)["version"] == "v1" and history.next_version(h) == "v2"
+    assert history.unfinished(h) is None
+    h.append({"action": "promote", "state": "intent", "version": "v2", "checkpoint": "/d", "id": "3"})
+    assert history.unfinished(h)["checkpoint"] == "/d" and history.live_entry(h)["version"] == "v1"
+    h.append({"action": "promote", "state": "done", "version": "v2", "checkpoint": "/d", "id": "3"})
+    assert history.live_entry(h)["checkpoint"] == "/d" and history.next_version(h) == "v3"

@@ -392,13 +392,15 @@ def direct_urls(s: ServeConfig) -> list[str]:
             if t.port != proxy_port and not t.name.startswith("SERVE_PROXY_ACTOR")]
 
 
-def deploy(cfg: RaylmConfig, checkpoint: str, version: str = "") -> tuple[str, KeySetup]:
+def deploy(cfg: RaylmConfig, checkpoint: str, version: str = "",
+           keys: Optional[KeySetup] = None) -> tuple[str, KeySetup]:
     """Serve's one deploy entry point: start Serve (HTTP on serve.host:serve.port) and run the app
     over the checkpoint as model `version`; returns the base URL once the replicas are up (clients
-    use `<url>/v1`) and the keys it was bound to. Ray must be initialised. `raylm serve`, promote
-    and rollback deploy through lifecycle/rollout.py, which records what was deployed."""
+    use `<url>/v1`) and the keys it was bound to (`keys`, else read from the config and this
+    process's environment). Ray must be initialised. `raylm serve`, promote and rollback deploy
+    through lifecycle/rollout.py, which records what was deployed and deploys from the record."""
     s = cfg.serve
-    keys = setup_keys(s)
+    keys = keys or setup_keys(s)
     serve.start(http_options=s.http_options())
     try:
         serve.run(build_app(cfg, checkpoint, keys, model_version=version), name=s.app_name,
