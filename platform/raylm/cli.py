@@ -107,6 +107,12 @@ def cmd_promote(cfg: RaylmConfig, args: argparse.Namespace) -> int:
     from raylm.lifecycle import adapters, eval_gate, history, rollout
     from raylm.servable import check_servable, resolve_checkpoint
 
+    if args.remove_adapter:
+        entry = adapters.remove_adapter(cfg, args.remove_adapter)
+        say(f"recorded in {history.history_uri(cfg)}", event="promoted", entry=entry)
+        return 0
+    if not args.checkpoint:
+        raise InputError("promote: name the checkpoint (or best.json) to promote, or --remove-adapter NAME")
     if args.adapter:
         entry = adapters.add_adapter(cfg, args.adapter, args.checkpoint)
         say(f"recorded in {history.history_uri(cfg)}", event="promoted", entry=entry)
@@ -257,11 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "export":
             p.add_argument("checkpoint", help="a checkpoint folder (step_*) or its URI")
         if name == "promote":
-            p.add_argument("checkpoint", help="HF checkpoint dir or a sweep's best.json (with --adapter: a peft adapter dir)")
+            p.add_argument("checkpoint", nargs="?",
+                           help="HF checkpoint dir or a sweep's best.json (with --adapter: a peft adapter dir)")
             p.add_argument("--force", action="store_true", help="skip the eval gate")
             p.add_argument("--reconfigure", action="store_true", help="deploy this config's serve settings where "
                            "they differ from the deployed ones (else they are refused, named)")
             p.add_argument("--adapter", metavar="NAME", help="add the adapter as model <serve.model_id>:NAME instead")
+            p.add_argument("--remove-adapter", metavar="NAME", help="stop serving adapter NAME (delete "
+                           "serve.adapters_path/NAME) instead")
         if name == "eval":
             p.add_argument("checkpoint", help="an hf/ folder, a step folder holding hf/, or a sweep's best.json "
                            "(local or s3://, gs://)")

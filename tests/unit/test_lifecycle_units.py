@@ -83,6 +83,12 @@ def test_add_adapter_refuses_another_base_or_a_too_large_rank_naming_why(tmp_pat
     assert entry["model"] == "raylm:good" and (tmp_path / "adapters" / "good" / "adapter_config.json").is_file()
     with pytest.raises(InputError, match="immutable"):
         adapters.add_adapter(cfg, "good", str(tmp_path / "a3"))
+    # --remove-adapter: the folder goes (the edge stops listing it), the history says so
+    with pytest.raises(InputError, match="no adapter folder"):
+        adapters.remove_adapter(cfg, "never")
+    removed = adapters.remove_adapter(cfg, "good")
+    assert removed["action"] == "adapter_removed" and not (tmp_path / "adapters" / "good").exists()
+    assert history.read_history(cfg)[-1] == removed and history.live_entry(history.read_history(cfg))["version"] == "v1"
 
 
 @pytest.mark.parametrize("found,latest,expect", [

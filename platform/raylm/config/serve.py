@@ -289,6 +289,10 @@ class ServeConfig(_Strict):
     max_adapters_per_replica: int = Field(
         4, ge=1, description="Adapters from serve.adapters_path one replica keeps loaded (least recently used "
         "ones are dropped first); also vLLM's max_loras.")
+    remote_cache_max_gib: Optional[float] = Field(
+        None, gt=0, description="Most GiB each node's cache of checkpoints and adapters downloaded from object "
+        "storage keeps (least recently used copies are deleted first; the one just used is always kept); "
+        "null: no limit.")
     promote: PromoteConfig = Field(default_factory=PromoteConfig, description="The promotion gate (raylm promote).")
 
     @field_validator("engine_kwargs")

@@ -4,10 +4,10 @@ outcome. Two promotes at once took the same version number, and a failure path r
 "previous" over the other's model.
 
 Locally the lock is created with O_EXCL, so exactly one process gets it. On object storage pyarrow
-has no conditional write (S3's `If-None-Match: *` is not exposed by pyarrow.fs 2x), so the lock is
+has no conditional write (pyarrow.fs's output streams expose no `If-None-Match: *`), so the lock is
 written when absent and read back: two writers within the same moment can both believe they hold
-it; promotions from one CI pipeline at a time are safe, racing ones should share a local or NFS
-storage_path or serialize in CI.
+it. Promotions from one CI job at a time are safe there; racing ones need a local or NFS
+storage_path, or a conditional PUT through the cloud's own client (not done here).
 
 A lock whose holder is gone is taken over, with a message: its process no longer runs on this host,
 or its `stale_after_s` ran out (a holder on another machine that died).

@@ -66,6 +66,7 @@ class AdapterStore(AdapterListing):
     def __init__(self, server: "RaylmServer", s: ServeConfig, served_config: dict):
         super().__init__(s)
         self.server, self.max_lora_rank, self.served_config = server, s.max_lora_rank, served_config
+        self.cache_max_bytes = cache_max_bytes(s)
         self._next_id = 1000  # vLLM's LoRA int ids; the static adapters take 1..n
 
         async def load_adapter(model_id: str) -> Any:  # a plain function: Serve keeps its LRU on it
@@ -76,17 +77,22 @@ class AdapterStore(AdapterListing):
     async def load(self, model: str) -> None:
         await self.load_adapter(model)
 
-    async def _load(self, model: str) -> Any:
-        from ray.llm._internal.serve.core.configs.llm_config import DiskMultiplexConfig
-
-        folder = storage.join(self.path, model.split(":", 1)[1])
+    def _fetch(self, model: str, folder: str) -> str:
+        """The adapter's checks and its download (blocking storage calls: run in a thread, off the
+        event loop of the replica that drives vLLM, whose other requests keep streaming)."""
         if storage.kind(folder) != "dir":  # removed since the edge listed it
             raise APIError(404, f"The model '{model}' does not exist (no adapter folder {folder}).", "model",
                            "model_not_found")
         why = adapter_base_mismatch(folder, self.served_config, self.max_lora_rank)
         if why:
             raise APIError(400, f"adapter {model!r} ({folder}) cannot be served: {why}", "model", "invalid_adapter")
-        local = storage.cached_copy(folder) if storage.is_remote(folder) else folder
+        return storage.cached_copy(folder, max_bytes=self.cache_max_bytes) if storage.is_remote(folder) else folder
+
+    async def _load(self, model: str) -> Any:
+        from ray.llm._internal.serve.core.configs.llm_config import DiskMultiplexConfig
+
+        folder = storage.join(self.path, model.split(":", 1)[1])
+        local = await asyncio.to_thread(self._fetch, model, folder)
         self._next_id += 1
         try:
             await self.server.engine.resolve_lora(DiskMultiplexConfig(
@@ -158,7 +164,12 @@ async def exit_when_engine_dies(engine: Any, interval_s: float = ENGINE_WATCH_IN
     exit_process(1)
 
 
-def bring_sources_here(llm_config: LLMConfig) -> None:
+def cache_max_bytes(s: ServeConfig) -> Optional[int]:
+    """serve.remote_cache_max_gib in bytes (None: the node cache is not limited)."""
+    return None if s.remote_cache_max_gib is None else int(s.remote_cache_max_gib * 2**30)
+
+
+def bring_sources_here(llm_config: LLMConfig, max_bytes: Optional[int] = None) -> None:
     """Point the replica's engine at a copy on its own node of a checkpoint (and adapters) in
     object storage, downloaded once per node (`storage.cached_copy`); local paths stay as they are.
 
@@ -167,9 +178,9 @@ def bring_sources_here(llm_config: LLMConfig) -> None:
     it names the model id with the bucket as a mirror, which vLLM would look up on the Hugging Face
     Hub. Dropped here, it is derived again from the local copy."""
     loading = llm_config.model_loading_config
-    loading.model_source = storage.cached_copy(loading.model_source)
+    loading.model_source = storage.cached_copy(loading.model_source, max_bytes=max_bytes)
     for lora in llm_config.engine_kwargs.get("lora_modules", []):
-        lora.path = storage.cached_copy(lora.path)
+        lora.path = storage.cached_copy(lora.path, max_bytes=max_bytes)
     llm_config._engine_config = None  # no public reset in 2.60
 
 
@@ -185,7 +196,7 @@ class RaylmServer(LLMServer):
         s = ServeConfig.model_validate(serve_config)
         for name, value in ENGINE_ENV.items():  # the engine process inherits them (a runtime_env would
             os.environ.setdefault(name, value)  # need a fresh worker process for every replica)
-        bring_sources_here(llm_config)
+        await asyncio.to_thread(bring_sources_here, llm_config, cache_max_bytes(s))  # a download: off the loop
         self.gate_settings = gate_settings(s, key_hashes, model_config, model_version, checks_keys=not s.edge.enabled)
         self.adapters = AdapterStore(self, s, model_config) if s.adapters_path else None
         self.gate_metrics = None if s.edge.enabled else GateMetrics()  # behind the edge, the edge counts
