@@ -839,3 +839,24 @@ def test_the_node_cache_is_an_lru_by_size(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["dl.tmp123", "new", "old"]
     assert storage.prune_cache(str(tmp_path), 0, keep=str(tmp_path / "new")) == [str(tmp_path / "old")]
 
+
+def test_the_serve_run_and_rayservice_app_names_its_model_version(monkeypatch):
+    """deployments/openai_app.py (serve run, KubeRay's RayService) binds a model version, so its
+    responses carry x-raylm-model-version like `raylm serve`'s: `version:` when given, else one
+    naming the checkpoint a best.json resolved to (a best.json rewritten since shows)."""
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(REPO))
+    try:
+        openai_app = importlib.import_module("deployments.openai_app")
+    finally:
+        sys.path.remove(str(REPO))
+    built = []
+    monkeypatch.setattr(openai_app, "resolve_checkpoint", lambda path: f"/resolved/{path}")
+    monkeypatch.setattr(openai_app, "build_app", lambda cfg, ckpt, model_version="": built.append((ckpt, model_version)))
+    openai_app.app_builder({"checkpoint": "a", "version": "v7"})
+    openai_app.app_builder({"checkpoint": "a"})
+    openai_app.app_builder({"checkpoint": "b"})
+    assert built[0] == ("/resolved/a", "v7")
+    assert built[1][1].startswith("ckpt-") and built[1][1] != built[2][1]
