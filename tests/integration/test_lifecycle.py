@@ -319,3 +319,27 @@ def test_the_gate_refuses_a_worse_model_with_both_numbers_and_keeps_serving(endp
     assert history.read_history(cfg) == before, "a refused candidate is not recorded"
     r = httpx.post(f"{url}/v1/completions", json={"model": MODEL_ID, "prompt": "x", "max_tokens": 2}, headers=auth())
     assert r.status_code == 200 and r.headers[VERSION] == "v1"
+
+
+def test_a_rollout_the_cluster_cannot_hold_is_reverted_at_its_deadline(endpoint, checkpoints):
+    """A rollout starts the new version's replicas beside the old ones; on a cluster without room
+    for them (here: replicas asking for more CPUs than it has, deployed with --reconfigure) it
+    used to wait forever. After serve.rollout_timeout_s the live model is deployed again (with
+    the record's config and keys, so its replicas are untouched), the failure names the field and
+    the history records it."""
+    from raylm.config import load_config
+    from raylm.errors import ServeDeployError
+    from raylm.lifecycle import history, rollout
+
+    cfg, url, config_file = endpoint
+    live = history.live_entry(history.read_history(cfg))["version"]
+    sets = ["serve.num_cpus_per_replica=64", "serve.rollout_timeout_s=8"]
+    t0 = time.monotonic()
+    with pytest.raises(ServeDeployError, match=r"serve.rollout_timeout_s=8 s.*keeps serving"):
+        rollout.promote(load_config(config_file, sets), checkpoints["b"], force=True, overrides=sets, reconfigure=True)
+    assert time.monotonic() - t0 < 120
+    assert history.read_history(cfg)[-1]["state"] == "failed"
+    assert history.live_entry(history.read_history(cfg))["version"] == live == rollout.served_version(cfg)
+    r = httpx.post(f"{url}/v1/completions", json={"model": MODEL_ID, "prompt": "x", "max_tokens": 2}, headers=auth())
+    assert r.status_code == 200 and r.headers[VERSION] == live
+    assert_deployed_as_served(url, cfg)

@@ -208,3 +208,14 @@ def test_the_live_model_and_versions_count_only_finished_changes():
     assert history.unfinished(h)["checkpoint"] == "/d" and history.live_entry(h)["version"] == "v1"
     h.append({"action": "promote", "state": "done", "version": "v2", "checkpoint": "/d", "id": "3"})
     assert history.live_entry(h)["checkpoint"] == "/d" and history.next_version(h) == "v3"
+
+
+def test_the_gate_and_the_rollout_deadline_are_the_promoting_commands_own(tmp_path):
+    from raylm.lifecycle import record
+    from raylm.serve.auth import KeySetup
+
+    base = [f"train.storage_path={tmp_path}"]
+    record.write_record(load_config(None, base), "/a", "v1", KeySetup((), "none"), [])
+    mine = [*base, "serve.promote.tolerance=0.5", "serve.rollout_timeout_s=60"]
+    target, _, _ = record.deployment(load_config(None, mine), mine)  # not refused: nothing deployed changes
+    assert target.serve.rollout_timeout_s == 900.0, "the deployed config stays the record's (the edge is untouched)"

@@ -25,6 +25,9 @@ from raylm.serve.auth import KeySetup, setup_keys
 RECORD_FILE = "deployment.json"
 # Serve fields that say where keys come from: a reconfigure that changes one reads the keys again.
 KEY_FIELDS = ("serve.api_key_env", "serve.api_key_file", "serve.api_key_hashes_path", "serve.require_api_key")
+# Settings of the promoting command, not of what is deployed (the gate; how long a rollout may
+# take): taken from its own config, never compared with the record.
+PROMOTE_TIME = ("serve.promote", "serve.rollout_timeout_s")
 
 
 def record_uri(cfg: RaylmConfig) -> str:
@@ -82,7 +85,7 @@ def changed_fields(rec: dict, cfg: RaylmConfig, overrides: Iterable[str] = ()) -
     ours_set = set(set_paths(overrides))
     only_served = {p for p in rec.get("serve_overrides", ()) if p not in ours_set}
     return sorted(p for p in theirs.keys() | ours.keys() if theirs.get(p) != ours.get(p)
-                  and not any(p == o or p.startswith(o + ".") for o in only_served))
+                  and not any(p == o or p.startswith(o + ".") for o in (*only_served, *PROMOTE_TIME)))
 
 
 def deployment(cfg: RaylmConfig, overrides: Iterable[str] = (), reconfigure: bool = False,

@@ -40,19 +40,24 @@ def is_serving(cfg: RaylmConfig) -> bool:
 
 
 def rollout(cfg: RaylmConfig, checkpoint: str, version: str, previous: Optional[dict],
-            keys: Optional[KeySetup] = None) -> KeySetup:
+            keys: Optional[KeySetup] = None, timeout_s: Optional[float] = None,
+            restore: Optional[tuple[RaylmConfig, Optional[KeySetup]]] = None) -> KeySetup:
     """Put `checkpoint` into the live app as `version`, in place (with the deployment record's
     config and `keys`); on failure deploy `previous` again (which never stopped serving) and raise
-    `ServeDeployError` naming the checkpoint. Returns the keys the app was bound to."""
+    `ServeDeployError` naming the checkpoint; so is one not running after `timeout_s`
+    (serve.rollout_timeout_s). `restore`: the config and keys `previous` was deployed with, when
+    this rollout changes them (`--reconfigure`): the same inputs leave its replicas untouched.
+    Returns the keys the app was bound to."""
     from raylm.serve.app import deploy
 
     try:
-        return deploy(cfg, checkpoint, version, keys)[1]
+        return deploy(cfg, checkpoint, version, keys, timeout_s)[1]
     except Exception as exc:  # noqa: BLE001 - any failure: the old model must keep serving
         kept = ""
         if previous is not None:
             try:
-                deploy(cfg, previous["checkpoint"], previous["version"], keys)
+                before, before_keys = restore or (cfg, keys)
+                deploy(before, previous["checkpoint"], previous["version"], before_keys)
                 kept = f"; {previous['version']} ({previous['checkpoint']}) keeps serving"
             except Exception as again:  # noqa: BLE001
                 kept = f"; restoring {previous['version']} failed too: {again}"
@@ -87,18 +92,19 @@ def change_model(cfg: RaylmConfig, action: str, target: RaylmConfig, keys: Optio
     Call with the app's promotion lock held. A failed rollout (the previous model restored by
     `rollout`) is recorded as failed; Ctrl-C or SIGTERM as interrupted, after the previous model
     is deployed again (its replicas never stopped: the new ones are dropped)."""
+    restore = deployment(cfg, check=False)[:2]  # what serves now: the record's config and keys
     op = uuid.uuid4().hex[:12]
     move = {"action": action, "id": op, "version": version, "checkpoint": checkpoint,
             "from_version": live["version"], "from_checkpoint": live["checkpoint"]}
     record(cfg, state="intent", **move)
     try:
         with _terminate_as_interrupt():
-            keys = rollout(target, checkpoint, version, live, keys)
+            keys = rollout(target, checkpoint, version, live, keys, cfg.serve.rollout_timeout_s, restore)
     except ServeDeployError as exc:
         record(cfg, state="failed", error=str(exc), **move)
         raise
     except KeyboardInterrupt as exc:
-        restored = _restore(target, live, keys)
+        restored = _restore(*restore, live)
         record(cfg, state="interrupted", signal=str(exc) or "SIGINT", restored=restored is None,
                **({"error": restored} if restored else {}), **move)
         say(f"interrupted: {version} not rolled out; "
@@ -112,7 +118,7 @@ def change_model(cfg: RaylmConfig, action: str, target: RaylmConfig, keys: Optio
     return entry
 
 
-def _restore(cfg: RaylmConfig, live: dict, keys: Optional[KeySetup]) -> Optional[str]:
+def _restore(cfg: RaylmConfig, keys: Optional[KeySetup], live: dict) -> Optional[str]:
     """Deploy the live entry's model again; None when it serves, else why not."""
     from raylm.serve.app import deploy
 

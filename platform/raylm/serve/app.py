@@ -403,19 +403,31 @@ def direct_urls(s: ServeConfig) -> list[str]:
             if t.port != proxy_port and not t.name.startswith("SERVE_PROXY_ACTOR")]
 
 
-def deploy(cfg: RaylmConfig, checkpoint: str, version: str = "",
-           keys: Optional[KeySetup] = None) -> tuple[str, KeySetup]:
+def deploy(cfg: RaylmConfig, checkpoint: str, version: str = "", keys: Optional[KeySetup] = None,
+           timeout_s: Optional[float] = None) -> tuple[str, KeySetup]:
     """Serve's one deploy entry point: start Serve (HTTP on serve.host:serve.port) and run the app
     over the checkpoint as model `version`; returns the base URL once the replicas are up (clients
     use `<url>/v1`) and the keys it was bound to (`keys`, else read from the config and this
-    process's environment). Ray must be initialised. `raylm serve`, promote and rollback deploy
-    through lifecycle/rollout.py, which records what was deployed and deploys from the record."""
+    process's environment). `timeout_s`: ServeDeployError when the app is not running by then
+    (the caller reverts; Serve keeps trying until it deploys something else). Ray must be
+    initialised. `raylm serve`, promote and rollback deploy through lifecycle/rollout.py, which
+    records what was deployed and deploys from the record."""
+    from ray.serve.context import _get_global_client
+
     s = cfg.serve
     keys = keys or setup_keys(s)
     serve.start(http_options=s.http_options())
+    app = build_app(cfg, checkpoint, keys, model_version=version)
     try:
-        serve.run(build_app(cfg, checkpoint, keys, model_version=version), name=s.app_name,
-                  route_prefix=s.route_prefix)
+        if timeout_s is None:
+            serve.run(app, name=s.app_name, route_prefix=s.route_prefix)
+        else:
+            serve._run(app, _blocking=False, name=s.app_name, route_prefix=s.route_prefix)
+            _get_global_client()._wait_for_application_running(s.app_name, timeout_s=timeout_s)
+    except TimeoutError:
+        raise ServeDeployError(f"serve app {s.app_name!r} over {checkpoint} was not running after "
+                               f"serve.rollout_timeout_s={timeout_s:g} s (no room on the cluster for the new "
+                               "version's replicas beside the old ones?)") from None
     except RuntimeError as exc:
         raise ServeDeployError(f"serve app {s.app_name!r} over {checkpoint} failed to deploy: {exc}") from None
     return _base_url(s), keys
