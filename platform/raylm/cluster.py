@@ -154,6 +154,10 @@ def use_cluster_token(target: str) -> None:
     mode = os.environ.get(AUTH_MODE_ENV)
     if mode is not None and mode.lower() != "token":
         return  # disabled: allowed by RAYLM_ALLOW_NO_AUTH (init_ray checked)
+    if mode is not None:  # token mode set already (a Ray job's driver, a shell that exported it): Ray finds its token
+        if not os.environ.get(TOKEN_ENV) and token_path().is_file():
+            secure_token_file(token_path())
+        return
     if not os.environ.get(TOKEN_ENV):
         path = token_path()
         if not path.is_file():
@@ -161,10 +165,9 @@ def use_cluster_token(target: str) -> None:
                              "the cluster's token there (from the head node's ~/.ray/auth_token), or name the file "
                              f"with {TOKEN_PATH_ENV}, or put it in {TOKEN_ENV}")
         secure_token_file(path)
-    if mode is None:
-        from ray._private.authentication.authentication_token_setup import _enable_token_auth
+    from ray._private.authentication.authentication_token_setup import _enable_token_auth
 
-        _enable_token_auth()  # RAY_AUTH_MODE=token here and in every child, and Ray's config re-read
+    _enable_token_auth()  # RAY_AUTH_MODE=token here and in every child, and Ray's config re-read
 
 
 # How long an ingress replica that is stopping stays reachable behind HAProxy on a cluster raylm
