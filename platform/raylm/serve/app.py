@@ -25,7 +25,6 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Optional
 
 from ray import serve
@@ -36,7 +35,7 @@ from raylm import storage
 from raylm.chat import DEFAULT_CHAT_TEMPLATE
 from raylm.config import RaylmConfig, ServeConfig
 from raylm.console import say
-from raylm.errors import CheckpointError, ConfigError, InputError, ServeDeployError
+from raylm.errors import ServeDeployError
 from raylm.serve import autoscale
 from raylm.serve.auth import KeySetup, setup_keys
 from raylm.serve.edge import (EDGE_DEPLOYMENT, AdapterListing, GateMetrics, RaylmEdge, edge_model_config,
