@@ -185,7 +185,7 @@ def raylm_http(ckpt: str, workdir: str, prompts: list[list[int]], max_tokens: li
                              # the default 1 GiB holds bf16 KV for 64 sequences of ~256 tokens; fp32 needs twice it
                              f"serve.kv_cache_memory_gib={1 if dtype == 'bfloat16' else 2}"])
     t0 = time.perf_counter()
-    url = deploy(cfg, ckpt)
+    url = deploy(cfg, ckpt)[0]
     deploy_s = time.perf_counter() - t0
     try:
         warm = list(range(0, len(prompts), max(1, len(prompts) // 8)))[:8]  # a few mixed lengths, few tokens

@@ -173,7 +173,7 @@ def run(args) -> dict:
                             "serve.api_key_env=RAYLM_BENCH_NO_SUCH_VAR", "serve.autoscaling.min_replicas=1",
                             "serve.autoscaling.max_replicas=1", f"serve.app_name={app}",
                             f"serve.route_prefix=/{app}"])
-        urls[name] = deploy(cfg, ckpt)
+        urls[name] = deploy(cfg, ckpt)[0]
         (direct[name],) = direct_urls(cfg.serve)  # the ingress replica's own port: the edge's, or the LLM replica's
     res: dict = {}
     for name, url in urls.items():

@@ -97,7 +97,7 @@ def run(args) -> dict:
 
     prompts = _prompts(cfg, records)
     t0 = time.perf_counter()
-    url = deploy(cfg, ckpt)
+    url = deploy(cfg, ckpt)[0]
     deploy_s = time.perf_counter() - t0
     _send(url, prompts[:2], new_tokens)  # first requests compile/warm the path; not counted
     requests_s, prompt_tokens, completion_tokens = _send(url, prompts, new_tokens)

@@ -98,7 +98,7 @@ def _serve_table(checkpoint: str, args) -> dict:
                              "serve.gpu_memory_utilization=0.5", "serve.max_num_seqs=64",
                              "serve.autoscaling.min_replicas=1", "serve.autoscaling.max_replicas=1",
                              "serve.max_tokens_limit=128"])
-    url = deploy(cfg, checkpoint) + "/v1/completions"
+    url = deploy(cfg, checkpoint)[0] + "/v1/completions"
     body = {"model": "raylm", "prompt": PROMPT, "max_tokens": 128, "temperature": 0, "ignore_eos": True}
 
     async def burst(c: int) -> tuple[int, float, int]:

@@ -140,7 +140,7 @@ def run(args) -> dict:
                             "serve.api_key_env=RAYLM_BENCH_NO_SUCH_VAR", "serve.autoscaling.min_replicas=2",
                             "serve.autoscaling.max_replicas=2", f"serve.request_router={router}",
                             "serve.max_model_len=2048", f"serve.app_name=chat-{len(res)}"])
-        url = deploy(cfg, ckpt)
+        url = deploy(cfg, ckpt)[0]
         asyncio.run(workload(url, 4, 1, first=100))  # warm-up (other conversations): the engines compiled
         before = settled_counters()
         out = asyncio.run(workload(url, conversations, turns))

@@ -79,7 +79,7 @@ class Clients:
 
 def run(args) -> dict:
     from raylm.config import load_config
-    from raylm.serve import lifecycle
+    from raylm.lifecycle import rollout
     from raylm.serve.tiny import make_tiny_checkpoint
 
     work = Path(args.workdir)
@@ -93,12 +93,12 @@ def run(args) -> dict:
                              "serve.kv_cache_memory_gib=0.25", "serve.graceful_shutdown_timeout_s=30"])
     start_ray(num_cpus=4)
     t = time.monotonic()
-    url, _ = lifecycle.deploy_recorded(cfg, a)
+    url, _ = rollout.deploy_recorded(cfg, a)
     cold_start_s = time.monotonic() - t
     with Clients(url, clients) as load:
         time.sleep(steady_s)
         t_promote = time.monotonic()
-        lifecycle.promote(cfg, b, force=True)
+        rollout.promote(cfg, b, force=True)
         t_done = time.monotonic()
         time.sleep(steady_s)
         t_end = time.monotonic()

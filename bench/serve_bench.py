@@ -227,7 +227,7 @@ def raylm_http(ckpt: str, workdir: str, rounds: int) -> dict:
                         "serve.api_key_env=RAYLM_BENCH_NO_SUCH_VAR", "serve.autoscaling.min_replicas=1",
                         "serve.autoscaling.max_replicas=1"])
     t0 = time.perf_counter()
-    url = deploy(cfg, ckpt)
+    url = deploy(cfg, ckpt)[0]
     start_s = time.perf_counter() - t0
     (own,) = direct_urls(cfg.serve)
     python_proxy = url.replace(f":{PORT}", f":{os.environ['RAY_SERVE_FALLBACK_PROXY_HTTP_PORT']}")

@@ -6,7 +6,7 @@ or, in a Serve config file / RayService `serveConfigV2`:
 
     import_path: deployments.openai_app:app_builder
     args: {config: configs/small.yaml, checkpoint: /mnt/shared/raylm_results/<sweep>/best.json,
-           set: ["serve.max_num_seqs=128"]}
+           set: ["serve.max_num_seqs=128"], version: v3}
 
 The args are validated (unknown keys are errors), the config is loaded exactly like the CLI
 does, and the app is the one `raylm serve` runs. API keys are read here, where the app is
@@ -16,13 +16,15 @@ passed on to the replicas.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 
 from raylm.config import ConfigError, load_config
-from raylm.serve.app import build_app, resolve_checkpoint
+from raylm.serve.app import build_app
+from raylm.servable import resolve_checkpoint
 
 
 class AppArgs(BaseModel):
@@ -33,6 +35,8 @@ class AppArgs(BaseModel):
     config: Optional[str] = Field(None, description="raylm YAML config; None uses the defaults.")
     checkpoint: Optional[str] = Field(None, description="HF checkpoint dir or best.json; default serve.checkpoint.")
     set: Union[list[str], str] = Field(default_factory=list, description="Dotted overrides, like --set.")
+    version: Optional[str] = Field(None, description="The model version every response names (header "
+                                   "x-raylm-model-version); default: `ckpt-` and a hash of the resolved checkpoint.")
 
     def overrides(self) -> list[str]:
         return [self.set] if isinstance(self.set, str) else list(self.set)
@@ -48,4 +52,10 @@ def app_builder(args: dict) -> serve.Application:
                           f"{problems}") from None
     cfg = load_config(parsed.config, parsed.overrides())
     checkpoint = resolve_checkpoint(parsed.checkpoint or cfg.serve.checkpoint)
-    return build_app(cfg, checkpoint)
+    return build_app(cfg, checkpoint, model_version=parsed.version or default_version(checkpoint))
+
+
+def default_version(checkpoint: str) -> str:
+    """A version naming the checkpoint a best.json resolved to: a RayService that rebuilds its app
+    over a best.json rewritten since says so in every response."""
+    return "ckpt-" + hashlib.sha256(checkpoint.encode()).hexdigest()[:10]

@@ -13,6 +13,7 @@ from raylm.config import InputError, RaylmConfig, dump_config, load_config
 from raylm.console import print_header, say
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM during a rollout (128 + SIGINT, as shells report it)
 
 
 # ------------------------------------------------------------------ verbs
@@ -90,38 +91,48 @@ def cmd_tune(cfg: RaylmConfig, args: argparse.Namespace) -> int:
 def cmd_serve(cfg: RaylmConfig, args: argparse.Namespace) -> int:
     """Serve a Hugging Face checkpoint (or a sweep's best.json) behind the OpenAI-compatible API."""
     from raylm.cluster import init_ray
-    from raylm.serve.app import check_servable, resolve_checkpoint
-    from raylm.serve.lifecycle import run_serve
+    from raylm.servable import check_servable, resolve_checkpoint
+    from raylm.lifecycle.rollout import run_serve
 
     if args.checkpoint:
         cfg.serve.checkpoint = args.checkpoint
     checkpoint = resolve_checkpoint(cfg.serve.checkpoint)  # fails before Ray on a bad path ...
     check_servable(checkpoint, cfg.serve)  # ... or a model, adapter or engine argument vLLM would refuse
     init_ray(cfg, address=args.address)
-    return run_serve(cfg, checkpoint, blocking=not args.detach)
+    return run_serve(cfg, checkpoint, blocking=not args.detach, overrides=args.set)
 
 
 def cmd_promote(cfg: RaylmConfig, args: argparse.Namespace) -> int:
     """Evaluate a checkpoint (or best.json) against the served model and roll it into the live endpoint
     if it is at least as good (serve.promote); --adapter NAME adds a LoRA adapter without a redeploy."""
-    from raylm.serve import lifecycle
-    from raylm.serve.app import check_servable, resolve_checkpoint
+    from raylm.lifecycle import adapters, eval_gate, history, rollout
+    from raylm.servable import check_servable, resolve_checkpoint
 
+    if args.remove_adapter:
+        entry = adapters.remove_adapter(cfg, args.remove_adapter)
+        say(f"recorded in {history.history_uri(cfg)}", event="promoted", entry=entry)
+        return 0
+    if not args.checkpoint:
+        raise InputError("promote: name the checkpoint (or best.json) to promote, or --remove-adapter NAME")
     if args.adapter:
-        entry = lifecycle.add_adapter(cfg, args.adapter, args.checkpoint)
-        say(f"recorded in {lifecycle.history_uri(cfg)}", event="promoted", entry=entry)
+        entry = adapters.add_adapter(cfg, args.adapter, args.checkpoint)
+        say(f"recorded in {history.history_uri(cfg)}", event="promoted", entry=entry)
         return 0
     candidate = resolve_checkpoint(args.checkpoint)  # a missing or corrupt checkpoint: exit 2, before Ray
     check_servable(candidate, cfg.serve)
     from raylm.cluster import init_ray
+    from raylm.lifecycle.record import deployment
 
+    deployment(cfg, args.set, args.reconfigure)  # serve settings that differ from the deployed ones: exit 2, before Ray
     init_ray(cfg, address=args.address)
     try:
-        entry = lifecycle.promote(cfg, candidate, force=args.force)
-    except lifecycle.PromotionRefused as exc:
+        entry = rollout.promote(cfg, candidate, force=args.force, overrides=args.set, reconfigure=args.reconfigure)
+    except eval_gate.PromotionRefused as exc:
         console.error(str(exc))
-        return lifecycle.EXIT_REFUSED
-    say(f"{entry['version']} is live: {candidate} (history: {lifecycle.history_uri(cfg)})", event="promoted",
+        return eval_gate.EXIT_REFUSED
+    except KeyboardInterrupt:  # recorded in the history as interrupted (rollout.change_model)
+        return EXIT_INTERRUPTED
+    say(f"{entry['version']} is live: {candidate} (history: {history.history_uri(cfg)})", event="promoted",
         entry=entry)
     return 0
 
@@ -129,11 +140,14 @@ def cmd_promote(cfg: RaylmConfig, args: argparse.Namespace) -> int:
 def cmd_rollback(cfg: RaylmConfig, args: argparse.Namespace) -> int:
     """Roll the model served before the live one back into the endpoint (zero downtime, no gate)."""
     from raylm.cluster import init_ray
-    from raylm.serve import lifecycle
+    from raylm.lifecycle import rollout
 
-    lifecycle._live(cfg)  # nothing to roll back: exit 2 before Ray
+    rollout.require_live(cfg)  # nothing to roll back: exit 2 before Ray
     init_ray(cfg, address=args.address)
-    entry = lifecycle.rollback(cfg)
+    try:
+        entry = rollout.rollback(cfg)
+    except KeyboardInterrupt:  # recorded in the history as interrupted
+        return EXIT_INTERRUPTED
     say(f"{entry['version']} is live again: {entry['checkpoint']}", event="rolled_back", entry=entry)
     return 0
 
@@ -250,9 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "export":
             p.add_argument("checkpoint", help="a checkpoint folder (step_*) or its URI")
         if name == "promote":
-            p.add_argument("checkpoint", help="HF checkpoint dir or a sweep's best.json (with --adapter: a peft adapter dir)")
+            p.add_argument("checkpoint", nargs="?",
+                           help="HF checkpoint dir or a sweep's best.json (with --adapter: a peft adapter dir)")
             p.add_argument("--force", action="store_true", help="skip the eval gate")
+            p.add_argument("--reconfigure", action="store_true", help="deploy this config's serve settings where "
+                           "they differ from the deployed ones (else they are refused, named)")
             p.add_argument("--adapter", metavar="NAME", help="add the adapter as model <serve.model_id>:NAME instead")
+            p.add_argument("--remove-adapter", metavar="NAME", help="stop serving adapter NAME (delete "
+                           "serve.adapters_path/NAME) instead")
         if name == "eval":
             p.add_argument("checkpoint", help="an hf/ folder, a step folder holding hf/, or a sweep's best.json "
                            "(local or s3://, gs://)")

@@ -40,10 +40,15 @@ def init_ray(cfg: RaylmConfig, address: Optional[str] = None, num_cpus: Optional
     Ray cluster already running on this machine (the one `raylm serve` started, say: a second
     head beside it would clash on the dashboard agent's port, and commands like `raylm promote`
     must reach its Serve), else a new local cluster. `--address local` always starts a new one;
-    RAYLM_JOIN_RUNNING_RAY=0 turns the joining off. Ray 2.60 turns token auth on for new local clusters; we set it explicitly
-    an inherited `RAY_AUTH_MODE=disabled` is refused rather than silently honoured. (We do not
-    set `RAY_AUTH_MODE=token` ourselves: with the variable set, Ray 2.60 expects a token to
-    exist already, while with it unset a new local cluster generates ~/.ray/auth_token.)
+    RAYLM_JOIN_RUNNING_RAY=0 turns the joining off. An inherited `RAY_AUTH_MODE=disabled` is
+    refused rather than silently honoured.
+
+    Token auth: Ray 2.60 turns it on for a new local cluster (and sets RAY_AUTH_MODE=token in
+    this process's environment, which every child inherits), but `ray.init(address=...)` with an
+    explicit address never does, so a fresh shell joining by address was refused
+    ("InvalidAuthToken ... RAY_AUTH_MODE is currently 'disabled'"); a subprocess of the process
+    that started the cluster inherited the variable and joined. So joining takes the cluster's
+    token (use_cluster_token) and a new cluster gets a private one (ensure_cluster_token).
     """
     import ray
 
@@ -55,6 +60,11 @@ def init_ray(cfg: RaylmConfig, address: Optional[str] = None, num_cpus: Optional
     os.environ.update({k: v for k, v in worker_env(cfg.train.use_gpu).items() if k not in os.environ})
     target = address or cfg.cluster.address or os.environ.get("RAY_ADDRESS") or running_cluster()
     from raylm import console
+
+    if target and target != "local":
+        use_cluster_token(target)
+    else:
+        ensure_cluster_token()
 
     kwargs: dict = {"namespace": cfg.cluster.namespace, "log_to_driver": console.forward_worker_logs(),
                     "runtime_env": {"env_vars": worker_env(cfg.train.use_gpu)}}
@@ -84,6 +94,86 @@ def init_ray(cfg: RaylmConfig, address: Optional[str] = None, num_cpus: Optional
     kwargs["runtime_env"]["env_vars"].update(api)
     ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, **kwargs)
     console.silence()
+
+
+# ------------------------------------------------------------------ the cluster's token
+
+TOKEN_ENV, TOKEN_PATH_ENV, AUTH_MODE_ENV = "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"
+
+
+def token_path() -> Path:
+    """Where Ray reads the cluster token from: $RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token."""
+    return Path(os.environ.get(TOKEN_PATH_ENV) or Path.home() / ".ray" / "auth_token").expanduser()
+
+
+def secure_token_file(path: Path) -> None:
+    """The token lets whoever holds it submit jobs (code execution on the cluster): a token file
+    group or others can read is made 0600 (and Ray's default folder 0700), or refused when this
+    user cannot change it."""
+    from raylm.console import say
+    from raylm.errors import InputError
+
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        try:
+            path.chmod(0o600)
+        except OSError as exc:
+            raise InputError(f"the Ray token {path} is readable by other users (mode {mode:o}) and cannot be made "
+                             f"private ({exc.strerror}): run `chmod 600 {path}` as its owner") from None
+        say(f"Ray token {path} was readable by other users (mode {mode:o}): made it 0600", event="token_fixed",
+            path=str(path))
+    if not os.environ.get(TOKEN_PATH_ENV) and path.parent.stat().st_mode & 0o077:
+        try:
+            path.parent.chmod(0o700)
+        except OSError:
+            pass  # the file itself is 0600: its folder's mode only hides that it exists
+
+
+def ensure_cluster_token() -> None:
+    """Before starting a local cluster: the token Ray will find, private from its first byte.
+    Ray 2.60 writes a missing ~/.ray/auth_token with the umask's mode (-rw-r--r-- in a
+    drwxr-xr-x folder), so raylm writes it first, 0600 in a 0700 folder, with Ray's generator."""
+    if os.environ.get(TOKEN_ENV) or os.environ.get(AUTH_MODE_ENV, "token").lower() != "token":
+        return
+    path = token_path()
+    if not path.exists():
+        from ray._private.authentication.authentication_token_generator import generate_new_authentication_token
+
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process wrote it just now: use that one
+            pass
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(generate_new_authentication_token())
+    secure_token_file(path)
+
+
+def use_cluster_token(target: str) -> None:
+    """Before joining a running cluster: token mode with the cluster's token ($RAY_AUTH_TOKEN, or
+    the file at token_path()), as `ray start`/`ray.init("auto")` would set it, so a fresh shell
+    with only HOME joins the cluster `raylm serve` started, and one with RAY_ADDRESS and
+    RAY_AUTH_TOKEN_PATH joins a remote one."""
+    from raylm.errors import InputError
+
+    mode = os.environ.get(AUTH_MODE_ENV)
+    if mode is not None and mode.lower() != "token":
+        return  # disabled: allowed by RAYLM_ALLOW_NO_AUTH (init_ray checked)
+    if mode is not None:  # token mode set already (a Ray job's driver, a shell that exported it): Ray finds its token
+        if not os.environ.get(TOKEN_ENV) and token_path().is_file():
+            secure_token_file(token_path())
+        return
+    if not os.environ.get(TOKEN_ENV):
+        path = token_path()
+        if not path.is_file():
+            raise InputError(f"joining the Ray cluster at {target} needs its token, and there is none at {path}: copy "
+                             "the cluster's token there (from the head node's ~/.ray/auth_token), or name the file "
+                             f"with {TOKEN_PATH_ENV}, or put it in {TOKEN_ENV}")
+        secure_token_file(path)
+    from ray._private.authentication.authentication_token_setup import _enable_token_auth
+
+    _enable_token_auth()  # RAY_AUTH_MODE=token here and in every child, and Ray's config re-read
 
 
 # How long an ingress replica that is stopping stays reachable behind HAProxy on a cluster raylm

@@ -164,7 +164,7 @@ def resolve_eval_checkpoint(path: str) -> str:
     """The Hugging Face folder to evaluate, from an hf/ folder, a step folder holding hf/, or a
     sweep's best.json; local or object storage. A bad path raises CheckpointError (the CLI: exit
     2), before Ray starts."""
-    from raylm.serve.app import resolve_checkpoint
+    from raylm.servable import resolve_checkpoint
 
     given = path if storage.is_remote(path) else os.path.abspath(os.path.expanduser(path))
     if storage.kind(storage.join(given, "hf")) == "dir":
@@ -192,7 +192,7 @@ def _model_context(config: dict) -> int:
 
 
 def _check_engine_can_run(checkpoint: str, cfg: RaylmConfig) -> dict:
-    from raylm.serve.app import MIN_CPU_HEAD_DIM, _head_dim
+    from raylm.servable import MIN_CPU_HEAD_DIM, _head_dim
 
     config = storage.read_json(storage.join(checkpoint, "config.json"))
     head_dim = _head_dim(config)

@@ -80,9 +80,9 @@ def run_pipeline(cfg: RaylmConfig, address: Optional[str] = None, keep_serving: 
     """Run the four stages in order and print where the endpoint is and how to call it."""
     from raylm.cluster import init_ray
     from raylm.data import resolve_source
-    from raylm.serve import lifecycle
+    from raylm.lifecycle import eval_gate, history, rollout
     from raylm.serve.app import _base_url, banner, serve_until_interrupted
-    from raylm.serve.lifecycle import deploy_recorded
+    from raylm.lifecycle.rollout import deploy_recorded
     from raylm.serve.auth import setup_keys
     from raylm.train.checkpoint import hf_dir
     from raylm.tune import run_sweep, validate_sweep
@@ -109,12 +109,12 @@ def run_pipeline(cfg: RaylmConfig, address: Optional[str] = None, keep_serving: 
         evaluate_sweep_best(cfg, outcome)
 
     checkpoint = hf_dir(outcome.best.checkpoint)
-    if lifecycle.is_serving(cfg) and lifecycle.live_entry(lifecycle.read_history(cfg)):
+    if rollout.is_serving(cfg) and history.live_entry(history.read_history(cfg)):
         stage(3, f"promote: the best checkpoint against the model {cfg.serve.app_name} serves (serve.promote)")
         try:
-            entry = lifecycle.promote(cfg, checkpoint)
+            entry = rollout.promote(cfg, checkpoint)
             say(f"{entry['version']} is live: {checkpoint}", event="promoted", entry=entry)
-        except lifecycle.PromotionRefused as exc:
+        except eval_gate.PromotionRefused as exc:
             say(str(exc), event="refused")
         url, keys = _base_url(cfg.serve), setup_keys(cfg.serve)
     else:

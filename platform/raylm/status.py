@@ -101,6 +101,10 @@ def serving(cfg: RaylmConfig, address: Optional[str]) -> list[str]:
 
     target = address or cfg.cluster.address or os.environ.get("RAY_ADDRESS") or "auto"
     try:
+        if target != "auto":
+            from raylm.cluster import use_cluster_token
+
+            use_cluster_token(target)
         ray.init(address=target, namespace=cfg.cluster.namespace, log_to_driver=False, logging_level="ERROR")
     except (ConnectionError, RuntimeError, ValueError) as exc:
         return [f"no running Ray cluster reachable ({target}): nothing is being served ({str(exc).splitlines()[0]})"]
@@ -116,6 +120,11 @@ def serving(cfg: RaylmConfig, address: Optional[str]) -> list[str]:
                                  for d, dep in app.deployments.items())
             lines.append(f"{name}: {app.status} route {app.deployed_app_config.route_prefix if app.deployed_app_config else '?'}"
                          f" — {replicas}")
+            if name == cfg.serve.app_name:
+                from raylm.lifecycle.rollout import version_check
+
+                check = version_check(cfg)
+                lines += [f"  {check}"] if check else []
         return lines
     except Exception as exc:  # noqa: BLE001 - status must report, not crash
         return [f"Ray cluster up; Serve not running ({type(exc).__name__})"]
@@ -125,7 +134,7 @@ def serving(cfg: RaylmConfig, address: Optional[str]) -> list[str]:
 
 def history_lines(cfg: RaylmConfig, last: int = 8) -> list[str]:
     """The newest promotion-history entries, the live model marked."""
-    from raylm.serve.lifecycle import history_uri, live_entry, read_history
+    from raylm.lifecycle.history import history_uri, live_entry, read_history
 
     history = read_history(cfg)
     if not history:
@@ -137,7 +146,8 @@ def history_lines(cfg: RaylmConfig, last: int = 8) -> list[str]:
         gate = e.get("metrics") or {}
         scores = f", {gate['metric']} {gate['candidate']:.4f} vs {gate['served']:.4f}" if gate.get("metric") else ""
         came = f" (from {e['from_version']})" if e.get("from_version") else ""
-        lines.append(f"{e['at']} {e['action']} {e.get('version') or e.get('name')}{came}: {what}"
+        state = f" ({e['state']})" if e.get("state", "done") != "done" else ""
+        lines.append(f"{e['at']} {e['action']}{state} {e.get('version') or e.get('name')}{came}: {what}"
                      f"{scores}{' [forced]' if e.get('forced') else ''}{'  <- live' if e is live else ''}")
     return lines
 

@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 import uuid
-from typing import Any
+from typing import Any, Optional
 
 from raylm.errors import StorageError
 
@@ -97,10 +97,11 @@ def read_json(uri: str) -> Any:
         raise StorageError(f"{uri}: not valid JSON: {exc}") from None
 
 
-def cached_copy(uri: str, cache_dir: str = DEFAULT_CACHE) -> str:
+def cached_copy(uri: str, cache_dir: str = DEFAULT_CACHE, max_bytes: Optional[int] = None) -> str:
     """A local directory holding the remote directory `uri` (downloaded once per node); a local
     path is returned as it is. The cache is keyed by the URI and the listing of its files (name,
-    size, modification time), so a directory written again under the same URI is fetched again."""
+    size, modification time), so a directory written again under the same URI is fetched again.
+    With `max_bytes` the cache is an LRU by size (`prune_cache`); every use marks a copy recent."""
     import pyarrow.fs as pafs
 
     if not is_remote(uri):
@@ -115,6 +116,8 @@ def cached_copy(uri: str, cache_dir: str = DEFAULT_CACHE) -> str:
     key = hashlib.sha256(json.dumps([uri, listing]).encode()).hexdigest()[:20]
     dest = os.path.join(os.path.expanduser(cache_dir), key)
     if os.path.isdir(dest):
+        os.utime(dest)  # recently used
+        prune_cache(cache_dir, max_bytes, keep=dest)
         return dest
     tmp = f"{dest}.tmp{os.getpid()}"
     os.makedirs(tmp, exist_ok=True)
@@ -126,7 +129,35 @@ def cached_copy(uri: str, cache_dir: str = DEFAULT_CACHE) -> str:
         if os.path.isdir(dest):  # another replica on this node finished the same download first
             return dest
         raise StorageError(f"{uri}: cannot download it: {exc}") from None
+    prune_cache(cache_dir, max_bytes, keep=dest)
     return dest
+
+
+def _tree_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files
+               if not os.path.islink(os.path.join(d, f)))
+
+
+def prune_cache(cache_dir: str, max_bytes: Optional[int], keep: str = "") -> list[str]:
+    """Delete the least recently used copies (by their folder's mtime, which `cached_copy` sets at
+    each use) until the cache holds at most `max_bytes`; never `keep` (the copy just handed out)
+    nor a download in progress. Returns the deleted folders. An engine that loaded a deleted copy
+    keeps its weights (in memory, and open files outlive their names)."""
+    root = os.path.expanduser(cache_dir)
+    if max_bytes is None or not os.path.isdir(root):
+        return []
+    entries = [os.path.join(root, name) for name in os.listdir(root) if ".tmp" not in name]
+    entries = [(os.path.getmtime(p), p, _tree_bytes(p)) for p in entries if os.path.isdir(p)]
+    total, deleted = sum(size for *_, size in entries), []
+    for _, path, size in sorted(entries):
+        if total <= max_bytes:
+            break
+        if os.path.abspath(path) == os.path.abspath(keep):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        total -= size
+        deleted.append(path)
+    return deleted
 
 
 # ------------------------------------------------------------------ the layout

@@ -31,7 +31,7 @@ def url(tmp_path_factory):
                              "serve.api_key_env=RAYLM_TEST_NO_SUCH_VAR", f"serve.model_id={MODEL}",
                              "serve.gpu_memory_utilization=0.3", "serve.max_tokens_limit=128"])
     init_ray(cfg)
-    yield deploy(cfg, ckpt)
+    yield deploy(cfg, ckpt)[0]
     ray.shutdown()
 
 

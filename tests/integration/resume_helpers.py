@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from cli_env import clean_env
 from raylm.train.checkpoint import verify_checkpoint
 
 
@@ -20,7 +21,7 @@ def raylm_train(sets: dict) -> subprocess.Popen:
     import ray
 
     args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    env = clean_env(RAY_ADDRESS=ray.get_runtime_context().gcs_address)  # a second shell, as the README says
     return subprocess.Popen([sys.executable, "-m", "raylm", "train", "-c", "configs/tiny.yaml", "--json", *args],
                             cwd=Path(__file__).resolve().parents[2], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)

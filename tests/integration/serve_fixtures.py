@@ -66,7 +66,7 @@ def serve_config(key_file: str, *overrides: str) -> RaylmConfig:
 def deploy_app(cfg: RaylmConfig, checkpoint: str) -> str:
     from raylm.serve.app import deploy
 
-    return deploy(cfg, checkpoint)
+    return deploy(cfg, checkpoint)[0]
 
 
 def drop_edge_replicas() -> None:

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from cli_env import clean_env
 
 from raylm.config import DataConfig
 from raylm.data import (CacheStream, DataError, TrainStream, fingerprint, load_tokenizer, prepare_data,
@@ -156,8 +157,9 @@ def test_empty_corpus_is_a_clear_error(ray_cluster, tmp_path, cache_dir):
 
 def test_cli_data_on_embedded_default(tmp_path):
     def raylm_data() -> list[dict]:
-        out = subprocess.run([sys.executable, "-m", "raylm", "data", "--json", "--set", f"data.cache_dir={tmp_path}",
-                              "--set", f"train.storage_path={tmp_path}"], capture_output=True, text=True, timeout=600)
+        out = subprocess.run([sys.executable, "-m", "raylm", "data", "--json", "--address", "local", "--set",
+                              f"data.cache_dir={tmp_path}", "--set", f"train.storage_path={tmp_path}"],
+                             env=clean_env(), capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stderr[-3000:]
         return [json.loads(line) for line in out.stdout.strip().splitlines()]  # --json: nothing but events
 

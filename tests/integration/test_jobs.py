@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cli_env import clean_env
 
 from raylm.cluster import listen_port
 
@@ -32,8 +33,7 @@ def run(*args: str, env: dict, timeout_s: float = 120, check: bool = True) -> su
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
     """A Ray head on free ports; yields (env for the `ray` CLI, dashboard address)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # the job's shell finds `raylm` and `ray`
+    env = clean_env()  # a user's shell (the venv's bin first: the job's shell finds `raylm` and `ray`)
     gcs, dash = listen_port(), listen_port()
     temp_dir = tmp_path_factory.mktemp("ray-head")
     run(str(BIN / "ray"), "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",

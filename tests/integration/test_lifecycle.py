@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -22,6 +24,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from cli_env import clean_env
+from raylm.cluster import token_path
 from raylm.config import dump_config
 from serve_fixtures import (MODEL_ID, auth, key_file, repo_root, serve_config, shutdown_serve, tiny_adapter,
                             tiny_checkpoint, wait_until)
@@ -104,13 +108,38 @@ def checkpoints(tiny_checkpoint, tmp_path_factory) -> dict[str, str]:
             "worse": str(worse)}
 
 
+ENV_KEY = "k1"  # the serving shell's $RAYLM_API_KEYS; no promoting process has it
+SERVED_SETS = ["serve.autoscaling.max_replicas=3"]  # the serving command's --set; no promoting command gives it
+
+
+def live_max_replicas(cfg) -> int:
+    from ray.serve.context import _get_global_client
+
+    from raylm.serve.options import SERVE_MODEL_DEPLOYMENT
+
+    info, _ = _get_global_client().get_deployment_info(SERVE_MODEL_DEPLOYMENT, cfg.serve.app_name)
+    return info.deployment_config.autoscaling_config.max_replicas
+
+
+def assert_deployed_as_served(url: str, cfg) -> None:
+    """What `raylm serve` was given and a promoting process lacks is still what serves."""
+    r = httpx.post(f"{url}/v1/completions", json={"model": MODEL_ID, "prompt": "x", "max_tokens": 2},
+                   headers=auth(ENV_KEY))
+    assert r.status_code == 200, ("the serving shell's $RAYLM_API_KEYS key still works", r.status_code, r.text[:200])
+    assert live_max_replicas(cfg) == 3, "the serving command's --set serve.autoscaling.max_replicas=3 is kept"
+
+
 @pytest.fixture(scope="module")
 def endpoint(ray_cluster, checkpoints, key_file, tmp_path_factory):
-    """v1 serving checkpoint A, deployed and recorded the way `raylm serve` does it."""
-    from raylm.serve import lifecycle
+    """v1 serving checkpoint A, deployed and recorded the way `raylm serve -c serve.yaml --set
+    serve.autoscaling.max_replicas=3` does it in a shell with RAYLM_API_KEYS=k1. Yields the config
+    a promoting process has: the file, without the --set, and an environment without the key."""
+    from raylm.config import load_config
+    from raylm.lifecycle import rollout
 
     root = tmp_path_factory.mktemp("lifecycle-storage")
     cfg = serve_config(key_file, f"train.storage_path={root}", "serve.replica_start_attempts=1",
+                       "serve.api_key_env=RAYLM_API_KEYS",
                        "serve.graceful_shutdown_timeout_s=20", f"serve.adapters_path={root / 'adapters'}",
                        "serve.max_lora_rank=8", "serve.max_adapters_per_replica=2",
                        # the eval set of the promotion gate: the embedded corpus in the checkpoints' tokenizer
@@ -118,7 +147,12 @@ def endpoint(ray_cluster, checkpoints, key_file, tmp_path_factory):
                        "eval.max_val_rows=16", "eval.dtype=float32")
     config_file = root / "serve.yaml"
     config_file.write_text(dump_config(cfg))
-    url, _ = lifecycle.deploy_recorded(cfg, checkpoints["a"])
+    assert "RAYLM_API_KEYS" not in os.environ
+    os.environ["RAYLM_API_KEYS"] = ENV_KEY
+    try:
+        url, _ = rollout.deploy_recorded(load_config(config_file, SERVED_SETS), checkpoints["a"], SERVED_SETS)
+    finally:
+        del os.environ["RAYLM_API_KEYS"]
     yield cfg, url, config_file
     shutdown_serve()
 
@@ -130,17 +164,21 @@ def test_a_corrupt_or_missing_checkpoint_is_refused_naming_it(endpoint, checkpoi
     for bad, named in ((checkpoints["corrupt"], "model.safetensors"), ("/no/such/checkpoint", "/no/such/checkpoint")):
         assert main(["promote", "-c", str(config_file), "--force", bad]) == 2
         assert named in capsys.readouterr().err
+    # serve settings of the promote's own that differ from the deployed ones: named, before any rollout
+    assert main(["promote", "-c", str(config_file), "--set", "serve.max_tokens_limit=32", "--force",
+                 checkpoints["b"]]) == 2
+    assert "serve.max_tokens_limit; pass --reconfigure" in capsys.readouterr().err
     r = httpx.post(f"{url}/v1/completions", json={"model": MODEL_ID, "prompt": "x", "max_tokens": 2}, headers=auth())
     assert r.status_code == 200 and r.headers[VERSION] == "v1"
 
 
 def test_promotion_rolls_out_under_load_with_no_failed_request(endpoint, checkpoints):
-    from raylm.serve import lifecycle
+    from raylm.lifecycle import rollout
 
     cfg, url, _ = endpoint
     with Load(url) as load:
         time.sleep(2)
-        entry = lifecycle.promote(cfg, checkpoints["b"], force=True)
+        entry = rollout.promote(cfg, checkpoints["b"], force=True)
         done = time.monotonic()
         time.sleep(3)
     assert load.failures == [], load.failures[:3]
@@ -148,22 +186,25 @@ def test_promotion_rolls_out_under_load_with_no_failed_request(endpoint, checkpo
     seen = [v for *_, v, _ in load.results]
     assert set(seen) == {"v1", "v2"} and seen[0] == "v1", "the load ran before and through the rollout"
     assert load.versions_after(done + 1) == {"v2"}, "once the rollout returned, every response is v2's"
+    assert_deployed_as_served(url, cfg)
     assert any(stream for _, _, stream, _, _ in load.results) and any(not s for _, _, s, _, _ in load.results)
 
 
 def test_a_checkpoint_vllm_cannot_load_is_rolled_back_while_the_old_model_serves(endpoint, checkpoints):
     from raylm.errors import ServeDeployError
-    from raylm.serve import lifecycle
+    from raylm.lifecycle import history, rollout
 
     cfg, url, _ = endpoint
     with Load(url) as load:
         with pytest.raises(ServeDeployError) as err:
-            lifecycle.promote(cfg, checkpoints["cannot_load"], force=True)
+            rollout.promote(cfg, checkpoints["cannot_load"], force=True)
         time.sleep(2)
     assert checkpoints["cannot_load"] in str(err.value) and "v2" in str(err.value)
     assert load.failures == [], load.failures[:3]
     assert {v for *_, v, _ in load.results} == {"v2"}
-    assert lifecycle.live_entry(lifecycle.read_history(cfg))["version"] == "v2", "a failed rollout is not recorded"
+    entries = history.read_history(cfg)
+    assert history.live_entry(entries)["version"] == "v2", "a failed rollout does not change the live model"
+    assert [e["state"] for e in entries[-2:]] == ["intent", "failed"] and entries[-1]["checkpoint"] == checkpoints["cannot_load"]
 
 
 def test_an_adapter_joins_the_live_endpoint_without_a_redeploy(endpoint, tiny_adapter, checkpoints, tmp_path, capsys):
@@ -205,22 +246,59 @@ def test_an_adapter_joins_the_live_endpoint_without_a_redeploy(endpoint, tiny_ad
 def test_rollback_from_another_process_joins_the_running_cluster(endpoint, checkpoints):
     import ray
 
-    from raylm.serve import lifecycle
+    from raylm.lifecycle import history
 
     cfg, url, config_file = endpoint
-    env = {**os.environ, "RAYLM_JOIN_RUNNING_RAY": "1", "PYTHONPATH": str(repo_root() / "platform")}
-    env.pop("RAY_ADDRESS", None)
+    # a user's second shell: HOME and nothing else (no RAY_AUTH_MODE, no RAY_ADDRESS)
     out = subprocess.run([sys.executable, "-m", "raylm", "rollback", "-c", str(config_file), "--json"], cwd=repo_root(),
-                         env=env, capture_output=True, text=True, timeout=600)
+                         env=clean_env(), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     events = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     joined = [e for e in events if e.get("event") == "ray"]
     assert joined and joined[0]["address"] == ray.get_runtime_context().gcs_address
     r = httpx.post(f"{url}/v1/completions", json={"model": MODEL_ID, "prompt": "x", "max_tokens": 2}, headers=auth())
     assert r.status_code == 200 and r.headers[VERSION] == "v1"
-    history = lifecycle.read_history(cfg)
-    assert [(e["action"], e["version"]) for e in history if e["action"] != "adapter"] == \
+    entries = history.read_history(cfg)
+    assert [(e["action"], e["version"]) for e in entries if e["action"] != "adapter" and e.get("state") == "done"] == \
         [("deploy", "v1"), ("promote", "v2"), ("rollback", "v1")]
+    assert_deployed_as_served(url, cfg)
+    # the token of the cluster raylm started (init_ray, as `raylm serve` starts it), and joined with
+    token = token_path()
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600 and stat.S_IMODE(token.parent.stat().st_mode) == 0o700
+
+
+def test_one_promotion_at_a_time_and_ctrl_c_during_a_rollout_is_recorded(endpoint, checkpoints):
+    """`raylm promote` from a second shell (HOME only) holds the app's lock through its rollout: a
+    promote started meanwhile is refused, naming it. Ctrl-C during the rollout deploys the live
+    model again and is recorded; Serve, the history, `raylm status` and the version header agree."""
+    from raylm.lifecycle import history, lock, rollout
+
+    cfg, url, config_file = endpoint
+    before = len(history.read_history(cfg))
+    live = history.live_entry(history.read_history(cfg))["version"]
+    proc = subprocess.Popen([sys.executable, "-m", "raylm", "promote", "-c", str(config_file), "--force", "--json",
+                             checkpoints["b"]], cwd=repo_root(), env=clean_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        assert wait_until(lambda: any(e.get("state") == "intent" for e in history.read_history(cfg)[before:]),
+                          timeout_s=180), "the second shell's promote never started its rollout"
+        with pytest.raises(lock.PromotionBusy, match=f"promote by pid {proc.pid} on"):
+            rollout.promote(cfg, checkpoints["a"], force=True)
+        time.sleep(3)  # into the rollout: Serve is starting the new version's replica
+        assert proc.poll() is None, "the rollout ended before Ctrl-C: nothing interrupted"
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out[-3000:]
+    new = history.read_history(cfg)[before:]
+    assert [e["state"] for e in new] == ["intent", "interrupted"] and new[1]["restored"], new
+    assert history.live_entry(history.read_history(cfg))["version"] == live
+    r = httpx.post(f"{url}/v1/completions", json={"model": MODEL_ID, "prompt": "x", "max_tokens": 2}, headers=auth())
+    assert r.status_code == 200 and r.headers[VERSION] == live == rollout.served_version(cfg)
+    assert rollout.version_check(cfg).endswith("agree")
+    assert_deployed_as_served(url, cfg)
 
 
 def test_the_gate_refuses_a_worse_model_with_both_numbers_and_keeps_serving(endpoint, checkpoints, capsys):
@@ -228,16 +306,40 @@ def test_the_gate_refuses_a_worse_model_with_both_numbers_and_keeps_serving(endp
     same eval set with vLLM over Ray Data and refuses a candidate with a higher validation loss."""
     from raylm.cli import main
     from raylm.evaluate import EVAL_JSON
-    from raylm.serve import lifecycle
+    from raylm.lifecycle import eval_gate, history
 
     cfg, url, config_file = endpoint
-    before = lifecycle.read_history(cfg)
-    assert main(["promote", "-c", str(config_file), checkpoints["worse"]]) == lifecycle.EXIT_REFUSED
+    before = history.read_history(cfg)
+    assert main(["promote", "-c", str(config_file), checkpoints["worse"]]) == eval_gate.EXIT_REFUSED
     err = capsys.readouterr().err
     worse = json.loads((Path(checkpoints["worse"]) / EVAL_JSON).read_text())
     served = json.loads((Path(checkpoints["a"]) / EVAL_JSON).read_text())
     assert worse["eval_set"] == served["eval_set"] and worse["val_loss"] > served["val_loss"]
     assert "not promoted" in err and f"{worse['val_loss']:.4f}" in err and f"{served['val_loss']:.4f}" in err
-    assert lifecycle.read_history(cfg) == before, "a refused candidate is not recorded"
+    assert history.read_history(cfg) == before, "a refused candidate is not recorded"
     r = httpx.post(f"{url}/v1/completions", json={"model": MODEL_ID, "prompt": "x", "max_tokens": 2}, headers=auth())
     assert r.status_code == 200 and r.headers[VERSION] == "v1"
+
+
+def test_a_rollout_the_cluster_cannot_hold_is_reverted_at_its_deadline(endpoint, checkpoints):
+    """A rollout starts the new version's replicas beside the old ones; on a cluster without room
+    for them (here: replicas asking for more CPUs than it has, deployed with --reconfigure) it
+    used to wait forever. After serve.rollout_timeout_s the live model is deployed again (with
+    the record's config and keys, so its replicas are untouched), the failure names the field and
+    the history records it."""
+    from raylm.config import load_config
+    from raylm.errors import ServeDeployError
+    from raylm.lifecycle import history, rollout
+
+    cfg, url, config_file = endpoint
+    live = history.live_entry(history.read_history(cfg))["version"]
+    sets = ["serve.num_cpus_per_replica=64", "serve.rollout_timeout_s=8"]
+    t0 = time.monotonic()
+    with pytest.raises(ServeDeployError, match=r"serve.rollout_timeout_s=8 s.*keeps serving"):
+        rollout.promote(load_config(config_file, sets), checkpoints["b"], force=True, overrides=sets, reconfigure=True)
+    assert time.monotonic() - t0 < 120
+    assert history.read_history(cfg)[-1]["state"] == "failed"
+    assert history.live_entry(history.read_history(cfg))["version"] == live == rollout.served_version(cfg)
+    r = httpx.post(f"{url}/v1/completions", json={"model": MODEL_ID, "prompt": "x", "max_tokens": 2}, headers=auth())
+    assert r.status_code == 200 and r.headers[VERSION] == live
+    assert_deployed_as_served(url, cfg)

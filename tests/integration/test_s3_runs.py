@@ -28,6 +28,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from cli_env import clean_env
 from serve_fixtures import KEYS, MODEL_ID, auth, key_file, repo_root
 
 from raylm.cluster import listen_port
@@ -42,21 +43,11 @@ RUNS = f"s3://{BUCKET}/runs"
 PROXY_PORT = 8131
 
 
-# Settings of the suite's that a `raylm` subprocess keeps: they make its cluster faster, and
-# identify no cluster (RAY_ADDRESS, HAProxy ports and the like would point it at the suite's).
-KEPT_RAY_ENV = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_metrics_report_interval_ms")
-
-
-def own_cluster_env(**env_over: str) -> dict[str, str]:
-    """The environment of a `raylm` subprocess that starts its own local Ray, AWS_* as set."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") or k in KEPT_RAY_ENV}
-    env.update(env_over)
-    return env
-
-
 def raylm(*args: str, timeout_s: float = 600, **env_over: str) -> subprocess.CompletedProcess:
-    """`python -m raylm ...` with its own Ray cluster; stdout and stderr together."""
-    return subprocess.run([sys.executable, "-m", "raylm", *args], cwd=repo_root(), env=own_cluster_env(**env_over),
+    """`python -m raylm ...` from a user's shell (AWS_* exported); verbs that start Ray get
+    `--address local` (each test has its own cluster); stdout and stderr together."""
+    local = ["--address", "local"] if args and args[0] in ("pipeline", "serve", "train", "tune", "data", "eval") else []
+    return subprocess.run([sys.executable, "-m", "raylm", *args, *local], cwd=repo_root(), env=clean_env(**env_over),
                           text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout_s)
 
 
@@ -189,8 +180,8 @@ def pipeline_in_s3(bucket, cache_dir, tmp_path_factory):
     args = sets(data__cache_dir=cache_dir, train__storage_path=RUNS, tune__sweep_name="s3sweep", tune__num_samples=1,
                 train__max_steps=10, train__eval_every_steps=5, train__checkpoint_every_steps=5, serve__port=listen_port(),
                 serve__api_key_file=key_file)
-    proc = subprocess.run([str(Path(sys.executable).parent / "raylm"), "pipeline", *args], cwd=repo_root(),
-                          env=own_cluster_env(), capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([str(Path(sys.executable).parent / "raylm"), "pipeline", "--address", "local", *args],
+                          cwd=repo_root(), env=clean_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return proc, str(key_file)
 
@@ -264,8 +255,8 @@ def _wait_for_banner(proc: subprocess.Popen, timeout_s: float) -> list[str]:
 def test_serve_the_pipelines_best_json_in_s3_with_replicas_on_their_own_port(pipeline_in_s3, key_file):
     # a replica answering on its own port stays reachable 30 s after Ctrl-C, for load balancers to
     # deregister it (Ray's default); this test has none, so Ctrl-C returns in ~10 s
-    env = own_cluster_env(RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="5")
-    cmd = [sys.executable, "-m", "raylm", "serve", "--checkpoint", f"{RUNS}/s3sweep/best.json", *sets(
+    env = clean_env(RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="5")  # a speed knob (see above)
+    cmd = [sys.executable, "-m", "raylm", "serve", "--address", "local", "--checkpoint", f"{RUNS}/s3sweep/best.json", *sets(
         serve__ingress="direct", serve__port=PROXY_PORT, serve__api_key_file=key_file,
         serve__api_key_env="RAYLM_TEST_NO_SUCH_VAR", serve__model_id=MODEL_ID, serve__autoscaling__max_replicas=1,
         serve__kv_cache_memory_gib=0.25)]

@@ -13,7 +13,7 @@ import pytest
 from serve_fixtures import tiny_checkpoint, upload_dir
 
 from raylm import storage
-from raylm.serve.app import CheckpointError, resolve_checkpoint
+from raylm.servable import CheckpointError, resolve_checkpoint
 
 __all__ = ["tiny_checkpoint"]
 

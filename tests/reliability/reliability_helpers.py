@@ -194,7 +194,7 @@ def serve_config(key_file: str, app: str, *overrides: str) -> RaylmConfig:
 def deploy(cfg: RaylmConfig, checkpoint: str) -> str:
     from raylm.serve.app import deploy as serve_deploy
 
-    return serve_deploy(cfg, checkpoint)
+    return serve_deploy(cfg, checkpoint)[0]
 
 
 def auth(key: str = KEYS[0]) -> dict[str, str]:

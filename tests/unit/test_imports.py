@@ -1,6 +1,6 @@
 """The package's import graph: imports flow one way (config -> data / model -> train (leaves ->
 checkpoint, objectives -> step, policy -> metrics -> loop -> driver) -> tune ->
-serve / evaluate -> k8s -> pipeline -> cli) and never in a circle. Function-level imports count too: they
+serve / evaluate -> lifecycle / k8s -> pipeline -> cli) and never in a circle. Function-level imports count too: they
 hide a dependency from start-up time, not from the design."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ LAYERS: dict[str, float] = {
     "raylm.storage": 2, "raylm.cluster": 2, "raylm.chat": 2, "raylm.console": 2, "raylm.rewards": 2,
     # what a vLLM engine is, derived from serve: (no Ray): serving replicas, eval and GRPO's rollouts share it
     "raylm.serve.options": 3, "raylm.serve.autoscale": 3,
-    "raylm.data": 3, "raylm.model": 3,
+    "raylm.data": 3, "raylm.model": 3, "raylm.servable": 3,
     # train/, floor by floor: its leaves (collectives, batches, deepspeed, lora, tracking: 4), what
     # knows checkpoints and objectives, then the step and the policy, what reports them, the loop and
     # the driver that starts it
@@ -29,7 +29,7 @@ LAYERS: dict[str, float] = {
     "raylm.train.driver": 4.5,
     "raylm.tune": 5,
     "raylm.serve": 6, "raylm.evaluate": 6,
-    "raylm.k8s": 7,
+    "raylm.lifecycle": 7, "raylm.k8s": 7,
     "raylm.status": 8, "raylm.pipeline": 8,
     "raylm.cli": 9, "raylm.__main__": 9, "raylm": 9,
 }

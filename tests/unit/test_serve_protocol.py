@@ -176,7 +176,7 @@ def test_key_checker_parses_bearer_and_compares_hashes(header, ok):
 
 
 def test_resolve_checkpoint_accepts_a_dir_and_a_best_json(tmp_path, checkpoint):
-    from raylm.serve.app import resolve_checkpoint
+    from raylm.servable import resolve_checkpoint
 
     assert resolve_checkpoint(checkpoint) == str(Path(checkpoint).resolve())
     best = Path(checkpoint).parent / "best.json"
@@ -185,7 +185,7 @@ def test_resolve_checkpoint_accepts_a_dir_and_a_best_json(tmp_path, checkpoint):
 
 
 def test_resolve_checkpoint_errors_name_the_path(tmp_path, checkpoint):
-    from raylm.serve.app import CheckpointError, resolve_checkpoint
+    from raylm.servable import CheckpointError, resolve_checkpoint
 
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -455,7 +455,7 @@ def test_bad_engine_settings_are_config_errors_naming_the_field(overrides, field
 
 
 def test_a_checkpoint_the_cpu_engine_cannot_run_is_refused_naming_it(tmp_path):
-    from raylm.serve.app import CheckpointError, check_servable
+    from raylm.servable import CheckpointError, check_servable
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64,
                                                       "num_attention_heads": 4}))
@@ -465,7 +465,7 @@ def test_a_checkpoint_the_cpu_engine_cannot_run_is_refused_naming_it(tmp_path):
 
 
 def test_a_lora_adapter_that_is_missing_or_too_wide_is_refused_naming_it(tmp_path):
-    from raylm.serve.app import CheckpointError, check_servable
+    from raylm.servable import CheckpointError, check_servable
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64,
                                                       "num_attention_heads": 2}))
@@ -489,7 +489,7 @@ def test_unknown_engine_arguments_fail_before_ray_naming_the_field(tmp_path, cap
 
 def test_every_model_preset_can_be_served_on_cpu():
     from raylm.model import PRESETS, preset_config
-    from raylm.serve.app import MIN_CPU_HEAD_DIM, _head_dim
+    from raylm.servable import MIN_CPU_HEAD_DIM, _head_dim
 
     for name in PRESETS:
         assert _head_dim(preset_config(name, 256, 64).to_dict()) >= MIN_CPU_HEAD_DIM, name
@@ -735,7 +735,7 @@ def test_a_replica_serves_its_local_copy_of_a_checkpoint_in_object_storage(tmp_p
     assert driver_side.get_engine_config().mirror_config.bucket_uri == "s3://bucket/ckpt"
     replica_side = pickle.loads(pickle.dumps(driver_side))
     copies = {uri: str(tmp_path / uri.rsplit("/", 1)[1]) for uri in ("s3://bucket/ckpt", "s3://bucket/adapter")}
-    monkeypatch.setattr(app.storage, "cached_copy", lambda uri: copies[uri])
+    monkeypatch.setattr(app.storage, "cached_copy", lambda uri, max_bytes=None: copies[uri])
     app.bring_sources_here(replica_side)
     engine = replica_side.get_engine_config()
     assert engine.actual_hf_model_id == copies["s3://bucket/ckpt"] and engine.mirror_config is None
@@ -786,3 +786,77 @@ def test_an_adapter_removed_since_the_edge_listed_it_is_a_404_naming_it(tmp_path
         asyncio.run(AdapterStore(None, s, {})._load("tiny-test:gone"))
     assert (err.value.status, err.value.param, err.value.code) == (404, "model", "model_not_found")
     assert str(tmp_path / "gone") in err.value.message
+
+
+def test_adapter_checks_and_downloads_run_off_the_replicas_event_loop(tmp_path, monkeypatch):
+    """Storage calls (listing a folder, reading adapter_config.json, downloading) block: on the
+    event loop of the replica that drives vLLM they would stall every stream it serves."""
+    import time
+
+    from raylm import storage
+    from raylm.serve.app import AdapterStore
+
+    def slow_kind(uri):
+        time.sleep(0.5)
+        return "missing"
+
+    monkeypatch.setattr(storage, "kind", slow_kind)
+    s = ServeConfig(model_id="tiny-test", adapters_path=str(tmp_path))
+
+    async def main():
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.05)
+                ticks += 1
+
+        task = asyncio.create_task(ticker())
+        with pytest.raises(p.APIError):
+            await AdapterStore(None, s, {})._load("tiny-test:slow")
+        task.cancel()
+        return ticks
+
+    assert asyncio.run(main()) >= 5, "the loop kept running while the adapter's storage was read"
+
+
+def test_the_node_cache_is_an_lru_by_size(tmp_path):
+    import os
+    import time
+
+    from raylm import storage
+
+    for i, name in enumerate(("old", "mid", "new")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "w.bin").write_bytes(b"x" * 1000)
+        os.utime(tmp_path / name, (time.time() - 100 + i, time.time() - 100 + i))
+    (tmp_path / "dl.tmp123").mkdir()  # a download in progress: never pruned
+    (tmp_path / "dl.tmp123" / "w.bin").write_bytes(b"x" * 5000)
+    assert storage.prune_cache(str(tmp_path), None) == []
+    deleted = storage.prune_cache(str(tmp_path), 2000, keep=str(tmp_path / "old"))
+    assert deleted == [str(tmp_path / "mid")], "the least recently used, but never the copy just handed out"
+    assert sorted(os.listdir(tmp_path)) == ["dl.tmp123", "new", "old"]
+    assert storage.prune_cache(str(tmp_path), 0, keep=str(tmp_path / "new")) == [str(tmp_path / "old")]
+
+
+def test_the_serve_run_and_rayservice_app_names_its_model_version(monkeypatch):
+    """deployments/openai_app.py (serve run, KubeRay's RayService) binds a model version, so its
+    responses carry x-raylm-model-version like `raylm serve`'s: `version:` when given, else one
+    naming the checkpoint a best.json resolved to (a best.json rewritten since shows)."""
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(REPO))
+    try:
+        openai_app = importlib.import_module("deployments.openai_app")
+    finally:
+        sys.path.remove(str(REPO))
+    built = []
+    monkeypatch.setattr(openai_app, "resolve_checkpoint", lambda path: f"/resolved/{path}")
+    monkeypatch.setattr(openai_app, "build_app", lambda cfg, ckpt, model_version="": built.append((ckpt, model_version)))
+    openai_app.app_builder({"checkpoint": "a", "version": "v7"})
+    openai_app.app_builder({"checkpoint": "a"})
+    openai_app.app_builder({"checkpoint": "b"})
+    assert built[0] == ("/resolved/a", "v7")
+    assert built[1][1].startswith("ckpt-") and built[1][1] != built[2][1]

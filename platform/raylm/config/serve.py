@@ -275,6 +275,10 @@ class ServeConfig(_Strict):
     prefix_router: PrefixRouterConfig = Field(
         default_factory=PrefixRouterConfig, description="The prefix-aware router's load and match thresholds.")
     # ---- the model lifecycle: rollouts, adapters, promotion
+    rollout_timeout_s: float = Field(
+        900.0, gt=0, description="How long raylm promote/rollback waits for the new version's replicas to pass "
+        "their health check (a rollout starts them beside the old ones: a cluster without room for a second copy "
+        "never finishes) before it reverts to the live model and fails, naming this field.")
     graceful_shutdown_timeout_s: float = Field(
         30.0, gt=0, description="How long a replica being replaced (a rollout by raylm promote/rollback, or a "
         "scale-down) keeps finishing its in-flight requests and streams before it is stopped. New requests go to "
@@ -289,6 +293,10 @@ class ServeConfig(_Strict):
     max_adapters_per_replica: int = Field(
         4, ge=1, description="Adapters from serve.adapters_path one replica keeps loaded (least recently used "
         "ones are dropped first); also vLLM's max_loras.")
+    remote_cache_max_gib: Optional[float] = Field(
+        None, gt=0, description="Most GiB each node's cache of checkpoints and adapters downloaded from object "
+        "storage keeps (least recently used copies are deleted first; the one just used is always kept); "
+        "null: no limit.")
     promote: PromoteConfig = Field(default_factory=PromoteConfig, description="The promotion gate (raylm promote).")
 
     @field_validator("engine_kwargs")

@@ -8,9 +8,10 @@ ingress) to the replica that generates it. Replica count, concurrency, queue lim
 and engine arguments come from `ServeConfig` (serve/options.py), the same values `raylm k8s`
 writes into the RayService.
 
-Entry points: `resolve_checkpoint` (before Ray starts), `build_app` (an `Application`, used by
+Entry points: `servable.resolve_checkpoint` (before Ray starts), `build_app` (an `Application`, used by
 deployments/openai_app.py for `serve run`/`serve deploy`/KubeRay), `deploy` (start Serve and run
-the app; returns the base URL); serve/lifecycle.py deploys with a recorded version (`raylm serve`).
+the app; returns the base URL and keys); lifecycle/rollout.py deploys through it and records what
+it deployed (`raylm serve`, promote, rollback).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Optional
 
 from ray import serve
@@ -35,7 +35,7 @@ from raylm import storage
 from raylm.chat import DEFAULT_CHAT_TEMPLATE
 from raylm.config import RaylmConfig, ServeConfig
 from raylm.console import say
-from raylm.errors import CheckpointError, ConfigError, InputError, ServeDeployError
+from raylm.errors import ServeDeployError
 from raylm.serve import autoscale
 from raylm.serve.auth import KeySetup, setup_keys
 from raylm.serve.edge import (EDGE_DEPLOYMENT, AdapterListing, GateMetrics, RaylmEdge, edge_model_config,
@@ -44,168 +44,12 @@ from raylm.serve.gate import Gate
 from raylm.serve.protocol import APIError
 from raylm.serve.options import (ENGINE_ENV, SERVE_MODEL_DEPLOYMENT, backpressure, deployment_options,
                                  edge_options, engine_kwargs)
+from raylm.servable import adapter_base_mismatch, check_servable
 
 logger = logging.getLogger(__name__)
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-MIN_CPU_HEAD_DIM = 32  # vLLM's CPU attention kernels
-
-
-# ------------------------------------------------------------------ checkpoint
-
-
-def _checkpoint_from_best_json(path: str) -> str:
-    """The checkpoint a sweep's best.json points at: a URI, an absolute path, or a path relative to
-    the best.json's folder (local or remote)."""
-    try:
-        best = storage.read_json(path)
-    except storage.StorageError as exc:
-        raise CheckpointError(f"{path}: not a readable best.json: {exc}") from None
-    target = best.get("checkpoint") if isinstance(best, dict) else None
-    if not isinstance(target, str) or not target:
-        raise CheckpointError(f"{path}: best.json has no \"checkpoint\" path")
-    if storage.is_remote(target):
-        return target
-    target = os.path.expanduser(target)
-    return target if os.path.isabs(target) else storage.join(storage.parent(path), target)
-
-
-SAFETENSORS_MAX_HEADER = 100 * 2**20
-
-
-def check_safetensors(uri: str) -> None:
-    """A safetensors file is whole: its JSON header parses and the tensors it lists end exactly
-    at the end of the file. A copy cut short or overwritten is refused here, naming the file,
-    instead of failing inside a replica's engine."""
-    import struct
-
-    head, size = storage.read_head(uri, 8)
-    if len(head) < 8:
-        raise CheckpointError(f"{uri}: corrupt safetensors file ({size} bytes)")
-    (header_len,) = struct.unpack("<Q", head)
-    if header_len > min(size - 8, SAFETENSORS_MAX_HEADER):
-        raise CheckpointError(f"{uri}: corrupt safetensors file (header of {header_len} bytes in a {size}-byte file)")
-    try:
-        header = json.loads(storage.read_head(uri, 8 + header_len)[0][8:])
-        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    except (ValueError, KeyError, TypeError, IndexError) as exc:
-        raise CheckpointError(f"{uri}: corrupt safetensors header ({exc})") from None
-    if 8 + header_len + end != size:
-        raise CheckpointError(f"{uri}: corrupt safetensors file: its header lists {8 + header_len + end} bytes, "
-                              f"the file has {size} (cut short or overwritten?)")
-
-
-def _check_hf_dir(path: str, via: str) -> None:
-    if storage.kind(path) != "dir":
-        raise CheckpointError(f"checkpoint not found: {path}{via}")
-    try:
-        config = storage.read_json(storage.join(path, "config.json"))
-    except storage.StorageError as exc:
-        raise CheckpointError(f"{path}{via}: not a Hugging Face checkpoint ({exc})") from None
-    if not isinstance(config, dict) or "model_type" not in config:
-        raise CheckpointError(f"{path}{via}: config.json has no model_type")
-    if not any(storage.kind(storage.join(path, name)) == "file" for name in WEIGHT_FILES):
-        raise CheckpointError(f"{path}{via}: no weights ({', '.join(WEIGHT_FILES)})")
-    if storage.kind(storage.join(path, "model.safetensors")) == "file":
-        check_safetensors(storage.join(path, "model.safetensors"))
-    if not any(storage.kind(storage.join(path, name)) == "file" for name in TOKENIZER_FILES):
-        raise CheckpointError(f"{path}{via}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
-
-
-def resolve_checkpoint(path: Optional[str]) -> str:
-    """The Hugging Face checkpoint directory to serve, from a directory or a sweep's best.json
-    (`{"checkpoint": <dir>}`), local or in object storage (s3://, gs://: each replica downloads it
-    to its node's cache). Raises `CheckpointError` naming the path when it is unset, missing or not
-    a servable checkpoint."""
-    if not path:
-        raise CheckpointError("serve.checkpoint is not set: pass --checkpoint <HF dir or best.json> "
-                              "or --set serve.checkpoint=<path>")
-    given = path if storage.is_remote(path) else str(Path(path).expanduser().absolute())
-    via = ""
-    try:
-        found = storage.kind(given)
-        if found == "file":
-            via = f" (from {given})"
-            given = _checkpoint_from_best_json(given)
-        elif found == "missing":
-            raise CheckpointError(f"checkpoint not found: {given}")
-        _check_hf_dir(given, via)
-    except storage.StorageError as exc:
-        raise CheckpointError(f"checkpoint {path}: {exc}") from None
-    return given if storage.is_remote(given) else str(Path(given).resolve())
-
-
-def _head_dim(config: dict) -> Optional[int]:
-    if isinstance(config.get("head_dim"), int):
-        return config["head_dim"]
-    hidden = config.get("hidden_size", config.get("n_embd"))
-    heads = config.get("num_attention_heads", config.get("n_head"))
-    return hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads else None
-
-
-def check_engine_kwargs(s: ServeConfig) -> None:
-    """`serve.engine_kwargs` names only arguments vLLM has (its engine's or its OpenAI server's):
-    Ray Serve LLM would otherwise fail inside each replica as it starts."""
-    import dataclasses
-
-    from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.entrypoints.launchers.cli_args import FrontendArgs
-
-    known = {f.name for cls in (AsyncEngineArgs, FrontendArgs) for f in dataclasses.fields(cls)}
-    unknown = sorted(set(s.engine_kwargs) - known)
-    if unknown:
-        raise ConfigError(f"serve.engine_kwargs: {', '.join(unknown)} {'is not a' if len(unknown) == 1 else 'are not'} "
-                          "vLLM engine argument(s) (see `vllm serve --help`, names with _ for -)")
-
-
-def check_servable(checkpoint: str, s: ServeConfig) -> dict:
-    """The checkpoint's config.json, after the checks vLLM would otherwise fail on inside a replica
-    (where the error is buried in replica logs): the CPU attention needs head_dim >= 32, and every
-    LoRA adapter is a peft adapter directory with a rank the engine was sized for, trained on a
-    base of the served model's shape (`adapter_base_mismatch`, shared with on-demand adapters)."""
-    config = storage.read_json(storage.join(checkpoint, "config.json"))
-    for name, path in s.lora_adapters.items():
-        why = adapter_base_mismatch(os.path.expanduser(path), config, s.max_lora_rank)
-        if why:
-            raise CheckpointError(f"serve.lora_adapters.{name}={path}: {why}")
-    check_engine_kwargs(s)
-    head_dim = _head_dim(config)
-    if not s.use_gpu and head_dim is not None and head_dim < MIN_CPU_HEAD_DIM:
-        raise CheckpointError(f"{checkpoint}: head_dim {head_dim} < {MIN_CPU_HEAD_DIM}: vLLM's CPU attention cannot "
-                              "serve it (serve.use_gpu=false); train a model with fewer, wider heads")
-    return config
-
 
 # ------------------------------------------------------------------ adapters
-
-BASE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
-
-
-def adapter_base_mismatch(adapter_dir: str, served_config: dict, max_lora_rank: int) -> Optional[str]:
-    """Why the peft adapter in `adapter_dir` cannot run on the served model, or None. The base it
-    was trained on is read from the adapter's `base_model_name_or_path` when that folder is
-    reachable (its config.json must agree with the served model's shape), and its rank must fit
-    the engine's LoRA kernels."""
-    try:
-        adapter = storage.read_json(storage.join(adapter_dir, "adapter_config.json"))
-    except storage.StorageError as exc:
-        return f"not a peft adapter directory (adapter_config.json: {exc})"
-    if not isinstance(adapter, dict) or not isinstance(adapter.get("r"), int):
-        return "adapter_config.json has no rank r"
-    if adapter["r"] > max_lora_rank:
-        return f"rank {adapter['r']} > serve.max_lora_rank={max_lora_rank}"
-    base = adapter.get("base_model_name_or_path")
-    try:
-        base_config = storage.read_json(storage.join(os.path.expanduser(base), "config.json")) if base else None
-    except storage.StorageError:
-        base_config = None  # a hub name or a folder that is gone: the engine checks the shapes when it loads
-    if isinstance(base_config, dict):
-        differ = [f"{k} {base_config.get(k)} != {served_config.get(k)}" for k in BASE_KEYS
-                  if base_config.get(k) != served_config.get(k)]
-        if differ:
-            return f"trained on base {base} whose {', '.join(differ)} (the served model's)"
-    return None
 
 
 class AdapterStore(AdapterListing):
@@ -221,6 +65,7 @@ class AdapterStore(AdapterListing):
     def __init__(self, server: "RaylmServer", s: ServeConfig, served_config: dict):
         super().__init__(s)
         self.server, self.max_lora_rank, self.served_config = server, s.max_lora_rank, served_config
+        self.cache_max_bytes = cache_max_bytes(s)
         self._next_id = 1000  # vLLM's LoRA int ids; the static adapters take 1..n
 
         async def load_adapter(model_id: str) -> Any:  # a plain function: Serve keeps its LRU on it
@@ -231,17 +76,22 @@ class AdapterStore(AdapterListing):
     async def load(self, model: str) -> None:
         await self.load_adapter(model)
 
-    async def _load(self, model: str) -> Any:
-        from ray.llm._internal.serve.core.configs.llm_config import DiskMultiplexConfig
-
-        folder = storage.join(self.path, model.split(":", 1)[1])
+    def _fetch(self, model: str, folder: str) -> str:
+        """The adapter's checks and its download (blocking storage calls: run in a thread, off the
+        event loop of the replica that drives vLLM, whose other requests keep streaming)."""
         if storage.kind(folder) != "dir":  # removed since the edge listed it
             raise APIError(404, f"The model '{model}' does not exist (no adapter folder {folder}).", "model",
                            "model_not_found")
         why = adapter_base_mismatch(folder, self.served_config, self.max_lora_rank)
         if why:
             raise APIError(400, f"adapter {model!r} ({folder}) cannot be served: {why}", "model", "invalid_adapter")
-        local = storage.cached_copy(folder) if storage.is_remote(folder) else folder
+        return storage.cached_copy(folder, max_bytes=self.cache_max_bytes) if storage.is_remote(folder) else folder
+
+    async def _load(self, model: str) -> Any:
+        from ray.llm._internal.serve.core.configs.llm_config import DiskMultiplexConfig
+
+        folder = storage.join(self.path, model.split(":", 1)[1])
+        local = await asyncio.to_thread(self._fetch, model, folder)
         self._next_id += 1
         try:
             await self.server.engine.resolve_lora(DiskMultiplexConfig(
@@ -313,7 +163,12 @@ async def exit_when_engine_dies(engine: Any, interval_s: float = ENGINE_WATCH_IN
     exit_process(1)
 
 
-def bring_sources_here(llm_config: LLMConfig) -> None:
+def cache_max_bytes(s: ServeConfig) -> Optional[int]:
+    """serve.remote_cache_max_gib in bytes (None: the node cache is not limited)."""
+    return None if s.remote_cache_max_gib is None else int(s.remote_cache_max_gib * 2**30)
+
+
+def bring_sources_here(llm_config: LLMConfig, max_bytes: Optional[int] = None) -> None:
     """Point the replica's engine at a copy on its own node of a checkpoint (and adapters) in
     object storage, downloaded once per node (`storage.cached_copy`); local paths stay as they are.
 
@@ -322,9 +177,9 @@ def bring_sources_here(llm_config: LLMConfig) -> None:
     it names the model id with the bucket as a mirror, which vLLM would look up on the Hugging Face
     Hub. Dropped here, it is derived again from the local copy."""
     loading = llm_config.model_loading_config
-    loading.model_source = storage.cached_copy(loading.model_source)
+    loading.model_source = storage.cached_copy(loading.model_source, max_bytes=max_bytes)
     for lora in llm_config.engine_kwargs.get("lora_modules", []):
-        lora.path = storage.cached_copy(lora.path)
+        lora.path = storage.cached_copy(lora.path, max_bytes=max_bytes)
     llm_config._engine_config = None  # no public reset in 2.60
 
 
@@ -340,7 +195,7 @@ class RaylmServer(LLMServer):
         s = ServeConfig.model_validate(serve_config)
         for name, value in ENGINE_ENV.items():  # the engine process inherits them (a runtime_env would
             os.environ.setdefault(name, value)  # need a fresh worker process for every replica)
-        bring_sources_here(llm_config)
+        await asyncio.to_thread(bring_sources_here, llm_config, cache_max_bytes(s))  # a download: off the loop
         self.gate_settings = gate_settings(s, key_hashes, model_config, model_version, checks_keys=not s.edge.enabled)
         self.adapters = AdapterStore(self, s, model_config) if s.adapters_path else None
         self.gate_metrics = None if s.edge.enabled else GateMetrics()  # behind the edge, the edge counts
@@ -547,22 +402,34 @@ def direct_urls(s: ServeConfig) -> list[str]:
             if t.port != proxy_port and not t.name.startswith("SERVE_PROXY_ACTOR")]
 
 
-def _deploy(cfg: RaylmConfig, checkpoint: str, version: str = "") -> tuple[str, KeySetup]:
+def deploy(cfg: RaylmConfig, checkpoint: str, version: str = "", keys: Optional[KeySetup] = None,
+           timeout_s: Optional[float] = None) -> tuple[str, KeySetup]:
+    """Serve's one deploy entry point: start Serve (HTTP on serve.host:serve.port) and run the app
+    over the checkpoint as model `version`; returns the base URL once the replicas are up (clients
+    use `<url>/v1`) and the keys it was bound to (`keys`, else read from the config and this
+    process's environment). `timeout_s`: ServeDeployError when the app is not running by then
+    (the caller reverts; Serve keeps trying until it deploys something else). Ray must be
+    initialised. `raylm serve`, promote and rollback deploy through lifecycle/rollout.py, which
+    records what was deployed and deploys from the record."""
+    from ray.serve.context import _get_global_client
+
     s = cfg.serve
-    keys = setup_keys(s)
+    keys = keys or setup_keys(s)
     serve.start(http_options=s.http_options())
+    app = build_app(cfg, checkpoint, keys, model_version=version)
     try:
-        serve.run(build_app(cfg, checkpoint, keys, model_version=version), name=s.app_name,
-                  route_prefix=s.route_prefix)
+        if timeout_s is None:
+            serve.run(app, name=s.app_name, route_prefix=s.route_prefix)
+        else:
+            serve._run(app, _blocking=False, name=s.app_name, route_prefix=s.route_prefix)
+            _get_global_client()._wait_for_application_running(s.app_name, timeout_s=timeout_s)
+    except TimeoutError:
+        raise ServeDeployError(f"serve app {s.app_name!r} over {checkpoint} was not running after "
+                               f"serve.rollout_timeout_s={timeout_s:g} s (no room on the cluster for the new "
+                               "version's replicas beside the old ones?)") from None
     except RuntimeError as exc:
         raise ServeDeployError(f"serve app {s.app_name!r} over {checkpoint} failed to deploy: {exc}") from None
     return _base_url(s), keys
-
-
-def deploy(cfg: RaylmConfig, checkpoint: str) -> str:
-    """Start Serve (HTTP on serve.host:serve.port) and run the app; returns the base URL once
-    the replicas are up (clients use `<url>/v1`). Ray must be initialised."""
-    return _deploy(cfg, checkpoint)[0]
 
 
 def banner(url: str, keys: KeySetup, cfg: RaylmConfig, direct: tuple[str, ...] = ()) -> str:
