@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "platform" / "raylm"
 LAYERS = {
     "raylm.errors": 0,
     "raylm.config": 1,
-    "raylm.storage": 2, "raylm.cluster": 2, "raylm.chat": 2, "raylm.console": 2,
+    "raylm.storage": 2, "raylm.cluster": 2, "raylm.haproxy_rules": 2, "raylm.chat": 2, "raylm.console": 2,
     "raylm.data": 3, "raylm.model": 3,
     "raylm.train": 4,
     "raylm.tune": 5,

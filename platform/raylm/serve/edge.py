@@ -31,6 +31,7 @@ from ray.serve import metrics
 from raylm import storage
 from raylm.config import ServeConfig
 from raylm.serve.gate import EDGE_CHECKED, Gate, GateSettings, app_path, send_json
+from raylm.haproxy_rules import mark_keyed
 from raylm.serve.options import EDGE_DEPLOYMENT  # noqa: F401 - the edge's deployment name
 from raylm.serve.protocol import error_body
 
@@ -236,6 +237,7 @@ class RaylmEdge:
         s = ServeConfig.model_validate(serve_config)
         self.llm, self.retry_after_s = llm, s.retry_after_s
         self.settings = gate_settings(s, key_hashes, model_config)  # the version header comes from the replicas
+        mark_keyed(s.require_api_key)  # HAProxy refuses keyless completions from their headers (raylm/haproxy_rules.py)
         self.adapters = AdapterListing(s) if s.adapters_path else None
         self.gate_metrics = GateMetrics()
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Optional, Protocol
 
 from raylm.config.serve import KeyLimitsConfig
+from raylm.haproxy_rules import MAX_BODY_BYTES  # the body limit, HAProxy's and the gate's
 from raylm.serve.auth import KeyChecker, ReloadingKeys
 from raylm.serve.limits import KeyLimiter, Refusal
 from raylm.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, check_limits,
@@ -38,7 +39,6 @@ from raylm.serve.protocol import (APIError, ChatCompletionRequest, CompletionReq
 logger = logging.getLogger(__name__)
 
 ASGIApp = Callable[..., Awaitable[None]]
-MAX_BODY_BYTES = 4 * 2**20  # a request body larger than this is refused (413) before it is parsed
 ROUTES = {("POST", "/v1/completions"): "completions", ("POST", "/v1/chat/completions"): "chat",
           ("GET", "/v1/models"): "models"}
 UNSUPPORTED = {
