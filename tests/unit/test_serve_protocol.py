@@ -708,6 +708,14 @@ def test_edge_calls_carry_what_the_prefix_aware_router_reads_and_never_the_key()
     assert completion.prompt == "once upon" and not hasattr(completion, "messages")
     assert all(k != b"authorization" for k, _ in chat.headers + completion.headers)
     assert (b"x-request-id", b"r1") in completion.headers
+    # what the gate made of the body is handed on, so the edge does not parse it again
+    from raylm.serve.gate import check_body
+
+    raw = json.dumps({"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+                      "max_tokens": 2}).encode()
+    checked = check_body("chat", raw, gate_settings())
+    handed = edge_call("/v1/chat/completions", checked.body, headers, checked)
+    assert handed.messages == [{"role": "user", "content": "hi"}] and handed.model == "m" and handed.body == raw
 
 
 def test_the_edge_is_built_from_what_its_gate_reads_of_the_model_config():

@@ -52,6 +52,7 @@ CORS_EXPOSE_HEADERS = b"Retry-After, x-raylm-model-version, x-request-id"
 CONTEXT_MARKERS = ("maximum context length", "max_model_len", "context length")
 VERSION_HEADER = b"x-raylm-model-version"
 EDGE_CHECKED = "raylm.edge"  # a scope key no HTTP request can set: an LLM replica marks edge calls with it
+CHECKED = "raylm.checked"  # the scope key under which the gate hands its `Checked` request on (parsed once)
 
 
 class Adapters(Protocol):
@@ -130,6 +131,7 @@ class Checked:
     prompt_tokens: int = 0
     max_tokens_param: str = "max_tokens"  # the parameter a client lowers to ask for fewer
     per_choice: int = 0  # max_tokens: what a choice that ends for its length has generated
+    text: Any = None  # the prompt, or the messages as role/content dicts: what a prefix-aware router reads
 
 
 def check_body(route: str, raw: bytes, s: GateSettings, dynamic: tuple[str, ...] = ()) -> Checked:
@@ -155,8 +157,9 @@ def check_body(route: str, raw: bytes, s: GateSettings, dynamic: tuple[str, ...]
         fields["max_tokens"] = asked
         body = json.dumps(fields).encode()
     param = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) is not None else "max_tokens"
+    text = req.chat() if route == "chat" else req.prompt
     return Checked(body, req.model, *_most_tokens(prompt_tokens_bound(req), asked, req.n, s.max_model_len), param,
-                   asked)
+                   asked, text)
 
 
 def _most_tokens(prompts: list[int], max_tokens: int, n: int, context: Optional[int]) -> tuple[int, int]:
@@ -287,7 +290,7 @@ class Gate:
                 raise
             admission = self._admit(key_id, route, checked)
             scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"content-length"]
-                     + [(b"content-length", str(len(checked.body)).encode())]}
+                     + [(b"content-length", str(len(checked.body)).encode())], CHECKED: checked}
             receive = replay(checked.body, receive)
         except APIError as exc:
             self.on_response(route or "other", exc.status)
