@@ -149,6 +149,22 @@ def scenario(url: str, flood_target, duration_s: float) -> dict:
 # ------------------------------------------------------------------ the stage
 
 
+def _setup(args) -> tuple:
+    """The tiny checkpoint, a key file, the ideal edge (started) and a Ray cluster started as raylm
+    starts one (serve.ingress's default: HAProxy on serve.port, raylm's HAProxy rules on)."""
+    from raylm.serve.tiny import make_tiny_checkpoint
+
+    ckpt = make_tiny_checkpoint(os.path.join(args.workdir, "tiny"))
+    key_file = os.path.join(args.workdir, "keys")
+    Path(key_file).write_text(KEY + "\n")
+    ready = mp.Event()
+    ideal = mp.Process(target=ideal_edge, args=(ready,), daemon=True)
+    ideal.start()
+    ready.wait(30)
+    start_ray(num_cpus=4)
+    return ckpt, key_file, ideal
+
+
 FLOOD_RUNS = 3  # issue 35: keyed p99 under the flood <= 1.5x the ideal edge's in each of 3 runs
 
 
@@ -158,17 +174,9 @@ def run_flood_only(args) -> dict:
     from ray import serve
 
     from raylm.serve.app import deploy
-    from raylm.serve.tiny import make_tiny_checkpoint
 
     duration_s = 12 if args.quick else 20
-    ckpt = make_tiny_checkpoint(os.path.join(args.workdir, "tiny"))
-    key_file = os.path.join(args.workdir, "keys")
-    Path(key_file).write_text(KEY + "\n")
-    ready = mp.Event()
-    ideal = mp.Process(target=ideal_edge, args=(ready,), daemon=True)
-    ideal.start()
-    ready.wait(30)
-    start_ray(num_cpus=4)
+    ckpt, key_file, ideal = _setup(args)
     cfg = serve_config([f"serve.port={PORT}", f"serve.api_key_file={key_file}", "serve.api_key_env=RAYLM_BENCH_NO_SUCH_VAR",
                         "serve.autoscaling.min_replicas=1", "serve.autoscaling.max_replicas=1", "serve.app_name=edge",
                         "serve.route_prefix=/edge"])
@@ -212,16 +220,7 @@ def run(args) -> dict:
     from raylm.serve.app import deploy, direct_urls
 
     duration_s = 12 if args.quick else 25
-    from raylm.serve.tiny import make_tiny_checkpoint
-
-    ckpt = make_tiny_checkpoint(os.path.join(args.workdir, "tiny"))
-    key_file = os.path.join(args.workdir, "keys")
-    Path(key_file).write_text(KEY + "\n")
-    ready = mp.Event()
-    ideal = mp.Process(target=ideal_edge, args=(ready,), daemon=True)
-    ideal.start()
-    ready.wait(30)
-    start_ray(num_cpus=4)  # serve.ingress's default: HAProxy on serve.port
+    ckpt, key_file, ideal = _setup(args)
     python_proxy = int(os.environ["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"])  # HAProxy's fallback: Serve's own proxy
     urls, direct = {}, {}
     for name, edge in (("edge", "true"), ("in-replica", "false")):
