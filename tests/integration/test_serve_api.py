@@ -32,10 +32,12 @@ ORIGIN = "https://app.example"  # serve.cors_origins
 LIMITED_KEY = "sk-test-limited"  # in the hashes file (key rotation), with 2 requests per minute
 # Keys of the token and concurrency tests alone (each test's counts start from an empty window):
 TPM_KEY, STREAM_KEY, CONCURRENT_KEY = "sk-test-tpm-burst", "sk-test-tpm-stream", "sk-test-concurrent"
+CORS_KEY = "sk-test-cors"  # 1 request a minute: the CORS test's 429
 METRICS_KEY = "sk-test-metrics"  # the metrics test's alone: its per-key counters move by exactly what it sends
 TPM = 150  # tokens per minute of TPM_KEY and STREAM_KEY
 KEY_LIMITS = {LIMITED_KEY: "{requests_per_minute: 2}", TPM_KEY: f"{{tokens_per_minute: {TPM}}}",
-              STREAM_KEY: f"{{tokens_per_minute: {TPM}}}", CONCURRENT_KEY: "{max_concurrent_requests: 2}"}
+              STREAM_KEY: f"{{tokens_per_minute: {TPM}}}", CONCURRENT_KEY: "{max_concurrent_requests: 2}",
+              CORS_KEY: "{requests_per_minute: 1}"}
 
 
 @pytest.fixture(scope="module")
@@ -515,24 +517,37 @@ def test_a_browser_may_read_retry_after_the_model_version_and_the_request_id(url
     resp = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=60)
     assert resp.status_code == 200 and resp.headers["access-control-allow-origin"] == ORIGIN
     exposed = {h.strip().lower() for h in resp.headers["access-control-expose-headers"].split(",")}
-    assert {"retry-after", "x-raylm-model-version", "x-request-id"} <= exposed
-    assert "x-raylm-model-version" in resp.headers
+    assert {"retry-after", "x-raylm-model-version", "x-request-id"} <= exposed and "x-request-id" in resp.headers
+    limited = {**headers, **auth(CORS_KEY)}
+    assert httpx.post(f"{url}/v1/completions", json=body, headers=limited, timeout=60).status_code == 200
+    refused = httpx.post(f"{url}/v1/completions", json=body, headers=limited, timeout=60)  # 1 request a minute
+    assert refused.status_code == 429 and refused.headers["access-control-allow-origin"] == ORIGIN
+    assert "retry-after" in refused.headers and "retry-after" in refused.headers["access-control-expose-headers"].lower()
 
 
-def _listener(conn, proc, env: dict) -> str:
-    """The README's name (Security) for a socket listening beyond loopback, by its process and port."""
+def _listener(conn, proc, env: dict, seen_rpc: set) -> str:
+    """The README's name (Security) for a socket listening beyond loopback, by its process and port.
+    A Ray worker's first port is its RPC server; a Serve replica's second one, Serve's
+    inter-deployment gRPC server (the edge's calls to the LLM replica)."""
     name, port = proc.name(), conn.laddr.port
     if name == "haproxy":
-        return "haproxy metrics" if str(port) == env.get("RAY_SERVE_HAPROXY_METRICS_PORT") else f"haproxy port {port}"
+        if str(port) == env.get("RAY_SERVE_HAPROXY_METRICS_PORT"):
+            return "haproxy metrics"
+        return f"haproxy port {port}"
     if name in ("gcs_server", "raylet"):
         return f"ray {'gcs' if name == 'gcs_server' else 'raylet'}"
     title = " ".join(proc.cmdline())
-    if title.startswith("ray::DashboardAgent"):
-        return "ray dashboard agent"
-    if title.startswith("ray::RuntimeEnvAgent"):
-        return "ray runtime env agent"
+    for marker, listener in (("ray::DashboardAgent", "ray dashboard agent"),
+                             ("ray::RuntimeEnvAgent", "ray runtime env agent"),
+                             ("ray/dashboard/dashboard.py", "ray dashboard head"),
+                             ("ray/autoscaler/_private/monitor.py", "ray autoscaler monitor")):
+        if marker in title:
+            return listener
     if title.startswith("ray::ServeReplica") and 30000 <= port < 31000:
         return "serve replica ingress"
+    if proc.pid in seen_rpc and title.startswith("ray::ServeReplica"):
+        return "serve replica rpc"
+    seen_rpc.add(proc.pid)
     return "ray worker rpc"
 
 
@@ -550,7 +565,7 @@ def test_what_a_served_app_listens_on_beyond_loopback_is_the_documented_list(url
     documented = set(re.findall(r"^\| ([a-z][a-z ]+) \| ", readme.split("## Security", 1)[1], re.M)) - {"listener"}
     env = {k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")}
     procs = [psutil.Process(), *psutil.Process().children(recursive=True)]
-    found, stats, per_worker = collections.Counter(), [], collections.Counter()
+    found, stats, per_worker, seen_rpc, where = collections.Counter(), [], collections.Counter(), set(), {}
     for proc in procs:
         try:
             conns = proc.net_connections(kind="inet")
@@ -563,14 +578,17 @@ def test_what_a_served_app_listens_on_beyond_loopback_is_the_documented_list(url
                 stats.append(conn.laddr.ip)
             if conn.laddr.ip.startswith("127.") or conn.laddr.ip == "::1":
                 continue
-            role = _listener(conn, proc, env)
+            role = _listener(conn, proc, env, seen_rpc)
             found[role] += 1
-            if role == "ray worker rpc":
-                per_worker[proc.pid] += 1
+            where.setdefault(role, []).append(f"{' '.join(proc.cmdline())[:50]} {conn.laddr.ip}:{conn.laddr.port}")
+            if role in ("ray worker rpc", "serve replica rpc"):
+                per_worker[proc.pid, role] += 1
     assert found, "no listening socket found among this session's processes"
-    assert set(found) <= documented, f"undocumented listeners: {set(found) - documented} (README lists {documented})"
+    undocumented = {role: where[role] for role in set(found) - documented}
+    assert not undocumented, f"undocumented listeners: {undocumented} (README lists {documented})"
     assert stats and all(ip.startswith("127.") for ip in stats), f"HAProxy's statistics page listens on {stats}"
-    assert found["haproxy metrics"] == 1 and max(per_worker.values()) == 1, (found, per_worker)
+    assert found["haproxy metrics"] == 1 and max(per_worker.values()) == 1, (found, per_worker, where)
+    assert found["serve replica rpc"] >= 2, where  # the edge and the LLM replica
 
 
 # ------------------------------------------------------------------ the app builder (serve run / deploy)
