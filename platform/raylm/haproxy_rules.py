@@ -49,15 +49,18 @@ def edit(text):
     text = re.sub(r"(?m)^(listen stats\n\s*bind )\*:", r"\g<1>127.0.0.1:", text)
     if "# raylm edge rules" in text:
         return text
-    lines = ["    # raylm edge rules: refused from the headers, before a body reaches Python",
+    lines = ["    # raylm edge rules: refused from the headers, before a body reaches Python (not even as a",
+             "    # log line: Ray's HAProxy manager, a Python actor, reads one per request for its metrics)",
+             "    acl raylm_too_large req.hdr_val(content-length) gt " + str(MAX_BODY),
+             "    http-request set-log-level silent if raylm_too_large",
              "    http-request return status 413 content-type application/json file "
-             + os.path.join(RULES, "413.json") + " hdr connection close if {{ req.hdr_val(content-length) gt "
-             + str(MAX_BODY) + " }}"]
+             + os.path.join(RULES, "413.json") + " hdr connection close if raylm_too_large"]
     if os.path.exists(os.path.join(RULES, "keyed")):
-        lines.append("    http-request return status 401 content-type application/json file "
-                     + os.path.join(RULES, "401.json") + " hdr connection close hdr www-authenticate Bearer "
-                     "if METH_POST {{ path_end /v1/completions /v1/chat/completions }} "
-                     "!{{ req.hdr(authorization) -m found }}")
+        lines += ["    acl raylm_completions path_end /v1/completions /v1/chat/completions",
+                  "    http-request set-log-level silent if METH_POST raylm_completions !{{ req.hdr(authorization) -m found }}",
+                  "    http-request return status 401 content-type application/json file "
+                  + os.path.join(RULES, "401.json") + " hdr connection close hdr www-authenticate Bearer "
+                  "if METH_POST raylm_completions !{{ req.hdr(authorization) -m found }}"]
     return re.sub(r"(?m)^(frontend http_frontend\n\s*bind [^\n]*\n)", lambda m: m.group(1) + "\n".join(lines) + "\n",
                   text, count=1)
 
