@@ -149,12 +149,9 @@ def scenario(url: str, flood_target, duration_s: float) -> dict:
 # ------------------------------------------------------------------ the stage
 
 
-def run(args) -> dict:
-    from ray import serve
-
-    from raylm.serve.app import deploy, direct_urls
-
-    duration_s = 12 if args.quick else 25
+def _setup(args) -> tuple:
+    """The tiny checkpoint, a key file, the ideal edge (started) and a Ray cluster started as raylm
+    starts one (serve.ingress's default: HAProxy on serve.port, raylm's HAProxy rules on)."""
     from raylm.serve.tiny import make_tiny_checkpoint
 
     ckpt = make_tiny_checkpoint(os.path.join(args.workdir, "tiny"))
@@ -164,7 +161,66 @@ def run(args) -> dict:
     ideal = mp.Process(target=ideal_edge, args=(ready,), daemon=True)
     ideal.start()
     ready.wait(30)
-    start_ray(num_cpus=4)  # serve.ingress's default: HAProxy on serve.port
+    start_ray(num_cpus=4)
+    return ckpt, key_file, ideal
+
+
+FLOOD_RUNS = 3  # issue 35: keyed p99 under the flood <= 1.5x the ideal edge's in each of 3 runs
+
+
+def run_flood_only(args) -> dict:
+    """RAYLM_BENCH_EDGE_ONLY=flood: the default app alone (edge, by HAProxy, raylm's HAProxy rules
+    on), FLOOD_RUNS pairs of (ideal edge, flood at raylm), each pair side by side."""
+    from ray import serve
+
+    from raylm.serve.app import deploy
+
+    duration_s = 12 if args.quick else 20
+    ckpt, key_file, ideal = _setup(args)
+    cfg = serve_config([f"serve.port={PORT}", f"serve.api_key_file={key_file}", "serve.api_key_env=RAYLM_BENCH_NO_SUCH_VAR",
+                        "serve.autoscaling.min_replicas=1", "serve.autoscaling.max_replicas=1", "serve.app_name=edge",
+                        "serve.route_prefix=/edge"])
+    url = deploy(cfg, ckpt)
+    scenario(url, None, 5)  # warm-up
+    runs = []
+    for i in range(FLOOD_RUNS):
+        pair = {"ideal edge": scenario(url, (IDEAL_PORT, "/v1/completions"), duration_s),
+                "flood": scenario(url, (PORT, "/edge/v1/completions"), duration_s)}
+        pair["ratio"] = ratio(pair["flood"]["p99_ms"], pair["ideal edge"]["p99_ms"])
+        print(f"run {i + 1}", pair, flush=True)
+        runs.append(pair)
+    serve.shutdown()
+    ideal.terminate()
+    rows = [[i + 1, sc, r[sc]["requests"], r[sc]["p50_ms"], r[sc]["p99_ms"], r[sc]["n_503"],
+             str(r[sc].get("flood_responses", "")), r["ratio"] if sc == "flood" else ""]
+            for i, r in enumerate(runs) for sc in ("ideal edge", "flood")]
+    ratios = [r["ratio"] for r in runs]
+    return {
+        "title": "15. Floods stay outside: keyed p99 under a flood, 3 runs against the ideal edge (issue 35)",
+        "note": run_flood_only.__doc__ + " " + __doc__.split("\n\n", 1)[1].split("\n\n")[0].strip(),
+        "tables": [{"name": f"keyed clients ({KEYED_CLIENTS} loops of 8-token completions, {duration_s} s each)",
+                    "columns": ["run", "flood aimed at", "requests", "p50 ms", "p99 ms", "503s",
+                                "flood responses by status", "p99 vs ideal edge"],
+                    "rows": rows}],
+        "goals": [{"goal": "keyed p99 under a 16-connection flood of keyless 4 MiB bodies <= 1.5x the ideal edge's, "
+                           f"in each of {FLOOD_RUNS} runs",
+                   "value": ", ".join(f"{x:.2f}x" for x in ratios), "met": all(x <= 1.5 for x in ratios)},
+                  {"goal": "no 503 for keyed clients during the flood",
+                   "value": str(sum(r["flood"]["n_503"] for r in runs)),
+                   "met": all(r["flood"]["n_503"] == 0 for r in runs)}],
+        "raw": {"runs": runs},
+    }
+
+
+def run(args) -> dict:
+    if os.environ.get("RAYLM_BENCH_EDGE_ONLY") == "flood":
+        return run_flood_only(args)
+    from ray import serve
+
+    from raylm.serve.app import deploy, direct_urls
+
+    duration_s = 12 if args.quick else 25
+    ckpt, key_file, ideal = _setup(args)
     python_proxy = int(os.environ["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"])  # HAProxy's fallback: Serve's own proxy
     urls, direct = {}, {}
     for name, edge in (("edge", "true"), ("in-replica", "false")):

@@ -246,11 +246,17 @@ VERBS: dict[str, Callable[[RaylmConfig, argparse.Namespace], int]] = {
 }
 
 
+def verb_summary(fn: Callable) -> str:
+    """A verb's one-line help for `raylm --help`: its docstring's first paragraph, on one line (the
+    first line alone cut three verbs' descriptions mid-sentence)."""
+    return " ".join((fn.__doc__ or "").strip().split("\n\n")[0].split())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raylm", description="Train, sweep and serve language models on Ray.")
     sub = parser.add_subparsers(dest="verb", required=True)
     for name, fn in VERBS.items():
-        p = sub.add_parser(name, help=(fn.__doc__ or "").split("\n")[0], description=fn.__doc__)
+        p = sub.add_parser(name, help=verb_summary(fn), description=fn.__doc__)
         p.add_argument("--config", "-c", help="YAML config (may name a `base:` config to inherit from)")
         p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
                        help="override a field by its dotted path, e.g. --set train.max_steps=20")

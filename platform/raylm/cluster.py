@@ -193,7 +193,11 @@ def serve_ingress_env(mode: str) -> dict[str, str]:
     refuses new connections (HAProxy retries them on another replica) and finishes its requests.
     Ray's 30 s window is for load balancers outside the cluster; on a cluster raylm starts only its
     own HAProxy routes to the replicas, and it reloads its backends within a second. So the window
-    is HAPROXY_DRAIN_WINDOW_S: Ctrl-C on `raylm serve` returned after 35 s, ~10 s with it."""
+    is HAPROXY_DRAIN_WINDOW_S: Ctrl-C on `raylm serve` returned after 35 s, ~10 s with it.
+
+    HAProxy is started through raylm's wrapper (raylm/haproxy_rules.py): its statistics page binds
+    to 127.0.0.1 instead of every interface, and requests with no key or an oversized body are
+    answered by HAProxy from their headers."""
     env = {"RAY_SERVE_ENABLE_HA_PROXY": "1" if mode == "haproxy" else "0",
            "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1" if mode in ("haproxy", "direct") else "0"}
     if mode == "haproxy":
@@ -202,6 +206,9 @@ def serve_ingress_env(mode: str) -> dict[str, str]:
             env[name] = os.environ.get(name) or str(listen_port())
         env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = (
             os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S") or str(HAPROXY_DRAIN_WINDOW_S))
+        from raylm.haproxy_rules import install
+
+        env.update(install())
     return env
 
 

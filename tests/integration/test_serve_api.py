@@ -28,13 +28,22 @@ ADAPTER = "tiny-lora"
 pytestmark = pytest.mark.timeout(300)
 
 
+ORIGIN = "https://app.example"  # serve.cors_origins
 LIMITED_KEY = "sk-test-limited"  # in the hashes file (key rotation), with 2 requests per minute
+# Keys of the token and concurrency tests alone (each test's counts start from an empty window):
+TPM_KEY, STREAM_KEY, CONCURRENT_KEY = "sk-test-tpm-burst", "sk-test-tpm-stream", "sk-test-concurrent"
+CORS_KEY = "sk-test-cors"  # 1 request a minute: the CORS test's 429
+METRICS_KEY = "sk-test-metrics"  # the metrics test's alone: its per-key counters move by exactly what it sends
+TPM = 150  # tokens per minute of TPM_KEY and STREAM_KEY
+KEY_LIMITS = {LIMITED_KEY: "{requests_per_minute: 2}", TPM_KEY: f"{{tokens_per_minute: {TPM}}}",
+              STREAM_KEY: f"{{tokens_per_minute: {TPM}}}", CONCURRENT_KEY: "{max_concurrent_requests: 2}",
+              CORS_KEY: "{requests_per_minute: 1}"}
 
 
 @pytest.fixture(scope="module")
 def key_hashes(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("hashes") / "key_hashes"
-    path.write_text(f"{hash_key(LIMITED_KEY)} limited\n")
+    path.write_text("".join(f"{hash_key(key)} limited\n" for key in KEY_LIMITS) + f"{hash_key(METRICS_KEY)} metrics\n")
     return str(path)
 
 
@@ -42,13 +51,15 @@ def key_hashes(tmp_path_factory) -> str:
 def url(ray_cluster, tiny_checkpoint, tiny_adapter, key_file, key_hashes):
     # One replica, so the long and the short request of the continuous-batching test share an engine;
     # a LoRA adapter served beside the base model; a hashes file re-read every second, with one
-    # key limited to 2 requests per minute; Ray Serve LLM's prefix-aware router behind the edge (it reads
-    # each call's prompt or messages: a call it cannot read would fail every request).
+    # keys with their own limits (requests, tokens per minute, at once); Ray Serve LLM's prefix-aware router
+    # behind the edge (it reads each call's prompt or messages: a call it cannot read would fail every request).
     cfg = serve_config(key_file, "serve.autoscaling.min_replicas=1", "serve.autoscaling.max_replicas=1",
                        "serve.request_router=prefix_aware",
                        "serve.max_tokens_limit=128", f"serve.lora_adapters={{{ADAPTER}: {tiny_adapter}}}",
                        "serve.max_lora_rank=8", f"serve.api_key_hashes_path={key_hashes}", "serve.api_keys_reload_s=1",
-                       f"serve.key_limits.overrides={{{hash_key(LIMITED_KEY)[:12]}: {{requests_per_minute: 2}}}}")
+                       f"serve.cors_origins=[{ORIGIN}]",
+                       "serve.key_limits.overrides={" + ", ".join(f"{hash_key(key)[:12]}: {limit}"
+                                                                  for key, limit in KEY_LIMITS.items()) + "}")
     yield deploy_app(cfg, tiny_checkpoint)
     shutdown_serve()
 
@@ -253,6 +264,75 @@ def test_a_key_over_its_limit_gets_429_and_keys_rotate_without_a_redeploy(url, k
     assert post(url, "/v1/completions", body).status_code == 200
 
 
+def test_max_completion_tokens_cannot_bypass_the_servers_cap(url):
+    """vLLM generates max_completion_tokens when both are set: a small max_tokens beside it must not
+    get a 300-token answer past serve.max_tokens_limit (128 here)."""
+    body = {"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1,
+            "max_completion_tokens": 300, "ignore_eos": True}
+    resp = post(url, "/v1/chat/completions", body)
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["param"] == "max_completion_tokens" and "128" in error["message"]
+    body["max_completion_tokens"] = 5  # within the cap: it is what vLLM generates, not max_tokens
+    assert post(url, "/v1/chat/completions", body).json()["usage"]["completion_tokens"] == 5
+
+
+def _burst(url: str, key: str, body: dict, count: int) -> list[tuple[httpx.Response, float]]:
+    """`count` identical requests sent at once; each response with the time it ended."""
+    start = threading.Barrier(count)
+
+    def one(_) -> tuple[httpx.Response, float]:
+        start.wait()
+        resp = post(url, "/v1/completions", body, key=key)
+        return resp, time.monotonic()
+
+    with cf.ThreadPoolExecutor(count) as pool:
+        return list(pool.map(one, range(count)))
+
+
+def _rate_limited(resp: httpx.Response) -> bool:
+    error = resp.json()["error"] if resp.status_code == 429 else {}
+    return error.get("code") == "rate_limit_exceeded" and 1 <= int(resp.headers.get("retry-after", 0)) <= 60
+
+
+def test_a_burst_of_concurrent_requests_stays_within_the_keys_tokens_per_minute(url):
+    """Ten concurrent 32-token completions on a key with 150 tokens a minute: each reserves its
+    prompt and max_tokens when admitted, so together they cannot use more than the limit (counted
+    on completion they all got through: 353 tokens)."""
+    body = {"model": MODEL_ID, "prompt": "Once upon a time", "max_tokens": 32, "ignore_eos": True, "temperature": 0}
+    answers = [resp for resp, _ in _burst(url, TPM_KEY, body, 10)]
+    served = [r for r in answers if r.status_code == 200]
+    assert served and all(_rate_limited(r) for r in answers if r.status_code != 200), \
+        [(r.status_code, r.text[:200]) for r in answers]
+    used = sum(r.json()["usage"]["total_tokens"] for r in served)
+    assert used <= TPM and all(r.json()["usage"]["completion_tokens"] == 32 for r in served), used
+
+
+def test_a_stream_without_include_usage_counts_against_tokens_per_minute(url):
+    """Streams that never report their usage are counted from their chunks: 3 streams of 40
+    tokens (+ the prompt) leave less than another one's reservation in the key's minute."""
+    body = {"model": MODEL_ID, "prompt": "hi", "max_tokens": 40, "ignore_eos": True, "stream": True}
+    for _ in range(3):
+        streamed = post(url, "/v1/completions", body, key=STREAM_KEY)
+        assert streamed.status_code == 200 and '"finish_reason":"length"' in streamed.text
+    refused = post(url, "/v1/completions", body, key=STREAM_KEY)
+    assert _rate_limited(refused), refused.text
+    assert "tokens per minute" in refused.json()["error"]["message"]
+
+
+def test_a_key_never_runs_more_than_its_max_concurrent_requests(url):
+    """Six long requests at once on a key allowed 2 at a time: 2 run, the others get 429 while they
+    run (each refusal is answered before the first served one ends, so it was decided while 2 ran)."""
+    body = {"model": MODEL_ID, "prompt": "concurrent", "max_tokens": 100, "n": 8, "ignore_eos": True}
+    answers = _burst(url, CONCURRENT_KEY, body, 6)
+    served = [(r, at) for r, at in answers if r.status_code == 200]
+    refused = [(r, at) for r, at in answers if r.status_code != 200]
+    assert all(_rate_limited(r) for r, _ in refused), [(r.status_code, r.text[:200]) for r, _ in refused]
+    assert max(at for _, at in refused) < min(at for _, at in served), "a refusal came after a served request ended"
+    assert len(served) == 2 and "concurrent requests" in refused[0][0].json()["error"]["message"]
+    assert post(url, "/v1/completions", {**body, "n": 1, "max_tokens": 1}, key=CONCURRENT_KEY).status_code == 200
+
+
 def test_wrong_key_with_the_openai_client(url):
     bad = openai.OpenAI(base_url=f"{url}/v1", api_key="sk-not-a-key", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
@@ -323,38 +403,45 @@ ENGINE_METRICS = ("ray_vllm_time_to_first_token_seconds_count", "ray_vllm_num_re
                   "ray_vllm_num_requests_waiting", "ray_vllm_kv_cache_usage_perc")
 
 
-def test_engine_and_serve_metrics_reach_the_prometheus_endpoint_and_count_these_requests(client):
+def test_engine_and_serve_metrics_reach_the_prometheus_endpoint_and_count_these_requests(url):
     """vLLM's engine metrics (as Ray exports them: `ray_vllm_*`, the names the README and the
-    dashboard use) and raylm's request counter are on Ray's Prometheus endpoint, and the counters
-    move by exactly what this test sent."""
+    dashboard use) and raylm's request counters are on Ray's Prometheus endpoint. The per-key
+    counters of a key no other test uses move by exactly what this test sent (a request counted
+    twice fails); the shared counters, which other tests' requests also move, by at least that."""
     import hashlib
 
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=METRICS_KEY, max_retries=0, timeout=60)
     counted = ("ray_raylm_requests_total", (("endpoint", "completions"), ("status", "200")))
     generated = ("ray_vllm_generation_tokens_total", ())
     ttft = ("ray_vllm_time_to_first_token_seconds_count", ())
-    key_id = hashlib.sha256(KEYS[1].encode()).hexdigest()[:12]  # the client's key, by its id
+    key_id = hashlib.sha256(METRICS_KEY.encode()).hexdigest()[:12]
     per_key = ("ray_raylm_key_requests_total", (("key_id", key_id), ("endpoint", "completions"), ("status", "200")))
     key_tokens = ("ray_raylm_key_tokens_total", (("key_id", key_id), ("endpoint", "completions")))
+    key_any = ("ray_raylm_key_requests_total", (("key_id", key_id),))  # every endpoint and status of the key
     before = _metrics_text()
     sent = [client.completions.create(model=MODEL_ID, prompt=f"metrics {i}", max_tokens=4, temperature=0)
             for i in range(3)]
     tokens = sum(r.usage.completion_tokens for r in sent)
-    want = {counted: 3.0, generated: float(tokens), ttft: 3.0, per_key: 3.0,
-            key_tokens: float(sum(r.usage.total_tokens for r in sent))}
+    exact = {per_key: 3.0, key_any: 3.0, key_tokens: float(sum(r.usage.total_tokens for r in sent))}
+    at_least = {counted: 3.0, generated: float(tokens), ttft: 3.0}
     # Ray drops a gauge from the endpoint two export periods after its last update (vLLM updates the
     # engine's gauges as it steps): each name must show in some scrape, not necessarily the last
     deadline, moved, seen = time.monotonic() + 90, {}, set()
     while time.monotonic() < deadline:
         text = _metrics_text()
-        assert KEYS[0] not in text and KEYS[1] not in text, "metrics carry key ids, never keys"
+        assert all(key not in text for key in (*KEYS, METRICS_KEY)), "metrics carry key ids, never keys"
         seen |= {name for name in (*ENGINE_METRICS, "ray_vllm_inter_token_latency_seconds_count",
                                    "ray_vllm_time_per_output_token_seconds_count") if _has(text, name)}
-        moved = {k: _samples(text, k[0], **dict(k[1])) - _samples(before, k[0], **dict(k[1])) for k in want}
-        if all(moved[k] >= v for k, v in want.items()) and set(ENGINE_METRICS) <= seen:
+        moved = {k: _samples(text, k[0], **dict(k[1])) - _samples(before, k[0], **dict(k[1]))
+                 for k in (*exact, *at_least)}
+        if all(moved[k] >= v for k, v in {**exact, **at_least}.items()) and set(ENGINE_METRICS) <= seen:
             break
         time.sleep(1)
-    # other tests' requests may land in the same window: at least what this test sent, on every counter
-    assert all(moved[k] >= v for k, v in want.items()), f"moved {moved}, expected at least {want}"
+    time.sleep(3)  # one more export period (tests/conftest.py: 2 s): a late second count would show now
+    text = _metrics_text()
+    moved.update({k: _samples(text, k[0], **dict(k[1])) - _samples(before, k[0], **dict(k[1])) for k in exact})
+    assert {k: moved[k] for k in exact} == exact, f"this test's key moved {moved}, expected exactly {exact}"
+    assert all(moved[k] >= v for k, v in at_least.items()), f"moved {moved}, expected at least {at_least}"
     assert set(ENGINE_METRICS) <= seen, f"engine metrics never exported: {set(ENGINE_METRICS) - seen}"
     assert {"ray_vllm_inter_token_latency_seconds_count", "ray_vllm_time_per_output_token_seconds_count"} & seen
 
@@ -420,6 +507,88 @@ def test_chat_without_max_tokens_is_not_cut_at_the_completions_default(url):
                                            "ignore_eos": True, "temperature": 0})
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] == 128
+
+
+def test_a_browser_may_read_retry_after_the_model_version_and_the_request_id(url):
+    """From an allowed origin, the response says which headers a page's script may read: the 429's
+    Retry-After, the model version of a rollout, and the request id."""
+    body = {"model": MODEL_ID, "prompt": "hi", "max_tokens": 1}
+    headers = {"Origin": ORIGIN, "Content-Type": "application/json", **auth()}
+    resp = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=60)
+    assert resp.status_code == 200 and resp.headers["access-control-allow-origin"] == ORIGIN
+    exposed = {h.strip().lower() for h in resp.headers["access-control-expose-headers"].split(",")}
+    assert {"retry-after", "x-raylm-model-version", "x-request-id"} <= exposed and "x-request-id" in resp.headers
+    limited = {**headers, **auth(CORS_KEY)}
+    assert httpx.post(f"{url}/v1/completions", json=body, headers=limited, timeout=60).status_code == 200
+    refused = httpx.post(f"{url}/v1/completions", json=body, headers=limited, timeout=60)  # 1 request a minute
+    assert refused.status_code == 429 and refused.headers["access-control-allow-origin"] == ORIGIN
+    assert "retry-after" in refused.headers and "retry-after" in refused.headers["access-control-expose-headers"].lower()
+
+
+def _listener(conn, proc, env: dict, seen_rpc: set) -> str:
+    """The README's name (Security) for a socket listening beyond loopback, by its process and port.
+    A Ray worker's first port is its RPC server; a Serve replica's second one, Serve's
+    inter-deployment gRPC server (the edge's calls to the LLM replica)."""
+    name, port = proc.name(), conn.laddr.port
+    if name == "haproxy":
+        if str(port) == env.get("RAY_SERVE_HAPROXY_METRICS_PORT"):
+            return "haproxy metrics"
+        return f"haproxy port {port}"
+    if name in ("gcs_server", "raylet"):
+        return f"ray {'gcs' if name == 'gcs_server' else 'raylet'}"
+    title = " ".join(proc.cmdline())
+    for marker, listener in (("ray::DashboardAgent", "ray dashboard agent"),
+                             ("ray::RuntimeEnvAgent", "ray runtime env agent"),
+                             ("ray/dashboard/dashboard.py", "ray dashboard head"),
+                             ("ray/autoscaler/_private/monitor.py", "ray autoscaler monitor")):
+        if marker in title:
+            return listener
+    if title.startswith("ray::ServeReplica") and 30000 <= port < 31000:
+        return "serve replica ingress"
+    if proc.pid in seen_rpc and title.startswith("ray::ServeReplica"):
+        return "serve replica rpc"
+    seen_rpc.add(proc.pid)
+    return "ray worker rpc"
+
+
+def test_what_a_served_app_listens_on_beyond_loopback_is_the_documented_list(url):
+    """Every socket the cluster's processes listen on at a non-loopback address is one the README
+    lists (Security), and a worker opens one RPC port, no more. HAProxy's statistics page, which
+    lists backends and replicas' ports to anyone, is on 127.0.0.1 (raylm's HAProxy wrapper)."""
+    import collections
+    import os
+    import re
+
+    import psutil
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    documented = set(re.findall(r"^\| ([a-z][a-z ]+) \| ", readme.split("## Security", 1)[1], re.M)) - {"listener"}
+    env = {k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")}
+    procs = [psutil.Process(), *psutil.Process().children(recursive=True)]
+    found, stats, per_worker, seen_rpc, where = collections.Counter(), [], collections.Counter(), set(), {}
+    for proc in procs:
+        try:
+            conns = proc.net_connections(kind="inet")
+        except psutil.Error:
+            continue
+        for conn in conns:
+            if conn.status != psutil.CONN_LISTEN:
+                continue
+            if str(conn.laddr.port) == env.get("RAY_SERVE_HAPROXY_STATS_PORT"):
+                stats.append(conn.laddr.ip)
+            if conn.laddr.ip.startswith("127.") or conn.laddr.ip == "::1":
+                continue
+            role = _listener(conn, proc, env, seen_rpc)
+            found[role] += 1
+            where.setdefault(role, []).append(f"{' '.join(proc.cmdline())[:50]} {conn.laddr.ip}:{conn.laddr.port}")
+            if role in ("ray worker rpc", "serve replica rpc"):
+                per_worker[proc.pid, role] += 1
+    assert found, "no listening socket found among this session's processes"
+    undocumented = {role: where[role] for role in set(found) - documented}
+    assert not undocumented, f"undocumented listeners: {undocumented} (README lists {documented})"
+    assert stats and all(ip.startswith("127.") for ip in stats), f"HAProxy's statistics page listens on {stats}"
+    assert found["haproxy metrics"] == 1 and max(per_worker.values()) == 1, (found, per_worker, where)
+    assert found["serve replica rpc"] >= 2, where  # the edge and the LLM replica
 
 
 # ------------------------------------------------------------------ the app builder (serve run / deploy)

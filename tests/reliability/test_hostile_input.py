@@ -2,14 +2,19 @@
 fuzzing of every endpoint with hypothesis, plus the classic nasties (huge prompts and
 max_tokens, invalid UTF-8, deeply nested JSON, NaN and negative numbers).
 
-Every response must be < 500 (a bad request is the client's fault and says so), and afterwards
-the same replica is alive and healthy and answers a normal completion.
+Every response must be < 500 (a bad request is the client's fault and says so): a fuzzed body is
+answered as the gate's own validation (`gate.check_body`, run here on the same bytes) decides, the
+same 4xx naming the same parameter, and a parameter the request holds (or a required one it
+lacks); a method, path and key get the status their route and key call for. Afterwards the same
+replica is alive and healthy and answers a normal completion.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
+from pathlib import Path
 
 import httpx
 import pytest
@@ -17,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reliability_helpers import KEYS, MODEL_ID, auth, completes, healthy, replica_actors
 
-from raylm.serve.protocol import ChatCompletionRequest, CompletionRequest
+from raylm.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -35,6 +40,17 @@ def url(basic_app):
 def http(url):
     with httpx.Client(timeout=60) as client:
         yield client
+
+
+@pytest.fixture(scope="module")
+def gate(tiny_checkpoint, key_file):
+    """What the basic app's gate checks against (its serve: settings and the checkpoint's config)."""
+    from reliability_helpers import serve_config
+
+    from raylm.serve.edge import gate_settings
+
+    model_config = json.loads(Path(tiny_checkpoint, "config.json").read_text())
+    return gate_settings(serve_config(key_file, APP).serve, [], model_config)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -93,6 +109,40 @@ def check(resp: httpx.Response) -> None:
             assert payload["error"]["message"], payload
 
 
+REQUIRED = {"/v1/completions": ("model", "prompt"), "/v1/chat/completions": ("model", "messages")}
+
+
+def check_named(resp: httpx.Response, path: str, raw: bytes, gate) -> None:
+    """The response is what the gate's validation decides for these bytes: its 4xx naming its
+    parameter, or (validation passed) a 200 or the engine's 400 naming a parameter of the request.
+    A named parameter is one the request holds, or a required one it lacks."""
+    from raylm.serve.gate import MAX_BODY_BYTES, check_body
+
+    check(resp)
+    try:
+        if len(raw) > MAX_BODY_BYTES:  # refused before it is read (by HAProxy, from its Content-Length)
+            raise APIError(413, "request body too large")
+        check_body("chat" if "chat" in path else "completions", raw, gate)
+        expected = None
+    except APIError as exc:
+        expected = (exc.status, exc.param)
+    error = resp.json().get("error", {}) if resp.status_code >= 400 else {}
+    if expected is not None:
+        assert (resp.status_code, error.get("param")) == expected, (expected, resp.status_code, resp.text[:300])
+    else:
+        assert resp.status_code == 200 or (resp.status_code == 400 and error.get("param")), resp.text[:300]
+    param = error.get("param")
+    if param:
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = None
+        top = re.split(r"[.\[]", param)[0]
+        assert isinstance(body, dict) and (top in body or top in REQUIRED[path]), (param, raw[:200])
+    elif resp.status_code >= 400:  # only a body that is no JSON object, or too large to read, names none
+        assert error.get("code") in ("invalid_json", "request_too_large"), resp.text[:300]
+
+
 def post(http: httpx.Client, url: str, path: str, content: bytes, headers: dict | None = None) -> httpx.Response:
     resp = http.post(f"{url}{path}", content=content,
                      headers={"Content-Type": "application/json", **auth(), **(headers or {})})
@@ -105,14 +155,16 @@ def post(http: httpx.Client, url: str, path: str, content: bytes, headers: dict 
 
 @FUZZ
 @given(body=request_bodies(CompletionRequest))
-def test_fuzzed_completions_never_5xx(url, http, body):
-    check(post(http, url, "/v1/completions", encode(body)))
+def test_fuzzed_completions_get_the_4xx_naming_the_parameter(url, http, gate, body):
+    raw = encode(body)
+    check_named(post(http, url, "/v1/completions", raw), "/v1/completions", raw, gate)
 
 
 @FUZZ
 @given(body=request_bodies(ChatCompletionRequest))
-def test_fuzzed_chat_completions_never_5xx(url, http, body):
-    check(post(http, url, "/v1/chat/completions", encode(body)))
+def test_fuzzed_chat_completions_get_the_4xx_naming_the_parameter(url, http, gate, body):
+    raw = encode(body)
+    check_named(post(http, url, "/v1/chat/completions", raw), "/v1/chat/completions", raw, gate)
 
 
 @FUZZ
@@ -120,17 +172,35 @@ def test_fuzzed_chat_completions_never_5xx(url, http, body):
        path=st.sampled_from(["/health", "/v1/models", "/tokenize", "/v1/completions", "/v1/chat/completions",
                              "/v1/embeddings", "/v1/../v1/models", "/%00", "/v1/models/" + "a" * 300]),
        key=st.sampled_from([KEYS[0], KEYS[1], "", "sk-wrong"]), body=st.one_of(st.none(), st.binary(max_size=64), JSON))
-def test_fuzzed_methods_paths_and_keys_never_5xx(url, http, method, path, key, body):
+def test_fuzzed_methods_paths_and_keys_get_the_status_of_their_route_and_key(url, http, method, path, key, body):
     content = body if isinstance(body, bytes) or body is None else encode(body)
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    check(httpx.request(method, f"{url}{path}", content=content, headers=headers, timeout=60))  # a fresh connection
+    resp = httpx.request(method, f"{url}{path}", content=content, headers=headers, timeout=60)  # a fresh connection
+    check(resp)
+    routes = {("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions")}
+    known = {p for _, p in routes} | {"/health"}
+    if path == "/health":
+        expected = {200} if method in ("GET", "HEAD") else {405}
+    elif path.startswith("/v1/models/") and method == "GET":
+        expected = {401} if key not in KEYS else {404}  # no such model
+    elif path not in known:
+        expected = {404, 400} if "%00" in path or ".." in path else {404}  # a path HAProxy may refuse outright
+        if path == "/v1/../v1/models":  # a client may resolve the dots
+            expected |= {200, 401, 405}
+    elif (method, path) not in routes:
+        expected = {405}
+    elif key not in KEYS:
+        expected = {401}
+    else:
+        expected = {200} if path == "/v1/models" else {200, 400, 404}
+    assert resp.status_code in expected, (method, path, key, resp.status_code, resp.text[:200])
 
 
 @FUZZ
 @given(raw=st.binary(max_size=300))
-def test_fuzzed_raw_bytes_never_5xx(url, http, raw):
+def test_fuzzed_raw_bytes_get_the_4xx_naming_the_parameter(url, http, gate, raw):
     for path in ("/v1/completions", "/v1/chat/completions"):
-        check(post(http, url, path, raw))
+        check_named(post(http, url, path, raw), path, raw, gate)
 
 
 # ------------------------------------------------------------------ the classic nasties
@@ -173,9 +243,9 @@ NASTIES = {
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 @pytest.mark.parametrize("name", sorted(NASTIES))
-def test_nasty_requests_get_a_4xx(url, http, name, path):
+def test_nasty_requests_get_a_4xx_naming_the_parameter(url, http, gate, name, path):
     resp = post(http, url, path, NASTIES[name])
-    check(resp)
+    check_named(resp, path, NASTIES[name], gate)
     assert resp.status_code >= 400 or name in ("NUL bytes", "lone surrogate escape", "huge stop string"), resp.text[:300]
 
 

@@ -137,3 +137,20 @@ def test_training_config_imports_no_ray_serve():
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "serve"  # the whole config does need it: the check above is not vacuous
+
+
+def test_every_verbs_one_line_help_is_a_whole_sentence():
+    """`raylm --help` shows each verb's docstring's first paragraph whole: it once cut three of them
+    mid-sentence ('then Ray is not even')."""
+    import re
+
+    from raylm.cli import VERBS, build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "verb")
+    helps = {choice.dest: choice.help for choice in sub._choices_actions}
+    assert set(helps) == set(VERBS)
+    for verb, text in helps.items():
+        assert text.endswith(".") and text[0].isupper(), (verb, text)
+        assert text.count("(") == text.count(")") and text.count("`") % 2 == 0, (verb, text)
+        assert not re.search(r"\b(the|a|an|and|or|of|for|from|its|with|is|even)\.$", text), (verb, text)
+    assert "then Ray is not even started" in helps["data"]

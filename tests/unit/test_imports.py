@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "platform" / "raylm"
 LAYERS: dict[str, float] = {
     "raylm.errors": 0,
     "raylm.config": 1,
-    "raylm.storage": 2, "raylm.cluster": 2, "raylm.chat": 2, "raylm.console": 2, "raylm.rewards": 2,
+    "raylm.storage": 2, "raylm.cluster": 2, "raylm.haproxy_rules": 2, "raylm.chat": 2, "raylm.console": 2, "raylm.rewards": 2,
     # what a vLLM engine is, derived from serve: (no Ray): serving replicas, eval and GRPO's rollouts share it
     "raylm.serve.options": 3, "raylm.serve.autoscale": 3,
     "raylm.data": 3, "raylm.model": 3, "raylm.servable": 3,

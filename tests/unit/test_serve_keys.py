@@ -16,7 +16,7 @@ from raylm.config import ConfigError, KeyLimitsConfig, load_config
 from raylm.serve.auth import (ApiKeyError, ReloadingKeys, add_key_hash, hash_key, parse_key_hashes, read_key_hashes,
                               revoke_key_hash, setup_keys)
 from raylm.serve.gate import Gate, GateSettings
-from raylm.serve.limits import KeyLimiter
+from raylm.serve.limits import KeyLimiter, Refusal
 
 
 class Clock:
@@ -38,59 +38,98 @@ def limits(**kw) -> KeyLimitsConfig:
 # ------------------------------------------------------------------ the limiter
 
 
+def admitted(result) -> bool:
+    return not isinstance(result, Refusal)
+
+
 def test_requests_per_minute_slide_and_retry_after_says_when():
     clock = Clock()
     limiter = KeyLimiter(limits(requests_per_minute=3), clock=clock)
     for step in range(3):
-        assert limiter.admit("a") is None
+        assert admitted(limiter.admit("a"))
         clock.now += 10  # requests at t=0, 10, 20
     refusal = limiter.admit("a")  # t=30: the one from t=0 leaves the window at t=60
     assert refusal.limit == "requests" and refusal.retry_after_s == pytest.approx(30)
     assert refusal.retry_after_header == "30" and "limit 3" in refusal.message()
-    assert limiter.admit("b") is None  # keys have their own windows
+    assert admitted(limiter.admit("b"))  # keys have their own windows
     clock.now += 29.5
     assert limiter.admit("a").retry_after_header == "1"  # 0.5 s, rounded up
     clock.now += 0.5
-    assert limiter.admit("a") is None  # t=60: one slot free again ...
+    assert admitted(limiter.admit("a"))  # t=60: one slot free again ...
     assert limiter.admit("a").retry_after_s == pytest.approx(10)  # ... and the next frees at t=70
 
 
 def test_refused_requests_do_not_count():
     clock = Clock()
     limiter = KeyLimiter(limits(requests_per_minute=1), clock=clock)
-    assert limiter.admit("a") is None
+    assert admitted(limiter.admit("a"))
     for _ in range(5):
         clock.now += 10
-        assert limiter.admit("a") is not None
+        assert not admitted(limiter.admit("a"))
     clock.now = 1060.0
-    assert limiter.admit("a") is None
+    assert admitted(limiter.admit("a"))
 
 
-def test_tokens_per_minute_refuse_while_the_window_is_at_the_limit():
+def test_tokens_are_reserved_at_admission_and_settled_on_the_usage():
+    """Concurrent requests cannot go past the limit together: each reserves the most it may use
+    before any has finished; settling gives back what a request did not use."""
     clock = Clock()
     limiter = KeyLimiter(limits(tokens_per_minute=100), clock=clock)
-    assert limiter.admit("a") is None
-    limiter.add_tokens("a", 60)
+    running = [limiter.admit("a", 40) for _ in range(2)]  # 80 reserved, nothing used yet
+    assert all(map(admitted, running))
+    refusal = limiter.admit("a", 40)  # 80 + 40 > 100: refused while both run
+    assert refusal.limit == "tokens" and "used 80" in refusal.message() and refusal.retry_after_s == pytest.approx(60)
+    assert admitted(limiter.admit("a", 20))  # 80 + 20 fits exactly
+    running[0].settle(10)  # it stopped early: 30 of its 40 come back
+    running[0].settle(40)  # settling twice changes nothing
     clock.now += 20
-    assert limiter.admit("a") is None  # 60 < 100: admitted; its response may cross the limit
-    limiter.add_tokens("a", 70)
-    clock.now += 5
-    refusal = limiter.admit("a")  # 130 >= 100; below it once the 60 from t=0 leave, at t=60
-    assert refusal.limit == "tokens" and refusal.retry_after_s == pytest.approx(35) and "used 130" in refusal.message()
-    clock.now = 1060.0
-    assert limiter.admit("a") is None
-    limiter.add_tokens("a", 30)  # 70 + 30 = 100: at the limit refuses until the 70 from t=20 leave
-    assert limiter.admit("a").retry_after_s == pytest.approx(20)
+    assert admitted(limiter.admit("a", 30))  # 10 + 40 + 20 + 30 = 100
+    refusal = limiter.admit("a", 1)  # 100: full until the ones from t=0 leave, at t=60
+    assert refusal.retry_after_s == pytest.approx(40)
+    clock.now += 40
+    assert admitted(limiter.admit("a", 50))  # only the 30 from t=20 are left
+    too_large = limiter.admit("b", 101)  # more than the key's whole minute: never, however long it waits
+    assert too_large.too_large and "requested 101" in too_large.message()
+
+
+def test_a_settled_reservation_that_left_the_window_is_not_taken_off_twice():
+    clock = Clock()
+    limiter = KeyLimiter(limits(tokens_per_minute=100), clock=clock)
+    slow = limiter.admit("a", 60)
+    clock.now += 61  # the reservation left the window while the request ran
+    fresh = limiter.admit("a", 90)
+    slow.settle(0)
+    assert admitted(fresh) and limiter._tokens["a"].total == 90
+    assert not admitted(limiter.admit("a", 20))
+
+
+def test_max_concurrent_requests_frees_a_slot_when_a_request_ends():
+    limiter = KeyLimiter(limits(max_concurrent_requests=2, overrides={key_id("vip"): {"max_concurrent_requests": 0}}),
+                         clock=Clock())
+    first, second = limiter.admit("a"), limiter.admit("a")
+    refusal = limiter.admit("a")
+    assert refusal.limit == "concurrency" and refusal.retry_after_header == "1"
+    assert "concurrent requests: limit 2, used 2" in refusal.message()
+    first.settle(5)
+    third = limiter.admit("a")
+    assert admitted(third) and not admitted(limiter.admit("a"))
+    second.settle(0), third.settle(0)
+    assert not limiter._running  # no slot is held, none is remembered
+    assert all(admitted(limiter.admit(key_id("vip"))) for _ in range(10))  # its override: no limit
 
 
 def test_the_longest_wait_is_reported_when_both_limits_are_reached():
     clock = Clock()
     limiter = KeyLimiter(limits(requests_per_minute=1, tokens_per_minute=10), clock=clock)
-    assert limiter.admit("a") is None
+    first = limiter.admit("a", 5)
     clock.now += 30
-    limiter.add_tokens("a", 50)  # requests free at t=60, tokens at t=90
-    refusal = limiter.admit("a")
-    assert (refusal.limit, refusal.retry_after_s) == ("tokens", pytest.approx(60))
+    first.settle(50)  # it used more than it reserved: requests free at t=60, tokens at t=60 too
+    refusal = limiter.admit("a", 5)
+    assert refusal.limit in ("tokens", "requests") and refusal.retry_after_s == pytest.approx(30)
+    limiter.admit("b", 5).settle(9)
+    clock.now += 10
+    second = limiter.admit("b", 5)  # 9 + 5 > 10 tokens (until t=60) and 1 request (until t=60)
+    assert second.retry_after_s == pytest.approx(50)
 
 
 def test_overrides_by_key_id_keep_the_defaults_they_leave_out():
@@ -101,9 +140,9 @@ def test_overrides_by_key_id_keep_the_defaults_they_leave_out():
     assert limiter.allowed(key_id("vip")) == (5, 500)
     assert limiter.allowed(key_id("other")) == (2, 500)
     assert limiter.allowed(key_id("free")) == (0, 500)  # 0: no request limit for that key
-    assert sum(limiter.admit(key_id("vip")) is None for _ in range(8)) == 5
-    assert sum(limiter.admit(key_id("other")) is None for _ in range(8)) == 2
-    assert sum(limiter.admit(key_id("free")) is None for _ in range(50)) == 50
+    assert sum(admitted(limiter.admit(key_id("vip"))) for _ in range(8)) == 5
+    assert sum(admitted(limiter.admit(key_id("other"))) for _ in range(8)) == 2
+    assert sum(admitted(limiter.admit(key_id("free"))) for _ in range(50)) == 50
 
 
 def test_a_share_splits_each_limit_over_replicas():
@@ -112,7 +151,7 @@ def test_a_share_splits_each_limit_over_replicas():
     assert KeyLimiter(cfg, share=0.5, clock=Clock()).allowed("a") == (5, pytest.approx(45))  # the caller's share wins
     assert KeyLimiter(limits(requests_per_minute=2), share=0.1, clock=Clock()).allowed("a") == (1, 0)  # never 0
     limiter = KeyLimiter(cfg, clock=Clock())
-    assert sum(limiter.admit("a") is None for _ in range(10)) == 3
+    assert sum(admitted(limiter.admit("a")) for _ in range(10)) == 3
     with pytest.raises(ValueError, match="share"):
         KeyLimiter(cfg, share=0)
 
@@ -121,8 +160,7 @@ def test_idle_keys_are_forgotten():
     clock = Clock()
     limiter = KeyLimiter(limits(requests_per_minute=5, tokens_per_minute=5), clock=clock)
     for n in range(100):
-        limiter.admit(f"k{n}")
-        limiter.add_tokens(f"k{n}", 1)
+        limiter.admit(f"k{n}", 2).settle(1)
     clock.now += 61
     limiter.admit("last")
     assert set(limiter._requests) == {"last"} and not limiter._tokens
@@ -173,9 +211,9 @@ def settings(**kw) -> GateSettings:
     return GateSettings(**{**base, **kw})
 
 
-def post(gate, key: str | None = "k1", path: str = "/v1/completions"):
+def post(gate, key: str | None = "k1", path: str = "/v1/completions", body: dict | None = None):
     """(status, headers dict, JSON body) of one request through the gate."""
-    body = json.dumps({"model": "m", "prompt": "hi", "max_tokens": 4}).encode()
+    body = json.dumps(body or {"model": "m", "prompt": "hi", "max_tokens": 4}).encode()
     headers = [(b"authorization", f"Bearer {key}".encode())] if key else []
     scope = {"type": "http", "method": "POST", "path": path, "root_path": "", "headers": headers}
     sent = []
@@ -216,15 +254,29 @@ def test_the_limit_applies_only_after_a_valid_key():
     assert not set(gate.limiter._requests) - {key_id("k1")}
 
 
-def test_gate_counts_tokens_from_responses_usage():
+def test_gate_reserves_a_requests_tokens_and_settles_on_its_usage():
+    """post() asks for max_tokens 4 with the prompt 'hi' (2 bytes + 2): 8 tokens reserved; the app
+    reports a usage of 40 (more than reserved: what was used counts)."""
     clock, app = Clock(), UsageApp(tokens=40)
     gate = Gate(app, settings=settings(), health=None, limiter=KeyLimiter(limits(tokens_per_minute=100), clock=clock))
-    for _ in range(3):  # 0, 40, 80 tokens in the window when admitted
+    for _ in range(2):  # 0, 40 tokens in the window when admitted
         assert post(gate)[0] == 200
         clock.now += 1
-    status, headers, body = post(gate)  # 120 >= 100 until the first 40 leave (t=60)
+    assert post(gate)[0] == 200  # 80 + 8 fits; its usage makes it 120
+    clock.now += 1
+    status, headers, body = post(gate)  # 120 + 8 > 100 until the first 40 leaves (t=60)
     assert status == 429 and body["error"]["type"] == "tokens" and headers[b"retry-after"] == b"57"
     assert post(gate, key="k2")[0] == 200
+    assert app.calls == 4
+
+
+def test_gate_refuses_a_request_larger_than_the_keys_minute_naming_the_parameter():
+    gate = Gate(UsageApp(), settings=settings(), health=None,
+                limiter=KeyLimiter(limits(tokens_per_minute=20), clock=Clock()))
+    status, headers, body = post(gate, path="/v1/chat/completions", body={
+        "model": "m", "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 30})
+    assert status == 429 and b"retry-after" not in headers  # waiting would not help
+    assert body["error"]["param"] == "max_completion_tokens" and "requested" in body["error"]["message"]
 
 
 def test_gate_builds_its_limiter_from_the_settings():

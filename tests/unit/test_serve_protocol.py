@@ -97,6 +97,24 @@ def test_valid_requests_parse_with_openai_defaults():
         "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
     }).encode())
     assert chat.chat() == [{"role": "user", "content": "ab"}] and chat.requested_max_tokens() == 7
+    both = p.parse_request(p.ChatCompletionRequest, b'{"model": "m", "messages": [{"role": "user", "content": "a"}], '
+                           b'"max_tokens": 1, "max_completion_tokens": 9}')
+    assert both.requested_max_tokens() == 9  # what vLLM generates
+
+
+def test_check_body_says_the_most_tokens_a_request_may_use():
+    from raylm.serve.gate import check_body
+
+    s = gate_settings()
+    chat = check_body("chat", json.dumps({"model": "m", "messages": [{"role": "user", "content": "héllo"}],
+                                          "max_tokens": 2, "max_completion_tokens": 5, "n": 2}).encode(), s)
+    prompt = len("héllo".encode()) + 2 * p.CHAT_TOKENS_PER_MESSAGE
+    assert (chat.prompt_tokens, chat.max_tokens, chat.max_tokens_param) == (prompt, prompt + 2 * 5,
+                                                                            "max_completion_tokens")
+    many = check_body("completions", b'{"model": "m", "prompt": ["ab", "c"]}', s)  # the default max_tokens, per prompt
+    assert (many.prompt_tokens, many.max_tokens) == (4 + 3, 4 + 3 + 2 * s.default_max_tokens)
+    ids = check_body("completions", b'{"model": "m", "prompt": [1, 2, 3], "max_tokens": 4}', s)
+    assert (ids.prompt_tokens, ids.max_tokens, ids.body) == (3, 7, b'{"model": "m", "prompt": [1, 2, 3], "max_tokens": 4}')
 
 
 def test_stop_lists_are_bounded_and_non_empty():
@@ -342,6 +360,8 @@ def test_cors_responses_from_an_allowed_origin_carry_the_header_errors_too():
     starts = [m for m in sent if m["type"] == "http.response.start"]
     assert [m["status"] for m in starts] == [200, 401]
     assert all(dict(m["headers"])[b"access-control-allow-origin"] == b"https://app.example" for m in starts)
+    exposed = {h.strip().lower() for h in dict(starts[0]["headers"])[b"access-control-expose-headers"].split(b",")}
+    assert exposed == {b"retry-after", b"x-raylm-model-version", b"x-request-id"}  # what a browser's script may read
 
 
 @pytest.mark.parametrize("method,path,body,key,status,param,code", [
@@ -353,6 +373,12 @@ def test_cors_responses_from_an_allowed_origin_carry_the_header_errors_too():
     ("POST", "/v1/completions", {"model": "m", "prompt": "hi", "max_tokens": 33}, "k1", 400, "max_tokens", "invalid_value"),
     ("POST", "/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "x"}],
                                       "max_completion_tokens": 99}, "k1", 400, "max_completion_tokens", "invalid_value"),
+    # vLLM generates max_completion_tokens when both are set: a small max_tokens must not hide it
+    ("POST", "/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1,
+                                      "max_completion_tokens": 300, "ignore_eos": True}, "k1", 400,
+     "max_completion_tokens", "invalid_value"),
+    ("POST", "/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 300,
+                                      "max_completion_tokens": 1}, "k1", 400, "max_tokens", "invalid_value"),
     ("POST", "/v1/completions", {"model": "m", "prompt": [5, 100]}, "k1", 400, "prompt", "invalid_value"),
     ("POST", "/v1/completions", {"model": "m", "prompt": "hi", "suffix": "x"}, "k1", 400, "suffix", "unsupported_parameter"),
     ("POST", "/v1/completions", {"model": "m", "prompt": "hi", "logprobs": 6}, "k1", 400, "logprobs", "invalid_value"),
@@ -633,6 +659,26 @@ def test_usage_is_read_from_a_stream_and_from_bodies_split_across_chunks():
     assert tally.tokens == 11
 
 
+def test_a_stream_without_usage_is_counted_from_its_chunks():
+    """vLLM streams a chunk per token of a choice; a chat's first chunk only names the role."""
+    from raylm.serve.gate import UsageTally
+
+    chat = (b'data: {"id":"c","choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n'
+            + b''.join(b'data: {"id":"c","choices":[{"index":%d,"delta":{"content":"t"}}]}\n\n' % (i % 2)
+                       for i in range(6))
+            + b'data: [DONE]\n\n')
+    tally = UsageTally()
+    for i in range(0, len(chat), 7):
+        tally.feed(chat[i:i + 7])
+    assert tally.finish(prompt_tokens=10) == 16
+    merged = (b'data: {"choices":[{"index":0,"text":"ab","finish_reason":null}]}\n\n'
+              b'data: {"choices":[{"index":0,"text":"c","finish_reason":"length"}]}\n\ndata: [DONE]\n\n')
+    tally = UsageTally()
+    tally.feed(merged)
+    assert tally.finish(prompt_tokens=1, per_choice=3) == 4  # two chunks, but it ran to its max_tokens of 3
+    assert UsageTally().finish(prompt_tokens=10) == 0  # nothing streamed (an error): nothing used
+
+
 def test_prefix_aware_routing_is_ray_serve_llms_router_and_needs_the_edge():
     from ray.serve.config import RequestRouterConfig
 
@@ -662,6 +708,14 @@ def test_edge_calls_carry_what_the_prefix_aware_router_reads_and_never_the_key()
     assert completion.prompt == "once upon" and not hasattr(completion, "messages")
     assert all(k != b"authorization" for k, _ in chat.headers + completion.headers)
     assert (b"x-request-id", b"r1") in completion.headers
+    # what the gate made of the body is handed on, so the edge does not parse it again
+    from raylm.serve.gate import check_body
+
+    raw = json.dumps({"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+                      "max_tokens": 2}).encode()
+    checked = check_body("chat", raw, gate_settings())
+    handed = edge_call("/v1/chat/completions", checked.body, headers, checked)
+    assert handed.messages == [{"role": "user", "content": "hi"}] and handed.model == "m" and handed.body == raw
 
 
 def test_the_edge_is_built_from_what_its_gate_reads_of_the_model_config():
@@ -860,3 +914,58 @@ def test_the_serve_run_and_rayservice_app_names_its_model_version(monkeypatch):
     openai_app.app_builder({"checkpoint": "b"})
     assert built[0] == ("/resolved/a", "v7")
     assert built[1][1].startswith("ckpt-") and built[1][1] != built[2][1]
+
+
+RAY_RENDERED_HAPROXY = """global
+    nbthread 2
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+frontend prometheus
+    bind :{metrics}
+    mode http
+    http-request use-service prometheus-exporter if {{ path /metrics }}
+frontend http_frontend
+    bind 127.0.0.1:{http}
+    default_backend be
+backend be
+    server s1 127.0.0.1:{backend}
+listen stats
+  bind *:{stats}
+  stats enable
+  stats uri /stats
+"""
+
+
+def test_raylms_haproxy_wrapper_binds_the_stats_page_to_loopback_and_refuses_from_the_headers(tmp_path, monkeypatch):
+    """Ray renders `listen stats` on every interface and offers no rules hook; the wrapper raylm names
+    as Ray's HAProxy binary edits the rendered config (HAProxy itself checks the result, in -c mode)
+    and adds the keyless-request rule only once an app that requires keys has marked the folder."""
+    import subprocess
+
+    from raylm.cluster import serve_ingress_env
+    from raylm.haproxy_rules import RULES_ENV, mark_keyed
+
+    monkeypatch.delenv("RAY_SERVE_HAPROXY_BINARY_PATH", raising=False)
+    env = serve_ingress_env("haproxy")
+    wrapper, rules = env["RAY_SERVE_HAPROXY_BINARY_PATH"], env[RULES_ENV]
+    assert "RAY_SERVE_HAPROXY_BINARY_PATH" not in serve_ingress_env("proxy")
+    config = tmp_path / "haproxy.cfg"
+
+    def rendered(keyed: bool) -> str:
+        config.write_text(RAY_RENDERED_HAPROXY.format(metrics=29201, http=29200, backend=29202, stats=29204))
+        monkeypatch.setenv(RULES_ENV, rules)
+        mark_keyed(keyed)
+        done = subprocess.run([wrapper, "-c", "-f", str(config)], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stdout + done.stderr  # HAProxy's own check of the edited config
+        return config.read_text()
+
+    text = rendered(keyed=False)
+    assert "bind 127.0.0.1:29204" in text and "bind *:" not in text
+    assert "req.hdr_val(content-length) gt 4194304" in text and "authorization" not in text
+    text = rendered(keyed=True)
+    assert "!{ req.hdr(authorization) -m found }" in text
+    assert json.loads(Path(rules, "401.json").read_text())["error"]["code"] == "invalid_api_key"
+    assert rendered(keyed=False).count("raylm edge rules") == 1 and "authorization" not in config.read_text()

@@ -124,6 +124,7 @@ class KeyLimitOverride(_Strict):
 
     requests_per_minute: Optional[int] = Field(None, ge=0, description="This key's requests per minute (0: no limit).")
     tokens_per_minute: Optional[int] = Field(None, ge=0, description="This key's tokens per minute (0: no limit).")
+    max_concurrent_requests: Optional[int] = Field(None, ge=0, description="This key's requests at once (0: no limit).")
 
 
 class KeyLimitsConfig(_Strict):
@@ -137,8 +138,13 @@ class KeyLimitsConfig(_Strict):
         0, ge=0, description="Requests a key may send per minute (sliding 60 s window); the next one gets 429 with "
         "Retry-After. 0: no limit.")
     tokens_per_minute: int = Field(
-        0, ge=0, description="Tokens (prompt + completion, from the responses' usage) a key may use per minute: "
-        "its requests get 429 while its last 60 s used this many or more. 0: no limit.")
+        0, ge=0, description="Tokens (prompt + completion) a key may use per minute. A request reserves the most it "
+        "can use (its prompt, estimated from its bytes, plus max_tokens for every choice) when admitted, and the "
+        "reservation is settled to the usage the response reports (a stream without include_usage: its chunks) "
+        "when it ends; a request whose reservation does not fit in what the last 60 s left gets 429. 0: no limit.")
+    max_concurrent_requests: int = Field(
+        0, ge=0, description="Requests a key may have running at once; the next one gets 429 with Retry-After. "
+        "0: no limit.")
     overrides: dict[str, KeyLimitOverride] = Field(
         default_factory=dict, description="Limits of single keys, by key id: the first 12 hex digits of the key's "
         "SHA-256 (the key_id label of the raylm_key_* metrics; `raylm keys new` prints it), never the key. Fields "
@@ -163,6 +169,13 @@ class KeyLimitsConfig(_Strict):
             return self.requests_per_minute, self.tokens_per_minute
         return (self.requests_per_minute if override.requests_per_minute is None else override.requests_per_minute,
                 self.tokens_per_minute if override.tokens_per_minute is None else override.tokens_per_minute)
+
+    def concurrency_for_key(self, key_id: str) -> int:
+        """Requests one key may run at once: its override's where set, the default elsewhere."""
+        override = self.overrides.get(key_id)
+        if override is None or override.max_concurrent_requests is None:
+            return self.max_concurrent_requests
+        return override.max_concurrent_requests
 
 
 class ServeConfig(_Strict):

@@ -30,7 +30,8 @@ from ray.serve import metrics
 
 from raylm import storage
 from raylm.config import ServeConfig
-from raylm.serve.gate import EDGE_CHECKED, Gate, GateSettings, app_path, send_json
+from raylm.serve.gate import CHECKED, EDGE_CHECKED, Gate, GateSettings, app_path, send_json
+from raylm.haproxy_rules import mark_keyed
 from raylm.serve.options import EDGE_DEPLOYMENT  # noqa: F401 - the edge's deployment name
 from raylm.serve.protocol import error_body
 
@@ -63,16 +64,21 @@ class ChatCall:
     messages: Any = None
 
 
-def edge_call(path: str, body: bytes, headers: list) -> Any:
+def edge_call(path: str, body: bytes, headers: list, checked: Any = None) -> Any:
     """The call object for a checked body (valid JSON: the gate parsed it), naming the model asked
-    for so the replica need not parse the body again. The key stays at the edge: `authorization`
-    is not passed on."""
-    parsed = json.loads(body)
+    for so the replica need not parse the body again. `checked`: what the gate made of the body
+    (`gate.Checked`), so the edge does not parse it a second time; without it the body is read
+    here. The key stays at the edge: `authorization` is not passed on."""
     kept = [(k, v) for k, v in headers if k.lower() not in HOP_HEADERS]
-    model = parsed.get("model", "")
-    if path.endswith("/chat/completions"):
-        return ChatCall(path, body, model, kept, messages=parsed.get("messages"))
-    return CompletionCall(path, body, model, kept, prompt=parsed.get("prompt"))
+    chat = path.endswith("/chat/completions")
+    if checked is None:
+        parsed = json.loads(body)
+        model, text = parsed.get("model", ""), parsed.get("messages" if chat else "prompt")
+    else:
+        model, text = checked.model, checked.text
+    if chat:
+        return ChatCall(path, body, model, kept, messages=text)
+    return CompletionCall(path, body, model, kept, prompt=text)
 
 
 def replica_scope(call: Any) -> dict:
@@ -113,7 +119,7 @@ class Forward:
             chunks.append(message.get("body", b""))
             if not message.get("more_body"):
                 break
-        call = edge_call(app_path(scope), b"".join(chunks), scope.get("headers", []))
+        call = edge_call(app_path(scope), b"".join(chunks), scope.get("headers", []), scope.get(CHECKED))
         handle = self.streaming
         if call.model in await self.dynamic_adapters():  # Serve routes it to a replica that has the adapter loaded
             handle = handle.options(multiplexed_model_id=call.model)
@@ -236,6 +242,7 @@ class RaylmEdge:
         s = ServeConfig.model_validate(serve_config)
         self.llm, self.retry_after_s = llm, s.retry_after_s
         self.settings = gate_settings(s, key_hashes, model_config)  # the version header comes from the replicas
+        mark_keyed(s.require_api_key)  # HAProxy refuses keyless completions from their headers (raylm/haproxy_rules.py)
         self.adapters = AdapterListing(s) if s.adapters_path else None
         self.gate_metrics = GateMetrics()
 

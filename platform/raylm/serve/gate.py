@@ -8,8 +8,9 @@ what an endpoint on the internet needs:
   are reachable; vLLM's admin and internal routes answer 404;
 - every route but `/health` needs `Authorization: Bearer <key>`, checked against key hashes (401),
   those of a hashes file re-read while serving included (`auth.ReloadingKeys`);
-- a key over its requests or tokens per minute gets 429 with Retry-After (`limits.KeyLimiter`,
-  per gate instance: `GateSettings.limit_share` splits a limit over the replicas);
+- a key over its requests or tokens per minute, or its requests at once, gets 429 with Retry-After
+  (`limits.KeyLimiter`, per gate instance: `GateSettings.limit_share` splits a limit over the
+  replicas); a request reserves the tokens it may use when admitted and settles on its usage;
 - a request body is validated before the engine sees it (`protocol.py`): every bad request is a
   400/404 naming the parameter, with this server's limits (`serve.max_tokens_limit`, a default
   max_tokens) applied;
@@ -29,15 +30,15 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Optional, Protocol
 
 from raylm.config.serve import KeyLimitsConfig
+from raylm.haproxy_rules import MAX_BODY_BYTES  # the body limit, HAProxy's and the gate's
 from raylm.serve.auth import KeyChecker, ReloadingKeys
 from raylm.serve.limits import KeyLimiter, Refusal
 from raylm.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, check_limits,
-                                  error_body, parse_request, reject_unsupported)
+                                  error_body, parse_request, prompt_tokens_bound, reject_unsupported)
 
 logger = logging.getLogger(__name__)
 
 ASGIApp = Callable[..., Awaitable[None]]
-MAX_BODY_BYTES = 4 * 2**20  # a request body larger than this is refused (413) before it is parsed
 ROUTES = {("POST", "/v1/completions"): "completions", ("POST", "/v1/chat/completions"): "chat",
           ("GET", "/v1/models"): "models"}
 UNSUPPORTED = {
@@ -45,9 +46,13 @@ UNSUPPORTED = {
     "chat": {"tools": (None, []), "functions": (None, [])},
 }
 CORS_METHODS, CORS_MAX_AGE_S = "GET, POST, OPTIONS", 600
+# Response headers a browser's script may read besides the CORS-safelisted ones: when to retry
+# (429/503), which model version answered (rollouts), and the request id to quote in a report.
+CORS_EXPOSE_HEADERS = b"Retry-After, x-raylm-model-version, x-request-id"
 CONTEXT_MARKERS = ("maximum context length", "max_model_len", "context length")
 VERSION_HEADER = b"x-raylm-model-version"
 EDGE_CHECKED = "raylm.edge"  # a scope key no HTTP request can set: an LLM replica marks edge calls with it
+CHECKED = "raylm.checked"  # the scope key under which the gate hands its `Checked` request on (parsed once)
 
 
 class Adapters(Protocol):
@@ -115,12 +120,26 @@ def model_card(model_id: str, parent: Optional[str], s: GateSettings) -> dict:
             "parent": parent, "max_model_len": s.max_model_len}
 
 
-def check_body(route: str, raw: bytes, s: GateSettings, dynamic: tuple[str, ...] = ()) -> tuple[bytes, str]:
+@dataclass(frozen=True)
+class Checked:
+    """A request the gate let through: the body for the engine, the model asked for, and the
+    tokens it may use at most (what a per-key token limit reserves), with its prompts' part."""
+
+    body: bytes
+    model: str
+    max_tokens: int = 0
+    prompt_tokens: int = 0
+    max_tokens_param: str = "max_tokens"  # the parameter a client lowers to ask for fewer
+    per_choice: int = 0  # max_tokens: what a choice that ends for its length has generated
+    text: Any = None  # the prompt, or the messages as role/content dicts: what a prefix-aware router reads
+
+
+def check_body(route: str, raw: bytes, s: GateSettings, dynamic: tuple[str, ...] = ()) -> Checked:
     """Validate a completions/chat body and apply this server's limits; returns the body to hand to
     the engine (with max_tokens filled in when the request left it out: OpenAI's 16 for completions,
     for chat the rest of the context, which vLLM takes as min(max_tokens, context - prompt), capped
-    by `serve.max_tokens_limit`) and the model asked for. `dynamic`: the on-demand adapters'
-    model ids. Raises `APIError`."""
+    by `serve.max_tokens_limit`), the model asked for and the tokens the request may use at most.
+    `dynamic`: the on-demand adapters' model ids. Raises `APIError`."""
     model = CompletionRequest if route == "completions" else ChatCompletionRequest
     req = parse_request(model, raw)
     reject_unsupported(req, UNSUPPORTED[route])
@@ -131,11 +150,24 @@ def check_body(route: str, raw: bytes, s: GateSettings, dynamic: tuple[str, ...]
     req.stop_list()
     asked = check_limits(req, models=(s.model_id, *s.adapters, *dynamic), max_tokens_limit=s.max_tokens_limit,
                          max_logprobs=s.max_logprobs)
-    if asked is not None:
-        return raw, req.model
-    body = json.loads(raw)
-    body["max_tokens"] = s.default_max_tokens if route == "completions" else s.max_tokens_limit
-    return json.dumps(body).encode(), req.model
+    body = raw
+    if asked is None:
+        asked = s.default_max_tokens if route == "completions" else s.max_tokens_limit
+        fields = json.loads(raw)
+        fields["max_tokens"] = asked
+        body = json.dumps(fields).encode()
+    param = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) is not None else "max_tokens"
+    text = req.chat() if route == "chat" else req.prompt
+    return Checked(body, req.model, *_most_tokens(prompt_tokens_bound(req), asked, req.n, s.max_model_len), param,
+                   asked, text)
+
+
+def _most_tokens(prompts: list[int], max_tokens: int, n: int, context: Optional[int]) -> tuple[int, int]:
+    """(prompt + completion tokens, prompt tokens) a request may use at most: each prompt once and
+    max_tokens for each of its n choices, neither more than the context holds."""
+    cap = context or max(max(prompts), max_tokens)
+    prompt = sum(min(p, cap) for p in prompts)
+    return prompt + len(prompts) * n * min(max_tokens, cap), prompt
 
 
 def normalize_error(status: int, raw: bytes, route: Optional[str]) -> bytes:
@@ -154,11 +186,14 @@ def normalize_error(status: int, raw: bytes, route: Optional[str]) -> bytes:
 
 
 class RateLimited(APIError):
-    """429 for a key over one of its limits, with the seconds to wait in `Retry-After`."""
+    """429 for a key over one of its limits, with the seconds to wait in `Retry-After` (none for a
+    request that asks for more tokens than the key's whole limit: waiting would not help; its body
+    names the parameter to lower)."""
 
-    def __init__(self, refusal: Refusal):
-        super().__init__(429, refusal.message(), None, "rate_limit_exceeded", refusal.limit)
-        self.headers = ((b"retry-after", refusal.retry_after_header.encode()),)
+    def __init__(self, refusal: Refusal, max_tokens_param: Optional[str] = None):
+        super().__init__(429, refusal.message(), max_tokens_param if refusal.too_large else None,
+                         "rate_limit_exceeded", refusal.limit)
+        self.headers = () if refusal.too_large else ((b"retry-after", refusal.retry_after_header.encode()),)
 
 
 async def send_json(send: Callable, status: int, body: dict, headers: tuple = ()) -> None:
@@ -241,24 +276,22 @@ class Gate:
                 raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
                                None, "invalid_api_key")
             key_id = KeyChecker.key_id(_header(scope, b"authorization"))
-            refusal = self.limiter.admit(key_id) if self.limiter else None
-            if refusal is not None:
-                self.on_key(key_id, route, 429, 0)
-                raise RateLimited(refusal)
             dynamic = await self.adapters.names() if self.adapters else ()
             if route == "models":
+                self._admit(key_id, route, Checked(b"", "")).settle(0)
                 self.on_response(route, 200)
                 return await send_json(send, 200, self._models(path, dynamic))
             try:
-                body, model = check_body(route, await read_body(receive), self.settings, dynamic)
-                if model in dynamic:
-                    await self.adapters.load(model)
+                checked = check_body(route, await read_body(receive), self.settings, dynamic)
+                if checked.model in dynamic:
+                    await self.adapters.load(checked.model)
             except APIError as exc:
                 self.on_key(key_id, route, exc.status, 0)
                 raise
+            admission = self._admit(key_id, route, checked)
             scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"content-length"]
-                     + [(b"content-length", str(len(body)).encode())]}
-            receive = replay(body, receive)
+                     + [(b"content-length", str(len(checked.body)).encode())], CHECKED: checked}
+            receive = replay(checked.body, receive)
         except APIError as exc:
             self.on_response(route or "other", exc.status)
             return await send_json(send, exc.status, exc.body(), getattr(exc, "headers", ()))
@@ -268,10 +301,20 @@ class Gate:
         try:
             await self.app(scope, receive, self._normalizing(send, route, tally))
         finally:
-            tally.finish()
-            self.on_key(key_id, route, tally.status, tally.tokens)
-            if self.limiter:
-                self.limiter.add_tokens(key_id, tally.tokens)
+            tokens = tally.finish(checked.prompt_tokens, checked.per_choice)
+            admission.settle(tokens)
+            self.on_key(key_id, route, tally.status, tokens)
+
+    def _admit(self, key_id: str, route: str, checked: Checked) -> Any:
+        """Count the request against the key's limits (reserving the tokens it may use); a refusal
+        is counted and raised as a 429."""
+        if self.limiter is None:
+            return _NO_LIMITS
+        admitted = self.limiter.admit(key_id, checked.max_tokens)
+        if isinstance(admitted, Refusal):
+            self.on_key(key_id, route, 429, 0)
+            raise RateLimited(admitted, checked.max_tokens_param)
+        return admitted
 
     def _models(self, path: str, dynamic: tuple[str, ...]) -> dict:
         """`GET /v1/models` (the base, its adapters and the on-demand ones) or `/v1/models/<id>`."""
@@ -341,16 +384,31 @@ class Gate:
         return _send
 
 
+class _Unlimited:
+    """The admission of a gate without limits: nothing to settle."""
+
+    def settle(self, used_tokens: int) -> None:
+        pass
+
+
+_NO_LIMITS = _Unlimited()
+
+
 class UsageTally:
-    """Tokens a response reports using (`usage.total_tokens`), read from the body as it passes:
-    a JSON response's usage, or the SSE chunk carrying usage when a streaming client asked for
-    it (`stream_options.include_usage`); 0 when the response says nothing. Only complete lines
-    holding the marker are parsed, so a long stream costs a substring search per chunk."""
+    """Tokens a response used, read from the body as it passes: the usage a JSON response reports
+    (`usage.total_tokens`), or the SSE chunk carrying usage when a streaming client asked for it
+    (`stream_options.include_usage`). A stream without it is counted from its chunks: vLLM sends a
+    chunk per generated token of a choice (its stream_interval of 1, though the detokenizer may
+    merge two), and a choice that ends for its length has generated max_tokens; a chat's first,
+    role-only chunk is not counted. Only complete lines are looked at, with a few substring
+    searches, and only the line holding the usage is parsed."""
 
     MARK, MAX_LINE_BYTES = b'"total_tokens"', 4 * 2**20
+    DATA, NO_CHOICES, ROLE_ONLY = b"data: {", b'"choices":[]', b'"role":"assistant","content":""'
+    AT_LENGTH = b'"finish_reason":"length"'
 
     def __init__(self) -> None:
-        self.status, self.tokens, self._rest = 0, 0, b""
+        self.status, self.tokens, self.chunks, self.at_length, self._rest = 0, 0, 0, 0, b""
 
     def feed(self, chunk: bytes) -> None:
         *lines, rest = (self._rest + chunk).split(b"\n")
@@ -358,12 +416,21 @@ class UsageTally:
         for line in lines:
             self._read(line)
 
-    def finish(self) -> None:
+    def finish(self, prompt_tokens: int = 0, per_choice: int = 0) -> int:
+        """The tokens used: the reported usage, else the prompt's (as estimated) and one per chunk
+        streamed, or `per_choice` for each choice that ended for its length when that is more;
+        0 for a response that streamed nothing (an error)."""
         self._read(self._rest)
         self._rest = b""
+        if self.tokens or not self.chunks:
+            return self.tokens
+        return prompt_tokens + max(self.chunks, self.at_length * per_choice)
 
     def _read(self, line: bytes) -> None:
         if self.MARK not in line:
+            if line.startswith(self.DATA) and self.NO_CHOICES not in line and self.ROLE_ONLY not in line:
+                self.chunks += 1
+                self.at_length += self.AT_LENGTH in line
             return
         try:
             usage = json.loads(line.removeprefix(b"data: ")).get("usage") or {}
@@ -378,7 +445,8 @@ def _with_cors(send: Callable, origin: str) -> Callable:
     async def _send(message: dict) -> None:
         if message["type"] == "http.response.start":
             message = {**message, "headers": [*message.get("headers", []), (b"access-control-allow-origin",
-                                                                            origin.encode()), (b"vary", b"Origin")]}
+                                                                            origin.encode()), (b"vary", b"Origin"),
+                                              (b"access-control-expose-headers", CORS_EXPOSE_HEADERS)]}
         await send(message)
 
     return _send

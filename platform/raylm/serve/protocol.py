@@ -144,7 +144,9 @@ class ChatCompletionRequest(_Sampling):
         return "top_logprobs", self.top_logprobs or 0
 
     def requested_max_tokens(self) -> Optional[int]:
-        return self.max_tokens if self.max_tokens is not None else self.max_completion_tokens
+        """What vLLM will generate at most: `max_completion_tokens` wins over `max_tokens` when both
+        are set (vLLM's `build_tok_params`), so the gate must read it the same way."""
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def chat(self) -> list[dict[str, str]]:
         return [{"role": m.role, "content": m.text()} for m in self.messages]
@@ -213,17 +215,31 @@ def check_limits(req: _Sampling, *, models: tuple[str, ...], max_tokens_limit: i
     if req.model not in models:
         raise APIError(404, f"The model '{req.model}' does not exist; this server serves "
                        f"{', '.join(repr(m) for m in models)}.", "model", "model_not_found")
+    for param in ("max_completion_tokens", "max_tokens"):  # both: a small one must not hide a large one
+        value = getattr(req, param, None)
+        if value is not None and value > max_tokens_limit:
+            raise APIError(400, f"{param}={value} exceeds this server's limit of {max_tokens_limit} "
+                           "(serve.max_tokens_limit).", param, "invalid_value")
     asked = requested_max_tokens(req)
-    if asked is not None and asked > max_tokens_limit:
-        param = "max_tokens" if req.max_tokens is not None or not isinstance(req, ChatCompletionRequest) \
-            else "max_completion_tokens"
-        raise APIError(400, f"{param}={asked} exceeds this server's limit of {max_tokens_limit}.",
-                       param, "invalid_value")
     name, logprobs = req.logprobs_asked()
     if logprobs > max_logprobs:
         raise APIError(400, f"{name}={logprobs} exceeds this server's limit of {max_logprobs} (serve.max_logprobs).",
                        name, "invalid_value")
     return asked
+
+
+CHAT_TOKENS_PER_MESSAGE = 8  # a chat template's role markers and separators, per message and for the reply's header
+
+
+def prompt_tokens_bound(req: _Sampling) -> list[int]:
+    """A generous estimate of each prompt's tokens, made without the tokenizer (the edge has none):
+    its UTF-8 bytes (a byte-level BPE token holds at least one byte) plus a few for special tokens
+    and, in a chat, the template's markers. The per-key token limit reserves it at admission and
+    settles on the usage the engine reports."""
+    if isinstance(req, ChatCompletionRequest):
+        return [sum(len(m.text().encode()) + CHAT_TOKENS_PER_MESSAGE for m in req.messages)
+                + CHAT_TOKENS_PER_MESSAGE]
+    return [len(p.encode()) + 2 if isinstance(p, str) else len(p) for p in req.prompts()]
 
 
 def reject_unsupported(req: _Sampling, defaults: dict[str, tuple]) -> None:
