@@ -135,8 +135,10 @@ def training_progress(cfg: RaylmConfig) -> Iterator[Any]:
     bar = Progress(f"train: {cfg.train.run_name}", total=cfg.train.max_steps, unit="steps")
     done = threading.Event()
 
-    def show(rec: dict) -> None:
-        shown = {k: rec[k] for k in ("loss", "val_loss", "tokens_per_s") if k in rec}
+    shown: dict = {}
+
+    def show(rec: dict) -> None:  # val_loss comes only with evaluations: the bar keeps the newest
+        shown.update({k: rec[k] for k in ("loss", "val_loss", "tokens_per_s") if k in rec})
         bar.update(int(rec.get("step", bar.n)), **shown)
 
     def drain() -> None:

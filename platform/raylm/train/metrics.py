@@ -175,8 +175,10 @@ class Reporter:
 
         if not (logged or evaluated or checkpoint_dir):
             return
+        # validation numbers only in the report of the step that measured them: repeated in every
+        # report they drew staircases in TensorBoard and MLflow
         metrics = {"step": pos.step, "tokens": pos.tokens, "resumed_from_step": self.resumed_step,
-                   **logged, **evaluator.last}
+                   **logged, **(evaluator.last if evaluated else {})}
         spent = {**({"eval_s": evaluator.seconds} if evaluated else {}),  # where time goes
                  **({"save_s": checkpointer.seconds, "exported": checkpointer.exported} if checkpoint_dir else {})}
         t0 = time.perf_counter()
