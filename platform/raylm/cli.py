@@ -50,13 +50,15 @@ def cmd_data(cfg: RaylmConfig, args: argparse.Namespace) -> int:
 def cmd_train(cfg: RaylmConfig, args: argparse.Namespace) -> int:
     """Train with Ray Train + DeepSpeed; resumes the run of the same name from its newest checkpoint."""
     from raylm.cluster import init_ray
-    from raylm.data import resolve_source
+    from raylm.data import fingerprint, resolve_source
     from raylm.pipeline import prepare_data_with_progress
-    from raylm.train.driver import check_objective_runs, run_training
+    from raylm.train.driver import check_objective_runs, check_resumable, run_training
+    from raylm.train.identity import run_identity
 
     check_objective_runs(cfg)
-    resolve_source(cfg.data)
+    src = resolve_source(cfg.data)
     storage.check_writable(storage.root(cfg.train.storage_path))  # bucket, credentials, endpoint: before Ray
+    check_resumable(cfg, run_identity(cfg, fingerprint(cfg.data, src)))  # a resume that changed the run: exit 2
     print_header("train", cfg)
     init_ray(cfg, address=args.address)
     outcome = run_training(cfg, prepare_data_with_progress(cfg))

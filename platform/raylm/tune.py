@@ -565,7 +565,7 @@ def logged_curve(run_dir: str, metric: str) -> tuple[list[tuple[int, float]], in
         if "event" in rec or not isinstance(rec.get("step"), int):
             continue
         steps = max(steps, rec["step"])
-        value = rec.get(metric)  # every record repeats the newest evaluation; eval_s marks a new one
+        value = rec.get(metric)  # at evaluations only (eval_s): tune.metric may be loss, in every line
         if "eval_s" in rec and isinstance(value, (int, float)) and value == value:
             curve[rec["step"]] = float(value)
     return sorted(curve.items()), steps

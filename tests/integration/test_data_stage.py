@@ -105,19 +105,22 @@ def test_rank_streams_are_disjoint_equal_and_reshuffled_per_epoch(shakespeare_da
     assert sorted(rows) == sorted(cache_rows(prepared, "val"))
 
 
-def test_resumed_stream_continues_with_the_next_batch(shakespeare_data):
+def test_resumed_stream_continues_with_the_next_step(shakespeare_data):
     _, prepared = shakespeare_data
 
-    def stream(epoch: int = 0, offset: int = 0) -> TrainStream:
-        return TrainStream(CacheStream(prepared.uri, prepared.manifest, "train", 1, 2), 3, 8, 32, epoch, offset)
+    def stream(epoch: int = 0, steps: int = 0, micro: int = 4, accum: int = 2) -> TrainStream:
+        return TrainStream(CacheStream(prepared.uri, prepared.manifest, "train", 1, 2), 3, micro, accum, 32, epoch,
+                           steps * 8)
 
     whole = stream()
     it = iter(whole)
     n = whole.stream.epoch_batches(3, 0, 8)
-    seen = [next(it)["input_ids"] for _ in range(n + 5)]  # into the second epoch
-    assert (whole.epoch, whole.offset) == (1, 5)
+    seen = [np.concatenate([m["input_ids"] for m in next(it)]) for _ in range(n + 5)]  # into the second epoch
+    assert (whole.epoch, whole.rows) == (1, 40)
     for k in (3, n, n + 2):
-        assert np.array_equal(next(iter(stream(*divmod(k, n))))["input_ids"], seen[k])
+        for micro, accum in ((4, 2), (8, 1)):  # the same step, whichever cut resumes it
+            step = next(iter(stream(*divmod(k, n), micro=micro, accum=accum)))
+            assert np.array_equal(np.concatenate([m["input_ids"] for m in step]), seen[k])
 
 
 def test_jsonl_bad_lines_and_bad_bytes_are_counted(ray_cluster, tmp_path, cache_dir):

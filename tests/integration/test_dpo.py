@@ -249,6 +249,16 @@ def test_tensorboard_holds_reward_metrics(lora_run):
     tags = set(acc.Tags()["scalars"])
     assert {"train/rewards/accuracy", "train/rewards/margins", "train/rewards/chosen", "train/rewards/rejected",
             "val/rewards/accuracy", "val/rewards/margins", "val/val_loss"} <= tags
+    # each value at the step that measured it: training rewards at every log line, validation only at evaluations
+    log = read_log(cfg)
+    logged = {r["step"]: r for r in log if "rewards/accuracy" in r}
+    evals = {r["step"]: r for r in log if "eval_s" in r}
+    assert evals and len(evals) < len(logged)
+    for key, tag, at in (("rewards/margins", "train/rewards/margins", logged), ("val_loss", "val/val_loss", evals),
+                         ("val_rewards/accuracy", "val/rewards/accuracy", evals),
+                         ("val_rewards/margins", "val/rewards/margins", evals)):
+        assert [(e.step, pytest.approx(e.value, rel=1e-6, abs=1e-7)) for e in acc.Scalars(tag)] == \
+            [(s, at[s][key]) for s in sorted(at)], tag
 
 
 def test_gpt2_dpo_trains_without_dropout(ray_cluster, pref_corpus, dpo_root):

@@ -151,6 +151,13 @@ def test_tensorboard_events_hold_the_metrics(lora_run):
     events = {e.step: e.value for e in acc.Scalars("train/loss")}
     assert sorted(events) == list(range(1, 41))
     assert all(events[s] == pytest.approx(logged[s], rel=1e-6) for s in events)
+    # validation only at its own steps (eval_every_steps 20), with the values measured there: no staircase
+    evals = {r["step"]: r for r in read_log(cfg) if "eval_s" in r}
+    assert sorted(evals) == [20, 40] and evals[40]["val_loss"] != evals[20]["val_loss"]
+    for key, tag in (("val_loss", "val/val_loss"), ("perplexity", "val/perplexity")):
+        assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in acc.Scalars(tag)] == \
+            [(s, evals[s][key]) for s in (20, 40)], tag
+    assert all("val_loss" not in r for r in read_log(cfg) if "step" in r and "eval_s" not in r)
 
 
 def test_corpus_without_usable_records_fails_naming_the_file(ray_cluster, sft_root):

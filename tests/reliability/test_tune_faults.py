@@ -148,4 +148,22 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path
     assert all(r.status == "finished" and r.steps == STEPS for r in outcome.trials), outcome.trials
     other = next(r for r in outcome.trials if r.trial_id != finished)
     assert last_step(read_log(sweep_dir / "trials" / other.trial_id)) == STEPS
-    assert json.loads((sweep_dir / "best.json").read_text())["trial_id"] in {r.trial_id for r in outcome.trials}
+    # best.json names the trial whose best exported checkpoint has the lowest val_loss, read here from
+    # the checkpoints' own manifests (the resumed trial's included)
+    exported = {r.trial_id: exported_values(sweep_dir / "trials" / r.trial_id) for r in outcome.trials}
+    assert all(exported.values()), exported
+    expected = min(exported, key=lambda t: min(exported[t].values()))
+    best = json.loads((sweep_dir / "best.json").read_text())
+    assert best["trial_id"] == expected and best["mode"] == "min", (best, exported)
+    assert best["value"] == min(exported[expected].values())
+    assert Path(best["checkpoint"]).parent.name == min(exported[expected], key=exported[expected].get)
+
+
+def exported_values(run_dir: Path) -> dict[str, float]:
+    """step folder -> val_loss measured at its step, of each complete checkpoint with an HF export."""
+    out = {}
+    for manifest in glob.glob(str(run_dir / "step_*" / "raylm_checkpoint.json")):
+        m = json.loads(Path(manifest).read_text())
+        if "hf/config.json" in m["files"] and "val_loss" in m.get("eval", {}):
+            out[Path(manifest).parent.name] = m["eval"]["val_loss"]
+    return out

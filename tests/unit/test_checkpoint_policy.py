@@ -45,10 +45,10 @@ def test_a_trial_exports_each_best_so_far_and_ranks_unmeasured_checkpoints_last(
 
 
 def test_mode_max_and_a_resumed_best():
-    c = checkpointer("tune.metric=perplexity", "tune.mode=max", keep_best=True)
-    c.best = 5.0  # as read back from the resumed checkpoint's manifest
-    assert [c.plan(False, {"perplexity": v}) for v in (4.0, 6.0)] == [False, True]
-    assert c.best == 6.0 and c.score == 6.0
+    c = checkpointer("tune.metric=val_rewards/accuracy", keep_best=True)  # tune.mode follows it: max
+    c.best = 0.5  # as read back from the resumed checkpoint's manifest
+    assert [c.plan(False, {"val_rewards/accuracy": v}) for v in (0.4, 0.6)] == [False, True]
+    assert c.best == 0.6 and c.score == 0.6
     assert c.plan(False, {}) is False and c.score == float("-inf")
 
 

@@ -36,3 +36,33 @@ def test_records_reach_tensorboard_and_mlflow(tmp_path, monkeypatch):
     assert [m.value for m in client.get_metric_history(run.info.run_id, "loss")] == [5.0, 2.5, pytest.approx(5 / 3)]
     assert run.data.metrics["val_loss"] == 1.5
     assert run.data.params["train.lora.r"] == "4" and run.data.params["model.name"] == "tiny-llama"
+
+
+def test_a_resumed_run_logs_to_the_same_mlflow_run(tmp_path, monkeypatch):
+    """The run id goes into the checkpoint (Trackers.ids); the restarted run reopens that MLflow run and
+    goes on logging there, keeping its first params, even after a config change a resume allows."""
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    sets = [f"train.storage_path={tmp_path}", "train.run_name=again", "train.tracking.mlflow=true"]
+    first = Trackers(load_config(overrides=sets), str(tmp_path), str(tmp_path / "again"))
+    for s in (1, 2):
+        first.log({"step": s, "loss": 3.0 - s})
+    first.close()
+    kept = first.ids()
+    assert kept == {"mlflow_run_id": first.mlflow_run_id} and first.mlflow_run_id
+
+    second = Trackers(load_config(overrides=sets + ["train.lr=0.5"]), str(tmp_path), str(tmp_path / "again"),
+                      mlflow_run_id=kept["mlflow_run_id"])
+    assert second.mlflow_run_id == first.mlflow_run_id
+    second.log({"step": 3, "loss": 0.5})
+    second.close()
+    client = mlflow.tracking.MlflowClient(tracking_uri="file://" + str(tmp_path / "mlruns"))
+    (run,) = client.search_runs([client.get_experiment_by_name("raylm").experiment_id])
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")] == [(1, 2.0), (2, 1.0), (3, 0.5)]
+    assert run.data.params["train.lr"] == str(load_config().train.lr) and run.info.status == "FINISHED"
+
+    # a store that lost the run: a new one, said
+    third = Trackers(load_config(overrides=sets), str(tmp_path), str(tmp_path / "again"), mlflow_run_id="0" * 32)
+    assert third.mlflow_run_id not in (None, first.mlflow_run_id)
+    third.close()

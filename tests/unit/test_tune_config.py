@@ -54,6 +54,35 @@ def test_other_sweep_errors_name_their_field():
         validate_sweep(cfg)
 
 
+@pytest.mark.parametrize("metric, mode", [
+    ("val_loss", "min"), ("loss", "min"), ("perplexity", "min"), ("val_rewards/accuracy", "max"),
+    ("val_rewards/margins", "max"), ("rewards/accuracy", "max"), ("exact_match", "max"), ("contains", "max"),
+])
+def test_tune_mode_follows_the_metric(metric, mode):
+    derived = load_config(None, [f"tune.metric={metric}"])  # the defaults set no tune.mode
+    assert derived.tune.mode == mode
+    assert load_config(None, [f"tune.metric={metric}", f"tune.mode={mode}"]).tune.mode == mode  # said again: fine
+    other = "max" if mode == "min" else "min"
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"tune.metric={metric}", f"tune.mode={other}"])
+    assert f"tune.mode: '{other}' contradicts tune.metric='{metric}'" in str(err.value)
+    # a trial re-validates the dumped config: the derived mode travels and still agrees
+    assert trial_config(derived.model_dump(mode="json"), {}, "/tmp", "t").tune.mode == mode
+
+
+def test_a_metric_of_unknown_direction_keeps_an_explicit_mode():
+    assert load_config(None, ["tune.metric=my_score", "tune.mode=max"]).tune.mode == "max"
+
+
+def test_cli_refuses_a_mode_against_the_metric_before_ray(capsys):
+    # tests/unit/conftest.py makes ray.init fail: exit 2 proves nothing was started
+    assert main(["tune", "-c", str(ROOT / "tune_configs" / "dpo_sweep.yaml"), "--set", "tune.mode=min"]) == 2
+    err = capsys.readouterr().err
+    assert "tune.mode: 'min' contradicts tune.metric='val_rewards/accuracy'" in err, err
+    assert main(["train", "--set", "tune.metric=perplexity", "--set", "tune.mode=max"]) == 2
+    assert "tune.mode: 'max' contradicts tune.metric='perplexity'" in capsys.readouterr().err
+
+
 def test_evals_per_trial_counts_the_final_evaluation():
     assert evals_per_trial(sweep("train.max_steps=40", "train.eval_every_steps=10")) == 4
     assert evals_per_trial(sweep("train.max_steps=45", "train.eval_every_steps=10")) == 5

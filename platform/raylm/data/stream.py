@@ -6,14 +6,18 @@ at a time, so no worker and no object store ever holds the corpus:
     train  the split's units (row groups, cut finer when a tiny corpus has fewer than 8 per
            rank) are permuted from (data.seed, epoch) and dealt round-robin to the ranks; a
            bounded shuffle buffer (data.shuffle_buffer_rows) mixes rows within a rank, drawn
-           from (seed, epoch, rank). Every rank's epoch has the same number of micro-batches
-           (the smallest rank's), so one position, (epoch, offset), is true on every rank.
+           from (seed, epoch, rank). A rank draws a whole optimizer step's rows at once
+           (micro_batch_size x grad_accum_steps) and only then cuts them into micro-batches, so
+           the rows a step trains on do not depend on how its batch is cut. Every rank's epoch
+           has the same number of steps (the smallest rank's), so one position, (epoch, rows
+           taken), is true on every rank.
     val    each rank a contiguous range of rows in file order (all of it, when there are fewer
            rows than ranks); every rank yields the same number of batches (unequal counts mean
            unequal collectives, which hang under ZeRO-3).
 
-The stream is a pure function of (manifest, seed, world size, micro-batch, epoch): a resumed run
-replays its epoch up to `offset` and continues with exactly the next batch.
+The stream is a pure function of (manifest, seed, world size, rows per step, epoch): a resumed run
+replays its epoch up to the rows it had taken and continues with exactly the next step, also
+when it resumes with another cut of the same step (micro_batch_size x grad_accum_steps).
 """
 
 from __future__ import annotations
@@ -67,11 +71,12 @@ class CacheStream:
         return [[self.units[i] for i in order[r::self.world]] for r in range(self.world)]
 
     def epoch_batches(self, seed: int, epoch: int, batch_size: int) -> int:
-        """Micro-batches every rank yields in this epoch: the smallest rank's full batches."""
+        """Draws of `batch_size` rows every rank makes in this epoch: the smallest rank's full ones."""
         return min(sum(u[3] - u[2] for u in mine) for mine in self.epoch_units(seed, epoch)) // batch_size
 
     def train_batches(self, seed: int, epoch: int, batch_size: int, buffer_rows: int) -> Iterator[dict]:
-        """This rank's micro-batches of one epoch, shuffled from (seed, epoch, rank)."""
+        """This rank's draws of `batch_size` rows (TrainStream: a step's rows) of one epoch,
+        shuffled from (seed, epoch, rank)."""
         n_batches = self.epoch_batches(seed, epoch, batch_size)
         buf = ShuffleBuffer(np.random.default_rng([seed, epoch, self.rank]))
         units = iter(self.epoch_units(seed, epoch)[self.rank])
@@ -159,27 +164,39 @@ class ShuffleBuffer:
 
 
 class TrainStream:
-    """Endless micro-batches of one rank, epoch after epoch, that knows its position.
+    """Endless optimizer steps of one rank, epoch after epoch, that knows its position.
 
-    `epoch` / `offset` (micro-batches taken in that epoch) are the data position a checkpoint
-    records; a stream started at them yields exactly the batch that would have come next."""
+    Each step is a list of grad_accum_steps micro-batches of micro_batch_size rows, cut from one
+    draw of the step's rows: the rows a step trains on depend on the rows per step, not on the
+    cut. `epoch` / `rows` (the rows this rank took from that epoch: a whole number of steps) are
+    the data position a checkpoint records; a stream started at them yields exactly the step that
+    would have come next, whichever cut of the same step it uses."""
 
-    def __init__(self, stream: CacheStream, seed: int, batch_size: int, buffer_rows: int, epoch: int = 0,
-                 offset: int = 0):
-        self.stream, self.seed, self.batch_size, self.buffer_rows = stream, seed, batch_size, buffer_rows
-        self.epoch, self.offset = epoch, offset
+    def __init__(self, stream: CacheStream, seed: int, micro_batch_size: int, grad_accum_steps: int,
+                 buffer_rows: int, epoch: int = 0, rows: int = 0):
+        self.stream, self.seed, self.buffer_rows = stream, seed, buffer_rows
+        self.micro_batch_size, self.grad_accum_steps = micro_batch_size, grad_accum_steps
+        self.step_rows = micro_batch_size * grad_accum_steps
+        if rows % self.step_rows:
+            raise ValueError(f"data position: {rows} rows taken is not a whole number of steps of {self.step_rows} "
+                             f"rows (micro_batch_size x grad_accum_steps): the global batch changed")
+        self.epoch, self.rows = epoch, rows
 
-    def __iter__(self) -> Iterator[dict]:
+    def cut(self, drawn: dict) -> list[dict]:
+        """A step's rows as its micro-batches, in the order they were drawn."""
+        m = self.micro_batch_size
+        return [{c: a[i * m:(i + 1) * m] for c, a in drawn.items()} for i in range(self.grad_accum_steps)]
+
+    def __iter__(self) -> Iterator[list[dict]]:
         while True:
-            n = self.stream.epoch_batches(self.seed, self.epoch, self.batch_size)
-            if n == 0:
-                raise RuntimeError(f"a rank's share of the training data holds fewer than micro_batch_size="
-                                   f"{self.batch_size} blocks")
-            skip = self.offset
-            for i, batch in enumerate(self.stream.train_batches(self.seed, self.epoch, self.batch_size,
+            if self.stream.epoch_batches(self.seed, self.epoch, self.step_rows) == 0:
+                raise RuntimeError(f"a rank's share of the training data holds fewer than micro_batch_size x "
+                                   f"grad_accum_steps = {self.step_rows} blocks")
+            skip = self.rows // self.step_rows
+            for i, drawn in enumerate(self.stream.train_batches(self.seed, self.epoch, self.step_rows,
                                                                 self.buffer_rows)):
                 if i < skip:  # resuming: replay the epoch up to where the checkpoint was
                     continue
-                self.offset = i + 1
-                yield batch
-            self.epoch, self.offset = self.epoch + 1, 0
+                self.rows = (i + 1) * self.step_rows
+                yield self.cut(drawn)
+            self.epoch, self.rows = self.epoch + 1, 0

@@ -12,8 +12,9 @@ it sits: raylm.storage):
                                  model.safetensors, tokenizer, raylm_config.yaml (with train.lora:
                                  the base with the adapter merged in)
       adapter/                   exported, train.lora only: the peft adapter, tokenizer, raylm_config.yaml
-      raylm_checkpoint.json      step, tokens, the evaluation at this step, whether hf/ is there,
-                                 and the size of every file of every rank
+      raylm_checkpoint.json      step, tokens, data position, the run's identity (raylm.train.identity),
+                                 the evaluation at this step, whether hf/ is there, the MLflow
+                                 run it logs to, and the size of every file of every rank
 
 The manifest is written last, by rank 0, after all ranks have listed their files. A checkpoint
 without it, or whose files do not match it, was cut off or corrupted and is never resumed from.
@@ -44,13 +45,14 @@ TOKENIZER_DIR, CONFIG_FILE = "tokenizer", "raylm_config.yaml"
 @dataclass
 class Position:
     """Where training stands: optimizer steps done, tokens consumed (global), and the data
-    position: the epoch and the micro-batches each rank has taken from it (equal on every rank:
-    raylm.data.stream), so a resumed run reads exactly the batch that would have come next."""
+    position: the epoch and the rows each rank has taken from it (a whole number of steps, equal
+    on every rank: raylm.data.stream), so a resumed run reads exactly the step that would have
+    come next, however it cuts the same global batch into micro-batches."""
 
     step: int = 0
     tokens: int = 0
     epoch: int = 0
-    offset: int = 0
+    rows: int = 0
 
 
 def consolidated_state_dict(engine: Any, zero_stage: int) -> Optional[dict]:
@@ -71,6 +73,8 @@ class SaveRecord:
     export: bool = False
     evaluation: dict = field(default_factory=dict)
     best: Optional[float] = None
+    identity: dict = field(default_factory=dict)  # what a resume must keep (raylm.train.identity)
+    tracking: dict = field(default_factory=dict)  # {"mlflow_run_id": ...}: a resumed run logs to the same run
 
 
 def save_checkpoint(engine: Any, tokenizer: Any, cfg: RaylmConfig, pos: Position, record: SaveRecord) -> str:
@@ -98,7 +102,8 @@ def save_checkpoint(engine: Any, tokenizer: Any, cfg: RaylmConfig, pos: Position
             files.update(part)
         manifest = {**asdict(pos), "world_size": dist.get_world_size(),
                     "zero_stage": cfg.deepspeed.zero_stage, "lora": bool(cfg.train.lora), "exported": record.export,
-                    "eval": record.evaluation, "best": record.best, "files": files}
+                    "eval": record.evaluation, "best": record.best, "identity": record.identity,
+                    "tracking": record.tracking, "files": files}
         write_manifest(local, manifest)
     return local
 
@@ -204,7 +209,18 @@ def load_checkpoint(engine: Any, path: str, adapter_only: bool = False) -> Posit
                                                    load_optimizer_states=True, load_lr_scheduler_states=True)
     if load_path is None:
         raise CheckpointError(f"{path}: DeepSpeed could not load {DS_DIR}/{DS_TAG}")
-    return Position(**{k: int(client.get(k, 0)) for k in asdict(Position())})
+    return position(client, path)
+
+
+def position(client: dict, path: str) -> Position:
+    """The Position a checkpoint recorded. One written before positions counted rows holds
+    `offset`, the micro-batches each rank took: that many x its own micro_batch_size rows (the
+    data continues from the same count of rows, not in exactly the order it would have)."""
+    pos = Position(**{k: int(client.get(k, 0)) for k in asdict(Position())})
+    if "rows" not in client and client.get("offset"):
+        saved = yaml.safe_load(storage.read_bytes(storage.join(path, CONFIG_FILE)))
+        pos.rows = int(client["offset"]) * int(saved["train"]["micro_batch_size"])
+    return pos
 
 
 def hf_dir(checkpoint_path: str) -> str:

@@ -16,6 +16,7 @@ from raylm.config import InputError, RaylmConfig
 from raylm.console import Progress, say
 from raylm.data import PreparedData, prepare_data, tokenizer_files
 from raylm.train.checkpoint import hf_dir
+from raylm.train.identity import check_resume, run_identity
 
 
 @dataclass
@@ -37,12 +38,14 @@ class TrainOutcome:
 
 
 def check_data_fits(cfg: RaylmConfig, prepared: PreparedData) -> None:
-    """Every worker's shard must hold at least one micro-batch; fail before asking for workers."""
-    per_worker = prepared.stats.train_blocks // cfg.train.num_workers
-    if per_worker < cfg.train.micro_batch_size:
-        raise InputError(f"train.micro_batch_size={cfg.train.micro_batch_size}: each of train.num_workers="
-                         f"{cfg.train.num_workers} workers gets only {per_worker} training blocks; lower the "
-                         f"micro-batch or data.seq_len, or add data")
+    """Every worker's shard must hold at least one step's rows (a rank draws a step's rows at once,
+    then cuts them into micro-batches); fail before asking for workers."""
+    t = cfg.train
+    per_worker = prepared.stats.train_blocks // t.num_workers
+    if per_worker < t.micro_batch_size * t.grad_accum_steps:
+        raise InputError(f"train.micro_batch_size={t.micro_batch_size} x train.grad_accum_steps={t.grad_accum_steps}: "
+                         f"each of train.num_workers={t.num_workers} workers gets only {per_worker} training blocks; "
+                         f"lower the micro-batch, the accumulation or data.seq_len, or add data")
     # Ray Train splits the val set equally over the workers: fewer blocks than workers leaves some
     # rank an empty shard, and every rank must evaluate the same batches (eval_batches_agreed)
     if prepared.stats.val_blocks < cfg.train.num_workers:
@@ -86,11 +89,13 @@ def build_trainer(cfg: RaylmConfig, prepared: PreparedData, callbacks: Optional[
     root = storage.root(storage_path or cfg.train.storage_path)
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"storage_path": root})})
     t = cfg.train
+    identity = run_identity(cfg, (prepared.manifest or {}).get("fingerprint"))
+    check_resumable(cfg, identity)  # a resume that changed the run: refused before any worker starts
     resources = {"CPU": t.cpus_per_worker - held_cpu / t.num_workers, **({"GPU": 1} if t.use_gpu else {})}
     return TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "progress": progress, "keep_best": keep_best,
-                           "tokenizer_files": tokenizer_files(prepared.tokenizer_dir),
+                           "tokenizer_files": tokenizer_files(prepared.tokenizer_dir), "identity": identity,
                            "data": {"uri": prepared.uri, "manifest": prepared.manifest}},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources,
                                      placement_strategy=t.placement_strategy,
@@ -105,6 +110,15 @@ def build_trainer(cfg: RaylmConfig, prepared: PreparedData, callbacks: Optional[
             worker_runtime_env={"env_vars": worker_env(t.use_gpu)},
         ),
     )
+
+
+def check_resumable(cfg: RaylmConfig, identity: dict) -> None:
+    """The run's newest complete checkpoint, if any, must have been trained with this identity."""
+    from raylm.train.checkpoint import pick_resume_checkpoint
+
+    picked = pick_resume_checkpoint(storage.run_dir(cfg.train.storage_path, cfg.train.run_name), log=lambda _: None)
+    if picked is not None:
+        check_resume(identity, picked[1], picked[0])
 
 
 def checkpoint_config(cfg: RaylmConfig, keep_best: bool) -> Any:
@@ -134,8 +148,10 @@ def training_progress(cfg: RaylmConfig) -> Iterator[Any]:
     bar = Progress(f"train: {cfg.train.run_name}", total=cfg.train.max_steps, unit="steps")
     done = threading.Event()
 
-    def show(rec: dict) -> None:
-        shown = {k: rec[k] for k in ("loss", "val_loss", "tokens_per_s") if k in rec}
+    shown: dict = {}
+
+    def show(rec: dict) -> None:  # val_loss comes only with evaluations: the bar keeps the newest
+        shown.update({k: rec[k] for k in ("loss", "val_loss", "tokens_per_s") if k in rec})
         bar.update(int(rec.get("step", bar.n)), **shown)
 
     def drain() -> None:

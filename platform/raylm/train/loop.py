@@ -11,7 +11,7 @@ from raylm.config import RaylmConfig
 from raylm.train.metrics import MetricsLog, Reporter, StepMeter
 from raylm.train.objectives import build_objective, prepare_model
 from raylm.train.policy import Checkpointer
-from raylm.train.step import Evaluator, micro_batches, train_step
+from raylm.train.step import Evaluator, steps, train_step
 
 
 def _setup(loop_config: dict) -> tuple[RaylmConfig, Any, Any]:
@@ -61,29 +61,40 @@ def _engine(cfg: RaylmConfig, tokenizer: Any) -> tuple[Any, dict]:
     return engine, {"trainable_params": trainable, "total_params": total}
 
 
-def _resume(cfg: RaylmConfig, engine: Any, log: MetricsLog) -> tuple[Any, Optional[str]]:
-    """Load the newest complete checkpoint of this run (local or object storage), if any.
+def _newest_checkpoint(cfg: RaylmConfig, identity: dict) -> Optional[tuple[str, dict]]:
+    """(path, manifest) of the newest complete checkpoint of this run (local or object storage), if
+    any; refused if it was trained as another run (the driver checked before; a worker-group restart
+    comes here again).
 
     Every `step_*` folder of the run is a candidate, verified against its manifest: one persisted
     just before a worker died may be newer than the one Ray Train registered last."""
     import ray.train
 
-    from raylm.train.checkpoint import Position, load_checkpoint, pick_resume_checkpoint
-    from raylm.train.deepspeed import continue_schedule
+    from raylm.train.checkpoint import pick_resume_checkpoint
+    from raylm.train.identity import check_resume
 
     latest = ray.train.get_checkpoint()
     run_dir = storage.run_dir(cfg.train.storage_path, cfg.train.run_name)
     picked = pick_resume_checkpoint(run_dir, log=print)
+    if picked is None and latest is not None:
+        raise RuntimeError(f"no usable checkpoint in {run_dir} (Ray Train registered {latest.path})")
+    if picked is not None:
+        check_resume(identity, picked[1], picked[0])
+    return picked
+
+
+def _resume(cfg: RaylmConfig, engine: Any, log: MetricsLog, picked: Optional[tuple[str, dict]]) -> Any:
+    """Load the picked checkpoint into the engine: the Position it recorded (a fresh one without)."""
+    from raylm.train.checkpoint import Position, load_checkpoint
+    from raylm.train.deepspeed import continue_schedule
+
     if picked is None:
-        if latest is not None:
-            raise RuntimeError(f"no usable checkpoint in {run_dir} (Ray Train registered {latest.path})")
-        return Position(), None
-    path, _ = picked
-    pos = load_checkpoint(engine, path, adapter_only=bool(cfg.train.lora))
+        return Position()
+    pos = load_checkpoint(engine, picked[0], adapter_only=bool(cfg.train.lora))
     continue_schedule(engine, cfg)
-    log.write({"event": "resume", "from": path, "step": pos.step, "epoch": pos.epoch, "offset": pos.offset,
+    log.write({"event": "resume", "from": picked[0], "step": pos.step, "epoch": pos.epoch, "rows": pos.rows,
                "time": time.time()})
-    return pos, path
+    return pos
 
 
 def _data_streams(data: dict, cfg: RaylmConfig, pos: Any) -> tuple[Any, Any]:
@@ -94,7 +105,8 @@ def _data_streams(data: dict, cfg: RaylmConfig, pos: Any) -> tuple[Any, Any]:
 
     rank, world = dist.get_rank(), dist.get_world_size()
     train = TrainStream(CacheStream(data["uri"], data["manifest"], "train", rank, world), cfg.data.seed,
-                        cfg.train.micro_batch_size, cfg.data.shuffle_buffer_rows, pos.epoch, pos.offset)
+                        cfg.train.micro_batch_size, cfg.train.grad_accum_steps, cfg.data.shuffle_buffer_rows,
+                        pos.epoch, pos.rows)
     return train, CacheStream(data["uri"], data["manifest"], "val", rank, world)
 
 
@@ -107,22 +119,26 @@ def train_fn_per_worker(loop_config: dict) -> None:
     t = cfg.train
     engine, params = _engine(cfg, tokenizer)
     objective = build_objective(cfg, engine, tokenizer, device)
-    log = MetricsLog(cfg, dist.get_rank())
+    identity = loop_config["identity"]  # what the checkpoints record and a resume must keep (driver.py)
+    picked = _newest_checkpoint(cfg, identity)
+    log = MetricsLog(cfg, dist.get_rank(), tracking=picked[1].get("tracking") if picked else None)
     log.write({"event": "start", **params, "lora": bool(t.lora), "data": loop_config["data"]["uri"], "time": time.time()})
-    pos, resumed_from = _resume(cfg, engine, log)
+    pos = _resume(cfg, engine, log, picked)
     train_data, val_data = _data_streams(loop_config["data"], cfg, pos)
-    batches = micro_batches(train_data, device)
+    step_batches = steps(train_data, device)
     meter = StepMeter(cfg, engine, device)
     evaluator = Evaluator(cfg, engine, val_data, device, objective)
-    checkpointer = Checkpointer(cfg, engine, tokenizer, resumed_from, keep_best=bool(loop_config.get("keep_best")))
+    checkpointer = Checkpointer(cfg, engine, tokenizer, picked[0] if picked else None,
+                                keep_best=bool(loop_config.get("keep_best")), identity=identity,
+                                tracking=log.tracking_ids())
     reporter = Reporter(cfg, log, meter, pos.step, loop_config.get("progress"), dist.get_rank())
     tokens_per_step = t.effective_global_batch * cfg.data.seq_len
     while pos.step < t.max_steps:
-        micro = [next(batches) for _ in range(t.grad_accum_steps)]  # drawn first: their tokens weigh the loss
+        micro = next(step_batches)  # the step's rows, drawn first: their tokens weigh the loss
         meter.add(train_step(engine, micro, objective), micro)
         pos.step += 1
         pos.tokens += tokens_per_step
-        pos.epoch, pos.offset = train_data.epoch, train_data.offset
+        pos.epoch, pos.rows = train_data.epoch, train_data.rows
         last = pos.step == t.max_steps
         logged = meter.maybe_log(pos.step, force=last)
         if logged:

@@ -54,9 +54,12 @@ class MetricsLog:
     Object storage cannot append, so there the log and the TensorBoard files are kept in a local
     folder (seeded from the run's earlier metrics.jsonl on resume) and uploaded after every
     checkpoint, in a background thread (in the training thread it waited ~2 s per checkpoint
-    behind Ray Train's checkpoint upload: bench/RESULTS.md, section 7), and at the end."""
+    behind Ray Train's checkpoint upload: bench/RESULTS.md, section 7), and at the end.
 
-    def __init__(self, cfg: RaylmConfig, rank: int):
+    `tracking`: what the resumed checkpoint recorded of the trackers (its MLflow run id), so that a
+    restarted run logs to the same MLflow run."""
+
+    def __init__(self, cfg: RaylmConfig, rank: int, tracking: Optional[dict] = None):
         from raylm.train.tracking import Trackers
 
         self.run_dir = storage.run_dir(cfg.train.storage_path, cfg.train.run_name)
@@ -73,7 +76,12 @@ class MetricsLog:
         if self.remote and storage.METRICS_FILE in storage.list_dir(self.run_dir):
             with open(self.path, "wb") as f:
                 f.write(storage.read_bytes(storage.join(self.run_dir, storage.METRICS_FILE)))
-        self.trackers = Trackers(cfg, local_dir if self.remote else storage.root(cfg.train.storage_path), local_dir)
+        self.trackers = Trackers(cfg, local_dir if self.remote else storage.root(cfg.train.storage_path), local_dir,
+                                 mlflow_run_id=(tracking or {}).get("mlflow_run_id"))
+
+    def tracking_ids(self) -> dict:
+        """What a checkpoint keeps of the trackers (rank 0; empty elsewhere)."""
+        return self.trackers.ids() if self.trackers else {}
 
     def write(self, record: dict) -> None:
         if self.path:
@@ -167,8 +175,10 @@ class Reporter:
 
         if not (logged or evaluated or checkpoint_dir):
             return
+        # validation numbers only in the report of the step that measured them: repeated in every
+        # report they drew staircases in TensorBoard and MLflow
         metrics = {"step": pos.step, "tokens": pos.tokens, "resumed_from_step": self.resumed_step,
-                   **logged, **evaluator.last}
+                   **logged, **(evaluator.last if evaluated else {})}
         spent = {**({"eval_s": evaluator.seconds} if evaluated else {}),  # where time goes
                  **({"save_s": checkpointer.seconds, "exported": checkpointer.exported} if checkpoint_dir else {})}
         t0 = time.perf_counter()

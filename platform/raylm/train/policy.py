@@ -56,8 +56,10 @@ class Checkpointer:
     evaluated ranks last: it cannot be the best one)."""
 
     def __init__(self, cfg: RaylmConfig, engine: Any, tokenizer: Any, resumed_from: Optional[str] = None,
-                 keep_best: bool = False):
+                 keep_best: bool = False, identity: Optional[dict] = None, tracking: Optional[dict] = None):
         self.cfg, self.engine, self.tokenizer, self.keep_best = cfg, engine, tokenizer, keep_best
+        # every manifest records them: the run's identity, and the tracker runs a resume goes on logging to
+        self.identity, self.tracking = identity or {}, tracking or {}
         self.seconds = 0.0
         self.exported = False
         self.score: Optional[float] = None
@@ -90,6 +92,7 @@ class Checkpointer:
         export = self.plan(force, evaluation)
         t0 = time.perf_counter()
         local = save_checkpoint(self.engine, self.tokenizer, self.cfg, pos,
-                                SaveRecord(export=export, evaluation=evaluation, best=self.best))
+                                SaveRecord(export=export, evaluation=evaluation, best=self.best,
+                                           identity=self.identity, tracking=self.tracking))
         self.seconds = time.perf_counter() - t0
         return local

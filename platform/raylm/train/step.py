@@ -13,16 +13,17 @@ from raylm.train.collectives import all_reduced
 from raylm.train.objectives.lm import NextToken
 
 
-def micro_batches(stream: Any, device: Any) -> Iterator[dict]:
-    """Endless micro-batches of this rank's share of the data cache (a raylm.data.TrainStream),
-    epoch after epoch, each epoch shuffled from data.seed and its number. The stream knows its
-    position (epoch, offset), which the checkpoint records; started there, it continues with
-    exactly the next batch. A batch is a dict: `input_ids` blocks of seq_len + 1 (raw text), or
-    input_ids / labels / position_ids / tokens (SFT)."""
+def steps(stream: Any, device: Any) -> Iterator[list[dict]]:
+    """Endless optimizer steps of this rank's share of the data cache (a raylm.data.TrainStream),
+    epoch after epoch, each epoch shuffled from data.seed and its number: each step is its
+    grad_accum_steps micro-batches, cut from one draw of the step's rows (so the rows do not depend
+    on the cut). The stream knows its position (epoch, rows taken), which the checkpoint records;
+    started there, it continues with exactly the next step. A micro-batch is a dict: `input_ids`
+    blocks of seq_len + 1 (raw text), or input_ids / labels / position_ids / tokens (SFT)."""
     from raylm.data.stream import to_torch
 
-    for batch in stream:
-        yield trim(to_torch(batch, device))
+    for step in stream:
+        yield [trim(to_torch(batch, device)) for batch in step]
 
 
 @dataclass

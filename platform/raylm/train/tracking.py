@@ -32,12 +32,16 @@ def mlflow_uri(cfg: RaylmConfig, root: str) -> str:
 
 
 class Trackers:
-    """The writers of one run on rank 0; `log` takes a metrics record with a `step`."""
+    """The writers of one run on rank 0; `log` takes a metrics record with a `step`.
 
-    def __init__(self, cfg: RaylmConfig, root: str, run_dir: str):
+    `mlflow_run_id`: the MLflow run of the checkpoint this run resumes from (its manifest keeps
+    it): a restarted run goes on logging to that run rather than opening a new one."""
+
+    def __init__(self, cfg: RaylmConfig, root: str, run_dir: str, mlflow_run_id: Optional[str] = None):
         tr = cfg.train.tracking
         self.tb: Optional[Any] = None
         self.mlflow: Optional[Any] = None
+        self.mlflow_run_id: Optional[str] = None
         if tr.tensorboard:
             from tensorboardX import SummaryWriter
 
@@ -50,9 +54,15 @@ class Trackers:
                 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             mlflow.set_tracking_uri(uri)
             mlflow.set_experiment(tr.mlflow_experiment)
-            mlflow.start_run(run_name=cfg.train.run_name, tags={"raylm.run_dir": run_dir})
-            mlflow.log_params(flat_params(cfg))
+            if not (mlflow_run_id and _resume_run(mlflow, mlflow_run_id)):
+                mlflow.start_run(run_name=cfg.train.run_name, tags={"raylm.run_dir": run_dir})
+                mlflow.log_params(flat_params(cfg))  # a resumed run keeps its first params (MLflow's are write-once)
             self.mlflow = mlflow
+            self.mlflow_run_id = mlflow.active_run().info.run_id
+
+    def ids(self) -> dict[str, str]:
+        """What a checkpoint keeps so that a resume logs to the same runs."""
+        return {"mlflow_run_id": self.mlflow_run_id} if self.mlflow_run_id else {}
 
     def log(self, record: dict) -> None:
         values = {k: float(record[k]) for k in SCALARS if isinstance(record.get(k), (int, float))}
@@ -71,6 +81,17 @@ class Trackers:
             self.tb.close()
         if self.mlflow is not None:
             self.mlflow.end_run()
+
+
+def _resume_run(mlflow: Any, run_id: str) -> bool:
+    """Reopen the MLflow run a checkpoint names; False (a new run starts) when the store no longer has it."""
+    try:
+        mlflow.start_run(run_id=run_id)
+    except Exception as exc:  # noqa: BLE001 - MlflowException: deleted, or another tracking store
+        print(f"raylm: MLflow run {run_id} of the resumed checkpoint cannot be reopened ({exc}); starting a new one",
+              flush=True)
+        return False
+    return True
 
 
 def flat_params(cfg: RaylmConfig) -> dict[str, str]:

@@ -1,0 +1,80 @@
+"""A resume that would change the run is refused before Ray starts, naming the field and both values;
+only the cut of the same global batch into micro-batches may change."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from raylm.cli import main
+from raylm.config import load_config
+from raylm.data import fingerprint, resolve_source
+from raylm.errors import CheckpointError
+from raylm.train.checkpoint import MANIFEST, position, write_manifest
+from raylm.train.identity import check_resume, run_identity
+
+BASE = ["train.num_workers=2", "train.micro_batch_size=2", "train.grad_accum_steps=2", "deepspeed.zero_stage=2"]
+
+
+def identity(*overrides: str, data: str = "abc") -> dict:
+    return run_identity(load_config(None, BASE + list(overrides)), data)
+
+
+SAVED = {"identity": identity()}
+
+
+@pytest.mark.parametrize("overrides, data, field, now, then", [
+    (["train.num_workers=1", "train.grad_accum_steps=4"], "abc", "train.num_workers", "1", "2"),
+    (["train.micro_batch_size=4"], "abc", "train.global_batch_size", "16", "8"),
+    ([], "def", "data", "'def'", "'abc'"),
+    (["deepspeed.zero_stage=3"], "abc", "deepspeed.zero_stage", "3", "2"),
+    (["train.lora={r: 4}"], "abc", "train.lora", "{'r': 4", "None"),
+    (["model.name=tiny-gpt2"], "abc", "model.name", "'tiny-gpt2'", "'tiny-llama'"),
+    (["model.overrides={num_hidden_layers: 3}"], "abc", "model.overrides", "{'num_hidden_layers': 3}", "{}"),
+])
+def test_a_changed_identity_is_refused_naming_the_field_and_both_values(overrides, data, field, now, then):
+    with pytest.raises(CheckpointError) as err:
+        check_resume(identity(*overrides, data=data), SAVED, "/runs/r/step_00000004")
+    msg = str(err.value)
+    assert msg.startswith(f"{field}: {now}") and f"trained with {then}" in msg and "step_00000004" in msg, msg
+
+
+def test_another_cut_of_the_same_global_batch_resumes():
+    for micro, accum in ((1, 4), (4, 1), (2, 2)):
+        check_resume(identity(f"train.micro_batch_size={micro}", f"train.grad_accum_steps={accum}"), SAVED, "p")
+    check_resume(identity("train.lr=0.5", "train.max_steps=7"), SAVED, "p")  # the schedule is the config's own
+
+
+def test_a_checkpoint_from_before_identities_checks_what_it_recorded():
+    old = {"world_size": 2, "zero_stage": 2, "lora": False}
+    check_resume(identity("train.micro_batch_size=4", data="other"), old, "p")  # not recorded: not checked
+    with pytest.raises(CheckpointError, match="train.num_workers: 4 now.* trained with 2"):
+        check_resume(identity("train.num_workers=4", "train.micro_batch_size=1"), old, "p")
+
+
+def test_an_old_position_in_micro_batches_reads_as_rows(tmp_path):
+    (tmp_path / "raylm_config.yaml").write_text("train:\n  micro_batch_size: 4\n")
+    assert position({"step": 6, "tokens": 9, "epoch": 1, "offset": 3}, str(tmp_path)).rows == 12
+    assert position({"step": 6, "epoch": 1, "rows": 8}, str(tmp_path)).rows == 8
+
+
+def test_cli_refuses_a_changed_resume_before_ray(tmp_path, capsys):
+    """A run folder whose newest complete checkpoint says 2 workers: `raylm train` with 1 exits 2 before
+    Ray starts (tests/unit/conftest.py makes ray.init fail), naming the field and both values."""
+    sets = [f"train.storage_path={tmp_path}", "train.run_name=r", *BASE]
+    cfg = load_config(None, sets)
+    step = tmp_path / "r" / "step_00000004"
+    step.mkdir(parents=True)
+    saved = run_identity(cfg, fingerprint(cfg.data, resolve_source(cfg.data)))
+    write_manifest(str(step), {"step": 4, "identity": saved, "files": {}})
+    argv = ["train"] + [a for s in sets for a in ("--set", s)]
+    assert main(argv + ["--set", "train.num_workers=1", "--set", "train.grad_accum_steps=4"]) == 2
+    err = capsys.readouterr().err
+    assert "train.num_workers: 1 now" in err and "trained with 2" in err and str(step) in err, err
+    assert main(argv + ["--set", "data.seed=5"]) == 2
+    assert "data: " in capsys.readouterr().err
+    # the same run with another cut of its global batch passes the check (and reaches Ray, which fails here)
+    with pytest.raises(AssertionError, match="must not start Ray"):
+        main(argv + ["--set", "train.micro_batch_size=1", "--set", "train.grad_accum_steps=4"])
+    assert json.loads((step / MANIFEST).read_text())["identity"] == saved
