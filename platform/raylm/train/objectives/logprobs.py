@@ -86,9 +86,17 @@ def _chunk_logps(head: Any, config: Any, hidden: Any, labels: Any) -> Any:
 
 
 def chunkable(model: Any) -> bool:
-    """The model can be run to its hidden states without its head's full output."""
+    """The model can be run to its hidden states without its head's full output.
+
+    Not under ZeRO-3 (a partitioned head: its parameters carry `ds_id`) yet: with a frozen head
+    (LoRA) the recomputation in backward found the weight released (shape [0]) and
+    torch.utils.checkpoint refused it (tests/integration/test_sft.py,
+    test_lora_zero3_resumes_and_exports); such runs take the unchunked path."""
     lm = causal_lm(model)
-    return lm.get_output_embeddings() is not None and "logits_to_keep" in inspect.signature(lm.forward).parameters
+    head = lm.get_output_embeddings()
+    if head is None or any(hasattr(p, "ds_id") for p in head.parameters()):
+        return False
+    return "logits_to_keep" in inspect.signature(lm.forward).parameters
 
 
 def token_logps(model: Any, input_ids: Any, labels: Any, position_ids: Optional[Any] = None,
