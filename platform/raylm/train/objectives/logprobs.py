@@ -9,9 +9,9 @@ time, each chunk upcast to fp32 on its own. Each chunk runs under activation che
 (non-reentrant), so backward recomputes one chunk's logits at a time instead of keeping all of
 them. Positions whose label is IGNORE (prompts, padding) never reach the head.
 
-The head is called as a module (`get_output_embeddings()`), not as a weight: under ZeRO-3 its
-hooks gather the partitioned weight for each call; a tied head is the embedding's weight; a LoRA
-adapter on the head (peft) applies. Logit soft-capping (Gemma-2) and logit scaling (Granite,
+The head is called as a module (`get_output_embeddings()`), not as a weight: a tied head is the
+embedding's weight; a LoRA adapter on the head (peft) applies. Under ZeRO-3 the path is unchunked
+for now (see `chunkable`). Logit soft-capping (Gemma-2) and logit scaling (Granite,
 Cohere) are applied as the model's own forward applies them. A model whose forward takes no
 `logits_to_keep` gets the unchunked path (full logits, then fp32), as does chunk_tokens 0.
 """
