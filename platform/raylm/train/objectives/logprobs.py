@@ -9,9 +9,9 @@ time, each chunk upcast to fp32 on its own. Each chunk runs under activation che
 (non-reentrant), so backward recomputes one chunk's logits at a time instead of keeping all of
 them. Positions whose label is IGNORE (prompts, padding) never reach the head.
 
-The head is called as a module (`get_output_embeddings()`), not as a weight: under ZeRO-3 its
-hooks gather the partitioned weight for each call; a tied head is the embedding's weight; a LoRA
-adapter on the head (peft) applies. Logit soft-capping (Gemma-2) and logit scaling (Granite,
+The head is called as a module (`get_output_embeddings()`), not as a weight: a tied head is the
+embedding's weight; a LoRA adapter on the head (peft) applies. Under ZeRO-3 the path is unchunked
+for now (see `chunkable`). Logit soft-capping (Gemma-2) and logit scaling (Granite,
 Cohere) are applied as the model's own forward applies them. A model whose forward takes no
 `logits_to_keep` gets the unchunked path (full logits, then fp32), as does chunk_tokens 0.
 """
@@ -86,9 +86,17 @@ def _chunk_logps(head: Any, config: Any, hidden: Any, labels: Any) -> Any:
 
 
 def chunkable(model: Any) -> bool:
-    """The model can be run to its hidden states without its head's full output."""
+    """The model can be run to its hidden states without its head's full output.
+
+    Not under ZeRO-3 (a partitioned head: its parameters carry `ds_id`) yet: with a frozen head
+    (LoRA) the recomputation in backward found the weight released (shape [0]) and
+    torch.utils.checkpoint refused it (tests/integration/test_sft.py,
+    test_lora_zero3_resumes_and_exports); such runs take the unchunked path."""
     lm = causal_lm(model)
-    return lm.get_output_embeddings() is not None and "logits_to_keep" in inspect.signature(lm.forward).parameters
+    head = lm.get_output_embeddings()
+    if head is None or any(hasattr(p, "ds_id") for p in head.parameters()):
+        return False
+    return "logits_to_keep" in inspect.signature(lm.forward).parameters
 
 
 def token_logps(model: Any, input_ids: Any, labels: Any, position_ids: Optional[Any] = None,
