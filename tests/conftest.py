@@ -119,3 +119,20 @@ def s3_server():
             else:
                 os.environ[k] = v
 
+
+
+# ------------------------------------------------------------------ Hub stand-ins
+
+
+@pytest.fixture(scope="session")
+def hub_standins(tmp_path_factory):
+    """Tiny random models of the real architectures (Llama-3, Qwen2, Mistral, Gemma-2, Phi-3, GPT-2)
+    in a temporary Hugging Face hub cache, built once: {family: "ORG/NAME"}. HF_HOME points at it
+    for this process and the processes it starts (tests/hub_standins.py)."""
+    from hub_standins import build_standins, restore_hf_home, use_hf_home
+
+    hf_home = str(tmp_path_factory.mktemp("hf-home"))
+    repos = build_standins(hf_home)
+    saved = use_hf_home(hf_home)
+    yield repos
+    restore_hf_home(saved)
