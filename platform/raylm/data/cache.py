@@ -26,6 +26,7 @@ import numpy as np
 from raylm import storage
 from raylm.config import DataConfig, expand
 from raylm.data.sources import Source
+from raylm.data.tokenizer import tokenizer_digest, tokenizer_folder
 from raylm.errors import StorageError
 
 CACHE_VERSION = 1  # bump when the layout or the packing changes: old caches are then never read
@@ -66,15 +67,12 @@ def _listing(src: Source, cfg: DataConfig) -> list:
 
 
 def _tokenizer_key(cfg: DataConfig) -> Any:
-    """A named tokenizer directory is keyed by its files' contents; a hub name by the name."""
-    path = os.path.expanduser(cfg.tokenizer)
-    if cfg.tokenizer != "train" and os.path.isdir(path):
-        h = hashlib.sha256()
-        for name in sorted(os.listdir(path)):
-            if os.path.isfile(os.path.join(path, name)):
-                h.update(name.encode() + open(os.path.join(path, name), "rb").read())
-        return h.hexdigest()
-    return [cfg.tokenizer, cfg.vocab_size if cfg.tokenizer == "train" else None]
+    """A named tokenizer (a folder, or a Hub id in the HF cache) is keyed by its files' contents, so a
+    new revision is a new cache; a Hub id not downloaded yet by its name."""
+    if cfg.tokenizer != "train":
+        folder = tokenizer_folder(cfg.tokenizer)
+        return tokenizer_digest(folder) if folder else [cfg.tokenizer, None]
+    return [cfg.tokenizer, cfg.vocab_size]
 
 
 def settings(cfg: DataConfig) -> dict:
@@ -85,6 +83,10 @@ def settings(cfg: DataConfig) -> dict:
         out["sft"] = cfg.sft.model_dump(mode="json")
     if cfg.format == "preference":
         out["preference"] = cfg.preference.model_dump(mode="json")
+    if cfg.is_records and cfg.chat_template:  # the template's text: an edited file is a new cache
+        from raylm.chat import chat_template_text
+
+        out["chat_template"] = hashlib.sha256(chat_template_text(cfg.chat_template).encode()).hexdigest()
     return out
 
 

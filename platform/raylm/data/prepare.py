@@ -26,7 +26,7 @@ from raylm import storage
 from raylm.config import DataConfig
 from raylm.console import say
 from raylm.data import cache
-from raylm.data.chat import _record_text, skipped_summary
+from raylm.data.chat import _record_text, check_template, skipped_summary
 from raylm.data.packing import CHUNK_BYTES, COUNTERS, TokenizePack, pack_remainders, render_and_pack
 from raylm.data.preference import PAIR_COLUMNS, render_pairs
 from raylm.data.reading import _read_documents, file_to_rows, read_files, read_records
@@ -50,6 +50,7 @@ class DataStats:
     trained_tokens: int = 0  # SFT: tokens the loss is computed on (assistant tokens by default)
     truncated_records: int = 0  # SFT: examples cut to seq_len
     skipped_reasons: str = ""  # SFT: "skipped N records: ..." by reason
+    chat_template: str = ""  # records: which chat template rendered them
     vocab_size: int = 0
     seconds: float = 0.0
 
@@ -62,6 +63,7 @@ class DataStats:
                 + (f"{self.trained_tokens} trained tokens, " if self.trained_tokens else "")
                 + (f"{self.truncated_records} records truncated to seq_len, " if self.truncated_records else "")
                 + (f"{self.skipped_reasons}, " if self.skipped_reasons else "")
+                + (f"chat template: {self.chat_template}, " if self.chat_template else "")
                 + f"vocab {self.vocab_size}, {self.seconds:.1f}s")
 
 
@@ -296,8 +298,11 @@ def _build(cfg: DataConfig, src: Source, uri: str, verbose: bool, t0: float) -> 
     ctx.enable_progress_bars = verbose
     kind = PREFERENCE if cfg.format == "preference" else SFT if cfg.is_sft else RAW
     rows = kind.read(src, cfg)
-    tokenizer_dir = _tokenizer_for(src, cfg, kind.texts(rows, src, cfg))
+    tokenizer_dir, template = _tokenizer_for(src, cfg, kind.texts(rows, src, cfg))
     hf_tok = load_tokenizer(tokenizer_dir)
+    if cfg.is_records and (cfg.format == "preference" or cfg.sft.train_on == "assistant"):
+        check_template(hf_tok, f"data.chat_template={cfg.chat_template}" if cfg.chat_template
+                       else f"the chat template of data.tokenizer={cfg.tokenizer}")
     packed = kind.pack(rows, src, cfg, hf_tok, tokenizer_dir)
     cache.clear(uri)
     tally, router = Tally(cfg), Router(uri, cfg)
@@ -306,6 +311,7 @@ def _build(cfg: DataConfig, src: Source, uri: str, verbose: bool, t0: float) -> 
         tally.add({k: v[stats_rows] for k, v in batch.items()})
         router.add({k: batch[k][~stats_rows] for k in kind.columns})
     stats = tally.stats(src, len(hf_tok))
+    stats.chat_template = template if cfg.is_records else ""
     _check_not_empty(cfg, src, stats, tally, verbose)
     if not cfg.is_records:
         extra, stats.dropped_tokens = pack_remainders(tally.leftovers, cfg.seq_len + 1)
