@@ -191,31 +191,6 @@ def build_standins(hf_home: str, families: Optional[list[str]] = None, vocab_siz
     return out
 
 
-def use_hf_home(hf_home: str) -> dict[str, Optional[str]]:
-    """Point this process (huggingface_hub read its cache path at import) and the processes it starts
-    at `hf_home`; returns what to restore."""
-    import huggingface_hub.constants as c
-
-    saved = {k: os.environ.get(k) for k in ("HF_HOME", "HF_HUB_CACHE")}
-    saved_consts = (c.HF_HOME, c.HF_HUB_CACHE)
-    os.environ["HF_HOME"] = hf_home
-    os.environ.pop("HF_HUB_CACHE", None)
-    c.HF_HOME, c.HF_HUB_CACHE = hf_home, os.path.join(hf_home, "hub")
-    saved["_consts"] = saved_consts  # type: ignore[assignment]
-    return saved
-
-
-def restore_hf_home(saved: dict) -> None:
-    import huggingface_hub.constants as c
-
-    c.HF_HOME, c.HF_HUB_CACHE = saved.pop("_consts")
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
 def main() -> None:
     import argparse
 

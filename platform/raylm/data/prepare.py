@@ -304,7 +304,7 @@ def _build(cfg: DataConfig, src: Source, uri: str, verbose: bool, t0: float) -> 
         check_template(hf_tok, f"data.chat_template={cfg.chat_template}" if cfg.chat_template
                        else f"the chat template of data.tokenizer={cfg.tokenizer}")
     packed = kind.pack(rows, src, cfg, hf_tok, tokenizer_dir)
-    cache.clear(uri)
+    final, uri = uri, cache.private_uri(uri)  # build privately, publish whole (cache.publish)
     tally, router = Tally(cfg), Router(uri, cfg)
     for batch in packed.iter_batches(batch_size=None, batch_format="numpy"):  # streamed, never materialized
         stats_rows = kind.is_stats(batch, cfg)
@@ -326,12 +326,14 @@ def _build(cfg: DataConfig, src: Source, uri: str, verbose: bool, t0: float) -> 
     tok_uri = storage.join(uri, "tokenizer")
     storage.upload(tokenizer_dir, tok_uri)
     stats.seconds = time.perf_counter() - t0
-    manifest = {"version": cache.CACHE_VERSION, "fingerprint": uri.rstrip("/").rsplit("/", 1)[-1],
+    manifest = {"version": cache.CACHE_VERSION, "fingerprint": final.rstrip("/").rsplit("/", 1)[-1],
                 "settings": cache.settings(cfg), "columns": list(kind.columns), "stats": asdict(stats),
                 "build_s": stats.seconds, "tokenizer": {f"tokenizer/{k}": v for k, v in storage.list_files(tok_uri).items()},
                 **splits}
     cache.write_manifest(uri, manifest)
-    return PreparedData(uri=uri, manifest=manifest, tokenizer_dir=tokenizer_dir, stats=stats, built=True,
+    if not cache.publish(uri, final):  # another run of this config published first: read that one
+        manifest = cache.open_cache(final)[0] or manifest
+    return PreparedData(uri=final, manifest=manifest, tokenizer_dir=tokenizer_dir, stats=stats, built=True,
                         build_s=stats.seconds)
 
 
