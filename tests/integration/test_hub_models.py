@@ -50,7 +50,7 @@ def test_hub_model_lora_sft_export_serve(family, hub_standins, ray_cluster, chat
     from transformers import AutoTokenizer
 
     repo, fam = hub_standins[family], FAMILIES[family]
-    over = {"model.name": repo, "data.format": "chat", "data.source": chat_corpus, "data.seq_len": 64,
+    over = {"model.name": repo, "data.format": "chat", "data.source": chat_corpus, "data.seq_len": 128,
             "data.val_fraction": 0.1, "data.cache_dir": tmp_path / "cache", "train.storage_path": tmp_path / "runs",
             "train.run_name": family, "train.num_workers": 1, "train.max_steps": 2, "train.eval_batches": 1,
             "train.eval_every_steps": 2, "train.checkpoint_every_steps": 2, "train.log_every_steps": 1,
@@ -78,7 +78,7 @@ def test_hub_model_lora_sft_export_serve(family, hub_standins, ray_cluster, chat
         messages.insert(0, {"role": "system", "content": "You add numbers."})
     rendered = exported.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
     url = deploy_app(serve_config(key_file, "serve.autoscaling.min_replicas=1", "serve.autoscaling.max_replicas=1",
-                                  "serve.max_model_len=256", "serve.max_tokens_limit=16"), hf)
+                                  "serve.max_model_len=512", "serve.max_tokens_limit=16"), hf)
     try:
         r = httpx.post(f"{url}/v1/chat/completions", headers=auth(), timeout=120,
                        json={"model": MODEL_ID, "messages": messages, "max_tokens": 4, "temperature": 0})
