@@ -1,6 +1,9 @@
 """Shared test settings: no network, caches in a per-run temp folder, corpus from ../shared."""
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,11 @@ SHARED = ROOT.parent / "shared"
 SHAKESPEARE = SHARED / "corpora" / "tinyshakespeare.txt"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The session's own Hugging Face cache, set before anything imports huggingface_hub (it reads the
+# path once) or starts Ray (its workers inherit it): the Hub stand-ins (fixture hub_standins) go
+# there, never into a developer's cache, and every Ray worker resolves them by id.
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="raylm-test-hf-home-")
+atexit.register(shutil.rmtree, os.environ["HF_HOME"], True)
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -119,3 +127,16 @@ def s3_server():
             else:
                 os.environ[k] = v
 
+
+
+# ------------------------------------------------------------------ Hub stand-ins
+
+
+@pytest.fixture(scope="session")
+def hub_standins():
+    """Tiny random models of the real architectures (Llama-3, Qwen2, Mistral, Gemma-2, Phi-3, GPT-2)
+    in the session's Hugging Face hub cache (HF_HOME, above), built once: {family: "ORG/NAME"}
+    (tests/hub_standins.py)."""
+    from hub_standins import build_standins
+
+    return build_standins(os.environ["HF_HOME"])

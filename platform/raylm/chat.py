@@ -9,6 +9,7 @@ The assistant's turns sit in `{% generation %}` blocks, which is what lets
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 # One "role: content" line per message; the assistant's content ends with EOS so a model learns
@@ -25,6 +26,24 @@ DEFAULT_CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- 'assistant:' -}}{%- endif -%}"
 )
+
+
+# ChatML (as Qwen and many others render it), for a base model that has no template of its own.
+CHATML_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
+)
+BUILTIN = {"raylm": DEFAULT_CHAT_TEMPLATE, "chatml": CHATML_TEMPLATE}
+
+
+def chat_template_text(name_or_file: str) -> str:
+    """data.chat_template: a built-in's text, or a Jinja file's."""
+    if name_or_file in BUILTIN:
+        return BUILTIN[name_or_file]
+    with open(os.path.expanduser(name_or_file), encoding="utf-8") as f:
+        return f.read()
 
 
 def ensure_chat_template(tokenizer: Any) -> Any:

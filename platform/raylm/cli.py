@@ -29,10 +29,11 @@ def cmd_data(cfg: RaylmConfig, args: argparse.Namespace) -> int:
     """Build the packed-token cache with Ray Data (or find it complete: then Ray is not even
     started) and print documents, tokens, blocks, time, and whether it was built or reused."""
     from raylm.cluster import init_ray
-    from raylm.data import cached_data, resolve_source, stats_dict
+    from raylm.data import cached_data, check_tokenizer_fits, resolve_source, stats_dict
     from raylm.pipeline import prepare_data_with_progress
 
     src = resolve_source(cfg.data)  # a missing path fails here, before Ray starts
+    check_tokenizer_fits(cfg)  # ... and a tokenizer whose ids the pretrained model has no embedding for
     print_header("data", cfg)
     say(f"source: {src.kind} {src.name or ''}{len(src.paths)} path(s)")
     prepared = cached_data(cfg.data, cfg.train.storage_path)
@@ -50,13 +51,14 @@ def cmd_data(cfg: RaylmConfig, args: argparse.Namespace) -> int:
 def cmd_train(cfg: RaylmConfig, args: argparse.Namespace) -> int:
     """Train with Ray Train + DeepSpeed; resumes the run of the same name from its newest checkpoint."""
     from raylm.cluster import init_ray
-    from raylm.data import fingerprint, resolve_source
+    from raylm.data import check_tokenizer_fits, fingerprint, resolve_source
     from raylm.pipeline import prepare_data_with_progress
     from raylm.train.driver import check_objective_runs, check_resumable, run_training
     from raylm.train.identity import run_identity
 
     check_objective_runs(cfg)
     src = resolve_source(cfg.data)
+    check_tokenizer_fits(cfg)
     storage.check_writable(storage.root(cfg.train.storage_path))  # bucket, credentials, endpoint: before Ray
     check_resumable(cfg, run_identity(cfg, fingerprint(cfg.data, src)))  # a resume that changed the run: exit 2
     print_header("train", cfg)
@@ -70,12 +72,13 @@ def cmd_train(cfg: RaylmConfig, args: argparse.Namespace) -> int:
 def cmd_tune(cfg: RaylmConfig, args: argparse.Namespace) -> int:
     """Sweep the search space in `tune:` with Ray Tune (+ ASHA); writes best.json and a trials table."""
     from raylm.cluster import init_ray
-    from raylm.data import resolve_source
+    from raylm.data import check_tokenizer_fits, resolve_source
     from raylm.pipeline import prepare_data_with_progress
     from raylm.tune import check_sweep_folder, run_sweep, sweeps_data, validate_sweep
 
     validate_sweep(cfg)
     resolve_source(cfg.data)
+    check_tokenizer_fits(cfg)
     storage.check_writable(storage.root(cfg.train.storage_path))
     check_sweep_folder(cfg)  # an edited search space in an existing sweep folder: exit 2 before Ray
     print_header("tune", cfg)

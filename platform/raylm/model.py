@@ -9,6 +9,7 @@ from typing import Any, Iterator, Optional
 import yaml
 
 from raylm.config import ModelConfig, RaylmConfig
+from raylm.config.model import PRESET_NAMES
 from raylm.errors import ModelError
 
 # Llama-style and GPT-2-style families. Sizes are approximate parameter counts at vocab 32k / 50k.
@@ -24,6 +25,8 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "small-gpt2": ("gpt2", dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024)),  # ~124M
     "base-gpt2": ("gpt2", dict(n_embd=1280, n_layer=36, n_head=20, n_positions=1024)),  # ~774M
 }
+
+assert tuple(PRESETS) == PRESET_NAMES, "raylm.config.model.PRESET_NAMES must list raylm.model.PRESETS"
 
 
 def preset_config(name: str, vocab_size: int, seq_len: int, tokenizer: Any = None, overrides: dict | None = None):

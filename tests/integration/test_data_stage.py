@@ -175,3 +175,32 @@ def test_cli_data_on_embedded_default(tmp_path):
     stats = next(e for e in events if e["event"] == "data")
     assert stats["documents"] > 50 and stats["blocks"] * 129 + stats["dropped_tokens"] == stats["tokens"]
     assert "documents in" in stats["summary"] and os.path.isdir(stats["tokenizer"])
+
+
+@pytest.mark.skip(reason="unfinished: a clean-env `raylm data` given RAY_ADDRESS=<gcs address> fails to connect to "
+                  "the session's cluster (ConnectionError); two own Ray heads at once clash on the dashboard port")
+def test_two_data_runs_at_once_leave_one_valid_cache(ray_cluster, tmp_path, shakespeare):
+    """`raylm data` twice at once on one config, as two users' shells would start it on one cluster
+    (clean environments with RAY_ADDRESS; two Ray heads on one machine would clash): both succeed,
+    and the storage holds one complete cache and no build folder; neither deleted what the other
+    was writing."""
+    from raylm.data.cache import open_cache
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(shakespeare.read_text()[:300_000])
+    env = {"PATH": os.environ["PATH"], "HOME": os.environ["HOME"],
+           "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    args = [sys.executable, "-m", "raylm", "data", "--json", "--set", f"data.source={corpus}",
+            "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", f"train.storage_path={tmp_path / 'store'}",
+            "--set", "data.vocab_size=400", "--set", "data.seq_len=32"]
+    procs = [subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    uris = {next(json.loads(line) for line in out.splitlines() if '"data_cache"' in line)["uri"] for out, _ in outs}
+    datasets = tmp_path / "store" / "datasets"
+    assert len(uris) == 1 and [d.name for d in datasets.iterdir()] == [os.path.basename(uris.pop())]
+    manifest, why = open_cache(str(next(datasets.iterdir())))
+    assert manifest is not None, why
+    assert manifest["train"]["rows"] > 0 and manifest["val"]["rows"] > 0

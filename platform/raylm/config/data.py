@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from typing import Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from raylm.config.base import _Strict
 
 
 RECORD_FORMATS = ("chat", "instruction", "preference", "prompt")
+BUILTIN_CHAT_TEMPLATES = ("raylm", "chatml")  # their texts: raylm.chat
 
 
 class SFTConfig(_Strict):
@@ -80,8 +82,14 @@ class DataConfig(_Strict):
     tokenizer: str = Field(
         "train",
         description="'train' trains a byte-level BPE tokenizer on the corpus; anything else is a "
-        "Hugging Face tokenizer name or directory.",
+        "Hugging Face tokenizer name or directory. Unset with a pretrained model.name (a Hub id or a "
+        "folder): that model's own tokenizer.",
     )
+    chat_template: Optional[str] = Field(
+        None, description="Chat / instruction / preference data: a Jinja chat template file, or a built-in "
+        f"({', '.join(BUILTIN_CHAT_TEMPLATES)}), used instead of the tokenizer's own; it is saved with the "
+        "tokenizer, so checkpoints and serving render alike. Unset: the tokenizer's template, or raylm's "
+        "when it has none.")
     vocab_size: int = Field(2048, ge=260, description="Vocabulary size of a trained tokenizer.")
     seq_len: int = Field(128, ge=8, description="Tokens a training example predicts (blocks hold seq_len + 1).")
     val_fraction: float = Field(
@@ -99,6 +107,15 @@ class DataConfig(_Strict):
     sft: SFTConfig = Field(default_factory=SFTConfig, description="Chat / instruction fine-tuning data.")
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig, description="Preference (DPO) data.")
     prompt: PromptConfig = Field(default_factory=PromptConfig, description="Prompt (GRPO) data.")
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_exists(cls, v: Optional[str]) -> Optional[str]:
+        if v is None or v in BUILTIN_CHAT_TEMPLATES:
+            return v
+        if not os.path.isfile(os.path.expanduser(v)):
+            raise ValueError(f"{v!r} is neither a file nor a built-in template ({', '.join(BUILTIN_CHAT_TEMPLATES)})")
+        return os.path.abspath(os.path.expanduser(v))
 
     @property
     def is_sft(self) -> bool:

@@ -68,11 +68,27 @@ class RaylmConfig(_Strict):
         return self
 
     def _model_tokenizer(self) -> None:
-        """Fine-tuning a model dir that holds a tokenizer (a raylm hf/ export): the data stage must use
-        that tokenizer, not train a new one whose ids would not match the model's embeddings."""
-        name = os.path.expanduser(self.model.name)
-        if self.data.tokenizer == "train" and os.path.isfile(os.path.join(name, "tokenizer_config.json")):
-            self.data.tokenizer = os.path.abspath(name)
+        """A pretrained model (a Hub id or a folder, such as a raylm hf/ export) brings its vocabulary:
+        the data stage uses its tokenizer unless data.tokenizer names another. A tokenizer trained on
+        the corpus would feed ids the model's embeddings never learnt: refused. (Whether a named
+        tokenizer's ids fit the embeddings is `raylm.data.check_tokenizer_fits`, before Ray starts.)"""
+        if not self.model.pretrained:
+            return
+        explicit = "tokenizer" in self.data.model_fields_set
+        if explicit and self.data.tokenizer == "train":
+            raise ValueError(f"data.tokenizer: 'train' builds a new vocabulary, whose ids model.name="
+                             f"{self.model.name} (a pretrained model) never learnt; leave data.tokenizer unset to "
+                             f"use the model's own tokenizer, or name another one")
+        if explicit:
+            return
+        local = os.path.expanduser(self.model.name)
+        if os.path.isdir(local):
+            if not os.path.isfile(os.path.join(local, "tokenizer_config.json")):
+                raise ValueError(f"data.tokenizer: model.name={self.model.name} holds no tokenizer "
+                                 f"(tokenizer_config.json); name one in data.tokenizer")
+            self.data.tokenizer = os.path.abspath(local)
+        else:  # a Hub id: transformers resolves it (from the HF cache offline, else the Hub)
+            self.data.tokenizer = self.model.name
 
     @property
     def precision(self) -> str:

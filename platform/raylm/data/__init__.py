@@ -29,12 +29,12 @@ from raylm.data.reading import (decode_counting, file_to_rows, jsonl_lines, pars
 from raylm.data.stream import CacheStream, TrainStream
 from raylm.data.sources import (REMOTE_PREFIXES, TEXT_EXTS, DataError, Source, embedded_documents,
                                 load_hf_split, resolve_source)
-from raylm.data.tokenizer import (EOS_TOKEN, PAD_TOKEN, load_tokenizer, tokenizer_files, train_tokenizer,
+from raylm.data.tokenizer import (EOS_TOKEN, PAD_TOKEN, check_tokenizer_fits, load_tokenizer, tokenizer_files, train_tokenizer,
                                   write_tokenizer_files)
 
 __all__ = [
     "COUNTERS", "EOS_TOKEN", "IGNORE", "PAD_TOKEN", "PAIR_COLUMNS", "PROMPT_COLUMNS", "REMOTE_PREFIXES", "ROLES", "TEXT_EXTS",
-    "CacheStream", "DataError", "TokenizePack", "files_to_documents", "DataStats", "PreparedData", "Source", "TrainStream",
+    "CacheStream", "DataError", "check_tokenizer_fits", "TokenizePack", "files_to_documents", "DataStats", "PreparedData", "Source", "TrainStream",
     "cached_data", "chat_messages", "decode_counting", "embedded_documents", "encode_pair", "file_to_rows", "fingerprint", "instruction_messages",
     "jsonl_lines", "load_hf_split", "load_tokenizer", "pack_batch", "pack_examples",
     "pack_remainders", "packed_logits", "pair_rows", "encode_prompt", "prompt_batch", "prompt_messages", "render_prompts", "parse_jsonl", "preference_messages", "prepare_data", "read_records",

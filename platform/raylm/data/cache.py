@@ -10,7 +10,9 @@ The fingerprint covers everything that changes the rows: the source's listing (p
 modification times; not ETags, see `_listing`), format, SFT and text settings, tokenizer, seq_len, val_fraction and seed. A
 changed source file is a new fingerprint, never a silent reuse. As with checkpoints, the
 manifest is written last: a cache without it (a build that was killed) or whose files do not
-match it is never read; it is rebuilt, and the rebuild is said. Everything goes through
+match it is never read; it is rebuilt, and the rebuild is said. A build writes into a private
+folder beside the cache and publishes it whole (`publish`): two runs of one config at once both
+succeed and leave one valid cache; neither ever deletes what the other is writing. Everything goes through
 raylm.storage (pyarrow.fs), so the cache works alike on a local disk, a shared volume or s3://.
 """
 
@@ -26,6 +28,7 @@ import numpy as np
 from raylm import storage
 from raylm.config import DataConfig, expand
 from raylm.data.sources import Source
+from raylm.data.tokenizer import tokenizer_digest, tokenizer_folder
 from raylm.errors import StorageError
 
 CACHE_VERSION = 1  # bump when the layout or the packing changes: old caches are then never read
@@ -66,15 +69,12 @@ def _listing(src: Source, cfg: DataConfig) -> list:
 
 
 def _tokenizer_key(cfg: DataConfig) -> Any:
-    """A named tokenizer directory is keyed by its files' contents; a hub name by the name."""
-    path = os.path.expanduser(cfg.tokenizer)
-    if cfg.tokenizer != "train" and os.path.isdir(path):
-        h = hashlib.sha256()
-        for name in sorted(os.listdir(path)):
-            if os.path.isfile(os.path.join(path, name)):
-                h.update(name.encode() + open(os.path.join(path, name), "rb").read())
-        return h.hexdigest()
-    return [cfg.tokenizer, cfg.vocab_size if cfg.tokenizer == "train" else None]
+    """A named tokenizer (a folder, or a Hub id in the HF cache) is keyed by its files' contents, so a
+    new revision is a new cache; a Hub id not downloaded yet by its name."""
+    if cfg.tokenizer != "train":
+        folder = tokenizer_folder(cfg.tokenizer)
+        return tokenizer_digest(folder) if folder else [cfg.tokenizer, None]
+    return [cfg.tokenizer, cfg.vocab_size]
 
 
 def settings(cfg: DataConfig) -> dict:
@@ -87,6 +87,10 @@ def settings(cfg: DataConfig) -> dict:
         out["preference"] = cfg.preference.model_dump(mode="json")
     if cfg.format == "prompt":
         out["prompt"] = cfg.prompt.model_dump(mode="json")
+    if cfg.is_records and cfg.chat_template:  # the template's text: an edited file is a new cache
+        from raylm.chat import chat_template_text
+
+        out["chat_template"] = hashlib.sha256(chat_template_text(cfg.chat_template).encode()).hexdigest()
     return out
 
 
@@ -222,13 +226,53 @@ def from_arrow(column: Any) -> np.ndarray:
     return column.to_numpy(zero_copy_only=False)
 
 
-def clear(uri: str) -> None:
-    """Remove what a cut-off build left, so the new build starts from nothing."""
+def private_uri(uri: str) -> str:
+    """Where one build writes, beside the cache it builds: no other run reads or deletes it."""
+    import uuid
+
+    return f"{uri.rstrip('/')}.build-{uuid.uuid4().hex[:12]}"
+
+
+def _remove(uri: str) -> None:
     fs, path = storage.filesystem(uri)
     try:
-        fs.delete_dir_contents(path, missing_dir_ok=True)
-    except OSError as exc:
-        raise StorageError(f"{uri}: cannot clear the data cache: {exc}") from None
+        fs.delete_dir(path)
+    except (OSError, FileNotFoundError):
+        pass
+
+
+def publish(private: str, uri: str) -> bool:
+    """Move a finished build (manifest written last) from its private folder to `uri`; False when
+    another run published a complete cache first (then this build is dropped, and that one is read).
+
+    A local folder is renamed into place (atomic; a cut-off build there is moved aside first). An
+    object store has no rename: the files are copied, the manifest last, so `uri` never reads as
+    complete before it is; two runs copying at once copy the same rows (a build is deterministic)."""
+    if open_cache(uri)[0] is not None:
+        _remove(private)
+        return False
+    fs, path = storage.filesystem(uri)
+    if not storage.is_remote(uri):
+        if os.path.isdir(path):  # a cut-off build's leftovers: aside, then gone
+            aside = private_uri(uri) + ".stale"
+            try:
+                os.rename(path, aside)
+                _remove(aside)
+            except OSError:
+                pass
+        try:
+            os.rename(storage.filesystem(private)[1], path)
+            return True
+        except OSError:  # another run renamed its build into place between the two renames
+            _remove(private)
+            return False
+    files = storage.list_files(private)
+    for rel in sorted(files, key=lambda r: r == MANIFEST):  # the manifest last
+        src_path = storage.filesystem(storage.join(private, rel))[1]
+        dst_path = storage.filesystem(storage.join(uri, rel))[1]
+        fs.copy_file(src_path, dst_path)
+    _remove(private)
+    return True
 
 
 def write_manifest(uri: str, manifest: dict) -> None:

@@ -28,7 +28,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from raylm.config import SFTConfig
-from raylm.data.chat import IGNORE, record_messages, render, to_example
+from raylm.data.chat import IGNORE, RenderError, record_messages, render, to_example
 from raylm.data.reading import file_to_rows
 from raylm.data.tokenizer import load_tokenizer, write_tokenizer_files
 
@@ -200,7 +200,11 @@ def render_and_pack(batch: dict[str, np.ndarray], fmt: str, sft_json: str, seq_l
         if messages is None:
             counts[f"skip:{reason}"] += 1
             continue
-        ids, mask = render(tok, messages, sft.train_on)
+        try:
+            ids, mask = render(tok, messages, sft.train_on)
+        except RenderError as exc:  # a role the template refuses (Gemma's system turn), ...
+            counts[f"skip:{exc}"] += 1
+            continue
         example, reason, cut = to_example(ids, mask, seq_len, sft.too_long)
         if example is None:
             counts[f"skip:{reason}"] += 1

@@ -4,7 +4,8 @@
                          message(s) (the Hugging Face preference datasets' layout); plain form:
                          three strings, the prompt a user turn (after data.preference.system_prompt)
     messages -> ids      prompt + each answer rendered with the chat template (raylm.data.chat.render),
-                         the answer's tokens marked (its `{% generation %}` block); cut to seq_len
+                         the answer's tokens marked as SFT marks an assistant turn (the template's
+                         `{% generation %}` blocks, or its renderings of prefixes); cut to seq_len
     pair -> row          chosen_input_ids / chosen_labels / rejected_input_ids / rejected_labels,
                          each padded to seq_len, and chosen_tokens / rejected_tokens (real lengths)
 
@@ -26,7 +27,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from raylm.config import PreferenceConfig
-from raylm.data.chat import IGNORE, ROLES, render, to_example
+from raylm.data.chat import IGNORE, ROLES, RenderError, render, to_example
 from raylm.data.packing import _tokenizer_from
 
 PAIR_COLUMNS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels",
@@ -77,13 +78,14 @@ def encode_pair(tokenizer: Any, prompt: list[dict], chosen: list[dict], rejected
                 ) -> tuple[Optional[list[tuple[np.ndarray, np.ndarray]]], Optional[str], bool]:
     """[(inputs, labels) of chosen, of rejected], the skip reason, and whether either was cut.
 
-    Only the answer's tokens are labelled: the prompt's own assistant turns (a multi-turn chat prompt)
-    are context, so the mask is cut to the tokens after the prompt's rendering."""
-    n_prompt = len(render(tokenizer, prompt, "all")[0]) if any(m["role"] == "assistant" for m in prompt) else 0
+    Only the answer's tokens are labelled, with the masks SFT uses (`render`): the prompt's own
+    assistant turns (a multi-turn chat prompt) are context, so only turns after the prompt count."""
     out, cut_any = [], False
     for answer in (chosen, rejected):
-        ids, mask = render(tokenizer, prompt + answer, "assistant")
-        mask[:n_prompt] = False
+        try:
+            ids, mask = render(tokenizer, prompt + answer, "assistant", from_turn=len(prompt))
+        except RenderError as exc:
+            return None, str(exc), False
         example, reason, cut = to_example(ids, mask, seq_len, "truncate")
         if example is None:  # an answer always has a token (its EOS at least): it was cut off
             return None, f"no answer token within seq_len={seq_len}", False

@@ -26,7 +26,7 @@ from raylm import storage
 from raylm.config import DataConfig
 from raylm.console import say
 from raylm.data import cache
-from raylm.data.chat import _record_text, skipped_summary
+from raylm.data.chat import _record_text, check_template, skipped_summary
 from raylm.data.packing import CHUNK_BYTES, COUNTERS, TokenizePack, pack_remainders, render_and_pack
 from raylm.data.preference import PAIR_COLUMNS, render_pairs
 from raylm.data.prompts import PROMPT_COLUMNS, render_prompts
@@ -51,6 +51,7 @@ class DataStats:
     trained_tokens: int = 0  # SFT: tokens the loss is computed on (assistant tokens by default)
     truncated_records: int = 0  # SFT: examples cut to seq_len
     skipped_reasons: str = ""  # SFT: "skipped N records: ..." by reason
+    chat_template: str = ""  # records: which chat template rendered them
     vocab_size: int = 0
     seconds: float = 0.0
 
@@ -63,6 +64,7 @@ class DataStats:
                 + (f"{self.trained_tokens} trained tokens, " if self.trained_tokens else "")
                 + (f"{self.truncated_records} records truncated to seq_len, " if self.truncated_records else "")
                 + (f"{self.skipped_reasons}, " if self.skipped_reasons else "")
+                + (f"chat template: {self.chat_template}, " if self.chat_template else "")
                 + f"vocab {self.vocab_size}, {self.seconds:.1f}s")
 
 
@@ -307,16 +309,20 @@ def _build(cfg: DataConfig, src: Source, uri: str, verbose: bool, t0: float) -> 
     ctx.enable_progress_bars = verbose
     kind = KINDS.get(cfg.format) or (SFT if cfg.is_sft else RAW)
     rows = kind.read(src, cfg)
-    tokenizer_dir = _tokenizer_for(src, cfg, kind.texts(rows, src, cfg))
+    tokenizer_dir, template = _tokenizer_for(src, cfg, kind.texts(rows, src, cfg))
     hf_tok = load_tokenizer(tokenizer_dir)
+    if cfg.is_records and (cfg.format == "preference" or cfg.sft.train_on == "assistant"):
+        check_template(hf_tok, f"data.chat_template={cfg.chat_template}" if cfg.chat_template
+                       else f"the chat template of data.tokenizer={cfg.tokenizer}")
     packed = kind.pack(rows, src, cfg, hf_tok, tokenizer_dir)
-    cache.clear(uri)
+    final, uri = uri, cache.private_uri(uri)  # build privately, publish whole (cache.publish)
     tally, router = Tally(cfg), Router(uri, cfg)
     for batch in packed.iter_batches(batch_size=None, batch_format="numpy"):  # streamed, never materialized
         stats_rows = kind.is_stats(batch, cfg)
         tally.add({k: v[stats_rows] for k, v in batch.items()})
         router.add({k: batch[k][~stats_rows] for k in kind.columns})
     stats = tally.stats(src, len(hf_tok))
+    stats.chat_template = template if cfg.is_records else ""
     _check_not_empty(cfg, src, stats, tally, verbose)
     if not cfg.is_records:
         extra, stats.dropped_tokens = pack_remainders(tally.leftovers, cfg.seq_len + 1)
@@ -331,12 +337,14 @@ def _build(cfg: DataConfig, src: Source, uri: str, verbose: bool, t0: float) -> 
     tok_uri = storage.join(uri, "tokenizer")
     storage.upload(tokenizer_dir, tok_uri)
     stats.seconds = time.perf_counter() - t0
-    manifest = {"version": cache.CACHE_VERSION, "fingerprint": uri.rstrip("/").rsplit("/", 1)[-1],
+    manifest = {"version": cache.CACHE_VERSION, "fingerprint": final.rstrip("/").rsplit("/", 1)[-1],
                 "settings": cache.settings(cfg), "columns": list(kind.columns), "stats": asdict(stats),
                 "build_s": stats.seconds, "tokenizer": {f"tokenizer/{k}": v for k, v in storage.list_files(tok_uri).items()},
                 **splits}
     cache.write_manifest(uri, manifest)
-    return PreparedData(uri=uri, manifest=manifest, tokenizer_dir=tokenizer_dir, stats=stats, built=True,
+    if not cache.publish(uri, final):  # another run of this config published first: read that one
+        manifest = cache.open_cache(final)[0] or manifest
+    return PreparedData(uri=final, manifest=manifest, tokenizer_dir=tokenizer_dir, stats=stats, built=True,
                         build_s=stats.seconds)
 
 

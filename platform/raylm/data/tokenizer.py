@@ -3,7 +3,10 @@
 `load_tokenizer` guarantees what the rest of raylm relies on: an EOS token (the document
 separator), a pad token, and a chat template (`raylm.chat`), which every checkpoint and export
 then carries. A trained tokenizer is cached under data.cache_dir by corpus fingerprint and
-settings (`_tokenizer_for`) and published atomically, so a half-written one is never loaded.
+settings (`_tokenizer_for`), a named one (a folder or a Hub id) by its files' bytes, with the chat
+template it renders with (data.chat_template overrides the tokenizer's own); each is written in a
+private folder renamed into place, so a half-written one is never loaded and a changed one is a new
+folder. A pretrained model's embeddings must cover the tokenizer's ids (`check_tokenizer_fits`).
 `tokenizer_files` / `write_tokenizer_files` turn its directory into bytes and back: it travels
 with the config to workers on other nodes.
 """
@@ -12,15 +15,20 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Iterable, Optional
 
-from raylm.chat import ensure_chat_template
+from raylm.chat import DEFAULT_CHAT_TEMPLATE, chat_template_text, ensure_chat_template
 from raylm.config import DataConfig, expand
 from raylm.data.sources import DataError, Source
+from raylm.errors import ModelError
 
 if TYPE_CHECKING:  # Ray is imported lazily: unit tests and config errors never start it.
     import ray.data
+
+    from raylm.config import RaylmConfig
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -52,8 +60,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str) -> str:
     return out_dir
 
 
-def load_tokenizer(name_or_dir: str):
-    """A Hugging Face tokenizer with an EOS token (used as document separator) and a pad token."""
+def load_tokenizer(name_or_dir: str, chat_template: Optional[str] = None):
+    """A Hugging Face tokenizer with an EOS token (used as document separator), a pad token and a
+    chat template: `chat_template` (data.chat_template: a built-in's name or a file) if given, else
+    its own, else raylm's default."""
     from transformers import AutoTokenizer
 
     try:
@@ -64,7 +74,82 @@ def load_tokenizer(name_or_dir: str):
         raise DataError(f"data.tokenizer={name_or_dir}: has no EOS token to separate documents")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    if chat_template:
+        tok.chat_template = chat_template_text(chat_template)
     return ensure_chat_template(tok)
+
+
+def template_source(cfg: DataConfig, own: bool) -> str:
+    """Which chat template renders the records, for the data stage's summary line."""
+    if cfg.chat_template:
+        return f"data.chat_template={cfg.chat_template}"
+    return "the tokenizer's own" if own else "raylm's default (the tokenizer has no chat template of its own)"
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "chat_template.jinja",
+                   "chat_template.json")
+
+
+def tokenizer_folder(name: str) -> Optional[str]:
+    """The local folder holding a named tokenizer: the folder itself, or a Hub id's snapshot in the
+    Hugging Face cache (None when it is not there: not downloaded yet)."""
+    if os.path.isdir(os.path.expanduser(name)):
+        return expand(name)
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(name, "tokenizer_config.json")
+    except ValueError:  # not a valid repo id
+        return None
+    return os.path.dirname(found) if isinstance(found, str) else None
+
+
+def tokenizer_digest(folder: str) -> str:
+    """A tokenizer folder keyed by its tokenizer files' bytes (never the model's weights beside them)."""
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if (name in TOKENIZER_FILES or name.startswith("tokenizer")) and os.path.isfile(path):
+            h.update(name.encode() + b"\0" + Path(path).read_bytes())
+    return h.hexdigest()
+
+
+def model_vocab_size(name: str) -> Optional[int]:
+    """The vocabulary a pretrained model's embeddings cover (config.json vocab_size), read without
+    loading it: a folder's, or a Hub id's from the HF cache (or the Hub when online)."""
+    import json
+
+    local = os.path.expanduser(name)
+    path: Optional[str] = os.path.join(local, "config.json") if os.path.isdir(local) else None
+    if path is None:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            path = hf_hub_download(name, "config.json")
+        except Exception as exc:  # noqa: BLE001  offline and not cached, no such repo, no network
+            raise ModelError(f"model.name={name}: not a preset, a folder, or a Hugging Face model found "
+                             f"(HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')}): {exc}") from None
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"model.name={name}: cannot read {path}: {exc}") from None
+    vocab = doc.get("vocab_size") or (doc.get("text_config") or {}).get("vocab_size")
+    return int(vocab) if vocab else None
+
+
+def check_tokenizer_fits(cfg: "RaylmConfig") -> None:
+    """Before Ray starts: a pretrained model's embeddings must cover every id of the data's tokenizer."""
+    if not cfg.model.pretrained:
+        return
+    vocab = model_vocab_size(cfg.model.name)
+    if vocab is None:
+        return
+    tok = load_tokenizer(cfg.data.tokenizer, cfg.data.chat_template)
+    if len(tok) > vocab:
+        raise DataError(f"data.tokenizer={cfg.data.tokenizer}: {len(tok)} tokens, but model.name={cfg.model.name} "
+                        f"has embeddings for {vocab}; its ids would index past them. Leave data.tokenizer unset "
+                        f"to use the model's own tokenizer")
 
 
 def tokenizer_files(tokenizer_dir: str) -> dict[str, bytes]:
@@ -78,30 +163,53 @@ def write_tokenizer_files(files: dict[str, bytes], out_dir: str) -> None:
         Path(out_dir, name).write_bytes(blob)
 
 
-def _tokenizer_for(src: Source, cfg: DataConfig, docs: "ray.data.Dataset") -> str:
-    """Return a local tokenizer directory: a trained one (cached by corpus + settings) or the named one."""
+def _publish(tok, root: str, key_extra: str = "") -> str:
+    """Save a tokenizer under `root`/<digest of its files> (a private folder renamed into place), so
+    a changed tokenizer is a new folder, never a stale copy, and a half-written one is never read."""
+    os.makedirs(root, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tok-", dir=root)
+    try:
+        tok.save_pretrained(tmp)
+        out = os.path.join(root, hashlib.sha256((tokenizer_digest(tmp) + key_extra).encode()).hexdigest()[:16])
+        if os.path.isdir(out):
+            return out
+        try:
+            os.rename(tmp, out)
+        except OSError:  # another run published the same tokenizer first
+            pass
+        return out
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _tokenizer_for(src: Source, cfg: DataConfig, docs: "ray.data.Dataset") -> tuple[str, str]:
+    """A local tokenizer folder with the chat template the records render with (a trained one, cached
+    by corpus + settings, or the named one, keyed by its files), and which template that is."""
+    root = os.path.join(expand(cfg.cache_dir), "tokenizers")
     if cfg.tokenizer != "train":
         tok = load_tokenizer(cfg.tokenizer)
-        out = os.path.join(expand(cfg.cache_dir), "tokenizers", hashlib.sha256(cfg.tokenizer.encode()).hexdigest()[:16])
-        if not os.path.isdir(out):
-            tok.save_pretrained(out)
-        return out
+        own = bool(getattr(tok, "chat_template", None)) and tok.chat_template != DEFAULT_CHAT_TEMPLATE
+        if cfg.chat_template:
+            tok.chat_template = chat_template_text(cfg.chat_template)
+        return _publish(tok, root), template_source(cfg, own)
     sft = f"|{cfg.format}" if cfg.is_records else ""  # a records corpus trains on its records' strings
     key = hashlib.sha256(f"{src.fingerprint()}|{cfg.vocab_size}|{cfg.text_field}|{cfg.text_split}|{cfg.max_documents}{sft}".encode()).hexdigest()[:16]
-    out = os.path.join(expand(cfg.cache_dir), "tokenizers", f"bpe-{key}")
-    if os.path.isdir(out):
-        return out
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    budget = 64 << 20  # train on at most 64 MB of text: enough for a small BPE vocab
+    out = os.path.join(root, f"bpe-{key}")
+    if not os.path.isdir(out):
+        os.makedirs(root, exist_ok=True)
+        budget = 64 << 20  # train on at most 64 MB of text: enough for a small BPE vocab
 
-    def sample() -> Iterable[str]:
-        seen = 0
-        for batch in docs.iter_batches(batch_size=1024, batch_format="numpy"):
-            for t in batch["text"]:
-                if t:
-                    seen += len(t)
-                    yield str(t)
-            if seen > budget:
-                return
+        def sample() -> Iterable[str]:
+            seen = 0
+            for batch in docs.iter_batches(batch_size=1024, batch_format="numpy"):
+                for t in batch["text"]:
+                    if t:
+                        seen += len(t)
+                        yield str(t)
+                if seen > budget:
+                    return
 
-    return train_tokenizer(sample(), cfg.vocab_size, out)
+        train_tokenizer(sample(), cfg.vocab_size, out)
+    if cfg.chat_template:
+        return _publish(load_tokenizer(out, cfg.chat_template), root), template_source(cfg, False)
+    return out, template_source(cfg, False)
