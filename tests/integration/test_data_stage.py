@@ -177,8 +177,6 @@ def test_cli_data_on_embedded_default(tmp_path):
     assert "documents in" in stats["summary"] and os.path.isdir(stats["tokenizer"])
 
 
-@pytest.mark.skip(reason="unfinished: a clean-env `raylm data` given RAY_ADDRESS=<gcs address> fails to connect to "
-                  "the session's cluster (ConnectionError); two own Ray heads at once clash on the dashboard port")
 def test_two_data_runs_at_once_leave_one_valid_cache(ray_cluster, tmp_path, shakespeare):
     """`raylm data` twice at once on one config, as two users' shells would start it on one cluster
     (clean environments with RAY_ADDRESS; two Ray heads on one machine would clash): both succeed,
@@ -188,8 +186,7 @@ def test_two_data_runs_at_once_leave_one_valid_cache(ray_cluster, tmp_path, shak
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(shakespeare.read_text()[:300_000])
-    env = {"PATH": os.environ["PATH"], "HOME": os.environ["HOME"],
-           "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    env = clean_env(RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
     args = [sys.executable, "-m", "raylm", "data", "--json", "--set", f"data.source={corpus}",
             "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", f"train.storage_path={tmp_path / 'store'}",
             "--set", "data.vocab_size=400", "--set", "data.seq_len=32"]
