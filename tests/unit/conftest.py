@@ -1,4 +1,7 @@
-"""Unit tests never start Ray: any ray.init here is a bug in the code under test."""
+"""Unit tests never start Ray: any ray.init here is a bug in the code under test.
+
+The suite's integration modules may leave this process connected to their cluster; a unit test must
+still see Ray as not started, or the code under test joins that cluster instead of refusing."""
 
 import pytest
 
@@ -11,3 +14,4 @@ def _no_ray(monkeypatch):
         raise AssertionError("unit tests must not start Ray")
 
     monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
