@@ -33,6 +33,9 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # Prometheus endpoint every 10 s by default; the tests that read a counter wait for an export,
 # and the ones that check a counter stayed put wait out two. 2 s for the suite's clusters.
 os.environ.setdefault("RAY_metrics_report_interval_ms", "2000")
+# Serve's replicas (the edge's access log, one line a request) write their logs to files under the
+# session's log folder; their copy on stderr reached pytest's output through Ray's log_to_driver.
+os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
 
 
 def _has_gpu() -> bool:
