@@ -525,21 +525,7 @@ def promote_to_dir(cfg: RaylmConfig, candidate: str, out_dir: str, config_path: 
     """Write `promote_manifests` into `out_dir` (nothing if a check fails); returns the paths."""
     root = Path(root) if root is not None else Path.cwd()
     files = promote_manifests(cfg, candidate, config_path, root, version, served, out_dir, note)
-    config_rel = repo_relative(config_path or DEFAULT_CONFIG, root)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, content in files.items():
-        path = out / name
-        if name.endswith(".yaml"):
-            path.write_text(to_yaml(content, config_rel, verb="promote"))
-        elif name.endswith(".json"):
-            path.write_text(json.dumps(content, indent=2) + "\n")
-        else:
-            path.write_text(content)
-            path.chmod(0o755)
-        written.append(str(path))
-    return written
+    return write_files(files, out_dir, repo_relative(config_path or DEFAULT_CONFIG, root), "promote")
 
 
 # ------------------------------------------------------------------ YAML
@@ -569,12 +555,23 @@ def render_to_dir(cfg: RaylmConfig, out_dir: str, config_path: Optional[str] = N
     the config cannot run on the cluster (all checks happen before the first file)."""
     root = Path(root) if root is not None else Path.cwd()
     manifests = render_manifests(cfg, config_path, root, note)
-    config_rel = repo_relative(config_path or DEFAULT_CONFIG, root)
+    return write_files(manifests, out_dir, repo_relative(config_path or DEFAULT_CONFIG, root), "render")
+
+
+def write_files(files: dict[str, Any], out_dir: str, config_rel: str, verb: str) -> list[str]:
+    """Write each file by its kind: a manifest as YAML (`to_yaml`), a JSON patch as JSON, a script
+    as an executable; returns the paths written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, manifest in manifests.items():
+    for name, content in files.items():
         path = out / name
-        path.write_text(to_yaml(manifest, config_rel))
+        if name.endswith(".yaml"):
+            path.write_text(to_yaml(content, config_rel, verb))
+        elif name.endswith(".json"):
+            path.write_text(json.dumps(content, indent=2) + "\n")
+        else:
+            path.write_text(content)
+            path.chmod(0o755)
         written.append(str(path))
     return written

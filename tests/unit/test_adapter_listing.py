@@ -101,7 +101,7 @@ def test_the_listing_runs_off_the_event_loop(tmp_path, monkeypatch):
         again = await adapters.names()  # the same listing still under way: not a second one
         assert again == ("tiny:a",) and len(threads) == 1
         release.set()
-        await asyncio.wait_for(asyncio.shield(adapters._task), 5)
+        await asyncio.wait_for(asyncio.shield(adapters._refresh.task), 5)
         assert await adapters.names() == ("tiny:a", "tiny:b")
 
     asyncio.run(run())

@@ -24,7 +24,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 from ray.serve import metrics
 
@@ -34,6 +34,7 @@ from raylm.serve.gate import CHECKED, EDGE_CHECKED, Gate, GateSettings, app_path
 from raylm.haproxy_rules import mark_keyed
 from raylm.serve.options import EDGE_DEPLOYMENT  # noqa: F401 - the edge's deployment name
 from raylm.serve.protocol import error_body
+from raylm.serve.refresh import DueRefresh
 
 logger = logging.getLogger(__name__)
 
@@ -224,11 +225,10 @@ class AdapterListing:
 
     def __init__(self, s: ServeConfig, *, clock: Callable[[], float] = time.monotonic, max_wait_s: float = 1.0):
         self.path, self.model_id = s.adapters_path or "", s.model_id
-        self.clock, self.max_wait_s = clock, max_wait_s
+        self.max_wait_s = max_wait_s
         self.listed: tuple[str, ...] = ()
         self.tried, self.failing = False, False  # tried: one listing has ended (listed or failed)
-        self._due = clock()
-        self._task: Optional[asyncio.Future] = None
+        self._refresh = DueRefresh(self._list, self.LIST_TTL_S, clock)
 
     def list_now(self) -> tuple[str, ...]:
         """One listing of the path (blocking: called in a thread). A missing folder has no adapters."""
@@ -236,18 +236,10 @@ class AdapterListing:
         return tuple(f"{self.model_id}:{f}" for f in sorted(folders) if not f.startswith("."))
 
     async def names(self) -> tuple[str, ...]:
-        if self.clock() < self._due:
-            return self.listed
-        loop = asyncio.get_running_loop()
-        if self._task is None or self._task.get_loop() is not loop:
-            self._task = loop.create_task(self._refresh())
-        try:
-            await asyncio.wait_for(asyncio.shield(self._task), self.max_wait_s if self.tried else self.FIRST_WAIT_S)
-        except asyncio.TimeoutError:
-            pass  # still listing: the last good set meanwhile
+        await self._refresh.wait(self.max_wait_s if self.tried else self.FIRST_WAIT_S)  # still listing: the last set
         return self.listed
 
-    async def _refresh(self) -> None:
+    async def _list(self) -> None:
         try:
             listed = await asyncio.to_thread(self.list_now)
         except Exception as exc:  # noqa: BLE001 - whatever the storage raises, keep serving the last good set
@@ -260,7 +252,7 @@ class AdapterListing:
                 logger.warning("serve.adapters_path=%s: listed again (%d adapter(s))", self.path, len(listed))
             self.listed, self.failing = listed, False
         finally:
-            self._due, self._task, self.tried = self.clock() + self.LIST_TTL_S, None, True
+            self.tried = True
 
     async def load(self, model: str) -> None:
         """Nothing to do where no engine runs (the edge)."""
