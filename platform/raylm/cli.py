@@ -226,9 +226,7 @@ def cmd_k8s(cfg: RaylmConfig, args: argparse.Namespace) -> int:
     patch of its checkpoint and version) and prints the kubectl commands."""
     from raylm import k8s
 
-    def note(line: str) -> None:  # on stderr: stdout lists the files written
-        print(line, file=sys.stderr, flush=True)
-
+    note = console.note  # on stderr: stdout lists the files written
     if args.action == "render":
         if args.candidate or args.version or args.served:
             raise InputError("raylm k8s render takes no --checkpoint, --version or --served (those are for promote)")

@@ -724,3 +724,22 @@ def test_promote_refuses_what_it_cannot_pin_or_name(tmp_path, monkeypatch, capsy
     assert "name the checkpoint folder" in capsys.readouterr().err
     assert main(["k8s", "render", "--out", str(tmp_path / "out"), "--version", "v3"]) == 2
     assert not (tmp_path / "out").exists()
+
+
+def test_a_users_shell_sees_the_pin_and_the_kubectl_commands(tmp_path):
+    """`raylm k8s promote` as a user runs it: the CLI sends the libraries' stderr to a log file, and
+    what it says to people (the pin, the commands) must still reach the terminal."""
+    import subprocess
+    import sys
+
+    best = best_json(tmp_path / "sweep", "trial_0/step_200/hf")
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "raylm", "k8s", "promote", "-c", "configs/small.yaml",
+                           "--set", f"cluster.storage_mount_path={tmp_path}", "--set", f"train.storage_path={tmp_path}/r",
+                           "--set", f"serve.checkpoint={tmp_path}/v1/hf", "--checkpoint", str(best), "--out", str(out)],
+                          cwd=REPO, env={"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(tmp_path)},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(out / n) for n in k8s.PROMOTE_FILES]
+    assert f"names {tmp_path}/sweep/trial_0/step_200/hf now" in done.stderr
+    assert f"bash {out}/promote.sh" in done.stderr and "kubectl -n raylm patch rayservice" in done.stderr
