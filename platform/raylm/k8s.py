@@ -469,10 +469,16 @@ def promote_script(cfg: RaylmConfig, gate_name: str, out: str, version: str) -> 
     return f"""#!/usr/bin/env bash
 # Rendered by `raylm k8s promote` (platform/raylm/k8s.py): the eval gate on the cluster, then the patch.
 set -euo pipefail
+GATE_TIMEOUT_S=${{GATE_TIMEOUT_S:-21600}}  # how long to wait for the gate's verdict
+POLL_S=${{POLL_S:-10}}
 kubectl -n {ns} apply -f {out}/rayjob-gate.yaml
-until status=$(kubectl -n {ns} get rayjob {gate_name} -o jsonpath='{{.status.jobStatus}}/{{.status.jobDeploymentStatus}}') \
+until status=$(kubectl -n {ns} get rayjob {gate_name} -o jsonpath='{{.status.jobStatus}}/{{.status.jobDeploymentStatus}}') \\
       && [[ $status == SUCCEEDED/* || $status == FAILED/* || $status == STOPPED/* || $status == */Failed ]]; do
-  sleep 10
+  if (( SECONDS > GATE_TIMEOUT_S )); then
+    echo "gate still running after ${{GATE_TIMEOUT_S}} s (${{status:-no status}}): the RayService is unchanged" >&2
+    exit 4
+  fi
+  sleep "$POLL_S"
 done
 if [[ $status != SUCCEEDED/* ]]; then
   echo "gate did not pass ($status): the RayService is unchanged; logs: kubectl -n {ns} logs -l job-name={gate_name}" >&2

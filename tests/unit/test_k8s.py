@@ -674,11 +674,15 @@ def test_promote_renders_the_gate_as_a_rayjob_and_a_patch_of_checkpoint_and_vers
 
 FAKE_KUBECTL = """#!/usr/bin/env bash
 echo "$*" >> "$KUBECTL_LOG"
-if [[ $3 == get ]]; then echo -n "$KUBECTL_STATUS"; fi
+if [[ $3 == get ]]; then  # the statuses in turn, the last one from then on
+  n=$(grep -c ' get ' "$KUBECTL_LOG"); IFS=, read -ra all <<< "$KUBECTL_STATUS"
+  echo -n "${all[$(( n <= ${#all[@]} ? n - 1 : ${#all[@]} - 1 ))]}"
+fi
 """
 
 
-@pytest.mark.parametrize("status, rc", [("SUCCEEDED/Complete", 0), ("FAILED/Failed", 3), ("/Failed", 3)])
+@pytest.mark.parametrize("status, rc", [("/Initializing,RUNNING/Running,SUCCEEDED/Complete", 0), ("FAILED/Failed", 3),
+                                        ("/Failed", 3), ("RUNNING/Running", 4)])
 def test_the_printed_commands_patch_only_after_the_gate_succeeded(tmp_path, monkeypatch, capsys, status, rc):
     import subprocess
 
@@ -699,7 +703,8 @@ def test_the_printed_commands_patch_only_after_the_gate_succeeded(tmp_path, monk
     (bin_dir / "kubectl").write_text(FAKE_KUBECTL)
     (bin_dir / "kubectl").chmod(0o755)
     log = tmp_path / "kubectl.log"
-    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "KUBECTL_LOG": str(log), "KUBECTL_STATUS": status}
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "KUBECTL_LOG": str(log), "KUBECTL_STATUS": status, "POLL_S": "0.2",
+           "GATE_TIMEOUT_S": "1"}
     done = subprocess.run(["bash", str(out / "promote.sh")], env=env, capture_output=True, text=True, timeout=30)
     assert done.returncode == rc, done.stderr
     calls = log.read_text().splitlines()
@@ -707,8 +712,10 @@ def test_the_printed_commands_patch_only_after_the_gate_succeeded(tmp_path, monk
     patched = [c for c in calls if " patch " in c]
     assert patched == ([f"-n raylm patch rayservice raylm-serve --type json --patch-file {out}/rayservice-patch.json"]
                        if rc == 0 else [])
+    assert len([c for c in calls if " get " in c]) >= len(status.split(","))  # it waited through each status
     if rc:
-        assert "gate did not pass" in done.stderr and "RayService is unchanged" in done.stderr
+        assert ("gate did not pass" if rc == 3 else "gate still running") in done.stderr
+        assert "RayService is unchanged" in done.stderr
 
 
 def test_promote_refuses_what_it_cannot_pin_or_name(tmp_path, monkeypatch, capsys):
