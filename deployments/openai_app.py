@@ -16,7 +16,6 @@ passed on to the replicas.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -24,7 +23,7 @@ from ray import serve
 
 from raylm.config import ConfigError, load_config
 from raylm.serve.app import build_app
-from raylm.servable import resolve_checkpoint
+from raylm.servable import checkpoint_version, resolve_checkpoint
 
 
 class AppArgs(BaseModel):
@@ -52,10 +51,4 @@ def app_builder(args: dict) -> serve.Application:
                           f"{problems}") from None
     cfg = load_config(parsed.config, parsed.overrides())
     checkpoint = resolve_checkpoint(parsed.checkpoint or cfg.serve.checkpoint)
-    return build_app(cfg, checkpoint, model_version=parsed.version or default_version(checkpoint))
-
-
-def default_version(checkpoint: str) -> str:
-    """A version naming the checkpoint a best.json resolved to: a RayService that rebuilds its app
-    over a best.json rewritten since says so in every response."""
-    return "ckpt-" + hashlib.sha256(checkpoint.encode()).hexdigest()[:10]
+    return build_app(cfg, checkpoint, model_version=parsed.version or checkpoint_version(checkpoint))

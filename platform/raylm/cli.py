@@ -175,16 +175,34 @@ def cmd_eval(cfg: RaylmConfig, args: argparse.Namespace) -> int:
     from raylm.data import resolve_source
     from raylm.evaluate import check_adapter, evaluate_checkpoint, resolve_eval_checkpoint, summary
 
+    if args.against and (args.adapter or args.no_write):
+        raise InputError("raylm eval --against runs the promotion gate: it takes no --adapter or --no-write")
     checkpoint = resolve_eval_checkpoint(args.checkpoint)  # a bad path exits 2 before Ray starts
     if args.adapter:
         check_adapter(args.adapter)
+    served = resolve_eval_checkpoint(args.against) if args.against else None
     resolve_source(cfg.data)
     print_header("eval", cfg)
     init_ray(cfg, address=args.address)
+    if served:
+        return eval_gate_verdict(cfg, checkpoint, served)
     result = evaluate_checkpoint(cfg, checkpoint, adapter=args.adapter, write=not args.no_write)
     say(f"{checkpoint}{' + ' + result['adapter'] if result['adapter'] else ''}: {summary(result)} "
         f"in {result['eval_s']:.1f}s" + (f" -> {result['eval_json']}" if "eval_json" in result else ""),
         event="evaluated", result=result)
+    return 0
+
+
+def eval_gate_verdict(cfg: RaylmConfig, candidate: str, served: str) -> int:
+    """`raylm eval CANDIDATE --against SERVED`: the promotion gate alone, 0 if the candidate passes
+    and 3 if not (what `raylm k8s promote`'s RayJob runs before the RayService is patched)."""
+    from raylm.lifecycle import eval_gate
+
+    passed, line, metrics = eval_gate.gate(cfg, candidate, served)
+    if not passed:
+        console.error(f"gate refused {candidate}: {line}")
+        return eval_gate.EXIT_REFUSED
+    say(f"gate passed: {line}", event="gate", **metrics)
     return 0
 
 
@@ -203,12 +221,28 @@ def cmd_status(cfg: RaylmConfig, args: argparse.Namespace) -> int:
 
 
 def cmd_k8s(cfg: RaylmConfig, args: argparse.Namespace) -> int:
-    """Render the KubeRay RayCluster / RayJob / RayService manifests from the config."""
-    from raylm.k8s import render_to_dir
+    """Render the KubeRay RayCluster / RayJob / RayService manifests from the config; `promote
+    --checkpoint DIR` renders a gated promotion of the RayService (the eval gate as a RayJob, then a
+    patch of its checkpoint and version) and prints the kubectl commands."""
+    from raylm import k8s
 
-    written = render_to_dir(cfg, args.out, config_path=args.config)
+    note = console.note  # on stderr: stdout lists the files written
+    if args.action == "render":
+        if args.candidate or args.version or args.served:
+            raise InputError("raylm k8s render takes no --checkpoint, --version or --served (those are for promote)")
+        for path in k8s.render_to_dir(cfg, args.out or "k8s", config_path=args.config, note=note):
+            print(path)
+        return 0
+    if not args.candidate:
+        raise InputError("raylm k8s promote: name the checkpoint folder (or a best.json to pin) with --checkpoint")
+    out = args.out or "k8s-promote"
+    written = k8s.promote_to_dir(cfg, args.candidate, out, config_path=args.config, version=args.version,
+                                 served=args.served, note=note)
     for path in written:
         print(path)
+    script = next(p for p in written if p.endswith(".sh"))
+    note(f"run it (kubectl, namespace {cfg.cluster.namespace}): bash {script}\n" +
+         "\n".join(line for line in open(script).read().splitlines()[2:]))
     return 0
 
 
@@ -288,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "(local or s3://, gs://)")
             p.add_argument("--adapter", help="a peft LoRA adapter folder evaluated on top of the checkpoint")
             p.add_argument("--no-write", action="store_true", help="print the result only; write no eval.json")
+            p.add_argument("--against", metavar="SERVED", help="the promotion gate alone: evaluate the served "
+                           "checkpoint too and exit 3 unless this one is at least as good (serve.promote)")
         if name == "pipeline":
             p.add_argument("--keep-serving", action="store_true", help="keep the endpoint up after the demo request")
         if name == "keys":
@@ -296,8 +332,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("key_id", nargs="?", help="revoke: the key's id (first 12 hex digits of its SHA-256)")
             p.add_argument("--name", help="new: a name stored beside the hash (who the key is for)")
         if name == "k8s":
-            p.add_argument("action", choices=["render"], help="render the manifests")
-            p.add_argument("--out", default="k8s", help="output folder (default: k8s/)")
+            p.add_argument("action", choices=["render", "promote"], help="render: the manifests; promote "
+                           "CHECKPOINT: the gate's RayJob and the RayService patch, with the kubectl commands")
+            p.add_argument("--checkpoint", dest="candidate", help="promote: the checkpoint folder to roll out, or a "
+                           "best.json readable here (pinned to the folder it names)")
+            p.add_argument("--version", help="promote: the model version responses name (default: ckpt-<hash>)")
+            p.add_argument("--served", help="promote: the served checkpoint the gate compares against (default: "
+                           "serve.checkpoint, else the sweep's best)")
+            p.add_argument("--out", help="output folder (default: k8s/ for render, k8s-promote/ for promote)")
     return parser
 
 

@@ -105,6 +105,12 @@ def error(text: str) -> None:
     print(f"error: {text}{where}", file=_user_err or sys.stderr, flush=True)
 
 
+def note(text: str) -> None:
+    """A line for people beside the command's output (stdout stays what scripts read), on the
+    terminal's stderr even while the libraries' go to the log."""
+    print(text, file=_user_err or sys.stderr, flush=True)
+
+
 def quiet() -> bool:
     """The CLI without -v: progress comes from raylm, not from the libraries' logs."""
     return _mode in ("default", "json")

@@ -15,15 +15,19 @@ autoscaler may start (Ray Train would wait for them forever).
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import shlex
 from pathlib import Path, PurePosixPath
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import yaml
 
 from raylm import storage
 from raylm.config import RAY_VERSION, ConfigError, RaylmConfig, load_config
+from raylm.errors import CheckpointError, StorageError
+from raylm.servable import checkpoint_from_best_json, checkpoint_version
 from raylm.serve.options import EDGE_DEPLOYMENT, SERVE_MODEL_DEPLOYMENT, deployment_options, edge_options
 
 API_VERSION = "ray.io/v1"
@@ -283,12 +287,50 @@ def served_checkpoint(cfg: RaylmConfig, sweep: RaylmConfig) -> str:
     path = cfg.serve.checkpoint
     if not path:
         return best_json_path(sweep)
+    return visible_to_pods(cfg, path, "serve.checkpoint")
+
+
+def visible_to_pods(cfg: RaylmConfig, path: str, name: str) -> str:
+    """`path`, if every pod can read it; else a ConfigError naming `name`."""
     if seen_by_every_pod(cfg, path):
         return path
     cl = cfg.cluster
-    raise ConfigError(f"serve.checkpoint={path!r} is not visible to the RayService pods; use an s3:// or gs:// URI, "
+    raise ConfigError(f"{name}={path!r} is not visible to the RayService pods; use an s3:// or gs:// URI, "
                       f"or a path under cluster.storage_mount_path={cl.storage_mount_path!r} with "
                       f"cluster.storage_claim set")
+
+
+def names_best_json(path: str) -> bool:
+    return PurePosixPath(path).name == storage.BEST_JSON or (not storage.is_remote(path) and Path(path).is_file())
+
+
+def read_pin(cfg: RaylmConfig, path: str, name: str) -> tuple[Optional[str], str]:
+    """(the checkpoint folder the best.json at `path` names now, ""), or (None, why it cannot be
+    read from here)."""
+    try:
+        if storage.kind(path) != "file":
+            return None, "not found from here"
+        return visible_to_pods(cfg, checkpoint_from_best_json(path), f"{name} (from {path})"), ""
+    except (StorageError, CheckpointError) as exc:
+        return None, str(exc)
+
+
+def pin_checkpoint(cfg: RaylmConfig, path: str, name: str) -> tuple[str, str]:
+    """(what the RayService should name, a line saying what was done or why not).
+
+    A sweep's best.json is rewritten by the next sweep: a RayService that names it serves whatever
+    is there whenever KubeRay rebuilds the app (a new cluster, a head restart), with no gate. So a
+    best.json readable from here is replaced by the checkpoint folder it names now, which no later
+    run writes over. One that cannot be read here (a path on the cluster's claim, a bucket without
+    credentials) stays, and the line says it is mutable. A checkpoint folder is named as it is."""
+    if not names_best_json(path):
+        return path, ""
+    pinned, why = read_pin(cfg, path, name)
+    if pinned:
+        return pinned, f"{name}: {path} names {pinned} now; the RayService serves that checkpoint"
+    return path, (f"warning: {name}={path}: cannot read it here ({why}), so the RayService names the mutable "
+                  f"best.json: a cluster that rebuilds the app serves whatever it names then. Render where it "
+                  f"can be read, or set {name} to the checkpoint folder it names")
 
 
 def upgrade_strategy(cfg: RaylmConfig) -> dict:
@@ -311,17 +353,18 @@ def checkpoint_annotations(cfg: RaylmConfig, checkpoint: str) -> dict[str, str]:
     return {CHECKPOINT_ANNOTATION: checkpoint} if cfg.cluster.serve_checkpoint_rollout == "new_cluster" else {}
 
 
-def serve_config(cfg: RaylmConfig, config_rel: str, checkpoint: str) -> dict:
+def serve_config(cfg: RaylmConfig, config_rel: str, checkpoint: str, version: Optional[str] = None) -> dict:
     """The Serve config file KubeRay deploys: the app builder plus the model deployment's
     options (they override the code's defaults, so the cluster follows `serve:` even if the
     app's own defaults drift). Serve hashes the app's `args` into its code version, so a new
-    `checkpoint` here rebuilds the app and replaces every replica."""
+    `checkpoint` here rebuilds the app and replaces every replica. `version`: the model version every
+    response names (`raylm k8s promote` sets it; without it the app names a hash of the checkpoint)."""
     s = cfg.serve
     deployments = [{"name": SERVE_MODEL_DEPLOYMENT, **deployment_options(s)}]
     if s.edge.enabled:
         deployments.append({"name": EDGE_DEPLOYMENT, **edge_options(s)})
     app = {"name": s.app_name, "route_prefix": s.route_prefix, "import_path": SERVE_IMPORT_PATH,
-           "args": {"config": config_rel, "checkpoint": checkpoint},
+           "args": {"config": config_rel, "checkpoint": checkpoint, **({"version": version} if version else {})},
            "deployments": deployments}
     return {"http_options": {"host": "0.0.0.0", "port": s.port}, "applications": [app]}
 
@@ -349,20 +392,21 @@ def deletion_strategy(cfg: RaylmConfig) -> dict:
     ]}
 
 
-def rayjob(cfg: RaylmConfig, name: str, entrypoint: str) -> Manifest:
+def rayjob(cfg: RaylmConfig, name: str, entrypoint: str, component: Optional[str] = None) -> Manifest:
     """A RayJob on its own cluster, cleaned up by `deletion_strategy` (results live on shared storage)."""
     cl = cfg.cluster
     spec = {"entrypoint": entrypoint, "submissionMode": cl.job_submission_mode, "backoffLimit": cl.job_backoff_limit,
             "deletionStrategy": deletion_strategy(cfg), "rayClusterSpec": ray_cluster_spec(cfg)}
-    return {"apiVersion": API_VERSION, "kind": "RayJob", "metadata": _metadata(cfg, name, name.split("-")[-1]),
-            "spec": spec}
+    return {"apiVersion": API_VERSION, "kind": "RayJob",
+            "metadata": _metadata(cfg, name, component or name.split("-")[-1]), "spec": spec}
 
 
-def rayservice(cfg: RaylmConfig, config_rel: str, sweep: RaylmConfig) -> Manifest:
-    """The OpenAI-compatible endpoint over `served_checkpoint` (by default the sweep's best), API
-    keys from a Secret, upgraded without downtime by `upgrade_strategy`."""
-    checkpoint = served_checkpoint(cfg, sweep)
-    text = yaml.dump(serve_config(cfg, config_rel, checkpoint), Dumper=_Dumper, sort_keys=False, width=120)
+def rayservice(cfg: RaylmConfig, config_rel: str, sweep: RaylmConfig, checkpoint: Optional[str] = None,
+               version: Optional[str] = None) -> Manifest:
+    """The OpenAI-compatible endpoint over `checkpoint` (default `served_checkpoint`: by default the
+    sweep's best), API keys from a Secret, upgraded without downtime by `upgrade_strategy`."""
+    checkpoint = checkpoint or served_checkpoint(cfg, sweep)
+    text = yaml.dump(serve_config(cfg, config_rel, checkpoint, version), Dumper=_Dumper, sort_keys=False, width=120)
     spec = {"serveConfigV2": text, "upgradeStrategy": upgrade_strategy(cfg),
             "rayClusterConfig": ray_cluster_spec(cfg, serve=True, annotations=checkpoint_annotations(cfg, checkpoint))}
     return {"apiVersion": API_VERSION, "kind": "RayService", "metadata": _metadata(cfg, "raylm-serve", "serve"),
@@ -374,18 +418,120 @@ def entrypoint(verb: str, config_rel: str) -> str:
     return shlex.join(["raylm", verb, "--config", config_rel])
 
 
-def render_manifests(cfg: RaylmConfig, config_path: Optional[str] = None,
-                     root: Optional[Path] = None) -> dict[str, Manifest]:
+def render_manifests(cfg: RaylmConfig, config_path: Optional[str] = None, root: Optional[Path] = None,
+                     note: Callable[[str], None] = lambda line: None) -> dict[str, Manifest]:
     """File name -> manifest. `root` is the project checkout (default: the current directory);
-    config paths are taken relative to it, as the image's WORKDIR mirrors it."""
+    config paths are taken relative to it, as the image's WORKDIR mirrors it. `note` gets the line
+    saying what the RayService's best.json was pinned to (`pin_checkpoint`)."""
     root = Path(root) if root is not None else Path.cwd()
     cfg, config_rel, sweep, sweep_rel = resolve_inputs(cfg, config_path, root)
+    served = served_checkpoint(cfg, sweep)
+    checkpoint, line = pin_checkpoint(cfg, served, "serve.checkpoint" if cfg.serve.checkpoint else "the sweep's best")
+    if line:
+        note(line)
     return {
         "raycluster.yaml": raycluster(cfg),
         "rayjob-train.yaml": rayjob(cfg, "raylm-train", entrypoint("train", config_rel)),
         "rayjob-sweep.yaml": rayjob(cfg, "raylm-sweep", entrypoint("tune", sweep_rel)),
-        "rayservice.yaml": rayservice(cfg, config_rel, sweep),
+        "rayservice.yaml": rayservice(cfg, config_rel, sweep, checkpoint=checkpoint),
     }
+
+
+# ------------------------------------------------------------------ promotion
+
+
+VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,39}$")  # a header value, and part of a RayJob's name
+PROMOTE_FILES = ("rayjob-gate.yaml", "rayservice-patch.json", "rayservice.yaml", "promote.sh")
+
+
+def service_patch(cfg: RaylmConfig, after: Manifest) -> list[dict]:
+    """A JSON patch (RFC 6902) that moves a running RayService to `after`'s model and version and
+    touches nothing else: the Serve config (its app args) and, with serve_checkpoint_rollout
+    new_cluster, the checkpoint annotation of every pod template (`checkpoint_annotations`). A merge
+    patch cannot do this: on a custom resource it would replace the whole workerGroupSpecs list."""
+    spec = after["spec"]
+    ops = [{"op": "replace", "path": "/spec/serveConfigV2", "value": spec["serveConfigV2"]}]
+    groups = [("headGroupSpec", spec["rayClusterConfig"]["headGroupSpec"])]
+    groups += [(f"workerGroupSpecs/{i}", g) for i, g in enumerate(spec["rayClusterConfig"]["workerGroupSpecs"])]
+    key = CHECKPOINT_ANNOTATION.replace("~", "~0").replace("/", "~1")
+    for where, group in groups:
+        annotations = group["template"]["metadata"].get("annotations", {})
+        if CHECKPOINT_ANNOTATION in annotations:
+            ops.append({"op": "add", "path": f"/spec/rayClusterConfig/{where}/template/metadata/annotations/{key}",
+                        "value": annotations[CHECKPOINT_ANNOTATION]})
+    return ops
+
+
+def promote_script(cfg: RaylmConfig, gate_name: str, out: str, version: str) -> str:
+    """The kubectl commands of a gated promotion: the gate's RayJob, a wait for its verdict (a
+    failed gate stops here, the RayService untouched), then the patch."""
+    ns, out = cfg.cluster.namespace, shlex.quote(out)
+    return f"""#!/usr/bin/env bash
+# Rendered by `raylm k8s promote` (platform/raylm/k8s.py): the eval gate on the cluster, then the patch.
+set -euo pipefail
+GATE_TIMEOUT_S=${{GATE_TIMEOUT_S:-21600}}  # how long to wait for the gate's verdict
+POLL_S=${{POLL_S:-10}}
+kubectl -n {ns} apply -f {out}/rayjob-gate.yaml
+until status=$(kubectl -n {ns} get rayjob {gate_name} -o jsonpath='{{.status.jobStatus}}/{{.status.jobDeploymentStatus}}') \\
+      && [[ $status == SUCCEEDED/* || $status == FAILED/* || $status == STOPPED/* || $status == */Failed ]]; do
+  if (( SECONDS > GATE_TIMEOUT_S )); then
+    echo "gate still running after ${{GATE_TIMEOUT_S}} s (${{status:-no status}}): the RayService is unchanged" >&2
+    exit 4
+  fi
+  sleep "$POLL_S"
+done
+if [[ $status != SUCCEEDED/* ]]; then
+  echo "gate did not pass ($status): the RayService is unchanged; logs: kubectl -n {ns} logs -l job-name={gate_name}" >&2
+  exit 3
+fi
+kubectl -n {ns} patch rayservice raylm-serve --type json --patch-file {out}/rayservice-patch.json
+echo "{version} rolling out: kubectl -n {ns} get rayservice raylm-serve -w"
+"""
+
+
+def promote_manifests(cfg: RaylmConfig, candidate: str, config_path: Optional[str] = None,
+                      root: Optional[Path] = None, version: Optional[str] = None, served: Optional[str] = None,
+                      out: str = "k8s-promote", note: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
+    """`raylm k8s promote`: file name -> content. The candidate is pinned (a best.json must be
+    readable here: promoting a mutable file would let the gate and the pods read different
+    models); the served model is `served`, else what `render` names. The gate's RayJob runs
+    `raylm eval CANDIDATE --against SERVED` on a cluster of its own; the patch names the version."""
+    root = Path(root) if root is not None else Path.cwd()
+    cfg, config_rel, sweep, _ = resolve_inputs(cfg, config_path, root)
+    new = visible_to_pods(cfg, candidate, "candidate")
+    if names_best_json(new):
+        pinned, why = read_pin(cfg, new, "candidate")
+        if not pinned:
+            raise ConfigError(f"candidate {candidate}: cannot read the best.json here to pin the checkpoint it "
+                              f"names ({why}); name the checkpoint folder itself")
+        note(f"candidate: {candidate} names {pinned} now; the gate and the RayService use that checkpoint")
+        new = pinned
+    current, line = pin_checkpoint(cfg, served_or(cfg, sweep, served), "served model")
+    if line:
+        note(line)
+    version = version or checkpoint_version(new)
+    if not VERSION_RE.match(version):
+        raise ConfigError(f"--version {version!r}: letters, digits, '.', '_' and '-' only, at most 40, "
+                          f"starting with a letter or digit (it becomes a header value and a RayJob name)")
+    gate_name = "raylm-gate-" + re.sub(r"[^a-z0-9-]", "-", version.lower()).strip("-")
+    gate = rayjob(cfg, gate_name, shlex.join(["raylm", "eval", "--config", config_rel, new, "--against", current]),
+                  component="gate")
+    after = rayservice(cfg, config_rel, sweep, checkpoint=new, version=version)
+    return {"rayjob-gate.yaml": gate, "rayservice-patch.json": service_patch(cfg, after), "rayservice.yaml": after,
+            "promote.sh": promote_script(cfg, gate_name, out, version)}
+
+
+def served_or(cfg: RaylmConfig, sweep: RaylmConfig, served: Optional[str]) -> str:
+    return visible_to_pods(cfg, served, "--served") if served else served_checkpoint(cfg, sweep)
+
+
+def promote_to_dir(cfg: RaylmConfig, candidate: str, out_dir: str, config_path: Optional[str] = None,
+                   root: Optional[Path] = None, version: Optional[str] = None, served: Optional[str] = None,
+                   note: Callable[[str], None] = lambda line: None) -> list[str]:
+    """Write `promote_manifests` into `out_dir` (nothing if a check fails); returns the paths."""
+    root = Path(root) if root is not None else Path.cwd()
+    files = promote_manifests(cfg, candidate, config_path, root, version, served, out_dir, note)
+    return write_files(files, out_dir, repo_relative(config_path or DEFAULT_CONFIG, root), "promote")
 
 
 # ------------------------------------------------------------------ YAML
@@ -403,24 +549,35 @@ def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
 _Dumper.add_representer(str, _str)
 
 
-def to_yaml(manifest: Manifest, config_rel: str) -> str:
+def to_yaml(manifest: Manifest, config_rel: str, verb: str = "render") -> str:
     """Deterministic text: insertion order (apiVersion, kind, metadata, spec) and a provenance line."""
-    header = f"# Rendered by `raylm k8s render --config {config_rel}` (platform/raylm/k8s.py). Do not edit.\n"
+    header = f"# Rendered by `raylm k8s {verb} --config {config_rel}` (platform/raylm/k8s.py). Do not edit.\n"
     return header + yaml.dump(manifest, Dumper=_Dumper, sort_keys=False, width=120)
 
 
 def render_to_dir(cfg: RaylmConfig, out_dir: str, config_path: Optional[str] = None,
-                  root: Optional[Path] = None) -> list[str]:
+                  root: Optional[Path] = None, note: Callable[[str], None] = lambda line: None) -> list[str]:
     """Render every manifest into `out_dir`; returns the written paths. Nothing is written if
     the config cannot run on the cluster (all checks happen before the first file)."""
     root = Path(root) if root is not None else Path.cwd()
-    manifests = render_manifests(cfg, config_path, root)
-    config_rel = repo_relative(config_path or DEFAULT_CONFIG, root)
+    manifests = render_manifests(cfg, config_path, root, note)
+    return write_files(manifests, out_dir, repo_relative(config_path or DEFAULT_CONFIG, root), "render")
+
+
+def write_files(files: dict[str, Any], out_dir: str, config_rel: str, verb: str) -> list[str]:
+    """Write each file by its kind: a manifest as YAML (`to_yaml`), a JSON patch as JSON, a script
+    as an executable; returns the paths written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, manifest in manifests.items():
+    for name, content in files.items():
         path = out / name
-        path.write_text(to_yaml(manifest, config_rel))
+        if name.endswith(".yaml"):
+            path.write_text(to_yaml(content, config_rel, verb))
+        elif name.endswith(".json"):
+            path.write_text(json.dumps(content, indent=2) + "\n")
+        else:
+            path.write_text(content)
+            path.chmod(0o755)
         written.append(str(path))
     return written

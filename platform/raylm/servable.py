@@ -4,6 +4,7 @@ logs). Used by serve/ and by evaluate.py, without importing Ray Serve LLM."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -22,7 +23,13 @@ MIN_CPU_HEAD_DIM = 32  # vLLM's CPU attention kernels
 # ------------------------------------------------------------------ checkpoint
 
 
-def _checkpoint_from_best_json(path: str) -> str:
+def checkpoint_version(checkpoint: str) -> str:
+    """A model version naming the checkpoint a best.json resolved to (`ckpt-` and a hash of its
+    path): a RayService app rebuilt over a best.json rewritten since says so in every response."""
+    return "ckpt-" + hashlib.sha256(checkpoint.encode()).hexdigest()[:10]
+
+
+def checkpoint_from_best_json(path: str) -> str:
     """The checkpoint a sweep's best.json points at: a URI, an absolute path, or a path relative to
     the best.json's folder (local or remote)."""
     try:
@@ -94,7 +101,7 @@ def resolve_checkpoint(path: Optional[str]) -> str:
         found = storage.kind(given)
         if found == "file":
             via = f" (from {given})"
-            given = _checkpoint_from_best_json(given)
+            given = checkpoint_from_best_json(given)
         elif found == "missing":
             raise CheckpointError(f"checkpoint not found: {given}")
         _check_hf_dir(given, via)

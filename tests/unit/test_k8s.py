@@ -570,3 +570,183 @@ def test_every_ray_pod_exposes_its_metrics_port_for_prometheus(name):
         assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
         ports = {p["name"]: p["containerPort"] for p in pod["spec"]["containers"][0]["ports"]}
         assert ports["metrics"] == int(port)
+
+
+# ------------------------------------------------------------------ pinning best.json, gated promotion (issue 34)
+
+
+def on_claim(tmp_path, *overrides):
+    """configs/small.yaml with the shared claim mounted at tmp_path, so files there are "seen by every pod"."""
+    return load_config(REPO / "configs" / "small.yaml", [f"cluster.storage_mount_path={tmp_path}",
+                                                         f"train.storage_path={tmp_path}/results", *overrides])
+
+
+def best_json(folder: Path, checkpoint: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "best.json").write_text(f'{{"checkpoint": "{checkpoint}", "metric": "val_loss"}}')
+    return folder / "best.json"
+
+
+def app_args(svc: dict) -> dict:
+    return yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"][0]["args"]
+
+
+def pod_checkpoints(svc: dict) -> set:
+    spec = svc["spec"]["rayClusterConfig"]
+    return {g["template"]["metadata"]["annotations"].get(k8s.CHECKPOINT_ANNOTATION)
+            for g in (spec["headGroupSpec"], *spec["workerGroupSpecs"])}
+
+
+def test_render_pins_a_readable_best_json_to_the_checkpoint_it_names(tmp_path):
+    best = best_json(tmp_path / "sweep", "trial_3/step_400/hf")
+    notes = []
+    svc = k8s.render_manifests(on_claim(tmp_path, f"serve.checkpoint={best}"), "configs/small.yaml", REPO,
+                               note=notes.append)["rayservice.yaml"]
+    pinned = f"{tmp_path}/sweep/trial_3/step_400/hf"
+    assert errors(svc) == [] and kuberay_upgrade_errors(svc) == []
+    assert app_args(svc)["checkpoint"] == pinned and pod_checkpoints(svc) == {pinned}
+    assert notes == [f"serve.checkpoint: {best} names {pinned} now; the RayService serves that checkpoint"]
+    best_json(tmp_path / "sweep", "trial_1/step_900/hf")  # the next sweep rewrites best.json ...
+    assert app_args(svc)["checkpoint"] == pinned  # ... the rendered RayService still names the model rendered
+
+
+def test_render_keeps_a_best_json_it_cannot_read_and_says_it_is_mutable(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    assert main(["k8s", "render", "--out", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert out.split() == [str(tmp_path / n) for n in k8s.MANIFEST_FILES]
+    assert "mutable best.json" in err and "the sweep's best=/mnt/shared/" in err
+    assert app_args(yaml.safe_load((tmp_path / "rayservice.yaml").read_text()))["checkpoint"].endswith("/best.json")
+
+
+def test_a_best_json_naming_a_checkpoint_the_pods_cannot_see_is_refused(tmp_path):
+    best = best_json(tmp_path / "sweep", "/home/me/hf")
+    with pytest.raises(ConfigError, match=r"serve.checkpoint \(from .*best.json\)='/home/me/hf' is not visible"):
+        k8s.render_manifests(on_claim(tmp_path, f"serve.checkpoint={best}"), "configs/small.yaml", REPO)
+
+
+def json_patch(doc: dict, ops: list[dict]) -> dict:
+    """RFC 6902 add/replace, as the API server applies `kubectl patch --type json`."""
+    doc = copy.deepcopy(doc)
+    for op in ops:
+        *parents, last = [p.replace("~1", "/").replace("~0", "~") for p in op["path"].split("/")[1:]]
+        node = doc
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        assert op["op"] in ("add", "replace") and (op["op"] == "add" or last in node), op
+        node[last] = op["value"]
+    return doc
+
+
+@pytest.mark.parametrize("rollout", ["new_cluster", "in_place"])
+def test_promote_renders_the_gate_as_a_rayjob_and_a_patch_of_checkpoint_and_version_only(tmp_path, rollout):
+    served = tmp_path / "runs" / "v1" / "hf"
+    best = best_json(tmp_path / "next-sweep", "trial_0/step_200/hf")
+    cfg = on_claim(tmp_path, f"serve.checkpoint={served}", f"cluster.serve_checkpoint_rollout={rollout}")
+    notes = []
+    files = k8s.promote_manifests(cfg, str(best), "configs/small.yaml", REPO, version="v3", out="k8s-promote",
+                                  note=notes.append)
+    assert sorted(files) == sorted(k8s.PROMOTE_FILES)
+    pinned = f"{tmp_path}/next-sweep/trial_0/step_200/hf"
+    assert notes == [f"candidate: {best} names {pinned} now; the gate and the RayService use that checkpoint"]
+    gate = files["rayjob-gate.yaml"]
+    assert errors(gate) == [] and kuberay_deletion_rule_errors(gate) == []
+    assert gate["metadata"]["name"] == "raylm-gate-v3"
+    command = shlex.split(gate["spec"]["entrypoint"])
+    assert command == ["raylm", "eval", "--config", "configs/small.yaml", pinned, "--against", str(served)]
+    from raylm.cli import build_parser
+    parsed = build_parser().parse_args(command[1:])  # the image's raylm takes this command line
+    assert (parsed.checkpoint, parsed.against) == (pinned, str(served))
+    before = k8s.render_manifests(cfg, "configs/small.yaml", REPO)["rayservice.yaml"]
+    after = json_patch(before, files["rayservice-patch.json"])
+    assert after == files["rayservice.yaml"]
+    assert errors(after) == [] and kuberay_upgrade_errors(after) == []
+    assert app_args(after) == {**app_args(before), "checkpoint": pinned, "version": "v3"}
+    assert {k: v for k, v in after["spec"].items() if k != "serveConfigV2"} == json_patch(
+        {k: v for k, v in before["spec"].items() if k != "serveConfigV2"},
+        [{**op, "path": op["path"][len("/spec"):]} for op in files["rayservice-patch.json"][1:]])
+    if rollout == "new_cluster":  # the pods' annotation moves, so KubeRay upgrades on a new cluster
+        assert pod_checkpoints(after) == {pinned} and len(files["rayservice-patch.json"]) == 3
+    else:
+        assert after["spec"]["rayClusterConfig"] == before["spec"]["rayClusterConfig"]
+        assert len(files["rayservice-patch.json"]) == 1
+
+
+FAKE_KUBECTL = """#!/usr/bin/env bash
+echo "$*" >> "$KUBECTL_LOG"
+if [[ $3 == get ]]; then  # the statuses in turn, the last one from then on
+  n=$(grep -c ' get ' "$KUBECTL_LOG"); IFS=, read -ra all <<< "$KUBECTL_STATUS"
+  echo -n "${all[$(( n <= ${#all[@]} ? n - 1 : ${#all[@]} - 1 ))]}"
+fi
+"""
+
+
+@pytest.mark.parametrize("status, rc", [("/Initializing,RUNNING/Running,SUCCEEDED/Complete", 0), ("FAILED/Failed", 3),
+                                        ("/Failed", 3), ("RUNNING/Running", 4)])
+def test_the_printed_commands_patch_only_after_the_gate_succeeded(tmp_path, monkeypatch, capsys, status, rc):
+    import subprocess
+
+    monkeypatch.chdir(REPO)
+    served = tmp_path / "runs" / "v1" / "hf"
+    candidate = tmp_path / "runs" / "v2" / "hf"
+    out = tmp_path / "out"
+    assert main(["k8s", "promote", "-c", "configs/small.yaml", "--set", f"cluster.storage_mount_path={tmp_path}",
+                 "--set", f"train.storage_path={tmp_path}/results", "--set", f"serve.checkpoint={served}",
+                 "--checkpoint", str(candidate), "--out", str(out)]) == 0
+    printed, err = capsys.readouterr()
+    assert printed.split() == [str(out / n) for n in k8s.PROMOTE_FILES]
+    assert f"bash {out}/promote.sh" in err and "kubectl -n raylm patch rayservice raylm-serve --type json" in err
+    version = "ckpt-" + __import__("hashlib").sha256(str(candidate).encode()).hexdigest()[:10]
+    assert app_args(yaml.safe_load((out / "rayservice.yaml").read_text()))["version"] == version
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "kubectl").write_text(FAKE_KUBECTL)
+    (bin_dir / "kubectl").chmod(0o755)
+    log = tmp_path / "kubectl.log"
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "KUBECTL_LOG": str(log), "KUBECTL_STATUS": status, "POLL_S": "0.2",
+           "GATE_TIMEOUT_S": "1"}
+    done = subprocess.run(["bash", str(out / "promote.sh")], env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == rc, done.stderr
+    calls = log.read_text().splitlines()
+    assert calls[0] == f"-n raylm apply -f {out}/rayjob-gate.yaml"
+    patched = [c for c in calls if " patch " in c]
+    assert patched == ([f"-n raylm patch rayservice raylm-serve --type json --patch-file {out}/rayservice-patch.json"]
+                       if rc == 0 else [])
+    assert len([c for c in calls if " get " in c]) >= len(status.split(","))  # it waited through each status
+    if rc:
+        assert ("gate did not pass" if rc == 3 else "gate still running") in done.stderr
+        assert "RayService is unchanged" in done.stderr
+
+
+def test_promote_refuses_what_it_cannot_pin_or_name(tmp_path, monkeypatch, capsys):
+    cfg = on_claim(tmp_path, f"serve.checkpoint={tmp_path}/v1/hf")
+    with pytest.raises(ConfigError, match="candidate .*best.json: cannot read the best.json here"):
+        k8s.promote_manifests(cfg, f"{tmp_path}/missing/best.json", "configs/small.yaml", REPO)
+    with pytest.raises(ConfigError, match="candidate='/home/me/hf' is not visible"):
+        k8s.promote_manifests(cfg, "/home/me/hf", "configs/small.yaml", REPO)
+    with pytest.raises(ConfigError, match="--version 'v3 beta'"):
+        k8s.promote_manifests(cfg, f"{tmp_path}/v2/hf", "configs/small.yaml", REPO, version="v3 beta")
+    monkeypatch.chdir(REPO)
+    assert main(["k8s", "promote", "--out", str(tmp_path / "out")]) == 2
+    assert "name the checkpoint folder" in capsys.readouterr().err
+    assert main(["k8s", "render", "--out", str(tmp_path / "out"), "--version", "v3"]) == 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_users_shell_sees_the_pin_and_the_kubectl_commands(tmp_path):
+    """`raylm k8s promote` as a user runs it: the CLI sends the libraries' stderr to a log file, and
+    what it says to people (the pin, the commands) must still reach the terminal."""
+    import subprocess
+    import sys
+
+    best = best_json(tmp_path / "sweep", "trial_0/step_200/hf")
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "raylm", "k8s", "promote", "-c", "configs/small.yaml",
+                           "--set", f"cluster.storage_mount_path={tmp_path}", "--set", f"train.storage_path={tmp_path}/r",
+                           "--set", f"serve.checkpoint={tmp_path}/v1/hf", "--checkpoint", str(best), "--out", str(out)],
+                          cwd=REPO, env={"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(tmp_path)},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(out / n) for n in k8s.PROMOTE_FILES]
+    assert f"names {tmp_path}/sweep/trial_0/step_200/hf now" in done.stderr
+    assert f"bash {out}/promote.sh" in done.stderr and "kubectl -n raylm patch rayservice" in done.stderr

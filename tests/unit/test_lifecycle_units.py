@@ -32,6 +32,27 @@ def test_gate_names_a_metric_the_eval_does_not_have():
         eval_gate.compare("exact_match", 0.0, {"val_loss": 2.0}, {"val_loss": 2.1})
 
 
+@pytest.mark.parametrize("candidate, exit_code", [(2.0, 0), (2.5, 3)])
+def test_eval_against_is_the_gate_alone_with_its_exit_code(monkeypatch, capsys, candidate, exit_code):
+    """`raylm eval CANDIDATE --against SERVED` (the RayJob of `raylm k8s promote`): the gate's
+    verdict as the exit code, both numbers on the terminal."""
+    from raylm.cli import eval_gate_verdict
+
+    evals = {"cand": {"val_loss": candidate, "eval_set": "s"}, "live": {"val_loss": 2.1, "eval_set": "s"}}
+    monkeypatch.setattr(eval_gate, "eval_results", lambda cfg, ours, theirs: (evals[ours], evals[theirs]))
+    assert eval_gate_verdict(load_config(None), "cand", "live") == exit_code
+    out, err = capsys.readouterr()
+    assert f"{candidate:.4f}" in out + err and "2.1000" in out + err
+    assert ("gate passed" in out) is (exit_code == 0) and ("gate refused cand" in err) is (exit_code == 3)
+
+
+def test_eval_against_takes_no_adapter(tmp_path, capsys):
+    from raylm.cli import main
+
+    assert main(["eval", str(tmp_path), "--against", str(tmp_path), "--adapter", str(tmp_path)]) == 2
+    assert "takes no --adapter" in capsys.readouterr().err
+
+
 def test_evals_on_different_sets_are_not_compared():
     with pytest.raises(InputError, match="same eval set"):
         eval_gate.same_eval_set({"eval_set": "a", "checkpoint": "x"}, {"eval_set": "b", "checkpoint": "y"})

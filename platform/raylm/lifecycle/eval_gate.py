@@ -61,3 +61,14 @@ def eval_results(cfg: RaylmConfig, candidate: str, served: str) -> tuple[dict, d
     with ThreadPoolExecutor(2, thread_name_prefix="raylm-eval") as pool:
         ours, theirs = pool.submit(eval_result, cfg, candidate), pool.submit(eval_result, cfg, served)
         return ours.result(), theirs.result()
+
+
+def gate(cfg: RaylmConfig, candidate: str, served: str) -> tuple[bool, str, dict]:
+    """The gate itself: (passed, the line with both numbers, the metric and both values). Run by
+    `raylm promote` before a rollout, and by `raylm eval --against` (the RayJob `raylm k8s promote`
+    renders runs it on the cluster). Ray must be initialised."""
+    ours, theirs = eval_results(cfg, candidate, served)
+    same_eval_set(ours, theirs)
+    metric = cfg.serve.promote.metric
+    passed, line = compare(metric, cfg.serve.promote.tolerance, ours, theirs)
+    return passed, line, {"metric": metric, "candidate": ours.get(metric), "served": theirs.get(metric)}

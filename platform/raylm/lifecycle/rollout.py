@@ -20,7 +20,7 @@ from typing import Any, Iterable, Iterator, Optional
 from raylm.config import RaylmConfig
 from raylm.console import say
 from raylm.errors import InputError, ServeDeployError
-from raylm.lifecycle.eval_gate import PromotionRefused, compare, eval_results, same_eval_set
+from raylm.lifecycle.eval_gate import PromotionRefused, gate
 from raylm.lifecycle.history import (MODEL_ACTIONS, history_uri, is_done, live_entry, next_version,
                                      read_history, record, unfinished)
 from raylm.lifecycle.lock import promotion_lock
@@ -230,11 +230,7 @@ def _promote(cfg: RaylmConfig, candidate: str, force: bool, overrides: Iterable[
     require_serving(cfg)
     metrics: dict[str, Any] = {}
     if not force:
-        ours, theirs = eval_results(cfg, candidate, live["checkpoint"])
-        same_eval_set(ours, theirs)
-        passed, line = compare(cfg.serve.promote.metric, cfg.serve.promote.tolerance, ours, theirs)
-        metrics = {"metric": cfg.serve.promote.metric, "candidate": ours.get(cfg.serve.promote.metric),
-                   "served": theirs.get(cfg.serve.promote.metric)}
+        passed, line, metrics = gate(cfg, candidate, live["checkpoint"])
         if not passed:
             raise PromotionRefused(f"not promoted: {line}; {live['version']} keeps serving (--force overrides)")
         say(f"gate passed: {line}", event="gate", **metrics)

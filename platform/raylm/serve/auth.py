@@ -27,6 +27,7 @@ from typing import Callable, Iterable, Mapping, Optional
 from raylm import storage
 from raylm.config import ServeConfig
 from raylm.errors import ApiKeyError, StorageError
+from raylm.serve.refresh import DueRefresh
 
 logger = logging.getLogger(__name__)
 
@@ -254,19 +255,13 @@ class ReloadingKeys:
         self.clock, self.read, self.max_wait_s = clock, read, max_wait_s
         self.checker = KeyChecker(self.fixed, required=required)
         self.loaded = False
-        self._due = clock()
-        self._task: Optional[asyncio.Future] = None
+        self._refresh = DueRefresh(self._reload, reload_s, clock)
 
     async def current(self) -> "KeyChecker":
         """The checker to use now, reloading the file first when it is due."""
-        if not self.path or not self.required or self.clock() < self._due:
+        if not self.path or not self.required:
             return self.checker
-        loop = asyncio.get_running_loop()
-        if self._task is None or self._task.get_loop() is not loop:
-            self._task = loop.create_task(self._reload())
-        try:
-            await asyncio.wait_for(asyncio.shield(self._task), self.max_wait_s if self.loaded else self.FIRST_WAIT_S)
-        except asyncio.TimeoutError:
+        if not await self._refresh.wait(self.max_wait_s if self.loaded else self.FIRST_WAIT_S):
             logger.warning("serve.api_key_hashes_path=%s: still reading it; using the last good set of keys",
                            self.path)
         return self.checker
@@ -283,5 +278,3 @@ class ReloadingKeys:
             if not self.loaded or set(hashes) != set(self.checker.hashes):
                 logger.info("API keys: %d from %s, %d deployed", len(listed), self.path, len(self.fixed))
             self.checker, self.loaded = KeyChecker(hashes, required=self.required), True
-        finally:
-            self._due, self._task = self.clock() + self.reload_s, None

@@ -34,6 +34,7 @@ from raylm.serve.gate import CHECKED, EDGE_CHECKED, Gate, GateSettings, app_path
 from raylm.haproxy_rules import mark_keyed
 from raylm.serve.options import EDGE_DEPLOYMENT  # noqa: F401 - the edge's deployment name
 from raylm.serve.protocol import error_body
+from raylm.serve.refresh import DueRefresh
 
 logger = logging.getLogger(__name__)
 
@@ -208,27 +209,50 @@ class GateMetrics:
 
 
 class AdapterListing:
-    """The adapters under `serve.adapters_path` as model ids `<model_id>:<folder>`, listed at most
-    every LIST_TTL_S (a request must not wait on object storage). The edge uses the listing
-    alone: the LLM replica a request is routed to loads the adapter (`AdapterStore`)."""
+    """The adapters under `serve.adapters_path` as model ids `<model_id>:<folder>`. The edge uses the
+    listing alone: the LLM replica a request is routed to loads the adapter (`AdapterStore`).
+
+    The listing is a blocking storage call, so it runs in a thread, at most every LIST_TTL_S, when a
+    request finds it due; the event loop (every other request of the replica, and on an LLM replica
+    the engine's streams) never waits on storage. A request waits for a due listing up to
+    `max_wait_s` (the first listing up to FIRST_WAIT_S: adapters there at start-up are found), then
+    goes on with the last good set. A listing that fails keeps the last good set, as key reloading
+    does (`auth.ReloadingKeys`): storage that is briefly unreachable must not turn every adapter
+    into a 404. The failure is logged once, and again when the listing works again."""
 
     LIST_TTL_S = 2.0
+    FIRST_WAIT_S = 30.0
 
-    def __init__(self, s: ServeConfig):
+    def __init__(self, s: ServeConfig, *, clock: Callable[[], float] = time.monotonic, max_wait_s: float = 1.0):
         self.path, self.model_id = s.adapters_path or "", s.model_id
-        self._listed: tuple[float, tuple[str, ...]] = (0.0, ())
+        self.max_wait_s = max_wait_s
+        self.listed: tuple[str, ...] = ()
+        self.tried, self.failing = False, False  # tried: one listing has ended (listed or failed)
+        self._refresh = DueRefresh(self._list, self.LIST_TTL_S, clock)
+
+    def list_now(self) -> tuple[str, ...]:
+        """One listing of the path (blocking: called in a thread). A missing folder has no adapters."""
+        folders = storage.list_dir(self.path) if storage.kind(self.path) == "dir" else []
+        return tuple(f"{self.model_id}:{f}" for f in sorted(folders) if not f.startswith("."))
 
     async def names(self) -> tuple[str, ...]:
-        stamp, names = self._listed
-        if time.monotonic() - stamp > self.LIST_TTL_S:
-            try:
-                folders = storage.list_dir(self.path) if storage.kind(self.path) == "dir" else []
-            except storage.StorageError as exc:
-                logger.warning("serve.adapters_path=%s: cannot list: %s", self.path, exc)
-                folders = []
-            names = tuple(f"{self.model_id}:{f}" for f in sorted(folders) if not f.startswith("."))
-            self._listed = (time.monotonic(), names)
-        return names
+        await self._refresh.wait(self.max_wait_s if self.tried else self.FIRST_WAIT_S)  # still listing: the last set
+        return self.listed
+
+    async def _list(self) -> None:
+        try:
+            listed = await asyncio.to_thread(self.list_now)
+        except Exception as exc:  # noqa: BLE001 - whatever the storage raises, keep serving the last good set
+            if not self.failing:
+                logger.warning("serve.adapters_path=%s: cannot list it (%s); keeping the last good set of %d "
+                               "adapter(s) until it can be listed", self.path, exc, len(self.listed))
+            self.failing = True
+        else:
+            if self.failing:
+                logger.warning("serve.adapters_path=%s: listed again (%d adapter(s))", self.path, len(listed))
+            self.listed, self.failing = listed, False
+        finally:
+            self.tried = True
 
     async def load(self, model: str) -> None:
         """Nothing to do where no engine runs (the edge)."""

@@ -1,0 +1,123 @@
+"""The canary's pieces (issue 34, item 3), not yet wired into the edge or `raylm promote`: the
+split, the version pin, the per-version recorder and the rollback decision."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from raylm.lifecycle.canary import CanaryPolicy, Decision, decide
+from raylm.serve.canary import VersionRecorder, conversation, pinned_version, split_pin, to_candidate
+from raylm.serve.protocol import APIError
+
+WORDS = "the a king queen sword river night castle wine bread song storm fool crown letter".split()
+
+
+def varied_requests(n: int, seed: int = 0) -> list[tuple[str, list, object]]:
+    """(key id, headers, prompt or messages): 400 requests as a mixed crowd sends them: a few keys,
+    chat and completions, some with a session header, texts of varied length."""
+    rng = random.Random(seed)
+    keys = [f"{rng.getrandbits(48):012x}" for _ in range(7)]
+    out = []
+    for i in range(n):
+        text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 30))) + f" #{i}"
+        headers = [(b"x-session-id", f"s-{rng.getrandbits(32):x}".encode())] if rng.random() < 0.3 else []
+        body = [{"role": "user", "content": text}] if rng.random() < 0.5 else text
+        out.append((rng.choice(keys), headers, body))
+    return out
+
+
+@pytest.mark.parametrize("percent", [5, 10, 25, 50, 90])
+def test_the_split_gives_pct_within_5_points_over_400_varied_requests(percent):
+    """A hash split is a coin per conversation: over 400 requests the share is binomial, σ = 2.5
+    points at 50%, so ±5 points holds for ~95% of sets of 400 at 50% (always at 5% or 90%). Checked
+    on 20 sets of 400: nearly all within ±5, and the 8,000 together within ±1.5 (an unbiased hash)."""
+    shares = []
+    for seed in range(20):
+        sent = [to_candidate(key, conversation(headers, body), percent) for key, headers, body in varied_requests(400, seed)]
+        shares.append(100 * sum(sent) / len(sent))
+    within = sum(abs(share - percent) <= 5 for share in shares)
+    assert within >= 18, shares
+    assert abs(sum(shares) / len(shares) - percent) <= 1.5, shares
+    assert not any(to_candidate(k, conversation(h, b), 0) for k, h, b in varied_requests(400))
+    assert all(to_candidate(k, conversation(h, b), 100) for k, h, b in varied_requests(400))
+
+
+def test_a_conversation_stays_on_one_version():
+    first = {"role": "user", "content": "Tell me about the storm."}
+    turns = [[first], [first, {"role": "assistant", "content": "It rained."}, {"role": "user", "content": "More?"}]]
+    ids = {conversation([], messages) for messages in turns}
+    assert len(ids) == 1  # later turns repeat the first message
+    key = "0123456789ab"
+    # every turn lands on the same side, whatever the percentage
+    assert all(len({to_candidate(key, i, pct) for i in ids}) == 1 for pct in range(0, 101, 5))
+    # content parts count as the text they hold
+    assert conversation([], [{"role": "user", "content": [{"type": "text", "text": first["content"]}]}]) in ids
+    # the session header wins over the text, and other keys hash elsewhere
+    assert conversation([(b"X-Session-Id", b"abc")], [first]) == conversation([(b"x-session-id", b"abc")], "other")
+    assert conversation([(b"x-session-id", b"  ")], [first]) in ids  # an empty header is no session
+    spread = {to_candidate(f"{k:012x}", next(iter(ids)), 50) for k in range(40)}
+    assert spread == {True, False}  # the key is part of the hash
+
+
+def test_completions_prompts_token_ids_and_batches_have_a_conversation():
+    assert conversation([], "once upon") == conversation([], ["once upon", "twice"])
+    assert conversation([], [1, 2, 3]) != conversation([], [1, 2, 4])
+    assert conversation([], [[1, 2], [3]]) == conversation([], [[1, 2]])
+
+
+def test_a_pinned_version_is_parsed_and_an_unserved_one_is_a_404_naming_the_served():
+    assert split_pin("tiny@v3") == ("tiny", "v3")
+    assert split_pin("tiny:sql@v2") == ("tiny:sql", "v2")
+    assert split_pin("tiny") == ("tiny", None) and split_pin("tiny@") == ("tiny@", None) and split_pin("@v1") == ("@v1", None)
+    assert pinned_version("tiny@v3", ["v2", "v3"]) == ("tiny", "v3")
+    assert pinned_version("tiny", ["v2", "v3"]) == ("tiny", None)
+    with pytest.raises(APIError) as err:
+        pinned_version("tiny@v1", ["v3", "v2"])
+    assert err.value.status == 404 and err.value.code == "model_not_found" and err.value.param == "model"
+    assert "version v1 is not served; served versions: v2, v3" in err.value.message
+
+
+def test_the_recorder_counts_requests_errors_and_p95_per_version():
+    rec = VersionRecorder(window=100)
+    for i in range(1, 101):
+        rec.record("v2", 200, i / 1000)  # 1..100 ms
+    for i in range(10):
+        rec.record("v3", 400 if i < 3 else 200, 0.5)
+    summary = rec.summary()
+    assert summary["v2"] == {"requests": 100, "errors": 0, "error_rate": 0.0, "p95_s": 0.095}
+    assert summary["v3"] == {"requests": 10, "errors": 3, "error_rate": 0.3, "p95_s": 0.5}
+    for _ in range(100):  # the window keeps the latest latencies; the counts keep everything
+        rec.record("v2", 503, 2.0)
+    assert rec.summary()["v2"] == {"requests": 200, "errors": 100, "error_rate": 0.5, "p95_s": 2.0}
+
+
+def stats(requests: int, error_rate: float = 0.0, p95_s: float = 0.1) -> dict:
+    return {"requests": requests, "errors": round(requests * error_rate), "error_rate": error_rate, "p95_s": p95_s}
+
+
+@pytest.mark.parametrize("live, candidate, action, words", [
+    (stats(500), stats(10, 1.0), "wait", "10 of the 20"),                  # too few to judge, even all failing
+    (stats(500), stats(20, 1.0), "rollback", "error rate 100.0%"),         # a candidate failing every request
+    (stats(500, 0.01), stats(100, 0.02), "wait", "no worse so far"),       # within the 2-point margin
+    (stats(500, 0.01), stats(100, 0.04), "rollback", "vs live 1.0%"),
+    (stats(500, p95_s=0.2), stats(100, p95_s=0.29), "wait", "no worse"),    # within 1.5x
+    (stats(500, p95_s=0.2), stats(100, p95_s=0.31), "rollback", "p95 310 ms vs live 200 ms"),
+    (stats(5, p95_s=0.2), stats(100, p95_s=0.9), "wait", "no worse"),       # too few live requests to time
+    (stats(500), stats(200), "finish", "within 1.5x"),
+    (stats(5), stats(200), "finish", "p95 not compared"),
+    (stats(0), stats(200, 0.02), "finish", "live 0.0%"),
+])
+def test_the_decision_rolls_back_when_worse_by_the_margin_and_finishes_after_n(live, candidate, action, words):
+    decision = decide(live, candidate)
+    assert isinstance(decision, Decision) and decision.action == action, decision
+    assert words in decision.reason
+
+
+def test_a_policy_that_could_never_judge_is_refused():
+    with pytest.raises(ValueError, match="min_requests"):
+        CanaryPolicy(min_requests=300, finish_after_requests=200)
+    with pytest.raises(ValueError, match="p95_ratio"):
+        CanaryPolicy(p95_ratio=0.5)
+    assert decide(stats(100), stats(5), CanaryPolicy(min_requests=5, finish_after_requests=5)).action == "finish"
