@@ -51,6 +51,7 @@ def pytest_collection_modifyitems(config, items):
     gpu = _has_gpu()
     soak = os.environ.get("RAYLM_SOAK") == "1"
     multinode = os.environ.get("RAYLM_MULTINODE") == "1"
+    extended = os.environ.get("RAYLM_EXTENDED") == "1"
     for item in items:
         if "gpu" in item.keywords and not gpu:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
@@ -58,6 +59,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="soak test: set RAYLM_SOAK=1"))
         if "multinode" in item.keywords and not multinode:
             item.add_marker(pytest.mark.skip(reason="multi-node test: set RAYLM_MULTINODE=1"))
+        if "extended" in item.keywords and not extended:
+            item.add_marker(pytest.mark.skip(reason="a second variant of a checked invariant: set RAYLM_EXTENDED=1"))
 
 
 @pytest.fixture(scope="session")

@@ -82,7 +82,11 @@ def losses(storage: Path, run: str) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
 
 
-@pytest.mark.parametrize("packing", [True, False], ids=["packed", "unpacked"])
+# Unpacked, a step draws the same rows as packed (tests/unit/test_stream_cut.py: the stream does not
+# know the layout) and padding to each micro-batch's longest row leaves the step's loss and gradient
+# alone (test_loss_weighting.py, ZeRO 0-3); this end-to-end run of it is opt-in (RAYLM_EXTENDED=1),
+# within CI's time budget.
+@pytest.mark.parametrize("packing", [True, pytest.param(False, marks=pytest.mark.extended)], ids=["packed", "unpacked"])
 def test_the_cut_of_the_global_batch_does_not_change_the_losses(ray_cluster, corpus, tmp_path, packing):
     """micro 2 x accum 1 (run a, 2 steps further) and micro 1 x accum 2 (run b), side by side: the same
     losses over 8 steps. Packed, b is then resumed from its step-8 checkpoint with a's cut: its steps 9

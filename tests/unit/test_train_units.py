@@ -169,3 +169,19 @@ def test_deepspeed_is_imported_without_mlflow_and_never_builds_its_shm_op():
     out = subprocess.run([sys.executable, "-c", first], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "DS_ACCELERATOR": "cpu"})
     assert out.returncode == 0 and out.stdout.split()[-1:] == ["True"], out.stdout + out.stderr[-2000:]
+
+
+def test_dpo_reference_under_zero3_keeps_the_runs_live_parameter_limits():
+    """DPO's frozen full-fine-tuning reference is sharded with the run's own ZeRO-3 limits (it once
+    had its own dict, with DeepSpeed's defaults: every gathered layer kept alive), no optimizer."""
+    from raylm.train.deepspeed import inference_config
+
+    cfg = load_config(None, ["deepspeed.zero_stage=3", "deepspeed.stage3_max_live_parameters=12345",
+                             "deepspeed.offload_params=true", "deepspeed.offload_optimizer=true"])
+    ds, run = inference_config(cfg), deepspeed_config(cfg)
+    assert "optimizer" not in ds and "offload_optimizer" not in ds["zero_optimization"]
+    for key in ("stage", "stage3_max_live_parameters", "stage3_max_reuse_distance", "stage3_prefetch_bucket_size",
+                "stage3_param_persistence_threshold", "offload_param"):
+        assert ds["zero_optimization"][key] == run["zero_optimization"][key], key
+    assert ds["zero_optimization"]["stage3_max_live_parameters"] == 12345
+    assert ds["train_batch_size"] == run["train_batch_size"]

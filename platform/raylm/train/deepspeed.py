@@ -144,3 +144,16 @@ def deepspeed_config(cfg: RaylmConfig) -> dict[str, Any]:
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
     }
+
+
+def inference_config(cfg: RaylmConfig) -> dict[str, Any]:
+    """DeepSpeed JSON for a frozen model sharded beside the policy (DPO's full-fine-tuning reference
+    under ZeRO-3): the run's own ZeRO settings (the live-parameter and prefetch limits that release
+    gathered layers included), without an optimizer or gradient settings it never uses."""
+    ds = deepspeed_config(cfg)
+    for key in ("optimizer", "gradient_clipping", "zero_allow_untested_optimizer", "data_types"):
+        ds.pop(key, None)
+    zero = ds["zero_optimization"]
+    for key in ("offload_optimizer", "overlap_comm", "contiguous_gradients", "reduce_scatter"):
+        zero.pop(key, None)
+    return ds

@@ -97,7 +97,7 @@ def frozen_reference(cfg: RaylmConfig, tokenizer: Any, device: Any) -> Any:
     import torch
 
     from raylm.model import build_model
-    from raylm.train.deepspeed import import_deepspeed
+    from raylm.train.deepspeed import import_deepspeed, inference_config
 
     deepspeed = import_deepspeed()
 
@@ -105,13 +105,7 @@ def frozen_reference(cfg: RaylmConfig, tokenizer: Any, device: Any) -> Any:
     model = build_model(cfg.model, len(tokenizer), cfg.data.seq_len, tokenizer).requires_grad_(False).eval()
     precision = cfg.precision
     if cfg.deepspeed.zero_stage == 3:
-        t = cfg.train
-        ds = {"train_batch_size": t.effective_global_batch, "train_micro_batch_size_per_gpu": t.micro_batch_size,
-              "gradient_accumulation_steps": t.grad_accum_steps, "bf16": {"enabled": precision == "bf16"},
-              "fp16": {"enabled": precision == "fp16"},
-              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
-                                    **({"offload_param": {"device": "cpu"}} if cfg.deepspeed.offload_params else {})}}
-        engine, *_ = deepspeed.initialize(model=model, config=ds)
+        engine, *_ = deepspeed.initialize(model=model, config=inference_config(cfg))
         engine.eval()  # DeepSpeedEngine.eval returns None, not the engine
         return engine
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
