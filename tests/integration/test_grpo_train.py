@@ -6,9 +6,11 @@ One DeepSpeed worker and one vLLM rollout engine, the tiny serving checkpoint as
 4 steps of 4 prompts x 4 completions. Checked from the run's metrics.jsonl: val_rewards/mean (and
 per function) at step 0 and at the end; every step's rewards/mean the weighted sum of the
 functions' means, the weight sync measured, the rollouts of the step's own weights (staleness 0).
-Then the newest checkpoint is removed and the same command resumes from step 2: steps 3 and 4 are
-generated again from the same prompts, seeds and weights, so they log the same rewards and loss
-(the completions are the same). About a minute and a half, mostly two engine starts.
+One run: about 75 s on 2 cores, mostly the engine's and the workers' start.
+
+Opt-in (RAYLM_SOAK=1, another 75 s): a run holding only that run's step-2 checkpoint resumes there;
+steps 3 and 4 are generated again from the same prompts, seeds and weights, so they log the same
+rewards, completion lengths and loss.
 """
 
 from __future__ import annotations
@@ -43,19 +45,27 @@ def raylm_train(cwd: Path, sets: dict) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=480)
 
 
-def test_grpo_trains_validates_and_resumes_the_same_completions(ray_cluster, tiny_checkpoint, tmp_path):  # noqa: F811
-    (tmp_path / "my_rewards.py").write_text(USER_REWARDS)
-    sets = {"model.name": tiny_checkpoint, "data.source": ROOT / "configs" / "data" / "arith_prompt.jsonl",
-            "data.cache_dir": tmp_path / "cache", "train.storage_path": tmp_path / "runs", "train.run_name": "grpo",
-            "train.grpo.reward_funcs": "[raylm.rewards:exact_match, my_rewards:short]",
-            "train.grpo.reward_weights": "[1.0, 0.5]", "train.grpo.num_generations": 4,
-            "train.micro_batch_size": 4, "train.max_steps": 4, "train.log_every_steps": 1,
-            "train.eval_every_steps": 4, "train.eval_batches": 1, "train.checkpoint_every_steps": 2,
-            "train.warmup_steps": 1, "train.lr": 1e-3, "serve.kv_cache_memory_gib": 0.05}
-    done = raylm_train(tmp_path, sets)
+SETS = {"data.source": ROOT / "configs" / "data" / "arith_prompt.jsonl", "train.run_name": "grpo",
+        "train.grpo.reward_funcs": "[raylm.rewards:exact_match, my_rewards:short]",
+        "train.grpo.reward_weights": "[1.0, 0.5]", "train.grpo.num_generations": 4,
+        "train.micro_batch_size": 4, "train.max_steps": 4, "train.log_every_steps": 1,
+        "train.eval_every_steps": 4, "train.eval_batches": 1, "train.checkpoint_every_steps": 2,
+        "train.warmup_steps": 1, "train.lr": 1e-3, "serve.kv_cache_memory_gib": 0.05}
+
+
+@pytest.fixture(scope="module")
+def grpo_run(ray_cluster, tiny_checkpoint, tmp_path_factory):  # noqa: F811
+    """(working directory, settings, the run's metrics.jsonl lines) of one `raylm train` GRPO run."""
+    cwd = tmp_path_factory.mktemp("grpo-train")
+    (cwd / "my_rewards.py").write_text(USER_REWARDS)
+    sets = {**SETS, "model.name": tiny_checkpoint, "data.cache_dir": cwd / "cache", "train.storage_path": cwd / "runs"}
+    done = raylm_train(cwd, sets)
     assert done.returncode == 0, done.stderr[-3000:]
-    run = tmp_path / "runs" / "grpo"
-    lines = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]
+    return cwd, sets, [json.loads(s) for s in (cwd / "runs" / "grpo" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_grpo_logs_rewards_sync_and_validation_from_step_0(grpo_run):
+    _, _, lines = grpo_run
     evals = {r["step"]: r for r in lines if "val_rewards/mean" in r}
     assert set(evals) == {0, 4}, evals
     for r in evals.values():
@@ -69,12 +79,18 @@ def test_grpo_trains_validates_and_resumes_the_same_completions(ray_cluster, tin
         assert r["sync_s"] > 0 and r["rollout_tokens_per_s"] > 0 and r["staleness"] == 0
         assert 0 < r["completion_length"] <= 6 and r["kl"] >= 0 and 0 <= r["clip_ratio"] <= 1
 
-    shutil.rmtree(run / "step_00000004")  # the run resumes from step 2 and trains steps 3 and 4 again
-    again = raylm_train(tmp_path, sets)
+
+@pytest.mark.slow
+def test_grpo_resume_generates_the_same_completions(grpo_run):
+    cwd, sets, lines = grpo_run
+    steps = {r["step"]: r for r in lines if "rewards/mean" in r}
+    # a run holding the step-2 checkpoint only resumes there and trains steps 3 and 4 again
+    shutil.copytree(cwd / "runs" / "grpo" / "step_00000002", cwd / "runs" / "again" / "step_00000002")
+    again = raylm_train(cwd, {**sets, "train.run_name": "again"})
     assert again.returncode == 0, again.stderr[-3000:]
-    lines = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(s) for s in (cwd / "runs" / "again" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if r.get("event") == "resume"] == [2]
-    redone = [r for r in lines[lines.index(next(r for r in lines if r.get("event") == "resume")):] if "rewards/mean" in r]
+    redone = [r for r in lines if "rewards/mean" in r]
     assert [r["step"] for r in redone] == [3, 4]
     for r in redone:
         for key in ("rewards/mean", "rewards/short/mean", "completion_length", "loss"):
