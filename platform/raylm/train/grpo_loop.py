@@ -71,6 +71,8 @@ class RolloutLoop:
         self.start_step = start_step
         self.position: tuple[int, int] = (0, 0)  # (epoch, rows) of the newest step handed out
         pool = RolloutPool(cfg, model_files(engine.module, tokenizer_files)) if self.rank == 0 else None
+        if pool is not None:  # the engines' start is not a sync: sync_s measures weight transfer only
+            print(f"raylm: {len(pool.engines)} rollout engine(s) started in {pool.wait_ready():.1f}s", flush=True)
         handles = [pool.engines if pool else None]
         dist.broadcast_object_list(handles, src=0)
         self.pool = pool or RolloutPool(cfg, {}, handles=handles[0])

@@ -130,6 +130,10 @@ class RolloutEngine:
             tokens += sum(len(i) for i in ids)
         return rollouts, tokens, time.perf_counter() - t0
 
+    def ready(self) -> bool:
+        """Answers once the engine is built (the actor's constructor has run)."""
+        return True
+
     def load_weights(self, weights: dict[str, Any]) -> int:
         """vLLM's in-place reload (the worker's reload_weights: the checkpoint loader's name mapping,
         then the kernel-format processing a fresh load does, layer by layer)."""
@@ -191,6 +195,14 @@ class RolloutPool:
                  greedy: bool = False) -> RolloutBatch:
         """num_generations samples of every prompt (one, at temperature 0, when greedy), in prompt order."""
         return self.collect(self.submit(prompt_ids, seeds, greedy))
+
+    def wait_ready(self) -> float:
+        """Wait until every engine is built; returns the seconds waited (the engines' start)."""
+        import ray
+
+        t0 = time.perf_counter()
+        ray.get([eng.ready.remote() for eng in self.engines])
+        return time.perf_counter() - t0
 
     def sync(self, weights: dict[str, Any]) -> float:
         """The trainer's weights into every engine; returns the seconds it took (sync_s)."""
