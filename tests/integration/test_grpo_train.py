@@ -50,7 +50,8 @@ SETS = {"data.source": ROOT / "configs" / "data" / "arith_prompt.jsonl", "train.
         "train.grpo.reward_weights": "[1.0, 0.5]", "train.grpo.num_generations": 4,
         "train.micro_batch_size": 4, "train.max_steps": 4, "train.log_every_steps": 1,
         "train.eval_every_steps": 4, "train.eval_batches": 1, "train.checkpoint_every_steps": 2,
-        "train.warmup_steps": 1, "train.lr": 1e-3, "serve.kv_cache_memory_gib": 0.05}
+        "train.warmup_steps": 1, "train.lr": 1e-3, "serve.kv_cache_memory_gib": 0.05,
+        "serve.engine_kwargs": "{enforce_eager: true}"}  # no torch.compile of a model run for 4 steps
 
 
 @pytest.fixture(scope="module")
