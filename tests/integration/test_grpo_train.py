@@ -6,9 +6,10 @@ One DeepSpeed worker and one vLLM rollout engine, the tiny serving checkpoint as
 4 steps of 4 prompts x 4 completions. Checked from the run's metrics.jsonl: val_rewards/mean (and
 per function) at step 0 and at the end; every step's rewards/mean the weighted sum of the
 functions' means, the weight sync measured, the rollouts of the step's own weights (staleness 0).
-One run: about 75 s on 2 cores, mostly the engine's and the workers' start.
+One run: 100-115 s on the shared 2-core machine, mostly the data stage's build and the engine's and
+the workers' start.
 
-Opt-in (RAYLM_SOAK=1, another 75 s): a run holding only that run's step-2 checkpoint resumes there;
+Opt-in (RAYLM_SOAK=1, another 55 s: the data cache is reused): a run holding only that run's step-2 checkpoint resumes there;
 steps 3 and 4 are generated again from the same prompts, seeds and weights, so they log the same
 rewards, completion lengths and loss.
 """
