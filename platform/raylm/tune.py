@@ -29,7 +29,11 @@ from raylm.config import ConfigError, RaylmConfig, validate_tree
 from raylm.console import Progress, say
 
 SPEC_KINDS = ("loguniform", "uniform", "choice", "grid")
-METRICS = ("val_loss", "perplexity", "loss", "val_rewards/accuracy", "val_rewards/margins")  # the last two: DPO
+# What each train.objective reports at its evaluations (what a sweep can rank trials by)
+OBJECTIVE_METRICS = {"lm": ("val_loss", "perplexity", "loss"),
+                     "dpo": ("val_rewards/accuracy", "val_rewards/margins", "val_loss", "loss"),
+                     "grpo": ("val_rewards/mean", "loss")}
+METRICS = tuple(dict.fromkeys(m for ms in OBJECTIVE_METRICS.values() for m in ms))
 FIXED_BY_SWEEP = ("train.storage_path", "train.run_name")
 TRIAL_CPU = 0.01  # the trial function only drives its TorchTrainer (carved out of its workers' CPUs)
 SPACE_FILE = "search_space.json"  # in the sweep folder: the space it was started with
@@ -90,10 +94,10 @@ def validate_sweep(cfg: RaylmConfig) -> None:
         raise ConfigError("tune.search_space: empty; name at least one field, e.g. train.lr: {loguniform: [1e-4, 1e-2]}")
     if t.metric not in METRICS:
         raise ConfigError(f"tune.metric: {t.metric!r} is not reported by training; use one of {', '.join(METRICS)}")
-    dpo = cfg.train.objective == "dpo"
-    if t.metric.startswith("val_rewards/") != dpo and t.metric != "val_loss" and t.metric != "loss":
+    reported = OBJECTIVE_METRICS[cfg.train.objective]
+    if t.metric not in reported:
         raise ConfigError(f"tune.metric: {t.metric!r} is not reported with train.objective={cfg.train.objective} "
-                          f"({'val_rewards/accuracy, val_rewards/margins, val_loss' if dpo else 'val_loss, perplexity'})")
+                          f"({', '.join(reported)})")
     base = cfg.model_dump(mode="json")
     kinds = []
     for key, spec in t.search_space.items():

@@ -93,11 +93,12 @@ def test_prompt_rows_open_the_assistant_turn_and_keep_the_reward_columns(tok):
     assert cols == {"answer": ["5", "5"], "level": [None, 1]}
 
 
-def test_raylm_train_refuses_grpo_until_the_loop_drives_it():
+def test_raylm_train_refuses_what_the_grpo_loop_does_not_run():
     from raylm.train.driver import check_objective_runs
 
-    with pytest.raises(ConfigError, match="train.objective: grpo is not wired into the training loop"):
-        check_objective_runs(load_config(None, GRPO))
+    with pytest.raises(ConfigError, match="train.grpo.num_iterations: 2"):
+        check_objective_runs(load_config(None, GRPO + ["train.grpo.num_iterations=2"]))
+    check_objective_runs(load_config(None, GRPO))
     check_objective_runs(load_config(None, []))
 
 

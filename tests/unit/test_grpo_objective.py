@@ -112,3 +112,57 @@ def test_summed_loss_weighed_by_count_is_the_trl_loss(loss_type, tok, single_ran
     assert metrics["rewards/exact_match/std"] == pytest.approx(float(torch.tensor([1., 0, 1, 1, 1, 0]).std()), abs=1e-6)
     assert metrics["completion_length"] == pytest.approx(sum(len(c) for c in flat) / 6)
     assert 0 <= metrics["clip_ratio"] <= 1 and not math.isnan(metrics["rewards/length/mean"])
+
+
+class Draws:
+    """A TrainStream stand-in: step draws that move its data position (epoch, rows)."""
+
+    def __init__(self):
+        self.epoch, self.rows = 0, 0
+
+    def __iter__(self):
+        while True:
+            self.rows += 1
+            yield [{"step_rows": self.rows}]
+
+
+class Echo:
+    """The objective and pool sides the loop drives, recording what was submitted when."""
+
+    def __init__(self):
+        self.submitted = []
+
+    def step_prompts(self, micro_rows, step, rank):
+        from raylm.train.objectives.grpo import StepPrompts
+
+        return StepPrompts(micro_rows, ids=[[1]], seeds=[step])
+
+    def submit(self, ids, seeds, greedy=False):
+        self.submitted.append(seeds[0])
+        return seeds[0]
+
+    def collect(self, pending):
+        return pending
+
+    def scored_micro_batches(self, prompts, batch, staleness=0):
+        return {"step": batch, "staleness": staleness}
+
+
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_rollouts_run_ahead_by_max_staleness_and_the_position_is_the_trained_steps(k):
+    from raylm.train.grpo_loop import RolloutLoop
+
+    loop = RolloutLoop.__new__(RolloutLoop)
+    echo = Echo()
+    loop.cfg = load_config(None, ["train.objective=grpo", "data.format=prompt", f"train.grpo.max_staleness={k}",
+                                  "train.grpo.reward_funcs=[raylm.rewards:length]"])
+    loop.objective = loop.pool = echo
+    loop.rank, loop.version, loop.start_step, loop.position = 0, 5, 5, (0, 0)  # resumed at step 5
+    steps = loop.steps(Draws())
+    for step in range(6, 12):
+        got = next(steps)
+        assert got["step"] == step and loop.position == (0, step - 5)  # the checkpoint records the trained step's
+        assert echo.submitted == list(range(6, step + k + 1))  # generation runs k steps ahead
+        # rollouts of the first steps after a resume come from its weights; later ones are k steps old
+        assert got["staleness"] == min(k, step - 6)
+        loop.version = step  # the optimizer step was taken and synced

@@ -170,3 +170,17 @@ def test_a_trial_row_shows_the_evaluations_made_after_tune_stopped_recording(tmp
     (run / "metrics.jsonl").unlink()  # no log (an object-storage run that never uploaded one): Tune's record
     row = _trial_row(result, cfg, str(tmp_path / "trials"))
     assert (row.curve, row.steps, row.status) == ([(10, 7.0), (20, 6.9)], 20, "stopped early")
+
+
+def test_grpo_sweep_ranks_trials_by_validation_reward():
+    cfg = load_config(ROOT / "tune_configs" / "grpo_sweep.yaml")
+    validate_sweep(cfg)
+    assert cfg.train.objective == "grpo" and (cfg.tune.metric, cfg.tune.mode, cfg.tune.scheduler) == (
+        "val_rewards/mean", "max", "asha")
+    assert set(cfg.tune.search_space) == {"train.lr", "train.grpo.beta"}
+    with pytest.raises(ConfigError, match=r"tune.metric: 'val_loss' is not reported with train.objective=grpo "
+                                          r"\(val_rewards/mean, loss\)"):
+        validate_sweep(load_config(ROOT / "tune_configs" / "grpo_sweep.yaml", ["tune.metric=val_loss", "tune.mode=min"]))
+    with pytest.raises(ConfigError, match="tune.search_space.train.grpo.beta: value -1"):
+        validate_sweep(load_config(ROOT / "tune_configs" / "grpo_sweep.yaml",
+                                   ["tune.search_space={train.grpo.beta: {choice: [0.1, -1]}}"]))

@@ -55,15 +55,16 @@ def check_data_fits(cfg: RaylmConfig, prepared: PreparedData) -> None:
 
 
 def check_objective_runs(cfg: RaylmConfig) -> None:
-    """train.objective grpo validates, and its parts run (prompt data, rewards, the loss, rollout
-    engines and weight sync), but the training loop does not drive them yet: refuse it plainly
-    rather than train the wrong objective."""
-    if cfg.train.objective == "grpo":
-        from raylm.errors import ConfigError
+    """What an objective's config allows but its loop does not run yet, refused before Ray starts
+    (exit 2, naming the field) rather than trained as something else: GRPO generates once per
+    optimizer step, so TRL's num_iterations > 1 (several optimizer passes over one generation
+    batch, against the old policy's log-probs) is not run."""
+    from raylm.errors import ConfigError
 
-        raise ConfigError("train.objective: grpo is not wired into the training loop yet (its config, prompt data, "
-                          "reward functions, loss and rollout engines are in place; see the README's GRPO section)",
-                          fields=["train.objective"])
+    g = cfg.train.grpo
+    if cfg.train.objective == "grpo" and g.num_iterations != 1:
+        raise ConfigError(f"train.grpo.num_iterations: {g.num_iterations}; raylm's GRPO loop takes one optimizer "
+                          f"step per generation batch (num_iterations 1) for now", fields=["train.grpo.num_iterations"])
 
 
 def build_trainer(cfg: RaylmConfig, prepared: PreparedData, callbacks: Optional[list] = None,

@@ -125,20 +125,31 @@ def train_fn_per_worker(loop_config: dict) -> None:
     log.write({"event": "start", **params, "lora": bool(t.lora), "data": loop_config["data"]["uri"], "time": time.time()})
     pos = _resume(cfg, engine, log, picked)
     train_data, val_data = _data_streams(loop_config["data"], cfg, pos)
-    step_batches = steps(train_data, device)
+    rollouts = None
+    if t.objective == "grpo":  # the rollout engines beside the trainer, holding its weights
+        from raylm.train.grpo_loop import RolloutLoop
+
+        rollouts = RolloutLoop(cfg, engine, objective, loop_config["tokenizer_files"], pos.step)
+        step_batches = rollouts.steps(train_data)
+    else:
+        step_batches = steps(train_data, device)
     meter = StepMeter(cfg, engine, device)
     evaluator = Evaluator(cfg, engine, val_data, device, objective)
     checkpointer = Checkpointer(cfg, engine, tokenizer, picked[0] if picked else None,
                                 keep_best=bool(loop_config.get("keep_best")), identity=identity,
                                 tracking=log.tracking_ids())
     reporter = Reporter(cfg, log, meter, pos.step, loop_config.get("progress"), dist.get_rank())
+    if rollouts is not None and pos.step == 0 and evaluator.maybe_eval(0, force=True):  # GRPO: the start's val_rewards
+        reporter.maybe_report(pos, {}, evaluator, True, checkpointer, None)
     tokens_per_step = t.effective_global_batch * cfg.data.seq_len
     while pos.step < t.max_steps:
         micro = next(step_batches)  # the step's rows, drawn first: their tokens weigh the loss
         meter.add(train_step(engine, micro, objective), micro)
         pos.step += 1
         pos.tokens += tokens_per_step
-        pos.epoch, pos.rows = train_data.epoch, train_data.rows
+        pos.epoch, pos.rows = rollouts.position if rollouts else (train_data.epoch, train_data.rows)
+        if rollouts is not None:
+            rollouts.after_step(pos.step)  # the engines get this step's weights (sync_s)
         last = pos.step == t.max_steps
         logged = meter.maybe_log(pos.step, force=last)
         if logged:
@@ -147,4 +158,6 @@ def train_fn_per_worker(loop_config: dict) -> None:
         measured = {**logged, **(evaluator.last if evaluated else {})}  # this step's numbers (tune.metric may be loss)
         checkpoint_dir = checkpointer.maybe_save(pos, force=last, evaluation=measured)
         reporter.maybe_report(pos, logged, evaluator, evaluated, checkpointer, checkpoint_dir)
+    if rollouts is not None:
+        rollouts.shutdown()
     log.close()

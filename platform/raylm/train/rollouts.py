@@ -80,14 +80,36 @@ class RolloutBatch:
         return self.tokens / max(self.seconds, 1e-9)
 
 
+@dataclass
+class Pending:
+    """Rollouts submitted to the engines and not yet collected (RolloutPool.submit)."""
+
+    n: int
+    shares: list[list[int]]  # prompt indices per engine that got any
+    futures: list
+    t0: float
+
+
 class RolloutEngine:
     """One vLLM engine in a Ray actor (made remote by RolloutPool)."""
 
-    def __init__(self, model_dir: str, engine_kwargs: dict[str, Any]):
+    def __init__(self, model: str | dict[str, bytes], engine_kwargs: dict[str, Any]):
+        """`model`: a Hugging Face folder, or its files without weights ({name: bytes}: config.json
+        and the tokenizer's), written to a local folder here and loaded with random weights (vLLM's
+        dummy loader): the trainer syncs its own before the first rollout, and no folder has to
+        be shared between the trainer's node and the engine's."""
+        import tempfile
+
         os.environ.update(ROLLOUT_ENV)
         from vllm import LLM
 
-        self.llm = LLM(model=model_dir, **engine_kwargs)
+        if isinstance(model, dict):
+            folder = tempfile.mkdtemp(prefix="raylm-rollout-model-")
+            for name, data in model.items():
+                with open(os.path.join(folder, name), "wb") as f:
+                    f.write(data)
+            model, engine_kwargs = folder, {**engine_kwargs, "load_format": "dummy"}
+        self.llm = LLM(model=model, **engine_kwargs)
 
     def generate(self, prompt_ids: list[list[int]], n: int, max_tokens: int, temperature: float, top_p: float,
                  seeds: list[int]) -> tuple[list[Rollout], int, float]:
@@ -108,6 +130,10 @@ class RolloutEngine:
             tokens += sum(len(i) for i in ids)
         return rollouts, tokens, time.perf_counter() - t0
 
+    def ready(self) -> bool:
+        """Answers once the engine is built (the actor's constructor has run)."""
+        return True
+
     def load_weights(self, weights: dict[str, Any]) -> int:
         """vLLM's in-place reload (the worker's reload_weights: the checkpoint loader's name mapping,
         then the kernel-format processing a fresh load does, layer by layer)."""
@@ -120,37 +146,63 @@ class RolloutEngine:
 class RolloutPool:
     """train.grpo.rollout_engines engines over one model folder."""
 
-    def __init__(self, cfg: RaylmConfig, model_dir: str, engines: Optional[int] = None):
+    def __init__(self, cfg: RaylmConfig, model: str | dict[str, bytes], engines: Optional[int] = None,
+                 handles: Optional[list] = None):
+        """`model`: a folder or its files (RolloutEngine); `handles`: the engines another rank
+        made (every rank generates on the same engines; rank 0 owns and syncs them)."""
         import ray
 
         g = cfg.train.grpo
         self.g = g
+        if handles is not None:
+            self.engines = list(handles)
+            return
         resources = {"num_gpus": 1} if cfg.train.use_gpu else {"num_cpus": 1}
         actor = ray.remote(**resources, runtime_env={"env_vars": ROLLOUT_ENV})(RolloutEngine)
         kwargs = rollout_engine_kwargs(cfg)
-        self.engines = [actor.remote(model_dir, {**kwargs, "seed": kwargs["seed"] + i})
+        self.engines = [actor.remote(model, {**kwargs, "seed": kwargs["seed"] + i})
                         for i in range(engines or g.rollout_engines)]
 
-    def generate(self, prompt_ids: Sequence[Sequence[int]], seeds: Sequence[int],
-                 greedy: bool = False) -> RolloutBatch:
-        """num_generations samples of every prompt (one, at temperature 0, when greedy), in prompt order."""
-        import ray
-
+    def submit(self, prompt_ids: Sequence[Sequence[int]], seeds: Sequence[int], greedy: bool = False) -> "Pending":
+        """Start generating num_generations samples of every prompt (one, at temperature 0, when
+        greedy), round robin over the engines; `collect` waits for them. Between the two the caller
+        may train (train.grpo.max_staleness >= 1)."""
         n_eng = len(self.engines)
         shares = [list(range(e, len(prompt_ids), n_eng)) for e in range(n_eng)]
+        shares = [idx for idx in shares if idx]
         t0 = time.perf_counter()
         futures = [eng.generate.remote([list(prompt_ids[i]) for i in idx], 1 if greedy else self.g.num_generations,
                                        self.g.max_completion_length, 0.0 if greedy else self.g.temperature,
                                        1.0 if greedy else self.g.top_p, [int(seeds[i]) for i in idx])
-                   for eng, idx in zip(self.engines, shares) if idx]
-        results = ray.get(futures)
-        batch = RolloutBatch(rollouts=[None] * len(prompt_ids))  # type: ignore[list-item]
-        for idx, (rollouts, tokens, _) in zip([s for s in shares if s], results):
+                   for eng, idx in zip(self.engines, shares)]
+        return Pending(len(prompt_ids), shares, futures, t0)
+
+    def collect(self, pending: "Pending") -> RolloutBatch:
+        """The submitted prompts' rollouts, in prompt order; `seconds` is the engines' own
+        generation time (the longest engine's), not the time the caller spent elsewhere."""
+        import ray
+
+        results = ray.get(pending.futures)
+        batch = RolloutBatch(rollouts=[None] * pending.n)  # type: ignore[list-item]
+        for idx, (rollouts, tokens, _) in zip(pending.shares, results):
             for i, r in zip(idx, rollouts):
                 batch.rollouts[i] = r
             batch.tokens += tokens
-        batch.seconds = time.perf_counter() - t0
+        batch.seconds = max((r[2] for r in results), default=0.0)
         return batch
+
+    def generate(self, prompt_ids: Sequence[Sequence[int]], seeds: Sequence[int],
+                 greedy: bool = False) -> RolloutBatch:
+        """num_generations samples of every prompt (one, at temperature 0, when greedy), in prompt order."""
+        return self.collect(self.submit(prompt_ids, seeds, greedy))
+
+    def wait_ready(self) -> float:
+        """Wait until every engine is built; returns the seconds waited (the engines' start)."""
+        import ray
+
+        t0 = time.perf_counter()
+        ray.get([eng.ready.remote() for eng in self.engines])
+        return time.perf_counter() - t0
 
     def sync(self, weights: dict[str, Any]) -> float:
         """The trainer's weights into every engine; returns the seconds it took (sync_s)."""

@@ -124,8 +124,10 @@ class Evaluator:
         if not (step % every == 0 or force):
             return False
         t0 = time.perf_counter()
+        # an objective that validates its own way (GRPO: by generating) has `evaluate`
+        own = getattr(self.objective, "evaluate", None)
+        measured = own(self.shard) if own else evaluate(self.engine, self.shard, self.cfg, self.device, self.objective)
         # `evals` counts evaluations by step, so it survives restarts: Tune forwards each once
-        self.last = {**evaluate(self.engine, self.shard, self.cfg, self.device, self.objective),
-                     "evals": step // every + (1 if step % every else 0)}
+        self.last = {**measured, "evals": step // every + (1 if step % every else 0)}
         self.seconds = time.perf_counter() - t0
         return True

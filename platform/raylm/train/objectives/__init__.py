@@ -11,8 +11,10 @@ margins).
 
     lm    raylm.train.objectives.lm   pretraining and SFT: cross-entropy per trained token
     dpo   raylm.train.objectives.dpo  preference pairs: the DPO/IPO loss per pair
+    grpo  raylm.train.objectives.grpo completions the rollout engines sampled: the GRPO loss; it
+                                      validates by generating (`evaluate`: val_rewards/*)
 
-Both take their log-probs from raylm.train.objectives.logprobs (chunked over tokens).
+All take their log-probs from raylm.train.objectives.logprobs (chunked over tokens).
 """
 
 from __future__ import annotations
@@ -53,6 +55,10 @@ def objective_class(name: str) -> Any:
         from raylm.train.objectives.dpo import DPO
 
         return DPO
+    if name == "grpo":
+        from raylm.train.objectives.grpo import GRPO
+
+        return GRPO
     from raylm.train.objectives.lm import NextToken
 
     return NextToken
@@ -83,6 +89,6 @@ def headline(objective: str, metrics: dict) -> list[str]:
 
 def build_objective(cfg: RaylmConfig, engine: Any, tokenizer: Any, device: Any) -> Objective:
     """The objective `train.objective` names, on this rank's engine."""
-    if cfg.train.objective == "dpo":
-        return objective_class("dpo")(cfg, engine, tokenizer, device)
+    if cfg.train.objective in ("dpo", "grpo"):  # GRPO's rollout pool is attached by raylm.train.grpo_loop
+        return objective_class(cfg.train.objective)(cfg, engine, tokenizer, device)
     return objective_class("lm")(engine, cfg.train.loss_chunk_tokens)

@@ -17,13 +17,15 @@ TRL's _compute_loss. With num_iterations 1 the policy before the update is the p
 "old" log-probs are this forward's, detached, and the engine correction compares them with the
 engine's sampling log-probs (TRL computes them with an extra no-grad forward: the same numbers).
 
-The loop's wiring (a step drawing prompt rows, the pool made beside the trainer, the weight sync
-after each optimizer step) is not here yet: see the README's GRPO section for what runs.
+The loop's side (the pool made beside the trainer, each step's prompts submitted, the weight sync
+after every optimizer step, max_staleness) is raylm.train.grpo_loop; validation (`evaluate`) answers
+the val prompts greedily and scores them with the same reward functions (val_rewards/*).
 """
 
 from __future__ import annotations
 
 import zlib
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -76,6 +78,22 @@ def policy_logps(model: Any, batch: dict, temperature: float, chunk_tokens: int)
     return per_position.gather(1, batch["positions"])
 
 
+def dist_world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+@dataclass
+class StepPrompts:
+    """One step's prompts on this rank: per micro-batch (prompt ids, prompts as written, reward
+    columns), every prompt's ids in order, and its sampling seed."""
+
+    parts: list
+    ids: list
+    seeds: list
+
+
 class GRPO:
     """One rank's GRPO objective. `pool` is the rollout pool (raylm.train.rollouts.RolloutPool)."""
 
@@ -95,23 +113,51 @@ class GRPO:
         self.loss_sums = [0.0] * 4
         self.reward_sums: list[list[float]] = []  # per completion: [total, per function...]
         self.lengths: list[int] = []
+        # rollouts since the last log line: [tokens, engine seconds, staleness sum, samples, sync_s sum, syncs]
+        self.rollout_sums = [0.0] * 6
 
     # ---------------------------------------------------------------- rollouts -> micro-batches
 
-    def rollout_micro_batches(self, micro_rows: Sequence[dict], step: int, rank: int = 0) -> list[dict]:
-        """The step's micro-batches of prompt rows -> micro-batches of scored completions (one
-        generation call for all of them: the engines batch every prompt together)."""
+    def step_prompts(self, micro_rows: Sequence[dict], step: int, rank: int = 0) -> StepPrompts:
+        """The step's micro-batches of prompt rows, and each prompt's sampling seed."""
         from raylm.data.prompts import prompt_batch
 
         parts = [prompt_batch(rows, self.cfg.data.prompt) for rows in micro_rows]
         ids = [p for part in parts for p in part[0]]
-        seeds = [rollout_seed(self.cfg.train.seed, step, rank, i) for i in range(len(ids))]
-        rollouts = self.pool.generate(ids, seeds).rollouts
+        return StepPrompts(parts, ids, [rollout_seed(self.cfg.train.seed, step, rank, i) for i in range(len(ids))])
+
+    def rollout_micro_batches(self, micro_rows: Sequence[dict], step: int, rank: int = 0) -> list[dict]:
+        """The step's micro-batches of prompt rows -> micro-batches of scored completions (one
+        generation call for all of them: the engines batch every prompt together)."""
+        prompts = self.step_prompts(micro_rows, step, rank)
+        return self.scored_micro_batches(prompts, self.pool.generate(prompts.ids, prompts.seeds))
+
+    def scored_micro_batches(self, prompts: StepPrompts, batch: Any, staleness: int = 0) -> list[dict]:
+        """A step's rollouts (a RolloutBatch for prompts.ids) scored into its micro-batches;
+        `staleness`: optimizer steps between the weights that sampled them and the trainer's."""
+        rollouts = batch.rollouts
+        samples = sum(len(r.completion_ids) for r in rollouts)
+        self.rollout_sums[:4] = [a + b for a, b in zip(self.rollout_sums[:4],
+                                                       [batch.tokens, batch.seconds, staleness * samples, samples])]
         out, at = [], 0
-        for prompt_ids, prompts, columns in parts:
-            out.append(self.scored_batch(prompt_ids, prompts, columns, rollouts[at:at + len(prompt_ids)]))
+        for prompt_ids, texts, columns in prompts.parts:
+            out.append(self.scored_batch(prompt_ids, texts, columns, rollouts[at:at + len(prompt_ids)]))
             at += len(prompt_ids)
         return out
+
+    def note_sync(self, seconds: float) -> None:
+        """A weight sync into the engines took `seconds` (the rank that syncs notes it)."""
+        self.rollout_sums[4] += seconds
+        self.rollout_sums[5] += 1
+
+    def rewards(self, prompts: list, columns: dict, completions_ids: list) -> tuple[np.ndarray, np.ndarray]:
+        """(per function (N, F), weighted total (N,)) of completions, each prompt and its columns
+        given once per completion; the completions in the prompts' form (chat or text), as TRL."""
+        texts = self.decode(completions_ids)
+        completions = [t if isinstance(p, str) else [{"role": "assistant", "content": t}]
+                       for p, t in zip(prompts, texts)]
+        per_func = score(self.g.reward_funcs, self.funcs, prompts, completions, completions_ids, columns)
+        return per_func, combine(per_func, self.g.weights)
 
     def scored_batch(self, prompt_ids: list, prompts: list, columns: dict, rollouts: list) -> dict:
         """Rewards, advantages and the training tensors of one micro-batch of prompts' rollouts."""
@@ -120,12 +166,7 @@ class GRPO:
         g = self.g
         rep = lambda xs: [x for x in xs for _ in range(g.num_generations)]  # noqa: E731 - as TRL repeats inputs
         completions_ids = [c for r in rollouts for c in r.completion_ids]
-        texts = self.decode(completions_ids)
-        completions = [t if isinstance(p, str) else [{"role": "assistant", "content": t}]
-                       for p, t in zip(rep(prompts), texts)]
-        per_func = score(g.reward_funcs, self.funcs, rep(prompts), completions, completions_ids,
-                         {k: rep(v) for k, v in columns.items()})
-        total = combine(per_func, g.weights)
+        per_func, total = self.rewards(rep(prompts), {k: rep(v) for k, v in columns.items()}, completions_ids)
         advantages, _ = group_advantages(torch.from_numpy(total), g.num_generations, g.scale_rewards)
         ids, labels, positions = sequence_rows(rep(prompt_ids), completions_ids, self.pad)
         _, mask, _ = pad_completions(completions_ids, self.eos, self.pad, g.mask_truncated_completions)
@@ -196,14 +237,48 @@ class GRPO:
             out[f"{name}/mean"] = mean
             out[f"{name}/std"] = float(np.sqrt(max(s2 / max(n, 1.0) - mean ** 2, 0.0) * n / max(n - 1, 1.0)))
         out["completion_length"] = totals[-2] / max(totals[-1], 1.0)
+        tokens, seconds, stale, samples, sync_s, syncs = all_reduced(self.rollout_sums, self.device)
+        world = dist_world()
+        if samples:
+            # every rank generates its own prompts at once: the engines' seconds are concurrent
+            out["rollout_tokens_per_s"] = tokens / max(seconds / world, 1e-9)
+            out["staleness"] = stale / samples
+        if syncs:
+            out["sync_s"] = sync_s / syncs
         self._reset()
         return out
 
+    # ---------------------------------------------------------------- validation
+
+    def evaluate(self, shard: Any) -> dict[str, float]:
+        """val_rewards/mean (and per function): each val prompt answered greedily by the engines
+        (which hold the trainer's current weights), scored by the reward functions; up to
+        train.eval_batches micro-batches per rank, as many on every rank (CacheStream.val_batches)."""
+        from raylm.data.prompts import prompt_batch
+
+        t = self.cfg.train
+        k = 1 + len(self.funcs)
+        sums, counts = np.zeros(k), np.zeros(k)
+        for i, rows in enumerate(shard.val_batches(t.micro_batch_size)):
+            if i >= t.eval_batches:
+                break
+            ids, prompts, columns = prompt_batch(rows, self.cfg.data.prompt)
+            batch = self.pool.generate(ids, [0] * len(ids), greedy=True)
+            per_func, total = self.rewards(prompts, columns, [r.completion_ids[0] for r in batch.rollouts])
+            table = np.concatenate([total[:, None], per_func], axis=1)
+            sums += np.nansum(table, axis=0)
+            counts += (~np.isnan(table)).sum(axis=0)
+        totals = all_reduced(sums.tolist() + counts.tolist(), self.device)
+        if totals[k] == 0:  # check_data_fits makes this unreachable from the CLI
+            raise RuntimeError("no validation prompt was scored: raise data.val_fraction")
+        names = ["val_rewards"] + [f"val_rewards/{reward_name(n)}" for n in self.g.reward_funcs]
+        return {f"{name}/mean": totals[j] / max(totals[k + j], 1.0) for j, name in enumerate(names)}
+
     def eval_sums(self, batch: dict) -> list[float]:
-        raise NotImplementedError("GRPO validation (val_rewards/mean, greedy) is not wired yet")
+        raise NotImplementedError("GRPO validates by generation: GRPO.evaluate")
 
     def eval_metrics(self, totals: list[float]) -> dict[str, float]:
-        raise NotImplementedError("GRPO validation (val_rewards/mean, greedy) is not wired yet")
+        raise NotImplementedError("GRPO validates by generation: GRPO.evaluate")
 
     @staticmethod
     def headline(metrics: dict) -> list[str]:
@@ -212,4 +287,4 @@ class GRPO:
                 f"val_rewards/mean {metrics.get('val_rewards/mean', nan):.3f}"]
 
 
-__all__ = ["GRPO", "LossStats", "policy_logps", "rollout_seed", "sequence_rows"]
+__all__ = ["GRPO", "LossStats", "StepPrompts", "policy_logps", "rollout_seed", "sequence_rows"]
