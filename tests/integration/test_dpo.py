@@ -196,7 +196,7 @@ def test_lora_dpo_learns_the_preference(lora_run, sft_base):
     assert final["val_rewards/accuracy"] >= 0.75 and final["val_rewards/margins"] > 0
 
     val_rows = prepared.val.take_all()
-    assert len(val_rows) <= cfg.train.eval_batches * cfg.train.micro_batch_size  # the run evaluated them all
+    assert len(val_rows) <= cfg.train.eval_batches * cfg.train.grad_accum_steps * cfg.train.micro_batch_size  # the run evaluated them all
     before, after, em_before, em_after = base_vs_tuned(sft_base, Path(result.checkpoint.path) / "hf", val_rows)
     # The improvement, measured on the exported model as transformers loads it: its mean log-prob
     # margin of chosen over rejected rose from the base's, by exactly what the run's own validation
@@ -226,7 +226,7 @@ def test_run_metrics_equal_trl_on_the_same_pairs(lora_run, sft_base):
 
     cfg, prepared, result = lora_run
     rows = prepared.val.take_all()
-    assert len(rows) <= cfg.train.eval_batches * cfg.train.micro_batch_size  # the run evaluated them all
+    assert len(rows) <= cfg.train.eval_batches * cfg.train.grad_accum_steps * cfg.train.micro_batch_size  # the run evaluated them all
     policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(sft_base),
                                        Path(result.checkpoint.path) / "adapter").eval()
     trainer = trl_trainer(policy, None, cfg.train.dpo.beta, cfg.train.dpo.loss_type)

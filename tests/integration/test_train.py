@@ -167,13 +167,13 @@ def test_zero3_export_reproduces_trained_model(tmp_path_factory, shakespeare_pre
     assert AutoTokenizer.from_pretrained(os.path.join(ckpt, "hf")).eos_token_id is not None
     assert (Path(ckpt) / "hf" / "model.safetensors").is_file() and (Path(ckpt) / "hf" / "raylm_config.yaml").is_file()
 
-    # 1. the workers' final val_loss: each rank's first eval_batches micro-batches of its val stream
+    # 1. the workers' final val_loss: each rank's first eval_batches x grad_accum_steps micro-batches of its val stream
     t = cfg.train
     losses, count = 0.0, 0
     with torch.no_grad():
         for rank in range(t.num_workers):
             val = CacheStream(shakespeare_prepared.uri, shakespeare_prepared.manifest, "val", rank, t.num_workers)
-            for _, batch in zip(range(t.eval_batches), val.val_batches(t.micro_batch_size)):
+            for _, batch in zip(range(t.eval_batches * t.grad_accum_steps), val.val_batches(t.micro_batch_size)):
                 block = torch.tensor(batch["input_ids"], dtype=torch.long)
                 logits = hf(input_ids=block[:, :-1]).logits
                 loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), block[:, 1:].reshape(-1))

@@ -72,7 +72,9 @@ class TrainConfig(_Strict):
         "exist. 0: all at once.")
     log_every_steps: int = Field(10, ge=1, description="Report training metrics every N steps.")
     eval_every_steps: int = Field(50, ge=1, description="Validation loss / perplexity every N steps.")
-    eval_batches: int = Field(8, ge=1, description="Validation micro-batches per evaluation (per worker).")
+    eval_batches: int = Field(8, ge=1, description="Validation batches per evaluation (per worker), each a step's "
+                              "rows of a worker (micro_batch_size x grad_accum_steps): the same rows however the "
+                              "step is cut into micro-batches.")
     checkpoint_every_steps: int = Field(50, ge=1, description="Save a resumable checkpoint every N steps.")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept: the newest K (in a sweep trial, the K "
                                   "best by tune.metric, and always the newest for resume).")

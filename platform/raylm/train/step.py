@@ -89,8 +89,10 @@ def all_have(has_batch: bool, device: Any) -> bool:
 
 def evaluate(engine: Any, shard: Any, cfg: RaylmConfig, device: Any, objective: Any = None) -> dict[str, float]:
     """Validation loss and perplexity per trained token (DPO: loss and rewards per pair), over all
-    ranks (each reads its val shard, all of them the same number of batches: up to eval_batches,
-    fewer only if a shard runs out)."""
+    ranks (each reads its val shard, all of them the same number of micro-batches: a step's rows of
+    a rank, micro_batch_size x grad_accum_steps, eval_batches times, fewer only if a shard runs out).
+    So the rows evaluated, and the val_loss that picks the best checkpoint, do not depend on how a
+    step is cut into micro-batches, as the rows trained on do not."""
     import torch
 
     objective = objective or NextToken(engine)
@@ -99,7 +101,7 @@ def evaluate(engine: Any, shard: Any, cfg: RaylmConfig, device: Any, objective: 
     batches = 0
     rows = iter(shard.iter_torch_batches(batch_size=cfg.train.micro_batch_size, dtypes=torch.long, device=device))
     with torch.no_grad():
-        while batches < cfg.train.eval_batches:
+        while batches < cfg.train.eval_batches * cfg.train.grad_accum_steps:
             batch = next(rows, None)
             if not all_have(batch is not None, device):
                 break
