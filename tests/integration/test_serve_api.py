@@ -6,6 +6,7 @@ vLLM engine takes ~45 s to start."""
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
 import json
 from pathlib import Path
 import threading
@@ -387,12 +388,18 @@ def _metrics_text() -> str:
     return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
 
 
-def _samples(text: str, name: str, **labels: str) -> float:
-    """The sum of a metric's samples whose labels include `labels` (0 when none is exported yet)."""
+@functools.lru_cache(maxsize=4)
+def _parsed(text: str) -> tuple:
+    """Every sample of a scrape, parsed once: late in the suite a scrape is megabytes, and parsing it
+    again for each counter a test compares (twice: now and before) took over a minute a test."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
-               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+    return tuple(s for family in text_string_to_metric_families(text) for s in family.samples)
+
+
+def _samples(text: str, name: str, **labels: str) -> float:
+    """The sum of a metric's samples whose labels include `labels` (0 when none is exported yet)."""
+    return sum(s.value for s in _parsed(text) if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
 def _has(text: str, name: str) -> bool:
