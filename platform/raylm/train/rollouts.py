@@ -87,7 +87,6 @@ class Pending:
     n: int
     shares: list[list[int]]  # prompt indices per engine that got any
     futures: list
-    t0: float
 
 
 class RolloutEngine:
@@ -170,12 +169,11 @@ class RolloutPool:
         n_eng = len(self.engines)
         shares = [list(range(e, len(prompt_ids), n_eng)) for e in range(n_eng)]
         shares = [idx for idx in shares if idx]
-        t0 = time.perf_counter()
         futures = [eng.generate.remote([list(prompt_ids[i]) for i in idx], 1 if greedy else self.g.num_generations,
                                        self.g.max_completion_length, 0.0 if greedy else self.g.temperature,
                                        1.0 if greedy else self.g.top_p, [int(seeds[i]) for i in idx])
                    for eng, idx in zip(self.engines, shares)]
-        return Pending(len(prompt_ids), shares, futures, t0)
+        return Pending(len(prompt_ids), shares, futures)
 
     def collect(self, pending: "Pending") -> RolloutBatch:
         """The submitted prompts' rollouts, in prompt order; `seconds` is the engines' own
