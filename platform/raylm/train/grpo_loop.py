@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import collections
 import json
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator
 
 from raylm.config import RaylmConfig
@@ -47,12 +47,12 @@ def full_weights(engine: Any, cfg: RaylmConfig, rank: int) -> Iterator[Any]:
     under ZeRO-3 every rank joins the gather of the partitioned parameters."""
     from raylm.train.rollouts import trainer_weights
 
+    gathered = nullcontext()
     if cfg.deepspeed.zero_stage == 3:
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
-            yield trainer_weights(engine.module) if rank == 0 else None
-    else:
+        gathered = deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+    with gathered:
         yield trainer_weights(engine.module) if rank == 0 else None
 
 
