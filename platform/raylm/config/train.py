@@ -117,6 +117,11 @@ class TrainConfig(_Strict):
     def effective_global_batch(self) -> int:
         return self.micro_batch_size * self.grad_accum_steps * self.num_workers
 
+    @property
+    def eval_micro_batches(self) -> int:
+        """Validation micro-batches per worker: eval_batches steps' rows, whatever their cut."""
+        return self.eval_batches * self.grad_accum_steps
+
 
 class DeepSpeedConfig(_Strict):
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO stage: 0 (plain DDP) to 3 (params sharded).")

@@ -101,7 +101,7 @@ def evaluate(engine: Any, shard: Any, cfg: RaylmConfig, device: Any, objective: 
     batches = 0
     rows = iter(shard.iter_torch_batches(batch_size=cfg.train.micro_batch_size, dtypes=torch.long, device=device))
     with torch.no_grad():
-        while batches < cfg.train.eval_batches * cfg.train.grad_accum_steps:
+        while batches < cfg.train.eval_micro_batches:
             batch = next(rows, None)
             if not all_have(batch is not None, device):
                 break

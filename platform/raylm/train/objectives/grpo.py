@@ -253,14 +253,15 @@ class GRPO:
     def evaluate(self, shard: Any) -> dict[str, float]:
         """val_rewards/mean (and per function): each val prompt answered greedily by the engines
         (which hold the trainer's current weights), scored by the reward functions; up to
-        train.eval_batches micro-batches per rank, as many on every rank (CacheStream.val_batches)."""
+        train.eval_micro_batches per rank (eval_batches steps' prompts, whatever their cut), as many on
+        every rank (CacheStream.val_batches)."""
         from raylm.data.prompts import prompt_batch
 
         t = self.cfg.train
         k = 1 + len(self.funcs)
         sums, counts = np.zeros(k), np.zeros(k)
         for i, rows in enumerate(shard.val_batches(t.micro_batch_size)):
-            if i >= t.eval_batches:
+            if i >= t.eval_micro_batches:
                 break
             ids, prompts, columns = prompt_batch(rows, self.cfg.data.prompt)
             batch = self.pool.generate(ids, [0] * len(ids), greedy=True)
