@@ -118,8 +118,7 @@ def serving(cfg: RaylmConfig, address: Optional[str]) -> list[str]:
         for name, app in apps.items():
             replicas = ", ".join(f"{d}: {sum(dep.replica_states.values())} replica(s) {dict(dep.replica_states)}"
                                  for d, dep in app.deployments.items())
-            lines.append(f"{name}: {app.status} route {app.deployed_app_config.route_prefix if app.deployed_app_config else '?'}"
-                         f" — {replicas}")
+            lines.append(f"{name}: {app.status} — {replicas}")  # Serve's status overview has no route
             if name == cfg.serve.app_name:
                 from raylm.lifecycle.rollout import version_check
 
