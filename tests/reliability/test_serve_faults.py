@@ -2,14 +2,19 @@
 for the module, built by `deployments.openai_app:app_builder` (the path `serve run` and the
 RayService take). A vLLM engine takes ~45 s to start, so the tests run in order on that app:
 
-1. a burst scales the deployment from 1 to 2 replicas; a replica SIGKILLed under a stream of
-   requests is replaced by Serve, and fewer than 1% of the requests fail (client retries on 503 only);
+1. idle, the app holds at min_replicas; a burst scales the deployment from 1 to 2 replicas on
+   raylm's engine policy (`serve.autoscaling.policy: engine`): 6 clients against max_num_seqs 2
+   keep requests waiting in the engine, while max_ongoing_requests 4 keeps every replica far below
+   Serve's default trigger (16 ongoing per replica), so the scale-up can only come from the
+   engine's waiting queue; a replica SIGKILLed under a stream of requests is replaced by Serve,
+   and fewer than 1% of the requests fail (client retries on 503 only);
 2. the vLLM engine process killed inside a live replica: the replica exits at once (raylm's engine
    watcher), /health turns 503 (the edge finds no healthy replica), Serve replaces the replica, and
    the endpoint serves again (22 s here, against 85 s when Serve's health checks found the replica);
 3. past max_ongoing_requests + max_queued_requests, requests are refused fast with 503 and
    Retry-After, nothing hangs, no replica dies, the edge's memory stays flat;
-4. once the load is gone the deployment returns to min_replicas and serves normally.
+4. once the load is gone the engine policy returns the deployment to min_replicas (nothing
+   waits, the KV caches are empty) and it serves normally.
 
 The engine is killed before the overload: the overload also scales the deployment up, and the kill
 needs one replica, so after it the test waited ~40 s for that replica to start and go again.
@@ -41,9 +46,10 @@ def url(serve_up, tiny_checkpoint, key_file):
     from deployments.openai_app import app_builder
 
     overrides = serve_overrides(
-        key_file, APP, "serve.max_num_seqs=4", "serve.autoscaling.min_replicas=1", "serve.autoscaling.max_replicas=2",
-        "serve.autoscaling.target_ongoing_requests=2", "serve.autoscaling.upscale_delay_s=1",
-        "serve.autoscaling.downscale_delay_s=5", "serve.max_ongoing_requests=4", "serve.max_queued_requests=8",
+        key_file, APP, "serve.max_num_seqs=2", "serve.autoscaling.policy=engine", "serve.autoscaling.min_replicas=1",
+        "serve.autoscaling.max_replicas=2", "serve.autoscaling.upscale_delay_s=1",
+        "serve.autoscaling.downscale_delay_s=5", "serve.autoscaling.look_back_period_s=2",
+        "serve.autoscaling.metrics_interval_s=0.5", "serve.max_ongoing_requests=4", "serve.max_queued_requests=8",
         "serve.retry_after_s=2")
     serve.run(app_builder({"checkpoint": tiny_checkpoint, "set": overrides}), name=APP, route_prefix=f"/{APP}")
     yield f"http://127.0.0.1:{PORT}/{APP}"
@@ -70,6 +76,11 @@ def complete(client: httpx.Client, url: str, max_tokens: int,
 
 def test_a_burst_scales_up_and_a_replica_killed_under_load_is_replaced(url):
     assert running_replicas(APP) == 1
+    # idle: nothing waits, so the engine policy holds at min_replicas over several look-back windows
+    deadline = time.monotonic() + 8
+    while time.monotonic() < deadline:
+        assert len(replica_actors(APP)) == 1 and running_replicas(APP) == 1, "scaled up with no load"
+        time.sleep(0.5)
     stop = threading.Event()
     statuses: list[int] = []
 
@@ -81,8 +92,10 @@ def test_a_burst_scales_up_and_a_replica_killed_under_load_is_replaced(url):
     with cf.ThreadPoolExecutor(CLIENTS) as pool:
         futures = [pool.submit(client_loop) for _ in range(CLIENTS)]
         try:
+            t0 = time.monotonic()
             wait_for(lambda: running_replicas(APP) >= 2, 240, "the burst to scale the deployment to 2 replicas",
                      interval_s=1)
+            print(f"\nsecond replica RUNNING {time.monotonic() - t0:.1f} s into the burst")
             before, served_before = replica_actors(APP), len(statuses)
             assert len(before) == 2 and set(statuses) <= {200}, sorted(set(statuses))
             time.sleep(KILL_AFTER_S)
