@@ -192,8 +192,9 @@ def _model_context(config: dict) -> int:
 
 
 def _check_engine_can_run(checkpoint: str, cfg: RaylmConfig) -> dict:
-    from raylm.servable import MIN_CPU_HEAD_DIM, _head_dim
+    from raylm.servable import MIN_CPU_HEAD_DIM, _head_dim, check_engine_kwargs
 
+    check_engine_kwargs(cfg.eval.engine_kwargs, "eval.engine_kwargs")
     config = storage.read_json(storage.join(checkpoint, "config.json"))
     head_dim = _head_dim(config)
     if not cfg.eval.use_gpu and head_dim is not None and head_dim < MIN_CPU_HEAD_DIM:
@@ -313,7 +314,7 @@ def build_eval_processor(cfg: RaylmConfig, model_dir: str, max_model_len: int, p
     else:
         engine["kv_cache_memory_bytes"] = int(e.kv_cache_memory_gib * 2**30)
     config = vLLMEngineProcessorConfig(
-        model_source=model_dir, engine_kwargs=engine, batch_size=e.batch_size, concurrency=e.concurrency,
+        model_source=model_dir, engine_kwargs={**engine, **e.engine_kwargs}, batch_size=e.batch_size, concurrency=e.concurrency,
         runtime_env={"env_vars": ENGINE_ENV},  # merged into the job's env_vars by Ray
         placement_group_config={"bundles": [_placement_bundle(cfg, pin_to_this_node)]},
         chat_template_stage={"enabled": False}, tokenize_stage={"enabled": False},

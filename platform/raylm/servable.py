@@ -118,18 +118,18 @@ def _head_dim(config: dict) -> Optional[int]:
     return hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads else None
 
 
-def check_engine_kwargs(s: ServeConfig) -> None:
-    """`serve.engine_kwargs` names only arguments vLLM has (its engine's or its OpenAI server's):
-    Ray Serve LLM would otherwise fail inside each replica as it starts."""
+def check_engine_kwargs(kwargs: dict, field: str = "serve.engine_kwargs") -> None:
+    """`serve.engine_kwargs` (or `eval.engine_kwargs`) names only arguments vLLM has (its engine's or
+    its OpenAI server's): Ray Serve LLM would otherwise fail inside each replica as it starts."""
     import dataclasses
 
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.entrypoints.launchers.cli_args import FrontendArgs
 
     known = {f.name for cls in (AsyncEngineArgs, FrontendArgs) for f in dataclasses.fields(cls)}
-    unknown = sorted(set(s.engine_kwargs) - known)
+    unknown = sorted(set(kwargs) - known)
     if unknown:
-        raise ConfigError(f"serve.engine_kwargs: {', '.join(unknown)} {'is not a' if len(unknown) == 1 else 'are not'} "
+        raise ConfigError(f"{field}: {', '.join(unknown)} {'is not a' if len(unknown) == 1 else 'are not'} "
                           "vLLM engine argument(s) (see `vllm serve --help`, names with _ for -)")
 
 
@@ -143,7 +143,7 @@ def check_servable(checkpoint: str, s: ServeConfig) -> dict:
         why = adapter_base_mismatch(os.path.expanduser(path), config, s.max_lora_rank)
         if why:
             raise CheckpointError(f"serve.lora_adapters.{name}={path}: {why}")
-    check_engine_kwargs(s)
+    check_engine_kwargs(s.engine_kwargs)
     head_dim = _head_dim(config)
     if not s.use_gpu and head_dim is not None and head_dim < MIN_CPU_HEAD_DIM:
         raise CheckpointError(f"{checkpoint}: head_dim {head_dim} < {MIN_CPU_HEAD_DIM}: vLLM's CPU attention cannot "

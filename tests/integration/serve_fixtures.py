@@ -18,6 +18,12 @@ from raylm.config import RaylmConfig, load_config
 PORT = 8123
 KEYS = ("sk-test-alpha", "sk-test-beta")
 MODEL_ID = "tiny-test"
+# The serving and eval engines of the fixture apps start without torch.compile: each vLLM CPU
+# engine start traces and compiles the model (10-20 s of the 2 cores, warm cache or not), and the
+# suite starts ~20 of them to test routing, keys, rollouts and faults, not compiled kernels. The
+# compiled default is what tests/integration/test_hub_models.py and the pipeline in test_s3_runs.py
+# serve.
+EAGER = ("serve.engine_kwargs={enforce_eager: true}", "eval.engine_kwargs={enforce_eager: true}")
 
 
 @pytest.fixture(scope="session")
@@ -56,11 +62,12 @@ def key_file(tmp_path_factory) -> str:
 
 def serve_config(key_file: str, *overrides: str) -> RaylmConfig:
     """A config for tests: 127.0.0.1:PORT, keys from a file (the env var is left alone), a small
-    KV cache (the default 1 GiB per replica is more than a test needs)."""
+    KV cache (the default 1 GiB per replica is more than a test needs), and engines without
+    torch.compile (EAGER)."""
     return load_config(None, [
         f"serve.port={PORT}", "serve.host=127.0.0.1", f"serve.api_key_file={key_file}",
         "serve.api_key_env=RAYLM_TEST_NO_SUCH_VAR", f"serve.model_id={MODEL_ID}",
-        "serve.kv_cache_memory_gib=0.25", "serve.max_tokens_limit=64", *overrides])
+        "serve.kv_cache_memory_gib=0.25", "serve.max_tokens_limit=64", *EAGER, *overrides])
 
 
 def deploy_app(cfg: RaylmConfig, checkpoint: str) -> str:

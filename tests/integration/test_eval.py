@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from raylm.evaluate import EVAL_JSON, generation_example, packed_examples
-from serve_fixtures import repo_root, tiny_checkpoint
+from serve_fixtures import EAGER, repo_root, tiny_checkpoint
 
 __all__ = ["tiny_checkpoint"]  # fixtures used by this module
 
@@ -48,7 +48,7 @@ def eval_args(tiny_checkpoint, tmp_path_factory) -> list[str]:
     return ["-c", str(repo_root() / "configs" / "chat_sft.yaml"),
             *(x for o in (f"data.tokenizer={tiny_checkpoint}", "data.max_documents=300", f"train.storage_path={store}",
                           f"data.cache_dir={store / 'cache'}", f"eval.max_records={MAX_RECORDS}",
-                          f"eval.max_new_tokens={MAX_NEW_TOKENS}", f"eval.num_samples={MAX_RECORDS}", "eval.dtype=float32")
+                          f"eval.max_new_tokens={MAX_NEW_TOKENS}", f"eval.num_samples={MAX_RECORDS}", "eval.dtype=float32", EAGER[1])
               for x in ("--set", o))]
 
 

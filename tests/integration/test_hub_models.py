@@ -78,7 +78,8 @@ def test_hub_model_lora_sft_export_serve(family, hub_standins, ray_cluster, chat
         messages.insert(0, {"role": "system", "content": "You add numbers."})
     rendered = exported.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
     url = deploy_app(serve_config(key_file, "serve.autoscaling.min_replicas=1", "serve.autoscaling.max_replicas=1",
-                                  "serve.max_model_len=512", "serve.max_tokens_limit=16"), hf)
+                                  "serve.max_model_len=512", "serve.max_tokens_limit=16",
+                                  "serve.engine_kwargs={}"), hf)  # vLLM's compiled default: what users run
     try:
         r = httpx.post(f"{url}/v1/chat/completions", headers=auth(), timeout=120,
                        json={"model": MODEL_ID, "messages": messages, "max_tokens": 4, "temperature": 0})

@@ -259,7 +259,7 @@ def test_serve_the_pipelines_best_json_in_s3_with_replicas_on_their_own_port(pip
     cmd = [sys.executable, "-m", "raylm", "serve", "--address", "local", "--checkpoint", f"{RUNS}/s3sweep/best.json", *sets(
         serve__ingress="direct", serve__port=PROXY_PORT, serve__api_key_file=key_file,
         serve__api_key_env="RAYLM_TEST_NO_SUCH_VAR", serve__model_id=MODEL_ID, serve__autoscaling__max_replicas=1,
-        serve__kv_cache_memory_gib=0.25)]
+        serve__kv_cache_memory_gib=0.25, serve__engine_kwargs="{enforce_eager: true}")]  # the pipeline served compiled
     proc = subprocess.Popen(cmd, cwd=repo_root(), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:

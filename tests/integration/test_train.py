@@ -69,7 +69,9 @@ def zero_run(stage: int, tmp_path_factory, prepared):
     return _runs[stage]
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+# ZeRO-2 is tiny.yaml's stage, which most of the suite's runs train with; its own 60-step run here is
+# opt-in (RAYLM_EXTENDED=1): the assertions below do not depend on the stage.
+@pytest.mark.parametrize("stage", [1, pytest.param(2, marks=pytest.mark.extended), 3])
 def test_zero_stage_trains_and_loss_falls(stage, tmp_path_factory, shakespeare_prepared):
     cfg, result = zero_run(stage, tmp_path_factory, shakespeare_prepared)
     assert result.error is None

@@ -184,7 +184,8 @@ def serve_overrides(key_file: str, app: str, *overrides: str) -> list[str]:
     """`--set` overrides for a test app at /<app> on PORT with keys from a file and a small KV cache."""
     return [f"serve.port={PORT}", "serve.host=127.0.0.1", f"serve.api_key_file={key_file}",
             "serve.api_key_env=RAYLM_REL_NO_SUCH_VAR", f"serve.model_id={MODEL_ID}", f"serve.app_name={app}",
-            f"serve.route_prefix=/{app}", "serve.kv_cache_memory_gib=0.25", "serve.max_tokens_limit=64", *overrides]
+            f"serve.route_prefix=/{app}", "serve.kv_cache_memory_gib=0.25", "serve.max_tokens_limit=64",
+            "serve.engine_kwargs={enforce_eager: true}", *overrides]  # no torch.compile (serve_fixtures.EAGER)
 
 
 def serve_config(key_file: str, app: str, *overrides: str) -> RaylmConfig:

@@ -242,3 +242,20 @@ def test_a_merged_adapter_computes_what_peft_computes(tmp_path, monkeypatch):
         got = AutoModelForCausalLM.from_pretrained(merged)(ids).logits
         plain = AutoModelForCausalLM.from_pretrained(base)(ids).logits
     assert torch.allclose(got, want, atol=1e-4) and not torch.allclose(got, plain, atol=1e-2)
+
+
+def test_eval_engine_kwargs_must_be_vllm_arguments(tmp_path):
+    """eval.engine_kwargs is checked like serve.engine_kwargs, before any engine starts: a misspelt
+    name is a config error naming the field, and a real one passes."""
+    import json
+
+    from raylm.config import load_config
+    from raylm.errors import ConfigError
+    from raylm.evaluate import _check_engine_can_run
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64,
+                                                      "num_attention_heads": 2}))
+    bad = load_config(None, ["eval.engine_kwargs={enforce_eagre: true}"])
+    with pytest.raises(ConfigError, match="eval.engine_kwargs: enforce_eagre is not a vLLM engine argument"):
+        _check_engine_can_run(str(tmp_path), bad)
+    assert _check_engine_can_run(str(tmp_path), load_config(None, ["eval.engine_kwargs={enforce_eager: true}"]))

