@@ -124,12 +124,15 @@ class Forward:
         handle = self.streaming
         if call.model in await self.dynamic_adapters():  # Serve routes it to a replica that has the adapter loaded
             handle = handle.options(multiplexed_model_id=call.model)
-        started, finished = False, False
+        started, finished, sse = False, False, False
         responses = handle.serve_http.remote(call)
         try:
             async for batch in responses:
                 for message in batch:
-                    started = started or message["type"] == "http.response.start"
+                    if message["type"] == "http.response.start":
+                        started = True
+                        sse = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream")
+                                  for k, v in message.get("headers", []))
                     await send(message)
             finished = True
         except BackPressureError:
@@ -145,12 +148,25 @@ class Forward:
             logger.warning("LLM replica failed a request: %s: %s", type(exc).__name__, exc)
             if not started:
                 await send_json(send, 503, error_body("model unavailable, retry", None, "unavailable", "server_error"))
+            elif sse:  # never a silent cut: the stream ends with an error event the client can act on
+                await send({"type": "http.response.body", "body": stream_cut_event(exc), "more_body": False})
         finally:
             if not finished:  # the client went away: cancel the call, and the engine aborts the sequence
                 try:
                     responses.cancel()
                 except Exception:  # noqa: BLE001 - it failed or finished meanwhile: nothing left to cancel
                     pass
+
+
+def stream_cut_event(exc: BaseException) -> bytes:
+    """The SSE event that ends a stream whose LLM replica stopped mid-generation: a replica
+    replaced by a rollout (raylm promote / rollback) after `serve.graceful_shutdown_timeout_s` of
+    draining, scaled down, or dead. OpenAI's streaming clients raise on an `error` event, so the
+    client learns the answer is cut instead of reading a short one as complete."""
+    body = error_body("the model replica serving this stream stopped before it finished (a rollout, a "
+                      f"scale-down or a replica failure: {type(exc).__name__}); retry the request", None,
+                      "stream_interrupted", "server_error")
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
 
 
 def json_messages(status: int, body: dict, headers: tuple = ()) -> list[dict]:
