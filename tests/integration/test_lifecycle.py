@@ -262,6 +262,12 @@ def test_rollback_from_another_process_joins_the_running_cluster(endpoint, check
     assert [(e["action"], e["version"]) for e in entries if e["action"] != "adapter" and e.get("state") == "done"] == \
         [("deploy", "v1"), ("promote", "v2"), ("rollback", "v1")]
     assert_deployed_as_served(url, cfg)
+    # `raylm status` from that shell reads the live app and agrees with the history
+    status = subprocess.run([sys.executable, "-m", "raylm", "status", "-c", str(config_file)], cwd=repo_root(),
+                            env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert status.returncode == 0, status.stderr[-2000:]
+    assert f"{cfg.serve.app_name}: RUNNING" in status.stdout and "Serve not running" not in status.stdout, status.stdout
+    assert "model version v1: Serve and the promotion history agree" in status.stdout, status.stdout
     # the token of the cluster raylm started (init_ray, as `raylm serve` starts it), and joined with
     token = token_path()
     assert stat.S_IMODE(token.stat().st_mode) == 0o600 and stat.S_IMODE(token.parent.stat().st_mode) == 0o700
