@@ -148,7 +148,7 @@ def trl_reward(prompts, completions, **kwargs):
 trl_reward.__name__ = "exact_match"
 
 
-def run_trl(base_hf: str, train_records: list[dict], workdir: str) -> dict:
+def run_trl(base_hf: str, train_records: list[dict], workdir: str, on_step=None) -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -164,8 +164,20 @@ def run_trl(base_hf: str, train_records: list[dict], workdir: str) -> dict:
         beta=BETA, loss_type=LOSS_TYPE, learning_rate=LR, warmup_steps=WARMUP, max_steps=STEPS,
         lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1}, weight_decay=0.1,
         max_grad_norm=1.0, logging_steps=1, save_strategy="no", use_vllm=False, dataloader_num_workers=0)
+    callbacks = []
+    if on_step is not None:  # called after each step until it returns True
+        from transformers import TrainerCallback
+
+        class Once(TrainerCallback):
+            done = False
+
+            def on_step_end(self, *a, **k):
+                if not self.done:
+                    self.done = bool(on_step() or False) or self.done
+
+        callbacks.append(Once())
     trainer = GRPOTrainer(model=model, reward_funcs=[trl_reward], args=args, processing_class=tok,
-                          train_dataset=Dataset.from_list(train_records))
+                          train_dataset=Dataset.from_list(train_records), callbacks=callbacks)
     t0 = time.time()
     trainer.train()
     seconds = time.time() - t0
@@ -188,29 +200,51 @@ def run(args) -> dict:
                                                               ("grpo-parity-k1", 1)}
     procs = {}
 
-    def start(name: str) -> None:
+    def start(name: str) -> None:  # a run already under way (or done) in this work dir is waited for instead
         run_name, k = runs[name]
-        if not (results / run_name / f"step_{STEPS:08d}" / "hf" / "config.json").exists():
+        if not (results / run_name / "metrics.jsonl").exists():
             procs[name] = raylm_cli(args.workdir, "configs/grpo.yaml",
                                     {"model.name": str(base_hf), "train.run_name": run_name,
                                      "train.grpo.max_staleness": k}, str(work / f"{run_name}.log"))
 
+    def logged(run_name: str, key: str) -> list[dict]:
+        path = results / run_name / "metrics.jsonl"
+        return [m for m in read_metrics(results / run_name) if key in m] if path.exists() else []
+
     start("raylm")
-    grpo_dir = results / "grpo-parity"
-    while not any(m.get("event") == "start" for m in (read_metrics(grpo_dir) if (grpo_dir / "metrics.jsonl").exists()
-                                                      else [])):
+    while not logged("grpo-parity", "event"):
         if "raylm" in procs and procs["raylm"].poll() not in (None, 0):
             raise RuntimeError(f"raylm's GRPO run exited {procs['raylm'].returncode}")
         time.sleep(5)
-    if "raylm staleness 1" in runs:  # once the data cache is built: the runs share it
-        start("raylm staleness 1")
-    dataset = next(m["data"] for m in read_metrics(grpo_dir) if m.get("event") == "start")
+    dataset = next(m["data"] for m in logged("grpo-parity", "event") if m.get("event") == "start")
     train_records, val_records = cached_records(dataset, "train"), cached_records(dataset, "val")
+    k1_started = "raylm staleness 1" not in runs
 
-    trl = run_trl(str(base_hf), train_records, args.workdir)
+    def start_k1_when_ready() -> bool:
+        if not logged("grpo-parity", "val_rewards/mean"):
+            return False
+        start("raylm staleness 1")
+        return True
+
+    trl = run_trl(str(base_hf), train_records, args.workdir,
+                  # the staleness-1 run once the first has its engine up (two engines starting at once
+                  # on the loaded machine timed a Ray node's start out)
+                  on_step=None if k1_started else start_k1_when_ready)
     timings["trl_train_s"] = trl["seconds"]
-    for name, proc in procs.items():
-        timings[f"{name} wall s"] = finished(proc)
+    if "raylm staleness 1" in runs and "raylm staleness 1" not in procs:
+        start("raylm staleness 1")
+    errors = {}
+    for name, (run_name, _) in runs.items():
+        try:
+            if name in procs:
+                timings[f"{name} wall s"] = finished(procs[name])
+            while not (results / run_name / f"step_{STEPS:08d}" / "hf" / "config.json").exists():
+                time.sleep(5)  # started by an earlier invocation
+        except RuntimeError as exc:
+            if name == "raylm":
+                raise
+            errors[name] = str(exc)
+    runs = {name: run for name, run in runs.items() if name not in errors}
     metrics = {name: read_metrics(results / run_name) for name, (run_name, _) in runs.items()}
     curves = {name: [(m["step"], m["rewards/mean"]) for m in ms if "rewards/mean" in m] for name, ms in metrics.items()}
     curves["trl"] = trl["rewards"]
@@ -244,7 +278,7 @@ def run(args) -> dict:
             "raw": {"side": side, "greedy": greedy, "timings": timings, "train_records": len(train_records),
                     "val_records": len(val_records), "dataset": dataset,
                     "reward_curves": curves, "raylm_metrics": metrics,
-                    "trl_history": trl["history"]}}
+                    "trl_history": trl["history"], "errors": errors}}
 
 
 if __name__ == "__main__":
