@@ -257,8 +257,10 @@ def run(args) -> dict:
     side = {}
     for name, points in curves.items():
         first, last = window_mean(points, 1, 30), window_mean(points, STEPS - 29, STEPS)
+        windows = points if name != "trl" else [  # TRL logs every step; raylm 5-step means
+            (s, window_mean(points, s - 4, s)) for s in range(5, STEPS + 1, 5)]
         side[name] = {"reward_1_30": first, f"reward_{STEPS - 29}_{STEPS}": last, "rise": last - first,
-                      "peak_window": max(v for _, v in points), "greedy_exact_match": greedy[name]}
+                      "peak_5_step_window": max(v for _, v in windows), "greedy_exact_match": greedy[name]}
     split = {name: step_split(ms) for name, ms in metrics.items()}
     rise_ok = side["raylm"]["rise"] >= side["trl"]["rise"] - 0.02
     greedy_ok = side["raylm"]["greedy_exact_match"] >= side["trl"]["greedy_exact_match"] - 0.03
