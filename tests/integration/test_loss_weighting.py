@@ -7,6 +7,10 @@ Four SFT examples with very uneven answers (1 to 40 trained tokens) go through r
 `1 worker x micro 1 x accum 4` and `2 workers x micro 1 x accum 2`. DeepSpeed's full gradients
 (deepspeed.utils.safe_get_full_grad) must all equal a plain-PyTorch reference: the summed token
 loss of the 4 examples / their trained tokens.
+
+The chunked loss (`train.loss_chunk_tokens`, objectives/logprobs.py) under ZeRO-3 at 2 ranks: the
+loss and gradients of two steps equal the unchunked ones within 1e-6, for a tied and an untied
+head, trained in full (the head trains) and with LoRA (the head is frozen).
 """
 
 from __future__ import annotations
@@ -57,12 +61,13 @@ def collate(rows: list[dict]) -> dict:
     return trim(out)
 
 
-def tiny_model():
+def tiny_model(tied: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                        tie_word_embeddings=tied))
 
 
 def reference_grads() -> tuple[dict, dict, float]:
@@ -142,3 +147,81 @@ def test_step_gradient_does_not_depend_on_how_the_batch_is_cut(stage, step_grads
         for name, grad in reference.items():
             torch.testing.assert_close(got["grads"][name], grad, rtol=1e-4, atol=1e-6,
                                        msg=lambda m: f"ZeRO-{stage} {workers}x{micro}x{accum} {name}: {m}")
+
+
+CHUNK_VARIANTS = [(tied, lora) for tied in (False, True) for lora in (False, True)]
+CHUNK = 5  # tokens per chunk: every micro-batch here has several chunks, the last one short
+
+
+def _chunk_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """ZeRO-3, 2 ranks x micro 1 x accum 2, two steps, unchunked (0) and chunked: the loss, and
+    the full gradients before each engine.step()."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from raylm.config import RaylmConfig
+    from raylm.config.train import LoraConfig
+    from raylm.train.deepspeed import deepspeed_config, import_deepspeed, lr_scheduler, optimizer_groups
+    from raylm.train.lora import apply_lora
+    from raylm.train.objectives.lm import NextToken
+    from raylm.train.objectives.logprobs import chunkable
+
+    deepspeed = import_deepspeed()
+    from deepspeed.utils import safe_get_full_grad
+    from raylm.train.step import backward_global_batch
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    cfg = RaylmConfig.model_validate({"train": {"num_workers": 2, "micro_batch_size": 1, "grad_accum_steps": 2,
+                                                "grad_clip": 0}, "deepspeed": {"zero_stage": 3}})
+    mine = examples()[rank * 2:(rank + 1) * 2]
+    batches = [collate(mine[:1]), collate(mine[1:])]
+    for tied, lora in CHUNK_VARIANTS:
+        for chunk in (0, CHUNK):
+            model = tiny_model(tied)
+            if lora:
+                model = apply_lora(model, LoraConfig())
+                torch.manual_seed(1)
+                for name, p in model.named_parameters():  # adapters start at B = 0: make them matter
+                    if "lora_B" in name:
+                        torch.nn.init.normal_(p, std=0.1)
+            engine, *_ = deepspeed.initialize(model=model, model_parameters=optimizer_groups(model, 0.0),
+                                              config=deepspeed_config(cfg), lr_scheduler=lr_scheduler(cfg))
+            steps = []
+            for _ in range(2):  # the second step runs on DeepSpeed's recorded trace (prefetch, release)
+                loss_sum, tokens = backward_global_batch(engine, batches, NextToken(engine, chunk))
+                total = torch.tensor([loss_sum], dtype=torch.float64)
+                dist.all_reduce(total)
+                steps.append({"loss": float(total) / tokens, "grads": {
+                    n: safe_get_full_grad(p).detach().clone() for n, p in engine.module.named_parameters() if p.requires_grad}})
+                engine.step()
+            if rank == 0:
+                torch.save({"steps": steps, "chunked": chunkable(engine)},
+                           os.path.join(out_dir, f"tied{int(tied)}_lora{int(lora)}_chunk{chunk}.pt"))
+            engine.destroy()
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def chunk_grads(tmp_path_factory) -> Path:
+    import torch.multiprocessing as mp
+
+    out = tmp_path_factory.mktemp("chunk_grads")
+    mp.spawn(_chunk_worker, args=(2, listen_port(), str(out)), nprocs=2, join=True)
+    return out
+
+
+@pytest.mark.parametrize("tied,lora", CHUNK_VARIANTS)
+def test_chunked_loss_under_zero3_equals_the_unchunked(tied, lora, chunk_grads):
+    full = torch.load(chunk_grads / f"tied{int(tied)}_lora{int(lora)}_chunk0.pt")
+    chunked = torch.load(chunk_grads / f"tied{int(tied)}_lora{int(lora)}_chunk{CHUNK}.pt")
+    assert chunked["chunked"]  # the ZeRO-3 engine takes the chunked path (it used to fall back)
+    for step, (a, b) in enumerate(zip(full["steps"], chunked["steps"]), 1):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6, abs=1e-6), step
+        assert a["grads"].keys() == b["grads"].keys() and a["grads"]
+        assert ("lm_head.weight" in a["grads"]) == (not lora and not tied)  # what trains: tied, it is the embedding
+        for name, grad in a["grads"].items():
+            assert float(grad.abs().max()) > 0, name
+            torch.testing.assert_close(b["grads"][name], grad, rtol=1e-6, atol=1e-6,
+                                       msg=lambda m: f"step {step} {name}: {m}")

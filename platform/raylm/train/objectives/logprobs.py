@@ -10,8 +10,10 @@ time, each chunk upcast to fp32 on its own. Each chunk runs under activation che
 them. Positions whose label is IGNORE (prompts, padding) never reach the head.
 
 The head is called as a module (`get_output_embeddings()`), not as a weight: a tied head is the
-embedding's weight; a LoRA adapter on the head (peft) applies. Under ZeRO-3 the path is unchunked
-for now (see `chunkable`). Logit soft-capping (Gemma-2) and logit scaling (Granite,
+embedding's weight; a LoRA adapter on the head (peft) applies. Under ZeRO-3 a trainable head is
+called through DeepSpeed's module hooks each chunk (they gather its weight, and again for the
+recomputation in backward); a frozen one (LoRA) is gathered once per micro-batch and applied as a
+plain linear map (see `head_for_chunks`). Logit soft-capping (Gemma-2) and logit scaling (Granite,
 Cohere) are applied as the model's own forward applies them. A model whose forward takes no
 `logits_to_keep` gets the unchunked path (full logits, then fp32), as does chunk_tokens 0.
 """
@@ -85,18 +87,75 @@ def _chunk_logps(head: Any, config: Any, hidden: Any, labels: Any) -> Any:
     return _label_logp().apply(_adjust(head(hidden).float(), config), labels)
 
 
+def _partitioned(head: Any) -> bool:
+    """ZeRO-3 has partitioned the head: its parameters carry `ds_id`."""
+    return any(hasattr(p, "ds_id") for p in head.parameters())
+
+
+def _frozen_linear(head: Any) -> bool:
+    import torch
+
+    return type(head) is torch.nn.Linear and not any(p.requires_grad for p in head.parameters())
+
+
 def chunkable(model: Any) -> bool:
     """The model can be run to its hidden states without its head's full output.
 
-    Not under ZeRO-3 (a partitioned head: its parameters carry `ds_id`) yet: with a frozen head
-    (LoRA) the recomputation in backward found the weight released (shape [0]) and
-    torch.utils.checkpoint refused it (tests/integration/test_sft.py,
-    test_lora_zero3_resumes_and_exports); such runs take the unchunked path."""
+    Under ZeRO-3, a head with frozen parameters is chunked only when it is a plain linear map
+    (the LoRA case: peft's 'all-linear' leaves the head alone); a partly frozen head module, such
+    as a LoRA adapter on the head itself, takes the unchunked path (see `head_for_chunks`)."""
     lm = causal_lm(model)
     head = lm.get_output_embeddings()
-    if head is None or any(hasattr(p, "ds_id") for p in head.parameters()):
+    if head is None:
+        return False
+    if _partitioned(head) and any(not p.requires_grad for p in head.parameters()) and not _frozen_linear(head):
         return False
     return "logits_to_keep" in inspect.signature(lm.forward).parameters
+
+
+def head_for_chunks(head: Any) -> Any:
+    """What the chunks call as their head: the module itself, or under ZeRO-3 with a frozen head
+    a linear map over its weight, gathered once for all the chunks.
+
+    A trainable ZeRO-3 head can be called as a module, chunk after chunk: DeepSpeed's forward
+    hooks gather its weight and release it after each call, the recomputation in backward runs
+    the same hooks, torch.utils.checkpoint keeps a detached alias of the gathered weight (it
+    detaches what requires grad), and the hook on the head's output gathers it once more for the
+    weight's gradient: up to three gathers of the head per chunk (every rank runs as many chunks,
+    see `chunk_count`), the price of its gradient reaching DeepSpeed as it expects. A frozen weight is kept as the Parameter itself, which DeepSpeed releases
+    (its data becomes shape [0]) when the recomputation's forward hook ends, before backward reads
+    it: checkpoint then refuses the recomputed shapes. So a frozen head is gathered here
+    (GatheredParameters, modifier_rank=None: nothing is modified) and the chunks use detached
+    aliases of the gathered data, which outlive the re-partitioning on exit (DeepSpeed's
+    free_param swaps the parameter's data; the storage stays with the alias) until backward is
+    done: one full head weight, as long as the micro-batch's graph lives."""
+    import torch.nn.functional as F
+
+    if not (_partitioned(head) and _frozen_linear(head)):
+        return head
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(head.parameters()), modifier_rank=None):
+        weight = head.weight.detach()
+        bias = None if head.bias is None else head.bias.detach()
+    return functools.partial(F.linear, weight=weight, bias=bias)
+
+
+def chunk_count(module: Any, head: Any, tokens: int, chunk_tokens: int) -> int:
+    """How many chunks this rank runs: enough for its tokens, and under ZeRO-3 with the head
+    called as a module, the most any rank needs. Each call of a partitioned module gathers its
+    weight, a collective every rank must join as often as the others; a rank with fewer labelled
+    tokens runs empty chunks (the head on 0 rows, in forward and in backward alike)."""
+    import torch
+    import torch.distributed as dist
+
+    count = -(-tokens // chunk_tokens)
+    if head is not module or not _partitioned(module) or not dist.is_initialized():
+        return count
+    weight = next(module.parameters())
+    most = torch.tensor([count], dtype=torch.long, device=weight.device)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX, group=weight.ds_process_group)
+    return int(most)
 
 
 def token_logps(model: Any, input_ids: Any, labels: Any, position_ids: Optional[Any] = None,
@@ -121,9 +180,10 @@ def token_logps(model: Any, input_ids: Any, labels: Any, position_ids: Optional[
     flat = labels.reshape(-1)
     where = (flat != IGNORE).nonzero().squeeze(-1)
     picked, targets = hidden.reshape(-1, hidden.size(-1)).index_select(0, where), flat.index_select(0, where).long()
-    head, config = lm.get_output_embeddings(), lm.config
+    module = lm.get_output_embeddings()
+    head, config = head_for_chunks(module), lm.config
     pieces = []
-    for i in range(0, len(where), chunk_tokens):
+    for i in range(0, chunk_count(module, head, len(where), chunk_tokens) * chunk_tokens, chunk_tokens):
         h, y = picked[i:i + chunk_tokens], targets[i:i + chunk_tokens]
         if torch.is_grad_enabled():
             pieces.append(checkpoint(_chunk_logps, head, config, h, y, use_reentrant=False))
