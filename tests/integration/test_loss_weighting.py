@@ -150,10 +150,14 @@ def test_step_gradient_does_not_depend_on_how_the_batch_is_cut(stage, step_grads
 
 
 CHUNK_VARIANTS = [(tied, lora) for tied in (False, True) for lora in (False, True)]
+# In the suite: the two paths, a trainable untied head (DeepSpeed's hooks every chunk) and a frozen
+# tied one (LoRA: gathered once per micro-batch); the other two are opt-in (RAYLM_EXTENDED=1): each
+# variant is two ZeRO-3 engines in the spawned ranks.
+SUITE_CHUNK_VARIANTS = [(False, False), (True, True)]
 CHUNK = 5  # tokens per chunk: every micro-batch here has several chunks, the last one short
 
 
-def _chunk_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _chunk_worker(rank: int, world: int, port: int, out_dir: str, variants: list) -> None:
     """ZeRO-3, 2 ranks x micro 1 x accum 2, two steps, unchunked (0) and chunked: the loss, and
     the full gradients before each engine.step()."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
@@ -177,7 +181,7 @@ def _chunk_worker(rank: int, world: int, port: int, out_dir: str) -> None:
                                                 "grad_clip": 0}, "deepspeed": {"zero_stage": 3}})
     mine = examples()[rank * 2:(rank + 1) * 2]
     batches = [collate(mine[:1]), collate(mine[1:])]
-    for tied, lora in CHUNK_VARIANTS:
+    for tied, lora in variants:
         for chunk in (0, CHUNK):
             model = tiny_model(tied)
             if lora:
@@ -208,11 +212,13 @@ def chunk_grads(tmp_path_factory) -> Path:
     import torch.multiprocessing as mp
 
     out = tmp_path_factory.mktemp("chunk_grads")
-    mp.spawn(_chunk_worker, args=(2, listen_port(), str(out)), nprocs=2, join=True)
+    variants = CHUNK_VARIANTS if os.environ.get("RAYLM_EXTENDED") == "1" else SUITE_CHUNK_VARIANTS
+    mp.spawn(_chunk_worker, args=(2, listen_port(), str(out), variants), nprocs=2, join=True)
     return out
 
 
-@pytest.mark.parametrize("tied,lora", CHUNK_VARIANTS)
+@pytest.mark.parametrize("tied,lora", [v if v in SUITE_CHUNK_VARIANTS else pytest.param(*v, marks=pytest.mark.extended)
+                                       for v in CHUNK_VARIANTS])
 def test_chunked_loss_under_zero3_equals_the_unchunked(tied, lora, chunk_grads):
     full = torch.load(chunk_grads / f"tied{int(tied)}_lora{int(lora)}_chunk0.pt")
     chunked = torch.load(chunk_grads / f"tied{int(tied)}_lora{int(lora)}_chunk{CHUNK}.pt")
