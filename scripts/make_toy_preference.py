@@ -4,7 +4,7 @@ A learnable task for DPO runs and tests: prompt `What is 12+7?`, chosen `19`, re
 Chat form (prompt as messages, answers as assistant messages, like the Hugging Face preference
 datasets) or plain form (three strings). Deterministic.
 
-    python scripts/make_toy_preference.py configs/data/arith_pref.jsonl --n 2000
+    python scripts/make_toy_preference.py configs/data/arith_pref.jsonl --n 1000 --max-operand 9
     python scripts/make_toy_preference.py out.jsonl --format plain
 """
 

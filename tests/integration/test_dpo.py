@@ -1,19 +1,16 @@
-"""DPO on a real local Ray with DeepSpeed: it learns what the preference data tells it.
+"""DPO on a real local Ray with DeepSpeed: the README's example pair, run as shipped, learns what
+the preference data tells it.
 
-A tiny Llama is first SFT'd by raylm on the toy arithmetic chat (the right sums) for a few steps,
-enough to answer in the format but mostly wrong. DPO with LoRA on the toy preference corpus (chosen:
-the right sum, rejected: a wrong one, scripts/make_toy_preference.py) then raises the validation
-reward accuracy from 0 (policy == reference) to >= 0.75 and brings the loss well under log 2. The run's own
-validation numbers are recomputed by TRL's DPOTrainer on the same pairs and checkpoint. A short full
-fine-tune under ZeRO-3 checks the frozen reference: at the first step the policy is its reference,
-so the loss is exactly log 2.
-
-A full DPO fine-tune of the same base (ZeRO-2, beta 0.5, a constant lr, 160 steps of 16 pairs) is the
-"it learns what it is told" test: validation reward accuracy from 0 to >= 0.9, the tuned model's own
-held-out preference accuracy (chosen likelier than rejected, no reference) >= 0.9 and above the base's,
-and its greedy exact match on held-out prompts up (measured with a plain PyTorch DPO loop of the same
-settings: 0.76 -> 0.92 preference accuracy, 0.07 -> 0.33 exact match at 150 steps). The short LoRA
-run (40 steps) moves the reward accuracy (~0.81) but barely the absolute numbers.
+The SFT base is configs/chat_sft.yaml as shipped (a tiny Llama, 600 steps on the toy arithmetic
+chat: the right sums). configs/dpo_lora.yaml and configs/dpo.yaml, as shipped (only their storage,
+and model.name pointing at that base), then run DPO on the toy preference corpus
+(configs/data/arith_pref.jsonl: chosen the right sum of two digits, rejected a wrong one,
+scripts/make_toy_preference.py): each raises the validation reward accuracy from 0 (policy ==
+reference) to >= 0.8, the README's promise. The LoRA run's own validation numbers are recomputed by
+TRL's DPOTrainer on the same pairs and checkpoint; the full run's tuned model, as transformers loads
+it, prefers the chosen answers on held-out pairs more often than the base does. A short full
+fine-tune under ZeRO-3 (on a corpus with bad records, which are counted) checks the frozen
+reference: at the first step the policy is its reference, so the loss is exactly log 2.
 """
 
 from __future__ import annotations
@@ -38,7 +35,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "tests" / "unit"))
 from make_toy_preference import records  # noqa: E402
 
-MAX_OPERAND = 4  # sums 0..8: 25 facts, within reach of a tiny model in a few dozen steps
+MAX_OPERAND = 4  # the bad-record corpus: sums 0..8, 25 facts
+SHIPPED_MAX_OPERAND = 9  # configs/data/arith_pref.jsonl: sums of two digits
 BAD = [{"prompt": "What is 1+1?", "chosen": "2"}, {"prompt": "What is 1+1?", "chosen": "2", "rejected": "2"},
        {"prompt": "x " * 200, "chosen": "2", "rejected": "3"}]
 
@@ -66,17 +64,21 @@ def dpo_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("dpo")
 
 
+def shipped(tmp: Path, base: str, **fields):
+    """A shipped config as it is, but for where it keeps its files (and the model it starts from)."""
+    over = {"data.cache_dir": str(tmp / "cache"), "train.storage_path": str(tmp / "runs"), **fields}
+    return load_config(ROOT / "configs" / base, [f"{k}={v}" for k, v in over.items()])
+
+
 @pytest.fixture(scope="module")
 def sft_base(ray_cluster, dpo_root) -> str:
-    """The SFT'd base: a tiny Llama raylm trains on the right answers, briefly (mostly wrong still)."""
-    path = dpo_root / "chat.jsonl"
-    path.write_text("".join(json.dumps({"messages": r["prompt"] + r["chosen"]}) + "\n"
-                            for r in records(800, seed=7, max_operand=MAX_OPERAND)))
-    cfg = config(dpo_root, "chat_sft.yaml", "sft", **{
-        "data.source": path, "data.vocab_size": 300, "model.overrides": "{initializer_range: 0.2}",
-        "train.max_steps": 12, "train.micro_batch_size": 8, "train.eval_every_steps": 12,
-        "train.checkpoint_every_steps": 12, "train.eval_batches": 2})
-    return os.path.join(fit(cfg, prepare_data(cfg.data, verbose=False)).checkpoint.path, "hf")
+    """The SFT'd base: configs/chat_sft.yaml as shipped (its final step's hf/ export is what the
+    shipped DPO configs name)."""
+    cfg = shipped(dpo_root, "chat_sft.yaml")
+    hf = os.path.join(fit(cfg, prepare_data(cfg.data, verbose=False)).checkpoint.path, "hf")
+    dpo_name = load_config(ROOT / "configs" / "dpo.yaml").model.name
+    assert dpo_name.endswith(os.path.join(cfg.train.run_name, Path(hf).parent.name, "hf"))  # the step dpo.yaml names
+    return hf
 
 
 @pytest.fixture(scope="module")
@@ -88,11 +90,9 @@ def pref_corpus(dpo_root) -> Path:
 
 
 @pytest.fixture(scope="module")
-def lora_run(sft_base, pref_corpus, dpo_root):
-    cfg = config(dpo_root, "dpo_lora.yaml", "dpo-lora", **{
-        "model.name": sft_base, "data.source": pref_corpus, "train.max_steps": 40, "train.lr": 2e-2,
-        "train.micro_batch_size": 8, "train.eval_every_steps": 20, "train.checkpoint_every_steps": 40,
-        "train.eval_batches": 100, "train.dpo.beta": 0.1})
+def lora_run(sft_base, dpo_root):
+    """configs/dpo_lora.yaml as shipped, logging every step (logging changes nothing the run computes)."""
+    cfg = shipped(dpo_root, "dpo_lora.yaml", **{"model.name": sft_base, "train.log_every_steps": 1})
     prepared = prepare_data(cfg.data, verbose=False)
     return cfg, prepared, fit(cfg, prepared)
 
@@ -154,12 +154,13 @@ def mean_margin(model, rows: list[dict]) -> float:
     return float((chosen - rejected).mean())
 
 
-def base_vs_tuned(sft_base: str, tuned_dir: Path, val_rows: list[dict]) -> tuple[float, float, float, float]:
+def base_vs_tuned(sft_base: str, tuned_dir: Path, val_rows: list[dict],
+                  max_operand: int = SHIPPED_MAX_OPERAND) -> tuple[float, float, float, float]:
     """(preference accuracy on the validation pairs, exact match on 60 held-out records) of the SFT
     base and of the tuned model, as transformers loads them; printed, for the test log."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    held = records(200, seed=11, max_operand=MAX_OPERAND)  # drawn apart from the training corpus
+    held = records(200, seed=11, max_operand=max_operand)  # another draw of the same facts (the toy task has no others)
     tok = AutoTokenizer.from_pretrained(sft_base)
     base = AutoModelForCausalLM.from_pretrained(sft_base).eval()
     tuned = AutoModelForCausalLM.from_pretrained(tuned_dir).eval()
@@ -178,14 +179,11 @@ def test_lora_dpo_learns_the_preference(lora_run, sft_base):
     from transformers import AutoModelForCausalLM
 
     cfg, prepared, result = lora_run
-    s = prepared.stats
     assert cfg.data.tokenizer == sft_base  # the SFT base's own tokenizer and chat template
-    assert s.documents == 900 and s.skipped_records == 4
-    assert s.skipped_reasons == ("skipped 4 records: 1 chosen identical to rejected, 1 missing field 'rejected', "
-                                 "1 no answer token within seq_len=48, 1 not JSON")
+    assert prepared.stats.documents == 1000 and prepared.stats.skipped_records == 0
     log = read_log(cfg)
     steps = [r for r in log if "loss" in r]
-    assert len(steps) == 40 and steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # adapters start at 0
+    assert len(steps) == cfg.train.max_steps and steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # adapters start at 0
     assert steps[0]["rewards/accuracy"] == 0.0  # policy == reference: every reward is 0, no pair is won
     for r in steps:
         assert r["rewards/margins"] == pytest.approx(r["rewards/chosen"] - r["rewards/rejected"], abs=1e-5)
@@ -193,16 +191,16 @@ def test_lora_dpo_learns_the_preference(lora_run, sft_base):
     print(f"train loss {steps[-1]['loss']:.3f}, val loss {final['val_loss']:.3f}, val reward accuracy "
           f"{final['val_rewards/accuracy']:.3f}, margin {final['val_rewards/margins']:.3f}")
     assert np.mean([r["loss"] for r in steps[-5:]]) < 0.5 and final["val_loss"] < math.log(2) - 0.1
-    assert final["val_rewards/accuracy"] >= 0.75 and final["val_rewards/margins"] > 0
+    assert final["val_rewards/accuracy"] >= 0.8 and final["val_rewards/margins"] > 0  # the README's figure
 
     val_rows = prepared.val.take_all()
-    assert len(val_rows) <= cfg.train.eval_batches * cfg.train.grad_accum_steps * cfg.train.micro_batch_size  # the run evaluated them all
+    assert len(val_rows) <= cfg.train.eval_batches * cfg.train.grad_accum_steps * cfg.train.micro_batch_size * cfg.train.num_workers  # the run evaluated them all
     before, after, em_before, em_after = base_vs_tuned(sft_base, Path(result.checkpoint.path) / "hf", val_rows)
     # The improvement, measured on the exported model as transformers loads it: its mean log-prob
     # margin of chosen over rejected rose from the base's, by exactly what the run's own validation
     # reported (rewards/margins = beta x the rise). The absolute preference accuracy and exact match
-    # of a 64-wide LoRA model barely move in 40 steps (measured 0.83 -> 0.81, 0.25 -> 0.27): printed
-    # above, asserted by the full fine-tune below (test_full_dpo_learns_what_it_is_told).
+    # (measured for 120 steps of this config: 0.78 -> 0.87, 0.27 -> 0.23) are printed above, and
+    # asserted for the full fine-tune below (test_full_dpo_learns_what_it_is_told).
     from transformers import AutoModelForCausalLM as Auto
 
     base_margin = mean_margin(Auto.from_pretrained(sft_base).eval(), val_rows)
@@ -226,7 +224,7 @@ def test_run_metrics_equal_trl_on_the_same_pairs(lora_run, sft_base):
 
     cfg, prepared, result = lora_run
     rows = prepared.val.take_all()
-    assert len(rows) <= cfg.train.eval_batches * cfg.train.grad_accum_steps * cfg.train.micro_batch_size  # the run evaluated them all
+    assert len(rows) <= cfg.train.eval_batches * cfg.train.grad_accum_steps * cfg.train.micro_batch_size * cfg.train.num_workers  # the run evaluated them all
     policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(sft_base),
                                        Path(result.checkpoint.path) / "adapter").eval()
     trainer = trl_trainer(policy, None, cfg.train.dpo.beta, cfg.train.dpo.loss_type)
@@ -280,14 +278,21 @@ def test_gpt2_dpo_trains_without_dropout(ray_cluster, pref_corpus, dpo_root):
 
 def test_full_dpo_zero3_reference_is_the_starting_model(sft_base, pref_corpus, dpo_root):
     """Full fine-tuning under ZeRO-3: the frozen reference is a partitioned DeepSpeed engine holding the
-    starting weights, so step 1's loss is log 2 exactly; then the loss falls and hf/ exports."""
+    starting weights, so step 1's loss is log 2 exactly; then the loss falls and hf/ exports. Its
+    corpus holds bad records: each is skipped and counted by reason."""
     from transformers import AutoModelForCausalLM
 
     cfg = config(dpo_root, "dpo.yaml", "dpo-full", **{
         "model.name": sft_base, "data.source": pref_corpus, "train.max_steps": 6, "train.lr": 3e-3,
         "train.micro_batch_size": 4, "train.grad_accum_steps": 2, "train.eval_every_steps": 6,
         "train.checkpoint_every_steps": 6, "train.eval_batches": 2, "deepspeed.zero_stage": 3})
-    result = fit(cfg, prepare_data(cfg.data, verbose=False))
+    prepared = prepare_data(cfg.data, verbose=False)
+    s = prepared.stats
+    assert cfg.data.tokenizer == sft_base
+    assert s.documents == 900 and s.skipped_records == 4
+    assert s.skipped_reasons == ("skipped 4 records: 1 chosen identical to rejected, 1 missing field 'rejected', "
+                                 "1 no answer token within seq_len=48, 1 not JSON")
+    result = fit(cfg, prepared)
     steps = [r for r in read_log(cfg) if "loss" in r]
     assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert steps[-1]["loss"] < steps[0]["loss"] and steps[-1]["rewards/margins"] > 0
@@ -295,22 +300,19 @@ def test_full_dpo_zero3_reference_is_the_starting_model(sft_base, pref_corpus, d
     assert type(model).__name__ == "LlamaForCausalLM"
 
 
-def test_full_dpo_learns_what_it_is_told(sft_base, pref_corpus, dpo_root):
-    """Issue 24 item 5: from an SFT'd base raylm trained, DPO on the toy preference corpus raises the
-    held-out preference accuracy to >= 0.9 and the exact match of its greedy answers (held-out records
-    of the same 25 sums: the toy task has no others)."""
-    cfg = config(dpo_root, "dpo.yaml", "dpo-learns", **{
-        "model.name": sft_base, "data.source": pref_corpus, "train.max_steps": 160, "train.lr": 1e-3,
-        "train.min_lr_ratio": 1.0, "train.micro_batch_size": 8, "train.log_every_steps": 10,
-        "train.eval_every_steps": 80, "train.checkpoint_every_steps": 160, "train.eval_batches": 100,
-        "train.dpo.beta": 0.5, "deepspeed.zero_stage": 2})
+def test_full_dpo_learns_what_it_is_told(sft_base, dpo_root):
+    """Issue 24 item 5, issue 32 item 4: from the shipped SFT base, configs/dpo.yaml as shipped raises the
+    validation reward accuracy to >= 0.8 (the README's figure), and the tuned model, as transformers
+    loads it, prefers the chosen answer of held-out pairs more often than the base does."""
+    cfg = shipped(dpo_root, "dpo.yaml", **{"model.name": sft_base})
     prepared = prepare_data(cfg.data, verbose=False)
     result = fit(cfg, prepared)
     evals = [r for r in read_log(cfg) if "val_rewards/accuracy" in r]
     print("val reward accuracy by step:", [(r["step"], round(r["val_rewards/accuracy"], 3)) for r in evals])
-    assert result.metrics["val_rewards/accuracy"] >= 0.9 and result.metrics["val_rewards/margins"] > 0
+    assert result.metrics["val_rewards/accuracy"] >= 0.8 and result.metrics["val_rewards/margins"] > 0
 
     val_rows = prepared.val.take_all()
+    assert len(val_rows) <= cfg.train.eval_batches * cfg.train.grad_accum_steps * cfg.train.micro_batch_size * cfg.train.num_workers
     before, after, em_before, em_after = base_vs_tuned(sft_base, Path(result.checkpoint.path) / "hf", val_rows)
-    assert after >= 0.9 and after > before
-    assert em_after > em_before  # measured 0.17 -> 0.30
+    assert after > before  # measured 0.78 -> 0.88
+    assert em_after > em_before  # measured 0.27 -> 0.30 (60 held-out prompts)
