@@ -99,15 +99,19 @@ def serving(cfg: RaylmConfig, address: Optional[str]) -> list[str]:
     """Lines describing Serve applications on a running cluster, or why there is none to ask."""
     import ray
 
-    target = address or cfg.cluster.address or os.environ.get("RAY_ADDRESS") or "auto"
-    try:
-        if target != "auto":
-            from raylm.cluster import use_cluster_token
+    from raylm.cluster import running_cluster, use_cluster_token
 
-            use_cluster_token(target)
+    # the cluster the other verbs join (cluster.init_ray's order), with its token, from a fresh shell too
+    target = address or cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    try:
+        target = target or running_cluster()  # several on this machine: an InputError naming them
+        if not target or target == "local":
+            return ["no running Ray cluster on this machine: nothing is being served (--address names one elsewhere)"]
+        use_cluster_token(target)
         ray.init(address=target, namespace=cfg.cluster.namespace, log_to_driver=False, logging_level="ERROR")
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        return [f"no running Ray cluster reachable ({target}): nothing is being served ({str(exc).splitlines()[0]})"]
+    except (ConnectionError, RuntimeError, ValueError) as exc:  # InputError is a ValueError
+        return [f"no running Ray cluster reachable ({target or 'auto'}): nothing is being served "
+                f"({str(exc).splitlines()[0]})"]
     try:
         from ray import serve
 

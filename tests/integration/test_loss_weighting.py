@@ -86,6 +86,23 @@ def reference_grads() -> tuple[dict, dict, float]:
     return token_weighted, example_weighted, float(loss.detach())
 
 
+def global_step(engine, batches: list, objective=None) -> dict:
+    """One optimizer step of a DeepSpeed engine over this rank's micro-batches: the global batch's
+    loss (summed over ranks, per token), its token count and the full gradient of every trainable
+    parameter before engine.step()."""
+    import torch.distributed as dist
+    from deepspeed.utils import safe_get_full_grad
+
+    from raylm.train.step import backward_global_batch
+
+    loss_sum, tokens = backward_global_batch(engine, batches, *([objective] if objective is not None else []))
+    total = torch.tensor([loss_sum], dtype=torch.float64)
+    dist.all_reduce(total)
+    grads = {n: safe_get_full_grad(p).detach().clone() for n, p in engine.module.named_parameters() if p.requires_grad}
+    engine.step()
+    return {"loss": float(total) / tokens, "tokens": tokens, "grads": grads}
+
+
 def _worker(rank: int, world: int, port: int, out_dir: str, layouts: list) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
@@ -96,9 +113,6 @@ def _worker(rank: int, world: int, port: int, out_dir: str, layouts: list) -> No
     from raylm.train.deepspeed import deepspeed_config, import_deepspeed, lr_scheduler
 
     deepspeed = import_deepspeed()  # as training imports it (no shm op build)
-    from deepspeed.utils import safe_get_full_grad
-    from raylm.train.step import backward_global_batch
-
     deepspeed.init_distributed(dist_backend="gloo")
     rows = examples()
     for stage in STAGES:
@@ -111,14 +125,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str, layouts: list) -> No
                                               config=deepspeed_config(cfg), lr_scheduler=lr_scheduler(cfg))
             mine = rows[rank * micro * accum:(rank + 1) * micro * accum]  # this rank's part of the global batch
             batches = [collate(mine[i:i + micro]) for i in range(0, len(mine), micro)]
-            loss_sum, tokens = backward_global_batch(engine, batches)
-            total = torch.tensor([loss_sum], dtype=torch.float64)
-            dist.all_reduce(total)
-            grads = {n: safe_get_full_grad(p).detach().clone() for n, p in engine.module.named_parameters()}
-            engine.step()
+            record = global_step(engine, batches)
             if rank == 0:
-                torch.save({"grads": grads, "loss": float(total) / tokens, "tokens": tokens},
-                           os.path.join(out_dir, f"zero{stage}_w{workers}_m{micro}_a{accum}.pt"))
+                torch.save(record, os.path.join(out_dir, f"zero{stage}_w{workers}_m{micro}_a{accum}.pt"))
             engine.destroy()
     dist.destroy_process_group()
 
@@ -173,9 +182,6 @@ def _chunk_worker(rank: int, world: int, port: int, out_dir: str, variants: list
     from raylm.train.objectives.logprobs import chunkable
 
     deepspeed = import_deepspeed()
-    from deepspeed.utils import safe_get_full_grad
-    from raylm.train.step import backward_global_batch
-
     deepspeed.init_distributed(dist_backend="gloo")
     cfg = RaylmConfig.model_validate({"train": {"num_workers": 2, "micro_batch_size": 1, "grad_accum_steps": 2,
                                                 "grad_clip": 0}, "deepspeed": {"zero_stage": 3}})
@@ -194,12 +200,7 @@ def _chunk_worker(rank: int, world: int, port: int, out_dir: str, variants: list
                                               config=deepspeed_config(cfg), lr_scheduler=lr_scheduler(cfg))
             steps = []
             for _ in range(2):  # the second step runs on DeepSpeed's recorded trace (prefetch, release)
-                loss_sum, tokens = backward_global_batch(engine, batches, NextToken(engine, chunk))
-                total = torch.tensor([loss_sum], dtype=torch.float64)
-                dist.all_reduce(total)
-                steps.append({"loss": float(total) / tokens, "grads": {
-                    n: safe_get_full_grad(p).detach().clone() for n, p in engine.module.named_parameters() if p.requires_grad}})
-                engine.step()
+                steps.append(global_step(engine, batches, NextToken(engine, chunk)))
             if rank == 0:
                 torch.save({"steps": steps, "chunked": chunkable(engine)},
                            os.path.join(out_dir, f"tied{int(tied)}_lora{int(lora)}_chunk{chunk}.pt"))
