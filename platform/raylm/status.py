@@ -81,9 +81,10 @@ def eval_line(result: dict) -> str:
 
 def find(root: str) -> tuple[list[RunInfo], list[SweepInfo]]:
     """Runs are folders with metrics.jsonl or checkpoints; sweeps are folders with a Tune
-    experiment or best.json. Local folders and object storage alike."""
+    experiment or best.json. Local folders and object storage alike; files beside them (a config,
+    the promotion history) are not runs."""
     runs, sweeps = [], []
-    for name in storage.list_dir(root):
+    for name in storage.list_dir(root, folders_only=True):
         path = storage.join(root, name)
         inside = storage.list_dir(path)
         if storage.METRICS_FILE in inside or any(n.startswith(storage.STEP_PREFIX) for n in inside):
@@ -122,7 +123,8 @@ def serving(cfg: RaylmConfig, address: Optional[str]) -> list[str]:
         for name, app in apps.items():
             replicas = ", ".join(f"{d}: {sum(dep.replica_states.values())} replica(s) {dict(dep.replica_states)}"
                                  for d, dep in app.deployments.items())
-            lines.append(f"{name}: {app.status} — {replicas}")  # Serve's status overview has no route
+            state = getattr(app.status, "value", app.status)  # ApplicationStatus.RUNNING -> RUNNING
+            lines.append(f"{name}: {state} — {replicas}")  # Serve's status overview has no route
             if name == cfg.serve.app_name:
                 from raylm.lifecycle.rollout import version_check
 

@@ -237,8 +237,8 @@ def from_ray(path: str, fs: Any) -> str:
 # ------------------------------------------------------------------ reading and writing
 
 
-def list_dir(uri: str) -> list[str]:
-    """Names directly under `uri` (files and folders); [] when it does not exist."""
+def list_dir(uri: str, folders_only: bool = False) -> list[str]:
+    """Names directly under `uri` (files and folders, or only folders); [] when it does not exist."""
     import pyarrow.fs as pafs
 
     fs, path = filesystem(uri)
@@ -246,7 +246,7 @@ def list_dir(uri: str) -> list[str]:
         infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     except OSError as exc:
         raise StorageError(f"{uri}: cannot list it: {exc}") from None
-    return sorted(i.base_name for i in infos)
+    return sorted(i.base_name for i in infos if not folders_only or i.type == pafs.FileType.Directory)
 
 
 def list_files(uri: str) -> dict[str, int]:

@@ -150,7 +150,9 @@ def test_status_shows_the_newest_evaluation_of_a_run_and_of_a_sweeps_best(tmp_pa
         if loss is not None:
             (run / step / "eval.json").write_text(json.dumps({**result, "val_loss": loss}))
     (run / "metrics.jsonl").write_text(json.dumps({"step": 30, "val_loss": 2.0}) + "\n")
+    (tmp_path / "serve.yaml").write_text("serve: {}\n")  # a file beside the runs is not a run
     runs, _ = find(str(tmp_path))
+    assert [r.name for r in runs] == ["run"]
     assert runs[0].evaluation["val_loss"] == 1.25  # step 20's: the newest evaluated step
     line = eval_line(runs[0].evaluation)
     assert "val_loss 1.2500" in line and "exact_match 0.500" in line and "eval_set abc123" in line
