@@ -5,13 +5,15 @@ own file in the working directory (shipped to the workers by the runtime env).
 One DeepSpeed worker and one vLLM rollout engine, the tiny serving checkpoint as the starting model,
 4 steps of 4 prompts x 4 completions. Checked from the run's metrics.jsonl: val_rewards/mean (and
 per function) at step 0 and at the end; every step's rewards/mean the weighted sum of the
-functions' means, the weight sync measured, the rollouts of the step's own weights (staleness 0).
+functions' means, the weight sync measured, the rollouts of the step's own weights (staleness 0, and
+the engine's log-probs of the sampled tokens within 1e-3 of the trainer's).
 One run: 100-115 s on the shared 2-core machine, mostly the data stage's build and the engine's and
 the workers' start.
 
 Opt-in (RAYLM_SOAK=1, another 55 s: the data cache is reused): a run holding only that run's step-2 checkpoint resumes there;
 steps 3 and 4 are generated again from the same prompts, seeds and weights, so they log the same
-rewards, completion lengths and loss.
+rewards, completion lengths and loss. Opt-in (RAYLM_EXTENDED=1): LoRA under ZeRO-3, the gathered and
+merged weights synced every step.
 """
 
 from __future__ import annotations
@@ -32,9 +34,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 USER_REWARDS = '''
 def short(prompts, completions, **columns):
-    """1 for an answer of at most 3 characters (the user's own reward, in TRL's convention)."""
-    return [1.0 if len(c[0]["content"].strip()) <= 3 else 0.0 for c in completions]
+    """Shorter answers score higher, 1 for an empty one (the user's own reward, in TRL's convention):
+    graded, so the random starting model's completions differ in reward and every step learns."""
+    return [max(0.0, 1.0 - len(c[0]["content"].strip()) / 40) for c in completions]
 '''
+
+
+LOGP_DIFF_MAX = 1e-3  # |trainer - engine| log-prob of a sampled token after a sync (fp32 both sides)
 
 
 def raylm_train(cwd: Path, sets: dict) -> subprocess.CompletedProcess:
@@ -80,6 +86,12 @@ def test_grpo_logs_rewards_sync_and_validation_from_step_0(grpo_run):
                                                   abs=1e-5)
         assert r["sync_s"] > 0 and r["rollout_tokens_per_s"] > 0 and r["staleness"] == 0
         assert 0 < r["completion_length"] <= 6 and r["kl"] >= 0 and 0 <= r["clip_ratio"] <= 1
+        # the engine sampled with the weights being trained (fp32 on both sides): a sync that failed or
+        # sent the wrong tensors leaves the engine's log-probs where the trainer's were steps ago
+        assert r["sampling/sampling_logp_difference/max"] < LOGP_DIFF_MAX, (r["step"], r)
+    # ... and those weights moved: the rewards differ within groups (advantages not all 0), and by
+    # step 4 the policy is off the reference
+    assert all(r["rewards/std"] > 0 for r in steps.values()) and steps[4]["kl"] > 0, steps
 
 
 @pytest.mark.slow
@@ -97,3 +109,26 @@ def test_grpo_resume_generates_the_same_completions(grpo_run):
     for r in redone:
         for key in ("rewards/mean", "rewards/short/mean", "completion_length", "loss"):
             assert r[key] == pytest.approx(steps[r["step"]][key], rel=1e-5, abs=1e-6), (key, r["step"])
+
+
+@pytest.mark.extended
+def test_grpo_with_lora_under_zero3_samples_from_the_weights_it_trains(ray_cluster, tiny_checkpoint,  # noqa: F811
+                                                                        tmp_path_factory):
+    """LoRA under ZeRO-3: every step the partitioned parameters are gathered, each adapted layer is
+    merged (W + scale B A) and sent to the engine, so the engine samples from the weights being
+    trained. lr 1e-2 moves the adapters far enough in a step that a sync that sent the base (or
+    nothing) would show in the log-prob difference."""
+    cwd = tmp_path_factory.mktemp("grpo-z3-lora")
+    (cwd / "my_rewards.py").write_text(USER_REWARDS)
+    sets = {**SETS, "model.name": tiny_checkpoint, "data.cache_dir": cwd / "cache", "train.storage_path": cwd / "runs",
+            "deepspeed.zero_stage": 3, "train.lora": "{r: 8, alpha: 16, target_modules: all-linear}",
+            "train.lr": 1e-2}
+    done = raylm_train(cwd, sets)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [json.loads(s) for s in (cwd / "runs" / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    steps = {r["step"]: r for r in lines if "rewards/mean" in r}
+    assert sorted(steps) == [1, 2, 3, 4]
+    for r in steps.values():
+        assert r["sync_s"] > 0 and r["sampling/sampling_logp_difference/max"] < LOGP_DIFF_MAX, (r["step"], r)
+    assert steps[4]["kl"] > 0  # the adapters moved the policy off the base (the reference)
+    assert (cwd / "runs" / "grpo" / "step_00000004" / "adapter" / "adapter_config.json").exists()

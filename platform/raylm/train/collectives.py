@@ -6,7 +6,7 @@ from typing import Any
 
 
 def all_reduced(values: list[float], device: Any, op: str = "SUM") -> list[float]:
-    """`values` reduced over all ranks (one all-reduce), element by element (op SUM or MIN)."""
+    """`values` reduced over all ranks (one all-reduce), element by element (op SUM, MIN or MAX)."""
     import torch
     import torch.distributed as dist
 

@@ -115,6 +115,9 @@ class GRPO:
         self.lengths: list[int] = []
         # rollouts since the last log line: [tokens, engine seconds, staleness sum, samples, sync_s sum, syncs]
         self.rollout_sums = [0.0] * 6
+        # |trainer - engine| log-prob of the sampled tokens: [sum, tokens] and the largest (TRL's
+        # sampling/sampling_logp_difference/*): ~0 when the engines hold the weights being trained
+        self.logp_diff, self.logp_diff_max = [0.0, 0.0], 0.0
 
     # ---------------------------------------------------------------- rollouts -> micro-batches
 
@@ -211,6 +214,7 @@ class GRPO:
         ref = self.reference_logps(batch)
         logps = policy_logps(self.engine, batch, g.temperature, self.cfg.train.loss_chunk_tokens)
         mask = batch["completion_mask"]
+        self._note_logp_diff(logps.detach(), batch["sampling_logps"], mask)
         is_ratio = None
         if g.vllm_importance_sampling_correction:
             is_ratio = importance_ratio(logps.detach(), batch["sampling_logps"], mask, g.vllm_importance_sampling_mode,
@@ -218,6 +222,17 @@ class GRPO:
         loss, stats = grpo_loss(logps, None, ref, batch["advantages"], mask, g, is_ratio=is_ratio, num_items=1.0)
         self.loss_sums = [a + b for a, b in zip(self.loss_sums, stats.as_list())]
         return loss if g.loss_type == "dapo" else loss * mask.size(0)
+
+    def _note_logp_diff(self, logps: Any, sampling: Any, mask: Any) -> None:
+        """How far the engine's log-probs of the sampled tokens are from the trainer's: tokens the
+        engine could not score (NaN) are left out, as TRL leaves them out."""
+        import torch
+
+        delta = (logps - sampling).abs()[mask.bool()]
+        delta = delta[~torch.isnan(delta)]
+        if delta.numel():
+            self.logp_diff = [self.logp_diff[0] + float(delta.sum()), self.logp_diff[1] + delta.numel()]
+            self.logp_diff_max = max(self.logp_diff_max, float(delta.max()))
 
     def train_metrics(self) -> dict[str, float]:
         """rewards/mean and rewards/std (overall and per function), kl, clip_ratio and
@@ -227,8 +242,10 @@ class GRPO:
         for j in range(r.shape[1]):
             col = r[:, j][~np.isnan(r[:, j])]
             sums += [float(col.sum()), float((col ** 2).sum()), float(len(col))]
-        totals = all_reduced(self.loss_sums + sums + [float(sum(self.lengths)), float(len(self.lengths))],
-                             self.device)
+        totals = all_reduced(self.loss_sums + sums + [float(sum(self.lengths)), float(len(self.lengths))]
+                             + self.logp_diff, self.device)
+        diff_sum, diff_n = totals[-2:]
+        totals = totals[:-2]
         out = loss_metrics(totals[:4], self.g.beta)
         names = ["rewards"] + [f"rewards/{reward_name(n)}" for n in self.g.reward_funcs]
         for j, name in enumerate(names):
@@ -245,6 +262,10 @@ class GRPO:
             out["staleness"] = stale / samples
         if syncs:
             out["sync_s"] = sync_s / syncs
+        diff_max = all_reduced([self.logp_diff_max], self.device, op="MAX")[0]
+        if diff_n:
+            out["sampling/sampling_logp_difference/mean"] = diff_sum / diff_n
+            out["sampling/sampling_logp_difference/max"] = diff_max
         self._reset()
         return out
 
