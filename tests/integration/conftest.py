@@ -1,6 +1,7 @@
 """One real local Ray cluster for the whole integration run (token auth on, as Ray 2.60 sets it)."""
 
 import pytest
+from grpo_fixtures import grpo_run  # noqa: F401 - one GRPO run for the session (test_grpo_train, test_lifecycle)
 
 from raylm.cluster import init_ray
 from raylm.config import load_config

@@ -4,7 +4,8 @@ back with the old model serving throughout, a corrupt one is refused before anyt
 Ray, adapters join without a redeploy, and `raylm rollback` from another process joins the running
 cluster (it does not start a second Ray) and brings the previous model back.
 
-One served app for the module: v1 (tiny checkpoint A) -> v2 (B, promoted) -> a failed rollout of a
+One served app for the module: v1 (tiny checkpoint A) -> v2 (B, the suite's GRPO run's export,
+promoted) -> a failed rollout of a
 checkpoint vLLM cannot load (v2 keeps serving) -> rollback to v1.
 """
 
@@ -27,6 +28,7 @@ import pytest
 from cli_env import clean_env
 from raylm.cluster import token_path
 from raylm.config import dump_config
+from grpo_fixtures import grpo_export  # grpo_run: conftest.py
 from serve_fixtures import (MODEL_ID, auth, key_file, repo_root, serve_config, shutdown_serve, tiny_adapter,
                             tiny_checkpoint, wait_until)
 
@@ -81,17 +83,16 @@ class Load:
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tiny_checkpoint, tmp_path_factory) -> dict[str, str]:
-    """A (the tiny checkpoint), B (other random weights), cannot_load (config asks for a layer the
-    weights lack: only vLLM finds out), corrupt (weights cut short) and worse (A with its final norm
+def checkpoints(tiny_checkpoint, grpo_run, tmp_path_factory) -> dict[str, str]:
+    """A (the tiny checkpoint), B (the suite's GRPO run's final export, trained from A: a GRPO result
+    is what the promotions below roll out, in this process and from a second shell), cannot_load
+    (config asks for a layer the weights lack: only vLLM finds out), corrupt (weights cut short) and worse (A with its final norm
     scaled up: confidently wrong, so its validation loss is far above A's near-uniform ln(vocab))."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from raylm.serve.tiny import make_tiny_checkpoint
-
     root = tmp_path_factory.mktemp("lifecycle")
-    b = make_tiny_checkpoint(str(root / "b"), seed=1)
+    b = grpo_export(grpo_run)
     cannot_load = shutil.copytree(tiny_checkpoint, root / "cannot_load")
     config = json.loads((cannot_load / "config.json").read_text())
     config["num_hidden_layers"] += 1
