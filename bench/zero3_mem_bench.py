@@ -1,6 +1,6 @@
 """ZeRO-3 host memory, measured as growth (issue 32, item 11): on 2 workers, each worker's peak RSS
 minus its RSS before the model is built (the imports are the same in every run), for a 12-layer
-model (small-llama, wider MLP: ~0.12B) trained 3 steps:
+model (small-llama, wider MLP: ~0.11B) trained 3 steps:
 
     zero0               ZeRO-0 as raylm runs it: every rank holds the whole model, its gradients and
                         Adam state (16 bytes a parameter in fp32); glibc's own malloc threshold

@@ -53,8 +53,8 @@ class TrainConfig(_Strict):
         None, ge=0, description="CPU training: each worker's glibc malloc serves blocks of at least this many KiB "
         "with their own mappings, returned to the system when freed (mallopt M_MMAP_THRESHOLD). Unset: 128 under "
         "ZeRO-3, glibc's own otherwise; 0: glibc's own, whose threshold rises to 32 MiB and then keeps freed "
-        "gathered layers and activations in the heap (ZeRO-3 at 0.12B: ~0.7 GiB more per worker, but steps ~1.4x "
-        "faster on CPU; bench/RESULTS.md section 8).")
+        "gathered layers and activations in the heap (ZeRO-3 at 0.11B: ~0.7 GiB more per worker, but steps ~1.5x "
+        "faster; bench/RESULTS.md section 8).")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each worker actor reserves.")
     micro_batch_size: int = Field(4, ge=1, description="Sequences per worker per forward pass.")
     grad_accum_steps: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
@@ -136,7 +136,7 @@ class DeepSpeedConfig(_Strict):
     stage3_max_live_parameters: int = Field(
         2 * 10**7, ge=0, description="ZeRO-3: at most this many parameters gathered at once by prefetching "
         "(DeepSpeed's stage3_max_live_parameters; its default 1e9 is a whole 1B model). 2e7 (about two layers of a "
-        "0.12B model): 1e8 kept ~0.47 GiB more gathered per worker at 0.12B for ~5% faster CPU steps (bench/RESULTS.md "
+        "0.11B model): 1e8 kept ~0.47 GiB more gathered per worker at 0.11B for ~5% faster CPU steps (bench/RESULTS.md "
         "section 8); on GPUs a larger value lets more prefetching overlap compute.")
     stage3_max_reuse_distance: int = Field(
         10**7, ge=0, description="ZeRO-3: a gathered parameter is kept only when it is used again within this many "

@@ -154,7 +154,7 @@ def share_fp32_master(optimizer: Any) -> int:
     `_create_fp32_partitions`: "we don't need another copy of the weights"). DeepSpeed 0.19.8 compares
     `tensor.device == self.device` with `self.device` a string ('cpu'), which a torch.device never
     equals, so it clones: a second copy of the partition, 4 bytes a parameter / world on every rank
-    (219 MiB a worker at 0.12B on 2 workers; bench/RESULTS.md section 8). After this the optimizer
+    (219 MiB a worker at 0.11B on 2 workers; bench/RESULTS.md section 8). After this the optimizer
     updates the partition in place and DeepSpeed's copy back (fp32 -> partition) copies it onto itself.
 
     The master tensors stay the same objects (the optimizer's param groups and Adam state key on
