@@ -62,8 +62,8 @@ def test_deepspeed_dict_bf16_accumulates_in_fp32_and_has_no_scheduler_section():
 def test_zero3_dict_bounds_what_a_rank_holds_gathered():
     ds = deepspeed_config(load_config(None, ["deepspeed.zero_stage=3", "deepspeed.stage3_max_reuse_distance=0"]))
     zero = ds["zero_optimization"]
-    assert zero["stage3_max_reuse_distance"] == 0 and zero["stage3_max_live_parameters"] == 10**8
-    assert zero["stage3_prefetch_bucket_size"] == 5 * 10**7
+    assert zero["stage3_max_reuse_distance"] == 0 and zero["stage3_max_live_parameters"] == 2 * 10**7
+    assert zero["stage3_prefetch_bucket_size"] == 10**7
     assert "stage3_max_live_parameters" not in deepspeed_config(load_config(None, []))["zero_optimization"]
 
 

@@ -91,6 +91,16 @@ class RaylmConfig(_Strict):
             self.data.tokenizer = self.model.name
 
     @property
+    def cpu_mmap_kib(self) -> int:
+        """The malloc threshold CPU training workers set (train.cpu_mmap_threshold_kib): unset, 128 KiB
+        under ZeRO-3 (the stage chosen to save memory) and glibc's own otherwise; 0 on GPU."""
+        if self.train.use_gpu:
+            return 0
+        if self.train.cpu_mmap_threshold_kib is not None:
+            return self.train.cpu_mmap_threshold_kib
+        return 128 if self.deepspeed.zero_stage == 3 else 0
+
+    @property
     def precision(self) -> str:
         """The precision that runs: 'auto' resolves to bf16 on GPU and fp32 on CPU."""
         if self.deepspeed.precision != "auto":

@@ -49,6 +49,12 @@ class DPOConfig(_Strict):
 class TrainConfig(_Strict):
     num_workers: int = Field(2, ge=1, description="Ray Train worker actors (one DeepSpeed rank each).")
     use_gpu: bool = Field(False, description="One GPU per worker, NCCL and bf16; otherwise CPU, gloo and fp32.")
+    cpu_mmap_threshold_kib: Optional[int] = Field(
+        None, ge=0, description="CPU training: each worker's glibc malloc serves blocks of at least this many KiB "
+        "with their own mappings, returned to the system when freed (mallopt M_MMAP_THRESHOLD). Unset: 128 under "
+        "ZeRO-3, glibc's own otherwise; 0: glibc's own, whose threshold rises to 32 MiB and then keeps freed "
+        "gathered layers and activations in the heap (ZeRO-3 at 0.11B: ~0.7 GiB more per worker, but steps ~1.5x "
+        "faster; bench/RESULTS.md section 8).")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each worker actor reserves.")
     micro_batch_size: int = Field(4, ge=1, description="Sequences per worker per forward pass.")
     grad_accum_steps: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
@@ -128,15 +134,25 @@ class DeepSpeedConfig(_Strict):
     offload_optimizer: bool = Field(False, description="Keep optimizer state on CPU (ZeRO >= 1).")
     offload_params: bool = Field(False, description="Keep parameters on CPU (ZeRO-3 only).")
     stage3_max_live_parameters: int = Field(
-        10**8, ge=0, description="ZeRO-3: at most this many parameters gathered at once by prefetching "
-        "(DeepSpeed's stage3_max_live_parameters; its default 1e9 is a whole 1B model).")
+        2 * 10**7, ge=0, description="ZeRO-3: at most this many parameters gathered at once by prefetching "
+        "(DeepSpeed's stage3_max_live_parameters; its default 1e9 is a whole 1B model). 2e7 (about two layers of a "
+        "0.11B model): 1e8 kept ~0.47 GiB more gathered per worker at 0.11B for ~5% faster CPU steps (bench/RESULTS.md "
+        "section 8); on GPUs a larger value lets more prefetching overlap compute.")
     stage3_max_reuse_distance: int = Field(
         10**7, ge=0, description="ZeRO-3: a gathered parameter is kept only when it is used again within this many "
         "parameters' worth of modules; otherwise it is released after use and gathered again in backward "
         "(DeepSpeed's stage3_max_reuse_distance; its default 1e9 keeps every layer of a model under 1B gathered "
         "from its forward to its backward: the whole model again on each rank).")
     stage3_prefetch_bucket_size: int = Field(
-        5 * 10**7, ge=0, description="ZeRO-3: parameters fetched ahead of use (DeepSpeed's stage3_prefetch_bucket_size).")
+        10**7, ge=0, description="ZeRO-3: parameters fetched ahead of use (DeepSpeed's stage3_prefetch_bucket_size).")
+    stage3_reduce_bucket_size: int = Field(
+        10**7, ge=1, description="ZeRO-3: gradients are reduce-scattered in buckets of this many elements (DeepSpeed's "
+        "reduce_bucket_size). Its default 5e8 is larger than most models: the bucket then holds every full-size "
+        "gradient until the backward ends and the reduce-scatter flattens a second copy (bench/RESULTS.md, section 8).")
+    stage3_sub_group_size: int = Field(
+        10**7, ge=1, description="ZeRO-3: the optimizer steps a rank's partition in pieces of this many elements "
+        "(DeepSpeed's sub_group_size). Its default 1e9 steps the whole partition at once: a flat copy of its "
+        "gradients and Adam's temporaries, each the size of the partition (bench/RESULTS.md, section 8).")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="'auto': bf16 on GPU, fp32 on CPU. bf16 accumulates gradients in fp32 (from "
         "zero_stage 1 on); fp16 (GPU) skips the steps whose gradients overflow (metric skipped_steps)."

@@ -118,7 +118,9 @@ def deepspeed_config(cfg: RaylmConfig) -> dict[str, Any]:
                     # what a rank holds gathered beside its shard: bounded, so that layers are released
                     stage3_max_live_parameters=ds.stage3_max_live_parameters,
                     stage3_max_reuse_distance=ds.stage3_max_reuse_distance,
-                    stage3_prefetch_bucket_size=ds.stage3_prefetch_bucket_size)
+                    stage3_prefetch_bucket_size=ds.stage3_prefetch_bucket_size,
+                    # and what it holds beside them at once: the gradient bucket, the optimizer's piece
+                    reduce_bucket_size=ds.stage3_reduce_bucket_size, sub_group_size=ds.stage3_sub_group_size)
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": t.use_gpu}
     if ds.offload_params:
@@ -144,6 +146,48 @@ def deepspeed_config(cfg: RaylmConfig) -> dict[str, Any]:
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
     }
+
+
+def share_fp32_master(optimizer: Any) -> int:
+    """ZeRO-3 without offload: point each fp32 master partition at the rank's own parameter partition
+    when that already is fp32 on the same device, as DeepSpeed means to (stage3.py,
+    `_create_fp32_partitions`: "we don't need another copy of the weights"). DeepSpeed 0.19.8 compares
+    `tensor.device == self.device` with `self.device` a string ('cpu'), which a torch.device never
+    equals, so it clones: a second copy of the partition, 4 bytes a parameter / world on every rank
+    (219 MiB a worker at 0.11B on 2 workers; bench/RESULTS.md section 8). After this the optimizer
+    updates the partition in place and DeepSpeed's copy back (fp32 -> partition) copies it onto itself.
+
+    The master tensors stay the same objects (the optimizer's param groups and Adam state key on
+    them); only their storage changes. Returns the bytes freed."""
+    lows = getattr(optimizer, "fp16_partitioned_groups_flat", None)
+    masters = getattr(optimizer, "fp32_partitioned_groups_flat", None)
+    if not lows or not masters or getattr(optimizer, "offload_optimizer", False):
+        return 0
+    freed = 0
+    for low, master in zip(lows, masters):
+        if (low is None or master.numel() == 0 or master.numel() != low.numel() or master.dtype != low.dtype
+                or master.device != low.device or master.data_ptr() == low.data_ptr()):
+            continue
+        freed += master.numel() * master.element_size()
+        master.data = low.data
+    return freed
+
+
+def cpu_mmap_threshold(kib: int) -> bool:
+    """glibc malloc: blocks of at least `kib` KiB get their own mapping, returned to the system when
+    freed (mallopt M_MMAP_THRESHOLD, this process only; later allocations). glibc's own threshold
+    starts at 128 KiB but rises to the largest block freed, up to 32 MiB, after which freed gathered
+    layers, gradients and activations stay in the heap (measured: bench/RESULTS.md section 8).
+    False where it is not glibc or kib is 0."""
+    import ctypes
+
+    if kib <= 0:
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(-3, kib * 1024))  # M_MMAP_THRESHOLD
 
 
 def inference_config(cfg: RaylmConfig) -> dict[str, Any]:

@@ -41,9 +41,11 @@ def _engine(cfg: RaylmConfig, tokenizer: Any) -> tuple[Any, dict]:
     import torch.distributed as dist
 
     from raylm.model import build_model
-    from raylm.train.deepspeed import deepspeed_config, import_deepspeed, lr_scheduler, optimizer_groups
+    from raylm.train.deepspeed import (cpu_mmap_threshold, deepspeed_config, import_deepspeed, lr_scheduler,
+                                       optimizer_groups, share_fp32_master)
     from raylm.train.lora import apply_lora, param_counts
 
+    cpu_mmap_threshold(cfg.cpu_mmap_kib)  # CPU: before the model is built, so freed blocks go back
     deepspeed = import_deepspeed()
     deepspeed.init_distributed(dist_backend="nccl" if cfg.train.use_gpu else "gloo")  # reuses Ray's group
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank (ZeRO-3: rank 0's, broadcast)
@@ -58,6 +60,8 @@ def _engine(cfg: RaylmConfig, tokenizer: Any) -> tuple[Any, dict]:
               f"{trainable:,} trainable of {total:,} parameters ({100.0 * trainable / total:.2f}%)", flush=True)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=optimizer_groups(model, cfg.train.weight_decay),
                                            config=deepspeed_config(cfg), lr_scheduler=lr_scheduler(cfg))
+    if cfg.deepspeed.zero_stage == 3:
+        share_fp32_master(engine.optimizer)
     return engine, {"trainable_params": trainable, "total_params": total}
 
 
