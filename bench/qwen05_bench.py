@@ -54,6 +54,7 @@ TIMED = 3
 GOAL = 0.95
 LORA = {"r": 16, "alpha": 32}
 # which sides run: bare DeepSpeed, raylm (defaults), raylm with train.loss_chunk_tokens=0 (full logits, as bare)
+STARTED: dict = {}
 SIDES = os.environ.get("RAYLM_QWEN05_SIDES", "bare,raylm,nochunk").split(",")
 
 
@@ -274,6 +275,8 @@ def run(args) -> dict:
     from common import start_ray
     from raylm.data import load_tokenizer, prepare_data
 
+    # the code measured: the commit when the run starts (the platform is imported by each worker as it starts)
+    STARTED.update(commit=git_commit(), date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
     shape = QUICK if args.quick else QWEN2_05B
     rounds = int(os.environ.get("RAYLM_QWEN05_ROUNDS", "1"))
     storage = os.path.join(args.workdir, "runs")
@@ -372,7 +375,7 @@ def _report(results: dict, shape: dict, token_ids: int, available_gib: float, ro
                     "rows": rows}],
         "goals": goals,
         "findings": findings,
-        "raw": {"commit": git_commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "sides": SIDES,
+        "raw": {**STARTED, "sides": SIDES,
                 "results": results, "shape": shape, "seq_len": SEQ_LEN, "warmup": WARMUP, "timed": TIMED,
                 "available_gib_at_start": available_gib},
     }
