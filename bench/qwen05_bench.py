@@ -287,6 +287,10 @@ def run(args) -> dict:
     os.environ.pop("RAY_ADDRESS", None)
     ray = start_ray(num_cpus=4)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    # which raylm the cluster's workers import (PYTHONPATH may point this run at another copy of it)
+    STARTED["worker_raylm"] = ray.get(ray.remote(lambda: __import__("raylm").__file__).remote())
+    STARTED["tag"] = os.environ.get("RAYLM_QWEN05_TAG", "")
+    print("workers import", STARTED["worker_raylm"], flush=True)
     results: dict[str, dict] = {}
     for name, v in variants().items():
         model_dir, n_params = make_model(os.path.join(args.workdir, "models"), shape, v["layers"])
