@@ -319,6 +319,7 @@ def run(args) -> dict:
                          "raylm_nochunk": unchunked,
                          "load_avg_after": os.getloadavg()}
     ray.shutdown()
+    Path(args.out + ".raw").write_text(json.dumps({**STARTED, "results": results}, indent=2, default=str))
     return _report(results, shape, token_ids, available_gib, rounds)
 
 
@@ -339,6 +340,8 @@ def _report(results: dict, shape: dict, token_ids: int, available_gib: float, ro
 
     for name, r in results.items():
         v, b, y, u = r["variant"], r["bare"], r["raylm"], r.get("raylm_nochunk") or []
+        if not (b and y):  # a run of one side (RAYLM_QWEN05_SIDES): its numbers are in raw, compared elsewhere
+            continue
         bt, yt = _mean(b, "tokens_per_s"), _mean(y, "tokens_per_s")
         x = ratio(yt, bt)
         label = (f"LoRA r={LORA['r']} (all linear), ZeRO-{v['zero']}" if v["lora"]
