@@ -25,8 +25,16 @@ Peak RSS per worker: VmHWM of each Ray Train worker process. Bare: each rank rea
 the timed steps. raylm: sampled every 0.5 s from outside; reported at the end of the timed window
 (training only) and over the whole run (the final eval, checkpoint and HF export included).
 
+Full fine-tuning runs the Qwen2-0.5B shape cut to 12 layers (315M parameters; the embedding,
+136M, is whole): at 24 layers (494M) the bare DeepSpeed workers were OOM-killed by Ray's memory
+monitor at 9.1 / 9.3 GiB each and still growing (ZeRO-3 in fp32 on CPU: ~31 bytes a parameter per
+worker at 12 layers, see bench/RESULTS.md section 18). ZeRO-3 with CPU offload was not run: on a
+CPU-only machine DeepSpeed's "device" memory already is host memory, so it is not expected to lower
+the peak (not measured).
+
     .venv/bin/python bench/qwen05_bench.py --out /tmp/qwen05.json [--quick] [--workdir DIR]
-    RAYLM_QWEN05_VARIANTS=lora,full RAYLM_QWEN05_FULL_LAYERS=24 RAYLM_QWEN05_ROUNDS=1 (defaults)
+    RAYLM_QWEN05_VARIANTS=lora,full RAYLM_QWEN05_FULL_LAYERS=12 RAYLM_QWEN05_FULL_ZERO=3 RAYLM_QWEN05_ROUNDS=1
+    RAYLM_QWEN05_SIDES=bare,raylm,nochunk (the defaults)
 """
 
 from __future__ import annotations
@@ -61,7 +69,7 @@ SIDES = os.environ.get("RAYLM_QWEN05_SIDES", "bare,raylm,nochunk").split(",")
 def variants() -> dict[str, dict]:
     """name -> (layers, ZeRO stage, lora) from the environment (defaults: the brief's two runs)."""
     names = os.environ.get("RAYLM_QWEN05_VARIANTS", "lora,full").split(",")
-    full_layers = int(os.environ.get("RAYLM_QWEN05_FULL_LAYERS", "24"))
+    full_layers = int(os.environ.get("RAYLM_QWEN05_FULL_LAYERS", "12"))
     table = {"lora": {"layers": 24, "zero": 2, "lora": True},
              "full": {"layers": full_layers, "zero": int(os.environ.get("RAYLM_QWEN05_FULL_ZERO", "3")), "lora": False}}
     return {n: table[n] for n in names if n}
