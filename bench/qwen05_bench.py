@@ -28,7 +28,9 @@ the timed steps. raylm: sampled every 0.5 s from outside; reported at the end of
 Full fine-tuning runs the Qwen2-0.5B shape cut to 12 layers (315M parameters; the embedding,
 136M, is whole): at 24 layers (494M) the bare DeepSpeed workers were OOM-killed by Ray's memory
 monitor at 9.1 / 9.3 GiB each and still growing (ZeRO-3 in fp32 on CPU: ~31 bytes a parameter per
-worker at 12 layers, see bench/RESULTS.md section 18). ZeRO-3 with CPU offload was not run: on a
+worker at 12 layers, see bench/RESULTS.md section 18). 12 layers fit two workers (~10 GiB each)
+only while little else ran on this 24 GiB machine: section 18's side-by-side full pair used
+RAYLM_QWEN05_FULL_LAYERS=4 (196M). ZeRO-3 with CPU offload was not run: on a
 CPU-only machine DeepSpeed's "device" memory already is host memory, so it is not expected to lower
 the peak (not measured).
 
