@@ -1,8 +1,9 @@
 """Run the raylm benchmark suite and write bench/results/<timestamp>.json and bench/RESULTS.md.
 
-    .venv/bin/python bench/run.py                       # every stage (about 20-25 min on 2 cores)
+    .venv/bin/python bench/run.py                       # every stage (about 20-25 min on 2 cores; + 30-40 for qwen05)
     .venv/bin/python bench/run.py --quick               # smaller sizes (under 10 min; + ~15 min for batching)
     .venv/bin/python bench/run.py --only data,serve     # some stages
+    .venv/bin/python bench/run.py --only qwen05         # the Qwen2-0.5B shape (section 18): 30-40 min on its own
 
 Each stage runs in its own Python process with its own local Ray cluster (token auth on, as
 raylm always starts it), so one stage's actors, env flags and memory never leak into the next.
@@ -38,6 +39,7 @@ STAGES = {  # name -> (module file, stage timeout in seconds: quick, full)
     "batching": ("batching_bench.py", 1200, 1800),
     "edge": ("edge_bench.py", 900, 1200),
     "prefix": ("prefix_bench.py", 900, 1200),
+    "qwen05": ("qwen05_bench.py", 900, 3000),  # Qwen2-0.5B shape, LoRA + full vs bare DeepSpeed: ~30-40 min full
 }
 
 

@@ -5,9 +5,13 @@ The full fp32 logits of a micro-batch are (batch, seq, vocab): at a real vocabul
 real sequence they are gigabytes, and cross-entropy's backward keeps another copy of that size. So
 the model is run to its final hidden states only (`logits_to_keep` selects no position for its
 output head), and the head is applied here, to `train.loss_chunk_tokens` labelled tokens at a
-time, each chunk upcast to fp32 on its own. Each chunk runs under activation checkpointing
-(non-reentrant), so backward recomputes one chunk's logits at a time instead of keeping all of
-them. Positions whose label is IGNORE (prompts, padding) never reach the head.
+time, each chunk upcast to fp32 on its own. Each chunk but the last runs under activation
+checkpointing (non-reentrant), so backward recomputes one chunk's logits at a time instead of
+keeping all of them. The last chunk's logits are kept from forward: backward starts with that
+chunk (autograd runs the newest node first), so by then they are the only chunk's logits alive,
+as a recomputed chunk's would be, and recomputing them would cost a head matmul and a logsumexp
+for no memory. A micro-batch whose tokens fit one chunk (seq_len <= train.loss_chunk_tokens) is
+then never recomputed. Positions whose label is IGNORE (prompts, padding) never reach the head.
 
 The head is called as a module (`get_output_embeddings()`), not as a weight: a tied head is the
 embedding's weight; a LoRA adapter on the head (peft) applies. Under ZeRO-3 a trainable head is
@@ -183,9 +187,10 @@ def token_logps(model: Any, input_ids: Any, labels: Any, position_ids: Optional[
     module = lm.get_output_embeddings()
     head, config = head_for_chunks(module), lm.config
     pieces = []
-    for i in range(0, chunk_count(module, head, len(where), chunk_tokens) * chunk_tokens, chunk_tokens):
+    last = (chunk_count(module, head, len(where), chunk_tokens) - 1) * chunk_tokens  # the same on every rank
+    for i in range(0, last + chunk_tokens, chunk_tokens):
         h, y = picked[i:i + chunk_tokens], targets[i:i + chunk_tokens]
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and i < last:  # the last chunk: kept, not recomputed (see above)
             pieces.append(checkpoint(_chunk_logps, head, config, h, y, use_reentrant=False))
         else:
             pieces.append(_chunk_logps(head, config, h, y))
