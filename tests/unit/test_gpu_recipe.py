@@ -56,3 +56,40 @@ def test_prepared_records_feed_the_data_stage_and_the_reward():
     done = [[{"role": "assistant", "content": c}] for c in
             ("48 / 2 = 24 in May, 48 + 24 = 72 in all.\n#### 72", "She sold 72 clips.", "#### 24")]
     assert gsm8k([prompt] * 3, done, **{k: [v] * 3 for k, v in columns.items()}) == [1.0, 0.0, 0.0]
+
+
+def test_eval_script_scores_greedy_answers(tmp_path, monkeypatch):
+    """eval_gsm8k.py end to end with a stand-in for vllm's LLM (the real engine is the GPU's)."""
+    import json
+    import sys
+    import types
+
+    rows = [{"question": f"What is {a}+{b}?", "answer": f"{a} + {b} = <<{a}+{b}={a + b}>>{a + b}\n#### {a + b}"}
+            for a, b in [(2, 3), (10, 5), (7, 8), (20, 22)]]
+    data = tmp_path / "test.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _prepare().gsm8k_records(rows)))
+    said = {"What is 2+3?": "2 + 3 = 5\n#### 5", "What is 10+5?": "It is 15.", "What is 7+8?": "#### 16",
+            "What is 20+22?": "#### 42"}
+    seen = {}
+
+    class FakeLLM:
+        def __init__(self, model, **kwargs):
+            seen["model"], seen["kwargs"] = model, kwargs
+
+        def chat(self, conversations, params, use_tqdm=False):
+            seen["params"] = params
+            answer = [said[c[-1]["content"].split("?")[0] + "?"] for c in conversations]
+            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=t)]) for t in answer]
+
+    fake = types.ModuleType("vllm")
+    fake.LLM, fake.SamplingParams = FakeLLM, lambda **kw: kw
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    spec = importlib.util.spec_from_file_location("eval_gsm8k", ROOT / "bench" / "gpu" / "eval_gsm8k.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "eval.json"
+    result = module.main(["Qwen/Qwen2.5-0.5B-Instruct", "--data", str(data), "--out", str(out)])
+    assert seen["model"] == "Qwen/Qwen2.5-0.5B-Instruct" and seen["params"] == {"temperature": 0.0, "max_tokens": 1024}
+    assert result["records"] == 4 and result["strict"] == 0.5 and result["flexible"] == 0.75
+    assert json.loads(out.read_text())["answers"][1] == {"answer": rows[1]["answer"], "completion": "It is 15.",
+                                                         "strict": 0.0}
