@@ -14,7 +14,8 @@ runtime env (py_modules), `ray job submit` included. A function that raises, ret
 number of values or a non-number is a `RewardError` naming the function and the sample, never a
 silent 0.
 
-Built-ins: `raylm.rewards:exact_match`, `raylm.rewards:format_regex`, `raylm.rewards:length`.
+Built-ins: `raylm.rewards:exact_match`, `raylm.rewards:format_regex`, `raylm.rewards:length`,
+`raylm.rewards:gsm8k` (and `gsm8k_flexible`) for GSM8K's "#### 42" answers.
 """
 
 from __future__ import annotations
@@ -178,6 +179,55 @@ def exact_match(prompts: list, completions: list, **kwargs: Any) -> list[Optiona
         else:
             out.append(float(text.strip() == want))
     return out
+
+
+_GSM8K_FINAL = re.compile(r"####\s*\$?\s*(-?[\d,]*\.?\d+)")
+_ANY_NUMBER = re.compile(r"-?[\d,]*\.?\d+")
+
+
+def _plain_number(text: str) -> Optional[float]:
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return None
+
+
+def gsm8k_answer(text: str, strict: bool = True) -> Optional[float]:
+    """The final answer of a GSM8K solution or completion: the number after its last "####"
+    (GSM8K's answer column ends with "#### 72"; thousands separators and a "$" are allowed). Not
+    strict: without a "####", the text's last number. None when there is none."""
+    found = _GSM8K_FINAL.findall(text)
+    if not found and not strict:
+        found = [m for m in _ANY_NUMBER.findall(text) if any(ch.isdigit() for ch in m)]
+    for candidate in reversed(found):
+        value = _plain_number(candidate)
+        if value is not None:
+            return value
+    return None
+
+
+def _gsm8k(completions: list, kwargs: dict, strict: bool, fn: str) -> list[Optional[float]]:
+    out: list[Optional[float]] = []
+    for c, answer in zip(completions, _column(kwargs, "answer", fn)):
+        want = None if answer is None else gsm8k_answer(str(answer), strict=False)  # "#### 72", or a bare "72"
+        if want is None:
+            out.append(None)
+            continue
+        got = gsm8k_answer(_text(c), strict=strict)
+        out.append(float(got is not None and math.isclose(got, want, rel_tol=0, abs_tol=1e-6)))
+    return out
+
+
+def gsm8k(prompts: list, completions: list, **kwargs: Any) -> list[Optional[float]]:
+    """GSM8K: 1.0 when the number after the completion's last "####" equals the one after the
+    `answer` column's "####" (GSM8K's own answer text, or a bare number), else 0.0 (no "####":
+    0.0, as verl's strict GSM8K score, so the format is learned too); None without an answer."""
+    return _gsm8k(completions, kwargs, True, "gsm8k")
+
+
+def gsm8k_flexible(prompts: list, completions: list, **kwargs: Any) -> list[Optional[float]]:
+    """gsm8k, but a completion without "####" is judged by its last number."""
+    return _gsm8k(completions, kwargs, False, "gsm8k_flexible")
 
 
 def format_regex(prompts: list, completions: list, **kwargs: Any) -> list[float]:

@@ -80,3 +80,24 @@ def test_bad_reward_functions_are_errors_naming_function_and_sample(user_dir):
         score(["my_rewards:short"], [load_reward("my_rewards:short")], ["q"] * 2, ["a", "b"], [[1], [2]], {})
     with pytest.raises(RewardError, match="my_rewards:wordy returned 'yes' for sample 0"):
         score(["my_rewards:wordy"], [load_reward("my_rewards:wordy")], ["q"], ["a"], [[1]], {})
+
+
+def test_gsm8k_reads_the_answer_after_the_hashes():
+    from raylm.rewards import gsm8k, gsm8k_answer, gsm8k_flexible
+
+    gold = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips.\n#### 72"
+    assert exact_match(["q"], ["#### 72"], answer=[gold]) == [0.0]  # why it needs its own: the answer is a solution
+    assert gsm8k_answer(gold) == 72.0
+    assert gsm8k_answer("#### 1,234") == 1234.0 and gsm8k_answer("so #### $18.00") == 18.0
+    assert gsm8k_answer("#### -5") == -5.0 and gsm8k_answer("#### 3.5") == 3.5
+    assert gsm8k_answer("#### 4 then #### 7") == 7.0  # the last one
+    assert gsm8k_answer("It is 72.") is None and gsm8k_answer("It is 70 or 72.", strict=False) == 72.0
+    assert gsm8k_answer("no number", strict=False) is None
+    completions = ["24 in May, 72 in all.\n#### 72", "#### 72.0", "####72", "The answer is 72.", "#### 71", "####"]
+    assert gsm8k(["q"] * 6, completions, answer=[gold] * 6) == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+    assert gsm8k_flexible(["q"] * 6, completions, answer=[gold] * 6) == [1.0, 1.0, 1.0, 1.0, 0.0, 0.0]
+    chat = [[{"role": "assistant", "content": "#### 1,000"}]]
+    assert gsm8k(CHAT[:1], chat, answer=["... #### 1000"]) == [1.0]
+    assert gsm8k(["q"] * 3, ["#### 5"] * 3, answer=["5", None, "no final answer"]) == [1.0, None, None]
+    with pytest.raises(KeyError, match="'answer'"):
+        gsm8k(["q"], ["#### 5"], solution=["#### 5"])

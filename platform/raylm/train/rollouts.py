@@ -111,14 +111,15 @@ class RolloutEngine:
         self.llm = LLM(model=model, **engine_kwargs)
 
     def generate(self, prompt_ids: list[list[int]], n: int, max_tokens: int, temperature: float, top_p: float,
-                 seeds: list[int]) -> tuple[list[Rollout], int, float]:
+                 seeds: list[int], ignore_eos: bool = False) -> tuple[list[Rollout], int, float]:
         """All prompts submitted at once (the engine batches them continuously); each request
-        seeded, so the same prompts and seeds give the same completions."""
+        seeded, so the same prompts and seeds give the same completions. `ignore_eos`: every
+        completion runs to max_tokens (benchmarks: bench/grpo_rollout_bench.py; training never sets it)."""
         from vllm import SamplingParams, TokensPrompt
 
         t0 = time.perf_counter()
         params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, logprobs=0,
-                                 seed=s) for s in seeds]
+                                 seed=s, ignore_eos=ignore_eos) for s in seeds]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], sampling_params=params,
                                  use_tqdm=False)
         rollouts, tokens = [], 0
@@ -162,16 +163,17 @@ class RolloutPool:
         self.engines = [actor.remote(model, {**kwargs, "seed": kwargs["seed"] + i})
                         for i in range(engines or g.rollout_engines)]
 
-    def submit(self, prompt_ids: Sequence[Sequence[int]], seeds: Sequence[int], greedy: bool = False) -> "Pending":
+    def submit(self, prompt_ids: Sequence[Sequence[int]], seeds: Sequence[int], greedy: bool = False,
+               ignore_eos: bool = False) -> "Pending":
         """Start generating num_generations samples of every prompt (one, at temperature 0, when
         greedy), round robin over the engines; `collect` waits for them. Between the two the caller
-        may train (train.grpo.max_staleness >= 1)."""
+        may train (train.grpo.max_staleness >= 1). `ignore_eos`: RolloutEngine.generate's."""
         n_eng = len(self.engines)
         shares = [list(range(e, len(prompt_ids), n_eng)) for e in range(n_eng)]
         shares = [idx for idx in shares if idx]
         futures = [eng.generate.remote([list(prompt_ids[i]) for i in idx], 1 if greedy else self.g.num_generations,
                                        self.g.max_completion_length, 0.0 if greedy else self.g.temperature,
-                                       1.0 if greedy else self.g.top_p, [int(seeds[i]) for i in idx])
+                                       1.0 if greedy else self.g.top_p, [int(seeds[i]) for i in idx], ignore_eos)
                    for eng, idx in zip(self.engines, shares)]
         return Pending(len(prompt_ids), shares, futures)
 
@@ -190,9 +192,9 @@ class RolloutPool:
         return batch
 
     def generate(self, prompt_ids: Sequence[Sequence[int]], seeds: Sequence[int],
-                 greedy: bool = False) -> RolloutBatch:
+                 greedy: bool = False, ignore_eos: bool = False) -> RolloutBatch:
         """num_generations samples of every prompt (one, at temperature 0, when greedy), in prompt order."""
-        return self.collect(self.submit(prompt_ids, seeds, greedy))
+        return self.collect(self.submit(prompt_ids, seeds, greedy, ignore_eos))
 
     def wait_ready(self) -> float:
         """Wait until every engine is built; returns the seconds waited (the engines' start)."""
