@@ -32,17 +32,21 @@ def pct(values: list[float], q: float) -> float:
 class Clients:
     """`n` closed-loop clients; every request's (start, latency_s, ok, version)."""
 
-    def __init__(self, url: str, n: int):
-        self.url, self.records, self.stop = url, [], threading.Event()
+    def __init__(self, url: str, n: int, varied: bool = False):
+        """`varied`: every request a new conversation (its own prompt), as a canary's split needs;
+        else all of them one prompt."""
+        self.url, self.records, self.stop, self.varied = url, [], threading.Event(), varied
         self.threads = [threading.Thread(target=self._loop, args=(i,), daemon=True) for i in range(n)]
 
     def _loop(self, i: int) -> None:
         import httpx
 
-        stream = bool(i % 2)
+        stream, sent = bool(i % 2), 0
         with httpx.Client(timeout=120) as client:
             while not self.stop.is_set():
-                body = {"model": MODEL_ID, "prompt": "The king said", "max_tokens": 16, "stream": stream}
+                sent += 1
+                prompt = f"The king said ({i}.{sent})" if self.varied else "The king said"
+                body = {"model": MODEL_ID, "prompt": prompt, "max_tokens": 16, "stream": stream}
                 t0 = time.monotonic()
                 try:
                     if stream:

@@ -117,12 +117,16 @@ def cmd_promote(cfg: RaylmConfig, args: argparse.Namespace) -> int:
         entry = adapters.remove_adapter(cfg, args.remove_adapter)
         say(f"recorded in {history.history_uri(cfg)}", event="promoted", entry=entry)
         return 0
+    if args.finish or args.abort:
+        return _end_canary(cfg, args)
     if not args.checkpoint:
         raise InputError("promote: name the checkpoint (or best.json) to promote, or --remove-adapter NAME")
     if args.adapter:
         entry = adapters.add_adapter(cfg, args.adapter, args.checkpoint)
         say(f"recorded in {history.history_uri(cfg)}", event="promoted", entry=entry)
         return 0
+    if args.canary is not None and not 0 < args.canary < 100:
+        raise InputError(f"--canary {args.canary:g}: the candidate's share of requests, in percent, must lie in (0, 100)")
     candidate = resolve_checkpoint(args.checkpoint)  # a missing or corrupt checkpoint: exit 2, before Ray
     check_servable(candidate, cfg.serve)
     from raylm.cluster import init_ray
@@ -131,14 +135,48 @@ def cmd_promote(cfg: RaylmConfig, args: argparse.Namespace) -> int:
     deployment(cfg, args.set, args.reconfigure)  # serve settings that differ from the deployed ones: exit 2, before Ray
     init_ray(cfg, address=args.address)
     try:
-        entry = rollout.promote(cfg, candidate, force=args.force, overrides=args.set, reconfigure=args.reconfigure)
+        if args.canary is not None:
+            from raylm.lifecycle import canary
+
+            entry = canary.start(cfg, candidate, args.canary, force=args.force, overrides=args.set,
+                                 reconfigure=args.reconfigure)
+        else:
+            entry = rollout.promote(cfg, candidate, force=args.force, overrides=args.set,
+                                    reconfigure=args.reconfigure)
     except eval_gate.PromotionRefused as exc:
         console.error(str(exc))
         return eval_gate.EXIT_REFUSED
     except KeyboardInterrupt:  # recorded in the history as interrupted (rollout.change_model)
         return EXIT_INTERRUPTED
-    say(f"{entry['version']} is live: {candidate} (history: {history.history_uri(cfg)})", event="promoted",
-        entry=entry)
+    if entry.get("action") == "promote":
+        say(f"{entry['version']} is live: {entry['checkpoint']} (history: {history.history_uri(cfg)})",
+            event="promoted", entry=entry)
+    elif entry.get("action") == "canary_abort":
+        say(f"canary {entry['version']} rolled back: {entry['reason']}", event="canary_aborted", entry=entry)
+        return eval_gate.EXIT_REFUSED
+    return 0
+
+
+def _end_canary(cfg: RaylmConfig, args: argparse.Namespace) -> int:
+    """`raylm promote --finish` / `--abort`: end the running canary."""
+    from raylm.cluster import init_ray
+    from raylm.lifecycle import canary, history
+
+    if args.finish and args.abort or args.checkpoint or args.canary is not None:
+        raise InputError("promote --finish and --abort end the running canary: give neither a checkpoint, --canary, "
+                         "nor both")
+    canary._current(cfg)  # no canary running: exit 2 before Ray
+    init_ray(cfg, address=args.address)
+    try:
+        entry = canary.finish(cfg) if args.finish else canary.abort(cfg)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    if args.finish:
+        say(f"{entry['version']} is live: {entry['checkpoint']} (canary finished; history: "
+            f"{history.history_uri(cfg)})", event="promoted", entry=entry)
+    else:
+        say(f"canary {entry['version']} removed; {entry['live_version']} serves every request", event="canary_aborted",
+            entry=entry)
     return 0
 
 
@@ -317,6 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--adapter", metavar="NAME", help="add the adapter as model <serve.model_id>:NAME instead")
             p.add_argument("--remove-adapter", metavar="NAME", help="stop serving adapter NAME (delete "
                            "serve.adapters_path/NAME) instead")
+            p.add_argument("--canary", type=float, metavar="PCT", help="serve the checkpoint beside the live model with "
+                           "PCT%% of conversations (split by key and conversation) until --finish or --abort, or "
+                           "until serve.canary.auto decides")
+            p.add_argument("--finish", action="store_true", help="put the running canary's candidate live")
+            p.add_argument("--abort", action="store_true", help="remove the running canary; the live model serves all")
         if name == "eval":
             p.add_argument("checkpoint", help="an hf/ folder, a step folder holding hf/, or a sweep's best.json "
                            "(local or s3://, gs://)")

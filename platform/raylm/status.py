@@ -157,6 +157,19 @@ def history_lines(cfg: RaylmConfig, last: int = 8) -> list[str]:
     return lines
 
 
+def canary_line(cfg: RaylmConfig) -> Optional[str]:
+    """The running canary and what each version answered so far (from storage: no Ray needed)."""
+    from raylm.lifecycle.canary import describe_stats, read_stats, running_canary
+    from raylm.lifecycle.history import read_history
+
+    canary = running_canary(read_history(cfg))
+    if canary is None:
+        return None
+    return (f"canary: {canary['version']} ({canary['checkpoint']}) serves {canary['percent']:g}% of conversations "
+            f"beside {canary['from_version']} since {canary['at']}: {describe_stats(read_stats(cfg, canary))} "
+            "(`raylm promote --finish` or `--abort`)")
+
+
 def show_status(cfg: RaylmConfig, address: Optional[str] = None) -> int:
     root = storage.root(cfg.train.storage_path)
     print(f"storage: {root}")
@@ -181,6 +194,9 @@ def show_status(cfg: RaylmConfig, address: Optional[str] = None) -> int:
     print(f"models served by {cfg.serve.app_name} (promotion history):")
     for line in history_lines(cfg):
         print(f"  {line}")
+    canary = canary_line(cfg)
+    if canary:
+        print(canary)
     print("serving:")
     for line in serving(cfg, address):
         print(f"  {line}")

@@ -1,18 +1,20 @@
 """New models into a live endpoint, against real vLLM engines on the session's Ray cluster:
 a promotion rolls out under load with no failed request, a checkpoint that cannot load is rolled
 back with the old model serving throughout, a corrupt one is refused before anything is asked of
-Ray, adapters join without a redeploy, and `raylm rollback` from another process joins the running
-cluster (it does not start a second Ray) and brings the previous model back.
+Ray, adapters join without a redeploy, `raylm rollback` from another process joins the running
+cluster (it does not start a second Ray) and brings the previous model back, and a canary splits
+requests by conversation, is finished from a second shell, or is rolled back by itself.
 
 One served app for the module: v1 (tiny checkpoint A) -> v2 (B, the suite's GRPO run's export,
-promoted) -> a failed rollout of a
-checkpoint vLLM cannot load (v2 keeps serving) -> rollback to v1.
+promoted) -> a failed rollout of a checkpoint vLLM cannot load (v2 keeps serving) -> rollback to
+v1 -> a canary of B (v3) finished -> a canary of a broken candidate rolled back (v3 serves).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -350,3 +352,120 @@ def test_a_rollout_the_cluster_cannot_hold_is_reverted_at_its_deadline(endpoint,
     r = httpx.post(f"{url}/v1/completions", json={"model": MODEL_ID, "prompt": "x", "max_tokens": 2}, headers=auth())
     assert r.status_code == 200 and r.headers[VERSION] == live
     assert_deployed_as_served(url, cfg)
+
+
+def ask(url: str, prompt: str, model: str = MODEL_ID, headers: dict | None = None) -> httpx.Response:
+    return httpx.post(f"{url}/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": 1},
+                      headers={**auth(), **(headers or {})}, timeout=60)
+
+
+def canary_deployed(cfg) -> bool:
+    from ray import serve
+
+    from raylm.serve.options import CANARY_DEPLOYMENT
+
+    return CANARY_DEPLOYMENT in serve.status().applications[cfg.serve.app_name].deployments
+
+
+def test_a_canary_splits_by_conversation_pins_and_finishes_from_a_second_shell_under_load(endpoint, checkpoints):
+    """`raylm promote --canary 30` serves B beside the live model: 400 conversations split within
+    ±5 points of 30%, a session stays on one version, a client pins either served version (an
+    unserved one is a 404 naming the served), the edge's per-version numbers reach storage, and no
+    other promote starts meanwhile. `raylm promote --finish` from a second shell (HOME only) puts B
+    live under load with no failed request, records it and removes the canary's deployment."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from raylm.errors import InputError
+    from raylm.lifecycle import canary, history, rollout
+    from raylm.status import canary_line
+
+    cfg, url, config_file = endpoint
+    live = history.live_entry(history.read_history(cfg))
+    entry = canary.start(cfg, checkpoints["b"], 30.0, force=True)
+    old, new = live["version"], entry["version"]
+    assert entry["state"] == "done" and entry["from_version"] == old and new != old and canary_deployed(cfg)
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda i: ask(url, f"conversation {i}: the king said"), range(400)))
+    assert all(r.status_code == 200 for r in answers), [r.text for r in answers if r.status_code != 200][:2]
+    versions = [r.headers[VERSION] for r in answers]
+    share = 100 * versions.count(new) / len(versions)
+    assert set(versions) == {old, new} and abs(share - 30) <= 5, share
+    for session in ("s-1", "s-2", "s-3", "s-4"):  # whatever the text, a session stays on its version
+        seen = {ask(url, f"turn {t} of {session}", headers={"x-session-id": session}).headers[VERSION] for t in range(5)}
+        assert len(seen) == 1, (session, seen)
+    for version in (old, new):
+        r = ask(url, "pinned", model=f"{MODEL_ID}@{version}")
+        assert r.status_code == 200 and r.headers[VERSION] == version
+    r = ask(url, "pinned", model=f"{MODEL_ID}@v99")
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+    assert f"served versions: {', '.join(sorted([old, new]))}" in r.json()["error"]["message"], r.text
+    with pytest.raises(InputError, match=f"a canary of {new}"):
+        rollout.promote(cfg, checkpoints["a"], force=True)
+    assert wait_until(lambda: canary.read_stats(cfg, entry)[new]["requests"] >= versions.count(new), timeout_s=15)
+    stats = canary.read_stats(cfg, entry)
+    assert stats[old]["requests"] >= versions.count(old) and stats[old]["errors"] == stats[new]["errors"] == 0, stats
+    line = canary_line(cfg)  # what `raylm status` prints (from storage; its second-shell run is tested above)
+    assert line.startswith(f"canary: {new} ({checkpoints['b']}) serves 30% of conversations beside {old}"), line
+    assert all(re.search(rf"{v}: \d+ requests, 0\.0% errors, p95 \d+ ms", line) for v in (old, new)), line
+
+    with Load(url) as load:
+        time.sleep(2)
+        out = subprocess.run([sys.executable, "-m", "raylm", "promote", "-c", str(config_file), "--finish", "--json"],
+                             cwd=repo_root(), env=clean_env(), capture_output=True, text=True, timeout=600)
+        done = time.monotonic()
+        time.sleep(3)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert load.failures == [], load.failures[:3]
+    assert load.versions_after(done + 1) == {new}
+    entries = history.read_history(cfg)
+    assert (entries[-1]["action"], entries[-1]["state"], entries[-1]["canary"]) == ("promote", "done", entry["id"])
+    assert history.live_entry(entries)["version"] == new == rollout.served_version(cfg)
+    assert canary.running_canary(entries) is None and not canary_deployed(cfg)
+    assert_deployed_as_served(url, cfg)
+
+
+def test_a_canary_that_fails_its_requests_is_rolled_back_by_serve_canary_auto(endpoint, checkpoints, tmp_path):
+    """A candidate that loads but fails every request (a context of 4 tokens: vLLM refuses each
+    prompt with a 400) is judged by `serve.canary.auto` from the edge's numbers and rolled back;
+    the live version answered every request it was sent, and serves all of them afterwards."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from raylm.config import load_config
+    from raylm.lifecycle import canary, history
+
+    cfg, url, config_file = endpoint
+    short = shutil.copytree(checkpoints["a"], tmp_path / "short-context")
+    config = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 4}))
+    sets = ["serve.canary.auto=true", "serve.canary.min_requests=10", "serve.canary.finish_after_requests=10000"]
+    live = history.live_entry(history.read_history(cfg))["version"]
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["entry"] = canary.start(load_config(config_file, sets), str(short), 50.0, force=True, overrides=sets)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            result["error"] = exc
+
+    watcher = threading.Thread(target=run, daemon=True)
+    watcher.start()
+    answers: list = []
+    with ThreadPoolExecutor(4) as pool:
+        i = 0
+        while watcher.is_alive() and i < 5000:
+            answers += pool.map(lambda j: ask(url, f"question {j}: where is the king"), range(i, i + 20))
+            i += 20
+            time.sleep(0.2)
+    watcher.join(timeout=300)
+    assert "error" not in result, result.get("error")
+    entry = result["entry"]
+    assert entry["action"] == "canary_abort" and "serve.canary.auto: candidate error rate 100.0%" in entry["reason"]
+    cand = entry["version"]
+    by_version = {v: [r.status_code for r in answers if r.headers.get(VERSION) == v] for v in (live, cand)}
+    assert by_version[cand] and set(by_version[cand]) == {400}, "the candidate failed every request it was sent"
+    assert by_version[live] and set(by_version[live]) == {200}, "the live version answered every request"
+    assert entry["canary_stats"][cand]["errors"] >= 10
+    after = [ask(url, f"after {j}").headers[VERSION] for j in range(20)]
+    assert set(after) == {live} and not canary_deployed(cfg)
+    assert history.live_entry(history.read_history(cfg))["version"] == live

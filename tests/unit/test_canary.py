@@ -1,14 +1,18 @@
-"""The canary's pieces (issue 34, item 3), not yet wired into the edge or `raylm promote`: the
-split, the version pin, the per-version recorder and the rollback decision."""
+"""The canary's pieces (`raylm promote --canary`): the split, the version pin, the edge's routes
+and per-version recorder, the numbers merged over edge replicas, the history's running canary
+and the rollback decision. test_lifecycle runs them against real engines."""
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
 
-from raylm.lifecycle.canary import CanaryPolicy, Decision, decide
-from raylm.serve.canary import VersionRecorder, conversation, pinned_version, split_pin, to_candidate
+from raylm.config.serve import CanaryConfig
+from raylm.lifecycle.canary import Decision, decide, running_canary
+from raylm.serve.canary import (Routes, VersionRecorder, conversation, merged_summary, pinned_version, split_pin,
+                                to_candidate, unpin)
 from raylm.serve.protocol import APIError
 
 WORDS = "the a king queen sword river night castle wine bread song storm fool crown letter".split()
@@ -110,14 +114,75 @@ def stats(requests: int, error_rate: float = 0.0, p95_s: float = 0.1) -> dict:
     (stats(0), stats(200, 0.02), "finish", "live 0.0%"),
 ])
 def test_the_decision_rolls_back_when_worse_by_the_margin_and_finishes_after_n(live, candidate, action, words):
-    decision = decide(live, candidate)
+    decision = decide(live, candidate, CanaryConfig())
     assert isinstance(decision, Decision) and decision.action == action, decision
     assert words in decision.reason
 
 
 def test_a_policy_that_could_never_judge_is_refused():
     with pytest.raises(ValueError, match="min_requests"):
-        CanaryPolicy(min_requests=300, finish_after_requests=200)
+        CanaryConfig(min_requests=300, finish_after_requests=200)
     with pytest.raises(ValueError, match="p95_ratio"):
-        CanaryPolicy(p95_ratio=0.5)
-    assert decide(stats(100), stats(5), CanaryPolicy(min_requests=5, finish_after_requests=5)).action == "finish"
+        CanaryConfig(p95_ratio=0.5)
+    assert decide(stats(100), stats(5), CanaryConfig(min_requests=5, finish_after_requests=5)).action == "finish"
+
+
+def test_a_pinned_body_is_unpinned_and_others_pass_untouched():
+    raw = json.dumps({"model": "tiny@v3", "prompt": "x", "max_tokens": 2}).encode()
+    body, pin = unpin(raw, ["v2", "v3"])
+    assert pin == "v3" and json.loads(body) == {"model": "tiny", "prompt": "x", "max_tokens": 2}
+    plain = json.dumps({"model": "tiny", "prompt": "mail me at a@b.c"}).encode()
+    assert unpin(plain, ["v2"]) == (plain, None)  # an @ in the text is no pin
+    assert unpin(b"{not json @", ["v2"]) == (b"{not json @", None)  # the gate's checks report it
+    with pytest.raises(APIError) as err:
+        unpin(json.dumps({"model": "tiny@v1", "prompt": "x"}).encode(), ["v2", "v3"])
+    assert err.value.status == 404 and "served versions: v2, v3" in err.value.message
+
+
+class Handle:
+    def __init__(self, name: str):
+        self.name = name
+
+
+def test_routes_follow_the_edge_config_pins_and_split_and_count_only_during_a_canary():
+    routes = Routes(Handle("live"), Handle)
+    routes.configure({"live_version": "v2", "canary": None})
+    assert routes.served() == ["v2"]
+    assert routes.pick(None, "k", lambda: "c")[1] == "v2" and routes.pick("v2", "k", lambda: "c")[1] == "v2"
+    routes.record("v2", 200, 0.1)
+    assert routes.recorder.summary() == {}, "nothing is counted without a canary"
+
+    canary = {"id": "c1", "version": "v3", "percent": 30.0, "deployment": "LLMServerCanary", "stats_uri": "/x"}
+    routes.configure({"live_version": "v2", "canary": canary})
+    assert routes.served() == ["v2", "v3"] and routes.candidate.name == "LLMServerCanary"
+    picks = [routes.pick(None, "k", lambda i=i: f"conversation {i}") for i in range(400)]
+    share = sum(v == "v3" for _, v in picks) / 4
+    assert abs(share - 30) <= 5, share
+    assert all(h.name == ("LLMServerCanary" if v == "v3" else "live") for h, v in picks)
+    assert {routes.pick("v3", "k", lambda: "conversation 0")[1], routes.pick("v2", "k", lambda: "x")[1]} == {"v2", "v3"}
+    routes.record("v3", 400, 0.2)
+    routes.configure({"live_version": "v2", "canary": canary})  # the same canary again: its counts stay
+    assert routes.recorder.summary()["v3"]["errors"] == 1
+    routes.configure({"live_version": "v3", "canary": None})  # finished
+    assert routes.served() == ["v3"] and routes.candidate is None
+    assert routes.pick(None, "k", lambda: "conversation 1")[1] == "v3"
+
+
+def test_numbers_merge_over_edge_replicas():
+    a, b = VersionRecorder(), VersionRecorder()
+    for i in range(50):
+        a.record("v2", 200, 0.01)
+        b.record("v2", 500 if i < 5 else 200, 1.0)
+    b.record("v3", 200, 0.5)
+    merged = merged_summary([a.to_json(), json.loads(json.dumps(b.to_json()))])
+    assert merged["v2"] == {"requests": 100, "errors": 5, "error_rate": 0.05, "p95_s": 1.0}
+    assert merged["v3"]["requests"] == 1
+
+
+def test_the_running_canary_is_the_last_one_no_promote_or_abort_names():
+    started = {"action": "canary", "state": "done", "id": "c1", "version": "v3"}
+    assert running_canary([{"action": "deploy", "state": "done"}, started]) == started
+    assert running_canary([started, {"action": "promote", "state": "done", "canary": "c1"}]) is None
+    assert running_canary([started, {"action": "canary_abort", "state": "done", "canary": "c1"}]) is None
+    assert running_canary([{**started, "state": "failed"}]) is None
+    assert running_canary([{**started, "state": "intent"}]) is None

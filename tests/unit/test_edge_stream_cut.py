@@ -10,6 +10,7 @@ import json
 
 import pytest
 
+from raylm.serve.canary import Routes
 from raylm.serve.edge import Forward
 
 SSE = [(b"content-type", b"text/event-stream; charset=utf-8")]
@@ -60,7 +61,8 @@ def forward(batches: list[list[dict]]) -> list[dict]:
         sent.append(message)
 
     scope = {"type": "http", "path": "/v1/completions", "headers": []}
-    app = Forward(Handle(Responses(batches, RuntimeError("ActorDiedError: replica stopped"))), no_adapters, 2.0)
+    live = Handle(Responses(batches, RuntimeError("ActorDiedError: replica stopped")))
+    app = Forward(Routes(live, lambda name: live), no_adapters, 2.0)
     asyncio.run(app(scope, receive, send))
     return sent
 

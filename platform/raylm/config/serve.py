@@ -82,6 +82,38 @@ class PromoteConfig(_Strict):
         "in the metric's own units (0: at least as good).")
 
 
+class CanaryConfig(_Strict):
+    """`raylm promote --canary PCT`: whether the promoting command judges the canary itself, and
+    the rule it judges by (raylm.lifecycle.canary.decide): finish after enough requests,
+    or roll back when the candidate answers worse than the live version. Read from the promoting
+    command's config, like serve.promote."""
+
+    auto: bool = Field(
+        False, description="After starting a canary, `raylm promote --canary` watches the per-version numbers and "
+        "finishes it (the candidate goes live) or rolls it back by itself. false: the canary runs until `raylm "
+        "promote --finish` or `--abort`.")
+    min_requests: int = Field(20, ge=1, description="The candidate's requests before it is judged at all.")
+    finish_after_requests: int = Field(
+        200, ge=1, description="auto: the candidate's requests after which a canary that was not rolled back "
+        "finishes.")
+    error_rate_margin: float = Field(
+        0.02, ge=0, lt=1, description="auto: roll back when the candidate's error rate (4xx/5xx answers, cut "
+        "streams) exceeds the live version's by more than this (0.02: 2 points).")
+    p95_ratio: float = Field(
+        1.5, ge=1, description="auto: roll back when the candidate's p95 latency is more than this many times the "
+        "live version's.")
+    watch_timeout_s: float = Field(
+        3600.0, gt=0, description="auto: how long the promoting command watches before it stops watching and leaves "
+        "the canary running (finish or abort it then by hand).")
+
+    @model_validator(mode="after")
+    def _order(self) -> "CanaryConfig":
+        if self.min_requests > self.finish_after_requests:
+            raise ValueError(f"min_requests ({self.min_requests}) must be <= finish_after_requests "
+                             f"({self.finish_after_requests})")
+        return self
+
+
 class EdgeConfig(_Strict):
     """The edge: a light ingress deployment (no engine, no CPU reserved) in front of the LLM
     replicas that checks keys, body size and the request before a request takes a slot in an
@@ -311,6 +343,8 @@ class ServeConfig(_Strict):
         "storage keeps (least recently used copies are deleted first; the one just used is always kept); "
         "null: no limit.")
     promote: PromoteConfig = Field(default_factory=PromoteConfig, description="The promotion gate (raylm promote).")
+    canary: CanaryConfig = Field(default_factory=CanaryConfig, description="Canary rollouts (raylm promote "
+                                 "--canary PCT): judged by hand or automatically.")
 
     @field_validator("engine_kwargs")
     @classmethod

@@ -27,7 +27,7 @@ RECORD_FILE = "deployment.json"
 KEY_FIELDS = ("serve.api_key_env", "serve.api_key_file", "serve.api_key_hashes_path", "serve.require_api_key")
 # Settings of the promoting command, not of what is deployed (the gate; how long a rollout may
 # take): taken from its own config, never compared with the record.
-PROMOTE_TIME = ("serve.promote", "serve.rollout_timeout_s")
+PROMOTE_TIME = ("serve.promote", "serve.canary", "serve.rollout_timeout_s")
 
 
 def record_uri(cfg: RaylmConfig) -> str:

@@ -225,7 +225,10 @@ def promote(cfg: RaylmConfig, candidate: str, force: bool = False, overrides: It
 
 
 def _promote(cfg: RaylmConfig, candidate: str, force: bool, overrides: Iterable[str], reconfigure: bool) -> dict:
+    from raylm.lifecycle.canary import refuse_while_running
+
     history, live = require_live(cfg)
+    refuse_while_running(cfg, history, "promote")
     target, keys, kept = deployment(cfg, overrides, reconfigure)
     require_serving(cfg)
     metrics: dict[str, Any] = {}
@@ -248,7 +251,10 @@ def rollback(cfg: RaylmConfig) -> dict:
 
 
 def _rollback(cfg: RaylmConfig) -> dict:
+    from raylm.lifecycle.canary import refuse_while_running
+
     history, live = require_live(cfg)
+    refuse_while_running(cfg, history, "rollback")
     if not live.get("from_checkpoint"):
         raise InputError(f"{live['version']} ({live['checkpoint']}) is the first model served here: nothing to roll "
                          f"back to ({history_uri(cfg)})")

@@ -25,6 +25,7 @@ import os
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Optional
 
 from ray import serve
@@ -42,8 +43,8 @@ from raylm.serve.edge import (EDGE_DEPLOYMENT, AdapterListing, GateMetrics, Rayl
                               gate_settings, json_messages, replica_scope)
 from raylm.serve.gate import Gate
 from raylm.serve.protocol import APIError
-from raylm.serve.options import (ENGINE_ENV, SERVE_MODEL_DEPLOYMENT, backpressure, deployment_options,
-                                 edge_options, engine_kwargs)
+from raylm.serve.options import (CANARY_DEPLOYMENT, ENGINE_ENV, SERVE_MODEL_DEPLOYMENT, backpressure,
+                                 deployment_options, edge_options, engine_kwargs)
 from raylm.servable import adapter_base_mismatch, check_servable
 
 logger = logging.getLogger(__name__)
@@ -326,19 +327,64 @@ def _has_chat_template(checkpoint: str) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class CanarySpec:
+    """A canary's candidate, deployed beside the live model as its own LLM deployment
+    (`CANARY_DEPLOYMENT`). `routed`: the edge sends it `percent`% of conversations (False while a
+    canary is being finished or aborted: the deployment stays, unchanged, and takes no new
+    requests, so nothing is sent to replicas about to stop). `stats_uri`: where the edge
+    replicas write what each version answered."""
+
+    checkpoint: str
+    version: str
+    percent: float
+    id: str
+    stats_uri: str
+    routed: bool = True
+
+    def edge_config(self) -> Optional[dict]:
+        return {"id": self.id, "version": self.version, "percent": self.percent,
+                "deployment": CANARY_DEPLOYMENT, "stats_uri": self.stats_uri} if self.routed else None
+
+
 def build_app(cfg: RaylmConfig, checkpoint: str, keys: Optional[KeySetup] = None,
-              deployment_name: str = SERVE_MODEL_DEPLOYMENT, model_version: str = "") -> serve.Application:
+              deployment_name: str = SERVE_MODEL_DEPLOYMENT, model_version: str = "",
+              canary: Optional[CanarySpec] = None) -> serve.Application:
     """The Serve application: `RaylmServer` over the checkpoint with options from `cfg.serve`,
     bound to the API key hashes (never the keys: replicas may sit on other nodes) and the model
-    version its responses name.
+    version its responses name; with `canary`, a second LLM deployment over the candidate beside
+    it, which the edge sends a share of requests to.
 
     The deployment's code version is a hash of everything the replicas are built from, so
     deploying the same inputs again leaves running replicas alone (Serve would otherwise give a
     Python-built app a random version and restart them): a rollout that fails can be undone by
-    deploying the previous inputs, at no cost to the replicas still serving them."""
+    deploying the previous inputs, at no cost to the replicas still serving them. The edge's
+    routing (live version, canary) is its `user_config`: changing it reconfigures the edge's
+    replicas in place."""
+    s = cfg.serve
+    if canary is not None and not s.edge.enabled:
+        raise ServeDeployError("a canary needs serve.edge.enabled=true: the edge splits the requests between versions")
+    keys = keys or setup_keys(s)
+    app, model_config = _llm_app(cfg, checkpoint, keys, deployment_name, model_version)
+    if not s.edge.enabled:
+        return app
+    edge_bind = {"serve_config": s.model_dump(mode="json"), "key_hashes": list(keys.hashes),
+                 "model_config": edge_model_config(model_config)}
+    routing = {"live_version": model_version, "canary": canary.edge_config() if canary else None}
+    edge = serve.deployment(serve.ingress()(RaylmEdge)).options(name=EDGE_DEPLOYMENT, user_config=routing,
+                                                                 **edge_options(s))
+    extra = {"canary": _llm_app(cfg, canary.checkpoint, keys, CANARY_DEPLOYMENT, canary.version)[0]} if canary else {}
+    edge_app = edge.bind(app, **edge_bind, **extra)
+    _pin_version(edge_app, edge_bind)
+    return edge_app
+
+
+def _llm_app(cfg: RaylmConfig, checkpoint: str, keys: KeySetup, deployment_name: str,
+             model_version: str) -> tuple[serve.Application, dict]:
+    """One LLM deployment over `checkpoint` (its version pinned on its inputs), and the
+    checkpoint's config.json."""
     s = cfg.serve
     model_config = check_servable(checkpoint, s)
-    keys = keys or setup_keys(s)
     # Behind the edge the LLM replicas never see a key: rotating keys restarts no engine.
     bind = {"serve_config": s.model_dump(mode="json"), "key_hashes": [] if s.edge.enabled else list(keys.hashes),
             "model_config": model_config, "model_version": model_version}
@@ -350,14 +396,7 @@ def build_app(cfg: RaylmConfig, checkpoint: str, keys: Optional[KeySetup] = None
                                 "max_constructor_retry_count": s.replica_start_attempts},
     )
     _pin_version(app, {"checkpoint": checkpoint, **bind})
-    if not s.edge.enabled:
-        return app
-    edge_bind = {"serve_config": s.model_dump(mode="json"), "key_hashes": list(keys.hashes),
-                 "model_config": edge_model_config(model_config)}
-    edge = serve.deployment(serve.ingress()(RaylmEdge)).options(name=EDGE_DEPLOYMENT, **edge_options(s))
-    edge_app = edge.bind(app, **edge_bind)
-    _pin_version(edge_app, edge_bind)
-    return edge_app
+    return app, model_config
 
 
 def _pin_version(app: serve.Application, inputs: dict) -> None:
@@ -403,7 +442,7 @@ def direct_urls(s: ServeConfig) -> list[str]:
 
 
 def deploy(cfg: RaylmConfig, checkpoint: str, version: str = "", keys: Optional[KeySetup] = None,
-           timeout_s: Optional[float] = None) -> tuple[str, KeySetup]:
+           timeout_s: Optional[float] = None, canary: Optional[CanarySpec] = None) -> tuple[str, KeySetup]:
     """Serve's one deploy entry point: start Serve (HTTP on serve.host:serve.port) and run the app
     over the checkpoint as model `version`; returns the base URL once the replicas are up (clients
     use `<url>/v1`) and the keys it was bound to (`keys`, else read from the config and this
@@ -416,7 +455,7 @@ def deploy(cfg: RaylmConfig, checkpoint: str, version: str = "", keys: Optional[
     s = cfg.serve
     keys = keys or setup_keys(s)
     serve.start(http_options=s.http_options())
-    app = build_app(cfg, checkpoint, keys, model_version=version)
+    app = build_app(cfg, checkpoint, keys, model_version=version, canary=canary)
     try:
         if timeout_s is None:
             serve.run(app, name=s.app_name, route_prefix=s.route_prefix)

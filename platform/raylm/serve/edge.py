@@ -30,7 +30,8 @@ from ray.serve import metrics
 
 from raylm import storage
 from raylm.config import ServeConfig
-from raylm.serve.gate import CHECKED, EDGE_CHECKED, Gate, GateSettings, app_path, send_json
+from raylm.serve.canary import Routes, conversation
+from raylm.serve.gate import CHECKED, EDGE_CHECKED, KEY_ID, PIN, Gate, GateSettings, app_path, send_json
 from raylm.haproxy_rules import mark_keyed
 from raylm.serve.options import EDGE_DEPLOYMENT  # noqa: F401 - the edge's deployment name
 from raylm.serve.protocol import error_body
@@ -103,11 +104,12 @@ async def _lifespan(receive: Callable, send: Callable) -> None:
 class Forward:
     """The edge's inner ASGI app (behind the gate): a checked request goes to an LLM replica by
     handle and its response streams back. Serve's back-pressure on the LLM deployment (its queue
-    full) becomes a 503 with Retry-After, as it does without the edge."""
+    full) becomes a 503 with Retry-After, as it does without the edge. `routes` picks the LLM
+    deployment (the live one, or during a canary the candidate's: serve/canary.py) and counts
+    what each version answered."""
 
-    def __init__(self, handle: Any, dynamic_adapters: Callable[[], Any], retry_after_s: float):
-        self.handle, self.dynamic_adapters, self.retry_after_s = handle, dynamic_adapters, retry_after_s
-        self.streaming = handle.options(stream=True)  # made once: options() builds a new handle
+    def __init__(self, routes: Routes, dynamic_adapters: Callable[[], Any], retry_after_s: float):
+        self.routes, self.dynamic_adapters, self.retry_after_s = routes, dynamic_adapters, retry_after_s
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] == "lifespan":
@@ -121,22 +123,24 @@ class Forward:
             if not message.get("more_body"):
                 break
         call = edge_call(app_path(scope), b"".join(chunks), scope.get("headers", []), scope.get(CHECKED))
-        handle = self.streaming
+        text = call.messages if isinstance(call, ChatCall) else call.prompt
+        handle, version = self.routes.pick(scope.get(PIN), scope.get(KEY_ID) or "",
+                                           lambda: conversation(call.headers, text))
         if call.model in await self.dynamic_adapters():  # Serve routes it to a replica that has the adapter loaded
             handle = handle.options(multiplexed_model_id=call.model)
-        started, finished, sse = False, False, False
+        started, finished, sse, status, t0 = False, False, False, 0, time.monotonic()
         responses = handle.serve_http.remote(call)
         try:
             async for batch in responses:
                 for message in batch:
                     if message["type"] == "http.response.start":
-                        started = True
+                        started, status = True, message["status"]
                         sse = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream")
                                   for k, v in message.get("headers", []))
                     await send(message)
             finished = True
         except BackPressureError:
-            finished = True
+            finished, status = True, 503
             for message in json_messages(503, error_body(
                     "the model's request queue is full; retry after the delay in Retry-After", None, "overloaded",
                     "server_error"), [(b"retry-after", str(max(1, math.ceil(self.retry_after_s))).encode())]):
@@ -144,14 +148,16 @@ class Forward:
         except RequestCancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - a replica that died mid-request: the client gets a 503
-            finished = True
+            finished, status = True, 503 if not started else 500
             logger.warning("LLM replica failed a request: %s: %s", type(exc).__name__, exc)
             if not started:
                 await send_json(send, 503, error_body("model unavailable, retry", None, "unavailable", "server_error"))
             elif sse:  # never a silent cut: the stream ends with an error event the client can act on
                 await send({"type": "http.response.body", "body": stream_cut_event(exc), "more_body": False})
         finally:
-            if not finished:  # the client went away: cancel the call, and the engine aborts the sequence
+            if finished:
+                self.routes.record(version, status, time.monotonic() - t0)
+            else:  # the client went away: cancel the call, and the engine aborts the sequence
                 try:
                     responses.cancel()
                 except Exception:  # noqa: BLE001 - it failed or finished meanwhile: nothing left to cancel
@@ -278,24 +284,52 @@ class RaylmEdge:
     """The edge deployment (the module docstring says why): raylm's gate in a cheap replica with no engine,
     forwarding checked requests to the LLM deployment by handle."""
 
-    def __init__(self, llm: Any, *, serve_config: dict, key_hashes: list[str], model_config: dict):
+    def __init__(self, llm: Any, *, serve_config: dict, key_hashes: list[str], model_config: dict,
+                 canary: Any = None):
+        """`canary`: the candidate's deployment during a canary, bound only so that Serve deploys it
+        (the edge's version is pinned without it: a canary restarts no edge); the edge finds it by
+        the name its user_config gives (`reconfigure`)."""
         s = ServeConfig.model_validate(serve_config)
         self.llm, self.retry_after_s = llm, s.retry_after_s
         self.settings = gate_settings(s, key_hashes, model_config)  # the version header comes from the replicas
         mark_keyed(s.require_api_key)  # HAProxy refuses keyless completions from their headers (raylm/haproxy_rules.py)
         self.adapters = AdapterListing(s) if s.adapters_path else None
         self.gate_metrics = GateMetrics()
+        self.routes = Routes(llm.options(stream=True), _deployment_handle, _replica_name())
+        self._flush: Any = None
+
+    async def reconfigure(self, config: dict) -> None:
+        """Serve's in-place update (`user_config`): the live version, and the canary if one runs."""
+        self.routes.configure(config)
+        if self._flush is None:
+            self._flush = asyncio.get_running_loop().create_task(self.routes.flush_forever())
 
     async def __serve_build_asgi_app__(self) -> Any:
         async def no_adapters() -> tuple[str, ...]:
             return ()
 
-        forward = Forward(self.llm, self.adapters.names if self.adapters else no_adapters, self.retry_after_s)
+        forward = Forward(self.routes, self.adapters.names if self.adapters else no_adapters, self.retry_after_s)
         return Gate(forward, settings=self.settings, health=self._health, on_response=self.gate_metrics.count,
-                    adapters=self.adapters, on_key=self.gate_metrics.count_key)
+                    adapters=self.adapters, on_key=self.gate_metrics.count_key, versions=self.routes.served)
 
     async def _health(self) -> None:
         await asyncio.wait_for(self.llm.edge_health.remote(), EDGE_HEALTH_TIMEOUT_S)
 
 
 EDGE_HEALTH_TIMEOUT_S = 10.0
+
+
+def _deployment_handle(name: str) -> Any:
+    """A streaming handle to another deployment of this edge's app (the canary's candidate)."""
+    from ray import serve
+
+    return serve.get_deployment_handle(name, serve.get_replica_context().app_name).options(stream=True)
+
+
+def _replica_name() -> str:
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - outside a replica (tests)
+        return "edge"

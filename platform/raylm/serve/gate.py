@@ -32,6 +32,7 @@ from typing import Any, Awaitable, Callable, Optional, Protocol
 from raylm.config.serve import KeyLimitsConfig
 from raylm.haproxy_rules import MAX_BODY_BYTES  # the body limit, HAProxy's and the gate's
 from raylm.serve.auth import KeyChecker, ReloadingKeys
+from raylm.serve.canary import unpin
 from raylm.serve.limits import KeyLimiter, Refusal
 from raylm.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, check_limits,
                                   error_body, parse_request, prompt_tokens_bound, reject_unsupported)
@@ -53,6 +54,8 @@ CONTEXT_MARKERS = ("maximum context length", "max_model_len", "context length")
 VERSION_HEADER = b"x-raylm-model-version"
 EDGE_CHECKED = "raylm.edge"  # a scope key no HTTP request can set: an LLM replica marks edge calls with it
 CHECKED = "raylm.checked"  # the scope key under which the gate hands its `Checked` request on (parsed once)
+KEY_ID = "raylm.key_id"  # ... the key's id (what a canary's split hashes)
+PIN = "raylm.pin"  # ... and the model version the client pinned (`"<model_id>@v3"`), or None
 
 
 class Adapters(Protocol):
@@ -240,10 +243,12 @@ class Gate:
                  on_response: Callable[[str, int], None] = lambda route, status: None,
                  adapters: Optional[Adapters] = None,
                  on_key: Callable[[str, str, int, int], None] = lambda key_id, route, status, tokens: None,
-                 keys: Optional[ReloadingKeys] = None, limiter: Optional[KeyLimiter] = None):
-        """`keys` and `limiter` default to what `settings` describes (tests pass their own, with a fake clock)."""
+                 keys: Optional[ReloadingKeys] = None, limiter: Optional[KeyLimiter] = None,
+                 versions: Optional[Callable[[], list[str]]] = None):
+        """`keys` and `limiter` default to what `settings` describes (tests pass their own, with a fake clock).
+        `versions`: the model versions a client may pin (the edge's; None: no pins)."""
         self.app, self.settings, self.health, self.on_response = app, settings, health, on_response
-        self.adapters, self.on_key = adapters, on_key
+        self.adapters, self.on_key, self.versions = adapters, on_key, versions
         self.keys = keys or ReloadingKeys(settings.key_hashes, settings.key_hashes_path, settings.keys_reload_s,
                                           required=settings.require_api_key)
         limits = settings.key_limits
@@ -282,7 +287,10 @@ class Gate:
                 self.on_response(route, 200)
                 return await send_json(send, 200, self._models(path, dynamic))
             try:
-                checked = check_body(route, await read_body(receive), self.settings, dynamic)
+                raw, pin = await read_body(receive), None
+                if self.versions is not None:
+                    raw, pin = unpin(raw, self.versions())
+                checked = check_body(route, raw, self.settings, dynamic)
                 if checked.model in dynamic:
                     await self.adapters.load(checked.model)
             except APIError as exc:
@@ -290,7 +298,8 @@ class Gate:
                 raise
             admission = self._admit(key_id, route, checked)
             scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"content-length"]
-                     + [(b"content-length", str(len(checked.body)).encode())], CHECKED: checked}
+                     + [(b"content-length", str(len(checked.body)).encode())], CHECKED: checked, KEY_ID: key_id,
+                     PIN: pin}
             receive = replay(checked.body, receive)
         except APIError as exc:
             self.on_response(route or "other", exc.status)

@@ -14,6 +14,7 @@ from raylm.serve.autoscale import ENGINE_POLICY
 
 # The model deployment, whose options the Serve config files and the RayService set by this name.
 SERVE_MODEL_DEPLOYMENT = "LLMServer"
+CANARY_DEPLOYMENT = "LLMServerCanary"  # a canary's candidate, beside the model deployment (raylm promote --canary)
 EDGE_DEPLOYMENT = "RaylmEdge"  # the edge ingress in front of it (serve/edge.py)
 CPU_KV_CACHE_GIB = 1.0  # vLLM's CPU backend otherwise reserves a share of the host's memory
 # The environment of every vLLM engine raylm starts (serving replicas, `raylm eval`'s engines):
