@@ -159,8 +159,8 @@ def history_lines(cfg: RaylmConfig, last: int = 8) -> list[str]:
 
 def canary_line(cfg: RaylmConfig) -> Optional[str]:
     """The running canary and what each version answered so far (from storage: no Ray needed)."""
-    from raylm.lifecycle.canary import describe_stats, read_stats, running_canary
-    from raylm.lifecycle.history import read_history
+    from raylm.lifecycle.canary import describe_stats, read_stats
+    from raylm.lifecycle.history import read_history, running_canary
 
     canary = running_canary(read_history(cfg))
     if canary is None:

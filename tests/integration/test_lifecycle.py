@@ -421,7 +421,7 @@ def test_a_canary_splits_by_conversation_pins_and_finishes_from_a_second_shell_u
     entries = history.read_history(cfg)
     assert (entries[-1]["action"], entries[-1]["state"], entries[-1]["canary"]) == ("promote", "done", entry["id"])
     assert history.live_entry(entries)["version"] == new == rollout.served_version(cfg)
-    assert canary.running_canary(entries) is None and not canary_deployed(cfg)
+    assert history.running_canary(entries) is None and not canary_deployed(cfg)
     assert_deployed_as_served(url, cfg)
 
 

@@ -10,7 +10,8 @@ import random
 import pytest
 
 from raylm.config.serve import CanaryConfig
-from raylm.lifecycle.canary import Decision, decide, running_canary
+from raylm.lifecycle.canary import Decision, decide
+from raylm.lifecycle.history import running_canary
 from raylm.serve.canary import (Routes, VersionRecorder, conversation, merged_summary, pinned_version, split_pin,
                                 to_candidate, unpin)
 from raylm.serve.protocol import APIError

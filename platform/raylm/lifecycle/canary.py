@@ -25,7 +25,7 @@ from raylm.config.serve import CanaryConfig
 from raylm.console import say
 from raylm.errors import InputError, ServeDeployError
 from raylm.lifecycle.eval_gate import PromotionRefused, gate
-from raylm.lifecycle.history import history_uri, next_version, read_history, record
+from raylm.lifecycle.history import history_uri, next_version, record, refuse_while_running, running_canary
 from raylm.lifecycle.lock import promotion_lock
 from raylm.lifecycle.record import deployment, write_record
 from raylm.serve.canary import EMPTY_SUMMARY, merged_summary
@@ -64,22 +64,6 @@ def decide(live: dict, candidate: dict, policy: CanaryConfig) -> Decision:
 
 
 # ------------------------------------------------------------------ state in the history
-
-
-def running_canary(history: list[dict]) -> Optional[dict]:
-    """The done `canary` entry of the canary now running (no promote or abort names it), or None."""
-    closed = {e.get("canary") for e in history if e.get("canary")}
-    return next((e for e in reversed(history) if e.get("action") == "canary" and e.get("state") == "done"
-                 and e.get("id") not in closed), None)
-
-
-def refuse_while_running(cfg: RaylmConfig, history: list[dict], verb: str) -> None:
-    """A promote or rollback while a canary runs would leave it orphaned: refused, naming it."""
-    canary = running_canary(history)
-    if canary is not None:
-        raise InputError(f"a canary of {canary['version']} ({canary['checkpoint']}) serves {canary['percent']:g}% of "
-                         f"requests beside {canary['from_version']} (since {canary['at']}, {history_uri(cfg)}): "
-                         f"`raylm promote --finish` or `--abort` it before a {verb}")
 
 
 def stats_uri(cfg: RaylmConfig, canary_id: str) -> str:

@@ -1,7 +1,8 @@
 """The promotion history: `<storage>/serve/<app_name>/promotions.json`, a list of entries (newest
 last) written whole, so no reader sees half of it. The live model is the newest entry that
 deployed one (`deploy`, `promote`, `rollback`); `adapter` entries record adapters put under
-serve.adapters_path."""
+serve.adapters_path. A canary (lifecycle/canary.py) is a `canary` entry, then either the `promote`
+that finished it or a `canary_abort`, each naming it (`canary: <id>`)."""
 
 from __future__ import annotations
 
@@ -62,3 +63,19 @@ def next_version(history: list[dict]) -> str:
     """v1, v2, ...: one per deploy or promotion that went live (a rollback reuses the version it
     returns to; a failed or interrupted one's number is used again)."""
     return f"v{1 + sum(e.get('action') in ('deploy', 'promote') and is_done(e) for e in history)}"
+
+
+def running_canary(history: list[dict]) -> Optional[dict]:
+    """The done `canary` entry of the canary now running (no promote or abort names it), or None."""
+    closed = {e.get("canary") for e in history if e.get("canary")}
+    return next((e for e in reversed(history) if e.get("action") == "canary" and e.get("state") == "done"
+                 and e.get("id") not in closed), None)
+
+
+def refuse_while_running(cfg: RaylmConfig, history: list[dict], verb: str) -> None:
+    """A promote or rollback while a canary runs would leave it orphaned: refused, naming it."""
+    canary = running_canary(history)
+    if canary is not None:
+        raise InputError(f"a canary of {canary['version']} ({canary['checkpoint']}) serves {canary['percent']:g}% of "
+                         f"requests beside {canary['from_version']} (since {canary['at']}, {history_uri(cfg)}): "
+                         f"`raylm promote --finish` or `--abort` it before a {verb}")

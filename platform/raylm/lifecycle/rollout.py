@@ -22,7 +22,7 @@ from raylm.console import say
 from raylm.errors import InputError, ServeDeployError
 from raylm.lifecycle.eval_gate import PromotionRefused, gate
 from raylm.lifecycle.history import (MODEL_ACTIONS, history_uri, is_done, live_entry, next_version,
-                                     read_history, record, unfinished)
+                                     read_history, record, refuse_while_running, unfinished)
 from raylm.lifecycle.lock import promotion_lock
 from raylm.lifecycle.record import deployment, set_paths, without_checkpoint, write_record
 from raylm.serve.auth import KeySetup
@@ -225,8 +225,6 @@ def promote(cfg: RaylmConfig, candidate: str, force: bool = False, overrides: It
 
 
 def _promote(cfg: RaylmConfig, candidate: str, force: bool, overrides: Iterable[str], reconfigure: bool) -> dict:
-    from raylm.lifecycle.canary import refuse_while_running
-
     history, live = require_live(cfg)
     refuse_while_running(cfg, history, "promote")
     target, keys, kept = deployment(cfg, overrides, reconfigure)
@@ -251,8 +249,6 @@ def rollback(cfg: RaylmConfig) -> dict:
 
 
 def _rollback(cfg: RaylmConfig) -> dict:
-    from raylm.lifecycle.canary import refuse_while_running
-
     history, live = require_live(cfg)
     refuse_while_running(cfg, history, "rollback")
     if not live.get("from_checkpoint"):
