@@ -144,6 +144,10 @@ def _deploy_canary(cfg: RaylmConfig, target: RaylmConfig, keys: Any, candidate: 
     record(cfg, state="intent", **move)
     try:
         with _terminate_as_interrupt():
+            # the candidate's replicas first, taking no requests: the edge routes to them only once
+            # they are up (routed at once, its share of requests queued ~30 s for the engine to start)
+            deploy(target, live["checkpoint"], live["version"], keys, cfg.serve.rollout_timeout_s,
+                   canary=replace(spec, routed=False))
             deploy(target, live["checkpoint"], live["version"], keys, cfg.serve.rollout_timeout_s, canary=spec)
     except KeyboardInterrupt as exc:
         restored = _restore(target, keys, live)
