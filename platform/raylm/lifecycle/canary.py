@@ -24,7 +24,6 @@ from raylm.config import RaylmConfig
 from raylm.config.serve import CanaryConfig
 from raylm.console import say
 from raylm.errors import InputError, ServeDeployError
-from raylm.lifecycle.eval_gate import PromotionRefused, gate
 from raylm.lifecycle.history import history_uri, next_version, record, refuse_while_running, running_canary
 from raylm.lifecycle.lock import promotion_lock
 from raylm.lifecycle.record import deployment, write_record
@@ -104,23 +103,14 @@ def start(cfg: RaylmConfig, candidate: str, percent: float, force: bool = False,
     """`raylm promote --canary PCT`: gate the candidate (unless `force`), deploy it beside the
     live model with PCT% of conversations, and record it. With `serve.canary.auto`, watch it and
     finish or roll it back (`watch`)."""
-    from raylm.lifecycle.rollout import require_live, require_serving
+    from raylm.lifecycle.rollout import gated
 
     if not 0 < percent < 100:
         raise InputError(f"--canary {percent:g}: the candidate's share of requests, in percent, must lie in (0, 100)")
+    if not deployment(cfg, overrides, reconfigure)[0].serve.edge.enabled:  # before the gate's evaluations
+        raise InputError("--canary needs serve.edge.enabled=true: the edge splits the requests between versions")
     with promotion_lock(cfg, "canary"):
-        history, live = require_live(cfg)
-        refuse_while_running(cfg, history, "new canary")
-        target, keys, kept = deployment(cfg, overrides, reconfigure)
-        if not target.serve.edge.enabled:
-            raise InputError("--canary needs serve.edge.enabled=true: the edge splits the requests between versions")
-        require_serving(cfg)
-        metrics: dict[str, Any] = {}
-        if not force:
-            passed, line, metrics = gate(cfg, candidate, live["checkpoint"])
-            if not passed:
-                raise PromotionRefused(f"not promoted: {line}; {live['version']} keeps serving (--force overrides)")
-            say(f"gate passed: {line}", event="gate", **metrics)
+        history, live, (target, keys, _), metrics = gated(cfg, candidate, force, overrides, reconfigure, "new canary")
         entry = _deploy_canary(cfg, target, keys, candidate, next_version(history), percent, live, metrics, force)
     if cfg.serve.canary.auto:
         return watch(cfg, entry)

@@ -224,10 +224,15 @@ def promote(cfg: RaylmConfig, candidate: str, force: bool = False, overrides: It
         return _promote(cfg, candidate, force, overrides, reconfigure)
 
 
-def _promote(cfg: RaylmConfig, candidate: str, force: bool, overrides: Iterable[str], reconfigure: bool) -> dict:
+def gated(cfg: RaylmConfig, candidate: str, force: bool, overrides: Iterable[str], reconfigure: bool,
+          verb: str) -> tuple[list[dict], dict, tuple[RaylmConfig, Optional[KeySetup], list[str]], dict]:
+    """What a promote (or a canary) checks before it changes anything, under the app's lock: a
+    live model, no canary running, the deployment record (and this command's serve settings
+    against it), the app serving, and the eval gate unless `force` (PromotionRefused). Returns the
+    history, the live entry, the record's (config, keys, kept --set paths) and the gate's metrics."""
     history, live = require_live(cfg)
-    refuse_while_running(cfg, history, "promote")
-    target, keys, kept = deployment(cfg, overrides, reconfigure)
+    refuse_while_running(cfg, history, verb)
+    deployed = deployment(cfg, overrides, reconfigure)
     require_serving(cfg)
     metrics: dict[str, Any] = {}
     if not force:
@@ -235,6 +240,11 @@ def _promote(cfg: RaylmConfig, candidate: str, force: bool, overrides: Iterable[
         if not passed:
             raise PromotionRefused(f"not promoted: {line}; {live['version']} keeps serving (--force overrides)")
         say(f"gate passed: {line}", event="gate", **metrics)
+    return history, live, deployed, metrics
+
+
+def _promote(cfg: RaylmConfig, candidate: str, force: bool, overrides: Iterable[str], reconfigure: bool) -> dict:
+    history, live, (target, keys, kept), metrics = gated(cfg, candidate, force, overrides, reconfigure, "promote")
     version = next_version(history)
     say(f"rolling {candidate} out as {version} (replacing {live['version']}; old replicas drain for up to "
         f"{cfg.serve.graceful_shutdown_timeout_s:g} s)", event="rollout", version=version)
