@@ -18,6 +18,7 @@ import pytest
 from cli_env import clean_env
 
 from raylm.cluster import listen_port
+from serve_fixtures import tiny_checkpoint  # noqa: F401 - a session fixture
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -51,9 +52,10 @@ def head(tmp_path_factory):
         subprocess.run(["pkill", "-9", "-f", str(temp_dir)], check=False)
 
 
-def submit(env: dict, *entrypoint: str) -> str:
-    proc = run(str(BIN / "ray"), "job", "submit", "--no-wait", "--working-dir", ".", "--", *entrypoint, env=env,
-               timeout_s=300)
+def submit(env: dict, *entrypoint: str, working_dir: Path = ROOT) -> str:
+    proc = subprocess.run([str(BIN / "ray"), "job", "submit", "--no-wait", "--working-dir", ".", "--", *entrypoint],
+                          cwd=working_dir, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"ray job submit exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     ids = [w.strip("'\"") for line in proc.stdout.splitlines() + proc.stderr.splitlines()
            for w in line.split() if w.strip("'\"").startswith("raysubmit_")]
     assert ids, f"no submission id in:\n{proc.stdout}\n{proc.stderr}"
@@ -127,3 +129,30 @@ def test_train_and_sweep_jobs_succeed(head, tmp_path):
     best = json.loads((tmp_path / "sweeps" / "job-sweep" / "best.json").read_text())
     assert Path(best["checkpoint"], "config.json").is_file()
     assert "best trial:" in logs
+
+
+@pytest.mark.skipif(os.environ.get("RAYLM_EXTENDED") != "1", reason="opt-in (RAYLM_EXTENDED=1): ~2 min; the suite's "
+                    "GRPO run (grpo_fixtures.py) runs the same code on the local cluster")
+def test_a_grpo_job_ships_the_users_reward_file(head, tmp_path, tiny_checkpoint):  # noqa: F811
+    """`ray job submit` of a GRPO run from the user's own folder: its reward file (`my_rewards.py`,
+    named `my_rewards:short`) reaches the job's driver and the trainer worker through the job's
+    working directory, and the run trains, scores with it and checkpoints."""
+    import shutil
+
+    from grpo_fixtures import SETS, USER_REWARDS
+
+    env, _ = head
+    work = tmp_path / "project"
+    shutil.copytree(ROOT / "configs", work / "configs")
+    (work / "my_rewards.py").write_text(USER_REWARDS)
+    sets = {**SETS, "model.name": tiny_checkpoint, "data.source": "configs/data/arith_prompt.jsonl",
+            "data.cache_dir": tmp_path / "cache", "train.storage_path": tmp_path / "runs", "train.max_steps": 2,
+            "train.eval_every_steps": 2, "train.checkpoint_every_steps": 2}
+    job = submit(env, "raylm", "train", "--config", "configs/grpo.yaml", "--json",
+                 *[f"--set={k}={v}" for k, v in sets.items()], working_dir=work)
+    status, logs = wait_job(env, job, timeout_s=600)
+    assert status == "SUCCEEDED", logs[-5000:]
+    metrics = [json.loads(line) for line in (tmp_path / "runs" / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    scored = [m for m in metrics if "rewards/short/mean" in m]
+    assert scored, f"the user's reward was not logged: {sorted(metrics[-1])}"
+    assert (tmp_path / "runs" / "grpo" / "step_00000002" / "hf" / "model.safetensors").is_file()
