@@ -234,9 +234,12 @@ def _promote(cfg: RaylmConfig, candidate: str, force: bool, overrides: Iterable[
         if not passed:
             raise PromotionRefused(f"not promoted: {line}; {live['version']} keeps serving (--force overrides)")
         say(f"gate passed: {line}", event="gate", **metrics)
+    from raylm.serve.app import live_drain_s
+
     version = next_version(history)
+    drain = live_drain_s(cfg.serve) or cfg.serve.graceful_shutdown_timeout_s  # what the live replicas were deployed with
     say(f"rolling {candidate} out as {version} (replacing {live['version']}; old replicas drain for up to "
-        f"{cfg.serve.graceful_shutdown_timeout_s:g} s)", event="rollout", version=version)
+        f"{drain:g} s)", event="rollout", version=version)
     return change_model(cfg, "promote", target, keys, kept, candidate, version, live, metrics=metrics, forced=force)
 
 
