@@ -117,7 +117,10 @@ class LongStreams:
         if last == "data: [DONE]":
             how = "done"
         elif last.startswith("data: {"):
-            error = json.loads(last[len("data: "):]).get("error") or {}
+            try:
+                error = json.loads(last[len("data: "):]).get("error") or {}
+            except ValueError:  # a line cut short: silent
+                error = {}
             if error.get("code") == "stream_interrupted" and "rollout" in error.get("message", ""):
                 how = "cut"
         self.endings.append((t0, time.monotonic(), version, how, len(lines), last[:300]))
