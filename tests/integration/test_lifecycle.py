@@ -87,8 +87,8 @@ class LongStreams:
     each ending recorded as (start, end, version, how): "done" (`data: [DONE]`), "cut" (the edge's
     error event naming the rollout) or "silent" (anything else: the cut this must never be)."""
 
-    def __init__(self, url: str, max_tokens: int, clients: int = 2):
-        self.url, self.max_tokens, self.endings = url, max_tokens, []
+    def __init__(self, url: str, max_tokens: int, clients: int = 2, n: int = 1):
+        self.url, self.max_tokens, self.n, self.endings = url, max_tokens, n, []
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
 
@@ -104,7 +104,7 @@ class LongStreams:
 
     def _one(self, client: httpx.Client) -> None:
         body = {"model": MODEL_ID, "prompt": "The king", "max_tokens": self.max_tokens, "ignore_eos": True,
-                "stream": True}
+                "n": self.n, "stream": True}
         t0, version, lines = time.monotonic(), None, []
         try:
             with client.stream("POST", f"{self.url}/v1/completions", json=body, headers=auth()) as r:
@@ -129,6 +129,11 @@ class LongStreams:
         with httpx.Client(timeout=120) as client:
             while not self._stop.is_set():
                 self._one(client)
+
+    def summary(self) -> str:
+        took = sorted(end - start for start, end, *_ in self.endings)
+        return (f"{len(self.endings)} streams, " + ", ".join(f"{how} {len(self.ended(how))}" for how in ("done", "cut", "silent"))
+                + (f"; median {took[len(took) // 2]:.2f} s, longest {took[-1]:.2f} s" if took else ""))
 
     def ended(self, how: str) -> list:
         return [e for e in self.endings if e[3] == how]
@@ -234,6 +239,7 @@ def test_promotion_rolls_out_under_load_with_no_failed_request(endpoint, checkpo
         entry = rollout.promote(cfg, checkpoints["b"], force=True)
         done = time.monotonic()
         time.sleep(3)
+    print(f"long streams across the promotion: {long.summary()}")
     assert load.failures == [], load.failures[:3]
     # streams in flight on the old replicas finish within the drain window v1 was deployed with
     assert long.ended("done") and len(long.ended("done")) == len(long.endings), long.endings
@@ -310,18 +316,20 @@ def test_rollback_from_another_process_joins_the_running_cluster(endpoint, check
     from raylm.serve.app import deploy, live_drain_s
 
     cfg, url, config_file = endpoint
-    # v2's replicas get a drain window far shorter than a stream (the same inputs: updated in
-    # place, no restart), so the rollback below cuts the streams in flight on them
+    # v2's replicas get no drain window (the same inputs: updated in place, no restart), so the
+    # rollback below cuts the streams in flight on them: 4 clients of 4 choices keep v2's engine
+    # busy with streams of ~1 s (a stream of 64 tokens takes ~0.4 s alone here)
     live = history.live_entry(history.read_history(cfg))
     target, keys, _ = record.deployment(cfg, check=False)
     t0 = time.monotonic()
-    deploy(target, live["checkpoint"], live["version"], keys, drain_s=0.5)
-    assert live_drain_s(cfg.serve) == 0.5 and time.monotonic() - t0 < 30, "updated in place (no replica restart)"
+    deploy(target, live["checkpoint"], live["version"], keys, drain_s=0.0)
+    assert live_drain_s(cfg.serve) == 0.0 and time.monotonic() - t0 < 30, "updated in place (no replica restart)"
     # a user's second shell: HOME and nothing else (no RAY_AUTH_MODE, no RAY_ADDRESS)
-    with LongStreams(url, cfg.serve.max_tokens_limit, clients=3) as long:
+    with LongStreams(url, cfg.serve.max_tokens_limit, clients=4, n=4) as long:
         out = subprocess.run([sys.executable, "-m", "raylm", "rollback", "-c", str(config_file), "--json"],
                              cwd=repo_root(), env=clean_env(), capture_output=True, text=True, timeout=600)
         time.sleep(2)
+    print(f"long streams across the rollback: {long.summary()}")
     assert out.returncode == 0, out.stderr[-2000:]
     # a stream cut by its replica's stop ends with the error event naming the rollout, never silently
     assert not long.ended("silent"), long.ended("silent")[:3]

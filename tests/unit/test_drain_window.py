@@ -52,3 +52,4 @@ def test_the_window_goes_to_both_deployments():
     assert deployment_options(s)["graceful_shutdown_timeout_s"] == edge_options(s)["graceful_shutdown_timeout_s"] == 20
     assert deployment_options(s, 169.0)["graceful_shutdown_timeout_s"] == 169.0
     assert edge_options(s, 169.0)["graceful_shutdown_timeout_s"] == 169.0
+    assert deployment_options(s, 0.0)["graceful_shutdown_timeout_s"] == 0.0  # an explicit 0 (tests) is kept

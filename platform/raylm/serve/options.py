@@ -101,7 +101,8 @@ def deployment_options(s: ServeConfig, drain_s: Optional[float] = None) -> dict[
             "max_queued_requests": s.max_queued_requests,
             "ray_actor_options": {"num_cpus": s.num_cpus_per_replica},
             "max_surge_percent": ROLLOUT_SURGE_PERCENT,
-            "graceful_shutdown_timeout_s": drain_s or s.graceful_shutdown_timeout_s, **request_router(s)}
+            "graceful_shutdown_timeout_s": s.graceful_shutdown_timeout_s if drain_s is None else drain_s,
+            **request_router(s)}
 
 
 def request_router(s: ServeConfig) -> dict[str, Any]:
@@ -119,7 +120,7 @@ def edge_options(s: ServeConfig, drain_s: Optional[float] = None) -> dict[str, A
     streams it relays end when it stops, and nothing is left to send their error event."""
     return {"num_replicas": s.edge.replicas, "max_ongoing_requests": s.edge.max_ongoing_requests,
             "ray_actor_options": {"num_cpus": 0},
-            "graceful_shutdown_timeout_s": drain_s or s.graceful_shutdown_timeout_s}
+            "graceful_shutdown_timeout_s": s.graceful_shutdown_timeout_s if drain_s is None else drain_s}
 
 
 def backpressure(s: ServeConfig) -> dict[str, Any]:
