@@ -132,8 +132,9 @@ class LongStreams:
 
     def summary(self) -> str:
         took = sorted(end - start for start, end, *_ in self.endings)
-        return (f"{len(self.endings)} streams, " + ", ".join(f"{how} {len(self.ended(how))}" for how in ("done", "cut", "silent"))
-                + (f"; median {took[len(took) // 2]:.2f} s, longest {took[-1]:.2f} s" if took else ""))
+        counts = ", ".join(f"{how} {len(self.ended(how))}" for how in ("done", "cut", "silent"))
+        times = f"; median {took[len(took) // 2]:.2f} s, longest {took[-1]:.2f} s" if took else ""
+        return f"{len(self.endings)} streams, {counts}{times}"
 
     def ended(self, how: str) -> list:
         return [e for e in self.endings if e[3] == how]

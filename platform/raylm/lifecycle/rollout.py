@@ -237,7 +237,8 @@ def _promote(cfg: RaylmConfig, candidate: str, force: bool, overrides: Iterable[
     from raylm.serve.app import live_drain_s
 
     version = next_version(history)
-    drain = live_drain_s(cfg.serve) or cfg.serve.graceful_shutdown_timeout_s  # what the live replicas were deployed with
+    drain = live_drain_s(cfg.serve)  # what the live replicas were deployed with
+    drain = cfg.serve.graceful_shutdown_timeout_s if drain is None else drain
     say(f"rolling {candidate} out as {version} (replacing {live['version']}; old replicas drain for up to "
         f"{drain:g} s)", event="rollout", version=version)
     return change_model(cfg, "promote", target, keys, kept, candidate, version, live, metrics=metrics, forced=force)

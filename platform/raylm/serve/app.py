@@ -457,7 +457,8 @@ def size_drain(s: ServeConfig) -> float:
         llm = serve.get_deployment_handle(SERVE_MODEL_DEPLOYMENT, s.app_name)
         itl = llm.probe_itl.remote().result(timeout_s=ITL_PROBE_TIMEOUT_S)
     except Exception as exc:  # noqa: BLE001 - whatever failed, the configured window stands
-        why = f"the probe failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
+        first = str(exc).strip().splitlines()[:1]
+        why = f"the probe failed: {type(exc).__name__}: {first[0][:200] if first else ''}"
     window = drain_window(s, itl, why)
     say(window.line(s), event="drain", drain_s=window.seconds, needed_s=window.needed_s, itl_s=itl,
         max_tokens_limit=s.max_tokens_limit)
