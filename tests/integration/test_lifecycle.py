@@ -84,6 +84,64 @@ class Load:
         return {v for start, _, _, v, _ in self.results if start > t}
 
 
+class LongStreams:
+    """Clients that keep streams of serve.max_tokens_limit tokens (EOS ignored) going until stopped,
+    each ending recorded as (start, end, version, how): "done" (`data: [DONE]`), "cut" (the edge's
+    error event naming the rollout) or "silent" (anything else: the cut this must never be)."""
+
+    def __init__(self, url: str, max_tokens: int, clients: int = 2, n: int = 1):
+        self.url, self.max_tokens, self.n, self.endings = url, max_tokens, n, []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
+
+    def __enter__(self) -> "LongStreams":
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=120)
+
+    def _one(self, client: httpx.Client) -> None:
+        body = {"model": MODEL_ID, "prompt": "The king", "max_tokens": self.max_tokens, "ignore_eos": True,
+                "n": self.n, "stream": True}
+        t0, version, lines = time.monotonic(), None, []
+        try:
+            with client.stream("POST", f"{self.url}/v1/completions", json=body, headers=auth()) as r:
+                version = r.headers.get(VERSION)
+                lines = [line for line in r.iter_lines() if line] if r.status_code == 200 else [f"HTTP {r.status_code}"]
+        except httpx.HTTPError as exc:
+            lines.append(repr(exc))
+        last = lines[-1] if lines else ""
+        how = "silent"
+        if last == "data: [DONE]":
+            how = "done"
+        elif last.startswith("data: {"):
+            try:
+                error = json.loads(last[len("data: "):]).get("error") or {}
+            except ValueError:  # a line cut short: silent
+                error = {}
+            if error.get("code") == "stream_interrupted" and "rollout" in error.get("message", ""):
+                how = "cut"
+        self.endings.append((t0, time.monotonic(), version, how, len(lines), last[:300]))
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=120) as client:
+            while not self._stop.is_set():
+                self._one(client)
+
+    def summary(self) -> str:
+        took = sorted(end - start for start, end, *_ in self.endings)
+        counts = ", ".join(f"{how} {len(self.ended(how))}" for how in ("done", "cut", "silent"))
+        times = f"; median {took[len(took) // 2]:.2f} s, longest {took[-1]:.2f} s" if took else ""
+        return f"{len(self.endings)} streams, {counts}{times}"
+
+    def ended(self, how: str) -> list:
+        return [e for e in self.endings if e[3] == how]
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tiny_checkpoint, grpo_run, tmp_path_factory) -> dict[str, str]:
     """A (the tiny checkpoint), B (the suite's GRPO run's final export, trained from A: a GRPO result
@@ -179,12 +237,18 @@ def test_promotion_rolls_out_under_load_with_no_failed_request(endpoint, checkpo
     from raylm.lifecycle import rollout
 
     cfg, url, _ = endpoint
-    with Load(url) as load:
+    with Load(url) as load, LongStreams(url, cfg.serve.max_tokens_limit) as long:
         time.sleep(2)
         entry = rollout.promote(cfg, checkpoints["b"], force=True)
         done = time.monotonic()
         time.sleep(3)
+    print(f"long streams across the promotion: {long.summary()}")
     assert load.failures == [], load.failures[:3]
+    # streams in flight on the old replicas finish within the drain window v1 was deployed with
+    assert long.ended("done") and len(long.ended("done")) == len(long.endings), long.endings
+    first_v2 = min(start for start, _, _, v, _ in load.results if v == "v2")
+    assert any(v == "v1" and end > first_v2 for _, end, v, *_ in long.endings), \
+        ("a v1 stream was still running once v2 took requests (its replica draining)", long.endings)
     assert entry["version"] == "v2" and entry["from_version"] == "v1"
     seen = [v for *_, v, _ in load.results]
     assert set(seen) == {"v1", "v2"} and seen[0] == "v1", "the load ran before and through the rollout"
@@ -251,12 +315,31 @@ def test_rollback_from_another_process_joins_the_running_cluster(endpoint, check
 
     from raylm.lifecycle import history
 
+    from raylm.lifecycle import record
+    from raylm.serve.app import deploy, live_drain_s
+
     cfg, url, config_file = endpoint
+    # v2's replicas get no drain window (the same inputs: updated in place, no restart), so the
+    # rollback below cuts the streams in flight on them (2 clients of 2 choices: each stream takes
+    # ~0.7 s here, and Serve stops v2's replica while the edge still routes to it)
+    live = history.live_entry(history.read_history(cfg))
+    target, keys, _ = record.deployment(cfg, check=False)
+    t0 = time.monotonic()
+    deploy(target, live["checkpoint"], live["version"], keys, drain_s=0.0)
+    assert live_drain_s(cfg.serve) == 0.0 and time.monotonic() - t0 < 30, "updated in place (no replica restart)"
     # a user's second shell: HOME and nothing else (no RAY_AUTH_MODE, no RAY_ADDRESS)
-    out = subprocess.run([sys.executable, "-m", "raylm", "rollback", "-c", str(config_file), "--json"], cwd=repo_root(),
-                         env=clean_env(), capture_output=True, text=True, timeout=600)
+    with LongStreams(url, cfg.serve.max_tokens_limit, clients=2, n=2) as long:
+        out = subprocess.run([sys.executable, "-m", "raylm", "rollback", "-c", str(config_file), "--json"],
+                             cwd=repo_root(), env=clean_env(), capture_output=True, text=True, timeout=600)
+        time.sleep(2)
+    print(f"long streams across the rollback: {long.summary()}")
     assert out.returncode == 0, out.stderr[-2000:]
+    # a stream cut by its replica's stop ends with the error event naming the rollout, never silently
+    assert not long.ended("silent"), long.ended("silent")[:3]
+    assert long.ended("cut") and {e[2] for e in long.ended("cut")} == {"v2"}, long.endings
     events = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    drains = [e for e in events if e.get("event") == "drain"]
+    assert drains and drains[-1]["drain_s"] >= cfg.serve.graceful_shutdown_timeout_s and drains[-1]["itl_s"] > 0, drains
     joined = [e for e in events if e.get("event") == "ray"]
     assert joined and joined[0]["address"] == ray.get_runtime_context().gcs_address
     r = httpx.post(f"{url}/v1/completions", json={"model": MODEL_ID, "prompt": "x", "max_tokens": 2}, headers=auth())

@@ -19,7 +19,7 @@ SSE = [(b"content-type", b"text/event-stream; charset=utf-8")]
 class Responses:
     """What `handle.serve_http.remote(call)` returns: batches of ASGI messages, then a failure."""
 
-    def __init__(self, batches: list[list[dict]], fail: BaseException):
+    def __init__(self, batches: list[list[dict]], fail: BaseException | None):
         self.batches, self.fail, self.cancelled = batches, fail, False
 
     def __aiter__(self):
@@ -28,7 +28,8 @@ class Responses:
     async def _run(self):
         for batch in self.batches:
             yield batch
-        raise self.fail
+        if self.fail is not None:
+            raise self.fail
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -50,7 +51,8 @@ async def no_adapters():
     return ()
 
 
-def forward(batches: list[list[dict]]) -> list[dict]:
+def forward(batches: list[list[dict]], fail: BaseException | None = RuntimeError("ActorDiedError: replica stopped"),
+            ) -> list[dict]:
     sent: list[dict] = []
 
     async def receive():
@@ -61,7 +63,7 @@ def forward(batches: list[list[dict]]) -> list[dict]:
         sent.append(message)
 
     scope = {"type": "http", "path": "/v1/completions", "headers": []}
-    live = Handle(Responses(batches, RuntimeError("ActorDiedError: replica stopped")))
+    live = Handle(Responses(batches, fail))
     app = Forward(Routes(live, lambda name: live), no_adapters, 2.0)
     asyncio.run(app(scope, receive, send))
     return sent
@@ -87,3 +89,23 @@ def test_a_request_whose_replica_fails_before_answering_gets_a_503():
 def test_a_non_stream_response_cut_after_its_start_gets_no_sse_event(headers):
     sent = forward([[{"type": "http.response.start", "status": 200, "headers": headers}]])
     assert [m["type"] for m in sent] == ["http.response.start"]  # the server closes the connection
+
+
+START = [{"type": "http.response.start", "status": 200, "headers": SSE}]
+CHUNK = {"type": "http.response.body", "body": b'data: {"choices": []}\n\n', "more_body": True}
+
+
+def test_a_replica_call_that_ends_cleanly_mid_stream_still_ends_with_the_error_event():
+    """The replica's generator closed without an error (its call cancelled at shutdown) before the
+    app sent the stream's last body: the stream is incomplete, so the client gets the event."""
+    sent = forward([START, [CHUNK]], fail=None)
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body", "http.response.body"]
+    error = json.loads(sent[-1]["body"][len(b"data: "):])["error"]
+    assert sent[-1]["more_body"] is False and error["code"] == "stream_interrupted" and "rollout" in error["message"]
+
+
+@pytest.mark.parametrize("fail", [None, RuntimeError("replica gone after the last byte")])
+def test_a_complete_stream_gets_nothing_after_its_end(fail):
+    end = {"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False}
+    sent = forward([START, [CHUNK, end]], fail=fail)
+    assert sent[-1] is end and len(sent) == 3

@@ -325,9 +325,14 @@ class ServeConfig(_Strict):
         "their health check (a rollout starts them beside the old ones: a cluster without room for a second copy "
         "never finishes) before it reverts to the live model and fails, naming this field.")
     graceful_shutdown_timeout_s: float = Field(
-        30.0, gt=0, description="How long a replica being replaced (a rollout by raylm promote/rollback, or a "
-        "scale-down) keeps finishing its in-flight requests and streams before it is stopped. New requests go to "
-        "the new replicas from the moment they pass their health check.")
+        30.0, gt=0, description="The shortest drain window: how long a replica being replaced (a rollout by raylm "
+        "promote/rollback, or a scale-down) keeps finishing its in-flight requests and streams before it is "
+        "stopped. Each deploy raises it, up to 600 s, to cover the longest stream serve.max_tokens_limit allows "
+        "(max_tokens_limit x the inter-token latency measured on the new replicas x 2, + 5 s) and prints the "
+        "window; a replica drains with the window its version was deployed with. A stream still running when its "
+        "replica stops ends with an SSE error event (code stream_interrupted) naming the rollout, behind the edge; "
+        "without it (serve.edge.enabled=false) its connection is cut with no event. New requests go to the new "
+        "replicas from the moment they pass their health check.")
     replica_start_attempts: int = Field(
         2, ge=1, description="Tries Serve gives a replica to start (its engine to load the checkpoint) before the "
         "deployment counts as failed; a rollout whose checkpoint fails to load is rolled back after that many.")

@@ -244,10 +244,14 @@ def gated(cfg: RaylmConfig, candidate: str, force: bool, overrides: Iterable[str
 
 
 def _promote(cfg: RaylmConfig, candidate: str, force: bool, overrides: Iterable[str], reconfigure: bool) -> dict:
+    from raylm.serve.app import live_drain_s
+
     history, live, (target, keys, kept), metrics = gated(cfg, candidate, force, overrides, reconfigure, "promote")
     version = next_version(history)
+    drain = live_drain_s(cfg.serve)  # what the live replicas were deployed with
+    drain = cfg.serve.graceful_shutdown_timeout_s if drain is None else drain
     say(f"rolling {candidate} out as {version} (replacing {live['version']}; old replicas drain for up to "
-        f"{cfg.serve.graceful_shutdown_timeout_s:g} s)", event="rollout", version=version)
+        f"{drain:g} s)", event="rollout", version=version)
     return change_model(cfg, "promote", target, keys, kept, candidate, version, live, metrics=metrics, forced=force)
 
 

@@ -44,7 +44,7 @@ from raylm.serve.edge import (EDGE_DEPLOYMENT, AdapterListing, GateMetrics, Rayl
 from raylm.serve.gate import Gate
 from raylm.serve.protocol import APIError
 from raylm.serve.options import (CANARY_DEPLOYMENT, ENGINE_ENV, SERVE_MODEL_DEPLOYMENT, backpressure,
-                                 deployment_options, edge_options, engine_kwargs)
+                                 deployment_options, drain_window, edge_options, engine_kwargs)
 from raylm.servable import adapter_base_mismatch, check_servable
 
 logger = logging.getLogger(__name__)
@@ -142,6 +142,7 @@ def engine_class() -> type:
 
 
 ENGINE_WATCH_INTERVAL_S = 0.5
+ITL_PROBE_TOKENS = 16  # tokens of the deploy's probe generation (RaylmServer.probe_itl)
 
 
 async def exit_when_engine_dies(engine: Any, interval_s: float = ENGINE_WATCH_INTERVAL_S,
@@ -216,6 +217,25 @@ class RaylmServer(LLMServer):
         app.add_middleware(Gate, settings=self.gate_settings, health=self.check_health, on_response=counters.count,
                            adapters=self.adapters, on_key=counters.count_key)
         return app
+
+    async def probe_itl(self, tokens: int = ITL_PROBE_TOKENS) -> float:
+        """The engine's inter-token latency in seconds, measured on one generation of `tokens`
+        tokens (EOS ignored) from this replica's engine: the decode time after the first token
+        over the tokens after it. The deploy sizes the drain window on it (options.drain_window)."""
+        import uuid
+
+        from vllm import SamplingParams
+
+        client = self.engine._engine_client  # Ray Serve LLM's VLLMEngine: vLLM's AsyncLLM
+        params = SamplingParams(max_tokens=tokens, ignore_eos=True, temperature=0.0)
+        first, n_first, last, n = None, 0, 0.0, 0
+        async for out in client.generate("The", params, f"raylm-itl-probe-{uuid.uuid4().hex[:8]}"):
+            n, last = len(out.outputs[0].token_ids), time.monotonic()
+            if first is None:
+                first, n_first = last, n
+        if first is None or n <= n_first:
+            raise RuntimeError(f"the probe generated {n} token(s): no inter-token gap to measure")
+        return (last - first) / (n - n_first)
 
     async def edge_health(self) -> None:
         """The engine's health, for the edge's /health (raises when it is dead)."""
@@ -297,7 +317,7 @@ def _without_multiplexed_id() -> contextvars.Context:
 # ------------------------------------------------------------------ building and deploying
 
 
-def llm_config(s: ServeConfig, checkpoint: str, has_chat_template: bool) -> LLMConfig:
+def llm_config(s: ServeConfig, checkpoint: str, has_chat_template: bool, drain_s: Optional[float] = None) -> LLMConfig:
     """Ray Serve LLM's config for the checkpoint: vLLM engine arguments, CPU or GPU placement and
     the Serve deployment options, all from `serve:`."""
     kwargs = engine_kwargs(s)
@@ -312,7 +332,7 @@ def llm_config(s: ServeConfig, checkpoint: str, has_chat_template: bool) -> LLMC
         model_loading_config={"model_id": s.model_id, "model_source": checkpoint},
         accelerator_config={"kind": "gpu" if s.use_gpu else "cpu"},
         engine_kwargs=kwargs,
-        deployment_config=deployment_options(s),
+        deployment_config=deployment_options(s, drain_s),
         callback_config={"callback_class": LocalCheckpoint},
         log_engine_metrics=True,  # TTFT, time per output token, running/waiting, KV-cache usage -> Ray's metrics
     )
@@ -349,7 +369,7 @@ class CanarySpec:
 
 def build_app(cfg: RaylmConfig, checkpoint: str, keys: Optional[KeySetup] = None,
               deployment_name: str = SERVE_MODEL_DEPLOYMENT, model_version: str = "",
-              canary: Optional[CanarySpec] = None) -> serve.Application:
+              canary: Optional[CanarySpec] = None, drain_s: Optional[float] = None) -> serve.Application:
     """The Serve application: `RaylmServer` over the checkpoint with options from `cfg.serve`,
     bound to the API key hashes (never the keys: replicas may sit on other nodes) and the model
     version its responses name; with `canary`, a second LLM deployment over the candidate beside
@@ -360,27 +380,29 @@ def build_app(cfg: RaylmConfig, checkpoint: str, keys: Optional[KeySetup] = None
     Python-built app a random version and restart them): a rollout that fails can be undone by
     deploying the previous inputs, at no cost to the replicas still serving them. The edge's
     routing (live version, canary) is its `user_config`: changing it reconfigures the edge's
-    replicas in place."""
+    replicas in place. `drain_s`: the replicas' drain window (serve/options.py `drain_window`); it
+    is not part of that version, so changing it alone updates running replicas in place."""
     s = cfg.serve
     if canary is not None and not s.edge.enabled:
         raise ServeDeployError("a canary needs serve.edge.enabled=true: the edge splits the requests between versions")
     keys = keys or setup_keys(s)
-    app, model_config = _llm_app(cfg, checkpoint, keys, deployment_name, model_version)
+    app, model_config = _llm_app(cfg, checkpoint, keys, deployment_name, model_version, drain_s)
     if not s.edge.enabled:
         return app
     edge_bind = {"serve_config": s.model_dump(mode="json"), "key_hashes": list(keys.hashes),
                  "model_config": edge_model_config(model_config)}
     routing = {"live_version": model_version, "canary": canary.edge_config() if canary else None}
     edge = serve.deployment(serve.ingress()(RaylmEdge)).options(name=EDGE_DEPLOYMENT, user_config=routing,
-                                                                 **edge_options(s))
-    extra = {"canary": _llm_app(cfg, canary.checkpoint, keys, CANARY_DEPLOYMENT, canary.version)[0]} if canary else {}
+                                                                 **edge_options(s, drain_s))
+    extra = {"canary": _llm_app(cfg, canary.checkpoint, keys, CANARY_DEPLOYMENT, canary.version, drain_s)[0]} \
+        if canary else {}
     edge_app = edge.bind(app, **edge_bind, **extra)
     _pin_version(edge_app, edge_bind)
     return edge_app
 
 
-def _llm_app(cfg: RaylmConfig, checkpoint: str, keys: KeySetup, deployment_name: str,
-             model_version: str) -> tuple[serve.Application, dict]:
+def _llm_app(cfg: RaylmConfig, checkpoint: str, keys: KeySetup, deployment_name: str, model_version: str,
+             drain_s: Optional[float] = None) -> tuple[serve.Application, dict]:
     """One LLM deployment over `checkpoint` (its version pinned on its inputs), and the
     checkpoint's config.json."""
     s = cfg.serve
@@ -389,7 +411,7 @@ def _llm_app(cfg: RaylmConfig, checkpoint: str, keys: KeySetup, deployment_name:
     bind = {"serve_config": s.model_dump(mode="json"), "key_hashes": [] if s.edge.enabled else list(keys.hashes),
             "model_config": model_config, "model_version": model_version}
     app = build_llm_deployment(
-        llm_config(s, checkpoint, _has_chat_template(checkpoint)),
+        llm_config(s, checkpoint, _has_chat_template(checkpoint), drain_s),
         deployment_cls=RaylmServer if s.edge.enabled else serve.ingress()(RaylmServer),
         bind_kwargs=bind,
         override_serve_options={"name": deployment_name, "backpressure_config": backpressure(s),
@@ -442,20 +464,66 @@ def direct_urls(s: ServeConfig) -> list[str]:
 
 
 def deploy(cfg: RaylmConfig, checkpoint: str, version: str = "", keys: Optional[KeySetup] = None,
-           timeout_s: Optional[float] = None, canary: Optional[CanarySpec] = None) -> tuple[str, KeySetup]:
+           timeout_s: Optional[float] = None, canary: Optional[CanarySpec] = None,
+           drain_s: Optional[float] = None) -> tuple[str, KeySetup]:
     """Serve's one deploy entry point: start Serve (HTTP on serve.host:serve.port) and run the app
     over the checkpoint as model `version`; returns the base URL once the replicas are up (clients
     use `<url>/v1`) and the keys it was bound to (`keys`, else read from the config and this
     process's environment). `timeout_s`: ServeDeployError when the app is not running by then
     (the caller reverts; Serve keeps trying until it deploys something else). Ray must be
     initialised. `raylm serve`, promote and rollback deploy through lifecycle/rollout.py, which
-    records what was deployed and deploys from the record."""
-    from ray.serve.context import _get_global_client
+    records what was deployed and deploys from the record.
 
+    Once the replicas run, the drain window is sized on them (`size_drain`), unless `drain_s` gives it."""
     s = cfg.serve
     keys = keys or setup_keys(s)
     serve.start(http_options=s.http_options())
-    app = build_app(cfg, checkpoint, keys, model_version=version, canary=canary)
+    _run(build_app(cfg, checkpoint, keys, model_version=version, canary=canary, drain_s=drain_s), s, checkpoint,
+         timeout_s)
+    if drain_s is None:
+        drain_s = size_drain(s)
+        if drain_s > s.graceful_shutdown_timeout_s:  # the same version with a longer window: updated in place
+            _run(build_app(cfg, checkpoint, keys, model_version=version, canary=canary, drain_s=drain_s), s,
+                 checkpoint, timeout_s)
+    return _base_url(s), keys
+
+
+def size_drain(s: ServeConfig) -> float:
+    """The drain window for the replicas just deployed (serve/options.py `drain_window`), from
+    their engine's inter-token latency measured by a probe generation; printed with where it came
+    from. A replica drains with the window its version was deployed with, so each deploy sizes
+    its own. A probe that fails leaves serve.graceful_shutdown_timeout_s, saying why."""
+    itl, why = None, ""
+    try:
+        llm = serve.get_deployment_handle(SERVE_MODEL_DEPLOYMENT, s.app_name)
+        itl = llm.probe_itl.remote().result(timeout_s=ITL_PROBE_TIMEOUT_S)
+    except Exception as exc:  # noqa: BLE001 - whatever failed, the configured window stands
+        first = str(exc).strip().splitlines()[:1]
+        why = f"the probe failed: {type(exc).__name__}: {first[0][:200] if first else ''}"
+    window = drain_window(s, itl, why)
+    say(window.line(s), event="drain", drain_s=window.seconds, needed_s=window.needed_s, itl_s=itl,
+        max_tokens_limit=s.max_tokens_limit)
+    return window.seconds
+
+
+ITL_PROBE_TIMEOUT_S = 60.0
+
+
+def live_drain_s(s: ServeConfig) -> Optional[float]:
+    """The drain window the app's running LLM replicas were deployed with (None: no such app)."""
+    from ray.serve.context import _get_global_client
+
+    try:
+        info, _ = _get_global_client().get_deployment_info(SERVE_MODEL_DEPLOYMENT, s.app_name)
+    except Exception:  # noqa: BLE001 - no such app or deployment
+        return None
+    return info.deployment_config.graceful_shutdown_timeout_s
+
+
+def _run(app: serve.Application, s: ServeConfig, checkpoint: str, timeout_s: Optional[float]) -> None:
+    """Run the app; with `timeout_s`, ServeDeployError when it is not running by then."""
+    from ray.serve.context import _get_global_client
+
     try:
         if timeout_s is None:
             serve.run(app, name=s.app_name, route_prefix=s.route_prefix)
@@ -468,7 +536,6 @@ def deploy(cfg: RaylmConfig, checkpoint: str, version: str = "", keys: Optional[
                                "version's replicas beside the old ones?)") from None
     except RuntimeError as exc:
         raise ServeDeployError(f"serve app {s.app_name!r} over {checkpoint} failed to deploy: {exc}") from None
-    return _base_url(s), keys
 
 
 def banner(url: str, keys: KeySetup, cfg: RaylmConfig, direct: tuple[str, ...] = ()) -> str:

@@ -128,7 +128,7 @@ class Forward:
                                            lambda: conversation(call.headers, text))
         if call.model in await self.dynamic_adapters():  # Serve routes it to a replica that has the adapter loaded
             handle = handle.options(multiplexed_model_id=call.model)
-        started, finished, sse, status, t0 = False, False, False, 0, time.monotonic()
+        started, finished, sse, complete, status, t0 = False, False, False, False, 0, time.monotonic()
         responses = handle.serve_http.remote(call)
         try:
             async for batch in responses:
@@ -137,8 +137,12 @@ class Forward:
                         started, status = True, message["status"]
                         sse = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream")
                                   for k, v in message.get("headers", []))
+                    elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                        complete = True
                     await send(message)
             finished = True
+            if started and not complete:  # the replica's call ended cleanly, its response did not
+                raise ResponseCut("the LLM replica's call ended before its response did")
         except BackPressureError:
             finished, status = True, 503
             for message in json_messages(503, error_body(
@@ -152,7 +156,7 @@ class Forward:
             logger.warning("LLM replica failed a request: %s: %s", type(exc).__name__, exc)
             if not started:
                 await send_json(send, 503, error_body("model unavailable, retry", None, "unavailable", "server_error"))
-            elif sse:  # never a silent cut: the stream ends with an error event the client can act on
+            elif sse and not complete:  # never a silent cut: the stream ends with an error event the client can act on
                 await send({"type": "http.response.body", "body": stream_cut_event(exc), "more_body": False})
         finally:
             if finished:
@@ -164,14 +168,19 @@ class Forward:
                     pass
 
 
+class ResponseCut(Exception):
+    """An LLM replica's call that ended (without an error) before the response it relays did."""
+
+
 def stream_cut_event(exc: BaseException) -> bytes:
     """The SSE event that ends a stream whose LLM replica stopped mid-generation: a replica
-    replaced by a rollout (raylm promote / rollback) after `serve.graceful_shutdown_timeout_s` of
-    draining, scaled down, or dead. OpenAI's streaming clients raise on an `error` event, so the
-    client learns the answer is cut instead of reading a short one as complete."""
-    body = error_body("the model replica serving this stream stopped before it finished (a rollout, a "
-                      f"scale-down or a replica failure: {type(exc).__name__}); retry the request", None,
-                      "stream_interrupted", "server_error")
+    replaced by a rollout (raylm promote / rollback) whose drain window ran out (its
+    graceful_shutdown_timeout_s, sized when its version was deployed), scaled down, or dead.
+    OpenAI's streaming clients raise on an `error` event, so the client learns the answer is cut
+    instead of reading a short one as complete."""
+    body = error_body("the model replica serving this stream stopped before it finished: a rollout (raylm "
+                      "promote / rollback) or a scale-down replaced it and its drain window ran out, or it failed "
+                      f"({type(exc).__name__}); retry the request", None, "stream_interrupted", "server_error")
     return b"data: " + json.dumps(body).encode() + b"\n\n"
 
 

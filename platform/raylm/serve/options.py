@@ -7,7 +7,9 @@ No Ray or vLLM import here: the config tests and the Kubernetes renderer use it 
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
 
 from raylm.config import ServeConfig
 from raylm.serve.autoscale import ENGINE_POLICY
@@ -40,7 +42,52 @@ PREFIX_AWARE_ROUTER = "ray.serve.llm.request_router.PrefixCacheAffinityRouter"
 ROLLOUT_SURGE_PERCENT = 100  # a rollout starts every new replica before any old one stops
 
 
-def deployment_options(s: ServeConfig) -> dict[str, Any]:
+# The drain window of a replica being replaced (Serve's graceful_shutdown_timeout_s), sized so
+# that an in-flight stream of serve.max_tokens_limit tokens finishes: a probe generation on an
+# idle replica measures the inter-token latency (ITL); a full batch decodes slower, hence the factor.
+DRAIN_ITL_SAFETY = 2.0
+DRAIN_MARGIN_S = 5.0  # the stream's prefill, queueing behind the batch, and the proxy hops
+DRAIN_CAP_S = 600.0  # longest drain raylm sets by itself (the old replicas hold their devices meanwhile)
+
+
+@dataclass(frozen=True)
+class DrainWindow:
+    """The LLM deployment's graceful_shutdown_timeout_s and where it came from."""
+
+    seconds: float  # what the replicas are deployed with
+    needed_s: Optional[float]  # max_tokens_limit x ITL x safety + margin; None: not measured
+    itl_s: Optional[float]  # the measured inter-token latency
+    max_tokens: int
+    why_unmeasured: str = ""
+
+    def line(self, s: ServeConfig) -> str:
+        """What `raylm serve` / promote / rollback print when a version is deployed."""
+        configured = f"serve.graceful_shutdown_timeout_s={s.graceful_shutdown_timeout_s:g} s"
+        if self.needed_s is None:
+            return (f"drain window {self.seconds:g} s ({configured}; inter-token latency not measured: "
+                    f"{self.why_unmeasured}); a stream still running when its replica stops ends with an error event")
+        need = (f"max_tokens_limit {self.max_tokens} x ITL {self.itl_s * 1e3:.1f} ms x {DRAIN_ITL_SAFETY:g} + "
+                f"{DRAIN_MARGIN_S:g} s = {self.needed_s:.1f} s")
+        if self.needed_s > self.seconds:
+            return (f"drain window {self.seconds:g} s: the longest stream needs {need}, above the cap of "
+                    f"{DRAIN_CAP_S:g} s; a stream still running when its replica stops ends with an error event "
+                    f"(raise {configured} to drain longer)")
+        return f"drain window {self.seconds:g} s (needed: {need}; {configured})"
+
+
+def drain_window(s: ServeConfig, itl_s: Optional[float], why_unmeasured: str = "") -> DrainWindow:
+    """How long a replaced replica drains: serve.graceful_shutdown_timeout_s, raised (up to
+    DRAIN_CAP_S) to what the longest generation serve.max_tokens_limit allows takes at the
+    measured inter-token latency. A configured value above the cap is kept."""
+    if itl_s is None or itl_s <= 0:
+        return DrainWindow(s.graceful_shutdown_timeout_s, None, None, s.max_tokens_limit,
+                           why_unmeasured or "no measurement")
+    needed = s.max_tokens_limit * itl_s * DRAIN_ITL_SAFETY + DRAIN_MARGIN_S
+    seconds = max(s.graceful_shutdown_timeout_s, min(math.ceil(needed), DRAIN_CAP_S))
+    return DrainWindow(float(seconds), needed, itl_s, s.max_tokens_limit)
+
+
+def deployment_options(s: ServeConfig, drain_s: Optional[float] = None) -> dict[str, Any]:
     """Ray Serve options of the model deployment (replica count, concurrency, queue, CPUs). The
     engine's own CPU/GPU bundle is added by Ray Serve LLM from the accelerator and parallelism.
 
@@ -48,12 +95,15 @@ def deployment_options(s: ServeConfig) -> dict[str, Any]:
     new replicas start and pass their health check while the old ones keep serving; only then
     do old replicas stop taking requests and drain for up to graceful_shutdown_timeout_s. A new
     replica that cannot start is retried (serve.replica_start_attempts, set in serve/app.py: Serve's
-    config files have no such field), and the old ones never stop."""
+    config files have no such field), and the old ones never stop. `drain_s`: the drain window
+    (`drain_window`) instead of serve.graceful_shutdown_timeout_s; a replica drains with the window
+    its version was deployed with (Serve keeps it per replica), so it is set at each deploy."""
     return {"autoscaling_config": serve_autoscaling(s), "max_ongoing_requests": s.max_ongoing_requests,
             "max_queued_requests": s.max_queued_requests,
             "ray_actor_options": {"num_cpus": s.num_cpus_per_replica},
             "max_surge_percent": ROLLOUT_SURGE_PERCENT,
-            "graceful_shutdown_timeout_s": s.graceful_shutdown_timeout_s, **request_router(s)}
+            "graceful_shutdown_timeout_s": s.graceful_shutdown_timeout_s if drain_s is None else drain_s,
+            **request_router(s)}
 
 
 def request_router(s: ServeConfig) -> dict[str, Any]:
@@ -64,11 +114,14 @@ def request_router(s: ServeConfig) -> dict[str, Any]:
     return {}
 
 
-def edge_options(s: ServeConfig) -> dict[str, Any]:
+def edge_options(s: ServeConfig, drain_s: Optional[float] = None) -> dict[str, Any]:
     """Ray Serve options of the edge deployment: a fixed number of replicas that reserve no CPU
-    (they run no engine; on a 2-CPU machine every CPU is the engines')."""
+    (they run no engine; on a 2-CPU machine every CPU is the engines'). An edge replica that is
+    replaced (new keys or serve settings) drains as long as the LLM replicas (`drain_s`): the
+    streams it relays end when it stops, and nothing is left to send their error event."""
     return {"num_replicas": s.edge.replicas, "max_ongoing_requests": s.edge.max_ongoing_requests,
-            "ray_actor_options": {"num_cpus": 0}, "graceful_shutdown_timeout_s": s.graceful_shutdown_timeout_s}
+            "ray_actor_options": {"num_cpus": 0},
+            "graceful_shutdown_timeout_s": s.graceful_shutdown_timeout_s if drain_s is None else drain_s}
 
 
 def backpressure(s: ServeConfig) -> dict[str, Any]:
