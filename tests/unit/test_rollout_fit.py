@@ -136,3 +136,42 @@ def test_a_failed_rollout_is_reverted_with_its_own_surge(monkeypatch):
     calls.clear()
     assert rollout._restore(load_config(), None, {"checkpoint": "/old", "version": "v1"}, 0) is None
     assert calls == [("/old", None, 0)]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    from raylm.serve.tiny import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "tiny"))
+
+
+@pytest.mark.parametrize("edge", [True, False])
+def test_the_plans_surge_reaches_serves_deployment_config_and_restarts_no_replica(monkeypatch, checkpoint, edge):
+    """What a plan decides is Serve's max_surge_percent on the LLM deployment (Serve's rolling update:
+    0 stops an old replica before its replacement starts, deployment_state.py), and it is no part of
+    the deployment's version: the same inputs with another surge leave the running replicas alone."""
+    import types
+
+    import ray
+
+    from raylm.config import load_config
+    from raylm.serve import app
+    from raylm.serve.auth import KeySetup
+    from raylm.serve.options import ROLLOUT_SURGE_PERCENT
+
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: types.SimpleNamespace(runtime_env={}))
+    cfg = load_config(None, ["serve.model_id=tiny-test", f"serve.edge.enabled={str(edge).lower()}"])
+    keys = KeySetup(hashes=("h",), source="test", generated_file=None)
+
+    def llm_deployment(max_surge_percent):
+        built = app.build_app(cfg, checkpoint, keys, model_version="v2", max_surge_percent=max_surge_percent)
+        bound = built._bound_deployment
+        if edge:  # the edge's first argument: the LLM deployment's application
+            bound = bound.init_args[0]._bound_deployment
+        return bound
+
+    default, none, some = llm_deployment(None), llm_deployment(0), llm_deployment(33)
+    assert default._deployment_config.max_surge_percent == ROLLOUT_SURGE_PERCENT
+    assert none._deployment_config.max_surge_percent == 0 and some._deployment_config.max_surge_percent == 33
+    assert default._version == none._version == some._version
+    assert none._replica_config.placement_group_bundles == fit.replica_bundles(cfg.serve, checkpoint)[0]
