@@ -109,7 +109,10 @@ def cmd_serve(cfg: RaylmConfig, args: argparse.Namespace) -> int:
 
 def cmd_promote(cfg: RaylmConfig, args: argparse.Namespace) -> int:
     """Evaluate a checkpoint (or best.json) against the served model and roll it into the live endpoint
-    if it is at least as good (serve.promote); --adapter NAME adds a LoRA adapter without a redeploy."""
+    if it is at least as good (serve.promote); --adapter NAME adds a LoRA adapter without a redeploy.
+
+    The new replicas start beside the old ones where the cluster has room; else replica by replica
+    (2+ replicas), and a one-replica endpoint needs --allow-gap (it stops before the new one starts)."""
     from raylm.lifecycle import adapters, eval_gate, history, rollout
     from raylm.servable import check_servable, resolve_checkpoint
 
@@ -142,7 +145,7 @@ def cmd_promote(cfg: RaylmConfig, args: argparse.Namespace) -> int:
                                  reconfigure=args.reconfigure)
         else:
             entry = rollout.promote(cfg, candidate, force=args.force, overrides=args.set,
-                                    reconfigure=args.reconfigure)
+                                    reconfigure=args.reconfigure, allow_gap=args.allow_gap)
     except eval_gate.PromotionRefused as exc:
         console.error(str(exc))
         return eval_gate.EXIT_REFUSED
@@ -181,14 +184,17 @@ def _end_canary(cfg: RaylmConfig, args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(cfg: RaylmConfig, args: argparse.Namespace) -> int:
-    """Roll the model served before the live one back into the endpoint (zero downtime, no gate)."""
+    """Roll the model served before the live one back into the endpoint (zero downtime, no gate).
+
+    A one-replica endpoint on a cluster without room for a second copy needs --allow-gap (it stops
+    before the new one starts); 2+ replicas go replica by replica."""
     from raylm.cluster import init_ray
     from raylm.lifecycle import rollout
 
     rollout.require_live(cfg)  # nothing to roll back: exit 2 before Ray
     init_ray(cfg, address=args.address)
     try:
-        entry = rollout.rollback(cfg)
+        entry = rollout.rollback(cfg, allow_gap=args.allow_gap)
     except KeyboardInterrupt:  # recorded in the history as interrupted
         return EXIT_INTERRUPTED
     say(f"{entry['version']} is live again: {entry['checkpoint']}", event="rolled_back", entry=entry)
@@ -360,6 +366,11 @@ def build_parser() -> argparse.ArgumentParser:
                            "until serve.canary.auto decides")
             p.add_argument("--finish", action="store_true", help="put the running canary's candidate live")
             p.add_argument("--abort", action="store_true", help="remove the running canary; the live model serves all")
+        if name in ("promote", "rollback"):
+            p.add_argument("--allow-gap", action="store_true", help="on a cluster without room for a second copy "
+                           "of a one-replica endpoint, roll out anyway: the live replica stops before the new one "
+                           "starts, and the endpoint does not answer until it has (without this flag such a rollout "
+                           "is refused; with 2+ replicas it goes replica by replica, no gap)")
         if name == "eval":
             p.add_argument("checkpoint", help="an hf/ folder, a step folder holding hf/, or a sweep's best.json "
                            "(local or s3://, gs://)")

@@ -7,7 +7,8 @@ requests by conversation, is finished from a second shell, or is rolled back by 
 
 One served app for the module: v1 (tiny checkpoint A) -> v2 (B, the suite's GRPO run's export,
 promoted) -> a failed rollout of a checkpoint vLLM cannot load (v2 keeps serving) -> rollback to
-v1 -> a canary of B (v3) finished -> a canary of a broken candidate rolled back (v3 serves).
+v1 -> a canary of B (v3) finished -> a canary of a broken candidate rolled back (v3 serves) -> (on
+a cluster made full) a refused promote of A, then one with --allow-gap.
 """
 
 from __future__ import annotations
@@ -552,3 +553,51 @@ def test_a_canary_that_fails_its_requests_is_rolled_back_by_serve_canary_auto(en
     after = [ask(url, f"after {j}").headers[VERSION] for j in range(20)]
     assert set(after) == {live} and not canary_deployed(cfg)
     assert history.live_entry(history.read_history(cfg))["version"] == live
+
+
+def llm_replicas(cfg) -> int:
+    from ray import serve
+
+    from raylm.serve.options import SERVE_MODEL_DEPLOYMENT
+
+    app = serve.status().applications[cfg.serve.app_name]
+    return app.deployments[SERVE_MODEL_DEPLOYMENT].replica_states.get("RUNNING", 0)
+
+
+def test_one_replica_without_room_for_a_second_copy_rolls_out_only_with_allow_gap(endpoint, checkpoints, capsys):
+    """On a cluster without room for a second copy of the endpoint's one replica (here: a placement
+    group holding every free CPU), `raylm promote` is refused before anything changes, naming the
+    gap and --allow-gap; with --allow-gap the live replica stops, the new version's starts in its
+    place and serves (one replica start: the cheapest real check of lifecycle/fit.py's plans)."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from raylm.cli import main
+    from raylm.lifecycle import history
+
+    cfg, url, config_file = endpoint
+    # quiet: one replica, and nothing else holding CPUs (the last canary's replica gone)
+    quiet = lambda: llm_replicas(cfg) == 1 and ray.available_resources().get("CPU", 0) >= ray.cluster_resources()["CPU"] - 1  # noqa: E731
+    assert wait_until(quiet, timeout_s=120), (llm_replicas(cfg), ray.available_resources())
+    before = history.read_history(cfg)
+    live = history.live_entry(before)["version"]
+    full = placement_group([{"CPU": ray.available_resources()["CPU"]}])
+    ray.get(full.ready(), timeout=60)
+    try:
+        assert main(["promote", "-c", str(config_file), "--force", checkpoints["a"]]) == 2
+        err = capsys.readouterr().err
+        assert "no room for a second copy of the one replica" in err and "--allow-gap" in err, err
+        assert "a replica reserves 1 CPU" in err and "free now: 0 CPU" in err, err
+        assert history.read_history(cfg) == before, "refused before anything was recorded or deployed"
+        r = httpx.post(f"{url}/v1/completions", json={"model": MODEL_ID, "prompt": "x", "max_tokens": 2},
+                       headers=auth())
+        assert r.status_code == 200 and r.headers[VERSION] == live
+
+        assert main(["promote", "-c", str(config_file), "--force", "--allow-gap", checkpoints["a"]]) == 0
+        assert "rollout with a gap (--allow-gap, max_surge_percent 0)" in capsys.readouterr().out
+    finally:
+        remove_placement_group(full)
+    entry = history.live_entry(history.read_history(cfg))
+    assert entry["checkpoint"] == checkpoints["a"] and entry["rollout_mode"] == "gap" and entry["version"] != live
+    r = httpx.post(f"{url}/v1/completions", json={"model": MODEL_ID, "prompt": "x", "max_tokens": 2}, headers=auth())
+    assert r.status_code == 200 and r.headers[VERSION] == entry["version"]

@@ -322,8 +322,9 @@ class ServeConfig(_Strict):
     # ---- the model lifecycle: rollouts, adapters, promotion
     rollout_timeout_s: float = Field(
         900.0, gt=0, description="How long raylm promote/rollback waits for the new version's replicas to pass "
-        "their health check (a rollout starts them beside the old ones: a cluster without room for a second copy "
-        "never finishes) before it reverts to the live model and fails, naming this field.")
+        "their health check (a replica that cannot start, or finds no room on the cluster) before it reverts to "
+        "the live model, with the rollout's own surge (replicas stopped on the way come back), and fails, "
+        "naming this field.")
     graceful_shutdown_timeout_s: float = Field(
         30.0, gt=0, description="The shortest drain window: how long a replica being replaced (a rollout by raylm "
         "promote/rollback, or a scale-down) keeps finishing its in-flight requests and streams before it is "

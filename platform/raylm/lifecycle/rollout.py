@@ -6,7 +6,10 @@ surge (serve/options.py) starts the new replicas and waits for their health chec
 ones keep serving, then drains the old ones; responses name their version
 (`x-raylm-model-version`). A rollout that fails (the engine cannot load the checkpoint) is undone
 by deploying the previous inputs again: their replicas never stopped, and the pinned code version
-(serve/app.py `build_app`) leaves them untouched.
+(serve/app.py `build_app`) leaves them untouched. On a cluster without room for a second copy the
+rollout goes replica by replica, or with a gap when there is one replica and --allow-gap
+(lifecycle/fit.py); the previous inputs are then deployed again with the same surge, which brings
+back the replicas that stopped.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from raylm.config import RaylmConfig
 from raylm.console import say
 from raylm.errors import InputError, ServeDeployError
 from raylm.lifecycle.eval_gate import PromotionRefused, gate
+from raylm.lifecycle.fit import plan_for
 from raylm.lifecycle.history import (MODEL_ACTIONS, history_uri, is_done, live_entry, next_version,
                                      read_history, record, refuse_while_running, unfinished)
 from raylm.lifecycle.lock import promotion_lock
@@ -41,23 +45,26 @@ def is_serving(cfg: RaylmConfig) -> bool:
 
 def rollout(cfg: RaylmConfig, checkpoint: str, version: str, previous: Optional[dict],
             keys: Optional[KeySetup] = None, timeout_s: Optional[float] = None,
-            restore: Optional[tuple[RaylmConfig, Optional[KeySetup]]] = None) -> KeySetup:
+            restore: Optional[tuple[RaylmConfig, Optional[KeySetup]]] = None,
+            max_surge_percent: Optional[int] = None) -> KeySetup:
     """Put `checkpoint` into the live app as `version`, in place (with the deployment record's
     config and `keys`); on failure deploy `previous` again (which never stopped serving) and raise
     `ServeDeployError` naming the checkpoint; so is one not running after `timeout_s`
     (serve.rollout_timeout_s). `restore`: the config and keys `previous` was deployed with, when
     this rollout changes them (`--reconfigure`): the same inputs leave its replicas untouched.
-    Returns the keys the app was bound to."""
+    `max_surge_percent`: the rollout's surge (lifecycle/fit.py), the revert's too. Returns the keys
+    the app was bound to."""
     from raylm.serve.app import deploy
 
     try:
-        return deploy(cfg, checkpoint, version, keys, timeout_s)[1]
+        return deploy(cfg, checkpoint, version, keys, timeout_s, max_surge_percent=max_surge_percent)[1]
     except Exception as exc:  # noqa: BLE001 - any failure: the old model must keep serving
         kept = ""
         if previous is not None:
             try:
                 before, before_keys = restore or (cfg, keys)
-                deploy(before, previous["checkpoint"], previous["version"], before_keys)
+                deploy(before, previous["checkpoint"], previous["version"], before_keys,
+                       max_surge_percent=max_surge_percent)
                 kept = f"; {previous['version']} ({previous['checkpoint']}) keeps serving"
             except Exception as again:  # noqa: BLE001
                 kept = f"; restoring {previous['version']} failed too: {again}"
@@ -87,7 +94,8 @@ def _terminate_as_interrupt() -> Iterator[None]:
 
 
 def change_model(cfg: RaylmConfig, action: str, target: RaylmConfig, keys: Optional[KeySetup], kept: list[str],
-                 checkpoint: str, version: str, live: dict, **fields: Any) -> dict:
+                 checkpoint: str, version: str, live: dict, max_surge_percent: Optional[int] = None,
+                 **fields: Any) -> dict:
     """Roll `checkpoint` out as `version` and record it: an intent entry first, then the outcome.
     Call with the app's promotion lock held. A failed rollout (the previous model restored by
     `rollout`) is recorded as failed; Ctrl-C or SIGTERM as interrupted, after the previous model
@@ -99,12 +107,13 @@ def change_model(cfg: RaylmConfig, action: str, target: RaylmConfig, keys: Optio
     record(cfg, state="intent", **move)
     try:
         with _terminate_as_interrupt():
-            keys = rollout(target, checkpoint, version, live, keys, cfg.serve.rollout_timeout_s, restore)
+            keys = rollout(target, checkpoint, version, live, keys, cfg.serve.rollout_timeout_s, restore,
+                           max_surge_percent)
     except ServeDeployError as exc:
         record(cfg, state="failed", error=str(exc), **move)
         raise
     except KeyboardInterrupt as exc:
-        restored = _restore(*restore, live)
+        restored = _restore(*restore, live, max_surge_percent)
         record(cfg, state="interrupted", signal=str(exc) or "SIGINT", restored=restored is None,
                **({"error": restored} if restored else {}), **move)
         say(f"interrupted: {version} not rolled out; "
@@ -118,12 +127,13 @@ def change_model(cfg: RaylmConfig, action: str, target: RaylmConfig, keys: Optio
     return entry
 
 
-def _restore(cfg: RaylmConfig, keys: Optional[KeySetup], live: dict) -> Optional[str]:
+def _restore(cfg: RaylmConfig, keys: Optional[KeySetup], live: dict,
+             max_surge_percent: Optional[int] = None) -> Optional[str]:
     """Deploy the live entry's model again; None when it serves, else why not."""
     from raylm.serve.app import deploy
 
     try:
-        deploy(cfg, live["checkpoint"], live["version"], keys)
+        deploy(cfg, live["checkpoint"], live["version"], keys, max_surge_percent=max_surge_percent)
         return None
     except BaseException as exc:  # noqa: BLE001 - a second Ctrl-C included: say what happened
         return _first_line(exc)
@@ -214,14 +224,16 @@ def require_serving(cfg: RaylmConfig) -> None:
 
 
 def promote(cfg: RaylmConfig, candidate: str, force: bool = False, overrides: Iterable[str] = (),
-            reconfigure: bool = False) -> dict:
+            reconfigure: bool = False, allow_gap: bool = False) -> dict:
     """`raylm promote`: evaluate the candidate and the served model on the same eval set, roll the
     candidate out if it passes the gate (or `force`) with the deployment record's config and keys
     (`overrides`: this command's `--set`; see record.deployment), and record it. Ray must be
     initialised. Holds the app's promotion lock from reading the live model to recording the
-    outcome (another promote meanwhile is refused, naming this one)."""
+    outcome (another promote meanwhile is refused, naming this one). Without room on the cluster
+    for a second copy of one replica, refused after the gate (whose eval engines use the cluster
+    too), before anything changes, unless `allow_gap` (lifecycle/fit.py)."""
     with promotion_lock(cfg, "promote"):
-        return _promote(cfg, candidate, force, overrides, reconfigure)
+        return _promote(cfg, candidate, force, overrides, reconfigure, allow_gap)
 
 
 def gated(cfg: RaylmConfig, candidate: str, force: bool, overrides: Iterable[str], reconfigure: bool,
@@ -243,26 +255,30 @@ def gated(cfg: RaylmConfig, candidate: str, force: bool, overrides: Iterable[str
     return history, live, deployed, metrics
 
 
-def _promote(cfg: RaylmConfig, candidate: str, force: bool, overrides: Iterable[str], reconfigure: bool) -> dict:
+def _promote(cfg: RaylmConfig, candidate: str, force: bool, overrides: Iterable[str], reconfigure: bool,
+             allow_gap: bool = False) -> dict:
     from raylm.serve.app import live_drain_s
 
     history, live, (target, keys, kept), metrics = gated(cfg, candidate, force, overrides, reconfigure, "promote")
+    plan = plan_for(cfg, target, candidate, allow_gap)  # no room and one replica: refused here, nothing changed yet
     version = next_version(history)
     drain = live_drain_s(cfg.serve)  # what the live replicas were deployed with
     drain = cfg.serve.graceful_shutdown_timeout_s if drain is None else drain
     say(f"rolling {candidate} out as {version} (replacing {live['version']}; old replicas drain for up to "
         f"{drain:g} s)", event="rollout", version=version)
-    return change_model(cfg, "promote", target, keys, kept, candidate, version, live, metrics=metrics, forced=force)
+    say(plan.line, event="rollout_mode", mode=plan.mode, max_surge_percent=plan.max_surge_percent)
+    return change_model(cfg, "promote", target, keys, kept, candidate, version, live, plan.max_surge_percent,
+                        metrics=metrics, forced=force, rollout_mode=plan.mode)
 
 
-def rollback(cfg: RaylmConfig) -> dict:
+def rollback(cfg: RaylmConfig, allow_gap: bool = False) -> dict:
     """`raylm rollback`: roll the model served before the live one back out (no gate), under the
-    app's promotion lock."""
+    app's promotion lock; `allow_gap` as for `promote`."""
     with promotion_lock(cfg, "rollback"):
-        return _rollback(cfg)
+        return _rollback(cfg, allow_gap)
 
 
-def _rollback(cfg: RaylmConfig) -> dict:
+def _rollback(cfg: RaylmConfig, allow_gap: bool = False) -> dict:
     history, live = require_live(cfg)
     refuse_while_running(cfg, history, "rollback")
     if not live.get("from_checkpoint"):
@@ -272,8 +288,10 @@ def _rollback(cfg: RaylmConfig) -> dict:
     back = {"version": live["from_version"], "checkpoint": live["from_checkpoint"]}
     earlier = next((e for e in reversed(history) if e.get("action") in MODEL_ACTIONS and is_done(e)
                     and e.get("version") == back["version"]), {})
+    target, keys, kept = deployment(cfg, check=False)  # the record's config: only the model changes
+    plan = plan_for(cfg, target, back["checkpoint"], allow_gap)
     say(f"rolling {back['version']} ({back['checkpoint']}) back out, replacing {live['version']}", event="rollout",
         version=back["version"])
-    target, keys, kept = deployment(cfg, check=False)  # the record's config: only the model changes
+    say(plan.line, event="rollout_mode", mode=plan.mode, max_surge_percent=plan.max_surge_percent)
     return change_model(cfg, "rollback", target, keys, kept, back["checkpoint"], back["version"], live,
-                        **({"from_entry": earlier.get("at")} if earlier else {}))
+                        plan.max_surge_percent, rollout_mode=plan.mode, **({"from_entry": earlier.get("at")} if earlier else {}))

@@ -369,7 +369,8 @@ class CanarySpec:
 
 def build_app(cfg: RaylmConfig, checkpoint: str, keys: Optional[KeySetup] = None,
               deployment_name: str = SERVE_MODEL_DEPLOYMENT, model_version: str = "",
-              canary: Optional[CanarySpec] = None, drain_s: Optional[float] = None) -> serve.Application:
+              canary: Optional[CanarySpec] = None, drain_s: Optional[float] = None,
+              max_surge_percent: Optional[int] = None) -> serve.Application:
     """The Serve application: `RaylmServer` over the checkpoint with options from `cfg.serve`,
     bound to the API key hashes (never the keys: replicas may sit on other nodes) and the model
     version its responses name; with `canary`, a second LLM deployment over the candidate beside
@@ -380,13 +381,15 @@ def build_app(cfg: RaylmConfig, checkpoint: str, keys: Optional[KeySetup] = None
     Python-built app a random version and restart them): a rollout that fails can be undone by
     deploying the previous inputs, at no cost to the replicas still serving them. The edge's
     routing (live version, canary) is its `user_config`: changing it reconfigures the edge's
-    replicas in place. `drain_s`: the replicas' drain window (serve/options.py `drain_window`); it
-    is not part of that version, so changing it alone updates running replicas in place."""
+    replicas in place. `drain_s`: the replicas' drain window (serve/options.py `drain_window`);
+    `max_surge_percent`: the live deployment's rollout surge instead of serve/options.py's
+    (lifecycle/fit.py). Neither is part of that version, so changing one alone updates running
+    replicas in place."""
     s = cfg.serve
     if canary is not None and not s.edge.enabled:
         raise ServeDeployError("a canary needs serve.edge.enabled=true: the edge splits the requests between versions")
     keys = keys or setup_keys(s)
-    app, model_config = _llm_app(cfg, checkpoint, keys, deployment_name, model_version, drain_s)
+    app, model_config = _llm_app(cfg, checkpoint, keys, deployment_name, model_version, drain_s, max_surge_percent)
     if not s.edge.enabled:
         return app
     edge_bind = {"serve_config": s.model_dump(mode="json"), "key_hashes": list(keys.hashes),
@@ -402,7 +405,8 @@ def build_app(cfg: RaylmConfig, checkpoint: str, keys: Optional[KeySetup] = None
 
 
 def _llm_app(cfg: RaylmConfig, checkpoint: str, keys: KeySetup, deployment_name: str, model_version: str,
-             drain_s: Optional[float] = None) -> tuple[serve.Application, dict]:
+             drain_s: Optional[float] = None,
+             max_surge_percent: Optional[int] = None) -> tuple[serve.Application, dict]:
     """One LLM deployment over `checkpoint` (its version pinned on its inputs), and the
     checkpoint's config.json."""
     s = cfg.serve
@@ -415,7 +419,8 @@ def _llm_app(cfg: RaylmConfig, checkpoint: str, keys: KeySetup, deployment_name:
         deployment_cls=RaylmServer if s.edge.enabled else serve.ingress()(RaylmServer),
         bind_kwargs=bind,
         override_serve_options={"name": deployment_name, "backpressure_config": backpressure(s),
-                                "max_constructor_retry_count": s.replica_start_attempts},
+                                "max_constructor_retry_count": s.replica_start_attempts,
+                                **({} if max_surge_percent is None else {"max_surge_percent": max_surge_percent})},
     )
     _pin_version(app, {"checkpoint": checkpoint, **bind})
     return app, model_config
@@ -465,12 +470,13 @@ def direct_urls(s: ServeConfig) -> list[str]:
 
 def deploy(cfg: RaylmConfig, checkpoint: str, version: str = "", keys: Optional[KeySetup] = None,
            timeout_s: Optional[float] = None, canary: Optional[CanarySpec] = None,
-           drain_s: Optional[float] = None) -> tuple[str, KeySetup]:
+           drain_s: Optional[float] = None, max_surge_percent: Optional[int] = None) -> tuple[str, KeySetup]:
     """Serve's one deploy entry point: start Serve (HTTP on serve.host:serve.port) and run the app
     over the checkpoint as model `version`; returns the base URL once the replicas are up (clients
     use `<url>/v1`) and the keys it was bound to (`keys`, else read from the config and this
     process's environment). `timeout_s`: ServeDeployError when the app is not running by then
-    (the caller reverts; Serve keeps trying until it deploys something else). Ray must be
+    (the caller reverts; Serve keeps trying until it deploys something else). `max_surge_percent`:
+    the rollout's surge (lifecycle/fit.py; default serve/options.py's). Ray must be
     initialised. `raylm serve`, promote and rollback deploy through lifecycle/rollout.py, which
     records what was deployed and deploys from the record.
 
@@ -478,13 +484,12 @@ def deploy(cfg: RaylmConfig, checkpoint: str, version: str = "", keys: Optional[
     s = cfg.serve
     keys = keys or setup_keys(s)
     serve.start(http_options=s.http_options())
-    _run(build_app(cfg, checkpoint, keys, model_version=version, canary=canary, drain_s=drain_s), s, checkpoint,
-         timeout_s)
+    options = {"model_version": version, "canary": canary, "max_surge_percent": max_surge_percent}
+    _run(build_app(cfg, checkpoint, keys, drain_s=drain_s, **options), s, checkpoint, timeout_s)
     if drain_s is None:
         drain_s = size_drain(s)
         if drain_s > s.graceful_shutdown_timeout_s:  # the same version with a longer window: updated in place
-            _run(build_app(cfg, checkpoint, keys, model_version=version, canary=canary, drain_s=drain_s), s,
-                 checkpoint, timeout_s)
+            _run(build_app(cfg, checkpoint, keys, drain_s=drain_s, **options), s, checkpoint, timeout_s)
     return _base_url(s), keys
 
 
