@@ -118,7 +118,8 @@ def test_universal_rows_keep_the_rows_consumed_from_the_epoch():
 
 
 @pytest.mark.parametrize("overrides, field", [
-    (["deepspeed.zero_stage=0"], "train.resume_universal: needs deepspeed.zero_stage 1, 2 or 3"),
+    (["deepspeed.zero_stage=0"], "train.resume_universal: needs deepspeed.zero_stage 1 or 2, not 0"),
+    (["deepspeed.zero_stage=3"], "train.resume_universal: needs deepspeed.zero_stage 1 or 2, not 3"),
     (["train.lora={r: 4}"], "train.resume_universal: not with train.lora"),
 ])
 def test_universal_refuses_what_it_does_not_convert_before_ray(tmp_path, capsys, overrides, field):

@@ -115,7 +115,7 @@ class TrainConfig(_Strict):
         "ds_to_universal, written beside it as deepspeed/universal/) and loaded with DeepSpeed's "
         "checkpoint.load_universal. The global batch must stay the same (set micro_batch_size x grad_accum_steps "
         "for the new worker count): the data position and the lr schedule count whole steps of it. ZeRO stages "
-        "1-3 only; not with train.lora or the grpo objective. Off: a resume on another world size is refused.")
+        "1 and 2 only; not with train.lora or the grpo objective. Off: a resume on another world size is refused.")
     lora: Optional[LoraConfig] = Field(
         None, description="Train LoRA adapters (peft) instead of every weight; absent: full fine-tuning.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="TensorBoard / MLflow.")
