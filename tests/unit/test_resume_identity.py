@@ -78,3 +78,91 @@ def test_cli_refuses_a_changed_resume_before_ray(tmp_path, capsys):
     with pytest.raises(AssertionError, match="must not start Ray"):
         main(argv + ["--set", "train.micro_batch_size=1", "--set", "train.grad_accum_steps=4"])
     assert json.loads((step / MANIFEST).read_text())["identity"] == saved
+
+
+# ------------------------------------------------------------------ train.resume_universal (issue 32, item 8)
+
+def test_universal_allows_another_world_size_of_the_same_global_batch():
+    """2 workers x micro 2 x accum 2 = 8; 1 worker x micro 4 x accum 2 = 8, or 4 x micro 1 x accum 2."""
+    for workers, micro in ((1, 4), (4, 1)):
+        now = identity(f"train.num_workers={workers}", f"train.micro_batch_size={micro}")
+        check_resume(now, SAVED, "p", universal=True)
+        with pytest.raises(CheckpointError, match="train.resume_universal=true .*global batch stays 8"):
+            check_resume(now, SAVED, "p")  # without the option: refused, and the refusal names it
+
+
+def test_universal_keeps_the_global_batch_and_every_other_field():
+    with pytest.raises(CheckpointError) as err:  # 1 worker x 2 x 2 = 4, not 8
+        check_resume(identity("train.num_workers=1"), SAVED, "/runs/r/step_00000004", universal=True)
+    msg = str(err.value)
+    assert msg.startswith("train.global_batch_size: 4 now") and "trained with 8" in msg, msg
+    assert "train.micro_batch_size x train.grad_accum_steps = 8" in msg, msg
+    with pytest.raises(CheckpointError, match="world size that divides 8"):
+        check_resume(identity("train.num_workers=3", "train.micro_batch_size=1"), SAVED, "p", universal=True)
+    with pytest.raises(CheckpointError, match="^deepspeed.zero_stage: 3 now"):
+        check_resume(identity("train.num_workers=1", "train.micro_batch_size=4", "deepspeed.zero_stage=3"),
+                     SAVED, "p", universal=True)
+    with pytest.raises(CheckpointError, match="^data: 'def' now"):
+        check_resume(identity("train.num_workers=1", "train.micro_batch_size=4", data="def"), SAVED, "p",
+                     universal=True)
+
+
+def test_universal_rows_keep_the_rows_consumed_from_the_epoch():
+    from raylm.train.identity import universal_rows
+
+    # 3 steps of a global batch of 8: 3 x 4 rows on each of 2 ranks, 3 x 8 on one, 3 x 2 on each of 4
+    assert universal_rows(12, 2, 1, 8) == 24 and universal_rows(12, 2, 4, 8) == 6 and universal_rows(24, 1, 2, 8) == 12
+    assert universal_rows(0, 2, 1, 8) == 0
+    with pytest.raises(CheckpointError, match="not a whole number of steps"):
+        universal_rows(6, 2, 1, 8)
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["deepspeed.zero_stage=0"], "train.resume_universal: needs deepspeed.zero_stage 1 or 2, not 0"),
+    (["deepspeed.zero_stage=3"], "train.resume_universal: needs deepspeed.zero_stage 1 or 2, not 3"),
+    (["train.lora={r: 4}"], "train.resume_universal: not with train.lora"),
+])
+def test_universal_refuses_what_it_does_not_convert_before_ray(tmp_path, capsys, overrides, field):
+    argv = ["train", "--set", f"train.storage_path={tmp_path}", "--set", "train.resume_universal=true"]
+    assert main(argv + [a for o in overrides for a in ("--set", o)]) == 2
+    assert field in capsys.readouterr().err
+
+
+def test_universal_asks_deepspeed_to_load_a_universal_checkpoint():
+    from raylm.train.deepspeed import deepspeed_config
+
+    cfg = load_config(None, BASE + ["train.resume_universal=true"])
+    assert deepspeed_config(cfg, load_universal=True)["checkpoint"] == {"load_universal": True}
+    assert "checkpoint" not in deepspeed_config(cfg)
+
+
+def test_universal_refuses_a_position_the_new_world_size_cannot_reach():
+    """The driver's check: the same steps into the epoch must exist on the new world size."""
+    from types import SimpleNamespace
+
+    from raylm.train.driver import check_universal_position
+
+    manifest = {"columns": ["input_ids"], "train": {"files": [{"path": "a", "row_groups": [40]}], "rows": 40}}
+    prepared = SimpleNamespace(uri="mem://x", manifest=manifest)
+    cfg = load_config(None, BASE[1:] + ["train.num_workers=1", "train.micro_batch_size=4",
+                                         "train.resume_universal=true"])
+    check_universal_position(cfg, {"world_size": 2, "epoch": 0, "rows": 16}, "p", prepared)  # 4 of 5 steps
+    check_universal_position(cfg, {"world_size": 2, "epoch": 0, "rows": 20}, "p", prepared)  # 5: the epoch's end
+    with pytest.raises(CheckpointError, match="train.num_workers: 1 now.* 6 steps into epoch 0.* only 5 steps"):
+        check_universal_position(cfg, {"world_size": 2, "epoch": 0, "rows": 24}, "p", prepared)
+
+
+def test_cli_with_universal_lets_another_world_size_through_to_ray(tmp_path):
+    """The pre-Ray check passes a world-size change under the option (the conversion waits for the data
+    stage, after Ray starts)."""
+    sets = [f"train.storage_path={tmp_path}", "train.run_name=r", *BASE]
+    cfg = load_config(None, sets)
+    step = tmp_path / "r" / "step_00000004"
+    step.mkdir(parents=True)
+    write_manifest(str(step), {"step": 4, "world_size": 2, "files": {},
+                               "identity": run_identity(cfg, fingerprint(cfg.data, resolve_source(cfg.data)))})
+    argv = ["train"] + [a for s in sets for a in ("--set", s)]
+    with pytest.raises(AssertionError, match="must not start Ray"):
+        main(argv + ["--set", "train.num_workers=1", "--set", "train.micro_batch_size=4",
+                     "--set", "train.resume_universal=true"])
+    assert not (step / "deepspeed").exists()

@@ -44,6 +44,15 @@ class RaylmConfig(_Strict):
         if self.precision == "bf16" and ds.zero_stage == 0:
             raise ValueError("deepspeed.zero_stage: 0 with bf16 would accumulate gradients in bf16 (DeepSpeed "
                              "accumulates bf16 gradients in fp32 from ZeRO-1 on); use zero_stage 1, or fp32")
+        if t.resume_universal and ds.zero_stage not in (1, 2):
+            raise ValueError(
+                f"train.resume_universal: needs deepspeed.zero_stage 1 or 2, not {ds.zero_stage} (" + (
+                    "DeepSpeed's universal checkpoint converts ZeRO optimizer shards; ZeRO-0 writes none)"
+                    if ds.zero_stage == 0 else "DeepSpeed 0.19.8 converts and loads a ZeRO-3 checkpoint, but the "
+                    "resumed run's optimizer steps drift from the uninterrupted run's: not an exact resume)"))
+        if t.resume_universal and (t.lora or t.objective == "grpo"):
+            raise ValueError(f"train.resume_universal: not with {'train.lora' if t.lora else 'train.objective grpo'} "
+                             f"(raylm's universal resume is not built for it yet: full fine-tuning, lm or dpo objective)")
         for objective, fmt, what in (("dpo", "preference", "DPO trains on preference pairs only"),
                                      ("grpo", "prompt", "GRPO generates from prompt records only")):
             if (t.objective == objective) != (self.data.format == fmt):

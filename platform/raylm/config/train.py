@@ -109,6 +109,13 @@ class TrainConfig(_Strict):
     seed: int = Field(0)
     storage_path: str = Field("~/raylm_results", description="Root for runs, sweeps and checkpoints (local or s3://, gs://).")
     run_name: str = Field("raylm-train", description="Runs with the same name resume each other.")
+    resume_universal: bool = Field(
+        False, description="Allow resuming the run's newest checkpoint on another train.num_workers (world size): "
+        "the checkpoint is converted once with DeepSpeed's universal-checkpoint tool (deepspeed.checkpoint."
+        "ds_to_universal, written beside it as deepspeed/universal/) and loaded with DeepSpeed's "
+        "checkpoint.load_universal. The global batch must stay the same (set micro_batch_size x grad_accum_steps "
+        "for the new worker count): the data position and the lr schedule count whole steps of it. ZeRO stages "
+        "1 and 2 only; not with train.lora or the grpo objective. Off: a resume on another world size is refused.")
     lora: Optional[LoraConfig] = Field(
         None, description="Train LoRA adapters (peft) instead of every weight; absent: full fine-tuning.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="TensorBoard / MLflow.")

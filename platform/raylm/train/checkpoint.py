@@ -6,6 +6,8 @@ it sits: raylm.storage):
 
     step_00000040/
       deepspeed/state/...        engine.save_checkpoint (each rank writes its ZeRO shard)
+      deepspeed/universal/...    only after a resume on another world size (train.resume_universal):
+                                 DeepSpeed's universal checkpoint of state/, marker file written last
       tokenizer/                 the run's tokenizer, and raylm_config.yaml: what `raylm export`
       raylm_config.yaml          needs beside the DeepSpeed state to build hf/ later
       hf/                        exported checkpoints only (train.export): config.json,
@@ -39,6 +41,7 @@ from raylm.model import export_hf
 
 MANIFEST = "raylm_checkpoint.json"
 DS_DIR, DS_TAG, HF_DIR, ADAPTER_DIR = "deepspeed", "state", "hf", "adapter"
+UNIVERSAL_TAG, UNIVERSAL_DONE = "universal", "raylm_universal.json"  # deepspeed/universal/, its marker last
 TOKENIZER_DIR, CONFIG_FILE = "tokenizer", "raylm_config.yaml"
 
 
@@ -197,14 +200,65 @@ def local_copy(path: str, subdir: str = "") -> Iterator[str]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_checkpoint(engine: Any, path: str, adapter_only: bool = False) -> Position:
+def has_universal(path: str) -> bool:
+    """The checkpoint at `path` holds a complete universal conversion (its marker is written last)."""
+    try:
+        return UNIVERSAL_DONE in storage.list_files(storage.join(path, DS_DIR, UNIVERSAL_TAG))
+    except storage.StorageError:
+        return False
+
+
+def ensure_universal(path: str, log: Any = print) -> str:
+    """Convert the DeepSpeed state of the checkpoint at `path` into DeepSpeed's universal checkpoint
+    (deepspeed.checkpoint.ds_to_universal, DeepSpeed's own converter, run as a library) beside it in
+    deepspeed/universal/, unless a complete one is there; returns its location. Runs once, on the
+    driver, before any worker starts: every rank of any world size then loads it with
+    checkpoint.load_universal. The marker file is written after the rest, so a cut-off conversion
+    is never loaded (the next resume converts again)."""
+    import argparse
+    import contextlib
+    import sys
+
+    target = storage.join(path, DS_DIR, UNIVERSAL_TAG)
+    if has_universal(path):
+        return target
+    from raylm.train.deepspeed import import_deepspeed
+
+    import_deepspeed()
+    from deepspeed.checkpoint import ds_to_universal
+
+    log(f"raylm: converting {storage.join(path, DS_DIR, DS_TAG)} to DeepSpeed's universal checkpoint")
+    tmp = tempfile.mkdtemp(prefix="raylm-universal-")
+    try:
+        with local_copy(path, f"{DS_DIR}/{DS_TAG}") as local:
+            out = os.path.join(tmp, UNIVERSAL_TAG)
+            args = argparse.Namespace(input_folder=os.path.join(local, DS_DIR, DS_TAG), output_folder=out,
+                                      num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                      strict=True, inject_missing_state=True)
+            with contextlib.redirect_stdout(sys.stderr):  # its progress lines; stdout carries --json
+                ds_to_universal.main(args)
+        if not storage.is_remote(target):
+            shutil.rmtree(target, ignore_errors=True)  # a cut-off earlier conversion
+        storage.upload(out, target)
+        storage.write_json(storage.join(target, UNIVERSAL_DONE), {"from": DS_TAG, "files": storage.list_files(out)})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_checkpoint(engine: Any, path: str, adapter_only: bool = False, universal: bool = False) -> Position:
     """Restore model, optimizer and LR schedule of this rank from a verified checkpoint (local, or
     in object storage: its DeepSpeed state is downloaded first and the copy removed after).
 
     `adapter_only`: the checkpoint holds only the trainable (LoRA) weights; the frozen base the
-    engine was built with stays as it is."""
-    with local_copy(path, DS_DIR) as local:
-        load_path, client = engine.load_checkpoint(os.path.join(local, DS_DIR), tag=DS_TAG,
+    engine was built with stays as it is. `universal`: load deepspeed/universal/ (ensure_universal)
+    into an engine built with checkpoint.load_universal, on any world size."""
+    tag = UNIVERSAL_TAG if universal else DS_TAG
+    if universal and not has_universal(path):
+        raise CheckpointError(f"{path}: no complete {DS_DIR}/{UNIVERSAL_TAG} (the driver converts it before the "
+                              f"workers start)")
+    with local_copy(path, f"{DS_DIR}/{tag}") as local:
+        load_path, client = engine.load_checkpoint(os.path.join(local, DS_DIR), tag=tag,
                                                    load_module_strict=not adapter_only,
                                                    load_optimizer_states=True, load_lr_scheduler_states=True)
     if load_path is None:

@@ -104,9 +104,10 @@ def optimizer_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
-def deepspeed_config(cfg: RaylmConfig) -> dict[str, Any]:
+def deepspeed_config(cfg: RaylmConfig, load_universal: bool = False) -> dict[str, Any]:
     """DeepSpeed JSON for this run: ZeRO stage, offload, batch sizes, precision, AdamW (the lr
-    schedule is `lr_scheduler`, handed to deepspeed.initialize beside this dict)."""
+    schedule is `lr_scheduler`, handed to deepspeed.initialize beside this dict). `load_universal`:
+    the engine will load a universal checkpoint (a resume on another world size, train.resume_universal)."""
     t, ds = cfg.train, cfg.deepspeed
     precision = cfg.precision
     zero: dict[str, Any] = {"stage": ds.zero_stage}
@@ -145,6 +146,7 @@ def deepspeed_config(cfg: RaylmConfig) -> dict[str, Any]:
         "steps_per_print": 10**9,  # raylm reports its own metrics
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
+        **({"checkpoint": {"load_universal": True}} if load_universal else {}),
     }
 
 

@@ -91,7 +91,7 @@ def build_trainer(cfg: RaylmConfig, prepared: PreparedData, callbacks: Optional[
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"storage_path": root})})
     t = cfg.train
     identity = run_identity(cfg, (prepared.manifest or {}).get("fingerprint"))
-    check_resumable(cfg, identity)  # a resume that changed the run: refused before any worker starts
+    check_resumable(cfg, identity, prepared)  # a resume that changed the run: refused before any worker starts
     resources = {"CPU": t.cpus_per_worker - held_cpu / t.num_workers, **({"GPU": 1} if t.use_gpu else {})}
     return TorchTrainer(
         train_fn_per_worker,
@@ -113,13 +113,42 @@ def build_trainer(cfg: RaylmConfig, prepared: PreparedData, callbacks: Optional[
     )
 
 
-def check_resumable(cfg: RaylmConfig, identity: dict) -> None:
-    """The run's newest complete checkpoint, if any, must have been trained with this identity."""
-    from raylm.train.checkpoint import pick_resume_checkpoint
+def check_resumable(cfg: RaylmConfig, identity: dict, prepared: Optional[PreparedData] = None) -> None:
+    """The run's newest complete checkpoint, if any, must have been trained with this identity; with
+    train.resume_universal another world size is allowed: its data position must carry over exactly
+    (`check_universal_position`), and its DeepSpeed state is converted to a universal checkpoint here,
+    once, before any worker starts (given the prepared data: the trainer's check, not the CLI's early one)."""
+    from raylm.train.checkpoint import ensure_universal, pick_resume_checkpoint
+    from raylm.train.identity import saved_world
 
     picked = pick_resume_checkpoint(storage.run_dir(cfg.train.storage_path, cfg.train.run_name), log=lambda _: None)
-    if picked is not None:
-        check_resume(identity, picked[1], picked[0])
+    if picked is None:
+        return
+    check_resume(identity, picked[1], picked[0], universal=cfg.train.resume_universal)
+    if saved_world(picked[1]) != cfg.train.num_workers and prepared is not None:  # (the CLI's check before Ray
+        check_universal_position(cfg, picked[1], picked[0], prepared)              # has no data stage yet)
+        ensure_universal(picked[0], log=say)
+
+
+def check_universal_position(cfg: RaylmConfig, manifest: dict, path: str, prepared: PreparedData) -> None:
+    """A checkpoint k steps into its epoch resumes on another world size k steps into the same epoch
+    (the same rows consumed: k x the global batch; identity.universal_rows). The new world size deals
+    the cache's units to its ranks differently, so its epoch may hold fewer whole steps (the smallest
+    rank's share): refused (exit 2) when it holds fewer than k, rather than skip into the next epoch."""
+    from raylm.data.stream import CacheStream
+    from raylm.errors import CheckpointError
+    from raylm.train.identity import saved_world, universal_rows
+
+    t, world = cfg.train, cfg.train.num_workers
+    rows = universal_rows(int(manifest.get("rows", 0)), saved_world(manifest), world, t.effective_global_batch)
+    step_rows = t.micro_batch_size * t.grad_accum_steps
+    epoch = int(manifest.get("epoch", 0))
+    steps = CacheStream(prepared.uri, prepared.manifest, "train", 0, world).epoch_batches(cfg.data.seed, epoch, step_rows)
+    if rows // step_rows > steps:
+        raise CheckpointError(f"train.num_workers: {world} now; the checkpoint {path} stands {rows // step_rows} steps "
+                              f"into epoch {epoch}, but on {world} workers that epoch holds only {steps} steps of the "
+                              f"global batch {t.effective_global_batch}: the data position cannot carry over exactly. "
+                              f"Resume on {saved_world(manifest)} workers, or start a new run.")
 
 
 def checkpoint_config(cfg: RaylmConfig, keep_best: bool) -> Any:

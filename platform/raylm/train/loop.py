@@ -32,7 +32,7 @@ def _setup(loop_config: dict) -> tuple[RaylmConfig, Any, Any]:
     return cfg, load_tokenizer(tok_dir), device
 
 
-def _engine(cfg: RaylmConfig, tokenizer: Any) -> tuple[Any, dict]:
+def _engine(cfg: RaylmConfig, tokenizer: Any, load_universal: bool = False) -> tuple[Any, dict]:
     """The DeepSpeed engine (LoRA-wrapped when train.lora is set) and its trainable/total params.
 
     Under ZeRO-3 the model is built partitioned (`deepspeed.zero.Init`): no rank ever holds the
@@ -59,7 +59,7 @@ def _engine(cfg: RaylmConfig, tokenizer: Any) -> tuple[Any, dict]:
         print(f"raylm: {cfg.model.name}{' + LoRA r=%d' % cfg.train.lora.r if cfg.train.lora else ''}: "
               f"{trainable:,} trainable of {total:,} parameters ({100.0 * trainable / total:.2f}%)", flush=True)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=optimizer_groups(model, cfg.train.weight_decay),
-                                           config=deepspeed_config(cfg), lr_scheduler=lr_scheduler(cfg))
+                                           config=deepspeed_config(cfg, load_universal), lr_scheduler=lr_scheduler(cfg))
     if cfg.deepspeed.zero_stage == 3:
         share_fp32_master(engine.optimizer)
     return engine, {"trainable_params": trainable, "total_params": total}
@@ -83,8 +83,16 @@ def _newest_checkpoint(cfg: RaylmConfig, identity: dict) -> Optional[tuple[str, 
     if picked is None and latest is not None:
         raise RuntimeError(f"no usable checkpoint in {run_dir} (Ray Train registered {latest.path})")
     if picked is not None:
-        check_resume(identity, picked[1], picked[0])
+        check_resume(identity, picked[1], picked[0], universal=cfg.train.resume_universal)
     return picked
+
+
+def _universal(cfg: RaylmConfig, picked: Optional[tuple[str, dict]]) -> bool:
+    """The picked checkpoint was written by another world size (allowed: train.resume_universal):
+    it is loaded from its universal conversion."""
+    from raylm.train.identity import saved_world
+
+    return picked is not None and saved_world(picked[1]) != cfg.train.num_workers
 
 
 def _resume(cfg: RaylmConfig, engine: Any, log: MetricsLog, picked: Optional[tuple[str, dict]]) -> Any:
@@ -92,12 +100,18 @@ def _resume(cfg: RaylmConfig, engine: Any, log: MetricsLog, picked: Optional[tup
     from raylm.train.checkpoint import Position, load_checkpoint
     from raylm.train.deepspeed import continue_schedule
 
+    from raylm.train.identity import saved_world, universal_rows
+
     if picked is None:
         return Position()
-    pos = load_checkpoint(engine, picked[0], adapter_only=bool(cfg.train.lora))
+    universal = _universal(cfg, picked)
+    pos = load_checkpoint(engine, picked[0], adapter_only=bool(cfg.train.lora), universal=universal)
+    if universal:  # the same rows consumed from the epoch, as this world size's rows per rank
+        pos.rows = universal_rows(pos.rows, saved_world(picked[1]), cfg.train.num_workers,
+                                  cfg.train.effective_global_batch)
     continue_schedule(engine, cfg)
     log.write({"event": "resume", "from": picked[0], "step": pos.step, "epoch": pos.epoch, "rows": pos.rows,
-               "time": time.time()})
+               "time": time.time(), **({"universal_from_world_size": saved_world(picked[1])} if universal else {})})
     return pos
 
 
@@ -121,10 +135,10 @@ def train_fn_per_worker(loop_config: dict) -> None:
 
     cfg, tokenizer, device = _setup(loop_config)
     t = cfg.train
-    engine, params = _engine(cfg, tokenizer)
-    objective = build_objective(cfg, engine, tokenizer, device)
     identity = loop_config["identity"]  # what the checkpoints record and a resume must keep (driver.py)
-    picked = _newest_checkpoint(cfg, identity)
+    picked = _newest_checkpoint(cfg, identity)  # first: another world size's is loaded as a universal checkpoint
+    engine, params = _engine(cfg, tokenizer, load_universal=_universal(cfg, picked))
+    objective = build_objective(cfg, engine, tokenizer, device)
     log = MetricsLog(cfg, dist.get_rank(), tracking=picked[1].get("tracking") if picked else None)
     log.write({"event": "start", **params, "lora": bool(t.lora), "data": loop_config["data"]["uri"], "time": time.time()})
     pos = _resume(cfg, engine, log, picked)
