@@ -23,18 +23,15 @@ field, both values and the option. Opt-in (RAYLM_EXTENDED=1): three `raylm train
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from raylm.config import load_config
 from raylm.data import prepare_data
+from test_cut_invariance import finish, raylm_train  # `raylm train` in a clean environment, and its end
 
 ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 RECORD = {"messages": [{"role": "user", "content": "Tell me about the cat."},
                        {"role": "assistant", "content": "the cat sat on a mat and then ran to see my dog who was "
                                                         "not at home so we all went out"}]}
@@ -51,21 +48,6 @@ def settings(storage: Path, corpus: Path, run: str, workers: int, micro: int, st
             "train.lr": 3e-3, **more}
 
 
-def raylm_train(sets: dict) -> subprocess.Popen:
-    """`raylm train` in a clean environment, joining the session's cluster (RAY_ADDRESS)."""
-    import ray
-
-    env = {"PATH": f"{BIN}{os.pathsep}/usr/bin{os.pathsep}/bin", "HOME": os.environ["HOME"],
-           "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token"}  # as the README says
-    args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
-    return subprocess.Popen([str(BIN / "raylm"), "train", "-c", "configs/tiny.yaml", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def finish(proc: subprocess.Popen, code: int = 0) -> str:
-    _, err = proc.communicate(timeout=600)
-    assert proc.returncode == code, err[-3000:]
-    return err
 
 
 def log(storage: Path, run: str) -> list[dict]:
