@@ -123,7 +123,7 @@ def start(cfg: RaylmConfig, candidate: str, percent: float, force: bool = False,
 def _deploy_canary(cfg: RaylmConfig, target: RaylmConfig, keys: Any, candidate: str, version: str, percent: float,
                    live: dict, metrics: dict, forced: bool) -> dict:
     from raylm.lifecycle.rollout import _first_line, _restore, _terminate_as_interrupt
-    from raylm.serve.app import CanarySpec, deploy
+    from raylm.serve.app import CanarySpec, deploy, live_drain_s
 
     op = uuid.uuid4().hex[:12]
     move = {"action": "canary", "id": op, "version": version, "checkpoint": candidate, "percent": percent,
@@ -138,7 +138,8 @@ def _deploy_canary(cfg: RaylmConfig, target: RaylmConfig, keys: Any, candidate: 
             # they are up (routed at once, its share of requests queued ~30 s for the engine to start)
             deploy(target, live["checkpoint"], live["version"], keys, cfg.serve.rollout_timeout_s,
                    canary=replace(spec, routed=False))
-            deploy(target, live["checkpoint"], live["version"], keys, cfg.serve.rollout_timeout_s, canary=spec)
+            deploy(target, live["checkpoint"], live["version"], keys, cfg.serve.rollout_timeout_s, canary=spec,
+                   drain_s=live_drain_s(target.serve))  # only the edge's routing changed: sized just now
     except KeyboardInterrupt as exc:
         restored = _restore(target, keys, live)
         record(cfg, state="interrupted", signal=str(exc) or "SIGINT", restored=restored is None, **move)
@@ -162,19 +163,26 @@ def _current(cfg: RaylmConfig) -> tuple[dict, dict]:
     return canary, live
 
 
+def _unrouted(cfg: RaylmConfig, canary: dict) -> Any:
+    """The running canary's deployment, kept while the edge sends it nothing (finish, abort)."""
+    from raylm.serve.app import CanarySpec
+
+    return CanarySpec(canary["checkpoint"], canary["version"], canary["percent"], canary["id"],
+                      stats_uri(cfg, canary["id"]), routed=False)
+
+
 def finish(cfg: RaylmConfig, reason: str = "by hand") -> dict:
     """`raylm promote --finish`: the candidate goes live as a promotion (recorded as `promote`,
     naming the canary), with the canary's numbers."""
     from raylm.lifecycle.rollout import require_serving
-    from raylm.serve.app import CanarySpec, deploy
+    from raylm.serve.app import deploy, live_drain_s
 
     with promotion_lock(cfg, "canary finish"):
         canary, live = _current(cfg)
         require_serving(cfg)
         target, keys, kept = deployment(cfg, check=False)
         stats = read_stats(cfg, canary)
-        spec = CanarySpec(canary["checkpoint"], canary["version"], canary["percent"], canary["id"],
-                          stats_uri(cfg, canary["id"]), routed=False)
+        spec = _unrouted(cfg, canary)
         say(f"finishing canary {canary['version']} ({reason}): rolling it out in place of {live['version']} "
             f"({describe_stats(stats)})", event="canary_finish", version=canary["version"])
         op = uuid.uuid4().hex[:12]
@@ -191,7 +199,8 @@ def finish(cfg: RaylmConfig, reason: str = "by hand") -> dict:
                 record(cfg, state="failed" if isinstance(exc, Exception) else "interrupted",
                        error=f"finishing the canary failed: {exc}", **move)
             raise
-        deploy(target, canary["checkpoint"], canary["version"], keys)  # ... and goes once no edge sends it anything
+        deploy(target, canary["checkpoint"], canary["version"], keys,  # ... and goes once no edge sends it anything
+               drain_s=live_drain_s(target.serve))  # the candidate's replicas, sized by the deploy above
         write_record(target, canary["checkpoint"], canary["version"], keys, kept)
         return record(cfg, state="done", **move, canary=canary["id"], canary_stats=stats, canary_end=reason,
                       metrics=canary.get("metrics", {}), forced=canary.get("forced", False))
@@ -201,7 +210,7 @@ def abort(cfg: RaylmConfig, reason: str = "by hand") -> dict:
     """`raylm promote --abort`: the edge stops sending requests to the candidate, then its
     deployment is removed; the live model never stopped. Recorded as `canary_abort`."""
     from raylm.lifecycle.rollout import require_serving
-    from raylm.serve.app import CanarySpec, deploy
+    from raylm.serve.app import deploy, live_drain_s
 
     with promotion_lock(cfg, "canary abort"):
         canary, live = _current(cfg)
@@ -210,10 +219,10 @@ def abort(cfg: RaylmConfig, reason: str = "by hand") -> dict:
         stats = read_stats(cfg, canary)
         say(f"aborting canary {canary['version']} ({reason}); {live['version']} serves every request "
             f"({describe_stats(stats)})", event="canary_abort", version=canary["version"])
-        spec = CanarySpec(canary["checkpoint"], canary["version"], canary["percent"], canary["id"],
-                          stats_uri(cfg, canary["id"]), routed=False)
-        deploy(target, live["checkpoint"], live["version"], keys, canary=spec)  # edges stop routing to it ...
-        deploy(target, live["checkpoint"], live["version"], keys)  # ... then it goes
+        drain_s = live_drain_s(target.serve)  # the live replicas' window stays as it was sized
+        deploy(target, live["checkpoint"], live["version"], keys, canary=_unrouted(cfg, canary),
+               drain_s=drain_s)  # edges stop routing to it ...
+        deploy(target, live["checkpoint"], live["version"], keys, drain_s=drain_s)  # ... then it goes
         return record(cfg, action="canary_abort", state="done", canary=canary["id"], version=canary["version"],
                       checkpoint=canary["checkpoint"], live_version=live["version"], reason=reason,
                       canary_stats=stats)
