@@ -259,6 +259,9 @@ def test_tensorboard_holds_reward_metrics(lora_run):
             [(s, at[s][key]) for s in sorted(at)], tag
 
 
+# tests/unit/test_dpo_units.py checks the same on a GPT-2 with LoRA, through prepare_model (which every
+# run builds its model with); this end-to-end run of it is opt-in (RAYLM_EXTENDED=1), within CI's time.
+@pytest.mark.extended
 def test_gpt2_dpo_trains_without_dropout(ray_cluster, pref_corpus, dpo_root):
     """A GPT-2-family model (dropout 0.1) under LoRA: the reference is the policy with its adapters
     off, so with dropout off (train.dpo.disable_dropout, the default) step 1's policy equals its

@@ -452,8 +452,8 @@ def canary_deployed(cfg) -> bool:
 
 
 def test_a_canary_splits_by_conversation_pins_and_finishes_from_a_second_shell_under_load(endpoint, checkpoints):
-    """`raylm promote --canary 30` serves B beside the live model: 400 conversations split within
-    ±5 points of 30%, a session stays on one version, a client pins either served version (an
+    """`raylm promote --canary 30` serves B beside the live model: 200 conversations split within
+    ±7 points of 30%, a session stays on one version, a client pins either served version (an
     unserved one is a 404 naming the served), the edge's per-version numbers reach storage, and no
     other promote starts meanwhile. `raylm promote --finish` from a second shell (HOME only) puts B
     live under load with no failed request, records it and removes the canary's deployment."""
@@ -470,11 +470,13 @@ def test_a_canary_splits_by_conversation_pins_and_finishes_from_a_second_shell_u
     assert entry["state"] == "done" and entry["from_version"] == old and new != old and canary_deployed(cfg)
 
     with ThreadPoolExecutor(4) as pool:
-        answers = list(pool.map(lambda i: ask(url, f"conversation {i}: the king said"), range(400)))
+        answers = list(pool.map(lambda i: ask(url, f"conversation {i}: the king said"), range(200)))
     assert all(r.status_code == 200 for r in answers), [r.text for r in answers if r.status_code != 200][:2]
     versions = [r.headers[VERSION] for r in answers]
     share = 100 * versions.count(new) / len(versions)
-    assert set(versions) == {old, new} and abs(share - 30) <= 5, share
+    # the hash's spread is checked on 8,000 conversations in tests/unit/test_canary.py; here, that
+    # the live edge applies it (200 conversations: a standard deviation of 3.2 points at 30%)
+    assert set(versions) == {old, new} and abs(share - 30) <= 7, share
     for session in ("s-1", "s-2", "s-3", "s-4"):  # whatever the text, a session stays on its version
         seen = {ask(url, f"turn {t} of {session}", headers={"x-session-id": session}).headers[VERSION] for t in range(5)}
         assert len(seen) == 1, (session, seen)

@@ -175,3 +175,39 @@ def test_the_plans_surge_reaches_serves_deployment_config_and_restarts_no_replic
     assert none._deployment_config.max_surge_percent == 0 and some._deployment_config.max_surge_percent == 33
     assert default._version == none._version == some._version
     assert none._replica_config.placement_group_bundles == fit.replica_bundles(cfg.serve, checkpoint)[0]
+
+
+def test_a_promote_from_another_shell_or_with_other_promote_settings_restarts_nothing(monkeypatch, checkpoint):
+    """The replicas a promote leaves alone see the same inputs whoever deploys: the promote-time
+    settings (serve.canary, serve.promote, serve.rollout_timeout_s) are no part of a deployment's
+    version, and a deployment given the live app's runtime env has it exactly, whatever the
+    deploying process's environment (a second shell without HF_HOME, a job with a working_dir)."""
+    import types
+
+    import ray
+
+    from raylm.config import load_config
+    from raylm.serve import app
+    from raylm.serve.auth import KeySetup
+    from raylm.serve.options import CANARY_DEPLOYMENT, EDGE_DEPLOYMENT, SERVE_MODEL_DEPLOYMENT
+
+    keys = KeySetup(hashes=("h",), source="test", generated_file=None)
+    live_env = {"env_vars": {"HF_HOME": "/serving/shell", "RAY_API_SERVER_ADDRESS": "http://127.0.0.1:1"}}
+    spec = app.CanarySpec(checkpoint=checkpoint, version="v3", percent=30.0, id="c1", stats_uri="/tmp/x")
+
+    def deployments(sets: list[str], job_env: dict, envs: dict | None) -> dict:
+        monkeypatch.setattr(ray, "get_runtime_context", lambda: types.SimpleNamespace(runtime_env=job_env))
+        cfg = load_config(None, ["serve.model_id=tiny-test", *sets])
+        edge = app.build_app(cfg, checkpoint, keys, model_version="v2", canary=spec, runtime_envs=envs)._bound_deployment
+        llm, cand = (a._bound_deployment for a in (edge.init_args[0], edge.init_kwargs["canary"]))
+        return {EDGE_DEPLOYMENT: edge, SERVE_MODEL_DEPLOYMENT: llm, CANARY_DEPLOYMENT: cand}
+
+    served = deployments([], {"env_vars": {"HF_HOME": "/serving/shell"}}, None)
+    envs = {EDGE_DEPLOYMENT: live_env, SERVE_MODEL_DEPLOYMENT: live_env}
+    promoting = deployments(["serve.canary.auto=true", "serve.promote.tolerance=0.5",
+                             "serve.rollout_timeout_s=9"], {"env_vars": {}, "working_dir": "gcs://pkg.zip"}, envs)
+    for name, d in promoting.items():
+        assert d._version == served[name]._version, name
+        assert d._replica_config.ray_actor_options["runtime_env"] == live_env, name  # the canary: the model's env
+    # without the live app's envs (raylm serve), each deployment has the deploying job's
+    assert "HF_HOME" in str(served[SERVE_MODEL_DEPLOYMENT]._replica_config.ray_actor_options["runtime_env"])

@@ -21,13 +21,14 @@ from raylm.config import RaylmConfig, ServeConfig
 from raylm.errors import InputError
 from raylm.lifecycle.history import history_uri
 from raylm.serve.auth import KeySetup, setup_keys
+from raylm.serve.options import PROMOTE_TIME_FIELDS
 
 RECORD_FILE = "deployment.json"
 # Serve fields that say where keys come from: a reconfigure that changes one reads the keys again.
 KEY_FIELDS = ("serve.api_key_env", "serve.api_key_file", "serve.api_key_hashes_path", "serve.require_api_key")
 # Settings of the promoting command, not of what is deployed (the gate; how long a rollout may
 # take): taken from its own config, never compared with the record.
-PROMOTE_TIME = ("serve.promote", "serve.canary", "serve.rollout_timeout_s")
+PROMOTE_TIME = tuple(f"serve.{f}" for f in PROMOTE_TIME_FIELDS)
 
 
 def record_uri(cfg: RaylmConfig) -> str:

@@ -189,7 +189,7 @@ def deploy_recorded(cfg: RaylmConfig, checkpoint: str, overrides: Iterable[str] 
         live = live_entry(history)
         version = next_version(history)
         cfg = without_checkpoint(cfg)
-        url, keys = deploy(cfg, checkpoint, version)
+        url, keys = deploy(cfg, checkpoint, version, fresh_env=True)
         write_record(cfg, checkpoint, version, keys, set_paths(overrides))
         record(cfg, action="deploy", state="done", version=version, checkpoint=checkpoint,
                from_version=live["version"] if live else None, from_checkpoint=live["checkpoint"] if live else None)

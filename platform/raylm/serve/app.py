@@ -44,7 +44,7 @@ from raylm.serve.edge import (EDGE_DEPLOYMENT, AdapterListing, GateMetrics, Rayl
 from raylm.serve.gate import Gate
 from raylm.serve.protocol import APIError
 from raylm.serve.options import (CANARY_DEPLOYMENT, ENGINE_ENV, SERVE_MODEL_DEPLOYMENT, backpressure,
-                                 deployment_options, drain_window, edge_options, engine_kwargs)
+                                 bound_serve_config, deployment_options, drain_window, edge_options, engine_kwargs)
 from raylm.servable import adapter_base_mismatch, check_servable
 
 logger = logging.getLogger(__name__)
@@ -370,7 +370,8 @@ class CanarySpec:
 def build_app(cfg: RaylmConfig, checkpoint: str, keys: Optional[KeySetup] = None,
               deployment_name: str = SERVE_MODEL_DEPLOYMENT, model_version: str = "",
               canary: Optional[CanarySpec] = None, drain_s: Optional[float] = None,
-              max_surge_percent: Optional[int] = None) -> serve.Application:
+              max_surge_percent: Optional[int] = None,
+              runtime_envs: Optional[dict[str, dict]] = None) -> serve.Application:
     """The Serve application: `RaylmServer` over the checkpoint with options from `cfg.serve`,
     bound to the API key hashes (never the keys: replicas may sit on other nodes) and the model
     version its responses name; with `canary`, a second LLM deployment over the candidate beside
@@ -384,23 +385,32 @@ def build_app(cfg: RaylmConfig, checkpoint: str, keys: Optional[KeySetup] = None
     replicas in place. `drain_s`: the replicas' drain window (serve/options.py `drain_window`);
     `max_surge_percent`: the live deployment's rollout surge instead of serve/options.py's
     (lifecycle/fit.py). Neither is part of that version, so changing one alone updates running
-    replicas in place."""
+    replicas in place. `runtime_envs`: each deployment's Ray runtime env by deployment name
+    (`live_runtime_envs`), instead of the deploying process's (which Serve and Ray Serve LLM give
+    a deployment by default): a promote from another shell has another environment, and a runtime
+    env that differs restarts the replicas it was meant to leave alone."""
     s = cfg.serve
     if canary is not None and not s.edge.enabled:
         raise ServeDeployError("a canary needs serve.edge.enabled=true: the edge splits the requests between versions")
     keys = keys or setup_keys(s)
+    envs = runtime_envs or {}
     app, model_config = _llm_app(cfg, checkpoint, keys, deployment_name, model_version, drain_s, max_surge_percent)
+    _pin_runtime_env(app, envs.get(deployment_name))
     if not s.edge.enabled:
         return app
-    edge_bind = {"serve_config": s.model_dump(mode="json"), "key_hashes": list(keys.hashes),
+    edge_bind = {"serve_config": bound_serve_config(s), "key_hashes": list(keys.hashes),
                  "model_config": edge_model_config(model_config)}
     routing = {"live_version": model_version, "canary": canary.edge_config() if canary else None}
     edge = serve.deployment(serve.ingress()(RaylmEdge)).options(name=EDGE_DEPLOYMENT, user_config=routing,
                                                                  **edge_options(s, drain_s))
-    extra = {"canary": _llm_app(cfg, canary.checkpoint, keys, CANARY_DEPLOYMENT, canary.version, drain_s)[0]} \
-        if canary else {}
+    extra = {}
+    if canary:
+        extra["canary"] = _llm_app(cfg, canary.checkpoint, keys, CANARY_DEPLOYMENT, canary.version, drain_s)[0]
+        # a new canary runs in the model deployment's runtime env
+        _pin_runtime_env(extra["canary"], envs.get(CANARY_DEPLOYMENT) or envs.get(SERVE_MODEL_DEPLOYMENT))
     edge_app = edge.bind(app, **edge_bind, **extra)
     _pin_version(edge_app, edge_bind)
+    _pin_runtime_env(edge_app, envs.get(EDGE_DEPLOYMENT))
     return edge_app
 
 
@@ -412,7 +422,7 @@ def _llm_app(cfg: RaylmConfig, checkpoint: str, keys: KeySetup, deployment_name:
     s = cfg.serve
     model_config = check_servable(checkpoint, s)
     # Behind the edge the LLM replicas never see a key: rotating keys restarts no engine.
-    bind = {"serve_config": s.model_dump(mode="json"), "key_hashes": [] if s.edge.enabled else list(keys.hashes),
+    bind = {"serve_config": bound_serve_config(s), "key_hashes": [] if s.edge.enabled else list(keys.hashes),
             "model_config": model_config, "model_version": model_version}
     app = build_llm_deployment(
         llm_config(s, checkpoint, _has_chat_template(checkpoint), drain_s),
@@ -430,6 +440,36 @@ def _pin_version(app: serve.Application, inputs: dict) -> None:
     """The deployment's code version: a hash of what its replicas are built from."""
     digest = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
     app._bound_deployment._version = digest  # no public setter in 2.60
+
+
+def _pin_runtime_env(app: serve.Application, env: Optional[dict]) -> None:
+    """Give the app's deployment the runtime env `env` exactly (None: leave the default, the
+    deploying process's). Set on the built deployment: Ray Serve LLM merges the deploying job's
+    runtime env under any runtime env it is given, so keys only that job has would still differ."""
+    if env is None:
+        return
+    replica = app._bound_deployment._replica_config  # no public setter in 2.60
+    replica.update({**replica.ray_actor_options, "runtime_env": env}, replica.placement_group_bundles,
+                   replica.placement_group_strategy, replica.placement_group_bundle_label_selector,
+                   replica.placement_group_fallback_strategy, replica.max_replicas_per_node)
+
+
+def live_runtime_envs(s: ServeConfig) -> dict[str, dict]:
+    """The runtime env each deployment of the running app was deployed with, by deployment name
+    (empty when the app does not run). A promote, rollback or canary deploys with these, so the
+    replicas it leaves alone see the same inputs from any shell."""
+    from ray.serve.context import _get_global_client
+
+    envs: dict[str, dict] = {}
+    for name in (SERVE_MODEL_DEPLOYMENT, CANARY_DEPLOYMENT, EDGE_DEPLOYMENT):
+        try:
+            info, _ = _get_global_client().get_deployment_info(name, s.app_name)
+        except Exception:  # noqa: BLE001 - no such app or deployment
+            continue
+        env = (info.replica_config.ray_actor_options or {}).get("runtime_env")
+        if env is not None:
+            envs[name] = env
+    return envs
 
 
 def _proxy_address(s: ServeConfig) -> tuple[str, int]:
@@ -470,7 +510,8 @@ def direct_urls(s: ServeConfig) -> list[str]:
 
 def deploy(cfg: RaylmConfig, checkpoint: str, version: str = "", keys: Optional[KeySetup] = None,
            timeout_s: Optional[float] = None, canary: Optional[CanarySpec] = None,
-           drain_s: Optional[float] = None, max_surge_percent: Optional[int] = None) -> tuple[str, KeySetup]:
+           drain_s: Optional[float] = None, max_surge_percent: Optional[int] = None,
+           fresh_env: bool = False) -> tuple[str, KeySetup]:
     """Serve's one deploy entry point: start Serve (HTTP on serve.host:serve.port) and run the app
     over the checkpoint as model `version`; returns the base URL once the replicas are up (clients
     use `<url>/v1`) and the keys it was bound to (`keys`, else read from the config and this
@@ -480,11 +521,14 @@ def deploy(cfg: RaylmConfig, checkpoint: str, version: str = "", keys: Optional[
     initialised. `raylm serve`, promote and rollback deploy through lifecycle/rollout.py, which
     records what was deployed and deploys from the record.
 
-    Once the replicas run, the drain window is sized on them (`size_drain`), unless `drain_s` gives it."""
+    Once the replicas run, the drain window is sized on them (`size_drain`), unless `drain_s` gives it.
+    Into a running app, each deployment keeps the runtime env it runs with (`live_runtime_envs`);
+    `fresh_env` (`raylm serve`) gives them this process's instead."""
     s = cfg.serve
     keys = keys or setup_keys(s)
     serve.start(http_options=s.http_options())
-    options = {"model_version": version, "canary": canary, "max_surge_percent": max_surge_percent}
+    options = {"model_version": version, "canary": canary, "max_surge_percent": max_surge_percent,
+               "runtime_envs": {} if fresh_env else live_runtime_envs(s)}
     _run(build_app(cfg, checkpoint, keys, drain_s=drain_s, **options), s, checkpoint, timeout_s)
     if drain_s is None:
         drain_s = size_drain(s)

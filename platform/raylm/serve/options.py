@@ -24,6 +24,17 @@ CPU_KV_CACHE_GIB = 1.0  # vLLM's CPU backend otherwise reserves a share of the h
 # 'finalize_loading') and recompiles; without AOT, an engine reuses Inductor's on-disk cache
 # (the tiny model's engine init: 3.3 s against 9.5 s, idle 2 cores).
 ENGINE_ENV = {"VLLM_USE_AOT_COMPILE": "0"}
+# Serve settings of the command that deploys, not of what it deploys (the promotion gate, a
+# canary's watch, how long a rollout may wait): no replica reads them, so they are left out of what
+# the replicas are bound to, and a promote with other values restarts nothing.
+PROMOTE_TIME_FIELDS = ("promote", "canary", "rollout_timeout_s")
+
+
+def bound_serve_config(s: ServeConfig) -> dict[str, Any]:
+    """The serve config the replicas are built from (and their pinned version hashes): `s` with the
+    promote-time fields at their defaults."""
+    return s.model_copy(update={f: ServeConfig.model_fields[f].get_default(call_default_factory=True)
+                                for f in PROMOTE_TIME_FIELDS}).model_dump(mode="json")
 
 
 def serve_autoscaling(s: ServeConfig) -> dict[str, Any]:
