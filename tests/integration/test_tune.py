@@ -32,9 +32,11 @@ def test_asha_stops_bad_learning_rates_and_best_checkpoint_loads(tmp_path, cache
 
     # a good learning rate first (grid order), so ASHA has a rung to compare the bad one against;
     # 20 steps evaluated every 5: the 4 rungs of the committed sweep's 40 steps every 10, in half the steps
+    # keep 1: Ray Train keeps each trial's best checkpoint by its own evaluation beside the newest
     cfg = sweep_config(tmp_path, cache_dir, "tune.search_space={train.lr: {grid: [3.0e-3, 1.0e-6]}}",
                        "tune.num_samples=1", "tune.max_concurrent_trials=1", "tune.sweep_name=asha",
-                       "train.max_steps=20", "train.eval_every_steps=5", "train.checkpoint_every_steps=10")
+                       "train.max_steps=20", "train.eval_every_steps=5", "train.checkpoint_every_steps=5",
+                       "train.keep_checkpoints=1")
     outcome = run_sweep(cfg, embedded_prepared)
 
     assert len(outcome.trials) == 2 and all(r.status != "failed" for r in outcome.trials)
@@ -60,6 +62,16 @@ def test_asha_stops_bad_learning_rates_and_best_checkpoint_loads(tmp_path, cache
         for at, m in manifests(tmp_path / "asha" / "trials" / r.trial_id, complete_only=True).items():
             if "val_loss" in m["eval"]:
                 assert dict(r.curve)[at] == pytest.approx(m["eval"]["val_loss"]) and r.steps >= at
+    # keep 1 kept each trial's best checkpoint by score and its newest (for resume), the rest deleted;
+    # only the best and the final one carry hf/
+    # (a trial ASHA stopped can be killed between a new checkpoint and the deletion of an old one)
+    for r in outcome.trials:
+        kept = manifests(tmp_path / "asha" / "trials" / r.trial_id, complete_only=True)
+        scored = {s: m["eval"]["val_loss"] for s, m in kept.items() if "val_loss" in m["eval"]}
+        best_step = min(scored, key=lambda s: (scored[s], -s))
+        assert kept[best_step]["exported"], (r.trial_id, best_step, sorted(kept))
+        if r.status == "finished":
+            assert set(kept) == {best_step, 20} and kept[20]["exported"], (r.trial_id, sorted(kept))
     model = AutoModelForCausalLM.from_pretrained(best["checkpoint"])
     tok = AutoTokenizer.from_pretrained(best["checkpoint"])
     assert model.config.vocab_size >= len(tok) and best["checkpoint"].endswith(f"step_{step:08d}/hf")
@@ -112,6 +124,10 @@ def manifests(trial_dir: Path, complete_only: bool = False) -> dict[int, dict]:
             if not complete_only or (p / "raylm_checkpoint.json").is_file()}
 
 
+# The searchers raylm hands Tune are asked directly in tests/unit/test_tune_config.py (optuna and
+# hyperopt: suggestions inside the space, each trial's metric taken), and the ASHA sweep above checks
+# keep-best and best.json; this end-to-end optuna sweep is opt-in (RAYLM_EXTENDED=1), within CI's time.
+@pytest.mark.extended
 def test_model_based_search_runs_trials_and_best_json_names_the_best_checkpoint(tmp_path, cache_dir,
                                                                                 embedded_prepared):
     """optuna suggests each trial's values (inside the space, different per trial; hyperopt is
