@@ -142,15 +142,10 @@ def _restore(cfg: RaylmConfig, keys: Optional[KeySetup], live: dict,
 def served_version(cfg: RaylmConfig) -> Optional[str]:
     """The model version Serve's controller has for the app (its target while a rollout runs),
     from the model deployment's init arguments; None when the app is not there."""
-    from ray.serve.context import _get_global_client
+    from raylm.serve.options import deployment_info
 
-    from raylm.serve.options import SERVE_MODEL_DEPLOYMENT
-
-    try:
-        info, _ = _get_global_client().get_deployment_info(SERVE_MODEL_DEPLOYMENT, cfg.serve.app_name)
-    except Exception:  # noqa: BLE001 - no such app or deployment
-        return None
-    return (info.replica_config.init_kwargs or {}).get("model_version")
+    info = deployment_info(cfg.serve)
+    return None if info is None else (info.replica_config.init_kwargs or {}).get("model_version")
 
 
 def version_check(cfg: RaylmConfig) -> Optional[str]:

@@ -44,7 +44,8 @@ from raylm.serve.edge import (EDGE_DEPLOYMENT, AdapterListing, GateMetrics, Rayl
 from raylm.serve.gate import Gate
 from raylm.serve.protocol import APIError
 from raylm.serve.options import (CANARY_DEPLOYMENT, ENGINE_ENV, SERVE_MODEL_DEPLOYMENT, backpressure,
-                                 bound_serve_config, deployment_options, drain_window, edge_options, engine_kwargs)
+                                 bound_serve_config, deployment_info, deployment_options, drain_window,
+                                 edge_options, engine_kwargs)
 from raylm.servable import adapter_base_mismatch, check_servable
 
 logger = logging.getLogger(__name__)
@@ -458,15 +459,10 @@ def live_runtime_envs(s: ServeConfig) -> dict[str, dict]:
     """The runtime env each deployment of the running app was deployed with, by deployment name
     (empty when the app does not run). A promote, rollback or canary deploys with these, so the
     replicas it leaves alone see the same inputs from any shell."""
-    from ray.serve.context import _get_global_client
-
     envs: dict[str, dict] = {}
     for name in (SERVE_MODEL_DEPLOYMENT, CANARY_DEPLOYMENT, EDGE_DEPLOYMENT):
-        try:
-            info, _ = _get_global_client().get_deployment_info(name, s.app_name)
-        except Exception:  # noqa: BLE001 - no such app or deployment
-            continue
-        env = (info.replica_config.ray_actor_options or {}).get("runtime_env")
+        info = deployment_info(s, name)
+        env = (info.replica_config.ray_actor_options or {}).get("runtime_env") if info is not None else None
         if env is not None:
             envs[name] = env
     return envs
@@ -560,13 +556,8 @@ ITL_PROBE_TIMEOUT_S = 60.0
 
 def live_drain_s(s: ServeConfig) -> Optional[float]:
     """The drain window the app's running LLM replicas were deployed with (None: no such app)."""
-    from ray.serve.context import _get_global_client
-
-    try:
-        info, _ = _get_global_client().get_deployment_info(SERVE_MODEL_DEPLOYMENT, s.app_name)
-    except Exception:  # noqa: BLE001 - no such app or deployment
-        return None
-    return info.deployment_config.graceful_shutdown_timeout_s
+    info = deployment_info(s)
+    return None if info is None else info.deployment_config.graceful_shutdown_timeout_s
 
 
 def _run(app: serve.Application, s: ServeConfig, checkpoint: str, timeout_s: Optional[float]) -> None:

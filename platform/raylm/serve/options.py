@@ -30,6 +30,17 @@ ENGINE_ENV = {"VLLM_USE_AOT_COMPILE": "0"}
 PROMOTE_TIME_FIELDS = ("promote", "canary", "rollout_timeout_s")
 
 
+def deployment_info(s: ServeConfig, name: str = SERVE_MODEL_DEPLOYMENT) -> Any:
+    """Serve's controller's info on the app's deployment `name` (its target while a rollout runs:
+    config, replica options, init arguments); None when the app or deployment is not there."""
+    from ray.serve.context import _get_global_client
+
+    try:
+        return _get_global_client().get_deployment_info(name, s.app_name)[0]
+    except Exception:  # noqa: BLE001 - no Serve, no such app or deployment
+        return None
+
+
 def bound_serve_config(s: ServeConfig) -> dict[str, Any]:
     """The serve config the replicas are built from (and their pinned version hashes): `s` with the
     promote-time fields at their defaults."""
