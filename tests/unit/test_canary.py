@@ -12,8 +12,8 @@ import pytest
 from raylm.config.serve import CanaryConfig
 from raylm.lifecycle.canary import Decision, decide
 from raylm.lifecycle.history import running_canary
-from raylm.serve.canary import (Routes, VersionRecorder, conversation, merged_summary, pinned_version, split_pin,
-                                to_candidate, unpin)
+from raylm.serve.canary import (UNTIMED_FIRST, Routes, VersionRecorder, conversation, merged_summary, pinned_version,
+                                split_pin, to_candidate, unpin)
 from raylm.serve.protocol import APIError
 
 WORDS = "the a king queen sword river night castle wine bread song storm fool crown letter".split()
@@ -86,16 +86,36 @@ def test_a_pinned_version_is_parsed_and_an_unserved_one_is_a_404_naming_the_serv
 
 def test_the_recorder_counts_requests_errors_and_p95_per_version():
     rec = VersionRecorder(window=100)
+    for _ in range(UNTIMED_FIRST):  # a cold engine's first answers: counted, not timed
+        rec.record("v2", 200, 9.0)
     for i in range(1, 101):
         rec.record("v2", 200, i / 1000)  # 1..100 ms
-    for i in range(10):
+    for i in range(UNTIMED_FIRST + 10):
         rec.record("v3", 400 if i < 3 else 200, 0.5)
     summary = rec.summary()
-    assert summary["v2"] == {"requests": 100, "errors": 0, "error_rate": 0.0, "p95_s": 0.095}
-    assert summary["v3"] == {"requests": 10, "errors": 3, "error_rate": 0.3, "p95_s": 0.5}
+    assert summary["v2"] == {"requests": 105, "errors": 0, "error_rate": 0.0, "p95_s": 0.095}
+    assert summary["v3"] == {"requests": 15, "errors": 3, "error_rate": 0.2, "p95_s": 0.5}
     for _ in range(100):  # the window keeps the latest latencies; the counts keep everything
         rec.record("v2", 503, 2.0)
-    assert rec.summary()["v2"] == {"requests": 200, "errors": 100, "error_rate": 0.5, "p95_s": 2.0}
+    assert rec.summary()["v2"] == {"requests": 205, "errors": 100, "error_rate": 100 / 205, "p95_s": 2.0}
+
+
+def test_a_cold_candidate_is_not_rolled_back_on_its_first_answers():
+    """What happened: a healthy candidate's first answers came from a just-started engine (62 ms
+    p95 over 19 requests against the warm live version's 33 ms) and serve.canary.auto rolled it
+    back. Its first UNTIMED_FIRST requests are counted but not timed."""
+    rec = VersionRecorder()
+    for _ in range(200):
+        rec.record("v2", 200, 0.033)
+    for i in range(20):
+        rec.record("v3", 200, 0.062 if i < UNTIMED_FIRST else 0.034)
+    summary = rec.summary()
+    assert summary["v3"]["requests"] == 20 and summary["v3"]["p95_s"] == 0.034
+    assert decide(summary["v2"], summary["v3"], CanaryConfig()).action == "wait"
+    slow = VersionRecorder()  # slow after its warm-up too: still rolled back
+    for i in range(20):
+        slow.record("v3", 200, 0.062)
+    assert decide(summary["v2"], slow.summary()["v3"], CanaryConfig()).action == "rollback"
 
 
 def stats(requests: int, error_rate: float = 0.0, p95_s: float = 0.1) -> dict:

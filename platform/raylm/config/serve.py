@@ -101,7 +101,7 @@ class CanaryConfig(_Strict):
         "streams) exceeds the live version's by more than this (0.02: 2 points).")
     p95_ratio: float = Field(
         1.5, ge=1, description="auto: roll back when the candidate's p95 latency is more than this many times the "
-        "live version's.")
+        "live version's (each version's first 5 requests at an edge replica are not timed: a cold engine's).")
     watch_timeout_s: float = Field(
         3600.0, gt=0, description="auto: how long the promoting command watches before it stops watching and leaves "
         "the canary running (finish or abort it then by hand).")
