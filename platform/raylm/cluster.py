@@ -38,6 +38,9 @@ def worker_env(use_gpu: bool) -> dict[str, str]:
     return env
 
 
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
+
 def init_ray(cfg: RaylmConfig, address: Optional[str] = None, num_cpus: Optional[int] = None) -> None:
     """Connect to (or start) Ray with token authentication kept on.
 
@@ -96,6 +99,11 @@ def init_ray(cfg: RaylmConfig, address: Optional[str] = None, num_cpus: Optional
     api = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
     os.environ.update(serve_ingress_env(cfg.serve.ingress_mode))  # read once by this cluster's Serve
     os.environ.update(api)  # inherited by the raylet and every worker it starts
+    # Ray Train 2.60 starts a PreemptionWatcher actor beside every run's controller, polling for
+    # nodes being drained (spot reclaims). The cluster started here is this one machine: no node can
+    # be drained from under a run without taking the run with it. One process less per run and per
+    # Tune trial, and no "constructor arguments in the object store" error line in each run's log.
+    os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
     kwargs["runtime_env"]["env_vars"].update(api)
     ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, **kwargs)
     console.silence()

@@ -94,6 +94,15 @@ def test_zero_stage_trains_and_loss_falls(stage, tmp_path_factory, shakespeare_p
     assert (manifest["step"], manifest["zero_stage"], manifest["world_size"]) == (60, stage, workers)
     t = cfg.train  # every rank trained every step on a full micro-batch
     assert result.metrics["tokens"] == 60 * t.micro_batch_size * t.grad_accum_steps * workers * cfg.data.seq_len
+    # a cluster raylm started (init_ray, as the session's) is one machine: no run of it started Ray
+    # Train's PreemptionWatcher (raylm.cluster.PREEMPTION_WATCHER_ENV), here or in any earlier module
+    import ray
+    from ray.util.state import list_actors
+
+    address = "http://" + ray._private.worker._global_node.webui_url
+    controllers = list_actors(address=address, filters=[("class_name", "=", "TrainController")], limit=10000)
+    watchers = list_actors(address=address, filters=[("class_name", "=", "PreemptionWatcher")], limit=10000)
+    assert controllers and not watchers, (len(controllers), len(watchers))
 
 
 def test_zero3_builds_the_model_partitioned(ray_cluster, tmp_path):
