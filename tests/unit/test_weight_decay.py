@@ -1,11 +1,13 @@
 """Weight decay groups (train.weight_decay): biases, norms and embeddings never decay, the rest
 does; listed for a tiny Llama (untied head, RMSNorm by name) and a tiny GPT-2 (LayerNorm by type,
-position embeddings, a head tied to the token embedding), each also under LoRA."""
+position embeddings, a head tied to the token embedding), each also under LoRA; and a resumed run
+trains with its config's weight decay, not the checkpoint's (real DeepSpeed on one gloo rank)."""
 
 from __future__ import annotations
 
 import re
 
+import pytest
 import torch
 
 from raylm.train.deepspeed import optimizer_groups
@@ -76,3 +78,53 @@ def test_torch_adamw_applies_the_groups():
     assert torch.equal(after["transformer.wte.weight"], before["transformer.wte.weight"])
     assert torch.equal(after["transformer.h.0.ln_1.bias"], before["transformer.h.0.ln_1.bias"])
     assert not torch.equal(after["transformer.h.0.mlp.c_fc.weight"], before["transformer.h.0.mlp.c_fc.weight"])
+
+
+def _engine(stage: int, weight_decay: float):
+    import deepspeed
+
+    from raylm.config import load_config
+    from raylm.train.deepspeed import deepspeed_config
+
+    cfg = load_config(None, [f"deepspeed.zero_stage={stage}", "train.num_workers=1", "train.micro_batch_size=2",
+                             "train.grad_accum_steps=1", f"train.weight_decay={weight_decay}"])
+    torch.manual_seed(0)
+    model = llama()
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=optimizer_groups(model, weight_decay),
+                                           config=deepspeed_config(cfg))
+    return engine, cfg
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_resumed_run_takes_weight_decay_from_its_config_and_the_state_from_the_checkpoint(stage, single_rank,
+                                                                                            tmp_path):
+    from raylm.train.deepspeed import group_hyperparameters, restore_group_hyperparameters
+
+    first, _ = _engine(stage, 0.1)
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    for _ in range(2):
+        first.backward(first(input_ids=ids, labels=ids).loss)
+        first.step()
+    first.save_checkpoint(str(tmp_path), tag="t")
+    decays = lambda engine: [g["weight_decay"] for g in engine.optimizer.param_groups]  # noqa: E731
+
+    as_saved, _ = _engine(stage, 0.3)
+    as_saved.load_checkpoint(str(tmp_path), tag="t")
+    assert decays(as_saved) == [0.1, 0.0]  # DeepSpeed's load alone: the saved run's weight decay
+
+    resumed, _ = _engine(stage, 0.3)
+    built = group_hyperparameters(resumed)
+    resumed.load_checkpoint(str(tmp_path), tag="t")
+    restore_group_hyperparameters(resumed, built)  # as raylm's resume does (train/loop.py _resume)
+    assert decays(resumed) == [0.3, 0.0]  # the config's, and norms and embeddings still undecayed
+    assert resumed.global_steps == first.global_steps == 2
+    # the Adam moments are the checkpoint's: the next step is the first run's next step
+    first.backward(first(input_ids=ids, labels=ids).loss)
+    resumed.backward(resumed(input_ids=ids, labels=ids).loss)
+    for engine in (first, resumed):
+        for group, wd in zip(engine.optimizer.param_groups, (0.0, 0.0)):
+            group["weight_decay"] = wd  # the same update on both sides: only the state differs
+        engine.step()
+    after = [torch.cat([p.ds_tensor.flatten() if stage == 3 else p.detach().flatten()
+                        for p in e.module.parameters()]) for e in (first, resumed)]
+    torch.testing.assert_close(after[0], after[1])

@@ -9,27 +9,6 @@ from raylm.config import load_config
 from raylm.train.deepspeed import cpu_mmap_threshold, deepspeed_config, share_fp32_master
 
 
-@pytest.fixture(scope="module")
-def single_rank(tmp_path_factory):
-    """One gloo rank, as DeepSpeed finds it under Ray Train (RANK, LOCAL_RANK, WORLD_SIZE set)."""
-    import os
-
-    import torch.distributed as dist
-
-    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_SIZE": "1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", init_method=f"file://{tmp_path_factory.mktemp('pg') / 'store'}",
-                                rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
 
 def test_zero3_dict_bounds_the_gradient_bucket_and_the_optimizer_piece():
     zero = deepspeed_config(load_config(None, ["deepspeed.zero_stage=3"]))["zero_optimization"]

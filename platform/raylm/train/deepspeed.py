@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 from types import ModuleType
@@ -65,6 +66,25 @@ def lr_scheduler(cfg: RaylmConfig) -> Callable[[Any], Any]:
 
     t = cfg.train
     return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, t))
+
+
+GROUP_HYPERPARAMETERS = ("weight_decay", "betas", "eps")
+
+
+def group_hyperparameters(engine: Any) -> list[dict[str, Any]]:
+    """Each optimizer group's weight decay, betas and eps, as this run's config built them (read
+    before a checkpoint load overwrites them: `continue_schedule` puts them back)."""
+    return [{k: copy.deepcopy(g[k]) for k in GROUP_HYPERPARAMETERS if k in g} for g in engine.optimizer.param_groups]
+
+
+def restore_group_hyperparameters(engine: Any, built: list[dict[str, Any]]) -> None:
+    """After a checkpoint load: each group's weight decay, betas and eps as this run's config built
+    them (`group_hyperparameters`, read before the load). DeepSpeed's load restores the saved
+    run's (under ZeRO-2 and 3 a run resumed with train.weight_decay 0.3 kept the checkpoint's 0.1),
+    so a resumed run follows its config, as it does for the lr (`continue_schedule`); the state
+    (Adam's moments, the step) is the checkpoint's."""
+    for group, values in zip(engine.optimizer.param_groups, built):
+        group.update(values)
 
 
 def continue_schedule(engine: Any, cfg: RaylmConfig) -> None:

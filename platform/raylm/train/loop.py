@@ -98,17 +98,19 @@ def _universal(cfg: RaylmConfig, picked: Optional[tuple[str, dict]]) -> bool:
 def _resume(cfg: RaylmConfig, engine: Any, log: MetricsLog, picked: Optional[tuple[str, dict]]) -> Any:
     """Load the picked checkpoint into the engine: the Position it recorded (a fresh one without)."""
     from raylm.train.checkpoint import Position, load_checkpoint
-    from raylm.train.deepspeed import continue_schedule
+    from raylm.train.deepspeed import continue_schedule, group_hyperparameters, restore_group_hyperparameters
 
     from raylm.train.identity import saved_world, universal_rows
 
     if picked is None:
         return Position()
     universal = _universal(cfg, picked)
+    built = group_hyperparameters(engine)  # this config's; the load brings back the saved run's
     pos = load_checkpoint(engine, picked[0], adapter_only=bool(cfg.train.lora), universal=universal)
     if universal:  # the same rows consumed from the epoch, as this world size's rows per rank
         pos.rows = universal_rows(pos.rows, saved_world(picked[1]), cfg.train.num_workers,
                                   cfg.train.effective_global_batch)
+    restore_group_hyperparameters(engine, built)
     continue_schedule(engine, cfg)
     log.write({"event": "resume", "from": picked[0], "step": pos.step, "epoch": pos.epoch, "rows": pos.rows,
                "time": time.time(), **({"universal_from_world_size": saved_world(picked[1])} if universal else {})})
