@@ -324,15 +324,16 @@ def test_rollback_from_another_process_joins_the_running_cluster(endpoint, check
 
     cfg, url, config_file = endpoint
     # v2's replicas get no drain window (the same inputs: updated in place, no restart), so the
-    # rollback below cuts the streams in flight on them (2 clients of 2 choices: each stream takes
-    # ~0.7 s here, and Serve stops v2's replica while the edge still routes to it)
+    # rollback below cuts the streams in flight on them. 4 clients of 4 choices keep v2's engine busy
+    # with streams of ~1 s (a stream of 64 tokens takes ~0.4 s alone here): 2 clients of 2 choices
+    # (~0.5 s streams) ended all 250 of theirs before v2's replica stopped in one run of the suite.
     live = history.live_entry(history.read_history(cfg))
     target, keys, _ = record.deployment(cfg, check=False)
     t0 = time.monotonic()
     deploy(target, live["checkpoint"], live["version"], keys, drain_s=0.0)
     assert live_drain_s(cfg.serve) == 0.0 and time.monotonic() - t0 < 30, "updated in place (no replica restart)"
     # a user's second shell: HOME and nothing else (no RAY_AUTH_MODE, no RAY_ADDRESS)
-    with LongStreams(url, cfg.serve.max_tokens_limit, clients=2, n=2) as long:
+    with LongStreams(url, cfg.serve.max_tokens_limit, clients=4, n=4) as long:
         out = subprocess.run([sys.executable, "-m", "raylm", "rollback", "-c", str(config_file), "--json"],
                              cwd=repo_root(), env=clean_env(), capture_output=True, text=True, timeout=600)
         time.sleep(2)
