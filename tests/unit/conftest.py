@@ -21,20 +21,15 @@ def _no_ray(monkeypatch):
 def single_rank(tmp_path_factory):
     """One gloo rank, as DeepSpeed finds it under Ray Train (RANK, LOCAL_RANK, WORLD_SIZE set); one
     for the session: DeepSpeed keeps the first process group it saw, so a second one breaks it."""
-    import os
-
     import torch.distributed as dist
 
-    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_SIZE": "1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", init_method=f"file://{tmp_path_factory.mktemp('pg') / 'store'}",
-                                rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with pytest.MonkeyPatch.context() as mp:  # the variables are put back when the session ends
+        for k in ("RANK", "LOCAL_RANK"):
+            mp.setenv(k, "0")
+        for k in ("WORLD_SIZE", "LOCAL_SIZE"):
+            mp.setenv(k, "1")
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", init_method=f"file://{tmp_path_factory.mktemp('pg') / 'store'}",
+                                    rank=0, world_size=1)
+        yield
+        dist.destroy_process_group()

@@ -122,8 +122,8 @@ def test_a_resumed_run_takes_weight_decay_from_its_config_and_the_state_from_the
     first.backward(first(input_ids=ids, labels=ids).loss)
     resumed.backward(resumed(input_ids=ids, labels=ids).loss)
     for engine in (first, resumed):
-        for group, wd in zip(engine.optimizer.param_groups, (0.0, 0.0)):
-            group["weight_decay"] = wd  # the same update on both sides: only the state differs
+        for group in engine.optimizer.param_groups:
+            group["weight_decay"] = 0.0  # the same update on both sides: only the state differs
         engine.step()
     after = [torch.cat([p.ds_tensor.flatten() if stage == 3 else p.detach().flatten()
                         for p in e.module.parameters()]) for e in (first, resumed)]

@@ -73,7 +73,7 @@ GROUP_HYPERPARAMETERS = ("weight_decay", "betas", "eps")
 
 def group_hyperparameters(engine: Any) -> list[dict[str, Any]]:
     """Each optimizer group's weight decay, betas and eps, as this run's config built them (read
-    before a checkpoint load overwrites them: `continue_schedule` puts them back)."""
+    before a checkpoint load overwrites them: `restore_group_hyperparameters` puts them back)."""
     return [{k: copy.deepcopy(g[k]) for k in GROUP_HYPERPARAMETERS if k in g} for g in engine.optimizer.param_groups]
 
 
